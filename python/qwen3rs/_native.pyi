@@ -1,0 +1,7 @@
+"""Type stubs of the Rust extension module (src/py.rs)."""
+
+__version__: str
+
+# ---- Tokenizer ----
+
+# ---- Model ----

@@ -1,0 +1,30 @@
+//! qwen3rs: a runtime for the Qwen3 model family (dense and MoE).
+//!
+//! Map (see DESIGN.md in the project brief):
+//! - `config`   — config.json of Qwen3ForCausalLM / Qwen3MoeForCausalLM, validated.
+//! - `weights`  — memory-mapped safetensors (single or sharded), tensors checked by name/dtype/shape.
+//! - `tensor`   — dtypes and host tensors (borrowed from a memory map or owned).
+//! - `backend`  — `trait Backend`, the coarse op set; `cpu` holds the scalar reference every backend is tested against.
+//! - `model`    — `Model<B>`: one forward pass for dense and MoE over a batch of sequences; RoPE/YaRN; paged KV cache.
+//! - `tokenizer`, `chat` — byte-level BPE; the model's own Jinja chat template and output parsing.
+//! - `sampler`, `engine` — token selection; the generate loop (stop conditions, thinking budget, streaming).
+//! - `py`       — the only PyO3 file (feature `python`).
+//!
+//! Performance notes (what was tried, kept, dropped — and why):
+//! - CPU weights are used in place from the memory map (bf16/f16/f32 as stored); activations are f32.
+
+pub mod error;
+pub mod backend;
+pub mod chat;
+pub mod config;
+pub mod engine;
+pub mod model;
+pub mod sampler;
+pub mod tensor;
+pub mod tokenizer;
+pub mod weights;
+
+#[cfg(feature = "python")]
+mod py;
+
+pub use error::{Error, Result};

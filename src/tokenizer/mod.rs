@@ -1,0 +1,1 @@
+//! Byte-level BPE tokenizer loaded from tokenizer.json. (Being written.)
