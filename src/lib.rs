@@ -17,6 +17,7 @@ pub mod error;
 pub mod backend;
 pub mod chat;
 pub mod config;
+pub mod device;
 pub mod engine;
 pub mod model;
 pub mod sampler;

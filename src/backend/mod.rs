@@ -1,1 +1,107 @@
-//! (being written)
+//! `trait Backend`: the coarse op set one forward pass is made of (about one kernel launch each),
+//! and the batch description the ops share. `cpu` is the scalar reference every other backend is
+//! tested against; a backend owns its buffer, weight, KV-cache and MoE layouts.
+
+pub mod cpu;
+
+use crate::error::Result;
+use crate::tensor::{DType, HostTensor};
+use std::ops::Range;
+
+/// Where one sequence's new tokens sit in a batch and in the paged KV cache.
+#[derive(Clone, Debug)]
+pub struct SeqSlot<'a> {
+    /// Rows of this sequence's new tokens in the batch's [T, ...] buffers.
+    pub rows: Range<usize>,
+    /// Position of its first new token (= tokens already in its cache).
+    pub start_pos: usize,
+    /// Its block table: cache block id of positions [i*block_size, (i+1)*block_size).
+    pub blocks: &'a [u32],
+}
+
+/// One forward step over a batch of sequences, flattened into T rows.
+#[derive(Clone, Debug)]
+pub struct BatchInfo<'a> {
+    /// [T] token ids.
+    pub tokens: &'a [u32],
+    /// [T] absolute positions.
+    pub positions: &'a [u32],
+    pub seqs: Vec<SeqSlot<'a>>,
+    pub block_size: usize,
+}
+
+impl BatchInfo<'_> {
+    pub fn rows(&self) -> usize {
+        self.tokens.len()
+    }
+}
+
+/// The attention geometry of a model.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// The experts of one sparse MoE layer, as read from the checkpoint.
+pub struct MoeHost {
+    /// [E, H] router (`mlp.gate.weight`).
+    pub router: HostTensor,
+    /// Per expert: gate [I, H], up [I, H], down [H, I].
+    pub experts: Vec<[HostTensor; 3]>,
+    pub top_k: usize,
+    pub norm_topk_prob: bool,
+}
+
+pub trait Backend: Send + Sync + Sized + 'static {
+    /// An activation buffer: [rows, cols] row-major in the compute dtype.
+    type Buf: Send;
+    /// A weight tensor resident on this backend.
+    type Weight: Send + Sync;
+    /// One layer's K and V cache blocks: [n_blocks, block_size, n_kv_heads * head_dim] each.
+    type KvLayer: Send;
+    /// One sparse MoE layer (router + experts) in the backend's own layout.
+    type Moe: Send + Sync;
+
+    /// "cpu", "cuda:0", ...
+    fn device_name(&self) -> String;
+    /// The dtype activations and the KV cache are kept in.
+    fn dtype(&self) -> DType;
+
+    /// A weight, converted to the dtype this backend computes with where it differs.
+    fn upload(&self, tensor: HostTensor) -> Result<Self::Weight>;
+    /// A table kept exactly as given (the f32 RoPE table).
+    fn upload_exact(&self, tensor: HostTensor) -> Result<Self::Weight>;
+    fn upload_moe(&self, moe: MoeHost) -> Result<Self::Moe>;
+    /// A zeroed [rows, cols] buffer.
+    fn alloc(&self, rows: usize, cols: usize) -> Result<Self::Buf>;
+    /// A KV-cache layer with room for `n_blocks` blocks (storage may be committed lazily).
+    fn alloc_kv(&self, n_blocks: usize, block_size: usize, kv_dim: usize) -> Result<Self::KvLayer>;
+    /// Copy a buffer to the host as f32 [rows * cols].
+    fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
+
+    /// out[t] = table[ids[t]]  (out [T, H], table [V, H]).
+    fn embed(&self, out: &mut Self::Buf, table: &Self::Weight, ids: &[u32]) -> Result<()>;
+    /// out = rms_norm(x) * w, per row.
+    fn rms_norm(&self, out: &mut Self::Buf, x: &Self::Buf, w: &Self::Weight, eps: f32) -> Result<()>;
+    /// residual += delta; out = rms_norm(residual) * w.
+    fn add_rms_norm(&self, residual: &mut Self::Buf, delta: &Self::Buf, out: &mut Self::Buf, w: &Self::Weight, eps: f32) -> Result<()>;
+    /// out [T, N] = x [T, K] · w [N, K]ᵀ.
+    fn matmul(&self, out: &mut Self::Buf, x: &Self::Buf, w: &Self::Weight) -> Result<()>;
+    /// Per head: RMSNorm over head_dim with q_norm / k_norm, then RoPE (rotate halves) at `positions`.
+    /// `rope` is [max_pos, head_dim]: cos in the first half of each row, sin in the second.
+    #[allow(clippy::too_many_arguments)]
+    fn qk_norm_rope(&self, q: &mut Self::Buf, k: &mut Self::Buf, q_norm: &Self::Weight, k_norm: &Self::Weight,
+        eps: f32, rope: &Self::Weight, positions: &[u32], shape: AttnShape) -> Result<()>;
+    /// Write each row's k, v [T, kv_dim] into the cache slots its sequence's position maps to.
+    fn kv_append(&self, kv: &mut Self::KvLayer, k: &Self::Buf, v: &Self::Buf, batch: &BatchInfo) -> Result<()>;
+    /// Causal grouped-query attention of q [T, n_heads*hd] over each sequence's cache → out [T, n_heads*hd].
+    fn attention(&self, out: &mut Self::Buf, q: &Self::Buf, kv: &Self::KvLayer, batch: &BatchInfo, shape: AttnShape) -> Result<()>;
+    /// out = silu(gate) * up.
+    fn swiglu(&self, out: &mut Self::Buf, gate: &Self::Buf, up: &Self::Buf) -> Result<()>;
+    /// out [T, H] = Σ_top-k  weight_e · expert_e(x), routing on the backend.
+    fn moe(&self, out: &mut Self::Buf, x: &Self::Buf, moe: &Self::Moe) -> Result<()>;
+    /// out[i] = x[rows[i]].
+    fn gather_rows(&self, out: &mut Self::Buf, x: &Self::Buf, rows: &[u32]) -> Result<()>;
+}

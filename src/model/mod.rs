@@ -1,1 +1,205 @@
-//! (being written)
+//! `Model<B>`: the Qwen3 decoder — one forward pass for dense and MoE checkpoints (`enum Ffn`) over
+//! a batch of sequences, on any `Backend`. The forward reads top to bottom in numbered steps; every
+//! buffer lives in `Scratch`, allocated once per batch shape, so decoding allocates nothing per token.
+
+pub mod dummy;
+pub mod kv_cache;
+pub mod rope;
+
+use crate::backend::{AttnShape, Backend, BatchInfo, MoeHost};
+use crate::config::Qwen3Config;
+use crate::error::Result;
+use crate::weights::TensorSource;
+use kv_cache::KvCache;
+
+enum Ffn<B: Backend> {
+    /// SwiGLU MLP: gate/up [I, H], down [H, I].
+    Dense { gate: B::Weight, up: B::Weight, down: B::Weight },
+    /// Router + experts, in the backend's layout.
+    Moe(B::Moe),
+}
+
+struct Layer<B: Backend> {
+    input_norm: B::Weight,
+    q_proj: B::Weight,
+    k_proj: B::Weight,
+    v_proj: B::Weight,
+    o_proj: B::Weight,
+    q_norm: B::Weight,
+    k_norm: B::Weight,
+    post_norm: B::Weight,
+    ffn: Ffn<B>,
+}
+
+pub struct Model<B: Backend> {
+    pub config: Qwen3Config,
+    pub backend: B,
+    /// [V, H]
+    embed: B::Weight,
+    layers: Vec<Layer<B>>,
+    final_norm: B::Weight,
+    /// [V, H]; None when tied to `embed`.
+    lm_head: Option<B::Weight>,
+    /// [max_seq_len, head_dim] cos|sin.
+    rope: B::Weight,
+    pub max_seq_len: usize,
+}
+
+/// Every activation buffer of one forward pass over T rows, R of which produce logits.
+pub struct Scratch<B: Backend> {
+    rows: usize,
+    logit_rows: usize,
+    x: B::Buf,      // [T, H] residual stream
+    h: B::Buf,      // [T, H] normed input of the current block
+    delta: B::Buf,  // [T, H] output of the current block, added to x by the next norm
+    q: B::Buf,      // [T, n_heads*hd]
+    k: B::Buf,      // [T, n_kv*hd]
+    v: B::Buf,      // [T, n_kv*hd]
+    attn: B::Buf,   // [T, n_heads*hd]
+    gate: B::Buf,   // [T, I]  (dense layers)
+    up: B::Buf,     // [T, I]
+    act: B::Buf,    // [T, I]
+    last: B::Buf,   // [R, H] rows whose logits are wanted
+    /// [R, V] logits of the wanted rows.
+    pub logits: B::Buf,
+}
+
+impl<B: Backend> Scratch<B> {
+    pub fn new(model: &Model<B>, rows: usize, logit_rows: usize) -> Result<Self> {
+        let (c, be) = (&model.config, &model.backend);
+        let (h, inter) = (c.hidden_size, c.intermediate_size);
+        let dense_rows = if model.layers.iter().any(|l| matches!(l.ffn, Ffn::Dense { .. })) { rows } else { 0 };
+        Ok(Scratch {
+            rows,
+            logit_rows,
+            x: be.alloc(rows, h)?,
+            h: be.alloc(rows, h)?,
+            delta: be.alloc(rows, h)?,
+            q: be.alloc(rows, c.q_dim())?,
+            k: be.alloc(rows, c.kv_dim())?,
+            v: be.alloc(rows, c.kv_dim())?,
+            attn: be.alloc(rows, c.q_dim())?,
+            gate: be.alloc(dense_rows, inter)?,
+            up: be.alloc(dense_rows, inter)?,
+            act: be.alloc(dense_rows, inter)?,
+            last: be.alloc(logit_rows, h)?,
+            logits: be.alloc(logit_rows, c.vocab_size)?,
+        })
+    }
+
+    /// Reuse these buffers for a batch of this shape, reallocating only if it differs.
+    pub fn fit(this: &mut Option<Self>, model: &Model<B>, rows: usize, logit_rows: usize) -> Result<()> {
+        if !matches!(this, Some(s) if s.rows == rows && s.logit_rows == logit_rows) {
+            *this = None; // free the old buffers first: prefill buffers can be large
+            *this = Some(Scratch::new(model, rows, logit_rows)?);
+        }
+        Ok(())
+    }
+}
+
+fn layer_name(i: usize, rest: &str) -> String {
+    format!("model.layers.{i}.{rest}")
+}
+
+impl<B: Backend> Model<B> {
+    /// Build the model from `src`, checking every tensor's presence and shape.
+    /// `progress(done, total)` is called after each layer.
+    pub fn load(backend: B, config: Qwen3Config, src: &dyn TensorSource, max_seq_len: usize,
+        progress: &mut dyn FnMut(usize, usize)) -> Result<Self> {
+        crate::ensure!(max_seq_len > 0, InvalidArgument, "max_seq_len must be > 0");
+        let c = &config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let w = |name: &str, shape: &[usize]| -> Result<B::Weight> { backend.upload(src.tensor(name, shape)?) };
+        let total = c.num_hidden_layers + 2;
+        let embed = w("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        progress(1, total);
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let ln = |rest: &str| layer_name(i, rest);
+            let ffn = if c.is_moe_layer(i) {
+                let (e, mi) = (c.num_experts, c.moe_intermediate_size);
+                let experts = (0..e)
+                    .map(|x| {
+                        let en = |p: &str| ln(&format!("mlp.experts.{x}.{p}_proj.weight"));
+                        Ok([src.tensor(&en("gate"), &[mi, h])?, src.tensor(&en("up"), &[mi, h])?, src.tensor(&en("down"), &[h, mi])?])
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let router = src.tensor(&ln("mlp.gate.weight"), &[e, h])?;
+                Ffn::Moe(backend.upload_moe(MoeHost { router, experts, top_k: c.num_experts_per_tok, norm_topk_prob: c.norm_topk_prob })?)
+            } else {
+                let inter = c.intermediate_size;
+                Ffn::Dense {
+                    gate: w(&ln("mlp.gate_proj.weight"), &[inter, h])?,
+                    up: w(&ln("mlp.up_proj.weight"), &[inter, h])?,
+                    down: w(&ln("mlp.down_proj.weight"), &[h, inter])?,
+                }
+            };
+            layers.push(Layer {
+                input_norm: w(&ln("input_layernorm.weight"), &[h])?,
+                q_proj: w(&ln("self_attn.q_proj.weight"), &[c.q_dim(), h])?,
+                k_proj: w(&ln("self_attn.k_proj.weight"), &[c.kv_dim(), h])?,
+                v_proj: w(&ln("self_attn.v_proj.weight"), &[c.kv_dim(), h])?,
+                o_proj: w(&ln("self_attn.o_proj.weight"), &[h, c.q_dim()])?,
+                q_norm: w(&ln("self_attn.q_norm.weight"), &[hd])?,
+                k_norm: w(&ln("self_attn.k_norm.weight"), &[hd])?,
+                post_norm: w(&ln("post_attention_layernorm.weight"), &[h])?,
+                ffn,
+            });
+            progress(i + 2, total);
+        }
+        let final_norm = w("model.norm.weight", &[h])?;
+        let lm_head = if c.tie_word_embeddings { None } else { Some(w("lm_head.weight", &[c.vocab_size, h])?) };
+        let rope = backend.upload_exact(rope::table(c, max_seq_len))?;
+        progress(total, total);
+        Ok(Model { config, backend, embed, layers, final_norm, lm_head, rope, max_seq_len })
+    }
+
+    fn attn_shape(&self) -> AttnShape {
+        let c = &self.config;
+        AttnShape { n_heads: c.num_attention_heads, n_kv_heads: c.num_key_value_heads, head_dim: c.head_dim }
+    }
+
+    /// One forward step: append the batch's tokens to their sequences' caches and leave the logits of
+    /// `logit_rows` (indices into the batch's rows) in `s.logits` [R, V].
+    pub fn forward(&self, batch: &BatchInfo, cache: &mut KvCache<B>, s: &mut Scratch<B>, logit_rows: &[u32]) -> Result<()> {
+        let (be, eps) = (&self.backend, self.config.rms_norm_eps);
+        let shape = self.attn_shape();
+        crate::ensure!(batch.rows() == s.rows && logit_rows.len() == s.logit_rows, InvalidArgument,
+            "scratch is sized for {} rows / {} logit rows, batch has {} / {}", s.rows, s.logit_rows, batch.rows(), logit_rows.len());
+        // 1. Token embeddings → residual stream x [T, H].
+        be.embed(&mut s.x, &self.embed, batch.tokens)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            // 2. h = norm(x), first adding the previous layer's FFN output into x.
+            if i == 0 {
+                be.rms_norm(&mut s.h, &s.x, &layer.input_norm, eps)?;
+            } else {
+                be.add_rms_norm(&mut s.x, &s.delta, &mut s.h, &layer.input_norm, eps)?;
+            }
+            // 3. Attention: projections, per-head QK-norm + RoPE, cache append, causal GQA, output projection.
+            be.matmul(&mut s.q, &s.h, &layer.q_proj)?;
+            be.matmul(&mut s.k, &s.h, &layer.k_proj)?;
+            be.matmul(&mut s.v, &s.h, &layer.v_proj)?;
+            be.qk_norm_rope(&mut s.q, &mut s.k, &layer.q_norm, &layer.k_norm, eps, &self.rope, batch.positions, shape)?;
+            be.kv_append(&mut cache.layers[i], &s.k, &s.v, batch)?;
+            be.attention(&mut s.attn, &s.q, &cache.layers[i], batch, shape)?;
+            be.matmul(&mut s.delta, &s.attn, &layer.o_proj)?;
+            // 4. x += attention; h = post-attention norm(x).
+            be.add_rms_norm(&mut s.x, &s.delta, &mut s.h, &layer.post_norm, eps)?;
+            // 5. Feed-forward: SwiGLU MLP or routed experts → delta.
+            match &layer.ffn {
+                Ffn::Dense { gate, up, down } => {
+                    be.matmul(&mut s.gate, &s.h, gate)?;
+                    be.matmul(&mut s.up, &s.h, up)?;
+                    be.swiglu(&mut s.act, &s.gate, &s.up)?;
+                    be.matmul(&mut s.delta, &s.act, down)?;
+                }
+                Ffn::Moe(moe) => be.moe(&mut s.delta, &s.h, moe)?,
+            }
+        }
+        // 6. x += last FFN; final norm of the wanted rows; lm_head (tied or not) → logits [R, V].
+        be.add_rms_norm(&mut s.x, &s.delta, &mut s.h, &self.final_norm, eps)?;
+        be.gather_rows(&mut s.last, &s.h, logit_rows)?;
+        be.matmul(&mut s.logits, &s.last, self.lm_head.as_ref().unwrap_or(&self.embed))?;
+        Ok(())
+    }
+}

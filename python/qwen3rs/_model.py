@@ -1,0 +1,180 @@
+"""`load()` and `Model`: resolve a checkpoint (folder, hub id or dummy spec), build the native engine,
+and turn keyword arguments into native calls. Everything per token happens in Rust."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import _native
+from ._types import Completion
+from .errors import CheckpointNotFoundError, InvalidArgumentError
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+CONFIGS_DIR = _PACKAGE_DIR / "configs"
+BUNDLED_TOKENIZER_DIR = _PACKAGE_DIR / "tokenizer"
+
+
+def dummy_names() -> list[str]:
+    """The model names `load("dummy:NAME")` accepts (the official Qwen3 configs bundled here)."""
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.json"))
+
+
+class _ProgressBar:
+    """A one-line progress bar on stderr (shown only when stderr is a terminal)."""
+
+    def __init__(self, label: str, enabled: bool):
+        self.label = label
+        self.enabled = enabled and sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        width = 30
+        filled = width * done // max(total, 1)
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _resolve_path(path: str | os.PathLike) -> Path:
+    p = Path(path).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise CheckpointNotFoundError(f"checkpoint must be a folder with config.json and *.safetensors, got a file: {p}")
+        return p
+    text = str(path)
+    looks_like_repo = text.count("/") == 1 and not text.startswith((".", "/", "~"))
+    if looks_like_repo:
+        try:
+            from huggingface_hub import snapshot_download  # optional dependency
+        except ImportError:
+            raise CheckpointNotFoundError(
+                f"{text!r} is not a local folder; to fetch it from the Hugging Face Hub install huggingface_hub "
+                "(pip install 'qwen3rs[hub]')"
+            ) from None
+        patterns = ["*.json", "*.safetensors", "*.jinja", "merges.txt", "vocab.json"]
+        try:
+            return Path(snapshot_download(text, allow_patterns=patterns))
+        except Exception as e:  # network, auth, missing repo: all mean "not found" to the caller
+            raise CheckpointNotFoundError(f"could not fetch {text!r} from the Hugging Face Hub: {e}") from e
+    raise CheckpointNotFoundError(f"checkpoint folder not found: {p}")
+
+
+def _load_tokenizer(folder: Path):
+    tokenizer_cls = getattr(_native, "Tokenizer", None)
+    if tokenizer_cls is None or not (folder / "tokenizer.json").is_file():
+        return None
+    return tokenizer_cls.from_pretrained(str(folder))
+
+
+def _read_generation_config(folder: Path) -> dict[str, Any]:
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # optional file: a broken one only loses sampling defaults
+
+
+def load(
+    path: str | os.PathLike,
+    device: str = "auto",
+    dtype: str = "auto",
+    max_seq_len: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    max_batch: int = 8,
+) -> "Model":
+    """Load a Qwen3 / Qwen3-MoE checkpoint folder, a Hub repo id, or "dummy:Qwen3-0.6B" (random weights)."""
+    if not isinstance(device, str):
+        raise InvalidArgumentError(f"device must be a string, got {device!r}")
+    if not isinstance(dtype, str):
+        raise InvalidArgumentError(f"dtype must be a string, got {dtype!r}")
+    if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
+        raise InvalidArgumentError(f"max_seq_len must be a positive int or None, got {max_seq_len!r}")
+    if not isinstance(max_batch, int) or max_batch < 1:
+        raise InvalidArgumentError(f"max_batch must be a positive int, got {max_batch!r}")
+    text = os.fspath(path) if isinstance(path, os.PathLike) else path
+    if not isinstance(text, str):
+        raise InvalidArgumentError(f"path must be a string or os.PathLike, got {path!r}")
+    bar = _ProgressBar(f"loading {text}", progress)
+    if text.startswith("dummy:"):
+        name = text[len("dummy:"):]
+        config_file = CONFIGS_DIR / f"{name}.json"
+        if not config_file.is_file():
+            raise InvalidArgumentError(f"unknown dummy model {name!r}: choose one of {', '.join(dummy_names())}")
+        native = _native.load_dummy(config_file.read_text(), device=device, dtype=dtype, max_seq_len=max_seq_len,
+                                    max_batch=max_batch, seed=seed, progress=bar)
+        folder = BUNDLED_TOKENIZER_DIR
+    else:
+        folder = _resolve_path(text)
+        native = _native.load_checkpoint(str(folder), device=device, dtype=dtype, max_seq_len=max_seq_len,
+                                         max_batch=max_batch, progress=bar)
+    return Model(native, _load_tokenizer(folder), _read_generation_config(folder), text)
+
+
+class Model:
+    """A loaded Qwen3 model. Create it with `qwen3rs.load(...)`."""
+
+    def __init__(self, native: Any, tokenizer: Any, generation_config: dict[str, Any], source: str):
+        self._native = native
+        self.tokenizer = tokenizer
+        self.generation_config = generation_config
+        self.source = source
+        self._config = json.loads(native.config_json)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The checkpoint's config.json."""
+        return self._config
+
+    @property
+    def device(self) -> str:
+        return self._native.device
+
+    @property
+    def dtype(self) -> str:
+        return self._native.dtype
+
+    @property
+    def max_seq_len(self) -> int:
+        return self._native.max_seq_len
+
+    def __repr__(self) -> str:
+        c = self._config
+        kind = "MoE" if "Moe" in (c.get("architectures") or [""])[0] else "dense"
+        return (f"<qwen3rs.Model {self.source!r} {kind}, {c.get('num_hidden_layers')} layers, device={self.device}, "
+                f"dtype={self.dtype}, max_seq_len={self.max_seq_len}>")
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """float32 [len(token_ids), vocab_size]: logits of one causal forward pass; no state is kept."""
+        return self._native.logits(_as_id_list(token_ids, "token_ids"))
+
+    def generate(self, prompt: Any, **kwargs: Any) -> Any:
+        """Generate a continuation; see `qwen3rs.generate`."""
+        from ._generate import generate
+
+        return generate(self, prompt, **kwargs)
+
+
+def _as_id_list(ids: Any, what: str) -> list[int]:
+    if isinstance(ids, np.ndarray):
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise InvalidArgumentError(f"{what} must be a 1-D array of integers, got {ids.dtype} {ids.shape}")
+        return ids.tolist()
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise InvalidArgumentError(f"{what} must be a sequence of ints, got {type(ids).__name__}")
+    out = []
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise InvalidArgumentError(f"{what} must contain ints, got {i!r}")
+        out.append(int(i))
+    return out
