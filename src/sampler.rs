@@ -218,13 +218,22 @@ pub struct Sampler {
     prompt_tokens: Vec<u32>,
     /// The step's processed logits.
     work: Vec<f32>,
+    /// exp(work - max) when the draw runs over the whole vocabulary.
+    weights: Vec<f32>,
     /// Occurrences of each token in the generated history; all zero between calls.
     counts: Vec<u32>,
     /// Distinct generated tokens of this step (the non-zero entries of `counts`).
     touched: Vec<u32>,
-    /// Token ids still in the running after filtering, most likely first once sorted.
-    candidates: Vec<u32>,
+    /// (logit, id) of the tokens still in the running after filtering; pairs rather than ids so
+    /// selection and sorting compare contiguous memory instead of gathering from `work`.
+    candidates: Vec<(f32, u32)>,
 }
+
+/// Up to this many top tokens are found by one scan with a small sorted buffer; more by
+/// `select_nth_unstable_by` over all candidates.
+const SCAN_TOP_N: usize = 64;
+/// Weights are summed in blocks of this size; the draw skips whole blocks.
+const BLOCK: usize = 256;
 
 impl Sampler {
     /// A sampler for one request. `prompt` is the prompt's token ids: the repetition penalty
@@ -235,7 +244,16 @@ impl Sampler {
         prompt_tokens.sort_unstable();
         prompt_tokens.dedup();
         let rng = ChaCha8Rng::seed_from_u64(params.seed);
-        Ok(Sampler { params, rng, prompt_tokens, work: Vec::new(), counts: Vec::new(), touched: Vec::new(), candidates: Vec::new() })
+        Ok(Sampler {
+            params,
+            rng,
+            prompt_tokens,
+            work: Vec::new(),
+            weights: Vec::new(),
+            counts: Vec::new(),
+            touched: Vec::new(),
+            candidates: Vec::new(),
+        })
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -314,112 +332,223 @@ impl Sampler {
         let token = argmax(&self.work);
         let max = self.work[token as usize];
         ensure!(max > f32::NEG_INFINITY, InvalidArgument, "every logit is -inf or NaN: nothing can be sampled");
-        self.candidates.clear();
-        self.candidates.extend((0..self.work.len() as u32).filter(|&i| self.work[i as usize] > f32::NEG_INFINITY));
-        let log_z = log_sum_exp(&self.work, &self.candidates, max);
-        Ok(self.result(token, max, log_z))
+        let total = self.fill_weights(max);
+        let top_logprobs = self.top_of_vocab(max, total.ln());
+        Ok(Sampled { token, logprob: logprob(self.work[token as usize], max, total.ln()), top_logprobs })
     }
 
     fn sample_random(&mut self) -> Result<Sampled> {
         let inv_t = 1.0 / self.params.temperature;
-        let mut max = f32::NEG_INFINITY;
         for l in self.work.iter_mut() {
             // Clamp: a huge logit over a small temperature must not become +inf (inf - inf = NaN).
             *l = (*l * inv_t).min(f32::MAX);
-            max = max.max(*l);
         }
+        let max = self.work[argmax(&self.work) as usize];
         ensure!(max > f32::NEG_INFINITY, InvalidArgument, "every logit is -inf or NaN: nothing can be sampled");
+        let p = &self.params;
+        let top_k_active = p.top_k > 0 && p.top_k < self.work.len();
+        if !top_k_active && p.top_p >= 1.0 && p.min_p <= 0.0 {
+            return Ok(self.draw_from_vocab(max));
+        }
         self.filter(max);
-        let log_z = log_sum_exp(&self.work, &self.candidates, max);
-        let token = self.draw(max, log_z);
-        Ok(self.result(token, max, log_z))
+        Ok(self.draw_from_candidates(max))
+    }
+
+    /// No filter: draw over the whole vocabulary from `weights`, skipping whole blocks.
+    fn draw_from_vocab(&mut self, max: f32) -> Sampled {
+        let total = self.fill_weights(max);
+        let mut target = uniform(&mut self.rng) * total;
+        let mut token = argmax(&self.work);
+        'blocks: for (b, block) in self.weights.chunks(BLOCK).enumerate() {
+            let mass = sum_f64(block);
+            if mass <= target {
+                target -= mass;
+                continue;
+            }
+            for (j, &w) in block.iter().enumerate() {
+                if (w as f64) > target {
+                    token = (b * BLOCK + j) as u32;
+                    break 'blocks;
+                }
+                target -= w as f64;
+            }
+            // Rounding inside the block: fall back to its last token with positive weight.
+            if let Some(j) = block.iter().rposition(|&w| w > 0.0) {
+                token = (b * BLOCK + j) as u32;
+            }
+            break;
+        }
+        let log_z = total.ln();
+        let top_logprobs = self.top_of_vocab(max, log_z);
+        Sampled { token, logprob: logprob(self.work[token as usize], max, log_z), top_logprobs }
+    }
+
+    /// Draw among the filtered candidates; their top-n are reported.
+    fn draw_from_candidates(&mut self, max: f32) -> Sampled {
+        let total: f64 = self.candidates.iter().map(|&(l, _)| exp_neg(l - max) as f64).sum();
+        let target = uniform(&mut self.rng) * total;
+        let mut cumulative = 0.0;
+        let mut token = None;
+        for &(l, id) in &self.candidates {
+            cumulative += exp_neg(l - max) as f64;
+            if cumulative > target {
+                token = Some(id);
+                break;
+            }
+        }
+        // Rounding left the target at the very top: take the last candidate with positive weight.
+        let fallback = || self.candidates.iter().rev().find(|c| exp_neg(c.0 - max) > 0.0).or(self.candidates.last());
+        let token = token.or_else(|| fallback().map(|c| c.1)).unwrap_or(0);
+        let log_z = total.ln();
+        let n = self.params.logprobs.min(self.candidates.len());
+        if n > 0 && n < self.candidates.len() {
+            self.candidates.select_nth_unstable_by(n - 1, rank);
+        }
+        self.candidates[..n].sort_unstable_by(rank);
+        let top_logprobs = self.candidates[..n].iter().map(|&(l, id)| (id, logprob(l, max, log_z))).collect();
+        Sampled { token, logprob: logprob(self.work[token as usize], max, log_z), top_logprobs }
+    }
+
+    /// weights = exp(work - max); returns their sum, accumulated block by block exactly as
+    /// `draw_from_vocab` walks them, so the walk and the total agree.
+    fn fill_weights(&mut self, max: f32) -> f64 {
+        self.weights.clear();
+        self.weights.extend(self.work.iter().map(|&l| exp_neg(l - max)));
+        self.weights.chunks(BLOCK).map(sum_f64).sum()
+    }
+
+    /// The `logprobs` most likely tokens of the whole vocabulary with their log-probabilities.
+    fn top_of_vocab(&mut self, max: f32, log_z: f64) -> Vec<(u32, f32)> {
+        let n = self.params.logprobs.min(self.work.len());
+        if n == 0 {
+            return Vec::new();
+        }
+        self.select_top(n, f32::NEG_INFINITY);
+        self.candidates.iter().filter(|c| c.0 > f32::NEG_INFINITY).map(|&(l, id)| (id, logprob(l, max, log_z))).collect()
+    }
+
+    /// candidates = the `n` best tokens with logit ≥ `floor` (all of them when n = 0), in rank
+    /// order when n > 0. Small n: one scan keeping a sorted buffer (no pass over 152k ids).
+    fn select_top(&mut self, n: usize, floor: f32) {
+        self.candidates.clear();
+        let work = &self.work;
+        if n > 0 && n <= SCAN_TOP_N {
+            scan_top_n(work, n, floor, &mut self.candidates);
+            return;
+        }
+        let eligible = |&(l, _): &(f32, u32)| l > f32::NEG_INFINITY && l >= floor;
+        self.candidates.extend(work.iter().enumerate().map(|(i, &l)| (l, i as u32)).filter(eligible));
+        if n > 0 && n < self.candidates.len() {
+            self.candidates.select_nth_unstable_by(n - 1, rank);
+            self.candidates.truncate(n);
+        }
+        if n > 0 {
+            self.candidates.sort_unstable_by(rank);
+        }
     }
 
     /// Fill `candidates` with the tokens that survive min_p, top_k and top_p, in that order.
     fn filter(&mut self, max: f32) {
         // p_i < min_p · p_max  ⇔  l_i - l_max < ln(min_p): no softmax needed.
         let floor = if self.params.min_p > 0.0 { max + self.params.min_p.ln() } else { f32::NEG_INFINITY };
-        let work = &self.work;
-        self.candidates.clear();
-        self.candidates.extend((0..work.len() as u32).filter(|&i| {
-            let l = work[i as usize];
-            l > f32::NEG_INFINITY && l >= floor
-        }));
-        let k = self.params.top_k;
-        if k > 0 && k < self.candidates.len() {
-            let by_rank = rank_order(work);
-            self.candidates.select_nth_unstable_by(k - 1, by_rank);
-            self.candidates.truncate(k);
-            self.candidates.sort_unstable_by(by_rank);
-        }
+        let k = if self.params.top_k < self.work.len() { self.params.top_k } else { 0 };
+        self.select_top(k, floor);
         if self.params.top_p < 1.0 {
             self.apply_top_p(max);
         }
     }
 
     /// Keep the most likely candidates while the probability mass ranked above each is < top_p
-    /// (mass renormalised over the candidates, as vLLM does after top_k). Only a prefix large
-    /// enough to reach top_p is sorted, growing ×4 from 64, so peaked distributions stay cheap.
+    /// (mass renormalised over the candidates, as vLLM does after top_k). Candidates are ranked
+    /// chunk by chunk (64, then ×4): each chunk is selected out of the unranked tail and sorted, so
+    /// a peaked distribution costs one pass plus a tiny sort, never a full-vocab sort.
     fn apply_top_p(&mut self, max: f32) {
-        let work = &self.work;
-        let by_rank = rank_order(work);
-        let total: f64 = self.candidates.iter().map(|&i| weight(work[i as usize], max)).sum();
+        let total: f64 = self.candidates.iter().map(|&(l, _)| exp_neg(l - max) as f64).sum();
         let target = self.params.top_p as f64 * total;
         let n = self.candidates.len();
-        let mut prefix = 64.min(n);
-        loop {
-            if prefix < n {
-                self.candidates.select_nth_unstable_by(prefix - 1, by_rank);
+        let (mut ranked, mut chunk, mut above) = (0, 64, 0.0);
+        while ranked < n {
+            let end = (ranked + chunk).min(n);
+            let tail = &mut self.candidates[ranked..];
+            if end < n {
+                tail.select_nth_unstable_by(end - ranked - 1, rank);
             }
-            self.candidates[..prefix].sort_unstable_by(by_rank);
-            let mut above = 0.0;
-            for (rank, &i) in self.candidates[..prefix].iter().enumerate() {
+            tail[..end - ranked].sort_unstable_by(rank);
+            for r in ranked..end {
                 if above >= target {
-                    self.candidates.truncate(rank);
+                    self.candidates.truncate(r);
                     return;
                 }
-                above += weight(work[i as usize], max);
+                above += exp_neg(self.candidates[r].0 - max) as f64;
             }
-            if prefix == n {
-                return;
-            }
-            prefix = (prefix * 4).min(n);
+            ranked = end;
+            chunk *= 4;
         }
     }
+}
 
-    /// Inverse-CDF draw over the candidates with weights exp(l - max) (their sum is exp(log_z)).
-    fn draw(&mut self, max: f32, log_z: f64) -> u32 {
-        // 53 random bits → a uniform f64 in [0, 1).
-        let u = (self.rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
-        let target = u * log_z.exp();
-        let mut cumulative = 0.0;
-        for &i in &self.candidates {
-            cumulative += weight(self.work[i as usize], max);
-            if cumulative > target {
-                return i;
-            }
+/// The `n` best (logit, id) pairs with logit ≥ `floor` and > -inf, in rank order, by one scan.
+/// Scanning ids in increasing order and inserting after equal logits keeps ties by lower id.
+fn scan_top_n(work: &[f32], n: usize, floor: f32, out: &mut Vec<(f32, u32)>) {
+    let floor = floor.max(f32::MIN);
+    for (i, &l) in work.iter().enumerate() {
+        if l < floor || (out.len() == n && l <= out[n - 1].0) {
+            continue;
         }
-        // Rounding left the target at the very top: take the last candidate with positive weight.
-        let last = self.candidates.iter().rev().find(|&&i| weight(self.work[i as usize], max) > 0.0);
-        last.or(self.candidates.last()).copied().unwrap_or(0)
+        let pos = out.partition_point(|c| c.0 >= l);
+        if out.len() == n {
+            out.pop();
+        }
+        out.insert(pos, (l, i as u32));
     }
+}
 
-    /// Package `token` with its log-probability and the top-n list over `candidates`.
-    fn result(&mut self, token: u32, max: f32, log_z: f64) -> Sampled {
-        let logprob_of = |l: f32| ((l - max) as f64 - log_z) as f32;
-        let logprob = logprob_of(self.work[token as usize]);
-        let n = self.params.logprobs.min(self.candidates.len());
-        let mut top_logprobs = Vec::new();
-        if n > 0 {
-            let by_rank = rank_order(&self.work);
-            if n < self.candidates.len() {
-                self.candidates.select_nth_unstable_by(n - 1, by_rank);
-            }
-            self.candidates[..n].sort_unstable_by(by_rank);
-            top_logprobs.extend(self.candidates[..n].iter().map(|&i| (i, logprob_of(self.work[i as usize]))));
+/// Most likely first; equal logits by lower id, so every selection is deterministic.
+fn rank(a: &(f32, u32), b: &(f32, u32)) -> Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+}
+
+fn logprob(l: f32, max: f32, log_z: f64) -> f32 {
+    ((l - max) as f64 - log_z) as f32
+}
+
+/// 53 random bits → a uniform f64 in [0, 1).
+fn uniform(rng: &mut ChaCha8Rng) -> f64 {
+    (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+/// Sum in f64 with independent accumulators, so the loop vectorises despite strict FP order.
+fn sum_f64(xs: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let chunks = xs.chunks_exact(8);
+    let rest: f64 = chunks.remainder().iter().map(|&x| x as f64).sum();
+    for c in chunks {
+        for j in 0..8 {
+            acc[j] += c[j] as f64;
         }
-        Sampled { token, logprob, top_logprobs }
     }
+    acc.iter().sum::<f64>() + rest
+}
+
+/// exp(x) for x ≤ 0 (the only range used: logit - max), vectorisable (no libm call): range
+/// reduction x = k·ln2 + r, |r| ≤ ln2/2, then a degree-7 Taylor polynomial (relative error
+/// < 1e-7, below f32 resolution). Results below f32's normal range, and exp(-inf), are 0.
+fn exp_neg(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const MIN_X: f32 = -87.0; // 2^k stays a normal f32 for k ≥ -126
+    // 1.5·2^23: adding it rounds to an integer, which then sits in the low mantissa bits (this
+    // avoids float→int casts, whose saturating semantics keep the loop from vectorising).
+    const ROUND: f32 = 12_582_912.0;
+    let clamped = if x < MIN_X { MIN_X } else { x };
+    let shifted = clamped * LOG2E + ROUND;
+    let k = shifted - ROUND;
+    let r = clamped - k * LN2_HI - k * LN2_LO;
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let k_int = shifted.to_bits().wrapping_sub(ROUND.to_bits()); // k as two's complement
+    let scale = f32::from_bits(k_int.wrapping_add(127) << 23);
+    if x < MIN_X { 0.0 } else { p * scale }
 }
 
 /// NaN → -inf (never chosen); +inf → the largest finite value (so max-subtraction stays finite).
@@ -438,23 +567,6 @@ fn repetition(l: f32, penalty: f32) -> f32 {
     } else {
         l * penalty
     }
-}
-
-/// Unnormalised probability relative to the maximum logit (f32 exp, summed in f64). Every sum
-/// and the draw use this one function so the CDF walk and its total agree exactly.
-fn weight(l: f32, max: f32) -> f64 {
-    (l - max).exp() as f64
-}
-
-/// ln Σ exp(l_i) over `ids`, computed relative to `max` (≥ every l_i).
-fn log_sum_exp(work: &[f32], ids: &[u32], max: f32) -> f64 {
-    let sum: f64 = ids.iter().map(|&i| weight(work[i as usize], max)).sum();
-    sum.ln()
-}
-
-/// Most likely first; equal logits by lower id, so every selection is deterministic.
-fn rank_order(work: &[f32]) -> impl Fn(&u32, &u32) -> Ordering + Copy + '_ {
-    move |&a, &b| work[b as usize].total_cmp(&work[a as usize]).then(a.cmp(&b))
 }
 
 /// Index of the largest value; the lowest index wins ties (as torch.argmax).

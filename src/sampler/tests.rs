@@ -359,3 +359,32 @@ fn sampler_speed() {
         eprintln!("{p:?}: {:?} per token", start.elapsed() / 100);
     }
 }
+
+#[test]
+fn fast_exp_matches_libm() {
+    assert_eq!(exp_neg(0.0), 1.0);
+    assert_eq!(exp_neg(f32::NEG_INFINITY), 0.0);
+    assert_eq!(exp_neg(-1000.0), 0.0);
+    let mut worst = 0.0f64;
+    for i in 0..=870_000 {
+        let x = -(i as f32) * 1e-4;
+        let want = (x as f64).exp();
+        worst = worst.max(((exp_neg(x) as f64) - want).abs() / want);
+    }
+    assert!(worst < 3e-7, "worst relative error {worst}");
+}
+
+#[test]
+fn scan_top_n_equals_a_full_sort() {
+    // Many ties (values quantised to 0.5) to check the lower-id-first order.
+    let l: Vec<f32> = logits(3000, 9, 4.0).iter().map(|v| (v * 2.0).round() / 2.0).collect();
+    let mut order: Vec<usize> = (0..l.len()).collect();
+    order.sort_by(|&a, &b| l[b].partial_cmp(&l[a]).unwrap().then(a.cmp(&b)));
+    for (n, floor) in [(1, f32::NEG_INFINITY), (20, f32::NEG_INFINITY), (64, 3.5), (64, f32::NEG_INFINITY)] {
+        let mut out = Vec::new();
+        scan_top_n(&l, n, floor, &mut out);
+        let want: Vec<u32> = order.iter().filter(|&&i| l[i] >= floor).take(n).map(|&i| i as u32).collect();
+        assert_eq!(out.iter().map(|c| c.1).collect::<Vec<_>>(), want, "n {n} floor {floor}");
+    }
+}
+
