@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use std::fmt::Write;
 
 /// The `json.dumps` options transformers' `tojson` forwards.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct DumpOptions {
     pub ensure_ascii: bool,
     /// Spaces per level; `None` = everything on one line.
@@ -16,12 +16,6 @@ pub struct DumpOptions {
     /// (item separator, key separator); Python's default depends on `indent`.
     pub separators: Option<(String, String)>,
     pub sort_keys: bool,
-}
-
-impl Default for DumpOptions {
-    fn default() -> Self {
-        DumpOptions { ensure_ascii: false, indent: None, separators: None, sort_keys: false }
-    }
 }
 
 /// `json.dumps(value, **options)`.
