@@ -154,13 +154,12 @@ impl<B: Backend> Engine<B> {
             ensure!(need <= self.model.max_seq_len, InvalidArgument,
                 "{what} ({} tokens) + max_new_tokens ({}) = {need} exceeds max_seq_len = {}",
                 r.prompt.len(), r.max_new_tokens, self.model.max_seq_len);
-            r.sampling.validate()?;
         }
         let now = Instant::now();
         let mut seqs: Vec<Sequence> = requests
             .into_iter()
-            .map(|request| Sequence {
-                sampler: Sampler::new(request.sampling.clone()),
+            .map(|request| Ok(Sequence {
+                sampler: Sampler::new(request.sampling.clone(), &request.prompt)?,
                 request,
                 cache: SeqCache::default(),
                 fed: 0,
@@ -169,8 +168,8 @@ impl<B: Backend> Engine<B> {
                 started: now,
                 first_token_at: None,
                 finished_at: None,
-            })
-            .collect();
+            }))
+            .collect::<Result<_>>()?;
         let result = self.run(&mut seqs, on_token);
         for s in seqs.iter_mut() {
             self.cache.release(&mut s.cache);
@@ -250,7 +249,7 @@ impl<B: Backend> Engine<B> {
         let vocab = self.model.config.vocab_size;
         for (r, &i) in sampling.iter().enumerate() {
             let seq = &mut seqs[i];
-            let token = seq.sampler.sample(&logits[r * vocab..(r + 1) * vocab], &seq.generated).token;
+            let token = seq.sampler.sample(&logits[r * vocab..(r + 1) * vocab], &seq.generated)?.token;
             seq.generated.push(token);
             let now = Instant::now();
             seq.first_token_at.get_or_insert(now);
