@@ -1,6 +1,7 @@
 """qwen3rs: run the Qwen3 model family (dense and MoE) from Python on a Rust core."""
 
 from . import _native
+from ._native import Tokenizer
 from .errors import (
     CheckpointNotFoundError,
     ConfigError,
