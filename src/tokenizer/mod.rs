@@ -25,7 +25,9 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
-use unicode_normalization::{is_nfc_quick, IsNormalized, UnicodeNormalization};
+// The NFC of HF `tokenizers` itself: its Unicode 9.0 tables leave alone the pairs that later
+// Unicode versions compose (e.g. U+1611E U+1611E, Unicode 16), so a current NFC would differ.
+use unicode_normalization_alignments::{is_nfc_quick, IsNormalized, UnicodeNormalization};
 
 /// Ids above this are refused: they would only size tables, and no real vocabulary comes close.
 const MAX_ID: u32 = 1 << 24;
@@ -133,7 +135,7 @@ impl Tokenizer {
     /// Plain text between added tokens: normalize, pre-tokenize, merge.
     fn encode_text(&self, text: &str, out: &mut Vec<u32>) {
         let text: Cow<str> = if self.inner.nfc && !text.is_ascii() && is_nfc_quick(text.chars()) != IsNormalized::Yes {
-            Cow::Owned(text.nfc().collect())
+            Cow::Owned(text.nfc().map(|(c, _)| c).collect())
         } else {
             Cow::Borrowed(text)
         };
