@@ -24,10 +24,15 @@ use rustc_hash::FxHashMap;
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 // The NFC of HF `tokenizers` itself: its Unicode 9.0 tables leave alone the pairs that later
 // Unicode versions compose (e.g. U+1611E U+1611E, Unicode 16), so a current NFC would differ.
 use unicode_normalization_alignments::{is_nfc_quick, IsNormalized, UnicodeNormalization};
+
+const UNKNOWN: u8 = 0;
+const SHORTCUT: u8 = 1;
+const NO_SHORTCUT: u8 = 2;
 
 /// Ids above this are refused: they would only size tables, and no real vocabulary comes close.
 const MAX_ID: u32 = 1 << 24;
@@ -41,8 +46,12 @@ pub struct Tokenizer {
 struct Inner {
     nfc: bool,
     merges: Merges,
-    /// Whole pieces found in the vocab skip merging (model.ignore_merges); None when off.
-    direct: Option<FxHashMap<Box<[u8]>, u32>>,
+    /// Vocab tokens by their bytes: a piece that is one token may skip merging (see `encode_piece`).
+    whole: FxHashMap<Box<[u8]>, u32>,
+    /// model.ignore_merges: a piece found in `whole` is that token, whatever the merges say.
+    ignore_merges: bool,
+    /// Per id, whether merging its own bytes yields it: UNKNOWN until first needed.
+    verdict: Vec<AtomicU8>,
     added: AddedMatcher,
     /// Bytes each id decodes to (index = id); None for ids no token has.
     id_bytes: Vec<Option<Box<[u8]>>>,
@@ -144,13 +153,31 @@ impl Tokenizer {
         }
     }
 
+    /// Most pieces of ordinary text are a vocab token; then one lookup replaces the merges, once
+    /// merging that token's bytes has been seen to give the token itself (BPE doesn't promise it).
     #[inline]
     fn encode_piece(&self, piece: &[u8], out: &mut Vec<u32>) {
-        if let Some(&id) = self.inner.direct.as_ref().and_then(|d| d.get(piece)) {
-            out.push(id);
-            return;
+        let inner = &*self.inner;
+        if let Some(&id) = inner.whole.get(piece) {
+            if inner.ignore_merges {
+                out.push(id);
+                return;
+            }
+            // The verdict is deterministic, so racing threads store the same value.
+            let verdict = &inner.verdict[id as usize];
+            match verdict.load(Ordering::Relaxed) {
+                SHORTCUT => return out.push(id),
+                NO_SHORTCUT => {}
+                _ => {
+                    let start = out.len();
+                    inner.merges.encode_piece(piece, out);
+                    let ok = out[start..] == [id];
+                    verdict.store(if ok { SHORTCUT } else { NO_SHORTCUT }, Ordering::Relaxed);
+                    return;
+                }
+            }
         }
-        self.inner.merges.encode_piece(piece, out);
+        inner.merges.encode_piece(piece, out);
     }
 }
 
@@ -191,9 +218,9 @@ fn build(raw: load::RawTokenizer, options: load::Options) -> Result<Inner> {
         id_strings[id as usize] = Some(token.as_str().into());
         id_bytes[id as usize] = Some(decode_bytes(token));
     }
-    let direct = model.ignore_merges.then(|| {
-        model.vocab.iter().filter_map(|(t, &id)| Some((bytelevel::token_bytes(t)?.into_boxed_slice(), id))).collect()
-    });
+    let whole =
+        model.vocab.iter().filter_map(|(t, &id)| Some((bytelevel::token_bytes(t)?.into_boxed_slice(), id))).collect();
+    let verdict = (0..n).map(|_| AtomicU8::new(UNKNOWN)).collect();
 
     let mut token_ids = model.vocab;
     for t in &raw.added_tokens {
@@ -211,7 +238,9 @@ fn build(raw: load::RawTokenizer, options: load::Options) -> Result<Inner> {
     Ok(Inner {
         nfc: options.nfc,
         merges: Merges { byte_ids, pairs },
-        direct,
+        whole,
+        ignore_merges: model.ignore_merges,
+        verdict,
         added,
         id_bytes,
         id_strings,
@@ -229,3 +258,12 @@ fn decode_bytes(token: &str) -> Box<[u8]> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+impl Inner {
+    fn added_matches(&self, text: &str) -> bool {
+        let mut any = false;
+        self.added.split(text, |s| any |= matches!(s, Segment::Token(_)));
+        any
+    }
+}

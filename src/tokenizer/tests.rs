@@ -55,6 +55,30 @@ fn conformance_fixture_ids() {
 }
 
 #[test]
+fn whole_token_shortcut_agrees_with_merging() {
+    // Every vocab token whose bytes are one pre-token: encoding it (shortcut, verified on first
+    // use, then cached) must equal the plain merge result, on the first and on the second call.
+    let t = qwen();
+    let mut checked = 0;
+    for id in (0..151_643u32).step_by(7) {
+        let Some(bytes) = t.inner.id_bytes[id as usize].as_deref() else { continue };
+        let Ok(text) = std::str::from_utf8(bytes) else { continue };
+        if pretokenize::pieces(text).count() != 1 || t.inner.added_matches(text) {
+            continue;
+        }
+        if t.inner.nfc && is_nfc_quick(text.chars()) != IsNormalized::Yes {
+            continue;
+        }
+        let mut merged = vec![];
+        t.inner.merges.encode_piece(bytes, &mut merged);
+        assert_eq!(t.encode(text, false), merged, "{text:?}");
+        assert_eq!(t.encode(text, false), merged, "{text:?} (cached verdict)");
+        checked += 1;
+    }
+    assert!(checked > 10_000, "{checked}");
+}
+
+#[test]
 fn decode_and_skip_special() {
     let t = qwen();
     let ids = t.encode("a<think>b</think><|im_end|>c", false);
