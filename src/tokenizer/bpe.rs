@@ -14,6 +14,8 @@ use std::collections::BinaryHeap;
 const SMALL_PIECE: usize = 128;
 
 const NO_RANK: u32 = u32::MAX;
+/// A (rank, merged id) pair packed as `rank << 32 | id`: ordering by it orders by rank.
+const NO_MERGE: u64 = u64::MAX;
 
 /// The merge table in id space.
 pub struct Merges {
@@ -21,9 +23,23 @@ pub struct Merges {
     pub byte_ids: [u32; 256],
     /// (left id, right id) packed as `left << 32 | right` → (rank, merged id).
     pub pairs: FxHashMap<u64, (u32, u32)>,
+    /// The same for the 65,536 pairs of single bytes (index `first << 8 | second`), packed as
+    /// NO_MERGE or `rank << 32 | id`: every piece starts with these lookups, so they stay in cache.
+    pub byte_pairs: Box<[u64]>,
 }
 
 impl Merges {
+    pub fn new(byte_ids: [u32; 256], pairs: FxHashMap<u64, (u32, u32)>) -> Self {
+        let mut m = Merges { byte_ids, pairs, byte_pairs: Box::new([]) };
+        m.byte_pairs = (0..65536usize).map(|i| m.packed(byte_ids[i >> 8], byte_ids[i & 0xFF])).collect();
+        m
+    }
+
+    #[inline]
+    fn packed(&self, left: u32, right: u32) -> u64 {
+        self.get(left, right).map_or(NO_MERGE, |(rank, id)| (rank as u64) << 32 | id as u64)
+    }
+
     #[inline]
     fn get(&self, left: u32, right: u32) -> Option<(u32, u32)> {
         self.pairs.get(&((left as u64) << 32 | right as u64)).copied()
@@ -43,35 +59,33 @@ impl Merges {
         }
     }
 
-    /// Array algorithm; `ranks[i]` caches the rank of pair (ids[i], ids[i+1]).
+    /// Array algorithm; `merges[i]` caches the packed (rank, id) of pair (ids[i], ids[i+1]).
     fn encode_small(&self, piece: &[u8], out: &mut Vec<u32>) {
         let mut ids = [0u32; SMALL_PIECE];
-        let mut ranks = [NO_RANK; SMALL_PIECE];
+        let mut merges = [NO_MERGE; SMALL_PIECE];
         let mut n = piece.len();
         for (slot, &b) in ids.iter_mut().zip(piece) {
             *slot = self.byte_ids[b as usize];
         }
-        for i in 0..n.saturating_sub(1) {
-            ranks[i] = self.rank(ids[i], ids[i + 1]);
+        for (slot, w) in merges.iter_mut().zip(piece.windows(2)) {
+            *slot = self.byte_pairs[(w[0] as usize) << 8 | w[1] as usize];
         }
         while n > 1 {
-            let (best, rank) = min_rank(&ranks[..n - 1]);
-            if rank == NO_RANK {
+            let (best, packed) = min_merge(&merges[..n - 1]);
+            if packed == NO_MERGE {
                 break;
             }
-            let merged = self.get(ids[best], ids[best + 1]).map_or(ids[best], |(_, id)| id);
+            let merged = packed as u32;
             ids[best] = merged;
             ids.copy_within(best + 2..n, best + 1);
-            ranks.copy_within(best + 2..n, best + 1);
+            merges.copy_within(best + 2..n, best + 1);
             n -= 1;
-            ranks[n - 1] = NO_RANK;
+            merges[n - 1] = NO_MERGE;
             if best + 1 < n {
-                ranks[best] = self.rank(merged, ids[best + 1]);
-            } else {
-                ranks[best] = NO_RANK;
+                merges[best] = self.packed(merged, ids[best + 1]);
             }
             if best > 0 {
-                ranks[best - 1] = self.rank(ids[best - 1], merged);
+                merges[best - 1] = self.packed(ids[best - 1], merged);
             }
         }
         out.extend_from_slice(&ids[..n]);
@@ -133,9 +147,9 @@ impl Merges {
 
 /// Position and value of the first minimum.
 #[inline]
-fn min_rank(ranks: &[u32]) -> (usize, u32) {
-    let mut best = (0, NO_RANK);
-    for (i, &r) in ranks.iter().enumerate() {
+fn min_merge(merges: &[u64]) -> (usize, u64) {
+    let mut best = (0, NO_MERGE);
+    for (i, &r) in merges.iter().enumerate() {
         if r < best.1 {
             best = (i, r);
         }
@@ -157,7 +171,7 @@ mod tests {
         for (rank, (l, r, id)) in [(0, 1, 3), (1, 2, 4), (3, 2, 5), (0, 0, 6)].into_iter().enumerate() {
             pairs.insert((l as u64) << 32 | r as u64, (rank as u32, id));
         }
-        Merges { byte_ids, pairs }
+        Merges::new(byte_ids, pairs)
     }
 
     fn both(m: &Merges, s: &[u8]) -> Vec<u32> {

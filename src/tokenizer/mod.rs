@@ -237,7 +237,7 @@ fn build(raw: load::RawTokenizer, options: load::Options) -> Result<Inner> {
     let vocab_size = id_strings.iter().filter(|s| s.is_some()).count();
     Ok(Inner {
         nfc: options.nfc,
-        merges: Merges { byte_ids, pairs },
+        merges: Merges::new(byte_ids, pairs),
         whole,
         ignore_merges: model.ignore_merges,
         verdict,
