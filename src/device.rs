@@ -6,6 +6,7 @@ use crate::engine::{AnyEngine, Engine};
 use crate::error::Result;
 use crate::model::Model;
 use crate::tensor::DType;
+use crate::tokenizer::Tokenizer;
 use crate::weights::TensorSource;
 use crate::bail;
 
@@ -50,7 +51,7 @@ pub struct LoadOptions {
 }
 
 /// Build an engine for `config` with weights from `src` on the requested device.
-pub fn load_engine(config: Qwen3Config, src: &dyn TensorSource, opts: &LoadOptions,
+pub fn load_engine(config: Qwen3Config, src: &dyn TensorSource, tokenizer: Option<Tokenizer>, opts: &LoadOptions,
     progress: &mut dyn FnMut(usize, usize)) -> Result<AnyEngine> {
     let dtype = opts.dtype.unwrap_or_else(|| src.stored_dtype());
     let max_seq_len = opts.max_seq_len.unwrap_or(config.max_position_embeddings.min(32768));
@@ -59,7 +60,7 @@ pub fn load_engine(config: Qwen3Config, src: &dyn TensorSource, opts: &LoadOptio
     match opts.device {
         Device::Cpu => {
             let model = Model::load(CpuBackend::new(dtype), config, src, max_seq_len, progress)?;
-            Ok(AnyEngine::Cpu(Engine::new(model, opts.max_batch)?))
+            Ok(AnyEngine::Cpu(Engine::new(model, tokenizer, opts.max_batch)?))
         }
         Device::Cuda(n) => bail!(Device, "device cuda:{n} requested, but this build of qwen3rs has no CUDA backend"),
     }

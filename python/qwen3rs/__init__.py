@@ -6,9 +6,10 @@
 """
 
 from . import _native
-from ._generate import generate
+from ._generate import ChatSession, Stream, generate
 from ._model import Model, dummy_names, load
 from ._types import Completion, Delta
+from ._native import Tokenizer
 from .errors import (
     CheckpointNotFoundError,
     ConfigError,
@@ -29,7 +30,7 @@ def cuda_available() -> bool:
 
 
 __all__ = [
-    "load", "generate", "Model", "Completion", "Delta", "dummy_names", "cuda_available",
+    "load", "generate", "Model", "Completion", "Delta", "ChatSession", "Stream", "Tokenizer", "dummy_names", "cuda_available",
     "Qwen3Error", "CheckpointNotFoundError", "ConfigError", "WeightsError", "TokenizerError",
     "InvalidArgumentError", "DeviceError", "DeviceOutOfMemoryError",
 ]

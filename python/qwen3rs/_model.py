@@ -12,7 +12,6 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import _native
-from ._types import Completion
 from .errors import CheckpointNotFoundError, InvalidArgumentError
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -67,13 +66,6 @@ def _resolve_path(path: str | os.PathLike) -> Path:
     raise CheckpointNotFoundError(f"checkpoint folder not found: {p}")
 
 
-def _load_tokenizer(folder: Path):
-    tokenizer_cls = getattr(_native, "Tokenizer", None)
-    if tokenizer_cls is None or not (folder / "tokenizer.json").is_file():
-        return None
-    return tokenizer_cls.from_pretrained(str(folder))
-
-
 def _read_generation_config(folder: Path) -> dict[str, Any]:
     path = folder / "generation_config.json"
     if not path.is_file():
@@ -111,22 +103,22 @@ def load(
         config_file = CONFIGS_DIR / f"{name}.json"
         if not config_file.is_file():
             raise InvalidArgumentError(f"unknown dummy model {name!r}: choose one of {', '.join(dummy_names())}")
-        native = _native.load_dummy(config_file.read_text(), device=device, dtype=dtype, max_seq_len=max_seq_len,
-                                    max_batch=max_batch, seed=seed, progress=bar)
         folder = BUNDLED_TOKENIZER_DIR
+        native = _native.load_dummy(config_file.read_text(), device=device, dtype=dtype, max_seq_len=max_seq_len,
+                                    max_batch=max_batch, seed=seed, tokenizer_dir=str(folder), progress=bar)
     else:
         folder = _resolve_path(text)
         native = _native.load_checkpoint(str(folder), device=device, dtype=dtype, max_seq_len=max_seq_len,
                                          max_batch=max_batch, progress=bar)
-    return Model(native, _load_tokenizer(folder), _read_generation_config(folder), text)
+    return Model(native, _read_generation_config(folder), text)
 
 
 class Model:
     """A loaded Qwen3 model. Create it with `qwen3rs.load(...)`."""
 
-    def __init__(self, native: Any, tokenizer: Any, generation_config: dict[str, Any], source: str):
+    def __init__(self, native: Any, generation_config: dict[str, Any], source: str):
         self._native = native
-        self.tokenizer = tokenizer
+        self.tokenizer = native.tokenizer
         self.generation_config = generation_config
         self.source = source
         self._config = json.loads(native.config_json)
@@ -163,6 +155,12 @@ class Model:
         from ._generate import generate
 
         return generate(self, prompt, **kwargs)
+
+    def chat(self, system: str | None = None, think: bool = True, tools: list[dict] | None = None, **defaults: Any):
+        """A conversation that keeps its KV cache between turns (`.send(text)` returns a Completion)."""
+        from ._generate import ChatSession
+
+        return ChatSession(self, system=system, think=think, tools=tools, **defaults)
 
 
 def _as_id_list(ids: Any, what: str) -> list[int]:

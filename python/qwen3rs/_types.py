@@ -38,3 +38,5 @@ class Delta:
     kind: Literal["thinking", "content"]
     text: str
     token_ids: list[int]
+    index: int = 0
+    """Which prompt of a batch this piece belongs to."""
