@@ -276,6 +276,7 @@ fn output_dict<'py>(py: Python<'py>, o: GenOutput, thinking_enabled: bool) -> Py
     d.set_item("tool_calls_json", serde_json::Value::Array(calls).to_string())?;
     d.set_item("finish_reason", o.finish_reason.as_str())?;
     d.set_item("thinking_tokens", o.thinking_tokens)?;
+    d.set_item("cached_tokens", o.cached_tokens)?;
     d.set_item("logprobs", o.logprobs)?;
     d.set_item("prefill_s", o.prefill_s)?;
     d.set_item("decode_s", o.decode_s)?;

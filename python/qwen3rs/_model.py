@@ -85,7 +85,15 @@ def load(
     progress: bool = True,
     max_batch: int = 8,
 ) -> "Model":
-    """Load a Qwen3 / Qwen3-MoE checkpoint folder, a Hub repo id, or "dummy:Qwen3-0.6B" (random weights)."""
+    """Load a Qwen3 / Qwen3-MoE model.
+
+    path: a checkpoint folder (config.json + *.safetensors [+ tokenizer files]); a Hugging Face repo id
+    (fetched with huggingface_hub when installed); or "dummy:Qwen3-0.6B" (any bundled official size, or
+    "dummy:/path/config.json"): random weights of that shape with the bundled Qwen3 tokenizer.
+    device: "auto" | "cpu" | "cuda" | "cuda:N". dtype: "auto" (as stored) | "bfloat16" | "float16" | "float32".
+    max_seq_len: KV-cache capacity per sequence (default min(max_position_embeddings, 32768)).
+    max_batch: sequences generated at once (KV-cache blocks are committed lazily on the CPU).
+    progress: a progress bar on stderr while loading (when stderr is a terminal)."""
     if not isinstance(device, str):
         raise InvalidArgumentError(f"device must be a string, got {device!r}")
     if not isinstance(dtype, str):
@@ -100,9 +108,13 @@ def load(
     bar = _ProgressBar(f"loading {text}", progress)
     if text.startswith("dummy:"):
         name = text[len("dummy:"):]
+        # A bundled official config by name, or any config.json by path (random weights of its shapes).
         config_file = CONFIGS_DIR / f"{name}.json"
         if not config_file.is_file():
-            raise InvalidArgumentError(f"unknown dummy model {name!r}: choose one of {', '.join(dummy_names())}")
+            config_file = Path(name).expanduser()
+        if not name or not config_file.is_file():
+            raise InvalidArgumentError(
+                f"unknown dummy model {name!r}: choose one of {', '.join(dummy_names())}, or give a config.json path")
         folder = BUNDLED_TOKENIZER_DIR
         native = _native.load_dummy(config_file.read_text(), device=device, dtype=dtype, max_seq_len=max_seq_len,
                                     max_batch=max_batch, seed=seed, tokenizer_dir=str(folder), progress=bar)
