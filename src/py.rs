@@ -7,7 +7,7 @@ use crate::config::Qwen3Config;
 use crate::device::{load_engine, Device, LoadOptions};
 use crate::engine::output::Delta;
 use crate::engine::{AnyEngine, GenOutput, GenRequest};
-use crate::error::{Error, Result};
+use crate::error::{catch_panic, Error, Result};
 use crate::model::dummy::DummyWeights;
 use crate::sampler::{GenerationConfig, SamplingOverrides, SamplingParams};
 use crate::tensor::DType;
@@ -31,6 +31,7 @@ pub(crate) fn to_py(err: Error) -> PyErr {
         Error::InvalidArgument(_) => "InvalidArgumentError",
         Error::Device(_) => "DeviceError",
         Error::OutOfMemory(_) => "DeviceOutOfMemoryError",
+        Error::Internal(_) => "Qwen3Error",
     };
     let message = err.to_string();
     Python::attach(|py| {
@@ -186,7 +187,7 @@ fn lock(engine: &Mutex<AnyEngine>) -> Result<MutexGuard<'_, AnyEngine>> {
 
 impl PyModel {
     fn with_engine<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut AnyEngine) -> Result<T> + Send) -> PyResult<T> {
-        py.detach(|| f(&mut *lock(&self.engine)?)).map_err(to_py)
+        py.detach(|| catch_panic(|| f(&mut *lock(&self.engine)?))).map_err(to_py)
     }
 
     fn read<T>(&self, f: impl FnOnce(&AnyEngine) -> T) -> PyResult<T> {
@@ -220,7 +221,7 @@ fn build(py: Python<'_>, config_json: String, src: impl TensorSource + Send, opt
     progress: Option<Py<PyAny>>) -> PyResult<PyModel> {
     let config = Qwen3Config::from_json(&config_json).map_err(to_py)?;
     let mut progress = progress_fn(progress);
-    py.detach(|| {
+    py.detach(|| catch_panic(|| {
         let (tokenizer, generation) = match &tokenizer_dir {
             Some(dir) if dir.join("tokenizer.json").is_file() => (Some(PyTokenizer::load_dir(dir)?), GenerationConfig::from_dir(dir)?),
             Some(dir) => (None, GenerationConfig::from_dir(dir)?),
@@ -229,7 +230,7 @@ fn build(py: Python<'_>, config_json: String, src: impl TensorSource + Send, opt
         let template = tokenizer.as_ref().and_then(|t| t.template.clone());
         let engine = load_engine(config, &src, tokenizer.map(|t| t.inner), &opts, &mut progress)?;
         Ok(PyModel { engine: Arc::new(Mutex::new(engine)), config_json, generation, template })
-    })
+    }))
     .map_err(to_py)
 }
 
@@ -429,10 +430,12 @@ impl PyModel {
         let (tx, rx) = mpsc::channel();
         let engine = Arc::clone(&self.engine);
         std::thread::spawn(move || {
-            let result = lock(&engine).and_then(|mut e| {
-                e.generate(requests, &mut |i, d| {
-                    // The receiver is gone when Python dropped the stream: stop generating.
-                    tx.send(StreamMsg::Delta(i, d)).map_err(|_| Error::InvalidArgument("stream closed".into()))
+            let result = catch_panic(|| {
+                lock(&engine).and_then(|mut e| {
+                    e.generate(requests, &mut |i, d| {
+                        // The receiver is gone when Python dropped the stream: stop generating.
+                        tx.send(StreamMsg::Delta(i, d)).map_err(|_| Error::InvalidArgument("stream closed".into()))
+                    })
                 })
             });
             let _ = tx.send(StreamMsg::Done(result));
