@@ -245,11 +245,18 @@ impl<B: Backend> Engine<B> {
             return Ok(());
         }
         // 4. Sample one token for each sequence that produced logits; check its stop conditions.
-        let logits = self.model.backend.download(&s.logits)?;
+        //    When every one is plain greedy (no penalties, no logprobs), the backend picks the
+        //    argmax itself and only R ids come back, not R × V logits.
+        let all_greedy = sampling.iter().all(|&i| seqs[i].request.sampling.is_plain_greedy());
+        let (logits, greedy) = if all_greedy {
+            (vec![], self.model.backend.argmax_rows(&s.logits, logit_rows.len())?)
+        } else {
+            (self.model.backend.download(&s.logits)?, vec![])
+        };
         let vocab = self.model.config.vocab_size;
         for (r, &i) in sampling.iter().enumerate() {
             let seq = &mut seqs[i];
-            let token = seq.sampler.sample(&logits[r * vocab..(r + 1) * vocab], &seq.generated)?.token;
+            let token = if all_greedy { greedy[r] } else { seq.sampler.sample(&logits[r * vocab..(r + 1) * vocab], &seq.generated)?.token };
             seq.generated.push(token);
             let now = Instant::now();
             seq.first_token_at.get_or_insert(now);
@@ -275,6 +282,8 @@ impl<B: Backend> Engine<B> {
 /// The backend an engine runs on, chosen at load time: the only place that names backends.
 pub enum AnyEngine {
     Cpu(Engine<crate::backend::cpu::CpuBackend>),
+    /// Never built without the `cuda` feature (its backend type is then uninhabited).
+    Cuda(Engine<crate::backend::cuda::CudaBackend>),
 }
 
 /// Run `$body` with `$e` bound to the engine of whichever backend this is.
@@ -282,6 +291,7 @@ macro_rules! with_engine {
     ($any:expr, $e:ident => $body:expr) => {
         match $any {
             AnyEngine::Cpu($e) => $body,
+            AnyEngine::Cuda($e) => $body,
         }
     };
 }
