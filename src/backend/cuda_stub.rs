@@ -65,6 +65,9 @@ impl Backend for CudaBackend {
     fn alloc_kv(&self, _: usize, _: usize, _: usize) -> Result<Never> {
         match self.0 {}
     }
+    fn from_host(&self, _: usize, _: usize, _: &[f32]) -> Result<Never> {
+        match self.0 {}
+    }
     fn download(&self, _: &Never) -> Result<Vec<f32>> {
         match self.0 {}
     }

@@ -153,7 +153,10 @@ fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
 impl CudaBackend {
     /// A backend on GPU `ordinal` computing in `dtype`. Errors (never panics) when CUDA is unusable.
     pub fn new(ordinal: usize, dtype: DType) -> Result<Self> {
-        let gpu = Gpu::new(ordinal, dtype)?;
+        let gpu = Gpu::new(ordinal, dtype).map_err(|e| match e {
+            Error::Device(m) => Error::Device(format!("cannot use cuda:{ordinal}: {m}")),
+            other => other,
+        })?;
         let slots = |n| (0..n).map(|_| Slot::default()).collect::<Vec<_>>();
         Ok(CudaBackend { gpu, ordinal, meta: Mutex::new(slots(N_META)), scratch: Mutex::new(slots(N_SCRATCH)) })
     }
@@ -328,6 +331,14 @@ impl Backend for CudaBackend {
         let k = self.gpu.alloc(bytes)?;
         let v = self.gpu.alloc(bytes)?;
         Ok(CudaKv { k, v, n_blocks, block_size, kv_dim })
+    }
+
+    fn from_host(&self, rows: usize, cols: usize, data: &[f32]) -> Result<CudaBuf> {
+        ensure!(data.len() == rows * cols, InvalidArgument, "from_host: {} values for a [{rows}, {cols}] buffer", data.len());
+        let host = HostTensor::from_f32(data, vec![rows, cols]).to_dtype(self.gpu.dtype);
+        let buf = CudaBuf { mem: self.gpu.alloc(host.raw().len())?, rows, cols };
+        self.gpu.upload(&buf.mem, 0, host.raw())?;
+        Ok(buf)
     }
 
     fn download(&self, buf: &CudaBuf) -> Result<Vec<f32>> {
