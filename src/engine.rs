@@ -280,6 +280,7 @@ impl<B: Backend> Engine<B> {
 }
 
 /// The backend an engine runs on, chosen at load time: the only place that names backends.
+#[allow(clippy::large_enum_variant)] // one per loaded model
 pub enum AnyEngine {
     Cpu(Engine<crate::backend::cpu::CpuBackend>),
     /// Never built without the `cuda` feature (its backend type is then uninhabited).

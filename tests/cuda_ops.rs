@@ -80,7 +80,7 @@ fn run_embed<B: Backend>(be: &B, table: &HostTensor, ids: &[u32]) -> Vec<f32> {
 }
 
 fn run_rms<B: Backend>(be: &B, x: &[f32], t: usize, c: usize, w: &HostTensor) -> Vec<f32> {
-    let xb = be.from_host(t, c, x).unwrap();
+    let xb = be.upload_buf(t, c, x).unwrap();
     let w = be.upload(w.clone()).unwrap();
     let mut out = be.alloc(t, c).unwrap();
     be.rms_norm(&mut out, &xb, &w, 1e-6).unwrap();
@@ -88,8 +88,8 @@ fn run_rms<B: Backend>(be: &B, x: &[f32], t: usize, c: usize, w: &HostTensor) ->
 }
 
 fn run_add_rms<B: Backend>(be: &B, x: &[f32], d: &[f32], t: usize, c: usize, w: &HostTensor) -> (Vec<f32>, Vec<f32>) {
-    let mut res = be.from_host(t, c, x).unwrap();
-    let delta = be.from_host(t, c, d).unwrap();
+    let mut res = be.upload_buf(t, c, x).unwrap();
+    let delta = be.upload_buf(t, c, d).unwrap();
     let w = be.upload(w.clone()).unwrap();
     let mut out = be.alloc(t, c).unwrap();
     be.add_rms_norm(&mut res, &delta, &mut out, &w, 1e-6).unwrap();
@@ -98,7 +98,7 @@ fn run_add_rms<B: Backend>(be: &B, x: &[f32], d: &[f32], t: usize, c: usize, w: 
 
 fn run_matmul<B: Backend>(be: &B, x: &[f32], t: usize, w: &HostTensor) -> Vec<f32> {
     let (n, k) = (w.shape[0], w.shape[1]);
-    let xb = be.from_host(t, k, x).unwrap();
+    let xb = be.upload_buf(t, k, x).unwrap();
     let w = be.upload(w.clone()).unwrap();
     let mut out = be.alloc(t, n).unwrap();
     be.matmul(&mut out, &xb, &w).unwrap();
@@ -108,22 +108,22 @@ fn run_matmul<B: Backend>(be: &B, x: &[f32], t: usize, w: &HostTensor) -> Vec<f3
 #[allow(clippy::too_many_arguments)]
 fn run_qk<B: Backend>(be: &B, q: &[f32], k: &[f32], qn: &HostTensor, kn: &HostTensor, rope: &HostTensor, pos: &[u32], s: AttnShape) -> (Vec<f32>, Vec<f32>) {
     let t = pos.len();
-    let mut qb = be.from_host(t, s.n_heads * s.head_dim, q).unwrap();
-    let mut kb = be.from_host(t, s.n_kv_heads * s.head_dim, k).unwrap();
+    let mut qb = be.upload_buf(t, s.n_heads * s.head_dim, q).unwrap();
+    let mut kb = be.upload_buf(t, s.n_kv_heads * s.head_dim, k).unwrap();
     let (qn, kn, rope) = (be.upload(qn.clone()).unwrap(), be.upload(kn.clone()).unwrap(), be.upload_exact(rope.clone()).unwrap());
     be.qk_norm_rope(&mut qb, &mut kb, &qn, &kn, 1e-6, &rope, pos, s).unwrap();
     (be.download(&qb).unwrap(), be.download(&kb).unwrap())
 }
 
 fn run_swiglu<B: Backend>(be: &B, g: &[f32], u: &[f32], t: usize, c: usize) -> Vec<f32> {
-    let (gb, ub) = (be.from_host(t, c, g).unwrap(), be.from_host(t, c, u).unwrap());
+    let (gb, ub) = (be.upload_buf(t, c, g).unwrap(), be.upload_buf(t, c, u).unwrap());
     let mut out = be.alloc(t, c).unwrap();
     be.swiglu(&mut out, &gb, &ub).unwrap();
     be.download(&out).unwrap()
 }
 
 fn run_gather<B: Backend>(be: &B, x: &[f32], t: usize, c: usize, rows: &[u32]) -> Vec<f32> {
-    let xb = be.from_host(t, c, x).unwrap();
+    let xb = be.upload_buf(t, c, x).unwrap();
     let mut out = be.alloc(rows.len(), c).unwrap();
     be.gather_rows(&mut out, &xb, rows).unwrap();
     be.download(&out).unwrap()
@@ -133,7 +133,7 @@ fn run_moe<B: Backend>(be: &B, x: &[f32], t: usize, moe: &MoeHost) -> Vec<f32> {
     let h = moe.router.shape[1];
     let copy = MoeHost { router: moe.router.clone(), experts: moe.experts.clone(), top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob };
     let m = be.upload_moe(copy).unwrap();
-    let xb = be.from_host(t, h, x).unwrap();
+    let xb = be.upload_buf(t, h, x).unwrap();
     let mut out = be.alloc(t, h).unwrap();
     be.moe(&mut out, &xb, &m).unwrap();
     be.download(&out).unwrap()
@@ -152,16 +152,16 @@ fn run_attention<B: Backend>(be: &B, s: AttnShape, data: &[Vec<f32>; 5]) -> Vec<
     let tok1 = vec![0u32; 20];
     let pos1: Vec<u32> = (0..20).collect();
     let b1 = BatchInfo { tokens: &tok1, positions: &pos1, seqs: vec![SeqSlot { rows: 0..20, start_pos: 0, blocks: &blocks_b }], block_size: bs };
-    let (k1, v1) = (be.from_host(20, kvd, &data[0]).unwrap(), be.from_host(20, kvd, &data[1]).unwrap());
+    let (k1, v1) = (be.upload_buf(20, kvd, &data[0]).unwrap(), be.upload_buf(20, kvd, &data[1]).unwrap());
     be.kv_append(&mut kv, &k1, &v1, &b1).unwrap();
     // Step 2: A rows 0..7 at positions 0..7, B row 7 at position 20.
     let tok2 = vec![0u32; 8];
     let pos2: Vec<u32> = (0..7).chain([20]).collect();
     let b2 = BatchInfo { tokens: &tok2, positions: &pos2, block_size: bs,
         seqs: vec![SeqSlot { rows: 0..7, start_pos: 0, blocks: &blocks_a }, SeqSlot { rows: 7..8, start_pos: 20, blocks: &blocks_b }] };
-    let (k2, v2) = (be.from_host(8, kvd, &data[2]).unwrap(), be.from_host(8, kvd, &data[3]).unwrap());
+    let (k2, v2) = (be.upload_buf(8, kvd, &data[2]).unwrap(), be.upload_buf(8, kvd, &data[3]).unwrap());
     be.kv_append(&mut kv, &k2, &v2, &b2).unwrap();
-    let q = be.from_host(8, qd, &data[4]).unwrap();
+    let q = be.upload_buf(8, qd, &data[4]).unwrap();
     let mut out = be.alloc(8, qd).unwrap();
     be.attention(&mut out, &q, &kv, &b2, s).unwrap();
     be.download(&out).unwrap()
@@ -328,7 +328,7 @@ fn argmax_rows_on_device() {
         x[2 * cols + 3] = f32::NAN; // row 2: NaN is never chosen
         x[2 * cols + 100] = 60.0;
         x[4 * cols + cols - 1] = 70.0; // row 4: the last column
-        let (gb, cb) = (g.from_host(rows, cols, &x).unwrap(), c.from_host(rows, cols, &x).unwrap());
+        let (gb, cb) = (g.upload_buf(rows, cols, &x).unwrap(), c.upload_buf(rows, cols, &x).unwrap());
         let (gi, ci) = (g.argmax_rows(&gb, rows).unwrap(), c.argmax_rows(&cb, rows).unwrap());
         eprintln!("argmax {}: gpu {gi:?} cpu {ci:?}", dtype.name());
         assert_eq!(gi, ci);

@@ -65,7 +65,7 @@ impl Backend for CudaBackend {
     fn alloc_kv(&self, _: usize, _: usize, _: usize) -> Result<Never> {
         match self.0 {}
     }
-    fn from_host(&self, _: usize, _: usize, _: &[f32]) -> Result<Never> {
+    fn upload_buf(&self, _: usize, _: usize, _: &[f32]) -> Result<Never> {
         match self.0 {}
     }
     fn download(&self, _: &Never) -> Result<Vec<f32>> {

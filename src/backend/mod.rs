@@ -86,7 +86,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// A KV-cache layer with room for `n_blocks` blocks (storage may be committed lazily).
     fn alloc_kv(&self, n_blocks: usize, block_size: usize, kv_dim: usize) -> Result<Self::KvLayer>;
     /// A [rows, cols] buffer holding `data` rounded to the compute dtype (tests; host-made inputs).
-    fn from_host(&self, rows: usize, cols: usize, data: &[f32]) -> Result<Self::Buf>;
+    fn upload_buf(&self, rows: usize, cols: usize, data: &[f32]) -> Result<Self::Buf>;
     /// Copy a buffer to the host as f32 [rows * cols].
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
 

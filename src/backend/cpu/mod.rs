@@ -218,8 +218,8 @@ impl Backend for CpuBackend {
         Ok(CpuKv { k: KvData::new(self.dtype), v: KvData::new(self.dtype), n_blocks, block_size, kv_dim })
     }
 
-    fn from_host(&self, rows: usize, cols: usize, data: &[f32]) -> Result<CpuBuf> {
-        ensure!(data.len() == rows * cols, InvalidArgument, "from_host: {} values for a [{rows}, {cols}] buffer", data.len());
+    fn upload_buf(&self, rows: usize, cols: usize, data: &[f32]) -> Result<CpuBuf> {
+        ensure!(data.len() == rows * cols, InvalidArgument, "upload_buf: {} values for a [{rows}, {cols}] buffer", data.len());
         let mut buf = CpuBuf { data: data.to_vec(), rows, cols };
         self.round(&mut buf.data);
         Ok(buf)

@@ -27,7 +27,7 @@ pub fn add_search_dirs(lib_dirs: Vec<PathBuf>, include_dirs: Vec<PathBuf>) {
 fn cuda_roots() -> Vec<PathBuf> {
     let mut roots: Vec<PathBuf> = ["CUDA_HOME", "CUDA_PATH", "CUDA_ROOT"]
         .iter()
-        .filter_map(|v| std::env::var_os(v))
+        .filter_map(std::env::var_os)
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .collect();

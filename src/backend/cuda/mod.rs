@@ -333,8 +333,8 @@ impl Backend for CudaBackend {
         Ok(CudaKv { k, v, n_blocks, block_size, kv_dim })
     }
 
-    fn from_host(&self, rows: usize, cols: usize, data: &[f32]) -> Result<CudaBuf> {
-        ensure!(data.len() == rows * cols, InvalidArgument, "from_host: {} values for a [{rows}, {cols}] buffer", data.len());
+    fn upload_buf(&self, rows: usize, cols: usize, data: &[f32]) -> Result<CudaBuf> {
+        ensure!(data.len() == rows * cols, InvalidArgument, "upload_buf: {} values for a [{rows}, {cols}] buffer", data.len());
         let host = HostTensor::from_f32(data, vec![rows, cols]).to_dtype(self.gpu.dtype);
         let buf = CudaBuf { mem: self.gpu.alloc(host.raw().len())?, rows, cols };
         self.gpu.upload(&buf.mem, 0, host.raw())?;
