@@ -19,7 +19,8 @@ python3 -m pip install --no-deps --quiet --target /tmp/q "$WHEEL" > "$OUT/pip.lo
 SUMMARY+=("install $(basename "$WHEEL")|rc=$?")
 export PYTHONPATH=/tmp/q
 
-python3 -c "import qwen3rs; print('cuda_available', qwen3rs.cuda_available(), qwen3rs.cuda_unavailable_reason())" 2>&1 | tee "$OUT/available.txt"
+python3 -c "import qwen3rs; print(qwen3rs.cuda_available(), qwen3rs.cuda_unavailable_reason())" > "$OUT/available.txt" 2>&1
+SUMMARY+=("cuda_available (reason if not)|$(head -c 300 "$OUT/available.txt")")
 
 # Cold start (NVRTC compiles every module used) vs warm start (cubins from the disk cache).
 for run in cold warm; do
@@ -44,10 +45,22 @@ for bin in cuda_compile cuda_ops; do
   fi
 done
 grep -E "rel err|argmax|OOM|SKIP" "$OUT/cuda_ops.log" > "$OUT/cuda_ops_errors.txt" 2>/dev/null
+SUMMARY+=("rust cuda_ops SKIP lines (0 = all ran)|$(grep -c SKIP "$OUT/cuda_ops.log" 2>/dev/null)")
 
 python3 -m pytest tests/test_cuda.py tests/test_conformance.py -q -rs -p no:cacheprovider > "$OUT/pytest.log" 2>&1
 rc=$?
 SUMMARY+=("pytest test_cuda+test_conformance|rc=$rc $(tail -1 "$OUT/pytest.log")")
+
+# Speed smoke (not a benchmark; the next issue's baseline): greedy decode on dummy Qwen3-0.6B, bf16.
+timeout 300 python3 - > "$OUT/speed.txt" 2>&1 <<'PY'
+import qwen3rs
+m = qwen3rs.load("dummy:Qwen3-0.6B", device="cuda", max_seq_len=2048, max_batch=1, progress=False)
+m.generate(list(range(1, 65)), raw=True, max_new_tokens=8, temperature=0.0, ignore_eos=True)
+o = m.generate(list(range(1, 513)), raw=True, max_new_tokens=128, temperature=0.0, ignore_eos=True)
+t = o.timings
+print(f"prefill 512 tok: {t['prefill_s'] * 1e3:.1f} ms, decode: {t['decode_tok_s']:.1f} tok/s")
+PY
+SUMMARY+=("speed dummy:Qwen3-0.6B bf16 batch 1|$(tail -1 "$OUT/speed.txt")")
 
 echo
 echo "---- worst op errors (full list: cuda_ops_errors.txt) ----"
