@@ -1,6 +1,7 @@
 //! Device selection: parse "auto" | "cpu" | "cuda" | "cuda:N" and build the engine on that backend.
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::{self, CudaBackend};
 use crate::config::Qwen3Config;
 use crate::engine::{AnyEngine, Engine};
 use crate::error::Result;
@@ -34,9 +35,15 @@ impl Device {
     }
 }
 
-/// Whether a CUDA device can be used (driver and a GPU present).
+/// Whether a CUDA device can be used: built with CUDA, driver, NVRTC, cuBLAS and headers found,
+/// and a GPU present. Checked once per process; never raises.
 pub fn cuda_available() -> bool {
-    false
+    cuda::available()
+}
+
+/// Why `cuda_available()` is false (None when it is true).
+pub fn cuda_unavailable_reason() -> Option<String> {
+    cuda::unavailable_reason()
 }
 
 /// Everything `load` needs besides the weights.
@@ -62,6 +69,10 @@ pub fn load_engine(config: Qwen3Config, src: &dyn TensorSource, tokenizer: Optio
             let model = Model::load(CpuBackend::new(dtype), config, src, max_seq_len, progress)?;
             Ok(AnyEngine::Cpu(Engine::new(model, tokenizer, opts.max_batch)?))
         }
-        Device::Cuda(n) => bail!(Device, "device cuda:{n} requested, but this build of qwen3rs has no CUDA backend"),
+        Device::Cuda(n) => {
+            let backend = CudaBackend::new(n, dtype)?;
+            let model = Model::load(backend, config, src, max_seq_len, progress)?;
+            Ok(AnyEngine::Cuda(Engine::new(model, tokenizer, opts.max_batch)?))
+        }
     }
 }

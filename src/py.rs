@@ -452,6 +452,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(load_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(load_dummy, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_unavailable_reason, m)?)?;
+    m.add_function(wrap_pyfunction!(_set_cuda_search_paths, m)?)?;
+    m.add_function(wrap_pyfunction!(_compile_cuda_kernels, m)?)?;
     Ok(())
 }
 
@@ -459,4 +462,31 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
 #[pyfunction]
 fn cuda_available() -> bool {
     crate::device::cuda_available()
+}
+
+/// Why no CUDA GPU is usable (None when one is).
+#[pyfunction]
+fn cuda_unavailable_reason(py: Python<'_>) -> Option<String> {
+    py.detach(crate::device::cuda_unavailable_reason)
+}
+
+/// Folders of pip-installed CUDA libraries / headers (site-packages/nvidia/cu13/...), searched
+/// after CUDA_HOME and the library path. Called once by the package at import.
+#[pyfunction]
+fn _set_cuda_search_paths(lib_dirs: Vec<PathBuf>, include_dirs: Vec<PathBuf>) {
+    crate::backend::cuda::add_search_dirs(lib_dirs, include_dirs);
+}
+
+/// Compile every CUDA kernel with NVRTC for `arch` ("sm_90"); returns "module/dtype" names.
+/// Needs NVRTC and the CUDA headers, not a GPU (a CI check).
+#[pyfunction]
+#[pyo3(signature = (arch="sm_90"))]
+fn _compile_cuda_kernels(py: Python<'_>, arch: &str) -> PyResult<Vec<String>> {
+    let digits = arch.strip_prefix("sm_").filter(|d| d.len() >= 2 && d.bytes().all(|b| b.is_ascii_digit()));
+    let Some(d) = digits else {
+        return Err(to_py(Error::InvalidArgument(format!("arch must look like \"sm_90\", got {arch:?}"))));
+    };
+    let (major, minor) = d.split_at(d.len() - 1);
+    let arch = (major.parse().unwrap_or(0), minor.parse().unwrap_or(0));
+    py.detach(|| crate::backend::cuda::compile_kernels(arch)).map_err(to_py)
 }

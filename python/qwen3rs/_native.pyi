@@ -5,8 +5,6 @@ from typing import Any, Callable, Iterator
 
 __version__: str
 
-def cuda_available() -> bool: ...
-
 # ---- Tokenizer ----
 
 class Tokenizer:
@@ -73,3 +71,10 @@ def load_checkpoint(path: str | PathLike[str], device: str = "cpu", dtype: str =
 def load_dummy(config_json: str, device: str = "cpu", dtype: str = "auto", max_seq_len: int | None = None,
                max_batch: int = 8, seed: int = 0, tokenizer_dir: str | None = None,
                progress: Callable[[int, int], None] | None = None) -> Model: ...
+
+# ---- Devices ----
+
+def cuda_available() -> bool: ...
+def cuda_unavailable_reason() -> str | None: ...
+def _set_cuda_search_paths(lib_dirs: list[str], include_dirs: list[str]) -> None: ...
+def _compile_cuda_kernels(arch: str = "sm_90") -> list[str]: ...

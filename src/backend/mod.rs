@@ -1,8 +1,15 @@
 //! `trait Backend`: the coarse op set one forward pass is made of (about one kernel launch each),
 //! and the batch description the ops share. `cpu` is the scalar reference every other backend is
-//! tested against; a backend owns its buffer, weight, KV-cache and MoE layouts.
+//! tested against; a backend owns its buffer, weight, KV-cache and MoE layouts. `cuda` is the
+//! GPU backend with the `cuda` feature, and a stand-in that only reports "not built" without it,
+//! so no code outside this folder needs a `#[cfg]`.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(not(feature = "cuda"))]
+#[path = "cuda_stub.rs"]
+pub mod cuda;
 
 use crate::error::Result;
 use crate::tensor::{DType, HostTensor};
@@ -78,6 +85,8 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn alloc(&self, rows: usize, cols: usize) -> Result<Self::Buf>;
     /// A KV-cache layer with room for `n_blocks` blocks (storage may be committed lazily).
     fn alloc_kv(&self, n_blocks: usize, block_size: usize, kv_dim: usize) -> Result<Self::KvLayer>;
+    /// A [rows, cols] buffer holding `data` rounded to the compute dtype (tests; host-made inputs).
+    fn upload_buf(&self, rows: usize, cols: usize, data: &[f32]) -> Result<Self::Buf>;
     /// Copy a buffer to the host as f32 [rows * cols].
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
 
@@ -104,4 +113,27 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn moe(&self, out: &mut Self::Buf, x: &Self::Buf, moe: &Self::Moe) -> Result<()>;
     /// out[i] = x[rows[i]].
     fn gather_rows(&self, out: &mut Self::Buf, x: &Self::Buf, rows: &[u32]) -> Result<()>;
+
+    /// Greedy choice per row of `logits` [R, V]: the index of the largest value, NaN counting as
+    /// -inf and ties going to the lowest index (as the sampler's greedy mode). A GPU backend does
+    /// this on the device and copies back R ids instead of R × V logits.
+    /// `rows` is R (the caller's scratch knows it); only the first `limit` columns compete (ids past
+    /// the tokenizer's vocabulary are padding).
+    fn argmax_rows(&self, logits: &Self::Buf, rows: usize, limit: usize) -> Result<Vec<u32>> {
+        let values = self.download(logits)?;
+        let cols = values.len().checked_div(rows).unwrap_or(0);
+        Ok(values.chunks(cols.max(1)).take(rows).map(|row| argmax(&row[..limit.min(row.len())])).collect())
+    }
+}
+
+/// Index of the largest value; NaN counts as -inf, ties go to the lowest index.
+pub fn argmax(values: &[f32]) -> u32 {
+    let mut best = (f32::NEG_INFINITY, 0usize);
+    for (i, &v) in values.iter().enumerate() {
+        let v = if v.is_nan() { f32::NEG_INFINITY } else { v };
+        if v > best.0 {
+            best = (v, i);
+        }
+    }
+    best.1 as u32
 }

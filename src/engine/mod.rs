@@ -360,15 +360,28 @@ impl<B: Backend> Engine<B> {
             return Ok(());
         }
         // 4. Choose one token for each sequence that produced logits; check its stop conditions.
-        let logits = self.model.backend.download(&s.logits)?;
+        //    When every one is plain greedy (no penalties, no logprobs, nothing forced) the backend
+        //    picks the argmax itself and only R ids come back, not R × V logits.
         let vocab = self.model.config.vocab_size;
         // Ids past the tokenizer's vocabulary are padding rows of the embedding: never sampled.
         let usable = self.tokenizer.as_ref().map_or(vocab, |t| t.vocab_size().min(vocab));
+        let all_greedy = sampling.iter().all(|&i| seqs[i].request.sampling.is_plain_greedy() && seqs[i].forced.is_empty());
+        let (logits, greedy) = if all_greedy {
+            (vec![], self.model.backend.argmax_rows(&s.logits, logit_rows.len(), usable)?)
+        } else {
+            (self.model.backend.download(&s.logits)?, vec![])
+        };
         let mut deltas = vec![];
         for (r, &i) in sampling.iter().enumerate() {
             let seq = &mut seqs[i];
             let token = match seq.forced.pop_front() {
                 Some(t) => t,
+                None if all_greedy => {
+                    if seq.in_thinking() {
+                        seq.thought += 1;
+                    }
+                    greedy[r]
+                }
                 None => {
                     let sampled = seq.sampler.sample(&logits[r * vocab..r * vocab + usable], &seq.generated)?;
                     if seq.request.sampling.logprobs > 0 {
@@ -421,8 +434,11 @@ impl<B: Backend> Engine<B> {
 }
 
 /// The backend an engine runs on, chosen at load time: the only place that names backends.
+#[allow(clippy::large_enum_variant)] // one per loaded model
 pub enum AnyEngine {
     Cpu(Engine<crate::backend::cpu::CpuBackend>),
+    /// Never built without the `cuda` feature (its backend type is then uninhabited).
+    Cuda(Engine<crate::backend::cuda::CudaBackend>),
 }
 
 /// Run `$body` with `$e` bound to the engine of whichever backend this is.
@@ -430,6 +446,7 @@ macro_rules! with_engine {
     ($any:expr, $e:ident => $body:expr) => {
         match $any {
             AnyEngine::Cpu($e) => $body,
+            AnyEngine::Cuda($e) => $body,
         }
     };
 }

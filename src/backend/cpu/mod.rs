@@ -218,6 +218,13 @@ impl Backend for CpuBackend {
         Ok(CpuKv { k: KvData::new(self.dtype), v: KvData::new(self.dtype), n_blocks, block_size, kv_dim })
     }
 
+    fn upload_buf(&self, rows: usize, cols: usize, data: &[f32]) -> Result<CpuBuf> {
+        ensure!(data.len() == rows * cols, InvalidArgument, "upload_buf: {} values for a [{rows}, {cols}] buffer", data.len());
+        let mut buf = CpuBuf { data: data.to_vec(), rows, cols };
+        self.round(&mut buf.data);
+        Ok(buf)
+    }
+
     fn download(&self, buf: &CpuBuf) -> Result<Vec<f32>> {
         Ok(buf.data.clone())
     }
