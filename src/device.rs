@@ -1,6 +1,7 @@
 //! Device selection: parse "auto" | "cpu" | "cuda" | "cuda:N" and build the engine on that backend.
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::tp::TensorParallel;
 use crate::backend::cuda::{self, CudaBackend};
 use crate::config::Qwen3Config;
 use crate::engine::{AnyEngine, Engine};
@@ -55,6 +56,9 @@ pub struct LoadOptions {
     pub max_seq_len: Option<usize>,
     /// Sequences the KV cache can hold at once.
     pub max_batch: usize,
+    /// Devices one model is split over (tensor parallelism); 1 = one device. On the CPU, N ranks in
+    /// one process stand in for N GPUs (to check the sharding; it is not faster).
+    pub tensor_parallel: usize,
 }
 
 /// Build an engine for `config` with weights from `src` on the requested device.
@@ -64,10 +68,21 @@ pub fn load_engine(config: Qwen3Config, src: &dyn TensorSource, tokenizer: Optio
     let max_seq_len = opts.max_seq_len.unwrap_or(config.max_position_embeddings.min(32768));
     crate::ensure!(max_seq_len >= 1, InvalidArgument, "max_seq_len must be >= 1, got {max_seq_len}");
     crate::ensure!(opts.max_batch >= 1, InvalidArgument, "max_batch must be >= 1");
+    let tp = opts.tensor_parallel;
+    crate::ensure!(tp >= 1, InvalidArgument, "tensor_parallel must be >= 1, got {tp}");
     match opts.device {
+        Device::Cpu if tp > 1 => {
+            let ranks = (0..tp).map(|_| CpuBackend::new(dtype)).collect();
+            let backend = TensorParallel::new(ranks, &config)?;
+            let model = Model::load(backend, config, src, max_seq_len, progress)?;
+            Ok(AnyEngine::CpuTp(Engine::new(model, tokenizer, opts.max_batch)?))
+        }
         Device::Cpu => {
             let model = Model::load(CpuBackend::new(dtype), config, src, max_seq_len, progress)?;
             Ok(AnyEngine::Cpu(Engine::new(model, tokenizer, opts.max_batch)?))
+        }
+        Device::Cuda(_) if tp > 1 => {
+            crate::bail!(Device, "tensor_parallel={tp} on CUDA needs the NCCL group, which this build does not have yet")
         }
         Device::Cuda(n) => {
             let backend = CudaBackend::new(n, dtype)?;

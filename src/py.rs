@@ -195,12 +195,13 @@ impl PyModel {
     }
 }
 
-fn load_options(device: &str, dtype: &str, max_seq_len: Option<usize>, max_batch: usize) -> Result<LoadOptions> {
+fn load_options(device: &str, dtype: &str, max_seq_len: Option<usize>, max_batch: usize, tensor_parallel: usize) -> Result<LoadOptions> {
     Ok(LoadOptions {
         device: Device::parse(device)?,
         dtype: if dtype == "auto" { None } else { Some(DType::parse(dtype)?) },
         max_seq_len,
         max_batch,
+        tensor_parallel,
     })
 }
 
@@ -236,10 +237,11 @@ fn build(py: Python<'_>, config_json: String, src: impl TensorSource + Send, opt
 
 /// Load a Hugging Face checkpoint folder (config.json + safetensors [+ tokenizer files]).
 #[pyfunction]
-#[pyo3(signature = (path, device="cpu", dtype="auto", max_seq_len=None, max_batch=8, progress=None))]
+#[pyo3(signature = (path, device="cpu", dtype="auto", max_seq_len=None, max_batch=8, tensor_parallel=1, progress=None))]
+#[allow(clippy::too_many_arguments)]
 fn load_checkpoint(py: Python<'_>, path: PathBuf, device: &str, dtype: &str, max_seq_len: Option<usize>, max_batch: usize,
-    progress: Option<Py<PyAny>>) -> PyResult<PyModel> {
-    let opts = load_options(device, dtype, max_seq_len, max_batch).map_err(to_py)?;
+    tensor_parallel: usize, progress: Option<Py<PyAny>>) -> PyResult<PyModel> {
+    let opts = load_options(device, dtype, max_seq_len, max_batch, tensor_parallel).map_err(to_py)?;
     if !path.is_dir() {
         return Err(to_py(Error::NotFound { path, what: "checkpoint folder".into() }));
     }
@@ -256,11 +258,12 @@ fn load_checkpoint(py: Python<'_>, path: PathBuf, device: &str, dtype: &str, max
 
 /// Random weights of the shapes `config_json` describes; tokenizer files from `tokenizer_dir`.
 #[pyfunction]
-#[pyo3(signature = (config_json, device="cpu", dtype="auto", max_seq_len=None, max_batch=8, seed=0, tokenizer_dir=None, progress=None))]
+#[pyo3(signature = (config_json, device="cpu", dtype="auto", max_seq_len=None, max_batch=8, seed=0, tokenizer_dir=None,
+    tensor_parallel=1, progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn load_dummy(py: Python<'_>, config_json: String, device: &str, dtype: &str, max_seq_len: Option<usize>, max_batch: usize,
-    seed: u64, tokenizer_dir: Option<PathBuf>, progress: Option<Py<PyAny>>) -> PyResult<PyModel> {
-    let opts = load_options(device, dtype, max_seq_len, max_batch).map_err(to_py)?;
+    seed: u64, tokenizer_dir: Option<PathBuf>, tensor_parallel: usize, progress: Option<Py<PyAny>>) -> PyResult<PyModel> {
+    let opts = load_options(device, dtype, max_seq_len, max_batch, tensor_parallel).map_err(to_py)?;
     build(py, config_json, DummyWeights { seed }, opts, tokenizer_dir, progress)
 }
 

@@ -84,6 +84,7 @@ def load(
     seed: int = 0,
     progress: bool = True,
     max_batch: int = 8,
+    tensor_parallel: int = 1,
 ) -> "Model":
     """Load a Qwen3 / Qwen3-MoE model.
 
@@ -93,7 +94,10 @@ def load(
     device: "auto" | "cpu" | "cuda" | "cuda:N". dtype: "auto" (as stored) | "bfloat16" | "float16" | "float32".
     max_seq_len: KV-cache capacity per sequence (default min(max_position_embeddings, 32768)).
     max_batch: sequences generated at once (KV-cache blocks are committed lazily on the CPU).
-    progress: a progress bar on stderr while loading (when stderr is a terminal)."""
+    progress: a progress bar on stderr while loading (when stderr is a terminal).
+    tensor_parallel: split the model over this many devices (cuda:0..N-1): attention by heads, MLPs and
+    every expert by columns, partial sums all-reduced with NCCL. With device="cpu", N ranks in one
+    process stand in for the GPUs (to check the sharding; not faster)."""
     if not isinstance(device, str):
         raise InvalidArgumentError(f"device must be a string, got {device!r}")
     if not isinstance(dtype, str):
@@ -102,6 +106,8 @@ def load(
         raise InvalidArgumentError(f"max_seq_len must be a positive int or None, got {max_seq_len!r}")
     if not isinstance(max_batch, int) or max_batch < 1:
         raise InvalidArgumentError(f"max_batch must be a positive int, got {max_batch!r}")
+    if not isinstance(tensor_parallel, int) or isinstance(tensor_parallel, bool) or tensor_parallel < 1:
+        raise InvalidArgumentError(f"tensor_parallel must be a positive int, got {tensor_parallel!r}")
     text = os.fspath(path) if isinstance(path, os.PathLike) else path
     if not isinstance(text, str):
         raise InvalidArgumentError(f"path must be a string or os.PathLike, got {path!r}")
@@ -117,11 +123,12 @@ def load(
                 f"unknown dummy model {name!r}: choose one of {', '.join(dummy_names())}, or give a config.json path")
         folder = BUNDLED_TOKENIZER_DIR
         native = _native.load_dummy(config_file.read_text(), device=device, dtype=dtype, max_seq_len=max_seq_len,
-                                    max_batch=max_batch, seed=seed, tokenizer_dir=str(folder), progress=bar)
+                                    max_batch=max_batch, seed=seed, tokenizer_dir=str(folder),
+                                    tensor_parallel=tensor_parallel, progress=bar)
     else:
         folder = _resolve_path(text)
         native = _native.load_checkpoint(str(folder), device=device, dtype=dtype, max_seq_len=max_seq_len,
-                                         max_batch=max_batch, progress=bar)
+                                         max_batch=max_batch, tensor_parallel=tensor_parallel, progress=bar)
     return Model(native, _read_generation_config(folder), text)
 
 

@@ -5,6 +5,7 @@
 //! so no code outside this folder needs a `#[cfg]`.
 
 pub mod cpu;
+pub mod tp;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(not(feature = "cuda"))]
@@ -61,6 +62,20 @@ pub struct MoeHost {
     pub norm_topk_prob: bool,
 }
 
+/// How tensor parallelism (`backend::tp`) splits a weight or activation across devices; single-device
+/// backends ignore it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    /// The same on every device (embeddings, norms, the residual stream).
+    Replicated,
+    /// Output features split: query heads, MLP intermediate columns, lm_head vocabulary rows.
+    Columns,
+    /// Key/value heads split (each replicated on several devices when there are fewer than devices).
+    KvHeads,
+    /// Input features split (o_proj, down_proj): each device's product is a partial sum, all-reduced.
+    Rows,
+}
+
 pub trait Backend: Send + Sync + Sized + 'static {
     /// An activation buffer: [rows, cols] row-major in the compute dtype.
     type Buf: Send;
@@ -83,6 +98,14 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn upload_moe(&self, moe: MoeHost) -> Result<Self::Moe>;
     /// A zeroed [rows, cols] buffer.
     fn alloc(&self, rows: usize, cols: usize) -> Result<Self::Buf>;
+    /// A weight tensor parallelism splits as `split` (single-device backends take it whole).
+    fn upload_split(&self, tensor: HostTensor, _split: Split) -> Result<Self::Weight> {
+        self.upload(tensor)
+    }
+    /// A buffer tensor parallelism splits as `split` (single-device backends allocate it whole).
+    fn alloc_split(&self, rows: usize, cols: usize, _split: Split) -> Result<Self::Buf> {
+        self.alloc(rows, cols)
+    }
     /// A KV-cache layer with room for `n_blocks` blocks (storage may be committed lazily).
     fn alloc_kv(&self, n_blocks: usize, block_size: usize, kv_dim: usize) -> Result<Self::KvLayer>;
     /// A [rows, cols] buffer holding `data` rounded to the compute dtype (tests; host-made inputs).

@@ -437,6 +437,8 @@ impl<B: Backend> Engine<B> {
 #[allow(clippy::large_enum_variant)] // one per loaded model
 pub enum AnyEngine {
     Cpu(Engine<crate::backend::cpu::CpuBackend>),
+    /// CPU ranks standing in for GPUs: checks the tensor-parallel sharding.
+    CpuTp(Engine<crate::backend::tp::TensorParallel<crate::backend::cpu::CpuBackend>>),
     /// Never built without the `cuda` feature (its backend type is then uninhabited).
     Cuda(Engine<crate::backend::cuda::CudaBackend>),
 }
@@ -446,6 +448,7 @@ macro_rules! with_engine {
     ($any:expr, $e:ident => $body:expr) => {
         match $any {
             AnyEngine::Cpu($e) => $body,
+            AnyEngine::CpuTp($e) => $body,
             AnyEngine::Cuda($e) => $body,
         }
     };

@@ -405,3 +405,27 @@ impl Backend for CpuBackend {
         Ok(())
     }
 }
+
+/// CPU ranks of a tensor-parallel group live in one process: the all-reduce is a plain sum (in rank
+/// order, rounded to the compute dtype like a reduction in that dtype). A stand-in that tests the
+/// sharding logic without GPUs.
+impl super::tp::Collective for CpuBackend {
+    type Group = ();
+
+    fn group(_ranks: &[Self]) -> Result<()> {
+        Ok(())
+    }
+
+    fn all_reduce_sum(_group: &(), ranks: &[Self], bufs: &mut [CpuBuf]) -> Result<()> {
+        let Some((first, rest)) = bufs.split_first_mut() else { return Ok(()) };
+        for b in rest.iter() {
+            ensure!(b.data.len() == first.data.len(), InvalidArgument, "all_reduce: ranks hold buffers of different sizes");
+            first.data.iter_mut().zip(&b.data).for_each(|(s, x)| *s += x);
+        }
+        ranks[0].round(&mut first.data);
+        for b in rest.iter_mut() {
+            b.data.copy_from_slice(&first.data);
+        }
+        Ok(())
+    }
+}
