@@ -10,6 +10,9 @@ OUT=${OUT:-/tmp/qwen3rs-gpu-out}
 mkdir -p "$OUT"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export QWEN3RS_CACHE_DIR=/tmp/qwen3rs-cache
+# NCCL for the tensor-parallel test binary: the image has it in PyTorch's pip packages.
+NCCL_LIB=$(python3 -c "import glob, site, os; c = [p for d in site.getsitepackages() for p in glob.glob(os.path.join(d, 'nvidia/nccl/lib/libnccl.so*'))]; print(os.path.dirname(c[0]) if c else '')" 2>/dev/null)
+[ -n "$NCCL_LIB" ] && export LD_LIBRARY_PATH="$NCCL_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 rm -rf "$QWEN3RS_CACHE_DIR" /tmp/q
 declare -a SUMMARY
 
@@ -35,7 +38,7 @@ PY
   SUMMARY+=("process start ($run kernel cache)|$(tail -1 "$OUT/start_$run.txt") s")
 done
 
-for bin in cuda_compile cuda_ops; do
+for bin in cuda_compile cuda_ops cuda_tp; do
   if [ -x ".gpu/$bin" ]; then
     ".gpu/$bin" --test-threads=1 --nocapture > "$OUT/$bin.log" 2>&1
     rc=$?

@@ -81,8 +81,12 @@ pub fn load_engine(config: Qwen3Config, src: &dyn TensorSource, tokenizer: Optio
             let model = Model::load(CpuBackend::new(dtype), config, src, max_seq_len, progress)?;
             Ok(AnyEngine::Cpu(Engine::new(model, tokenizer, opts.max_batch)?))
         }
-        Device::Cuda(_) if tp > 1 => {
-            crate::bail!(Device, "tensor_parallel={tp} on CUDA needs the NCCL group, which this build does not have yet")
+        Device::Cuda(first) if tp > 1 => {
+            // One process drives GPUs first..first+tp, as vLLM's single-node tensor parallelism does.
+            let ranks = (first..first + tp).map(|n| CudaBackend::new(n, dtype)).collect::<Result<Vec<_>>>()?;
+            let backend = TensorParallel::new(ranks, &config)?;
+            let model = Model::load(backend, config, src, max_seq_len, progress)?;
+            Ok(AnyEngine::CudaTp(Engine::new(model, tokenizer, opts.max_batch)?))
         }
         Device::Cuda(n) => {
             let backend = CudaBackend::new(n, dtype)?;

@@ -37,7 +37,7 @@ def _register_pip_cuda() -> None:
         base = os.path.join(root or ".", "nvidia")
         if not os.path.isdir(base):
             continue
-        for sub in ("cu13", "cublas", "cuda_nvrtc", "cuda_runtime"):
+        for sub in ("cu13", "cublas", "cuda_nvrtc", "cuda_runtime", "nccl"):
             if os.path.isdir(os.path.join(base, sub, "lib")):
                 libs.append(os.path.join(base, sub, "lib"))
             if os.path.isdir(os.path.join(base, sub, "include")):

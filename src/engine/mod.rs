@@ -441,6 +441,8 @@ pub enum AnyEngine {
     CpuTp(Engine<crate::backend::tp::TensorParallel<crate::backend::cpu::CpuBackend>>),
     /// Never built without the `cuda` feature (its backend type is then uninhabited).
     Cuda(Engine<crate::backend::cuda::CudaBackend>),
+    /// Several GPUs of one host, NCCL between them.
+    CudaTp(Engine<crate::backend::tp::TensorParallel<crate::backend::cuda::CudaBackend>>),
 }
 
 /// Run `$body` with `$e` bound to the engine of whichever backend this is.
@@ -450,6 +452,7 @@ macro_rules! with_engine {
             AnyEngine::Cpu($e) => $body,
             AnyEngine::CpuTp($e) => $body,
             AnyEngine::Cuda($e) => $body,
+            AnyEngine::CudaTp($e) => $body,
         }
     };
 }

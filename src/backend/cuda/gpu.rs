@@ -159,6 +159,11 @@ impl Gpu {
         })
     }
 
+    /// The stream every launch, copy and cuBLAS call of this GPU is ordered on.
+    pub fn stream(&self) -> sys::CUstream {
+        self.h.stream
+    }
+
     pub fn bind(&self) -> Result<()> {
         self.ctx.bind_to_thread().map_err(|e| drv_err("binding the CUDA context", e))
     }

@@ -123,6 +123,23 @@ fn find_nvrtc() -> Result<String> {
     Ok(nvrtc)
 }
 
+/// NCCL (tensor parallelism only), loaded once; the path it was found at.
+pub fn find_nccl() -> Result<(String, &'static Library)> {
+    static NCCL: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    let path = NCCL
+        .get_or_init(|| {
+            load_one(&["libnccl.so.2", "libnccl.so"]).ok_or_else(|| {
+                "NCCL (libnccl.so.2) not found: tensor_parallel on CUDA needs it; `pip install nvidia-nccl-cu13` or put it on LD_LIBRARY_PATH".to_string()
+            })
+        })
+        .clone()
+        .map_err(Error::Device)?;
+    static LIB: OnceLock<std::result::Result<Library, String>> = OnceLock::new();
+    // SAFETY: the library was just loaded successfully from this path; loading it again only adds a reference.
+    let lib = LIB.get_or_init(|| unsafe { Library::new(&path) }.map_err(|e| e.to_string())).as_ref().map_err(|e| Error::Device(e.clone()))?;
+    Ok((path, lib))
+}
+
 /// Only NVRTC (for compiling kernels on a machine without a GPU).
 pub fn ensure_nvrtc() -> Result<String> {
     static NVRTC: OnceLock<std::result::Result<String, String>> = OnceLock::new();

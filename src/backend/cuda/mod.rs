@@ -14,6 +14,7 @@
 pub mod compile;
 mod gpu;
 pub mod libs;
+mod nccl;
 
 use super::{AttnShape, Backend, BatchInfo, MoeHost};
 use crate::error::{Error, Result};
@@ -55,11 +56,23 @@ pub fn compile_kernels(arch: (i32, i32)) -> Result<Vec<String>> {
 
 pub use libs::add_search_dirs;
 
+/// How many CUDA GPUs the driver sees.
+pub fn device_count() -> Result<usize> {
+    gpu::device_count()
+}
+
 /// [rows, cols] row-major in the compute dtype, on the device.
 pub struct CudaBuf {
     mem: DevMem,
     pub rows: usize,
     pub cols: usize,
+}
+
+impl CudaBuf {
+    /// The device address of the first element.
+    pub(crate) fn device_ptr(&self) -> u64 {
+        self.mem.ptr
+    }
 }
 
 /// A weight on the device: the compute dtype, except `upload_exact` tables (f32 RoPE).
@@ -159,6 +172,21 @@ impl CudaBackend {
         })?;
         let slots = |n| (0..n).map(|_| Slot::default()).collect::<Vec<_>>();
         Ok(CudaBackend { gpu, ordinal, meta: Mutex::new(slots(N_META)), scratch: Mutex::new(slots(N_SCRATCH)) })
+    }
+
+    /// The device index this backend runs on.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// Bind this backend's context to the calling thread.
+    pub(crate) fn bind(&self) -> Result<()> {
+        self.gpu.bind()
+    }
+
+    /// The raw stream all of this backend's work is ordered on (for NCCL).
+    pub(crate) fn stream_handle(&self) -> *mut std::ffi::c_void {
+        self.gpu.stream() as *mut std::ffi::c_void
     }
 
     /// The GPU's name and compute capability, e.g. "NVIDIA H200 (sm_90)".
