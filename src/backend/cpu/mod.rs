@@ -89,6 +89,8 @@ fn matmul_typed<W: Elem>(out: &mut [f32], x: &[f32], w: &[W], t: usize, n: usize
     const COLS_PER_TASK: usize = 16;
     let out_ptr = SharedMut(out.as_mut_ptr());
     (0..n.div_ceil(COLS_PER_TASK)).into_par_iter().for_each(|b| {
+        // Capture the Sync wrapper whole (a closure would otherwise capture its raw-pointer field).
+        #[allow(clippy::redundant_locals)]
         let out_ptr = out_ptr;
         for j in b * COLS_PER_TASK..n.min((b + 1) * COLS_PER_TASK) {
             let w_row = &w[j * k..(j + 1) * k];
