@@ -13,7 +13,8 @@
 
 use qwen3rs::backend::cpu::CpuBackend;
 use qwen3rs::backend::cuda::{self, CudaBackend};
-use qwen3rs::backend::{AttnShape, Backend, BatchInfo, MoeHost, SeqSlot};
+use qwen3rs::backend::{AttnShape, Backend, BatchInfo, MoeDummy, MoeHost, SeqSlot};
+use qwen3rs::model::dummy::DummySpec;
 use qwen3rs::tensor::{DType, HostTensor};
 use qwen3rs::Error;
 
@@ -311,6 +312,51 @@ fn moe_routing_and_experts() {
                 let x = r.uniform(t * h, 1.0);
                 check(&format!("moe E={e} k={k} T={t} norm={norm}"), dtype, &run_moe(&g, &x, t, &moe), &run_moe(&c, &x, t, &moe), bar);
             }
+        }
+    }
+}
+
+#[test]
+fn dummy_weights_drawn_on_device_equal_the_host() {
+    // The device's splitmix64 chains must give the host's values exactly (both round to bf16 at
+    // the same point); shapes: a norm vector, odd sizes, several chunks with a short last one.
+    for dtype in DTYPES {
+        let Some(g) = gpu(dtype) else { return };
+        let c = CpuBackend::new(dtype);
+        for (i, shape) in [vec![1024usize], vec![33, 77], vec![3, 70_001], vec![128, 1111]].into_iter().enumerate() {
+            let spec = DummySpec::new(42 + i as u64, &format!("t{i}"), &shape);
+            let n: usize = shape.iter().product();
+            // Read back through an embedding of every row (a vector as one row: same values,
+            // which depend only on the spec and the element index).
+            let (rows, cols) = if shape.len() == 1 { (1, n) } else { (shape[0], shape[1]) };
+            let ids: Vec<u32> = (0..rows as u32).collect();
+            let (gw, cw) = (g.dummy_weight(&spec, &[rows, cols]).unwrap(), c.dummy_weight(&spec, &[rows, cols]).unwrap());
+            let (mut go, mut co) = (g.alloc(rows, cols).unwrap(), c.alloc(rows, cols).unwrap());
+            g.embed(&mut go, &gw, &ids).unwrap();
+            c.embed(&mut co, &cw, &ids).unwrap();
+            let (gv, cv) = (g.download(&go).unwrap(), c.download(&co).unwrap());
+            let diff = gv.iter().zip(&cv).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            eprintln!("dummy_weight {shape:?} {}: {diff} of {n} differ", dtype.name());
+            assert_eq!(diff, 0, "device dummy weights differ from the host's");
+        }
+        // A dummy MoE layer drawn on the device computes what the host-built one does.
+        let (_, bar) = bars(dtype);
+        let (e, k, h, inter) = (16usize, 4usize, 96usize, 40usize);
+        let spec = |name: &str, shape: &[usize]| DummySpec::new(5, name, shape);
+        let make = || MoeDummy {
+            router: spec("router", &[e, h]),
+            experts: (0..e).map(|x| [spec(&format!("g{x}"), &[inter, h]), spec(&format!("u{x}"), &[inter, h]), spec(&format!("d{x}"), &[h, inter])]).collect(),
+            hidden: h, inter, top_k: k, norm_topk_prob: true,
+        };
+        let (gm, cm) = (g.dummy_moe(make()).unwrap(), c.dummy_moe(make()).unwrap());
+        let mut r = Rng(11);
+        for t in [1usize, 9] {
+            let x = r.uniform(t * h, 1.0);
+            let (gx, cx) = (g.upload_buf(t, h, &x).unwrap(), c.upload_buf(t, h, &x).unwrap());
+            let (mut go, mut co) = (g.alloc(t, h).unwrap(), c.alloc(t, h).unwrap());
+            g.moe(&mut go, &gx, &gm).unwrap();
+            c.moe(&mut co, &cx, &cm).unwrap();
+            check(&format!("dummy moe E={e} k={k} T={t}"), dtype, &g.download(&go).unwrap(), &c.download(&co).unwrap(), bar);
         }
     }
 }

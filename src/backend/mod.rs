@@ -12,6 +12,7 @@ pub mod cuda;
 pub mod cuda;
 
 use crate::error::Result;
+use crate::model::dummy::DummySpec;
 use crate::tensor::{DType, HostTensor};
 use std::ops::Range;
 
@@ -61,6 +62,18 @@ pub struct MoeHost {
     pub norm_topk_prob: bool,
 }
 
+/// A sparse MoE layer of dummy weights, described rather than materialised (`Backend::dummy_moe`).
+pub struct MoeDummy {
+    /// [E, H] router.
+    pub router: DummySpec,
+    /// Per expert: gate [I, H], up [I, H], down [H, I].
+    pub experts: Vec<[DummySpec; 3]>,
+    pub hidden: usize,
+    pub inter: usize,
+    pub top_k: usize,
+    pub norm_topk_prob: bool,
+}
+
 pub trait Backend: Send + Sync + Sized + 'static {
     /// An activation buffer: [rows, cols] row-major in the compute dtype.
     type Buf: Send;
@@ -81,6 +94,20 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// A table kept exactly as given (the f32 RoPE table).
     fn upload_exact(&self, tensor: HostTensor) -> Result<Self::Weight>;
     fn upload_moe(&self, moe: MoeHost) -> Result<Self::Moe>;
+    /// A dummy weight of `shape` (see `model::dummy`), equal to `upload(spec.host_tensor(shape))`.
+    /// A GPU backend overrides this to draw the values on the device: no host copy of the model.
+    fn dummy_weight(&self, spec: &DummySpec, shape: &[usize]) -> Result<Self::Weight> {
+        self.upload(spec.host_tensor(shape))
+    }
+    /// A dummy MoE layer, equal to `upload_moe` of the materialised tensors.
+    fn dummy_moe(&self, moe: MoeDummy) -> Result<Self::Moe> {
+        let (h, i) = (moe.hidden, moe.inter);
+        let experts = moe.experts.iter()
+            .map(|[g, u, d]| [g.host_tensor(&[i, h]), u.host_tensor(&[i, h]), d.host_tensor(&[h, i])])
+            .collect();
+        let router = moe.router.host_tensor(&[moe.experts.len(), h]);
+        self.upload_moe(MoeHost { router, experts, top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob })
+    }
     /// A zeroed [rows, cols] buffer.
     fn alloc(&self, rows: usize, cols: usize) -> Result<Self::Buf>;
     /// A KV-cache layer with room for `n_blocks` blocks (storage may be committed lazily).
@@ -113,6 +140,15 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn moe(&self, out: &mut Self::Buf, x: &Self::Buf, moe: &Self::Moe) -> Result<()>;
     /// out[i] = x[rows[i]].
     fn gather_rows(&self, out: &mut Self::Buf, x: &Self::Buf, rows: &[u32]) -> Result<()>;
+
+    /// Run `body`, one decode forward of `rows` rows (one token per sequence) that launches only
+    /// on this backend. A GPU backend may record it once per `rows` as a CUDA graph and replay it
+    /// on later steps (`body` then still runs on the host, for its checks and metadata, but
+    /// launches nothing). The default just runs it.
+    fn decode_step(&self, rows: usize, body: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        let _ = rows;
+        body()
+    }
 
     /// Greedy choice per row of `logits` [R, V]: the index of the largest value, NaN counting as
     /// -inf and ties going to the lowest index (as the sampler's greedy mode). A GPU backend does

@@ -347,8 +347,14 @@ impl<B: Backend> Engine<B> {
         let batch = BatchInfo { tokens: &tokens, positions: &positions, seqs: slots, block_size: BLOCK_SIZE };
         Scratch::fit(&mut self.scratch, &self.model, tokens.len(), logit_rows.len())?;
         let s = self.scratch.as_mut().expect("fitted above");
-        // 3. Forward, then advance every fed sequence.
-        self.model.forward(&batch, &mut self.cache, s, &logit_rows)?;
+        // 3. Forward, then advance every fed sequence. A decode step (one token per sequence) goes
+        //    through `decode_step`, so a GPU backend can replay it as one CUDA graph.
+        if prefilling {
+            self.model.forward(&batch, &mut self.cache, s, &logit_rows)?;
+        } else {
+            let (model, cache) = (&self.model, &mut self.cache);
+            model.backend.decode_step(tokens.len(), &mut || model.forward(&batch, cache, s, &logit_rows))?;
+        }
         for &(i, n) in &chosen {
             let seq = &mut seqs[i];
             seq.cache.len += n;

@@ -6,10 +6,11 @@ pub mod dummy;
 pub mod kv_cache;
 pub mod rope;
 
-use crate::backend::{AttnShape, Backend, BatchInfo, MoeHost};
+use crate::backend::{AttnShape, Backend, BatchInfo, MoeDummy, MoeHost};
 use crate::config::Qwen3Config;
 use crate::error::Result;
 use crate::weights::TensorSource;
+use dummy::DummySpec;
 use kv_cache::KvCache;
 
 enum Ffn<B: Backend> {
@@ -109,14 +110,32 @@ impl<B: Backend> Model<B> {
         crate::ensure!(max_seq_len > 0, InvalidArgument, "max_seq_len must be > 0");
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
-        let w = |name: &str, shape: &[usize]| -> Result<B::Weight> { backend.upload(src.tensor(name, shape)?) };
+        // Dummy weights are drawn by the backend itself (on the device for CUDA), same values.
+        let dummy = src.dummy_seed();
+        let w = |name: &str, shape: &[usize]| -> Result<B::Weight> {
+            match dummy {
+                Some(seed) => backend.dummy_weight(&DummySpec::new(seed, name, shape), shape),
+                None => backend.upload(src.tensor(name, shape)?),
+            }
+        };
         let total = c.num_hidden_layers + 2;
         let embed = w("model.embed_tokens.weight", &[c.vocab_size, h])?;
         progress(1, total);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let ln = |rest: &str| layer_name(i, rest);
-            let ffn = if c.is_moe_layer(i) {
+            let ffn = if let (true, Some(seed)) = (c.is_moe_layer(i), dummy) {
+                let (e, mi) = (c.num_experts, c.moe_intermediate_size);
+                let spec = |p: &str, shape: &[usize]| DummySpec::new(seed, &ln(p), shape);
+                let experts = (0..e)
+                    .map(|x| {
+                        let en = |p: &str| format!("mlp.experts.{x}.{p}_proj.weight");
+                        [spec(&en("gate"), &[mi, h]), spec(&en("up"), &[mi, h]), spec(&en("down"), &[h, mi])]
+                    })
+                    .collect();
+                Ffn::Moe(backend.dummy_moe(MoeDummy { router: spec("mlp.gate.weight", &[e, h]), experts, hidden: h, inter: mi,
+                    top_k: c.num_experts_per_tok, norm_topk_prob: c.norm_topk_prob })?)
+            } else if c.is_moe_layer(i) {
                 let (e, mi) = (c.num_experts, c.moe_intermediate_size);
                 let experts = (0..e)
                     .map(|x| {

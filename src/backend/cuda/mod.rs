@@ -19,8 +19,11 @@ use super::{AttnShape, Backend, BatchInfo, MoeHost};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostTensor};
 use crate::{bail, ensure};
-use gpu::{args, DevMem, Gpu};
+use crate::model::dummy::{DummySpec, DUMMY_CHUNK};
+use super::MoeDummy;
+use gpu::{args, DevMem, Gpu, Graph, Mode, PinnedMem};
 use half::{bf16, f16};
+use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
 /// Rows up to which matmul uses the GEMV kernel rather than cuBLAS (must match matmul.cu).
@@ -128,6 +131,26 @@ const N_SCRATCH: usize = 13;
 struct Slot {
     mem: Option<DevMem>,
     host: Vec<u8>,
+    /// Graph modes: the staging copy the graph's copy node reads (as large as `mem`).
+    pinned: Option<PinnedMem>,
+    /// Graph modes: bytes written in the current forward (None: not yet written in it).
+    written: Option<usize>,
+}
+
+/// Chunks per block of `dummy_fill` (must match DF_THREADS in elementwise.cu).
+const DUMMY_THREADS: usize = 128;
+/// Least capacity of the block-table slot under graphs: 1024 blocks (16k tokens at block size 16)
+/// before it has to grow (which drops the graph once).
+const GRAPH_TABLES_MIN_BYTES: usize = 4096;
+
+/// What `decode_step` knows about one batch size.
+enum GraphState {
+    /// Ran eagerly once: capture on the next step.
+    Warm,
+    /// Captured: the graph and the hash of its launches.
+    Ready(Graph, u64),
+    /// Capture failed: always eager.
+    Never,
 }
 
 pub struct CudaBackend {
@@ -135,6 +158,15 @@ pub struct CudaBackend {
     ordinal: usize,
     meta: Mutex<Vec<Slot>>,
     scratch: Mutex<Vec<Slot>>,
+    /// Decode graphs by batch size (None: graphs off).
+    graphs: Option<Mutex<HashMap<usize, GraphState>>>,
+    /// Set when a graph-mode forward did something a graph can't replay.
+    graph_bad: std::sync::atomic::AtomicBool,
+}
+
+/// Whether decode steps use CUDA graphs: on unless `QWEN3RS_CUDA_GRAPHS` is 0/false/off.
+pub fn graphs_enabled() -> bool {
+    !matches!(std::env::var("QWEN3RS_CUDA_GRAPHS").as_deref().map(str::trim), Ok("0" | "false" | "off" | "no"))
 }
 
 fn check_shape(name: &str, got: (usize, usize), want: (usize, usize)) -> Result<()> {
@@ -158,7 +190,9 @@ impl CudaBackend {
             other => other,
         })?;
         let slots = |n| (0..n).map(|_| Slot::default()).collect::<Vec<_>>();
-        Ok(CudaBackend { gpu, ordinal, meta: Mutex::new(slots(N_META)), scratch: Mutex::new(slots(N_SCRATCH)) })
+        let graphs = graphs_enabled().then(|| Mutex::new(HashMap::new()));
+        Ok(CudaBackend { gpu, ordinal, meta: Mutex::new(slots(N_META)), scratch: Mutex::new(slots(N_SCRATCH)), graphs,
+            graph_bad: Default::default() })
     }
 
     /// The GPU's name and compute capability, e.g. "NVIDIA H200 (sm_90)".
@@ -181,8 +215,17 @@ impl CudaBackend {
         Ok(slot.mem.as_ref().map_or(0, |m| m.ptr))
     }
 
+    /// Whether decode steps of this backend use CUDA graphs.
+    pub fn uses_graphs(&self) -> bool {
+        self.graphs.is_some()
+    }
+
     /// Device copy of metadata `bytes` (re-uploaded only when it changed).
     fn meta(&self, kind: Meta, bytes: &[u8]) -> Result<u64> {
+        let mode = self.gpu.note(|h| h)?;
+        if mode != Mode::Eager {
+            return self.meta_graph(kind, bytes, mode);
+        }
         let mut slots = lock(&self.meta)?;
         let slot = &mut slots[kind as usize];
         if slot.mem.is_some() && slot.host == bytes {
@@ -193,6 +236,83 @@ impl CudaBackend {
         slot.host.clear();
         slot.host.extend_from_slice(bytes);
         Ok(ptr)
+    }
+
+    /// `meta` under a graph: the bytes go to the slot's pinned staging buffer, and (Capture) a copy
+    /// node from there to the device slot is recorded. One content per kind per forward (every
+    /// layer's attention shares the batch layout); a second, different one marks the step bad.
+    /// The block-table copy moves the whole slot, so longer tables fit the same graph.
+    fn meta_graph(&self, kind: Meta, bytes: &[u8], mode: Mode) -> Result<u64> {
+        let mut slots = lock(&self.meta)?;
+        let slot = &mut slots[kind as usize];
+        if let (Some(n), Some(pinned), Some(mem)) = (slot.written, slot.pinned.as_ref(), slot.mem.as_ref()) {
+            if pinned.as_slice()[..n.min(pinned.bytes)] != *bytes {
+                self.graph_bad.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            return Ok(mem.ptr);
+        }
+        let tables = matches!(kind, Meta::Tables);
+        let want = if tables { (bytes.len() * 2).max(GRAPH_TABLES_MIN_BYTES) } else { bytes.len() };
+        if slot.pinned.as_ref().is_none_or(|p| p.bytes < bytes.len()) || slot.mem.as_ref().is_none_or(|m| m.bytes < want) {
+            // Growing under a capture would free memory mid-capture: refuse, the caller falls back.
+            if mode == Mode::Capture {
+                self.graph_bad.store(true, std::sync::atomic::Ordering::Relaxed);
+                crate::bail!(Device, "metadata slot grew during a CUDA graph capture");
+            }
+            self.gpu.sync()?; // nothing may still read the old staging buffer
+            slot.pinned = None;
+            let ptr = self.grow(slot, want)?;
+            let cap = slot.mem.as_ref().map_or(0, |m| m.bytes);
+            slot.pinned = Some(self.gpu.alloc_pinned(cap)?);
+            let _ = ptr;
+        }
+        let (pinned, mem) = (slot.pinned.as_mut().expect("allocated above"), slot.mem.as_ref().expect("grown above"));
+        pinned.as_mut_slice()[..bytes.len()].copy_from_slice(bytes);
+        let copy = if tables { pinned.bytes } else { bytes.len() };
+        // The copy node's shape is part of what a replay must match.
+        self.gpu.note(|h| {
+            let mut h = gpu::hash_bytes(h, &[kind as u8]);
+            for v in [mem.ptr, pinned.addr(), copy as u64] {
+                h = gpu::hash_bytes(h, &v.to_le_bytes());
+            }
+            h
+        })?;
+        if mode == Mode::Capture && copy > 0 {
+            self.gpu.copy_from_pinned(mem.ptr, pinned, copy)?;
+        }
+        slot.written = Some(bytes.len());
+        slot.host.clear(); // the eager path's "unchanged" shortcut no longer holds
+        Ok(mem.ptr)
+    }
+
+    /// Forget what graph-mode forwards wrote (before and after each).
+    fn reset_graph_meta(&self) -> Result<()> {
+        for slot in lock(&self.meta)?.iter_mut() {
+            slot.written = None;
+            slot.host.clear();
+        }
+        self.graph_bad.store(false, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Run `body` with launches in `mode`; returns (body's result, launch hash, whether it was bad).
+    fn run_in_mode(&self, mode: Mode, body: &mut dyn FnMut() -> Result<()>) -> Result<(Result<()>, u64, bool)> {
+        self.reset_graph_meta()?;
+        self.gpu.set_mode(mode)?;
+        let r = body();
+        let hash = self.gpu.set_mode(Mode::Eager)?;
+        let bad = self.graph_bad.load(std::sync::atomic::Ordering::Relaxed);
+        self.reset_graph_meta()?;
+        Ok((r, hash, bad))
+    }
+
+    /// Fill `n` elements at device address `out` with dummy tensor values, for `jobs` tensors of `n`
+    /// elements each, laid end to end: job j uses `keys[j]` (a device array) or `key` when `keys` is 0.
+    fn dummy_fill(&self, out: u64, n: usize, spec: &DummySpec, key: u64, keys: u64, jobs: usize) -> Result<()> {
+        let chunks = n.div_ceil(DUMMY_CHUNK);
+        let (n64, c, hw) = (n as u64, spec.center, spec.half_width);
+        self.gpu.launch("elementwise", "dummy_fill", (blocks(chunks, DUMMY_THREADS), jobs as u32, 1), DUMMY_THREADS as u32, 0,
+            args![out, keys, key, n64, c, hw])
     }
 
     /// Device pointers of scratch buffers of the given sizes in bytes.
@@ -316,6 +436,96 @@ impl Backend for CudaBackend {
         }
         let router = self.upload(moe.router)?;
         Ok(CudaMoe { router, gate, up, down, n_experts: e, inter, hidden: h, top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob })
+    }
+
+    fn dummy_weight(&self, spec: &DummySpec, shape: &[usize]) -> Result<CudaWeight> {
+        let n: usize = shape.iter().product();
+        let mem = self.gpu.alloc(n * self.esize())?;
+        self.dummy_fill(mem.ptr, n, spec, spec.stream, 0, 1)?;
+        Ok(CudaWeight { mem, shape: shape.to_vec(), dtype: self.gpu.dtype })
+    }
+
+    fn dummy_moe(&self, moe: MoeDummy) -> Result<CudaMoe> {
+        let (e, h, inter) = (moe.experts.len(), moe.hidden, moe.inter);
+        ensure!(e > 0 && e <= 1024, InvalidArgument, "the CUDA backend routes 1..=1024 experts, got {e}");
+        ensure!(moe.top_k >= 1 && moe.top_k <= e.min(MAX_TOP_K), InvalidArgument, "MoE top_k {} must be in 1..={}", moe.top_k, e.min(MAX_TOP_K));
+        let per = inter * h;
+        let mut out = vec![];
+        // One launch per projection over all experts (grid.y = expert): each launch's chains are as
+        // long as one expert's tensor, so 128 experts cost about what one does.
+        for p in 0..3 {
+            let mem = self.gpu.alloc(e * per * self.esize())?;
+            let keys: Vec<u64> = moe.experts.iter().map(|x| x[p].stream).collect();
+            let keys_d = self.gpu.alloc(e * 8)?;
+            self.gpu.upload(&keys_d, 0, bytemuck::cast_slice(&keys))?;
+            self.dummy_fill(mem.ptr, per, &moe.experts[0][p], 0, keys_d.ptr, e)?;
+            drop(keys_d); // cuMemFree waits for the fill
+            out.push(mem);
+        }
+        let router = self.dummy_weight(&moe.router, &[e, h])?;
+        let [gate, up, down]: [DevMem; 3] = out.try_into().map_err(|_| Error::Device("three projections".into()))?;
+        Ok(CudaMoe { router, gate, up, down, n_experts: e, inter, hidden: h, top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob })
+    }
+
+    fn decode_step(&self, rows: usize, body: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        let Some(graphs) = &self.graphs else { return body() };
+        // Bigger batches use cuBLAS, which is left out of capture.
+        if rows == 0 || rows > GEMV_MAX_ROWS {
+            return body();
+        }
+        let mut graphs = lock(graphs)?;
+        match graphs.remove(&rows) {
+            None => {
+                body()?; // kernels load, scratch and metadata slots reach this shape's sizes
+                graphs.insert(rows, GraphState::Warm);
+                Ok(())
+            }
+            Some(GraphState::Never) => {
+                graphs.insert(rows, GraphState::Never);
+                body()
+            }
+            Some(GraphState::Warm) => {
+                // A dry pass (no launches) grows the metadata slots and fills their staging, so
+                // the capture itself allocates nothing.
+                self.gpu.sync()?;
+                let (r, _, bad) = self.run_in_mode(Mode::Replay, body)?;
+                r?;
+                if bad {
+                    graphs.insert(rows, GraphState::Never);
+                    return body();
+                }
+                self.gpu.begin_capture()?;
+                let (r, hash, bad) = self.run_in_mode(Mode::Capture, body)?;
+                let graph = self.gpu.end_capture();
+                match (r, graph) {
+                    (Ok(()), Ok(graph)) if !bad => {
+                        self.gpu.launch_graph(&graph)?;
+                        graphs.insert(rows, GraphState::Ready(graph, hash));
+                        Ok(())
+                    }
+                    _ => {
+                        // Nothing of the step ran (a capture launches nothing): run it eagerly.
+                        graphs.insert(rows, GraphState::Never);
+                        body()
+                    }
+                }
+            }
+            Some(GraphState::Ready(graph, hash)) => {
+                // The previous replay must be done before its staging buffers are rewritten.
+                self.gpu.sync()?;
+                let (r, got, bad) = self.run_in_mode(Mode::Replay, body)?;
+                r?;
+                if bad || got != hash {
+                    // Something moved (scratch reallocated, a slot grew): recapture next step.
+                    drop(graph);
+                    graphs.insert(rows, GraphState::Warm);
+                    return body();
+                }
+                self.gpu.launch_graph(&graph)?;
+                graphs.insert(rows, GraphState::Ready(graph, hash));
+                Ok(())
+            }
+        }
     }
 
     fn alloc(&self, rows: usize, cols: usize) -> Result<CudaBuf> {
