@@ -229,7 +229,9 @@ fn matmul_gemv_and_cublas() {
         let (_, bar) = bars(dtype);
         let mut r = Rng(3);
         // T <= 8 takes the GEMV kernel (16-byte loads when K allows, else element loads), T > 8 cuBLAS.
-        for (n, k) in [(72usize, 64usize), (100, 37), (256, 1024), (1000, 2048)] {
+        // gemv_wide's warps per row go from 8 (few rows) to 1 (many), with a partial last unrolled
+        // step and a partial last block: (3, 4096), (1000, 2048), (5003, 1032), (8200, 256).
+        for (n, k) in [(72usize, 64usize), (100, 37), (256, 1024), (1000, 2048), (3, 4096), (5003, 1032), (8200, 256)] {
             let w = tensor(&r.uniform(n * k, (3.0 / k as f32).sqrt()), &[n, k]);
             for t in [1usize, 3, 7, 8, 9, 33] {
                 let x = r.uniform(t * k, 1.0);
@@ -278,6 +280,51 @@ fn paged_attention_prefill_and_decode() {
             let kvd = nkv * hd;
             let data = [r.uniform(20 * kvd, 1.0), r.uniform(20 * kvd, 1.0), r.uniform(8 * kvd, 1.0), r.uniform(8 * kvd, 1.0), r.uniform(8 * nh * hd, 1.0)];
             check(&format!("attention hd={hd} nh={nh} nkv={nkv}"), dtype, &run_attention(&g, s, &data), &run_attention(&c, s, &data), bar);
+        }
+    }
+}
+
+/// Decode rows at long contexts (the GPU splits the keys across blocks, then merges): sequences of
+/// 600, 3000 and 4 cached tokens (the last leaves most splits without keys) in scattered blocks,
+/// one new token each. Returns the attention output of the decode step [3, nh*hd].
+fn run_attention_long<B: Backend>(be: &B, s: AttnShape, r: &mut Rng) -> Vec<f32> {
+    let (kvd, qd, bs) = (s.n_kv_heads * s.head_dim, s.n_heads * s.head_dim, 16usize);
+    let lens = [600usize, 3000, 4];
+    let n_blocks: usize = lens.iter().map(|l| (l + 1).div_ceil(bs)).sum();
+    let mut kv = be.alloc_kv(n_blocks, bs, kvd).unwrap();
+    // Blocks handed out in reverse, interleaved between the sequences.
+    let mut free: Vec<u32> = (0..n_blocks as u32).collect();
+    let tables: Vec<Vec<u32>> = lens.iter().map(|l| (0..(l + 1).div_ceil(bs)).map(|_| free.pop().unwrap()).collect()).collect();
+    for (i, &len) in lens.iter().enumerate() {
+        let tok = vec![0u32; len];
+        let pos: Vec<u32> = (0..len as u32).collect();
+        let b = BatchInfo { tokens: &tok, positions: &pos, seqs: vec![SeqSlot { rows: 0..len, start_pos: 0, blocks: &tables[i] }], block_size: bs };
+        let (k, v) = (be.upload_buf(len, kvd, &r.uniform(len * kvd, 1.0)).unwrap(), be.upload_buf(len, kvd, &r.uniform(len * kvd, 1.0)).unwrap());
+        be.kv_append(&mut kv, &k, &v, &b).unwrap();
+    }
+    let tok = vec![0u32; 3];
+    let pos: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
+    let seqs = (0..3).map(|i| SeqSlot { rows: i..i + 1, start_pos: lens[i], blocks: &tables[i] }).collect();
+    let b = BatchInfo { tokens: &tok, positions: &pos, seqs, block_size: bs };
+    let (k, v) = (be.upload_buf(3, kvd, &r.uniform(3 * kvd, 1.0)).unwrap(), be.upload_buf(3, kvd, &r.uniform(3 * kvd, 1.0)).unwrap());
+    be.kv_append(&mut kv, &k, &v, &b).unwrap();
+    // Sharper scores than uniform(1) give: a few keys dominate, as in a trained model.
+    let q = be.upload_buf(3, qd, &r.uniform(3 * qd, 4.0)).unwrap();
+    let mut out = be.alloc(3, qd).unwrap();
+    be.attention(&mut out, &q, &kv, &b, s).unwrap();
+    be.download(&out).unwrap()
+}
+
+#[test]
+fn split_kv_decode_attention_long_contexts() {
+    for dtype in DTYPES {
+        let Some(g) = gpu(dtype) else { return };
+        let c = CpuBackend::new(dtype);
+        let (_, bar) = bars(dtype);
+        for (hd, nh, nkv) in [(128usize, 8usize, 2usize), (64, 4, 4)] {
+            let s = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
+            let (gv, cv) = (run_attention_long(&g, s, &mut Rng(21)), run_attention_long(&c, s, &mut Rng(21)));
+            check(&format!("split-KV attention hd={hd} nh={nh} nkv={nkv}"), dtype, &gv, &cv, bar);
         }
     }
 }

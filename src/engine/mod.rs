@@ -129,6 +129,9 @@ pub struct Engine<B: Backend> {
     pub tokenizer: Option<Tokenizer>,
     cache: KvCache<B>,
     scratch: Option<Scratch<B>>,
+    /// Decode steps' buffers, kept apart from prefill's so their addresses survive a prefill (a
+    /// CUDA graph captured over them stays valid from one request to the next).
+    decode_scratch: Option<Scratch<B>>,
     sessions: HashMap<u64, Session>,
     next_session: u64,
 }
@@ -138,7 +141,7 @@ impl<B: Backend> Engine<B> {
     pub fn new(model: Model<B>, tokenizer: Option<Tokenizer>, max_seqs: usize) -> Result<Self> {
         let c = &model.config;
         let cache = KvCache::new(&model.backend, c.num_hidden_layers, c.kv_dim(), model.max_seq_len, max_seqs)?;
-        Ok(Engine { model, tokenizer, cache, scratch: None, sessions: HashMap::new(), next_session: 1 })
+        Ok(Engine { model, tokenizer, cache, scratch: None, decode_scratch: None, sessions: HashMap::new(), next_session: 1 })
     }
 
     /// Start a conversation whose cache is kept between requests (pass its id in `GenRequest::session`).
@@ -345,8 +348,9 @@ impl<B: Backend> Engine<B> {
             }
         }
         let batch = BatchInfo { tokens: &tokens, positions: &positions, seqs: slots, block_size: BLOCK_SIZE };
-        Scratch::fit(&mut self.scratch, &self.model, tokens.len(), logit_rows.len())?;
-        let s = self.scratch.as_mut().expect("fitted above");
+        let scratch = if prefilling { &mut self.scratch } else { &mut self.decode_scratch };
+        Scratch::fit(scratch, &self.model, tokens.len(), logit_rows.len())?;
+        let s = scratch.as_mut().expect("fitted above");
         // 3. Forward, then advance every fed sequence. A decode step (one token per sequence) goes
         //    through `decode_step`, so a GPU backend can replay it as one CUDA graph.
         if prefilling {

@@ -123,8 +123,10 @@ enum Scratch {
     Act,         // [P, I]
     Y,           // [P, H]
     ArgmaxIds,   // [R] u32
+    AttnMl,      // [T, nh, splits, 2] f32
+    AttnAcc,     // [T, nh, splits, hd] f32
 }
-const N_SCRATCH: usize = 13;
+const N_SCRATCH: usize = 15;
 
 /// A grow-only device buffer that remembers what was last uploaded into it.
 #[derive(Default)]
@@ -162,11 +164,20 @@ pub struct CudaBackend {
     graphs: Option<Mutex<HashMap<usize, GraphState>>>,
     /// Set when a graph-mode forward did something a graph can't replay.
     graph_bad: std::sync::atomic::AtomicBool,
+    /// `gemv_wide` (split-K, unrolled) for decode products; `QWEN3RS_CUDA_GEMV=0` keeps the first GEMV.
+    wide_gemv: bool,
+    /// Split-KV decode attention; `QWEN3RS_CUDA_SPLITKV=0` keeps one block per (head, row).
+    split_kv: bool,
+}
+
+/// Whether env `name` is set to 0/false/off/no (a switch back to an older kernel path, for bisecting).
+fn env_off(name: &str) -> bool {
+    matches!(std::env::var(name).as_deref().map(str::trim), Ok("0" | "false" | "off" | "no"))
 }
 
 /// Whether decode steps use CUDA graphs: on unless `QWEN3RS_CUDA_GRAPHS` is 0/false/off.
 pub fn graphs_enabled() -> bool {
-    !matches!(std::env::var("QWEN3RS_CUDA_GRAPHS").as_deref().map(str::trim), Ok("0" | "false" | "off" | "no"))
+    !env_off("QWEN3RS_CUDA_GRAPHS")
 }
 
 fn check_shape(name: &str, got: (usize, usize), want: (usize, usize)) -> Result<()> {
@@ -176,6 +187,14 @@ fn check_shape(name: &str, got: (usize, usize), want: (usize, usize)) -> Result<
 
 fn blocks(n: usize, per: usize) -> u32 {
     n.div_ceil(per) as u32
+}
+
+/// KV splits for decode attention: one per 256 keys of the longest context in the batch, a power
+/// of two up to 64. A power of two so that the launch shape (part of a CUDA graph) changes only
+/// a few times as a context grows; 1 (no split) below 512 keys.
+fn kv_splits(batch: &BatchInfo) -> usize {
+    let longest = batch.seqs.iter().map(|s| s.start_pos + s.rows.len()).max().unwrap_or(0);
+    (longest / 256).clamp(1, 64).next_power_of_two().min(64)
 }
 
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
@@ -192,7 +211,7 @@ impl CudaBackend {
         let slots = |n| (0..n).map(|_| Slot::default()).collect::<Vec<_>>();
         let graphs = graphs_enabled().then(|| Mutex::new(HashMap::new()));
         Ok(CudaBackend { gpu, ordinal, meta: Mutex::new(slots(N_META)), scratch: Mutex::new(slots(N_SCRATCH)), graphs,
-            graph_bad: Default::default() })
+            graph_bad: Default::default(), wide_gemv: !env_off("QWEN3RS_CUDA_GEMV"), split_kv: !env_off("QWEN3RS_CUDA_SPLITKV") })
     }
 
     /// The GPU's name and compute capability, e.g. "NVIDIA H200 (sm_90)".
@@ -386,8 +405,18 @@ impl CudaBackend {
         }
         if t <= GEMV_MAX_ROWS {
             let vec = 16 / self.esize();
-            let kernel = if k % vec == 0 { "gemv" } else { "gemv_scalar" };
             let (ti, ni, ki) = (t as i32, n as i32, k as i32);
+            if k % vec == 0 && self.wide_gemv {
+                // Warps per weight row: enough blocks for 4 per SM (132 SMs on the H200), but at
+                // least one 16-byte load per lane.
+                let mut wpr = 1usize;
+                while wpr < 8 && n * wpr / 8 < 528 && (k / vec) >= 32 * wpr * 2 {
+                    wpr *= 2;
+                }
+                let wpri = wpr as i32;
+                return self.gpu.launch("matmul", "gemv_wide", (blocks(n, 8 / wpr), 1, 1), 256, 0, args![out, x, w, ti, ni, ki, wpri]);
+            }
+            let kernel = if k % vec == 0 { "gemv" } else { "gemv_scalar" };
             self.gpu.launch("matmul", kernel, (blocks(n, 8), 1, 1), 256, 0, args![out, x, w, ti, ni, ki])
         } else {
             self.gpu.gemm(out, x, w, t, n, k)
@@ -633,7 +662,18 @@ impl Backend for CudaBackend {
         let (o, qp, kc, vc) = (out.mem.ptr, q.mem.ptr, kv.k.ptr, kv.v.ptr);
         let (nhi, nkv, hdi, bs, kvd) = (nh as i32, shape.n_kv_heads as i32, hd as i32, kv.block_size as i32, kv.kv_dim as i32);
         let scale = 1.0 / (hd as f32).sqrt();
-        self.gpu.launch("attention", "attention", (nh as u32, q.rows as u32, 1), 128, 0,
+        let t = q.rows;
+        let splits = if self.split_kv && t <= GEMV_MAX_ROWS { kv_splits(batch) } else { 1 };
+        if splits > 1 {
+            // Decode at long context: (nh × T) blocks alone leave most SMs idle and each block
+            // walks the whole context; split it, then merge.
+            let [ml, acc] = self.scratch([(Scratch::AttnMl, t * nh * splits * 8), (Scratch::AttnAcc, t * nh * splits * hd * 4)])?;
+            self.gpu.launch("attention", "attention_split", (nh as u32, t as u32, splits as u32), 128, 0,
+                args![ml, acc, qp, kc, vc, ctx, table_at, tables, nhi, nkv, hdi, bs, kvd, scale])?;
+            let si = splits as i32;
+            return self.gpu.launch("attention", "attention_combine", (nh as u32, t as u32, 1), 128, 0, args![o, ml, acc, nhi, hdi, si]);
+        }
+        self.gpu.launch("attention", "attention", (nh as u32, t as u32, 1), 128, 0,
             args![o, qp, kc, vc, ctx, table_at, tables, nhi, nkv, hdi, bs, kvd, scale])
     }
 

@@ -84,3 +84,100 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attention(act_t* ou
         o[d] = from_f(s * inv);
     }
 }
+
+// Split-KV decode attention (few rows, long contexts): block (h, t, s) runs the same online softmax
+// as `attention` over its share of row t's keys — split s of `splits`, ceil(ctx / splits) keys each,
+// the share computed here from row_ctx so one launch shape serves every context length — and
+// writes the unnormalised partial state: ml [T, nh, splits, 2] = (max, sum of exp), acc [T, nh,
+// splits, hd]. `attention_combine` merges the splits. A split with no keys writes l = 0.
+// grid (nh, T, splits), ATT_WARPS warps.
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attention_split(float* part_ml, float* part_acc,
+    const act_t* q, const act_t* kc, const act_t* vc, const unsigned* row_ctx, const unsigned* row_table,
+    const unsigned* tables, int nh, int nkv, int hd, int block_size, int kv_dim, float scale) {
+    __shared__ float qs[MAX_HD_PER_LANE * 32];
+    __shared__ float wm[ATT_WARPS], wl[ATT_WARPS];
+    __shared__ float wacc[ATT_WARPS][MAX_HD_PER_LANE * 32];
+    int h = blockIdx.x, t = blockIdx.y, s = blockIdx.z, splits = gridDim.z;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int group = nh / nkv;
+    size_t kv_off = (size_t)(h / group) * hd;
+    const act_t* qh = q + ((size_t)t * nh + h) * hd;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) qs[i] = to_f(qh[i]);
+    __syncthreads();
+    int ctx = (int)row_ctx[t];
+    int per = (ctx + splits - 1) / splits;
+    int lo = s * per, hi = min(ctx, lo + per);
+    const unsigned* table = tables + row_table[t];
+
+    float m = -INFINITY, l = 0.f;
+    float acc[MAX_HD_PER_LANE];
+#pragma unroll
+    for (int i = 0; i < MAX_HD_PER_LANE; i++) acc[i] = 0.f;
+    for (int j = lo + warp; j < hi; j += ATT_WARPS) {
+        size_t slot = (size_t)table[j / block_size] * block_size + (j % block_size);
+        const act_t* kj = kc + slot * kv_dim + kv_off;
+        const act_t* vj = vc + slot * kv_dim + kv_off;
+        float dot = 0.f;
+#pragma unroll
+        for (int i = 0; i < MAX_HD_PER_LANE; i++) {
+            int d = lane + 32 * i;
+            if (d < hd) dot += qs[d] * to_f(kj[d]);
+        }
+        float sc = warp_sum(dot) * scale;
+        float m_new = fmaxf(m, sc);
+        float corr = expf(m - m_new);
+        float p = expf(sc - m_new);
+        l = l * corr + p;
+#pragma unroll
+        for (int i = 0; i < MAX_HD_PER_LANE; i++) {
+            int d = lane + 32 * i;
+            if (d < hd) acc[i] = acc[i] * corr + p * to_f(vj[d]);
+        }
+        m = m_new;
+    }
+    if (lane == 0) { wm[warp] = m; wl[warp] = l; }
+#pragma unroll
+    for (int i = 0; i < MAX_HD_PER_LANE; i++) {
+        int d = lane + 32 * i;
+        if (d < hd) wacc[warp][d] = acc[i];
+    }
+    __syncthreads();
+    float mx = -INFINITY;
+    for (int w = 0; w < ATT_WARPS; w++) if (wl[w] > 0.f) mx = fmaxf(mx, wm[w]);
+    float total = 0.f, f[ATT_WARPS];
+    for (int w = 0; w < ATT_WARPS; w++) {
+        f[w] = wl[w] > 0.f ? expf(wm[w] - mx) : 0.f;
+        total += wl[w] * f[w];
+    }
+    size_t idx = ((size_t)t * nh + h) * splits + s;
+    if (threadIdx.x == 0) { part_ml[idx * 2] = mx; part_ml[idx * 2 + 1] = total; }
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float a = 0.f;
+        for (int w = 0; w < ATT_WARPS; w++) a += wacc[w][d] * f[w];
+        part_acc[idx * hd + d] = a;
+    }
+}
+
+// out[t, h] = Σ_s acc_s · e^(m_s − M) / Σ_s l_s · e^(m_s − M) over the splits that saw keys.
+// grid (nh, T), 128 threads.
+extern "C" __global__ void attention_combine(act_t* out, const float* part_ml, const float* part_acc, int nh, int hd, int splits) {
+    int h = blockIdx.x, t = blockIdx.y;
+    size_t base = ((size_t)t * nh + h) * splits;
+    float mx = -INFINITY;
+    for (int s = 0; s < splits; s++) if (part_ml[(base + s) * 2 + 1] > 0.f) mx = fmaxf(mx, part_ml[(base + s) * 2]);
+    float total = 0.f;
+    for (int s = 0; s < splits; s++) {
+        float l = part_ml[(base + s) * 2 + 1];
+        if (l > 0.f) total += l * expf(part_ml[(base + s) * 2] - mx);
+    }
+    float inv = 1.f / total;
+    act_t* o = out + ((size_t)t * nh + h) * hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float a = 0.f;
+        for (int s = 0; s < splits; s++) {
+            float l = part_ml[(base + s) * 2 + 1];
+            if (l > 0.f) a += part_acc[(base + s) * hd + d] * expf(part_ml[(base + s) * 2] - mx);
+        }
+        o[d] = from_f(a * inv);
+    }
+}

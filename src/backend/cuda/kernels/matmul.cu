@@ -41,6 +41,66 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv(act_t* out, c
     }
 }
 
+// The decode GEMV, bandwidth-bound: out [T, N] = x [T, K] · w [N, K]ᵀ for T <= GEMV_MAX_ROWS and
+// K % VEC == 0. Each weight row is read once, by `wpr` warps (split-K inside the block, so a small N
+// still gives enough blocks to fill the GPU: the host picks wpr), each lane keeping GV_UNROLL
+// independent 16-byte loads in flight. The wpr partial sums of a row meet in shared memory in a
+// fixed order (deterministic). grid ceil(N / (GV_WARPS / wpr)), GV_WARPS * 32 threads.
+#define GV_WARPS 8
+#define GV_UNROLL 4
+extern "C" __global__ void __launch_bounds__(GV_WARPS * 32) gemv_wide(act_t* out, const act_t* x, const act_t* w,
+    int T, int N, int K, int wpr) {
+    __shared__ float part[GV_WARPS][GEMV_MAX_ROWS];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int rows_per_block = GV_WARPS / wpr;
+    int r_local = warp / wpr, ws = warp % wpr;
+    int n = blockIdx.x * rows_per_block + r_local;
+    bool active = n < N;  // no early return: the block meets at the barrier below
+    const uint4* wr = reinterpret_cast<const uint4*>(w + (size_t)(active ? n : 0) * K);
+    int kv = K / VEC, stride = 32 * wpr;
+    float acc[GEMV_MAX_ROWS];
+#pragma unroll
+    for (int t = 0; t < GEMV_MAX_ROWS; t++) acc[t] = 0.f;
+    for (int i0 = ws * 32 + lane; i0 < kv; i0 += stride * GV_UNROLL) {
+        uint4 wv[GV_UNROLL];
+#pragma unroll
+        for (int u = 0; u < GV_UNROLL; u++) {
+            int i = i0 + u * stride;
+            wv[u] = (active && i < kv) ? __ldg(wr + i) : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+        for (int u = 0; u < GV_UNROLL; u++) {
+            int i = i0 + u * stride;
+            if (i < kv) {
+                const act_t* we = reinterpret_cast<const act_t*>(&wv[u]);
+                float wf[VEC];
+#pragma unroll
+                for (int j = 0; j < VEC; j++) wf[j] = to_f(we[j]);
+#pragma unroll
+                for (int t = 0; t < GEMV_MAX_ROWS; t++) {
+                    if (t < T) {
+                        uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + (size_t)t * K) + i);
+                        const act_t* xe = reinterpret_cast<const act_t*>(&xv);
+#pragma unroll
+                        for (int j = 0; j < VEC; j++) acc[t] += wf[j] * to_f(xe[j]);
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < GEMV_MAX_ROWS; t++) {
+        float s = warp_sum(acc[t]);
+        if (lane == 0) part[warp][t] = s;
+    }
+    __syncthreads();
+    if (ws == 0 && lane < T && active) {
+        float s = 0.f;
+        for (int j = 0; j < wpr; j++) s += part[r_local * wpr + j][lane];
+        out[(size_t)lane * N + n] = from_f(s);
+    }
+}
+
 // Any K (element loads). grid ceil(N / GEMV_WARPS).
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_scalar(act_t* out, const act_t* x, const act_t* w, int T, int N, int K) {
     int lane = threadIdx.x & 31;
