@@ -245,6 +245,54 @@ fn matmul_gemv_and_cublas() {
     }
 }
 
+fn run_matmul3<B: Backend>(be: &B, x: &[f32], t: usize, ws: &[HostTensor; 3]) -> Vec<f32> {
+    let k = ws[0].shape[1];
+    let xb = be.upload_buf(t, k, x).unwrap();
+    let w: Vec<B::Weight> = ws.iter().map(|w| be.upload(w.clone()).unwrap()).collect();
+    let mut o: Vec<B::Buf> = ws.iter().map(|w| be.alloc(t, w.shape[0]).unwrap()).collect();
+    let [a, b, c] = &mut o[..] else { unreachable!() };
+    be.matmul_many(&mut [a, b, c], &xb, &[&w[0], &w[1], &w[2]]).unwrap();
+    o.iter().flat_map(|b| be.download(b).unwrap()).collect()
+}
+
+fn run_matmul_swiglu<B: Backend>(be: &B, x: &[f32], t: usize, gate: &HostTensor, up: &HostTensor) -> Vec<f32> {
+    let (n, k) = (gate.shape[0], gate.shape[1]);
+    let xb = be.upload_buf(t, k, x).unwrap();
+    let (g, u) = (be.upload(gate.clone()).unwrap(), be.upload(up.clone()).unwrap());
+    let (mut out, mut gs, mut us) = (be.alloc(t, n).unwrap(), be.alloc(t, n).unwrap(), be.alloc(t, n).unwrap());
+    be.matmul_swiglu(&mut out, &mut gs, &mut us, &xb, &g, &u).unwrap();
+    be.download(&out).unwrap()
+}
+
+#[test]
+fn fused_decode_products() {
+    // q/k/v in one launch (gemv3) and gate·up·SwiGLU in one (gemv_swiglu) for T <= 8; T = 9 and
+    // K not a multiple of the vector width take the unfused path. Odd row counts throughout.
+    for dtype in DTYPES {
+        let Some(g) = gpu(dtype) else { return };
+        let c = CpuBackend::new(dtype);
+        let (_, bar) = bars(dtype);
+        let mut r = Rng(13);
+        for (ns, k) in [([256usize, 72, 72], 1024usize), ([2048, 512, 512], 4096), ([100, 37, 5], 72), ([64, 16, 16], 37)] {
+            let s = (3.0 / k as f32).sqrt();
+            let ws = ns.map(|n| tensor(&r.uniform(n * k, s), &[n, k]));
+            for t in [1usize, 3, 8, 9] {
+                let x = r.uniform(t * k, 1.0);
+                check(&format!("matmul_many T={t} N={ns:?} K={k}"), dtype, &run_matmul3(&g, &x, t, &ws), &run_matmul3(&c, &x, t, &ws), bar);
+            }
+        }
+        for (n, k) in [(300usize, 1024usize), (1001, 72), (3072, 1024), (40, 37)] {
+            let s = (3.0 / k as f32).sqrt();
+            let (gw, uw) = (tensor(&r.uniform(n * k, s), &[n, k]), tensor(&r.uniform(n * k, s), &[n, k]));
+            for t in [1usize, 5, 8, 9] {
+                let x = r.uniform(t * k, 1.0);
+                check(&format!("matmul_swiglu T={t} N={n} K={k}"), dtype, &run_matmul_swiglu(&g, &x, t, &gw, &uw),
+                    &run_matmul_swiglu(&c, &x, t, &gw, &uw), bar);
+            }
+        }
+    }
+}
+
 #[test]
 fn qk_norm_rope() {
     for dtype in DTYPES {

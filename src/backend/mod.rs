@@ -125,6 +125,25 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn add_rms_norm(&self, residual: &mut Self::Buf, delta: &Self::Buf, out: &mut Self::Buf, w: &Self::Weight, eps: f32) -> Result<()>;
     /// out [T, N] = x [T, K] · w [N, K]ᵀ.
     fn matmul(&self, out: &mut Self::Buf, x: &Self::Buf, w: &Self::Weight) -> Result<()>;
+    /// outs[i] [T, N_i] = x [T, K] · ws[i]ᵀ for weights sharing one input (the q, k, v
+    /// projections): one launch on a GPU instead of one each.
+    fn matmul_many(&self, outs: &mut [&mut Self::Buf], x: &Self::Buf, ws: &[&Self::Weight]) -> Result<()> {
+        crate::ensure!(outs.len() == ws.len(), InvalidArgument, "matmul_many: {} outputs for {} weights", outs.len(), ws.len());
+        for (o, w) in outs.iter_mut().zip(ws) {
+            self.matmul(o, x, w)?;
+        }
+        Ok(())
+    }
+    /// out = swiglu(x · gateᵀ, x · upᵀ), the same values as matmul, matmul, swiglu (which is
+    /// what this does by default, through the scratch buffers `g` and `u` [T, I]). A GPU backend
+    /// fuses the three for decode.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_swiglu(&self, out: &mut Self::Buf, g: &mut Self::Buf, u: &mut Self::Buf, x: &Self::Buf, gate: &Self::Weight,
+        up: &Self::Weight) -> Result<()> {
+        self.matmul(g, x, gate)?;
+        self.matmul(u, x, up)?;
+        self.swiglu(out, g, u)
+    }
     /// Per head: RMSNorm over head_dim with q_norm / k_norm, then RoPE (rotate halves) at `positions`.
     /// `rope` is [max_pos, head_dim]: cos in the first half of each row, sin in the second.
     #[allow(clippy::too_many_arguments)]

@@ -195,9 +195,7 @@ impl<B: Backend> Model<B> {
                 be.add_rms_norm(&mut s.x, &s.delta, &mut s.h, &layer.input_norm, eps)?;
             }
             // 3. Attention: projections, per-head QK-norm + RoPE, cache append, causal GQA, output projection.
-            be.matmul(&mut s.q, &s.h, &layer.q_proj)?;
-            be.matmul(&mut s.k, &s.h, &layer.k_proj)?;
-            be.matmul(&mut s.v, &s.h, &layer.v_proj)?;
+            be.matmul_many(&mut [&mut s.q, &mut s.k, &mut s.v], &s.h, &[&layer.q_proj, &layer.k_proj, &layer.v_proj])?;
             be.qk_norm_rope(&mut s.q, &mut s.k, &layer.q_norm, &layer.k_norm, eps, &self.rope, batch.positions, shape)?;
             be.kv_append(&mut cache.layers[i], &s.k, &s.v, batch)?;
             be.attention(&mut s.attn, &s.q, &cache.layers[i], batch, shape)?;
@@ -207,9 +205,7 @@ impl<B: Backend> Model<B> {
             // 5. Feed-forward: SwiGLU MLP or routed experts → delta.
             match &layer.ffn {
                 Ffn::Dense { gate, up, down } => {
-                    be.matmul(&mut s.gate, &s.h, gate)?;
-                    be.matmul(&mut s.up, &s.h, up)?;
-                    be.swiglu(&mut s.act, &s.gate, &s.up)?;
+                    be.matmul_swiglu(&mut s.act, &mut s.gate, &mut s.up, &s.h, gate, up)?;
                     be.matmul(&mut s.delta, &s.act, down)?;
                 }
                 Ffn::Moe(moe) => be.moe(&mut s.delta, &s.h, moe)?,

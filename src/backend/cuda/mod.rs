@@ -398,6 +398,22 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Warps per weight row for `gemv_wide` over N rows of K: enough blocks for 4 per SM (132 SMs
+    /// on the H200), but at least one 16-byte load per lane.
+    fn gemv_wpr(&self, n: usize, k: usize) -> usize {
+        let vec = 16 / self.esize();
+        let mut wpr = 1usize;
+        while wpr < 8 && n * wpr / 8 < 528 && (k / vec) >= 32 * wpr * 2 {
+            wpr *= 2;
+        }
+        wpr
+    }
+
+    /// Whether a product of t rows of k goes to the fused decode GEMV kernels.
+    fn fused_gemv(&self, t: usize, k: usize) -> bool {
+        self.wide_gemv && (1..=GEMV_MAX_ROWS).contains(&t) && k % (16 / self.esize()) == 0
+    }
+
     /// out [T, N] = x [T, K] · w [N, K]ᵀ on raw pointers.
     fn matmul_raw(&self, out: u64, x: u64, w: u64, t: usize, n: usize, k: usize) -> Result<()> {
         if t == 0 || n == 0 {
@@ -407,12 +423,7 @@ impl CudaBackend {
             let vec = 16 / self.esize();
             let (ti, ni, ki) = (t as i32, n as i32, k as i32);
             if k % vec == 0 && self.wide_gemv {
-                // Warps per weight row: enough blocks for 4 per SM (132 SMs on the H200), but at
-                // least one 16-byte load per lane.
-                let mut wpr = 1usize;
-                while wpr < 8 && n * wpr / 8 < 528 && (k / vec) >= 32 * wpr * 2 {
-                    wpr *= 2;
-                }
+                let wpr = self.gemv_wpr(n, k);
                 let wpri = wpr as i32;
                 return self.gpu.launch("matmul", "gemv_wide", (blocks(n, 8 / wpr), 1, 1), 256, 0, args![out, x, w, ti, ni, ki, wpri]);
             }
@@ -622,6 +633,45 @@ impl Backend for CudaBackend {
             "matmul: weight {:?} does not take rows of {}", w.shape, x.cols);
         check_shape("matmul", (out.rows, out.cols), (x.rows, w.shape[0]))?;
         self.matmul_raw(out.mem.ptr, x.mem.ptr, w.mem.ptr, x.rows, w.shape[0], x.cols)
+    }
+
+    fn matmul_many(&self, outs: &mut [&mut CudaBuf], x: &CudaBuf, ws: &[&CudaWeight]) -> Result<()> {
+        let fits = outs.len() == 3 && ws.len() == 3 && self.fused_gemv(x.rows, x.cols)
+            && outs.iter().zip(ws).all(|(o, w)| w.dtype == self.gpu.dtype && w.shape.len() == 2 && w.shape[1] == x.cols
+                && o.rows == x.rows && o.cols == w.shape[0]);
+        if !fits {
+            ensure!(outs.len() == ws.len(), InvalidArgument, "matmul_many: {} outputs for {} weights", outs.len(), ws.len());
+            for (o, w) in outs.iter_mut().zip(ws) {
+                self.matmul(o, x, w)?;
+            }
+            return Ok(());
+        }
+        let (t, k) = (x.rows, x.cols);
+        let ns = [ws[0].shape[0], ws[1].shape[0], ws[2].shape[0]];
+        let wpr = self.gemv_wpr(ns.iter().sum(), k);
+        let rows = 8 / wpr;
+        let grid = ns.iter().map(|&n| blocks(n, rows)).sum::<u32>();
+        let (o0, o1, o2) = (outs[0].mem.ptr, outs[1].mem.ptr, outs[2].mem.ptr);
+        let (w0, w1, w2) = (ws[0].mem.ptr, ws[1].mem.ptr, ws[2].mem.ptr);
+        let (n0, n1, n2) = (ns[0] as i32, ns[1] as i32, ns[2] as i32);
+        let (xp, ti, ki, wpri) = (x.mem.ptr, t as i32, k as i32, wpr as i32);
+        self.gpu.launch("matmul", "gemv3", (grid, 1, 1), 256, 0, args![o0, w0, n0, o1, w1, n1, o2, w2, n2, xp, ti, ki, wpri])
+    }
+
+    fn matmul_swiglu(&self, out: &mut CudaBuf, g: &mut CudaBuf, u: &mut CudaBuf, x: &CudaBuf, gate: &CudaWeight, up: &CudaWeight) -> Result<()> {
+        let fits = self.fused_gemv(x.rows, x.cols)
+            && [gate, up].iter().all(|w| w.dtype == self.gpu.dtype && w.shape.len() == 2 && w.shape[1] == x.cols)
+            && gate.shape == up.shape && (out.rows, out.cols) == (x.rows, gate.shape[0]);
+        if !fits {
+            self.matmul(g, x, gate)?;
+            self.matmul(u, x, up)?;
+            return self.swiglu(out, g, u);
+        }
+        let (t, n, k) = (x.rows, gate.shape[0], x.cols);
+        let wpr = self.gemv_wpr(n, k);
+        let (o, xp, gp, upp) = (out.mem.ptr, x.mem.ptr, gate.mem.ptr, up.mem.ptr);
+        let (ti, ni, ki, wpri) = (t as i32, n as i32, k as i32, wpr as i32);
+        self.gpu.launch("matmul", "gemv_swiglu", (blocks(n, 8 / wpr), 1, 1), 256, 0, args![o, xp, gp, upp, ti, ni, ki, wpri])
     }
 
     fn qk_norm_rope(&self, q: &mut CudaBuf, k: &mut CudaBuf, q_norm: &CudaWeight, k_norm: &CudaWeight, eps: f32,
