@@ -755,6 +755,21 @@ impl Backend for CudaBackend {
         // 1. Router logits in f32, then softmax / top-k / renormalisation per row.
         self.gpu.launch("matmul", "router_logits", (blocks(e, 8), t as u32, 1), 256, 0, args![probs, xp, rp, ei, hi])?;
         let norm = moe.norm_topk_prob as i32;
+        if self.fused_gemv(t, h) && inter % (16 / es) == 0 {
+            // Decode: a warp routes each row; then per (pair, output rows) block, GEMVs over the
+            // chosen experts only — no sort, every block busy — and the combine in pair order.
+            self.gpu.launch("moe", "moe_route_warp", (blocks(t, 4), 1, 1), 128, 0, args![probs, ids, weights, ti, ei, ki, norm])?;
+            let (gp, upp, dp) = (moe.gate.ptr, moe.up.ptr, moe.down.ptr);
+            let wpr_i = self.gemv_wpr(p * inter, h);
+            let wi = wpr_i as i32;
+            self.gpu.launch("matmul", "moe_gemv_swiglu", (blocks(inter, 8 / wpr_i), p as u32, 1), 256, 0,
+                args![act, xp, gp, upp, ids, ki, ii, hi, wi])?;
+            let wpr_h = self.gemv_wpr(p * h, inter);
+            let (wh, one) = (wpr_h as i32, 1i32);
+            self.gpu.launch("matmul", "moe_gemv", (blocks(h, 8 / wpr_h), p as u32, 1), 256, 0, args![y, act, dp, ids, one, hi, ii, wh])?;
+            let (o, null) = (out.mem.ptr, 0u64);
+            return self.gpu.launch("moe", "moe_combine", (blocks(h, 256), t as u32, 1), 256, 0, args![o, y, null, weights, ki, hi]);
+        }
         self.gpu.launch("moe", "moe_route", (blocks(t, 128), 1, 1), 128, 0, args![probs, ids, weights, ti, ei, ki, norm])?;
         // 2. Group the (row, expert) pairs by expert into tiles.
         let (tm, mt) = (MOE_TILE_ROWS as i32, max_tiles as i32);

@@ -241,3 +241,33 @@ extern "C" __global__ void __launch_bounds__(256) grouped_gemm(act_t* out, const
         }
     }
 }
+
+// MoE decode: only the chosen experts' weights are read, with expert ids from device memory (no
+// host sync, no sorting). Pair p = t*k + s (moe_route's order). grid (ceil(N / rows), P).
+// out [P, N] = x[p / src_div] · w[ids[p]]ᵀ with w [E, N, K]: src_div = k for the gate/up input
+// (row t of x), 1 for down (row p of the activations).
+extern "C" __global__ void __launch_bounds__(GV_WARPS * 32) moe_gemv(act_t* out, const act_t* x, const act_t* w,
+    const int* ids, int src_div, int N, int K, int wpr) {
+    __shared__ float res[GV_WARPS][GEMV_MAX_ROWS];
+    int p = blockIdx.y, rows = GV_WARPS / wpr, n0 = blockIdx.x * rows;
+    const act_t* we = w + (size_t)ids[p] * N * K;
+    gemv_block(res, x + (size_t)(p / src_div) * K, we, 1, N, K, wpr, n0);
+    gemv_store(out + (size_t)p * N, res, 1, N, rows, n0);
+}
+
+// The experts' first half for decode: act [P, N] = swiglu(x[p / k] · gate[e]ᵀ, x[p / k] · up[e]ᵀ)
+// rounded as grouped_gemm, grouped_gemm, swiglu. grid (ceil(N / rows), P).
+extern "C" __global__ void __launch_bounds__(GV_WARPS * 32) moe_gemv_swiglu(act_t* act, const act_t* x,
+    const act_t* gate, const act_t* up, const int* ids, int k, int N, int K, int wpr) {
+    __shared__ float rg[GV_WARPS][GEMV_MAX_ROWS];
+    __shared__ float ru[GV_WARPS][GEMV_MAX_ROWS];
+    int p = blockIdx.y, rows = GV_WARPS / wpr, n0 = blockIdx.x * rows;
+    size_t eoff = (size_t)ids[p] * N * K;
+    const act_t* xr = x + (size_t)(p / k) * K;
+    gemv_block(rg, xr, gate + eoff, 1, N, K, wpr, n0);
+    gemv_block(ru, xr, up + eoff, 1, N, K, wpr, n0);
+    for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+        int n = n0 + r;
+        if (n < N) act[(size_t)p * N + n] = from_f(rnd(silu(rnd(rg[r][0]))) * rnd(ru[r][0]));
+    }
+}
