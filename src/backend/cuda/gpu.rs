@@ -409,6 +409,10 @@ impl Gpu {
             h
         };
         if self.note(record)? == Mode::Replay {
+            // Resolve the kernel now (a no-op after its first use), so that a capture following
+            // this dry pass never loads a module.
+            self.bind()?;
+            self.function(module, name)?;
             return Ok(());
         }
         let mut ptrs = [std::ptr::null_mut::<c_void>(); 24];

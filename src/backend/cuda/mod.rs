@@ -318,7 +318,12 @@ impl CudaBackend {
     fn run_in_mode(&self, mode: Mode, body: &mut dyn FnMut() -> Result<()>) -> Result<(Result<()>, u64, bool)> {
         self.reset_graph_meta()?;
         self.gpu.set_mode(mode)?;
-        let r = body();
+        // A panic must not leave the backend in a mode that launches nothing: catch it, go back to
+        // eager, and report it as an error.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(&mut *body)).unwrap_or_else(|p| {
+            let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+            Err(Error::Device(format!("panic in a CUDA graph step: {msg}")))
+        });
         let hash = self.gpu.set_mode(Mode::Eager)?;
         let bad = self.graph_bad.load(std::sync::atomic::Ordering::Relaxed);
         self.reset_graph_meta()?;
