@@ -37,6 +37,8 @@ def log(*a):
 
 
 def import_qwen3rs():
+    if os.path.isdir("/usr/local/cuda/include"):
+        os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")  # NVRTC's headers, as gpu_check.sh
     try:
         import qwen3rs  # noqa: F401
         return
@@ -101,7 +103,7 @@ def run_bandwidth():
     print(json.dumps({"copy_TBps": 2 * n / times[len(times) // 2] / 1e12}))
 
 
-def run_model(name, contexts):
+def run_model(name, contexts, deadline):
     import qwen3rs
     c = config_of(name)
     r = {"model": name}
@@ -116,22 +118,31 @@ def run_model(name, contexts):
     r["decode_tok_s"] = sorted(runs)[1]
     r["decode_runs"] = runs
     log(name, "decode", r["decode_tok_s"])
+    print("RESULT " + json.dumps(r), flush=True)  # partial results survive a later timeout
     long = [(i * 104729) % 150000 + 1 for i in range(2048)]
     m.generate(long, max_new_tokens=1, **kw)  # warm-up at prefill shapes
     runs = [m.generate(long, max_new_tokens=1, **kw).timings["prefill_tok_s"] for _ in range(3)]
     r["prefill_2048_tok_s"] = sorted(runs)[1]
     r["prefill_runs"] = runs
     log(name, "prefill", r["prefill_2048_tok_s"])
+    print("RESULT " + json.dumps(r), flush=True)
+    # Long contexts: prefill cost grows ~quadratically (attention) from the 2k figure; skip a
+    # context that would not finish before the deadline.
+    per_token_s, done_ctx = 1.0 / max(r["prefill_2048_tok_s"], 1.0), 2048
     for ctx in contexts:
+        estimate = per_token_s * done_ctx * (ctx / done_ctx) ** 2 + 5
+        if time.time() + estimate > deadline:
+            r[f"decode_at_{ctx}_tok_s"] = None
+            r[f"skipped_{ctx}"] = f"estimated {estimate:.0f} s of prefill, past the time budget"
+            log(name, f"context {ctx} skipped ({estimate:.0f} s estimated)")
+            continue
         ids = [(i * 104729) % 150000 + 1 for i in range(ctx)]
-        t = time.time()
         o = m.generate(ids, max_new_tokens=65, **kw)
         r[f"decode_at_{ctx}_tok_s"] = o.timings["decode_tok_s"]
         r[f"prefill_{ctx}_s"] = o.timings["prefill_s"]
+        per_token_s, done_ctx = o.timings["prefill_s"] / ctx, ctx
         log(name, f"context {ctx}", r[f"decode_at_{ctx}_tok_s"], f"(prefill {o.timings['prefill_s']:.1f} s)")
-        if time.time() - t > 60:
-            break  # the next context is ~4x dearer to prefill (quadratic attention)
-    print("RESULT " + json.dumps(r), flush=True)
+        print("RESULT " + json.dumps(r), flush=True)
 
 
 def subprocess_json(args, timeout, env=None, prefix=None):
@@ -151,16 +162,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("peers", nargs="?", default=None)
     ap.add_argument("--models", default=os.environ.get("QWEN3RS_BENCH_MODELS", ",".join(DEFAULT_MODELS)))
-    ap.add_argument("--budget", type=float, default=float(os.environ.get("QWEN3RS_BENCH_BUDGET", 400)))
+    ap.add_argument("--budget", type=float, default=float(os.environ.get("QWEN3RS_BENCH_BUDGET", 330)))
     ap.add_argument("--hf", action="store_true")
     ap.add_argument("--one", default=None)
+    ap.add_argument("--deadline", type=float, default=0.0)
     ap.add_argument("--bandwidth", action="store_true")
     a = ap.parse_args()
     if a.bandwidth:
         return run_bandwidth()
     import_qwen3rs()
     if a.one:
-        return run_model(a.one, LONG_CONTEXT.get(a.one, []))
+        return run_model(a.one, LONG_CONTEXT.get(a.one, []), a.deadline or time.time() + 600)
     os.makedirs(OUT, exist_ok=True)
     models = [x for x in a.models.split(",") if x]
     res = {"graphs": os.environ.get("QWEN3RS_CUDA_GRAPHS", "1"), "models": {}, "peers": {}}
@@ -179,10 +191,13 @@ def main():
             log("budget: skip", name)
             res["models"][name] = {"skipped": "time budget"}
             continue
-        out, err, rc, lines = subprocess_json([sys.executable, __file__, "--one", name], share, prefix="RESULT ")
+        deadline = time.time() + share - 5
+        out, err, rc, lines = subprocess_json([sys.executable, __file__, "--one", name, "--deadline", str(deadline)], share, prefix="RESULT ")
         with open(os.path.join(OUT, f"bench_{name}.log"), "w") as f:
             f.write(out + "\n---- stderr ----\n" + err)
         r = json.loads(lines[-1][len("RESULT "):]) if lines else {"error": f"rc={rc}: {err[-400:]}"}
+        if rc != 0:
+            r["rc"] = rc  # e.g. "timeout": the figures above are what finished before it
         c = config_of(name)
         r["roofline_tok_s"] = res["copy_TBps"] * 1e12 / decode_bytes(c)
         if "decode_tok_s" in r:
@@ -227,7 +242,7 @@ def main():
     for name, r in res["models"].items():
         p = tf.get(name, {}) if isinstance(tf, dict) else {}
         extra = " ".join(f"ctx{ctx // 1024}k {r[f'decode_at_{ctx}_tok_s']:.0f}/{r[f'roofline_at_{ctx}_tok_s']:.0f}"
-                         for ctx in LONG_CONTEXT.get(name, []) if f"decode_at_{ctx}_tok_s" in r)
+                         for ctx in LONG_CONTEXT.get(name, []) if r.get(f"decode_at_{ctx}_tok_s"))
         if "error" in r or "skipped" in r:
             extra = (r.get("error") or r.get("skipped", ""))[-120:].replace("\n", " ")
 
