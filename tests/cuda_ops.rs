@@ -363,6 +363,50 @@ fn run_attention_long<B: Backend>(be: &B, s: AttnShape, r: &mut Rng) -> Vec<f32>
     be.download(&out).unwrap()
 }
 
+/// A prefill batch (T > 8: the GPU's tiled attention): sequence A with 40 cached tokens gets 70 new
+/// rows (a full and a partial 64-row tile), B 33 rows from position 0, C one row after 5 cached.
+fn run_attention_prefill<B: Backend>(be: &B, s: AttnShape, r: &mut Rng) -> Vec<f32> {
+    let (kvd, qd, bs) = (s.n_kv_heads * s.head_dim, s.n_heads * s.head_dim, 16usize);
+    let mut kv = be.alloc_kv(16, bs, kvd).unwrap();
+    let tables: [Vec<u32>; 3] = [vec![9, 2, 14, 5, 11, 0, 7], vec![3, 12, 1], vec![15]];
+    // Step 1: the cached prefixes (A 40 tokens, C 5).
+    let tok = vec![0u32; 45];
+    let pos: Vec<u32> = (0..40).chain(0..5).collect();
+    let b = BatchInfo { tokens: &tok, positions: &pos, block_size: bs,
+        seqs: vec![SeqSlot { rows: 0..40, start_pos: 0, blocks: &tables[0] }, SeqSlot { rows: 40..45, start_pos: 0, blocks: &tables[2] }] };
+    let (k, v) = (be.upload_buf(45, kvd, &r.uniform(45 * kvd, 1.0)).unwrap(), be.upload_buf(45, kvd, &r.uniform(45 * kvd, 1.0)).unwrap());
+    be.kv_append(&mut kv, &k, &v, &b).unwrap();
+    // Step 2: A rows 0..70 (positions 40..110), B rows 70..103 (0..33), C row 103 (position 5).
+    let t = 104;
+    let tok = vec![0u32; t];
+    let pos: Vec<u32> = (40..110).chain(0..33).chain([5]).collect();
+    let b = BatchInfo { tokens: &tok, positions: &pos, block_size: bs, seqs: vec![
+        SeqSlot { rows: 0..70, start_pos: 40, blocks: &tables[0] },
+        SeqSlot { rows: 70..103, start_pos: 0, blocks: &tables[1] },
+        SeqSlot { rows: 103..104, start_pos: 5, blocks: &tables[2] },
+    ] };
+    let (k, v) = (be.upload_buf(t, kvd, &r.uniform(t * kvd, 1.0)).unwrap(), be.upload_buf(t, kvd, &r.uniform(t * kvd, 1.0)).unwrap());
+    be.kv_append(&mut kv, &k, &v, &b).unwrap();
+    let q = be.upload_buf(t, qd, &r.uniform(t * qd, 3.0)).unwrap();
+    let mut out = be.alloc(t, qd).unwrap();
+    be.attention(&mut out, &q, &kv, &b, s).unwrap();
+    be.download(&out).unwrap()
+}
+
+#[test]
+fn tiled_prefill_attention() {
+    for dtype in DTYPES {
+        let Some(g) = gpu(dtype) else { return };
+        let c = CpuBackend::new(dtype);
+        let (_, bar) = bars(dtype);
+        for (hd, nh, nkv) in [(128usize, 8usize, 2usize), (64, 4, 4), (256, 2, 1), (96, 6, 3)] {
+            let s = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
+            let (gv, cv) = (run_attention_prefill(&g, s, &mut Rng(31)), run_attention_prefill(&c, s, &mut Rng(31)));
+            check(&format!("tiled prefill attention hd={hd} nh={nh} nkv={nkv}"), dtype, &gv, &cv, bar);
+        }
+    }
+}
+
 #[test]
 fn split_kv_decode_attention_long_contexts() {
     for dtype in DTYPES {

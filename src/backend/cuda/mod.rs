@@ -32,6 +32,8 @@ pub const GEMV_MAX_ROWS: usize = 8;
 const MOE_TILE_ROWS: usize = 16;
 const MAX_TOP_K: usize = 32;
 const MAX_HEAD_DIM: usize = 256;
+/// Query rows per block of the tiled prefill attention (FA_BQ in attention.cu; keys go 32 at a time).
+const ATTN_TILE_ROWS: usize = 64;
 
 /// Whether a CUDA GPU is usable: driver, NVRTC, cuBLAS and headers found, driver new enough, and
 /// at least one device. Checked once per process; never panics.
@@ -104,8 +106,9 @@ enum Meta {
     RowTable,
     Tables,
     Rows,
+    Tiles,
 }
-const N_META: usize = 7;
+const N_META: usize = 8;
 
 /// Kinds of scratch buffer (index into `CudaBackend::scratch`).
 #[derive(Clone, Copy)]
@@ -168,6 +171,8 @@ pub struct CudaBackend {
     wide_gemv: bool,
     /// Split-KV decode attention; `QWEN3RS_CUDA_SPLITKV=0` keeps one block per (head, row).
     split_kv: bool,
+    /// Tiled prefill attention; `QWEN3RS_CUDA_TILED_ATTN=0` keeps one block per (head, row).
+    tiled_attn: bool,
 }
 
 /// Whether env `name` is set to 0/false/off/no (a switch back to an older kernel path, for bisecting).
@@ -211,7 +216,8 @@ impl CudaBackend {
         let slots = |n| (0..n).map(|_| Slot::default()).collect::<Vec<_>>();
         let graphs = graphs_enabled().then(|| Mutex::new(HashMap::new()));
         Ok(CudaBackend { gpu, ordinal, meta: Mutex::new(slots(N_META)), scratch: Mutex::new(slots(N_SCRATCH)), graphs,
-            graph_bad: Default::default(), wide_gemv: !env_off("QWEN3RS_CUDA_GEMV"), split_kv: !env_off("QWEN3RS_CUDA_SPLITKV") })
+            graph_bad: Default::default(), wide_gemv: !env_off("QWEN3RS_CUDA_GEMV"), split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"),
+            tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN") })
     }
 
     /// The GPU's name and compute capability, e.g. "NVIDIA H200 (sm_90)".
@@ -727,6 +733,24 @@ impl Backend for CudaBackend {
                 args![ml, acc, qp, kc, vc, ctx, table_at, tables, nhi, nkv, hdi, bs, kvd, scale])?;
             let si = splits as i32;
             return self.gpu.launch("attention", "attention_combine", (nh as u32, t as u32, 1), 128, 0, args![o, ml, acc, nhi, hdi, si]);
+        }
+        if self.tiled_attn && t > GEMV_MAX_ROWS {
+            // Prefill: tiles of up to 64 consecutive rows of one sequence.
+            let mut tiles: Vec<i32> = vec![];
+            for seq in &batch.seqs {
+                for r0 in seq.rows.clone().step_by(ATTN_TILE_ROWS) {
+                    tiles.extend([r0 as i32, (seq.rows.end - r0).min(ATTN_TILE_ROWS) as i32]);
+                }
+            }
+            if tiles.is_empty() {
+                return Ok(());
+            }
+            let tiles_d = self.meta(Meta::Tiles, bytemuck::cast_slice(&tiles))?;
+            let srow = hd + if self.esize() == 4 { 1 } else { 2 };
+            let smem = ((ATTN_TILE_ROWS + 2 * 32) * srow * self.esize()) as u32;
+            let kernel = if hd <= 128 { "attention_tiled_128" } else { "attention_tiled_256" };
+            return self.gpu.launch("attention", kernel, (nh as u32, (tiles.len() / 2) as u32, 1), 256, smem,
+                args![o, qp, kc, vc, ctx, table_at, tables, tiles_d, nhi, nkv, hdi, bs, kvd, scale]);
         }
         self.gpu.launch("attention", "attention", (nh as u32, t as u32, 1), 128, 0,
             args![o, qp, kc, vc, ctx, table_at, tables, nhi, nkv, hdi, bs, kvd, scale])
