@@ -189,6 +189,9 @@ pub struct Gpu {
     modules: Mutex<HashMap<&'static str, Module>>,
     funcs: Mutex<HashMap<(&'static str, &'static str), Func>>,
     mode: Mutex<ModeState>,
+    /// Device arrays of matrix pointers for `grouped_gemm` (grow-only; each upload is ordered on
+    /// the stream after the GEMMs that read the previous contents).
+    ptr_arrays: Mutex<Option<DevMem>>,
 }
 
 impl Drop for Gpu {
@@ -239,7 +242,7 @@ impl Gpu {
             };
             let gpu = Gpu { ctx, h: Handles { stream, blas }, dtype, arch, name, driver,
                 modules: Mutex::new(HashMap::new()), funcs: Mutex::new(HashMap::new()),
-                mode: Mutex::new(ModeState { mode: Mode::Eager, hash: HASH_START }) };
+                mode: Mutex::new(ModeState { mode: Mode::Eager, hash: HASH_START }), ptr_arrays: Mutex::new(None) };
             // SAFETY: both handles are live; cuBLAS then orders its work on our stream.
             unsafe { blas::set_stream(gpu.h.blas, gpu.h.stream as _) }.map_err(|e| blas_err("cublasSetStream", e))?;
             Ok(gpu)
@@ -433,6 +436,51 @@ impl Gpu {
         // every device pointer among them is a live allocation sized for this launch.
         unsafe { drv::launch_kernel(f.0, grid, (block, 1, 1), smem, self.h.stream, args) }
             .map_err(|e| drv_err(&format!("launching {name}"), e))
+    }
+
+    /// Several products of one shape family in one cuBLAS call (cublasGemmGroupedBatchedEx): per
+    /// group (out, x, w, rows), out [rows, N] = x [rows, K] · w [N, K]ᵀ. Eager mode only (it uploads
+    /// the pointer arrays from pageable memory).
+    pub fn grouped_gemm(&self, groups: &[(u64, u64, u64, usize)], n: usize, k: usize) -> Result<()> {
+        let g = groups.len();
+        if g == 0 {
+            return Ok(());
+        }
+        crate::ensure!(self.note(|h| h)? == Mode::Eager, Device, "grouped GEMM inside a CUDA graph step");
+        self.bind()?;
+        let ty = match self.dtype {
+            DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
+            DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
+            DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
+        };
+        // Device pointer arrays: A = weights, B = inputs, C = outputs (column-major view as `gemm`).
+        let mut ptrs: Vec<u64> = Vec::with_capacity(3 * g);
+        ptrs.extend(groups.iter().map(|x| x.2));
+        ptrs.extend(groups.iter().map(|x| x.1));
+        ptrs.extend(groups.iter().map(|x| x.0));
+        let mut arrays = self.ptr_arrays.lock().map_err(|_| Error::Device("pointer arrays poisoned".into()))?;
+        if arrays.as_ref().is_none_or(|m| m.bytes < ptrs.len() * 8) {
+            *arrays = None;
+            *arrays = Some(self.alloc((ptrs.len() * 8).next_power_of_two().max(4096))?);
+        }
+        let dev = arrays.as_ref().expect("allocated above");
+        self.upload(dev, 0, bytemuck::cast_slice(&ptrs))?;
+        let (a, b, c) = (dev.ptr, dev.ptr + 8 * g as u64, dev.ptr + 16 * g as u64);
+        let ta = vec![blas_sys::cublasOperation_t::CUBLAS_OP_T; g];
+        let tb = vec![blas_sys::cublasOperation_t::CUBLAS_OP_N; g];
+        let (ms, ks) = (vec![n as i32; g], vec![k as i32; g]);
+        let ns: Vec<i32> = groups.iter().map(|x| x.3 as i32).collect();
+        let (alpha, beta, sizes) = (vec![1f32; g], vec![0f32; g], vec![1i32; g]);
+        // SAFETY: the pointer arrays hold g live device matrices each of the stated shapes (the
+        // caller's contract); the host arrays have g entries; alpha/beta are host f32 (the handle's
+        // default pointer mode) matching the f32 compute type.
+        let status = unsafe {
+            blas_sys::cublasGemmGroupedBatchedEx(self.h.blas, ta.as_ptr(), tb.as_ptr(), ms.as_ptr(), ns.as_ptr(), ks.as_ptr(),
+                alpha.as_ptr() as *const c_void, a as *const *const c_void, ty, ks.as_ptr(),
+                b as *const *const c_void, ty, ks.as_ptr(), beta.as_ptr() as *const c_void,
+                c as *const *mut c_void, ty, ms.as_ptr(), g as i32, sizes.as_ptr(), blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F)
+        };
+        status.result().map_err(|e| blas_err("cuBLAS grouped GEMM", e))
     }
 
     /// out [T, N] = x [T, K] · w [N, K]ᵀ through cuBLAS, f32 accumulation, output in the compute dtype.

@@ -128,8 +128,9 @@ enum Scratch {
     ArgmaxIds,   // [R] u32
     AttnMl,      // [T, nh, splits, 2] f32
     AttnAcc,     // [T, nh, splits, hd] f32
+    Xs,          // [P, H] rows of x in expert order
 }
-const N_SCRATCH: usize = 15;
+const N_SCRATCH: usize = 16;
 
 /// A grow-only device buffer that remembers what was last uploaded into it.
 #[derive(Default)]
@@ -173,6 +174,9 @@ pub struct CudaBackend {
     split_kv: bool,
     /// Tiled prefill attention; `QWEN3RS_CUDA_TILED_ATTN=0` keeps one block per (head, row).
     tiled_attn: bool,
+    /// MoE prefill through cuBLAS grouped GEMMs; `QWEN3RS_CUDA_MOE_CUBLAS=0` keeps `grouped_gemm`.
+    /// Turned off for the process's backend after the first cuBLAS refusal.
+    moe_cublas: std::sync::atomic::AtomicBool,
 }
 
 /// Whether env `name` is set to 0/false/off/no (a switch back to an older kernel path, for bisecting).
@@ -217,7 +221,7 @@ impl CudaBackend {
         let graphs = graphs_enabled().then(|| Mutex::new(HashMap::new()));
         Ok(CudaBackend { gpu, ordinal, meta: Mutex::new(slots(N_META)), scratch: Mutex::new(slots(N_SCRATCH)), graphs,
             graph_bad: Default::default(), wide_gemv: !env_off("QWEN3RS_CUDA_GEMV"), split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"),
-            tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN") })
+            tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"), moe_cublas: (!env_off("QWEN3RS_CUDA_MOE_CUBLAS")).into() })
     }
 
     /// The GPU's name and compute capability, e.g. "NVIDIA H200 (sm_90)".
@@ -343,6 +347,43 @@ impl CudaBackend {
         let (n64, c, hw) = (n as u64, spec.center, spec.half_width);
         self.gpu.launch("elementwise", "dummy_fill", (blocks(chunks, DUMMY_THREADS), jobs as u32, 1), DUMMY_THREADS as u32, 0,
             args![out, keys, key, n64, c, hw])
+    }
+
+    /// The experts of a prefill batch through cuBLAS: sort the (row, expert) pairs into one segment
+    /// per expert, read the segments' bounds back (one host sync per layer: fine for prefill, never
+    /// on the decode path), gather x into expert order, then gate, up and down as grouped GEMMs on
+    /// the tensor cores, SwiGLU between, and the weighted combine.
+    fn moe_grouped_cublas(&self, out: &mut CudaBuf, x: &CudaBuf, moe: &CudaMoe, bufs: [u64; 11]) -> Result<()> {
+        let [ids, weights, sorted, pair_pos, tile_e, tile_row0, tile_rows, g, u, act, y] = bufs;
+        let (t, h, e, k, inter) = (x.rows, x.cols, moe.n_experts, moe.top_k, moe.inter);
+        let p = t * k;
+        let es = self.esize() as u64;
+        // One tile per expert (tile rows = P): at most E tiles, then -1.
+        let (pi, ki, ei, tm, mt) = (p as i32, k as i32, e as i32, p as i32, (e + 1) as i32);
+        self.gpu.launch("moe", "moe_sort", (1, 1, 1), 1024, (2 * e * 4) as u32,
+            args![ids, pi, ki, ei, tm, mt, sorted, pair_pos, tile_e, tile_row0, tile_rows])?;
+        let [xs] = self.scratch([(Scratch::Xs, p * h * self.esize())])?;
+        let (xp, hi) = (x.mem.ptr, h as i32);
+        self.gpu.launch("elementwise", "gather_rows", (blocks(h, 256), p as u32, 1), 256, 0, args![xs, xp, sorted, hi])?;
+        let te: Vec<i32> = self.download_typed(e + 1, tile_e)?;
+        let r0: Vec<i32> = self.download_typed(e + 1, tile_row0)?;
+        let nr: Vec<i32> = self.download_typed(e + 1, tile_rows)?;
+        let segs: Vec<(u64, u64, u64)> = te.iter().zip(&r0).zip(&nr).take_while(|((&x, _), _)| x >= 0)
+            .map(|((&x, &r), &n)| (x as u64, r as u64, n as u64)).collect();
+        ensure!(segs.iter().all(|s| (s.0 as usize) < e) && segs.iter().map(|s| s.2).sum::<u64>() == p as u64, Device,
+            "MoE sort produced inconsistent segments");
+        let per = (inter * h) as u64 * es;
+        let (ie, he) = (inter as u64 * es, h as u64 * es);
+        let gate: Vec<_> = segs.iter().map(|&(x, r, n)| (g + r * ie, xs + r * he, moe.gate.ptr + x * per, n as usize)).collect();
+        self.gpu.grouped_gemm(&gate, inter, h)?;
+        let upg: Vec<_> = segs.iter().map(|&(x, r, n)| (u + r * ie, xs + r * he, moe.up.ptr + x * per, n as usize)).collect();
+        self.gpu.grouped_gemm(&upg, inter, h)?;
+        let n = (p * inter) as i64;
+        self.gpu.launch("elementwise", "swiglu", (blocks(p * inter, 256), 1, 1), 256, 0, args![act, g, u, n])?;
+        let down: Vec<_> = segs.iter().map(|&(x, r, n)| (y + r * he, act + r * ie, moe.down.ptr + x * per, n as usize)).collect();
+        self.gpu.grouped_gemm(&down, h, inter)?;
+        let o = out.mem.ptr;
+        self.gpu.launch("moe", "moe_combine", (blocks(h, 256), t as u32, 1), 256, 0, args![o, y, pair_pos, weights, ki, hi])
     }
 
     /// Device pointers of scratch buffers of the given sizes in bytes.
@@ -800,6 +841,18 @@ impl Backend for CudaBackend {
             return self.gpu.launch("moe", "moe_combine", (blocks(h, 256), t as u32, 1), 256, 0, args![o, y, null, weights, ki, hi]);
         }
         self.gpu.launch("moe", "moe_route", (blocks(t, 128), 1, 1), 128, 0, args![probs, ids, weights, ti, ei, ki, norm])?;
+        if self.moe_cublas.load(std::sync::atomic::Ordering::Relaxed) && self.gpu.note(|h| h)? == Mode::Eager {
+            match self.moe_grouped_cublas(out, x, moe, [ids, weights, sorted, pair_pos, tile_e, tile_row0, tile_rows, g, u, act, y]) {
+                Ok(()) => return Ok(()),
+                // A cuBLAS without grouped GEMM for this dtype: the kernel path from now on. The
+                // routing above is still valid; sorting again below is harmless.
+                Err(Error::Device(m)) if m.contains("cuBLAS grouped GEMM") => {
+                    eprintln!("qwen3rs: {m}; MoE prefill falls back to the grouped_gemm kernel");
+                    self.moe_cublas.store(false, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
         // 2. Group the (row, expert) pairs by expert into tiles.
         let (tm, mt) = (MOE_TILE_ROWS as i32, max_tiles as i32);
         self.gpu.launch("moe", "moe_sort", (1, 1, 1), 1024, (2 * e * 4) as u32,
