@@ -316,6 +316,48 @@ fn qk_norm_rope() {
     }
 }
 
+/// QK-norm + RoPE fused with the cache append: two sequences (3 rows after 6 cached, 2 rows from
+/// position 0) in scattered blocks. Returns q, k and the attention over the updated cache.
+fn run_qk_append<B: Backend>(be: &B, s: AttnShape, r: &mut Rng) -> Vec<f32> {
+    let (hd, kvd, qd, bs) = (s.head_dim, s.n_kv_heads * s.head_dim, s.n_heads * s.head_dim, 4usize);
+    let rope = be.upload_exact(rope_table(64, hd)).unwrap();
+    let qn = be.upload(tensor(&r.uniform(hd, 0.5).iter().map(|v| 1.0 + v).collect::<Vec<_>>(), &[hd])).unwrap();
+    let kn = be.upload(tensor(&r.uniform(hd, 0.5).iter().map(|v| 1.0 + v).collect::<Vec<_>>(), &[hd])).unwrap();
+    let mut kv = be.alloc_kv(8, bs, kvd).unwrap();
+    let tables = [vec![5u32, 1, 6], vec![2u32]];
+    // The cached prefix of sequence A (plain append).
+    let tok = vec![0u32; 6];
+    let pos: Vec<u32> = (0..6).collect();
+    let b = BatchInfo { tokens: &tok, positions: &pos, block_size: bs, seqs: vec![SeqSlot { rows: 0..6, start_pos: 0, blocks: &tables[0] }] };
+    let (k, v) = (be.upload_buf(6, kvd, &r.uniform(6 * kvd, 1.0)).unwrap(), be.upload_buf(6, kvd, &r.uniform(6 * kvd, 1.0)).unwrap());
+    be.kv_append(&mut kv, &k, &v, &b).unwrap();
+    let tok = vec![0u32; 5];
+    let pos: Vec<u32> = (6..9).chain(0..2).collect();
+    let b = BatchInfo { tokens: &tok, positions: &pos, block_size: bs,
+        seqs: vec![SeqSlot { rows: 0..3, start_pos: 6, blocks: &tables[0] }, SeqSlot { rows: 3..5, start_pos: 0, blocks: &tables[1] }] };
+    let mut q = be.upload_buf(5, qd, &r.uniform(5 * qd, 2.0)).unwrap();
+    let mut k = be.upload_buf(5, kvd, &r.uniform(5 * kvd, 2.0)).unwrap();
+    let v = be.upload_buf(5, kvd, &r.uniform(5 * kvd, 1.0)).unwrap();
+    be.qk_norm_rope_append(&mut q, &mut k, &v, &qn, &kn, 1e-6, &rope, &mut kv, &b, s).unwrap();
+    let mut out = be.alloc(5, qd).unwrap();
+    be.attention(&mut out, &q, &kv, &b, s).unwrap();
+    [be.download(&q).unwrap(), be.download(&k).unwrap(), be.download(&out).unwrap()].concat()
+}
+
+#[test]
+fn qk_norm_rope_fused_with_cache_append() {
+    for dtype in DTYPES {
+        let Some(g) = gpu(dtype) else { return };
+        let c = CpuBackend::new(dtype);
+        let (_, bar) = bars(dtype);
+        for (hd, nh, nkv) in [(128usize, 8usize, 2usize), (64, 3, 1)] {
+            let s = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
+            let (gv, cv) = (run_qk_append(&g, s, &mut Rng(41)), run_qk_append(&c, s, &mut Rng(41)));
+            check(&format!("qk_norm_rope_append + attention hd={hd} nh={nh} nkv={nkv}"), dtype, &gv, &cv, bar);
+        }
+    }
+}
+
 #[test]
 fn paged_attention_prefill_and_decode() {
     for dtype in DTYPES {

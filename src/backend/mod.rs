@@ -149,6 +149,13 @@ pub trait Backend: Send + Sync + Sized + 'static {
     #[allow(clippy::too_many_arguments)]
     fn qk_norm_rope(&self, q: &mut Self::Buf, k: &mut Self::Buf, q_norm: &Self::Weight, k_norm: &Self::Weight,
         eps: f32, rope: &Self::Weight, positions: &[u32], shape: AttnShape) -> Result<()>;
+    /// `qk_norm_rope`, then `kv_append` of the rotated k and of v: one launch on a GPU.
+    #[allow(clippy::too_many_arguments)]
+    fn qk_norm_rope_append(&self, q: &mut Self::Buf, k: &mut Self::Buf, v: &Self::Buf, q_norm: &Self::Weight, k_norm: &Self::Weight,
+        eps: f32, rope: &Self::Weight, kv: &mut Self::KvLayer, batch: &BatchInfo, shape: AttnShape) -> Result<()> {
+        self.qk_norm_rope(q, k, q_norm, k_norm, eps, rope, batch.positions, shape)?;
+        self.kv_append(kv, k, v, batch)
+    }
     /// Write each row's k, v [T, kv_dim] into the cache slots its sequence's position maps to.
     fn kv_append(&self, kv: &mut Self::KvLayer, k: &Self::Buf, v: &Self::Buf, batch: &BatchInfo) -> Result<()>;
     /// Causal grouped-query attention of q [T, n_heads*hd] over each sequence's cache → out [T, n_heads*hd].

@@ -196,8 +196,7 @@ impl<B: Backend> Model<B> {
             }
             // 3. Attention: projections, per-head QK-norm + RoPE, cache append, causal GQA, output projection.
             be.matmul_many(&mut [&mut s.q, &mut s.k, &mut s.v], &s.h, &[&layer.q_proj, &layer.k_proj, &layer.v_proj])?;
-            be.qk_norm_rope(&mut s.q, &mut s.k, &layer.q_norm, &layer.k_norm, eps, &self.rope, batch.positions, shape)?;
-            be.kv_append(&mut cache.layers[i], &s.k, &s.v, batch)?;
+            be.qk_norm_rope_append(&mut s.q, &mut s.k, &s.v, &layer.q_norm, &layer.k_norm, eps, &self.rope, &mut cache.layers[i], batch, shape)?;
             be.attention(&mut s.attn, &s.q, &cache.layers[i], batch, shape)?;
             be.matmul(&mut s.delta, &s.attn, &layer.o_proj)?;
             // 4. x += attention; h = post-attention norm(x).

@@ -742,7 +742,37 @@ impl Backend for CudaBackend {
         let (qp, kp, qn, kn, rp) = (q.mem.ptr, k.mem.ptr, q_norm.mem.ptr, k_norm.mem.ptr, rope.mem.ptr);
         let (nh, nkv, hdi) = (shape.n_heads as i32, shape.n_kv_heads as i32, hd as i32);
         let grid = ((shape.n_heads + shape.n_kv_heads) as u32, positions.len() as u32, 1);
-        self.gpu.launch("norm", "qk_norm_rope", grid, 128, (hd * 4) as u32, args![qp, kp, qn, kn, rp, pos, nh, nkv, hdi, eps])
+        let (null, zero) = (0u64, 0i32);
+        self.gpu.launch("norm", "qk_norm_rope", grid, 128, (hd * 4) as u32,
+            args![qp, kp, qn, kn, rp, pos, nh, nkv, hdi, eps, null, null, null, null, zero])
+    }
+
+    fn qk_norm_rope_append(&self, q: &mut CudaBuf, k: &mut CudaBuf, v: &CudaBuf, q_norm: &CudaWeight, k_norm: &CudaWeight, eps: f32,
+        rope: &CudaWeight, kv: &mut CudaKv, batch: &BatchInfo, shape: AttnShape) -> Result<()> {
+        if !self.wide_gemv {
+            self.qk_norm_rope(q, k, q_norm, k_norm, eps, rope, batch.positions, shape)?;
+            return self.kv_append(kv, k, v, batch);
+        }
+        let (hd, d) = (shape.head_dim, kv.kv_dim);
+        ensure!(rope.dtype == DType::F32 && rope.shape.len() == 2 && rope.shape[1] == hd, InvalidArgument, "rope table must be f32 [max_pos, head_dim]");
+        let max_pos = rope.shape[0];
+        if let Some(&p) = batch.positions.iter().find(|&&p| p as usize >= max_pos) {
+            bail!(InvalidArgument, "position {p} is past the RoPE table ({max_pos})");
+        }
+        check_shape("qk_norm_rope", (q.rows, q.cols), (batch.rows(), shape.n_heads * hd))?;
+        check_shape("qk_norm_rope", (k.rows, k.cols), (batch.rows(), shape.n_kv_heads * hd))?;
+        check_shape("kv_append", (v.rows, v.cols), (batch.rows(), d))?;
+        ensure!(d == shape.n_kv_heads * hd, InvalidArgument, "KV cache rows of {d} for {} heads of {hd}", shape.n_kv_heads);
+        self.check_weight(q_norm, "q_norm")?;
+        self.check_weight(k_norm, "k_norm")?;
+        let pos = self.meta(Meta::Positions, bytemuck::cast_slice(batch.positions))?;
+        let (slots, _, _, _) = self.batch_meta(batch, kv)?;
+        let (qp, kp, qn, kn, rp) = (q.mem.ptr, k.mem.ptr, q_norm.mem.ptr, k_norm.mem.ptr, rope.mem.ptr);
+        let (nh, nkv, hdi) = (shape.n_heads as i32, shape.n_kv_heads as i32, hd as i32);
+        let (kc, vc, vp, di) = (kv.k.ptr, kv.v.ptr, v.mem.ptr, d as i32);
+        let grid = ((shape.n_heads + shape.n_kv_heads) as u32, batch.rows() as u32, 1);
+        self.gpu.launch("norm", "qk_norm_rope", grid, 128, (hd * 4) as u32,
+            args![qp, kp, qn, kn, rp, pos, nh, nkv, hdi, eps, kc, vc, vp, slots, di])
     }
 
     fn kv_append(&self, kv: &mut CudaKv, k: &CudaBuf, v: &CudaBuf, batch: &BatchInfo) -> Result<()> {
