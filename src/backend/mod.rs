@@ -167,6 +167,12 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// out[i] = x[rows[i]].
     fn gather_rows(&self, out: &mut Self::Buf, x: &Self::Buf, rows: &[u32]) -> Result<()>;
 
+    /// Most prompt tokens one generation step feeds (the engine's chunked prefill). A GPU takes
+    /// longer chunks: bigger GEMMs, and more rows per expert in a MoE layer.
+    fn prefill_chunk(&self) -> usize {
+        crate::engine::PREFILL_CHUNK
+    }
+
     /// Run `body`, one decode forward of `rows` rows (one token per sequence) that launches only
     /// on this backend. A GPU backend may record it once per `rows` as a CUDA graph and replay it
     /// on later steps (`body` then still runs on the host, for its checks and metadata, but

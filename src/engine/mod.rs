@@ -16,7 +16,8 @@ use output::{Delta, TextTracker};
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
-/// Most prompt tokens fed in one forward pass (bounds the activation memory of long prompts).
+/// Most prompt tokens fed in one forward pass by `logits` (which keeps every row's logits), and
+/// the default of `Backend::prefill_chunk` for generation (bounds the activation memory).
 pub const PREFILL_CHUNK: usize = 512;
 
 /// One generation request (token level; chat rendering happens above).
@@ -318,7 +319,7 @@ impl<B: Backend> Engine<B> {
     /// One forward pass: prompt chunks if any sequence still has prompt left, else one token each.
     fn step(&mut self, seqs: &mut [Sequence], budget_text: &[u32], on_delta: &mut EventSink) -> Result<()> {
         let prefilling = seqs.iter().any(|s| s.finish.is_none() && s.fed < s.request.prompt.len());
-        let mut budget = if prefilling { PREFILL_CHUNK } else { usize::MAX };
+        let mut budget = if prefilling { self.model.backend.prefill_chunk() } else { usize::MAX };
         // 1. Choose what each sequence feeds, and reserve its cache.
         let mut chosen: Vec<(usize, usize)> = vec![]; // (sequence, tokens fed)
         for (i, s) in seqs.iter_mut().enumerate() {

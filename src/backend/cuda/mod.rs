@@ -177,6 +177,9 @@ pub struct CudaBackend {
     /// MoE prefill through cuBLAS grouped GEMMs; `QWEN3RS_CUDA_MOE_CUBLAS=0` keeps `grouped_gemm`.
     /// Turned off for the process's backend after the first cuBLAS refusal.
     moe_cublas: std::sync::atomic::AtomicBool,
+    /// Prompt tokens per prefill pass: 2,048 (a 2k prompt in one pass); `QWEN3RS_CUDA_PREFILL_CHUNK`
+    /// overrides (512 was the first value).
+    prefill_chunk: usize,
 }
 
 /// Whether env `name` is set to 0/false/off/no (a switch back to an older kernel path, for bisecting).
@@ -221,7 +224,8 @@ impl CudaBackend {
         let graphs = graphs_enabled().then(|| Mutex::new(HashMap::new()));
         Ok(CudaBackend { gpu, ordinal, meta: Mutex::new(slots(N_META)), scratch: Mutex::new(slots(N_SCRATCH)), graphs,
             graph_bad: Default::default(), wide_gemv: !env_off("QWEN3RS_CUDA_GEMV"), split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"),
-            tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"), moe_cublas: (!env_off("QWEN3RS_CUDA_MOE_CUBLAS")).into() })
+            tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"), moe_cublas: (!env_off("QWEN3RS_CUDA_MOE_CUBLAS")).into(),
+            prefill_chunk: std::env::var("QWEN3RS_CUDA_PREFILL_CHUNK").ok().and_then(|v| v.trim().parse().ok()).filter(|&n: &usize| n > 0).unwrap_or(2048) })
     }
 
     /// The GPU's name and compute capability, e.g. "NVIDIA H200 (sm_90)".
@@ -557,6 +561,10 @@ impl Backend for CudaBackend {
         let router = self.dummy_weight(&moe.router, &[e, h])?;
         let [gate, up, down]: [DevMem; 3] = out.try_into().map_err(|_| Error::Device("three projections".into()))?;
         Ok(CudaMoe { router, gate, up, down, n_experts: e, inter, hidden: h, top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob })
+    }
+
+    fn prefill_chunk(&self) -> usize {
+        self.prefill_chunk
     }
 
     fn decode_step(&self, rows: usize, body: &mut dyn FnMut() -> Result<()>) -> Result<()> {
