@@ -590,21 +590,31 @@ impl Backend for CudaBackend {
                 self.gpu.sync()?;
                 let (r, _, bad) = self.run_in_mode(Mode::Replay, body)?;
                 r?;
-                if bad {
-                    graphs.insert(rows, GraphState::Never);
-                    return body();
-                }
-                self.gpu.begin_capture()?;
-                let (r, hash, bad) = self.run_in_mode(Mode::Capture, body)?;
-                let graph = self.gpu.end_capture();
-                match (r, graph) {
-                    (Ok(()), Ok(graph)) if !bad => {
-                        self.gpu.launch_graph(&graph)?;
+                // Whatever goes wrong below, nothing of the step has run (a dry pass and a capture
+                // launch nothing): give up graphs for this batch size, say why once, run eagerly.
+                let captured: std::result::Result<(Graph, u64), String> = if bad {
+                    Err("the forward's metadata changed within a step".into())
+                } else if let Err(e) = self.gpu.begin_capture() {
+                    Err(e.to_string())
+                } else {
+                    let (r, hash, bad) = self.run_in_mode(Mode::Capture, body)?;
+                    let graph = self.gpu.end_capture();
+                    match (r, graph) {
+                        (Ok(()), Ok(graph)) if !bad => match self.gpu.launch_graph(&graph) {
+                            Ok(()) => Ok((graph, hash)),
+                            Err(e) => Err(e.to_string()),
+                        },
+                        (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
+                        _ => Err("a metadata slot had to grow during the capture".into()),
+                    }
+                };
+                match captured {
+                    Ok((graph, hash)) => {
                         graphs.insert(rows, GraphState::Ready(graph, hash));
                         Ok(())
                     }
-                    _ => {
-                        // Nothing of the step ran (a capture launches nothing): run it eagerly.
+                    Err(why) => {
+                        eprintln!("qwen3rs: no CUDA graph for decode batches of {rows} ({why}); decoding them eagerly");
                         graphs.insert(rows, GraphState::Never);
                         body()
                     }
