@@ -55,13 +55,22 @@ rc=$?
 SUMMARY+=("pytest test_cuda+test_conformance|rc=$rc $(tail -1 "$OUT/pytest.log")")
 
 # Speed smoke (not a benchmark; the next issue's baseline): greedy decode on dummy Qwen3-0.6B, bf16.
+# Graphs on (default) and off (QWEN3RS_CUDA_GRAPHS=0, read at load); the full benchmark is benches/gpu_bench.py.
 timeout 300 python3 - > "$OUT/speed.txt" 2>&1 <<'PY'
+import os, time
 import qwen3rs
-m = qwen3rs.load("dummy:Qwen3-0.6B", device="cuda", max_seq_len=2048, max_batch=1, progress=False)
-m.generate(list(range(1, 65)), raw=True, max_new_tokens=8, temperature=0.0, ignore_eos=True)
-o = m.generate(list(range(1, 513)), raw=True, max_new_tokens=128, temperature=0.0, ignore_eos=True)
-t = o.timings
-print(f"prefill 512 tok: {t['prefill_s'] * 1e3:.1f} ms, decode: {t['decode_tok_s']:.1f} tok/s")
+rows = []
+for graphs in ["1", "0"]:
+    os.environ["QWEN3RS_CUDA_GRAPHS"] = graphs
+    t0 = time.perf_counter()
+    m = qwen3rs.load("dummy:Qwen3-0.6B", device="cuda", max_seq_len=2048, max_batch=1, progress=False)
+    load = time.perf_counter() - t0
+    m.generate(list(range(1, 65)), raw=True, max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    o = m.generate(list(range(1, 513)), raw=True, max_new_tokens=128, temperature=0.0, ignore_eos=True)
+    t = o.timings
+    rows.append(f"graphs={graphs}: load {load:.1f} s, prefill 512 {t['prefill_s'] * 1e3:.1f} ms, decode {t['decode_tok_s']:.0f} tok/s")
+    del m
+print("; ".join(rows))
 PY
 SUMMARY+=("speed dummy:Qwen3-0.6B bf16 batch 1|$(tail -1 "$OUT/speed.txt")")
 

@@ -16,7 +16,14 @@
 //!   one warp per output column), cuBLAS GemmEx (f32 accumulation) above; attention is one block
 //!   per (head, row) with a per-warp online softmax (no split-KV yet); MoE experts run as tiled
 //!   grouped GEMMs over expert-sorted rows (tiles of 16 rows, no host sync). Metadata uploads are
-//!   skipped when unchanged. Not yet: CUDA graphs, pinned staging, fused small ops, flash prefill.
+//!   skipped when unchanged.
+//! - CUDA, issue 6 (speed; figures in benches/RESULTS.md, each step switchable by an env var read
+//!   at load for bisecting): decode steps as CUDA graphs, one per batch size, metadata through
+//!   pinned staging and replays checked by a hash of every launch; `gemv_wide` (split-K inside the
+//!   block, 4 loads in flight per lane) with q/k/v and gate·up·SwiGLU fused; QK-norm + RoPE + KV
+//!   append in one kernel; MoE decode reading only the chosen experts; split-KV decode attention;
+//!   tiled causal attention for prefill; MoE prefill through cuBLAS grouped GEMMs; dummy weights
+//!   drawn on the device. Not yet: tensor-core prefill attention, a device sampler for non-greedy.
 
 pub mod error;
 pub mod backend;

@@ -18,6 +18,11 @@ pub trait TensorSource: Sync {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<HostTensor>;
     /// The dtype the checkpoint stores its weights in (for dtype="auto").
     fn stored_dtype(&self) -> DType;
+    /// `Some(seed)` for dummy weights: the backend may then generate them itself
+    /// (`Backend::dummy_weight`) instead of receiving host tensors.
+    fn dummy_seed(&self) -> Option<u64> {
+        None
+    }
 }
 
 struct Entry {

@@ -13,7 +13,8 @@
 
 use qwen3rs::backend::cpu::CpuBackend;
 use qwen3rs::backend::cuda::{self, CudaBackend};
-use qwen3rs::backend::{AttnShape, Backend, BatchInfo, MoeHost, SeqSlot};
+use qwen3rs::backend::{AttnShape, Backend, BatchInfo, MoeDummy, MoeHost, SeqSlot};
+use qwen3rs::model::dummy::DummySpec;
 use qwen3rs::tensor::{DType, HostTensor};
 use qwen3rs::Error;
 
@@ -228,7 +229,9 @@ fn matmul_gemv_and_cublas() {
         let (_, bar) = bars(dtype);
         let mut r = Rng(3);
         // T <= 8 takes the GEMV kernel (16-byte loads when K allows, else element loads), T > 8 cuBLAS.
-        for (n, k) in [(72usize, 64usize), (100, 37), (256, 1024), (1000, 2048)] {
+        // gemv_wide's warps per row go from 8 (few rows) to 1 (many), with a partial last unrolled
+        // step and a partial last block: (3, 4096), (1000, 2048), (5003, 1032), (8200, 256).
+        for (n, k) in [(72usize, 64usize), (100, 37), (256, 1024), (1000, 2048), (3, 4096), (5003, 1032), (8200, 256)] {
             let w = tensor(&r.uniform(n * k, (3.0 / k as f32).sqrt()), &[n, k]);
             for t in [1usize, 3, 7, 8, 9, 33] {
                 let x = r.uniform(t * k, 1.0);
@@ -239,6 +242,54 @@ fn matmul_gemv_and_cublas() {
         let wb = tensor(&r.uniform(64 * 96, 0.2), &[64, 96]).to_dtype(DType::BF16);
         let x = r.uniform(5 * 96, 1.0);
         check("matmul bf16 weights T=5", dtype, &run_matmul(&g, &x, 5, &wb), &run_matmul(&c, &x, 5, &wb), bar);
+    }
+}
+
+fn run_matmul3<B: Backend>(be: &B, x: &[f32], t: usize, ws: &[HostTensor; 3]) -> Vec<f32> {
+    let k = ws[0].shape[1];
+    let xb = be.upload_buf(t, k, x).unwrap();
+    let w: Vec<B::Weight> = ws.iter().map(|w| be.upload(w.clone()).unwrap()).collect();
+    let mut o: Vec<B::Buf> = ws.iter().map(|w| be.alloc(t, w.shape[0]).unwrap()).collect();
+    let [a, b, c] = &mut o[..] else { unreachable!() };
+    be.matmul_many(&mut [a, b, c], &xb, &[&w[0], &w[1], &w[2]]).unwrap();
+    o.iter().flat_map(|b| be.download(b).unwrap()).collect()
+}
+
+fn run_matmul_swiglu<B: Backend>(be: &B, x: &[f32], t: usize, gate: &HostTensor, up: &HostTensor) -> Vec<f32> {
+    let (n, k) = (gate.shape[0], gate.shape[1]);
+    let xb = be.upload_buf(t, k, x).unwrap();
+    let (g, u) = (be.upload(gate.clone()).unwrap(), be.upload(up.clone()).unwrap());
+    let (mut out, mut gs, mut us) = (be.alloc(t, n).unwrap(), be.alloc(t, n).unwrap(), be.alloc(t, n).unwrap());
+    be.matmul_swiglu(&mut out, &mut gs, &mut us, &xb, &g, &u).unwrap();
+    be.download(&out).unwrap()
+}
+
+#[test]
+fn fused_decode_products() {
+    // q/k/v in one launch (gemv3) and gate·up·SwiGLU in one (gemv_swiglu) for T <= 8; T = 9 and
+    // K not a multiple of the vector width take the unfused path. Odd row counts throughout.
+    for dtype in DTYPES {
+        let Some(g) = gpu(dtype) else { return };
+        let c = CpuBackend::new(dtype);
+        let (_, bar) = bars(dtype);
+        let mut r = Rng(13);
+        for (ns, k) in [([256usize, 72, 72], 1024usize), ([2048, 512, 512], 4096), ([100, 37, 5], 72), ([64, 16, 16], 37)] {
+            let s = (3.0 / k as f32).sqrt();
+            let ws = ns.map(|n| tensor(&r.uniform(n * k, s), &[n, k]));
+            for t in [1usize, 3, 8, 9] {
+                let x = r.uniform(t * k, 1.0);
+                check(&format!("matmul_many T={t} N={ns:?} K={k}"), dtype, &run_matmul3(&g, &x, t, &ws), &run_matmul3(&c, &x, t, &ws), bar);
+            }
+        }
+        for (n, k) in [(300usize, 1024usize), (1001, 72), (3072, 1024), (40, 37)] {
+            let s = (3.0 / k as f32).sqrt();
+            let (gw, uw) = (tensor(&r.uniform(n * k, s), &[n, k]), tensor(&r.uniform(n * k, s), &[n, k]));
+            for t in [1usize, 5, 8, 9] {
+                let x = r.uniform(t * k, 1.0);
+                check(&format!("matmul_swiglu T={t} N={n} K={k}"), dtype, &run_matmul_swiglu(&g, &x, t, &gw, &uw),
+                    &run_matmul_swiglu(&c, &x, t, &gw, &uw), bar);
+            }
+        }
     }
 }
 
@@ -265,6 +316,48 @@ fn qk_norm_rope() {
     }
 }
 
+/// QK-norm + RoPE fused with the cache append: two sequences (3 rows after 6 cached, 2 rows from
+/// position 0) in scattered blocks. Returns q, k and the attention over the updated cache.
+fn run_qk_append<B: Backend>(be: &B, s: AttnShape, r: &mut Rng) -> Vec<f32> {
+    let (hd, kvd, qd, bs) = (s.head_dim, s.n_kv_heads * s.head_dim, s.n_heads * s.head_dim, 4usize);
+    let rope = be.upload_exact(rope_table(64, hd)).unwrap();
+    let qn = be.upload(tensor(&r.uniform(hd, 0.5).iter().map(|v| 1.0 + v).collect::<Vec<_>>(), &[hd])).unwrap();
+    let kn = be.upload(tensor(&r.uniform(hd, 0.5).iter().map(|v| 1.0 + v).collect::<Vec<_>>(), &[hd])).unwrap();
+    let mut kv = be.alloc_kv(8, bs, kvd).unwrap();
+    let tables = [vec![5u32, 1, 6], vec![2u32]];
+    // The cached prefix of sequence A (plain append).
+    let tok = vec![0u32; 6];
+    let pos: Vec<u32> = (0..6).collect();
+    let b = BatchInfo { tokens: &tok, positions: &pos, block_size: bs, seqs: vec![SeqSlot { rows: 0..6, start_pos: 0, blocks: &tables[0] }] };
+    let (k, v) = (be.upload_buf(6, kvd, &r.uniform(6 * kvd, 1.0)).unwrap(), be.upload_buf(6, kvd, &r.uniform(6 * kvd, 1.0)).unwrap());
+    be.kv_append(&mut kv, &k, &v, &b).unwrap();
+    let tok = vec![0u32; 5];
+    let pos: Vec<u32> = (6..9).chain(0..2).collect();
+    let b = BatchInfo { tokens: &tok, positions: &pos, block_size: bs,
+        seqs: vec![SeqSlot { rows: 0..3, start_pos: 6, blocks: &tables[0] }, SeqSlot { rows: 3..5, start_pos: 0, blocks: &tables[1] }] };
+    let mut q = be.upload_buf(5, qd, &r.uniform(5 * qd, 2.0)).unwrap();
+    let mut k = be.upload_buf(5, kvd, &r.uniform(5 * kvd, 2.0)).unwrap();
+    let v = be.upload_buf(5, kvd, &r.uniform(5 * kvd, 1.0)).unwrap();
+    be.qk_norm_rope_append(&mut q, &mut k, &v, &qn, &kn, 1e-6, &rope, &mut kv, &b, s).unwrap();
+    let mut out = be.alloc(5, qd).unwrap();
+    be.attention(&mut out, &q, &kv, &b, s).unwrap();
+    [be.download(&q).unwrap(), be.download(&k).unwrap(), be.download(&out).unwrap()].concat()
+}
+
+#[test]
+fn qk_norm_rope_fused_with_cache_append() {
+    for dtype in DTYPES {
+        let Some(g) = gpu(dtype) else { return };
+        let c = CpuBackend::new(dtype);
+        let (_, bar) = bars(dtype);
+        for (hd, nh, nkv) in [(128usize, 8usize, 2usize), (64, 3, 1)] {
+            let s = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
+            let (gv, cv) = (run_qk_append(&g, s, &mut Rng(41)), run_qk_append(&c, s, &mut Rng(41)));
+            check(&format!("qk_norm_rope_append + attention hd={hd} nh={nh} nkv={nkv}"), dtype, &gv, &cv, bar);
+        }
+    }
+}
+
 #[test]
 fn paged_attention_prefill_and_decode() {
     for dtype in DTYPES {
@@ -277,6 +370,95 @@ fn paged_attention_prefill_and_decode() {
             let kvd = nkv * hd;
             let data = [r.uniform(20 * kvd, 1.0), r.uniform(20 * kvd, 1.0), r.uniform(8 * kvd, 1.0), r.uniform(8 * kvd, 1.0), r.uniform(8 * nh * hd, 1.0)];
             check(&format!("attention hd={hd} nh={nh} nkv={nkv}"), dtype, &run_attention(&g, s, &data), &run_attention(&c, s, &data), bar);
+        }
+    }
+}
+
+/// Decode rows at long contexts (the GPU splits the keys across blocks, then merges): sequences of
+/// 600, 3000 and 4 cached tokens (the last leaves most splits without keys) in scattered blocks,
+/// one new token each. Returns the attention output of the decode step [3, nh*hd].
+fn run_attention_long<B: Backend>(be: &B, s: AttnShape, r: &mut Rng) -> Vec<f32> {
+    let (kvd, qd, bs) = (s.n_kv_heads * s.head_dim, s.n_heads * s.head_dim, 16usize);
+    let lens = [600usize, 3000, 4];
+    let n_blocks: usize = lens.iter().map(|l| (l + 1).div_ceil(bs)).sum();
+    let mut kv = be.alloc_kv(n_blocks, bs, kvd).unwrap();
+    // Blocks handed out in reverse, interleaved between the sequences.
+    let mut free: Vec<u32> = (0..n_blocks as u32).collect();
+    let tables: Vec<Vec<u32>> = lens.iter().map(|l| (0..(l + 1).div_ceil(bs)).map(|_| free.pop().unwrap()).collect()).collect();
+    for (i, &len) in lens.iter().enumerate() {
+        let tok = vec![0u32; len];
+        let pos: Vec<u32> = (0..len as u32).collect();
+        let b = BatchInfo { tokens: &tok, positions: &pos, seqs: vec![SeqSlot { rows: 0..len, start_pos: 0, blocks: &tables[i] }], block_size: bs };
+        let (k, v) = (be.upload_buf(len, kvd, &r.uniform(len * kvd, 1.0)).unwrap(), be.upload_buf(len, kvd, &r.uniform(len * kvd, 1.0)).unwrap());
+        be.kv_append(&mut kv, &k, &v, &b).unwrap();
+    }
+    let tok = vec![0u32; 3];
+    let pos: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
+    let seqs = (0..3).map(|i| SeqSlot { rows: i..i + 1, start_pos: lens[i], blocks: &tables[i] }).collect();
+    let b = BatchInfo { tokens: &tok, positions: &pos, seqs, block_size: bs };
+    let (k, v) = (be.upload_buf(3, kvd, &r.uniform(3 * kvd, 1.0)).unwrap(), be.upload_buf(3, kvd, &r.uniform(3 * kvd, 1.0)).unwrap());
+    be.kv_append(&mut kv, &k, &v, &b).unwrap();
+    // Sharper scores than uniform(1) give: a few keys dominate, as in a trained model.
+    let q = be.upload_buf(3, qd, &r.uniform(3 * qd, 4.0)).unwrap();
+    let mut out = be.alloc(3, qd).unwrap();
+    be.attention(&mut out, &q, &kv, &b, s).unwrap();
+    be.download(&out).unwrap()
+}
+
+/// A prefill batch (T > 8: the GPU's tiled attention): sequence A with 40 cached tokens gets 70 new
+/// rows (a full and a partial 64-row tile), B 33 rows from position 0, C one row after 5 cached.
+fn run_attention_prefill<B: Backend>(be: &B, s: AttnShape, r: &mut Rng) -> Vec<f32> {
+    let (kvd, qd, bs) = (s.n_kv_heads * s.head_dim, s.n_heads * s.head_dim, 16usize);
+    let mut kv = be.alloc_kv(16, bs, kvd).unwrap();
+    let tables: [Vec<u32>; 3] = [vec![9, 2, 14, 5, 11, 0, 7], vec![3, 12, 1], vec![15]];
+    // Step 1: the cached prefixes (A 40 tokens, C 5).
+    let tok = vec![0u32; 45];
+    let pos: Vec<u32> = (0..40).chain(0..5).collect();
+    let b = BatchInfo { tokens: &tok, positions: &pos, block_size: bs,
+        seqs: vec![SeqSlot { rows: 0..40, start_pos: 0, blocks: &tables[0] }, SeqSlot { rows: 40..45, start_pos: 0, blocks: &tables[2] }] };
+    let (k, v) = (be.upload_buf(45, kvd, &r.uniform(45 * kvd, 1.0)).unwrap(), be.upload_buf(45, kvd, &r.uniform(45 * kvd, 1.0)).unwrap());
+    be.kv_append(&mut kv, &k, &v, &b).unwrap();
+    // Step 2: A rows 0..70 (positions 40..110), B rows 70..103 (0..33), C row 103 (position 5).
+    let t = 104;
+    let tok = vec![0u32; t];
+    let pos: Vec<u32> = (40..110).chain(0..33).chain([5]).collect();
+    let b = BatchInfo { tokens: &tok, positions: &pos, block_size: bs, seqs: vec![
+        SeqSlot { rows: 0..70, start_pos: 40, blocks: &tables[0] },
+        SeqSlot { rows: 70..103, start_pos: 0, blocks: &tables[1] },
+        SeqSlot { rows: 103..104, start_pos: 5, blocks: &tables[2] },
+    ] };
+    let (k, v) = (be.upload_buf(t, kvd, &r.uniform(t * kvd, 1.0)).unwrap(), be.upload_buf(t, kvd, &r.uniform(t * kvd, 1.0)).unwrap());
+    be.kv_append(&mut kv, &k, &v, &b).unwrap();
+    let q = be.upload_buf(t, qd, &r.uniform(t * qd, 3.0)).unwrap();
+    let mut out = be.alloc(t, qd).unwrap();
+    be.attention(&mut out, &q, &kv, &b, s).unwrap();
+    be.download(&out).unwrap()
+}
+
+#[test]
+fn tiled_prefill_attention() {
+    for dtype in DTYPES {
+        let Some(g) = gpu(dtype) else { return };
+        let c = CpuBackend::new(dtype);
+        let (_, bar) = bars(dtype);
+        for (hd, nh, nkv) in [(128usize, 8usize, 2usize), (64, 4, 4), (256, 2, 1), (96, 6, 3)] {
+            let s = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
+            let (gv, cv) = (run_attention_prefill(&g, s, &mut Rng(31)), run_attention_prefill(&c, s, &mut Rng(31)));
+            check(&format!("tiled prefill attention hd={hd} nh={nh} nkv={nkv}"), dtype, &gv, &cv, bar);
+        }
+    }
+}
+
+#[test]
+fn split_kv_decode_attention_long_contexts() {
+    for dtype in DTYPES {
+        let Some(g) = gpu(dtype) else { return };
+        let c = CpuBackend::new(dtype);
+        let (_, bar) = bars(dtype);
+        for (hd, nh, nkv) in [(128usize, 8usize, 2usize), (64, 4, 4)] {
+            let s = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
+            let (gv, cv) = (run_attention_long(&g, s, &mut Rng(21)), run_attention_long(&c, s, &mut Rng(21)));
+            check(&format!("split-KV attention hd={hd} nh={nh} nkv={nkv}"), dtype, &gv, &cv, bar);
         }
     }
 }
@@ -311,6 +493,51 @@ fn moe_routing_and_experts() {
                 let x = r.uniform(t * h, 1.0);
                 check(&format!("moe E={e} k={k} T={t} norm={norm}"), dtype, &run_moe(&g, &x, t, &moe), &run_moe(&c, &x, t, &moe), bar);
             }
+        }
+    }
+}
+
+#[test]
+fn dummy_weights_drawn_on_device_equal_the_host() {
+    // The device's splitmix64 chains must give the host's values exactly (both round to bf16 at
+    // the same point); shapes: a norm vector, odd sizes, several chunks with a short last one.
+    for dtype in DTYPES {
+        let Some(g) = gpu(dtype) else { return };
+        let c = CpuBackend::new(dtype);
+        for (i, shape) in [vec![1024usize], vec![33, 77], vec![3, 70_001], vec![128, 1111]].into_iter().enumerate() {
+            let spec = DummySpec::new(42 + i as u64, &format!("t{i}"), &shape);
+            let n: usize = shape.iter().product();
+            // Read back through an embedding of every row (a vector as one row: same values,
+            // which depend only on the spec and the element index).
+            let (rows, cols) = if shape.len() == 1 { (1, n) } else { (shape[0], shape[1]) };
+            let ids: Vec<u32> = (0..rows as u32).collect();
+            let (gw, cw) = (g.dummy_weight(&spec, &[rows, cols]).unwrap(), c.dummy_weight(&spec, &[rows, cols]).unwrap());
+            let (mut go, mut co) = (g.alloc(rows, cols).unwrap(), c.alloc(rows, cols).unwrap());
+            g.embed(&mut go, &gw, &ids).unwrap();
+            c.embed(&mut co, &cw, &ids).unwrap();
+            let (gv, cv) = (g.download(&go).unwrap(), c.download(&co).unwrap());
+            let diff = gv.iter().zip(&cv).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            eprintln!("dummy_weight {shape:?} {}: {diff} of {n} differ", dtype.name());
+            assert_eq!(diff, 0, "device dummy weights differ from the host's");
+        }
+        // A dummy MoE layer drawn on the device computes what the host-built one does.
+        let (_, bar) = bars(dtype);
+        let (e, k, h, inter) = (16usize, 4usize, 96usize, 40usize);
+        let spec = |name: &str, shape: &[usize]| DummySpec::new(5, name, shape);
+        let make = || MoeDummy {
+            router: spec("router", &[e, h]),
+            experts: (0..e).map(|x| [spec(&format!("g{x}"), &[inter, h]), spec(&format!("u{x}"), &[inter, h]), spec(&format!("d{x}"), &[h, inter])]).collect(),
+            hidden: h, inter, top_k: k, norm_topk_prob: true,
+        };
+        let (gm, cm) = (g.dummy_moe(make()).unwrap(), c.dummy_moe(make()).unwrap());
+        let mut r = Rng(11);
+        for t in [1usize, 9] {
+            let x = r.uniform(t * h, 1.0);
+            let (gx, cx) = (g.upload_buf(t, h, &x).unwrap(), c.upload_buf(t, h, &x).unwrap());
+            let (mut go, mut co) = (g.alloc(t, h).unwrap(), c.alloc(t, h).unwrap());
+            g.moe(&mut go, &gx, &gm).unwrap();
+            c.moe(&mut co, &cx, &cm).unwrap();
+            check(&format!("dummy moe E={e} k={k} T={t}"), dtype, &g.download(&go).unwrap(), &c.download(&co).unwrap(), bar);
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod cuda;
 pub mod cuda;
 
 use crate::error::Result;
+use crate::model::dummy::DummySpec;
 use crate::tensor::{DType, HostTensor};
 use std::ops::Range;
 
@@ -76,6 +77,18 @@ pub enum Split {
     Rows,
 }
 
+/// A sparse MoE layer of dummy weights, described rather than materialised (`Backend::dummy_moe`).
+pub struct MoeDummy {
+    /// [E, H] router.
+    pub router: DummySpec,
+    /// Per expert: gate [I, H], up [I, H], down [H, I].
+    pub experts: Vec<[DummySpec; 3]>,
+    pub hidden: usize,
+    pub inter: usize,
+    pub top_k: usize,
+    pub norm_topk_prob: bool,
+}
+
 pub trait Backend: Send + Sync + Sized + 'static {
     /// An activation buffer: [rows, cols] row-major in the compute dtype.
     type Buf: Send;
@@ -96,6 +109,24 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// A table kept exactly as given (the f32 RoPE table).
     fn upload_exact(&self, tensor: HostTensor) -> Result<Self::Weight>;
     fn upload_moe(&self, moe: MoeHost) -> Result<Self::Moe>;
+    /// A dummy weight of `shape` (see `model::dummy`), equal to `upload(spec.host_tensor(shape))`.
+    /// A GPU backend overrides this to draw the values on the device: no host copy of the model.
+    fn dummy_weight(&self, spec: &DummySpec, shape: &[usize]) -> Result<Self::Weight> {
+        self.upload(spec.host_tensor(shape))
+    }
+    /// A dummy weight tensor parallelism splits as `split` (single-device backends take it whole).
+    fn dummy_weight_split(&self, spec: &DummySpec, shape: &[usize], _split: Split) -> Result<Self::Weight> {
+        self.dummy_weight(spec, shape)
+    }
+    /// A dummy MoE layer, equal to `upload_moe` of the materialised tensors.
+    fn dummy_moe(&self, moe: MoeDummy) -> Result<Self::Moe> {
+        let (h, i) = (moe.hidden, moe.inter);
+        let experts = moe.experts.iter()
+            .map(|[g, u, d]| [g.host_tensor(&[i, h]), u.host_tensor(&[i, h]), d.host_tensor(&[h, i])])
+            .collect();
+        let router = moe.router.host_tensor(&[moe.experts.len(), h]);
+        self.upload_moe(MoeHost { router, experts, top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob })
+    }
     /// A zeroed [rows, cols] buffer.
     fn alloc(&self, rows: usize, cols: usize) -> Result<Self::Buf>;
     /// A weight tensor parallelism splits as `split` (single-device backends take it whole).
@@ -121,11 +152,37 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn add_rms_norm(&self, residual: &mut Self::Buf, delta: &Self::Buf, out: &mut Self::Buf, w: &Self::Weight, eps: f32) -> Result<()>;
     /// out [T, N] = x [T, K] · w [N, K]ᵀ.
     fn matmul(&self, out: &mut Self::Buf, x: &Self::Buf, w: &Self::Weight) -> Result<()>;
+    /// outs[i] [T, N_i] = x [T, K] · ws[i]ᵀ for weights sharing one input (the q, k, v
+    /// projections): one launch on a GPU instead of one each.
+    fn matmul_many(&self, outs: &mut [&mut Self::Buf], x: &Self::Buf, ws: &[&Self::Weight]) -> Result<()> {
+        crate::ensure!(outs.len() == ws.len(), InvalidArgument, "matmul_many: {} outputs for {} weights", outs.len(), ws.len());
+        for (o, w) in outs.iter_mut().zip(ws) {
+            self.matmul(o, x, w)?;
+        }
+        Ok(())
+    }
+    /// out = swiglu(x · gateᵀ, x · upᵀ), the same values as matmul, matmul, swiglu (which is
+    /// what this does by default, through the scratch buffers `g` and `u` [T, I]). A GPU backend
+    /// fuses the three for decode.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_swiglu(&self, out: &mut Self::Buf, g: &mut Self::Buf, u: &mut Self::Buf, x: &Self::Buf, gate: &Self::Weight,
+        up: &Self::Weight) -> Result<()> {
+        self.matmul(g, x, gate)?;
+        self.matmul(u, x, up)?;
+        self.swiglu(out, g, u)
+    }
     /// Per head: RMSNorm over head_dim with q_norm / k_norm, then RoPE (rotate halves) at `positions`.
     /// `rope` is [max_pos, head_dim]: cos in the first half of each row, sin in the second.
     #[allow(clippy::too_many_arguments)]
     fn qk_norm_rope(&self, q: &mut Self::Buf, k: &mut Self::Buf, q_norm: &Self::Weight, k_norm: &Self::Weight,
         eps: f32, rope: &Self::Weight, positions: &[u32], shape: AttnShape) -> Result<()>;
+    /// `qk_norm_rope`, then `kv_append` of the rotated k and of v: one launch on a GPU.
+    #[allow(clippy::too_many_arguments)]
+    fn qk_norm_rope_append(&self, q: &mut Self::Buf, k: &mut Self::Buf, v: &Self::Buf, q_norm: &Self::Weight, k_norm: &Self::Weight,
+        eps: f32, rope: &Self::Weight, kv: &mut Self::KvLayer, batch: &BatchInfo, shape: AttnShape) -> Result<()> {
+        self.qk_norm_rope(q, k, q_norm, k_norm, eps, rope, batch.positions, shape)?;
+        self.kv_append(kv, k, v, batch)
+    }
     /// Write each row's k, v [T, kv_dim] into the cache slots its sequence's position maps to.
     fn kv_append(&self, kv: &mut Self::KvLayer, k: &Self::Buf, v: &Self::Buf, batch: &BatchInfo) -> Result<()>;
     /// Causal grouped-query attention of q [T, n_heads*hd] over each sequence's cache → out [T, n_heads*hd].
@@ -136,6 +193,21 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn moe(&self, out: &mut Self::Buf, x: &Self::Buf, moe: &Self::Moe) -> Result<()>;
     /// out[i] = x[rows[i]].
     fn gather_rows(&self, out: &mut Self::Buf, x: &Self::Buf, rows: &[u32]) -> Result<()>;
+
+    /// Most prompt tokens one generation step feeds (the engine's chunked prefill). A GPU takes
+    /// longer chunks: bigger GEMMs, and more rows per expert in a MoE layer.
+    fn prefill_chunk(&self) -> usize {
+        crate::engine::PREFILL_CHUNK
+    }
+
+    /// Run `body`, one decode forward of `rows` rows (one token per sequence) that launches only
+    /// on this backend. A GPU backend may record it once per `rows` as a CUDA graph and replay it
+    /// on later steps (`body` then still runs on the host, for its checks and metadata, but
+    /// launches nothing). The default just runs it.
+    fn decode_step(&self, rows: usize, body: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        let _ = rows;
+        body()
+    }
 
     /// Greedy choice per row of `logits` [R, V]: the index of the largest value, NaN counting as
     /// -inf and ties going to the lowest index (as the sampler's greedy mode). A GPU backend does

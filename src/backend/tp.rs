@@ -6,6 +6,7 @@
 //! each op to every rank in turn (asynchronous on GPUs) and calls the backend's `Collective`.
 
 use super::{AttnShape, Backend, BatchInfo, MoeHost, Split};
+use crate::model::dummy::DummySpec;
 use crate::config::Qwen3Config;
 use crate::error::Result;
 use crate::tensor::{DType, HostTensor};
@@ -165,6 +166,19 @@ impl<B: Collective> Backend for TensorParallel<B> {
     fn upload_split(&self, tensor: HostTensor, split: Split) -> Result<Self::Weight> {
         let parts = self.each(|b, r| b.upload(self.shard(&tensor, split, r)?))?;
         Ok(TpWeight { parts, split })
+    }
+
+    /// Replicated dummy weights are drawn by every rank (on the device for CUDA).
+    fn dummy_weight(&self, spec: &DummySpec, shape: &[usize]) -> Result<Self::Weight> {
+        Ok(TpWeight { parts: self.each(|b, _| b.dummy_weight(spec, shape))?, split: Split::Replicated })
+    }
+
+    /// Split dummy weights are made on the host and sharded (per-shard device drawing is a follow-up).
+    fn dummy_weight_split(&self, spec: &DummySpec, shape: &[usize], split: Split) -> Result<Self::Weight> {
+        match split {
+            Split::Replicated => self.dummy_weight(spec, shape),
+            _ => self.upload_split(spec.host_tensor(shape), split),
+        }
     }
 
     fn upload_moe(&self, moe: MoeHost) -> Result<Self::Moe> {

@@ -16,7 +16,8 @@ use output::{Delta, TextTracker};
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
-/// Most prompt tokens fed in one forward pass (bounds the activation memory of long prompts).
+/// Most prompt tokens fed in one forward pass by `logits` (which keeps every row's logits), and
+/// the default of `Backend::prefill_chunk` for generation (bounds the activation memory).
 pub const PREFILL_CHUNK: usize = 512;
 
 /// One generation request (token level; chat rendering happens above).
@@ -129,6 +130,9 @@ pub struct Engine<B: Backend> {
     pub tokenizer: Option<Tokenizer>,
     cache: KvCache<B>,
     scratch: Option<Scratch<B>>,
+    /// Decode steps' buffers, kept apart from prefill's so their addresses survive a prefill (a
+    /// CUDA graph captured over them stays valid from one request to the next).
+    decode_scratch: Option<Scratch<B>>,
     sessions: HashMap<u64, Session>,
     next_session: u64,
 }
@@ -138,7 +142,7 @@ impl<B: Backend> Engine<B> {
     pub fn new(model: Model<B>, tokenizer: Option<Tokenizer>, max_seqs: usize) -> Result<Self> {
         let c = &model.config;
         let cache = KvCache::new(&model.backend, c.num_hidden_layers, c.kv_dim(), model.max_seq_len, max_seqs)?;
-        Ok(Engine { model, tokenizer, cache, scratch: None, sessions: HashMap::new(), next_session: 1 })
+        Ok(Engine { model, tokenizer, cache, scratch: None, decode_scratch: None, sessions: HashMap::new(), next_session: 1 })
     }
 
     /// Start a conversation whose cache is kept between requests (pass its id in `GenRequest::session`).
@@ -315,7 +319,7 @@ impl<B: Backend> Engine<B> {
     /// One forward pass: prompt chunks if any sequence still has prompt left, else one token each.
     fn step(&mut self, seqs: &mut [Sequence], budget_text: &[u32], on_delta: &mut EventSink) -> Result<()> {
         let prefilling = seqs.iter().any(|s| s.finish.is_none() && s.fed < s.request.prompt.len());
-        let mut budget = if prefilling { PREFILL_CHUNK } else { usize::MAX };
+        let mut budget = if prefilling { self.model.backend.prefill_chunk() } else { usize::MAX };
         // 1. Choose what each sequence feeds, and reserve its cache.
         let mut chosen: Vec<(usize, usize)> = vec![]; // (sequence, tokens fed)
         for (i, s) in seqs.iter_mut().enumerate() {
@@ -345,10 +349,17 @@ impl<B: Backend> Engine<B> {
             }
         }
         let batch = BatchInfo { tokens: &tokens, positions: &positions, seqs: slots, block_size: BLOCK_SIZE };
-        Scratch::fit(&mut self.scratch, &self.model, tokens.len(), logit_rows.len())?;
-        let s = self.scratch.as_mut().expect("fitted above");
-        // 3. Forward, then advance every fed sequence.
-        self.model.forward(&batch, &mut self.cache, s, &logit_rows)?;
+        let scratch = if prefilling { &mut self.scratch } else { &mut self.decode_scratch };
+        Scratch::fit(scratch, &self.model, tokens.len(), logit_rows.len())?;
+        let s = scratch.as_mut().expect("fitted above");
+        // 3. Forward, then advance every fed sequence. A decode step (one token per sequence) goes
+        //    through `decode_step`, so a GPU backend can replay it as one CUDA graph.
+        if prefilling {
+            self.model.forward(&batch, &mut self.cache, s, &logit_rows)?;
+        } else {
+            let (model, cache) = (&self.model, &mut self.cache);
+            model.backend.decode_step(tokens.len(), &mut || model.forward(&batch, cache, s, &logit_rows))?;
+        }
         for &(i, n) in &chosen {
             let seq = &mut seqs[i];
             seq.cache.len += n;

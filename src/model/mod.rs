@@ -6,10 +6,11 @@ pub mod dummy;
 pub mod kv_cache;
 pub mod rope;
 
-use crate::backend::{AttnShape, Backend, BatchInfo, MoeHost, Split};
+use crate::backend::{AttnShape, Backend, BatchInfo, MoeDummy, MoeHost, Split};
 use crate::config::Qwen3Config;
 use crate::error::Result;
 use crate::weights::TensorSource;
+use dummy::DummySpec;
 use kv_cache::KvCache;
 
 enum Ffn<B: Backend> {
@@ -110,15 +111,38 @@ impl<B: Backend> Model<B> {
         crate::ensure!(max_seq_len > 0, InvalidArgument, "max_seq_len must be > 0");
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
-        let w = |name: &str, shape: &[usize]| -> Result<B::Weight> { backend.upload(src.tensor(name, shape)?) };
-        let split = |name: &str, shape: &[usize], how: Split| -> Result<B::Weight> { backend.upload_split(src.tensor(name, shape)?, how) };
+        // Dummy weights are drawn by the backend itself (on the device for CUDA), same values.
+        let dummy = src.dummy_seed();
+        let w = |name: &str, shape: &[usize]| -> Result<B::Weight> {
+            match dummy {
+                Some(seed) => backend.dummy_weight(&DummySpec::new(seed, name, shape), shape),
+                None => backend.upload(src.tensor(name, shape)?),
+            }
+        };
+        let split = |name: &str, shape: &[usize], how: Split| -> Result<B::Weight> {
+            match dummy {
+                Some(seed) => backend.dummy_weight_split(&DummySpec::new(seed, name, shape), shape, how),
+                None => backend.upload_split(src.tensor(name, shape)?, how),
+            }
+        };
         let total = c.num_hidden_layers + 2;
         let embed = w("model.embed_tokens.weight", &[c.vocab_size, h])?;
         progress(1, total);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let ln = |rest: &str| layer_name(i, rest);
-            let ffn = if c.is_moe_layer(i) {
+            let ffn = if let (true, Some(seed)) = (c.is_moe_layer(i), dummy) {
+                let (e, mi) = (c.num_experts, c.moe_intermediate_size);
+                let spec = |p: &str, shape: &[usize]| DummySpec::new(seed, &ln(p), shape);
+                let experts = (0..e)
+                    .map(|x| {
+                        let en = |p: &str| format!("mlp.experts.{x}.{p}_proj.weight");
+                        [spec(&en("gate"), &[mi, h]), spec(&en("up"), &[mi, h]), spec(&en("down"), &[h, mi])]
+                    })
+                    .collect();
+                Ffn::Moe(backend.dummy_moe(MoeDummy { router: spec("mlp.gate.weight", &[e, h]), experts, hidden: h, inter: mi,
+                    top_k: c.num_experts_per_tok, norm_topk_prob: c.norm_topk_prob })?)
+            } else if c.is_moe_layer(i) {
                 let (e, mi) = (c.num_experts, c.moe_intermediate_size);
                 let experts = (0..e)
                     .map(|x| {
@@ -178,11 +202,8 @@ impl<B: Backend> Model<B> {
                 be.add_rms_norm(&mut s.x, &s.delta, &mut s.h, &layer.input_norm, eps)?;
             }
             // 3. Attention: projections, per-head QK-norm + RoPE, cache append, causal GQA, output projection.
-            be.matmul(&mut s.q, &s.h, &layer.q_proj)?;
-            be.matmul(&mut s.k, &s.h, &layer.k_proj)?;
-            be.matmul(&mut s.v, &s.h, &layer.v_proj)?;
-            be.qk_norm_rope(&mut s.q, &mut s.k, &layer.q_norm, &layer.k_norm, eps, &self.rope, batch.positions, shape)?;
-            be.kv_append(&mut cache.layers[i], &s.k, &s.v, batch)?;
+            be.matmul_many(&mut [&mut s.q, &mut s.k, &mut s.v], &s.h, &[&layer.q_proj, &layer.k_proj, &layer.v_proj])?;
+            be.qk_norm_rope_append(&mut s.q, &mut s.k, &s.v, &layer.q_norm, &layer.k_norm, eps, &self.rope, &mut cache.layers[i], batch, shape)?;
             be.attention(&mut s.attn, &s.q, &cache.layers[i], batch, shape)?;
             be.matmul(&mut s.delta, &s.attn, &layer.o_proj)?;
             // 4. x += attention; h = post-attention norm(x).
@@ -190,9 +211,7 @@ impl<B: Backend> Model<B> {
             // 5. Feed-forward: SwiGLU MLP or routed experts → delta.
             match &layer.ffn {
                 Ffn::Dense { gate, up, down } => {
-                    be.matmul(&mut s.gate, &s.h, gate)?;
-                    be.matmul(&mut s.up, &s.h, up)?;
-                    be.swiglu(&mut s.act, &s.gate, &s.up)?;
+                    be.matmul_swiglu(&mut s.act, &mut s.gate, &mut s.up, &s.h, gate, up)?;
                     be.matmul(&mut s.delta, &s.act, down)?;
                 }
                 Ffn::Moe(moe) => be.moe(&mut s.delta, &s.h, moe)?,

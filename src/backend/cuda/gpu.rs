@@ -3,6 +3,13 @@
 //! pointers, so a later CUDA graph can capture them); kernel lookup and launch; error mapping
 //! (CUDA_ERROR_OUT_OF_MEMORY → `Error::OutOfMemory`, everything else → `Error::Device`).
 //! Every call first binds the context to the calling thread (Python may call from any thread).
+//!
+//! CUDA graphs: `Gpu::mode` says what a launch does. `Eager` launches; `Capture` launches while
+//! the stream is being captured into a graph (so nothing runs yet); `Replay` launches nothing, only
+//! hashes what would have been launched. Capture hashes the same way, so a replay whose kernels,
+//! grids or arguments (device pointers included) differ from the captured ones is detected by
+//! comparing two u64s, and the caller falls back to running eagerly. `PinnedMem` is page-locked
+//! host memory: a copy from it can be captured, and reads its bytes at replay time.
 
 use super::{compile, libs};
 use crate::error::{Error, Result};
@@ -12,6 +19,30 @@ use cudarc::driver::{result as drv, sys, CudaContext, DriverError};
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
+
+/// What `Gpu::launch` and `Gpu::gemm` do (see the module comment).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Mode {
+    Eager,
+    Capture,
+    Replay,
+}
+
+/// The launch mode and the running hash of what was launched since `set_mode`.
+struct ModeState {
+    mode: Mode,
+    hash: u64,
+}
+
+/// FNV-1a step over `bytes`.
+pub fn hash_bytes(mut h: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+const HASH_START: u64 = 0xcbf2_9ce4_8422_2325;
 
 pub fn drv_err(what: &str, e: DriverError) -> Error {
     if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
@@ -76,6 +107,59 @@ impl Drop for DevMem {
     }
 }
 
+/// Page-locked host memory (`cuMemHostAlloc`); freed on drop.
+pub struct PinnedMem {
+    ptr: *mut u8,
+    pub bytes: usize,
+    ctx: Arc<CudaContext>,
+}
+// SAFETY: a plain host allocation; the owner serialises access (behind the backend's mutex).
+unsafe impl Send for PinnedMem {}
+
+impl PinnedMem {
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` is a live allocation of `bytes` bytes owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.bytes) }
+    }
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as `as_slice`, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.bytes) }
+    }
+    pub fn addr(&self) -> u64 {
+        self.ptr as u64
+    }
+}
+
+impl Drop for PinnedMem {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: `ptr` came from cuMemHostAlloc in this context and is freed once. Callers drop
+        // it only after the stream is synchronised (no copy still reads it).
+        let _ = unsafe { sys::cuMemFreeHost(self.ptr as *mut c_void) };
+    }
+}
+
+/// An instantiated CUDA graph (and the graph it came from); destroyed on drop.
+pub struct Graph {
+    exec: sys::CUgraphExec,
+    graph: sys::CUgraph,
+    ctx: Arc<CudaContext>,
+}
+// SAFETY: graph handles may be used from any thread with the context bound.
+unsafe impl Send for Graph {}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: both handles were created by `Gpu::end_capture` and are destroyed once; an exec
+        // still running is finished by the driver before its resources go.
+        unsafe {
+            let _ = sys::cuGraphExecDestroy(self.exec);
+            let _ = sys::cuGraphDestroy(self.graph);
+        }
+    }
+}
+
 /// The raw handles, shareable across threads: every use binds the context first and goes
 /// through the one stream, and the backend's ops are serialised by the engine.
 struct Handles {
@@ -104,6 +188,10 @@ pub struct Gpu {
     driver: i32,
     modules: Mutex<HashMap<&'static str, Module>>,
     funcs: Mutex<HashMap<(&'static str, &'static str), Func>>,
+    mode: Mutex<ModeState>,
+    /// Device arrays of matrix pointers for `grouped_gemm` (grow-only; each upload is ordered on
+    /// the stream after the GEMMs that read the previous contents).
+    ptr_arrays: Mutex<Option<DevMem>>,
 }
 
 impl Drop for Gpu {
@@ -124,10 +212,11 @@ impl Drop for Gpu {
     }
 }
 
-/// Pointers to kernel arguments, for `Gpu::launch`: `args![a, b]` with each a local value of the
-/// exact type the kernel takes (u64 for pointers, i32 for int, f32 for float).
+/// Kernel arguments for `Gpu::launch`: `args![a, b]` with each a local value of the exact type the
+/// kernel takes (u64 for pointers, i32 for int, f32 for float); (pointer, size) so a launch can
+/// also be hashed for graph replay.
 macro_rules! args {
-    ($($a:expr),* $(,)?) => { &mut [$( &$a as *const _ as *mut ::std::ffi::c_void ),*] };
+    ($($a:expr),* $(,)?) => { &[$( (&$a as *const _ as *mut ::std::ffi::c_void, ::std::mem::size_of_val(&$a)) ),*] };
 }
 pub(crate) use args;
 
@@ -152,7 +241,8 @@ impl Gpu {
                 }
             };
             let gpu = Gpu { ctx, h: Handles { stream, blas }, dtype, arch, name, driver,
-                modules: Mutex::new(HashMap::new()), funcs: Mutex::new(HashMap::new()) };
+                modules: Mutex::new(HashMap::new()), funcs: Mutex::new(HashMap::new()),
+                mode: Mutex::new(ModeState { mode: Mode::Eager, hash: HASH_START }), ptr_arrays: Mutex::new(None) };
             // SAFETY: both handles are live; cuBLAS then orders its work on our stream.
             unsafe { blas::set_stream(gpu.h.blas, gpu.h.stream as _) }.map_err(|e| blas_err("cublasSetStream", e))?;
             Ok(gpu)
@@ -216,6 +306,78 @@ impl Gpu {
         unsafe { drv::stream::synchronize(self.h.stream) }.map_err(|e| drv_err("running GPU kernels", e))
     }
 
+    /// The current mode; in Capture and Replay, fold one operation into the hash first.
+    pub fn note(&self, record: impl FnOnce(u64) -> u64) -> Result<Mode> {
+        let mut st = self.mode.lock().map_err(|_| Error::Device("launch mode poisoned".into()))?;
+        if st.mode != Mode::Eager {
+            st.hash = record(st.hash);
+        }
+        Ok(st.mode)
+    }
+
+    /// Switch the launch mode and restart the hash; returns the hash of the mode being left.
+    pub fn set_mode(&self, mode: Mode) -> Result<u64> {
+        let mut st = self.mode.lock().map_err(|_| Error::Device("launch mode poisoned".into()))?;
+        st.mode = mode;
+        Ok(std::mem::replace(&mut st.hash, HASH_START))
+    }
+
+    /// Page-locked host memory of `bytes` (zeroed).
+    pub fn alloc_pinned(&self, bytes: usize) -> Result<PinnedMem> {
+        self.bind()?;
+        let mut p: *mut c_void = std::ptr::null_mut();
+        // SAFETY: the context is bound; `p` is a valid out-pointer; the result is owned by PinnedMem.
+        unsafe { sys::cuMemHostAlloc(&mut p, bytes.max(1), 0) }.result().map_err(|e| drv_err("allocating pinned host memory", e))?;
+        let mut m = PinnedMem { ptr: p as *mut u8, bytes, ctx: self.ctx.clone() };
+        m.as_mut_slice().fill(0);
+        Ok(m)
+    }
+
+    /// Queue a copy of `bytes` bytes from pinned `src` to device address `dst` (captured in a graph
+    /// as a copy node that reads `src` when the graph runs).
+    pub fn copy_from_pinned(&self, dst: u64, src: &PinnedMem, bytes: usize) -> Result<()> {
+        crate::ensure!(bytes <= src.bytes, InvalidArgument, "copy of {bytes} bytes from a {}-byte pinned buffer", src.bytes);
+        self.bind()?;
+        // SAFETY: `src` is live page-locked memory of at least `bytes`; the caller passes a device
+        // range of at least `bytes`; ordered on our stream.
+        unsafe { sys::cuMemcpyHtoDAsync_v2(dst, src.ptr as *const c_void, bytes, self.h.stream) }.result()
+            .map_err(|e| drv_err("copying metadata to the GPU", e))
+    }
+
+    /// Start capturing everything queued on the stream into a graph (relaxed mode: allocation calls
+    /// made meanwhile by this thread are allowed and not captured).
+    pub fn begin_capture(&self) -> Result<()> {
+        self.bind()?;
+        // SAFETY: the stream is live and not already capturing.
+        unsafe { sys::cuStreamBeginCapture_v2(self.h.stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED) }.result()
+            .map_err(|e| drv_err("starting a CUDA graph capture", e))
+    }
+
+    /// End the capture begun by `begin_capture` and instantiate the graph. Always ends the capture,
+    /// so the stream is usable again even when this errors.
+    pub fn end_capture(&self) -> Result<Graph> {
+        self.bind()?;
+        let mut graph: sys::CUgraph = std::ptr::null_mut();
+        // SAFETY: the stream is capturing (begin_capture); `graph` is a valid out-pointer.
+        unsafe { sys::cuStreamEndCapture(self.h.stream, &mut graph) }.result().map_err(|e| drv_err("ending a CUDA graph capture", e))?;
+        crate::ensure!(!graph.is_null(), Device, "CUDA graph capture returned no graph");
+        let mut exec: sys::CUgraphExec = std::ptr::null_mut();
+        // SAFETY: `graph` is the graph just captured; `exec` is a valid out-pointer.
+        if let Err(e) = unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) }.result() {
+            // SAFETY: `graph` is live and destroyed once here.
+            unsafe { sys::cuGraphDestroy(graph) };
+            return Err(drv_err("instantiating a CUDA graph", e));
+        }
+        Ok(Graph { exec, graph, ctx: self.ctx.clone() })
+    }
+
+    /// Queue one run of `graph` on the stream.
+    pub fn launch_graph(&self, graph: &Graph) -> Result<()> {
+        self.bind()?;
+        // SAFETY: `graph.exec` is a live instantiated graph of this context.
+        unsafe { sys::cuGraphLaunch(graph.exec, self.h.stream) }.result().map_err(|e| drv_err("launching a CUDA graph", e))
+    }
+
     fn function(&self, module: &'static str, name: &'static str) -> Result<Func> {
         if let Some(f) = self.funcs.lock().map_err(|_| Error::Device("kernel table poisoned".into()))?.get(&(module, name)) {
             return Ok(*f);
@@ -238,10 +400,35 @@ impl Gpu {
 
     /// Launch `module::name` on the stream. `args` must match the kernel's parameters exactly.
     pub fn launch(&self, module: &'static str, name: &'static str, grid: (u32, u32, u32), block: u32, smem: u32,
-        args: &mut [*mut c_void]) -> Result<()> {
+        args: &[(*mut c_void, usize)]) -> Result<()> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
+        let record = |h: u64| -> u64 {
+            let mut h = hash_bytes(h, module.as_bytes());
+            h = hash_bytes(h, name.as_bytes());
+            for v in [grid.0, grid.1, grid.2, block, smem] {
+                h = hash_bytes(h, &v.to_le_bytes());
+            }
+            for &(p, n) in args {
+                // SAFETY: `args!` pairs each pointer with the size of the value it points at.
+                h = hash_bytes(h, unsafe { std::slice::from_raw_parts(p as *const u8, n) });
+            }
+            h
+        };
+        if self.note(record)? == Mode::Replay {
+            // Resolve the kernel now (a no-op after its first use), so that a capture following
+            // this dry pass never loads a module.
+            self.bind()?;
+            self.function(module, name)?;
+            return Ok(());
+        }
+        let mut ptrs = [std::ptr::null_mut::<c_void>(); 24];
+        crate::ensure!(args.len() <= ptrs.len(), InvalidArgument, "{name}: too many kernel arguments");
+        for (d, &(p, _)) in ptrs.iter_mut().zip(args) {
+            *d = p;
+        }
+        let args = &mut ptrs[..args.len()];
         self.bind()?;
         let f = self.function(module, name)?;
         if smem > 48 * 1024 {
@@ -256,8 +443,62 @@ impl Gpu {
             .map_err(|e| drv_err(&format!("launching {name}"), e))
     }
 
+    /// Several products of one shape family in one cuBLAS call (cublasGemmGroupedBatchedEx): per
+    /// group (out, x, w, rows), out [rows, N] = x [rows, K] · w [N, K]ᵀ. Eager mode only (it uploads
+    /// the pointer arrays from pageable memory).
+    pub fn grouped_gemm(&self, groups: &[(u64, u64, u64, usize)], n: usize, k: usize) -> Result<()> {
+        let g = groups.len();
+        if g == 0 {
+            return Ok(());
+        }
+        crate::ensure!(self.note(|h| h)? == Mode::Eager, Device, "grouped GEMM inside a CUDA graph step");
+        self.bind()?;
+        let ty = match self.dtype {
+            DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
+            DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
+            DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
+        };
+        // Device pointer arrays: A = weights, B = inputs, C = outputs (column-major view as `gemm`).
+        let mut ptrs: Vec<u64> = Vec::with_capacity(3 * g);
+        ptrs.extend(groups.iter().map(|x| x.2));
+        ptrs.extend(groups.iter().map(|x| x.1));
+        ptrs.extend(groups.iter().map(|x| x.0));
+        let mut arrays = self.ptr_arrays.lock().map_err(|_| Error::Device("pointer arrays poisoned".into()))?;
+        if arrays.as_ref().is_none_or(|m| m.bytes < ptrs.len() * 8) {
+            *arrays = None;
+            *arrays = Some(self.alloc((ptrs.len() * 8).next_power_of_two().max(4096))?);
+        }
+        let dev = arrays.as_ref().expect("allocated above");
+        self.upload(dev, 0, bytemuck::cast_slice(&ptrs))?;
+        let (a, b, c) = (dev.ptr, dev.ptr + 8 * g as u64, dev.ptr + 16 * g as u64);
+        let ta = vec![blas_sys::cublasOperation_t::CUBLAS_OP_T; g];
+        let tb = vec![blas_sys::cublasOperation_t::CUBLAS_OP_N; g];
+        let (ms, ks) = (vec![n as i32; g], vec![k as i32; g]);
+        let ns: Vec<i32> = groups.iter().map(|x| x.3 as i32).collect();
+        let (alpha, beta, sizes) = (vec![1f32; g], vec![0f32; g], vec![1i32; g]);
+        // SAFETY: the pointer arrays hold g live device matrices each of the stated shapes (the
+        // caller's contract); the host arrays have g entries; alpha/beta are host f32 (the handle's
+        // default pointer mode) matching the f32 compute type.
+        let status = unsafe {
+            blas_sys::cublasGemmGroupedBatchedEx(self.h.blas, ta.as_ptr(), tb.as_ptr(), ms.as_ptr(), ns.as_ptr(), ks.as_ptr(),
+                alpha.as_ptr() as *const c_void, a as *const *const c_void, ty, ks.as_ptr(),
+                b as *const *const c_void, ty, ks.as_ptr(), beta.as_ptr() as *const c_void,
+                c as *const *mut c_void, ty, ms.as_ptr(), g as i32, sizes.as_ptr(), blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F)
+        };
+        status.result().map_err(|e| blas_err("cuBLAS grouped GEMM", e))
+    }
+
     /// out [T, N] = x [T, K] · w [N, K]ᵀ through cuBLAS, f32 accumulation, output in the compute dtype.
     pub fn gemm(&self, out: u64, x: u64, w: u64, t: usize, n: usize, k: usize) -> Result<()> {
+        let record = |mut h: u64| {
+            for v in [out, x, w, t as u64, n as u64, k as u64] {
+                h = hash_bytes(h, &v.to_le_bytes());
+            }
+            h
+        };
+        if self.note(record)? == Mode::Replay {
+            return Ok(());
+        }
         self.bind()?;
         let ty = match self.dtype {
             DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,

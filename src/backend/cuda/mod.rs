@@ -20,8 +20,11 @@ use super::{AttnShape, Backend, BatchInfo, MoeHost};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostTensor};
 use crate::{bail, ensure};
-use gpu::{args, DevMem, Gpu};
+use crate::model::dummy::{DummySpec, DUMMY_CHUNK};
+use super::MoeDummy;
+use gpu::{args, DevMem, Gpu, Graph, Mode, PinnedMem};
 use half::{bf16, f16};
+use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
 /// Rows up to which matmul uses the GEMV kernel rather than cuBLAS (must match matmul.cu).
@@ -30,6 +33,8 @@ pub const GEMV_MAX_ROWS: usize = 8;
 const MOE_TILE_ROWS: usize = 16;
 const MAX_TOP_K: usize = 32;
 const MAX_HEAD_DIM: usize = 256;
+/// Query rows per block of the tiled prefill attention (FA_BQ in attention.cu; keys go 32 at a time).
+const ATTN_TILE_ROWS: usize = 64;
 
 /// Whether a CUDA GPU is usable: driver, NVRTC, cuBLAS and headers found, driver new enough, and
 /// at least one device. Checked once per process; never panics.
@@ -114,8 +119,9 @@ enum Meta {
     RowTable,
     Tables,
     Rows,
+    Tiles,
 }
-const N_META: usize = 7;
+const N_META: usize = 8;
 
 /// Kinds of scratch buffer (index into `CudaBackend::scratch`).
 #[derive(Clone, Copy)]
@@ -133,14 +139,37 @@ enum Scratch {
     Act,         // [P, I]
     Y,           // [P, H]
     ArgmaxIds,   // [R] u32
+    AttnMl,      // [T, nh, splits, 2] f32
+    AttnAcc,     // [T, nh, splits, hd] f32
+    Xs,          // [P, H] rows of x in expert order
 }
-const N_SCRATCH: usize = 13;
+const N_SCRATCH: usize = 16;
 
 /// A grow-only device buffer that remembers what was last uploaded into it.
 #[derive(Default)]
 struct Slot {
     mem: Option<DevMem>,
     host: Vec<u8>,
+    /// Graph modes: the staging copy the graph's copy node reads (as large as `mem`).
+    pinned: Option<PinnedMem>,
+    /// Graph modes: bytes written in the current forward (None: not yet written in it).
+    written: Option<usize>,
+}
+
+/// Chunks per block of `dummy_fill` (must match DF_THREADS in elementwise.cu).
+const DUMMY_THREADS: usize = 128;
+/// Least capacity of the block-table slot under graphs: 1024 blocks (16k tokens at block size 16)
+/// before it has to grow (which drops the graph once).
+const GRAPH_TABLES_MIN_BYTES: usize = 4096;
+
+/// What `decode_step` knows about one batch size.
+enum GraphState {
+    /// Ran eagerly once: capture on the next step.
+    Warm,
+    /// Captured: the graph and the hash of its launches.
+    Ready(Graph, u64),
+    /// Capture failed: always eager.
+    Never,
 }
 
 pub struct CudaBackend {
@@ -148,6 +177,32 @@ pub struct CudaBackend {
     ordinal: usize,
     meta: Mutex<Vec<Slot>>,
     scratch: Mutex<Vec<Slot>>,
+    /// Decode graphs by batch size (None: graphs off).
+    graphs: Option<Mutex<HashMap<usize, GraphState>>>,
+    /// Set when a graph-mode forward did something a graph can't replay.
+    graph_bad: std::sync::atomic::AtomicBool,
+    /// `gemv_wide` (split-K, unrolled) for decode products; `QWEN3RS_CUDA_GEMV=0` keeps the first GEMV.
+    wide_gemv: bool,
+    /// Split-KV decode attention; `QWEN3RS_CUDA_SPLITKV=0` keeps one block per (head, row).
+    split_kv: bool,
+    /// Tiled prefill attention; `QWEN3RS_CUDA_TILED_ATTN=0` keeps one block per (head, row).
+    tiled_attn: bool,
+    /// MoE prefill through cuBLAS grouped GEMMs; `QWEN3RS_CUDA_MOE_CUBLAS=0` keeps `grouped_gemm`.
+    /// Turned off for the process's backend after the first cuBLAS refusal.
+    moe_cublas: std::sync::atomic::AtomicBool,
+    /// Prompt tokens per prefill pass: 2,048 (a 2k prompt in one pass); `QWEN3RS_CUDA_PREFILL_CHUNK`
+    /// overrides (512 was the first value).
+    prefill_chunk: usize,
+}
+
+/// Whether env `name` is set to 0/false/off/no (a switch back to an older kernel path, for bisecting).
+fn env_off(name: &str) -> bool {
+    matches!(std::env::var(name).as_deref().map(str::trim), Ok("0" | "false" | "off" | "no"))
+}
+
+/// Whether decode steps use CUDA graphs: on unless `QWEN3RS_CUDA_GRAPHS` is 0/false/off.
+pub fn graphs_enabled() -> bool {
+    !env_off("QWEN3RS_CUDA_GRAPHS")
 }
 
 fn check_shape(name: &str, got: (usize, usize), want: (usize, usize)) -> Result<()> {
@@ -157,6 +212,14 @@ fn check_shape(name: &str, got: (usize, usize), want: (usize, usize)) -> Result<
 
 fn blocks(n: usize, per: usize) -> u32 {
     n.div_ceil(per) as u32
+}
+
+/// KV splits for decode attention: one per 256 keys of the longest context in the batch, a power
+/// of two up to 64. A power of two so that the launch shape (part of a CUDA graph) changes only
+/// a few times as a context grows; 1 (no split) below 512 keys.
+fn kv_splits(batch: &BatchInfo) -> usize {
+    let longest = batch.seqs.iter().map(|s| s.start_pos + s.rows.len()).max().unwrap_or(0);
+    (longest / 256).clamp(1, 64).next_power_of_two().min(64)
 }
 
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
@@ -171,7 +234,11 @@ impl CudaBackend {
             other => other,
         })?;
         let slots = |n| (0..n).map(|_| Slot::default()).collect::<Vec<_>>();
-        Ok(CudaBackend { gpu, ordinal, meta: Mutex::new(slots(N_META)), scratch: Mutex::new(slots(N_SCRATCH)) })
+        let graphs = graphs_enabled().then(|| Mutex::new(HashMap::new()));
+        Ok(CudaBackend { gpu, ordinal, meta: Mutex::new(slots(N_META)), scratch: Mutex::new(slots(N_SCRATCH)), graphs,
+            graph_bad: Default::default(), wide_gemv: !env_off("QWEN3RS_CUDA_GEMV"), split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"),
+            tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"), moe_cublas: (!env_off("QWEN3RS_CUDA_MOE_CUBLAS")).into(),
+            prefill_chunk: std::env::var("QWEN3RS_CUDA_PREFILL_CHUNK").ok().and_then(|v| v.trim().parse().ok()).filter(|&n: &usize| n > 0).unwrap_or(2048) })
     }
 
     /// The device index this backend runs on.
@@ -209,8 +276,17 @@ impl CudaBackend {
         Ok(slot.mem.as_ref().map_or(0, |m| m.ptr))
     }
 
+    /// Whether decode steps of this backend use CUDA graphs.
+    pub fn uses_graphs(&self) -> bool {
+        self.graphs.is_some()
+    }
+
     /// Device copy of metadata `bytes` (re-uploaded only when it changed).
     fn meta(&self, kind: Meta, bytes: &[u8]) -> Result<u64> {
+        let mode = self.gpu.note(|h| h)?;
+        if mode != Mode::Eager {
+            return self.meta_graph(kind, bytes, mode);
+        }
         let mut slots = lock(&self.meta)?;
         let slot = &mut slots[kind as usize];
         if slot.mem.is_some() && slot.host == bytes {
@@ -221,6 +297,125 @@ impl CudaBackend {
         slot.host.clear();
         slot.host.extend_from_slice(bytes);
         Ok(ptr)
+    }
+
+    /// `meta` under a graph: the bytes go to the slot's pinned staging buffer, and (Capture) a copy
+    /// node from there to the device slot is recorded. One content per kind per forward (every
+    /// layer's attention shares the batch layout); a second, different one marks the step bad.
+    /// The block-table copy moves the whole slot, so longer tables fit the same graph.
+    fn meta_graph(&self, kind: Meta, bytes: &[u8], mode: Mode) -> Result<u64> {
+        let mut slots = lock(&self.meta)?;
+        let slot = &mut slots[kind as usize];
+        if let (Some(n), Some(pinned), Some(mem)) = (slot.written, slot.pinned.as_ref(), slot.mem.as_ref()) {
+            if pinned.as_slice()[..n.min(pinned.bytes)] != *bytes {
+                self.graph_bad.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            return Ok(mem.ptr);
+        }
+        let tables = matches!(kind, Meta::Tables);
+        let want = if tables { (bytes.len() * 2).max(GRAPH_TABLES_MIN_BYTES) } else { bytes.len() };
+        if slot.pinned.as_ref().is_none_or(|p| p.bytes < bytes.len()) || slot.mem.as_ref().is_none_or(|m| m.bytes < want) {
+            // Growing under a capture would free memory mid-capture: refuse, the caller falls back.
+            if mode == Mode::Capture {
+                self.graph_bad.store(true, std::sync::atomic::Ordering::Relaxed);
+                crate::bail!(Device, "metadata slot grew during a CUDA graph capture");
+            }
+            self.gpu.sync()?; // nothing may still read the old staging buffer
+            slot.pinned = None;
+            let ptr = self.grow(slot, want)?;
+            let cap = slot.mem.as_ref().map_or(0, |m| m.bytes);
+            slot.pinned = Some(self.gpu.alloc_pinned(cap)?);
+            let _ = ptr;
+        }
+        let (pinned, mem) = (slot.pinned.as_mut().expect("allocated above"), slot.mem.as_ref().expect("grown above"));
+        pinned.as_mut_slice()[..bytes.len()].copy_from_slice(bytes);
+        let copy = if tables { pinned.bytes } else { bytes.len() };
+        // The copy node's shape is part of what a replay must match.
+        self.gpu.note(|h| {
+            let mut h = gpu::hash_bytes(h, &[kind as u8]);
+            for v in [mem.ptr, pinned.addr(), copy as u64] {
+                h = gpu::hash_bytes(h, &v.to_le_bytes());
+            }
+            h
+        })?;
+        if mode == Mode::Capture && copy > 0 {
+            self.gpu.copy_from_pinned(mem.ptr, pinned, copy)?;
+        }
+        slot.written = Some(bytes.len());
+        slot.host.clear(); // the eager path's "unchanged" shortcut no longer holds
+        Ok(mem.ptr)
+    }
+
+    /// Forget what graph-mode forwards wrote (before and after each).
+    fn reset_graph_meta(&self) -> Result<()> {
+        for slot in lock(&self.meta)?.iter_mut() {
+            slot.written = None;
+            slot.host.clear();
+        }
+        self.graph_bad.store(false, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Run `body` with launches in `mode`; returns (body's result, launch hash, whether it was bad).
+    fn run_in_mode(&self, mode: Mode, body: &mut dyn FnMut() -> Result<()>) -> Result<(Result<()>, u64, bool)> {
+        self.reset_graph_meta()?;
+        self.gpu.set_mode(mode)?;
+        // A panic must not leave the backend in a mode that launches nothing: catch it, go back to
+        // eager, and report it as an error.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(&mut *body)).unwrap_or_else(|p| {
+            let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+            Err(Error::Device(format!("panic in a CUDA graph step: {msg}")))
+        });
+        let hash = self.gpu.set_mode(Mode::Eager)?;
+        let bad = self.graph_bad.load(std::sync::atomic::Ordering::Relaxed);
+        self.reset_graph_meta()?;
+        Ok((r, hash, bad))
+    }
+
+    /// Fill `n` elements at device address `out` with dummy tensor values, for `jobs` tensors of `n`
+    /// elements each, laid end to end: job j uses `keys[j]` (a device array) or `key` when `keys` is 0.
+    fn dummy_fill(&self, out: u64, n: usize, spec: &DummySpec, key: u64, keys: u64, jobs: usize) -> Result<()> {
+        let chunks = n.div_ceil(DUMMY_CHUNK);
+        let (n64, c, hw) = (n as u64, spec.center, spec.half_width);
+        self.gpu.launch("elementwise", "dummy_fill", (blocks(chunks, DUMMY_THREADS), jobs as u32, 1), DUMMY_THREADS as u32, 0,
+            args![out, keys, key, n64, c, hw])
+    }
+
+    /// The experts of a prefill batch through cuBLAS: sort the (row, expert) pairs into one segment
+    /// per expert, read the segments' bounds back (one host sync per layer: fine for prefill, never
+    /// on the decode path), gather x into expert order, then gate, up and down as grouped GEMMs on
+    /// the tensor cores, SwiGLU between, and the weighted combine.
+    fn moe_grouped_cublas(&self, out: &mut CudaBuf, x: &CudaBuf, moe: &CudaMoe, bufs: [u64; 11]) -> Result<()> {
+        let [ids, weights, sorted, pair_pos, tile_e, tile_row0, tile_rows, g, u, act, y] = bufs;
+        let (t, h, e, k, inter) = (x.rows, x.cols, moe.n_experts, moe.top_k, moe.inter);
+        let p = t * k;
+        let es = self.esize() as u64;
+        // One tile per expert (tile rows = P): at most E tiles, then -1.
+        let (pi, ki, ei, tm, mt) = (p as i32, k as i32, e as i32, p as i32, (e + 1) as i32);
+        self.gpu.launch("moe", "moe_sort", (1, 1, 1), 1024, (2 * e * 4) as u32,
+            args![ids, pi, ki, ei, tm, mt, sorted, pair_pos, tile_e, tile_row0, tile_rows])?;
+        let [xs] = self.scratch([(Scratch::Xs, p * h * self.esize())])?;
+        let (xp, hi) = (x.mem.ptr, h as i32);
+        self.gpu.launch("elementwise", "gather_rows", (blocks(h, 256), p as u32, 1), 256, 0, args![xs, xp, sorted, hi])?;
+        let te: Vec<i32> = self.download_typed(e + 1, tile_e)?;
+        let r0: Vec<i32> = self.download_typed(e + 1, tile_row0)?;
+        let nr: Vec<i32> = self.download_typed(e + 1, tile_rows)?;
+        let segs: Vec<(u64, u64, u64)> = te.iter().zip(&r0).zip(&nr).take_while(|((&x, _), _)| x >= 0)
+            .map(|((&x, &r), &n)| (x as u64, r as u64, n as u64)).collect();
+        ensure!(segs.iter().all(|s| (s.0 as usize) < e) && segs.iter().map(|s| s.2).sum::<u64>() == p as u64, Device,
+            "MoE sort produced inconsistent segments");
+        let per = (inter * h) as u64 * es;
+        let (ie, he) = (inter as u64 * es, h as u64 * es);
+        let gate: Vec<_> = segs.iter().map(|&(x, r, n)| (g + r * ie, xs + r * he, moe.gate.ptr + x * per, n as usize)).collect();
+        self.gpu.grouped_gemm(&gate, inter, h)?;
+        let upg: Vec<_> = segs.iter().map(|&(x, r, n)| (u + r * ie, xs + r * he, moe.up.ptr + x * per, n as usize)).collect();
+        self.gpu.grouped_gemm(&upg, inter, h)?;
+        let n = (p * inter) as i64;
+        self.gpu.launch("elementwise", "swiglu", (blocks(p * inter, 256), 1, 1), 256, 0, args![act, g, u, n])?;
+        let down: Vec<_> = segs.iter().map(|&(x, r, n)| (y + r * he, act + r * ie, moe.down.ptr + x * per, n as usize)).collect();
+        self.gpu.grouped_gemm(&down, h, inter)?;
+        let o = out.mem.ptr;
+        self.gpu.launch("moe", "moe_combine", (blocks(h, 256), t as u32, 1), 256, 0, args![o, y, pair_pos, weights, ki, hi])
     }
 
     /// Device pointers of scratch buffers of the given sizes in bytes.
@@ -287,6 +482,22 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Warps per weight row for `gemv_wide` over N rows of K: enough blocks for 4 per SM (132 SMs
+    /// on the H200), but at least one 16-byte load per lane.
+    fn gemv_wpr(&self, n: usize, k: usize) -> usize {
+        let vec = 16 / self.esize();
+        let mut wpr = 1usize;
+        while wpr < 8 && n * wpr / 8 < 528 && (k / vec) >= 32 * wpr * 2 {
+            wpr *= 2;
+        }
+        wpr
+    }
+
+    /// Whether a product of t rows of k goes to the fused decode GEMV kernels.
+    fn fused_gemv(&self, t: usize, k: usize) -> bool {
+        self.wide_gemv && (1..=GEMV_MAX_ROWS).contains(&t) && k % (16 / self.esize()) == 0
+    }
+
     /// out [T, N] = x [T, K] · w [N, K]ᵀ on raw pointers.
     fn matmul_raw(&self, out: u64, x: u64, w: u64, t: usize, n: usize, k: usize) -> Result<()> {
         if t == 0 || n == 0 {
@@ -294,8 +505,13 @@ impl CudaBackend {
         }
         if t <= GEMV_MAX_ROWS {
             let vec = 16 / self.esize();
-            let kernel = if k % vec == 0 { "gemv" } else { "gemv_scalar" };
             let (ti, ni, ki) = (t as i32, n as i32, k as i32);
+            if k % vec == 0 && self.wide_gemv {
+                let wpr = self.gemv_wpr(n, k);
+                let wpri = wpr as i32;
+                return self.gpu.launch("matmul", "gemv_wide", (blocks(n, 8 / wpr), 1, 1), 256, 0, args![out, x, w, ti, ni, ki, wpri]);
+            }
+            let kernel = if k % vec == 0 { "gemv" } else { "gemv_scalar" };
             self.gpu.launch("matmul", kernel, (blocks(n, 8), 1, 1), 256, 0, args![out, x, w, ti, ni, ki])
         } else {
             self.gpu.gemm(out, x, w, t, n, k)
@@ -344,6 +560,110 @@ impl Backend for CudaBackend {
         }
         let router = self.upload(moe.router)?;
         Ok(CudaMoe { router, gate, up, down, n_experts: e, inter, hidden: h, top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob })
+    }
+
+    fn dummy_weight(&self, spec: &DummySpec, shape: &[usize]) -> Result<CudaWeight> {
+        let n: usize = shape.iter().product();
+        let mem = self.gpu.alloc(n * self.esize())?;
+        self.dummy_fill(mem.ptr, n, spec, spec.stream, 0, 1)?;
+        Ok(CudaWeight { mem, shape: shape.to_vec(), dtype: self.gpu.dtype })
+    }
+
+    fn dummy_moe(&self, moe: MoeDummy) -> Result<CudaMoe> {
+        let (e, h, inter) = (moe.experts.len(), moe.hidden, moe.inter);
+        ensure!(e > 0 && e <= 1024, InvalidArgument, "the CUDA backend routes 1..=1024 experts, got {e}");
+        ensure!(moe.top_k >= 1 && moe.top_k <= e.min(MAX_TOP_K), InvalidArgument, "MoE top_k {} must be in 1..={}", moe.top_k, e.min(MAX_TOP_K));
+        let per = inter * h;
+        let mut out = vec![];
+        // One launch per projection over all experts (grid.y = expert): each launch's chains are as
+        // long as one expert's tensor, so 128 experts cost about what one does.
+        for p in 0..3 {
+            let mem = self.gpu.alloc(e * per * self.esize())?;
+            let keys: Vec<u64> = moe.experts.iter().map(|x| x[p].stream).collect();
+            let keys_d = self.gpu.alloc(e * 8)?;
+            self.gpu.upload(&keys_d, 0, bytemuck::cast_slice(&keys))?;
+            self.dummy_fill(mem.ptr, per, &moe.experts[0][p], 0, keys_d.ptr, e)?;
+            drop(keys_d); // cuMemFree waits for the fill
+            out.push(mem);
+        }
+        let router = self.dummy_weight(&moe.router, &[e, h])?;
+        let [gate, up, down]: [DevMem; 3] = out.try_into().map_err(|_| Error::Device("three projections".into()))?;
+        Ok(CudaMoe { router, gate, up, down, n_experts: e, inter, hidden: h, top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob })
+    }
+
+    fn prefill_chunk(&self) -> usize {
+        self.prefill_chunk
+    }
+
+    fn decode_step(&self, rows: usize, body: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        let Some(graphs) = &self.graphs else { return body() };
+        // Bigger batches use cuBLAS, which is left out of capture.
+        if rows == 0 || rows > GEMV_MAX_ROWS {
+            return body();
+        }
+        let mut graphs = lock(graphs)?;
+        match graphs.remove(&rows) {
+            None => {
+                body()?; // kernels load, scratch and metadata slots reach this shape's sizes
+                graphs.insert(rows, GraphState::Warm);
+                Ok(())
+            }
+            Some(GraphState::Never) => {
+                graphs.insert(rows, GraphState::Never);
+                body()
+            }
+            Some(GraphState::Warm) => {
+                // A dry pass (no launches) grows the metadata slots and fills their staging, so
+                // the capture itself allocates nothing.
+                self.gpu.sync()?;
+                let (r, _, bad) = self.run_in_mode(Mode::Replay, body)?;
+                r?;
+                // Whatever goes wrong below, nothing of the step has run (a dry pass and a capture
+                // launch nothing): give up graphs for this batch size, say why once, run eagerly.
+                let captured: std::result::Result<(Graph, u64), String> = if bad {
+                    Err("the forward's metadata changed within a step".into())
+                } else if let Err(e) = self.gpu.begin_capture() {
+                    Err(e.to_string())
+                } else {
+                    let (r, hash, bad) = self.run_in_mode(Mode::Capture, body)?;
+                    let graph = self.gpu.end_capture();
+                    match (r, graph) {
+                        (Ok(()), Ok(graph)) if !bad => match self.gpu.launch_graph(&graph) {
+                            Ok(()) => Ok((graph, hash)),
+                            Err(e) => Err(e.to_string()),
+                        },
+                        (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
+                        _ => Err("a metadata slot had to grow during the capture".into()),
+                    }
+                };
+                match captured {
+                    Ok((graph, hash)) => {
+                        graphs.insert(rows, GraphState::Ready(graph, hash));
+                        Ok(())
+                    }
+                    Err(why) => {
+                        eprintln!("qwen3rs: no CUDA graph for decode batches of {rows} ({why}); decoding them eagerly");
+                        graphs.insert(rows, GraphState::Never);
+                        body()
+                    }
+                }
+            }
+            Some(GraphState::Ready(graph, hash)) => {
+                // The previous replay must be done before its staging buffers are rewritten.
+                self.gpu.sync()?;
+                let (r, got, bad) = self.run_in_mode(Mode::Replay, body)?;
+                r?;
+                if bad || got != hash {
+                    // Something moved (scratch reallocated, a slot grew): recapture next step.
+                    drop(graph);
+                    graphs.insert(rows, GraphState::Warm);
+                    return body();
+                }
+                self.gpu.launch_graph(&graph)?;
+                graphs.insert(rows, GraphState::Ready(graph, hash));
+                Ok(())
+            }
+        }
     }
 
     fn alloc(&self, rows: usize, cols: usize) -> Result<CudaBuf> {
@@ -413,6 +733,45 @@ impl Backend for CudaBackend {
         self.matmul_raw(out.mem.ptr, x.mem.ptr, w.mem.ptr, x.rows, w.shape[0], x.cols)
     }
 
+    fn matmul_many(&self, outs: &mut [&mut CudaBuf], x: &CudaBuf, ws: &[&CudaWeight]) -> Result<()> {
+        let fits = outs.len() == 3 && ws.len() == 3 && self.fused_gemv(x.rows, x.cols)
+            && outs.iter().zip(ws).all(|(o, w)| w.dtype == self.gpu.dtype && w.shape.len() == 2 && w.shape[1] == x.cols
+                && o.rows == x.rows && o.cols == w.shape[0]);
+        if !fits {
+            ensure!(outs.len() == ws.len(), InvalidArgument, "matmul_many: {} outputs for {} weights", outs.len(), ws.len());
+            for (o, w) in outs.iter_mut().zip(ws) {
+                self.matmul(o, x, w)?;
+            }
+            return Ok(());
+        }
+        let (t, k) = (x.rows, x.cols);
+        let ns = [ws[0].shape[0], ws[1].shape[0], ws[2].shape[0]];
+        let wpr = self.gemv_wpr(ns.iter().sum(), k);
+        let rows = 8 / wpr;
+        let grid = ns.iter().map(|&n| blocks(n, rows)).sum::<u32>();
+        let (o0, o1, o2) = (outs[0].mem.ptr, outs[1].mem.ptr, outs[2].mem.ptr);
+        let (w0, w1, w2) = (ws[0].mem.ptr, ws[1].mem.ptr, ws[2].mem.ptr);
+        let (n0, n1, n2) = (ns[0] as i32, ns[1] as i32, ns[2] as i32);
+        let (xp, ti, ki, wpri) = (x.mem.ptr, t as i32, k as i32, wpr as i32);
+        self.gpu.launch("matmul", "gemv3", (grid, 1, 1), 256, 0, args![o0, w0, n0, o1, w1, n1, o2, w2, n2, xp, ti, ki, wpri])
+    }
+
+    fn matmul_swiglu(&self, out: &mut CudaBuf, g: &mut CudaBuf, u: &mut CudaBuf, x: &CudaBuf, gate: &CudaWeight, up: &CudaWeight) -> Result<()> {
+        let fits = self.fused_gemv(x.rows, x.cols)
+            && [gate, up].iter().all(|w| w.dtype == self.gpu.dtype && w.shape.len() == 2 && w.shape[1] == x.cols)
+            && gate.shape == up.shape && (out.rows, out.cols) == (x.rows, gate.shape[0]);
+        if !fits {
+            self.matmul(g, x, gate)?;
+            self.matmul(u, x, up)?;
+            return self.swiglu(out, g, u);
+        }
+        let (t, n, k) = (x.rows, gate.shape[0], x.cols);
+        let wpr = self.gemv_wpr(n, k);
+        let (o, xp, gp, upp) = (out.mem.ptr, x.mem.ptr, gate.mem.ptr, up.mem.ptr);
+        let (ti, ni, ki, wpri) = (t as i32, n as i32, k as i32, wpr as i32);
+        self.gpu.launch("matmul", "gemv_swiglu", (blocks(n, 8 / wpr), 1, 1), 256, 0, args![o, xp, gp, upp, ti, ni, ki, wpri])
+    }
+
     fn qk_norm_rope(&self, q: &mut CudaBuf, k: &mut CudaBuf, q_norm: &CudaWeight, k_norm: &CudaWeight, eps: f32,
         rope: &CudaWeight, positions: &[u32], shape: AttnShape) -> Result<()> {
         let hd = shape.head_dim;
@@ -429,7 +788,37 @@ impl Backend for CudaBackend {
         let (qp, kp, qn, kn, rp) = (q.mem.ptr, k.mem.ptr, q_norm.mem.ptr, k_norm.mem.ptr, rope.mem.ptr);
         let (nh, nkv, hdi) = (shape.n_heads as i32, shape.n_kv_heads as i32, hd as i32);
         let grid = ((shape.n_heads + shape.n_kv_heads) as u32, positions.len() as u32, 1);
-        self.gpu.launch("norm", "qk_norm_rope", grid, 128, (hd * 4) as u32, args![qp, kp, qn, kn, rp, pos, nh, nkv, hdi, eps])
+        let (null, zero) = (0u64, 0i32);
+        self.gpu.launch("norm", "qk_norm_rope", grid, 128, (hd * 4) as u32,
+            args![qp, kp, qn, kn, rp, pos, nh, nkv, hdi, eps, null, null, null, null, zero])
+    }
+
+    fn qk_norm_rope_append(&self, q: &mut CudaBuf, k: &mut CudaBuf, v: &CudaBuf, q_norm: &CudaWeight, k_norm: &CudaWeight, eps: f32,
+        rope: &CudaWeight, kv: &mut CudaKv, batch: &BatchInfo, shape: AttnShape) -> Result<()> {
+        if !self.wide_gemv {
+            self.qk_norm_rope(q, k, q_norm, k_norm, eps, rope, batch.positions, shape)?;
+            return self.kv_append(kv, k, v, batch);
+        }
+        let (hd, d) = (shape.head_dim, kv.kv_dim);
+        ensure!(rope.dtype == DType::F32 && rope.shape.len() == 2 && rope.shape[1] == hd, InvalidArgument, "rope table must be f32 [max_pos, head_dim]");
+        let max_pos = rope.shape[0];
+        if let Some(&p) = batch.positions.iter().find(|&&p| p as usize >= max_pos) {
+            bail!(InvalidArgument, "position {p} is past the RoPE table ({max_pos})");
+        }
+        check_shape("qk_norm_rope", (q.rows, q.cols), (batch.rows(), shape.n_heads * hd))?;
+        check_shape("qk_norm_rope", (k.rows, k.cols), (batch.rows(), shape.n_kv_heads * hd))?;
+        check_shape("kv_append", (v.rows, v.cols), (batch.rows(), d))?;
+        ensure!(d == shape.n_kv_heads * hd, InvalidArgument, "KV cache rows of {d} for {} heads of {hd}", shape.n_kv_heads);
+        self.check_weight(q_norm, "q_norm")?;
+        self.check_weight(k_norm, "k_norm")?;
+        let pos = self.meta(Meta::Positions, bytemuck::cast_slice(batch.positions))?;
+        let (slots, _, _, _) = self.batch_meta(batch, kv)?;
+        let (qp, kp, qn, kn, rp) = (q.mem.ptr, k.mem.ptr, q_norm.mem.ptr, k_norm.mem.ptr, rope.mem.ptr);
+        let (nh, nkv, hdi) = (shape.n_heads as i32, shape.n_kv_heads as i32, hd as i32);
+        let (kc, vc, vp, di) = (kv.k.ptr, kv.v.ptr, v.mem.ptr, d as i32);
+        let grid = ((shape.n_heads + shape.n_kv_heads) as u32, batch.rows() as u32, 1);
+        self.gpu.launch("norm", "qk_norm_rope", grid, 128, (hd * 4) as u32,
+            args![qp, kp, qn, kn, rp, pos, nh, nkv, hdi, eps, kc, vc, vp, slots, di])
     }
 
     fn kv_append(&self, kv: &mut CudaKv, k: &CudaBuf, v: &CudaBuf, batch: &BatchInfo) -> Result<()> {
@@ -451,7 +840,36 @@ impl Backend for CudaBackend {
         let (o, qp, kc, vc) = (out.mem.ptr, q.mem.ptr, kv.k.ptr, kv.v.ptr);
         let (nhi, nkv, hdi, bs, kvd) = (nh as i32, shape.n_kv_heads as i32, hd as i32, kv.block_size as i32, kv.kv_dim as i32);
         let scale = 1.0 / (hd as f32).sqrt();
-        self.gpu.launch("attention", "attention", (nh as u32, q.rows as u32, 1), 128, 0,
+        let t = q.rows;
+        let splits = if self.split_kv && t <= GEMV_MAX_ROWS { kv_splits(batch) } else { 1 };
+        if splits > 1 {
+            // Decode at long context: (nh × T) blocks alone leave most SMs idle and each block
+            // walks the whole context; split it, then merge.
+            let [ml, acc] = self.scratch([(Scratch::AttnMl, t * nh * splits * 8), (Scratch::AttnAcc, t * nh * splits * hd * 4)])?;
+            self.gpu.launch("attention", "attention_split", (nh as u32, t as u32, splits as u32), 128, 0,
+                args![ml, acc, qp, kc, vc, ctx, table_at, tables, nhi, nkv, hdi, bs, kvd, scale])?;
+            let si = splits as i32;
+            return self.gpu.launch("attention", "attention_combine", (nh as u32, t as u32, 1), 128, 0, args![o, ml, acc, nhi, hdi, si]);
+        }
+        if self.tiled_attn && t > GEMV_MAX_ROWS {
+            // Prefill: tiles of up to 64 consecutive rows of one sequence.
+            let mut tiles: Vec<i32> = vec![];
+            for seq in &batch.seqs {
+                for r0 in seq.rows.clone().step_by(ATTN_TILE_ROWS) {
+                    tiles.extend([r0 as i32, (seq.rows.end - r0).min(ATTN_TILE_ROWS) as i32]);
+                }
+            }
+            if tiles.is_empty() {
+                return Ok(());
+            }
+            let tiles_d = self.meta(Meta::Tiles, bytemuck::cast_slice(&tiles))?;
+            let srow = hd + if self.esize() == 4 { 1 } else { 2 };
+            let smem = ((ATTN_TILE_ROWS + 2 * 32) * srow * self.esize()) as u32;
+            let kernel = if hd <= 128 { "attention_tiled_128" } else { "attention_tiled_256" };
+            return self.gpu.launch("attention", kernel, (nh as u32, (tiles.len() / 2) as u32, 1), 256, smem,
+                args![o, qp, kc, vc, ctx, table_at, tables, tiles_d, nhi, nkv, hdi, bs, kvd, scale]);
+        }
+        self.gpu.launch("attention", "attention", (nh as u32, t as u32, 1), 128, 0,
             args![o, qp, kc, vc, ctx, table_at, tables, nhi, nkv, hdi, bs, kvd, scale])
     }
 
@@ -483,7 +901,34 @@ impl Backend for CudaBackend {
         // 1. Router logits in f32, then softmax / top-k / renormalisation per row.
         self.gpu.launch("matmul", "router_logits", (blocks(e, 8), t as u32, 1), 256, 0, args![probs, xp, rp, ei, hi])?;
         let norm = moe.norm_topk_prob as i32;
+        if self.fused_gemv(t, h) && inter % (16 / es) == 0 {
+            // Decode: a warp routes each row; then per (pair, output rows) block, GEMVs over the
+            // chosen experts only — no sort, every block busy — and the combine in pair order.
+            self.gpu.launch("moe", "moe_route_warp", (blocks(t, 4), 1, 1), 128, 0, args![probs, ids, weights, ti, ei, ki, norm])?;
+            let (gp, upp, dp) = (moe.gate.ptr, moe.up.ptr, moe.down.ptr);
+            let wpr_i = self.gemv_wpr(p * inter, h);
+            let wi = wpr_i as i32;
+            self.gpu.launch("matmul", "moe_gemv_swiglu", (blocks(inter, 8 / wpr_i), p as u32, 1), 256, 0,
+                args![act, xp, gp, upp, ids, ki, ii, hi, wi])?;
+            let wpr_h = self.gemv_wpr(p * h, inter);
+            let (wh, one) = (wpr_h as i32, 1i32);
+            self.gpu.launch("matmul", "moe_gemv", (blocks(h, 8 / wpr_h), p as u32, 1), 256, 0, args![y, act, dp, ids, one, hi, ii, wh])?;
+            let (o, null) = (out.mem.ptr, 0u64);
+            return self.gpu.launch("moe", "moe_combine", (blocks(h, 256), t as u32, 1), 256, 0, args![o, y, null, weights, ki, hi]);
+        }
         self.gpu.launch("moe", "moe_route", (blocks(t, 128), 1, 1), 128, 0, args![probs, ids, weights, ti, ei, ki, norm])?;
+        if self.moe_cublas.load(std::sync::atomic::Ordering::Relaxed) && self.gpu.note(|h| h)? == Mode::Eager {
+            match self.moe_grouped_cublas(out, x, moe, [ids, weights, sorted, pair_pos, tile_e, tile_row0, tile_rows, g, u, act, y]) {
+                Ok(()) => return Ok(()),
+                // A cuBLAS without grouped GEMM for this dtype: the kernel path from now on. The
+                // routing above is still valid; sorting again below is harmless.
+                Err(Error::Device(m)) if m.contains("cuBLAS grouped GEMM") => {
+                    eprintln!("qwen3rs: {m}; MoE prefill falls back to the grouped_gemm kernel");
+                    self.moe_cublas.store(false, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
         // 2. Group the (row, expert) pairs by expert into tiles.
         let (tm, mt) = (MOE_TILE_ROWS as i32, max_tiles as i32);
         self.gpu.launch("moe", "moe_sort", (1, 1, 1), 1024, (2 * e * 4) as u32,

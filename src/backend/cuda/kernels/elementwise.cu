@@ -60,3 +60,53 @@ extern "C" __global__ void argmax_rows(unsigned* ids, const act_t* x, int cols, 
         if (lane == 0) ids[blockIdx.x] = bi == 0x7fffffff ? 0u : (unsigned)bi;
     }
 }
+
+// Dummy weights on the device: the same splitmix64 chains as model/dummy.rs, so the values are
+// bit-identical to the host's. Element j of chunk c (DUMMY_CHUNK elements) is the (j+1)-th state of
+// the chain started at splitmix64(key ^ c * 0x2545F4914F6CDD1D), mapped to
+// center + half_width * (2u - 1) with u the top 24 bits / 2^24, rounded to bf16 (then to act_t).
+// One thread runs one chain (they are sequential by construction); DF_STEPS values per thread go
+// through shared memory so that a warp stores 32 consecutive elements of one chunk.
+// Job j (grid.y) fills out[j*n .. (j+1)*n) with key keys[j] (or `key` when keys is null).
+// grid (ceil(ceil(n / DUMMY_CHUNK) / DF_THREADS), jobs), DF_THREADS threads.
+#define DUMMY_CHUNK 65536
+#define DF_THREADS 128
+#define DF_STEPS 32
+
+__device__ __forceinline__ unsigned long long splitmix64(unsigned long long z) {
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+extern "C" __global__ void __launch_bounds__(DF_THREADS) dummy_fill(act_t* out, const unsigned long long* keys,
+    unsigned long long key, unsigned long long n, float center, float half_width) {
+    __shared__ act_t buf[DF_THREADS][DF_STEPS + 1];
+    unsigned long long k = keys ? keys[blockIdx.y] : key;
+    act_t* o = out + (size_t)blockIdx.y * n;
+    unsigned long long c0 = (unsigned long long)blockIdx.x * DF_THREADS;
+    unsigned long long c = c0 + threadIdx.x;
+    unsigned long long state = splitmix64(k ^ (c * 0x2545F4914F6CDD1Dull));
+    // Every chunk of this block is at most as long as its first one.
+    unsigned long long first = c0 * DUMMY_CHUNK;
+    if (first >= n) return;
+    int limit = (int)min((unsigned long long)DUMMY_CHUNK, n - first);
+    for (int j0 = 0; j0 < limit; j0 += DF_STEPS) {
+#pragma unroll 4
+        for (int j = 0; j < DF_STEPS; j++) {
+            state = splitmix64(state);
+            float u = (float)(unsigned)(state >> 40) * (1.0f / 16777216.0f);  // exact, as the host's division
+            float v = __fadd_rn(center, __fmul_rn(half_width, __fsub_rn(__fmul_rn(2.0f, u), 1.0f)));
+            buf[threadIdx.x][j] = from_f(__bfloat162float(__float2bfloat16_rn(v)));
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < DF_THREADS * DF_STEPS; i += DF_THREADS) {
+            int ci = i / DF_STEPS, j = i % DF_STEPS;
+            unsigned long long idx = (c0 + ci) * DUMMY_CHUNK + j0 + j;
+            // A chunk's own end: the tensor's end (only the last chunk is short).
+            if (j0 + j < DUMMY_CHUNK && idx < n) o[idx] = buf[ci][j];
+        }
+        __syncthreads();
+    }
+}

@@ -82,17 +82,71 @@ extern "C" __global__ void moe_sort(const int* ids, int P, int k, int E, int tm,
     }
 }
 
-// out[t] = Σ_s round(weight[t,s] * y[pair_pos[t,s]]), accumulated (and rounded) in slot order.
-// grid (ceil(H/256), T).
+// out[t] = Σ_s round(weight[t,s] * y[pair_pos[t,s]]), accumulated (and rounded) in slot order;
+// pair_pos null: y is in pair order (y[t*k + s]). grid (ceil(H/256), T).
 extern "C" __global__ void moe_combine(act_t* out, const act_t* y, const int* pair_pos, const float* weights, int k, int H) {
     int t = blockIdx.y;
     int h = blockIdx.x * blockDim.x + threadIdx.x;
     if (h >= H) return;
     float acc = 0.f;
     for (int s = 0; s < k; s++) {
-        int pos = pair_pos[t * k + s];
+        int pos = pair_pos ? pair_pos[t * k + s] : t * k + s;
         float c = rnd(to_f(y[(size_t)pos * H + h]) * weights[t * k + s]);
         acc = rnd(acc + c);
     }
     out[(size_t)t * H + h] = from_f(acc);
+}
+
+// moe_route with one warp per row (decode: a single thread per row scanning E experts k + 3
+// times is the slowest step of a MoE layer). Same choices as moe_route: the softmax values are
+// computed per element the same way (only the sum's order differs, which scales every value
+// alike), and each top-k round takes the largest value below the previous pick, ties to the
+// lowest index. grid ceil(T / 4), 128 threads.
+extern "C" __global__ void moe_route_warp(float* probs, int* ids, float* weights, int T, int E, int k, int norm) {
+    int lane = threadIdx.x & 31;
+    int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (t >= T) return;
+    float* p = probs + (size_t)t * E;
+    float mx = -INFINITY;
+    for (int e = lane; e < E; e += 32) mx = fmaxf(mx, p[e]);
+    mx = warp_max(mx);
+    float sum = 0.f;
+    for (int e = lane; e < E; e += 32) { float v = expf(p[e] - mx); p[e] = v; sum += v; }
+    float inv = 1.f / warp_sum(sum);
+    for (int e = lane; e < E; e += 32) p[e] *= inv;
+    __syncwarp();
+    int sel[MAX_TOP_K];
+    float pv = INFINITY, total = 0.f;
+    int pi = -1;
+    for (int s = 0; s < k; s++) {
+        float bv = -INFINITY;
+        int bi = -1;
+        for (int e = lane; e < E; e += 32) {
+            float v = p[e];
+            bool after_prev = v < pv || (v == pv && e > pi);
+            if (after_prev && (bi < 0 || v > bv)) { bv = v; bi = e; }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            bool better = oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi));
+            if (better) { bv = ov; bi = oi; }
+        }
+        sel[s] = bi;
+        total += bv;
+        pv = bv;
+        pi = bi;
+    }
+    if (lane != 0) return;
+    if (!norm) total = 1.f;
+    for (int a = 1; a < k; a++) {
+        int v = sel[a], b = a - 1;
+        while (b >= 0 && sel[b] > v) { sel[b + 1] = sel[b]; b--; }
+        sel[b + 1] = v;
+    }
+    for (int s = 0; s < k; s++) {
+        ids[(size_t)t * k + s] = sel[s];
+        weights[(size_t)t * k + s] = p[sel[s]] / total;
+    }
 }

@@ -29,9 +29,12 @@ extern "C" __global__ void add_rms_norm(act_t* residual, const act_t* delta, act
 
 // Per head of q [T, nh*hd] and k [T, nkv*hd]: RMSNorm over hd with q_norm/k_norm (rounded), then
 // RoPE rotating halves (i with i + hd/2) from the f32 table rope [max_pos, hd] (cos | sin), rounded.
+// With kc non-null, also the cache append (fused kv_append): a k head's rotated values and the
+// matching v head go to row t's cache slot, slots[t] * kv_dim + head offset.
 // grid (nh + nkv, T), dynamic shared memory hd floats.
 extern "C" __global__ void qk_norm_rope(act_t* q, act_t* k, const act_t* q_norm, const act_t* k_norm,
-    const float* rope, const unsigned* positions, int nh, int nkv, int hd, float eps) {
+    const float* rope, const unsigned* positions, int nh, int nkv, int hd, float eps,
+    act_t* kc, act_t* vc, const act_t* v_in, const unsigned long long* slots, int kv_dim) {
     extern __shared__ float head[];
     int t = blockIdx.y, h = blockIdx.x;
     act_t* v;
@@ -49,5 +52,15 @@ extern "C" __global__ void qk_norm_rope(act_t* q, act_t* k, const act_t* q_norm,
         float x1 = head[i], x2 = head[i + half], c = cs[i], s = cs[half + i];
         v[i] = from_f(x1 * c - x2 * s);
         v[i + half] = from_f(x2 * c + x1 * s);
+    }
+    if (kc != nullptr && h >= nh) {
+        // Each thread copies the elements it wrote itself: no barrier needed.
+        size_t off = (h - nh) * (size_t)hd;
+        size_t dst = (size_t)slots[t] * kv_dim + off, src = (size_t)t * kv_dim + off;
+        for (int i = threadIdx.x; i < half; i += blockDim.x) {
+            kc[dst + i] = v[i];
+            kc[dst + i + half] = v[i + half];
+        }
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) vc[dst + i] = v_in[src + i];
     }
 }
