@@ -4,6 +4,9 @@
 //! bf16 GPU computes. KV blocks are committed lazily: a long `max_seq_len` costs nothing until used.
 
 pub mod kernels;
+pub mod simd;
+#[cfg(test)]
+mod tests;
 
 use super::{AttnShape, Backend, BatchInfo, MoeHost};
 use crate::error::Result;
@@ -12,23 +15,93 @@ use crate::{bail, ensure};
 use half::{bf16, f16};
 use kernels::Elem;
 use rayon::prelude::*;
+use simd::{Isa, TileElem};
+use std::cell::RefCell;
+use std::sync::Arc;
+
+/// Weight-only quantisation the CPU backend can apply at load time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quant {
+    /// Symmetric int8 with one f32 scale per output row (matrices only; norms stay as stored).
+    Int8,
+}
+
+impl Quant {
+    /// Parse the user-facing name ("int8"); "none"/"" mean no quantisation.
+    pub fn parse(name: &str) -> Result<Option<Quant>> {
+        Ok(match name {
+            "" | "none" => None,
+            "int8" | "q8" => Some(Quant::Int8),
+            _ => bail!(InvalidArgument, "unknown quantize {name:?}: expected \"none\" or \"int8\""),
+        })
+    }
+}
+
+/// How the CPU backend runs: threads and weight quantisation.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuOptions {
+    /// Worker threads; None = `QWEN3RS_NUM_THREADS`, else the CPUs this process may use.
+    pub num_threads: Option<usize>,
+    pub quant: Option<Quant>,
+}
 
 pub struct CpuBackend {
     dtype: DType,
+    quant: Option<Quant>,
+    isa: Isa,
+    /// Every parallel loop of this backend runs inside this pool.
+    pool: Arc<rayon::ThreadPool>,
+}
+
+/// The default thread count: `QWEN3RS_NUM_THREADS`, else the CPUs available to this process.
+pub fn default_num_threads() -> usize {
+    std::env::var("QWEN3RS_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }
 
 impl CpuBackend {
     pub fn new(dtype: DType) -> Self {
-        CpuBackend { dtype }
+        Self::with_options(dtype, CpuOptions::default()).expect("default CPU options are valid")
+    }
+
+    pub fn with_options(dtype: DType, opts: CpuOptions) -> Result<Self> {
+        let threads = opts.num_threads.unwrap_or_else(default_num_threads);
+        ensure!(threads >= 1, InvalidArgument, "num_threads must be >= 1, got {threads}");
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("qwen3rs-cpu-{i}"))
+            .build()
+            .map_err(|e| crate::Error::InvalidArgument(format!("cannot start {threads} CPU threads: {e}")))?;
+        Ok(CpuBackend { dtype, quant: opts.quant, isa: simd::best(), pool: Arc::new(pool) })
+    }
+
+    pub fn num_threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// The instruction set the kernels use.
+    pub fn isa(&self) -> Isa {
+        self.isa
     }
 
     /// Round activations to the compute dtype (no-op in f32).
     fn round(&self, v: &mut [f32]) {
         match self.dtype {
             DType::F32 => {}
-            DType::BF16 => v.iter_mut().for_each(|x| *x = bf16::from_f32(*x).to_f32()),
+            DType::BF16 => {
+                let isa = self.isa;
+                v.par_chunks_mut(1 << 14).for_each(|c| simd::round_bf16(isa, c));
+            }
             DType::F16 => v.iter_mut().for_each(|x| *x = f16::from_f32(*x).to_f32()),
         }
+    }
+
+    /// Activations are bf16-exact (bf16 compute), so bf16 × bf16 products lose nothing.
+    fn bf16_acts(&self) -> bool {
+        self.dtype == DType::BF16
     }
 }
 
@@ -43,6 +116,66 @@ pub struct CpuBuf {
 impl CpuBuf {
     pub fn row(&self, r: usize) -> &[f32] {
         &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+}
+
+/// Int8 weights: q [rows, cols], w[r][c] ≈ q[r][c] · scale[r].
+pub struct Q8Weight {
+    pub q: Vec<i8>,
+    pub scale: Vec<f32>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl Q8Weight {
+    /// Symmetric per-row quantisation: scale = max|w| / 127, q = round(w / scale).
+    pub fn quantize(t: &HostTensor) -> Q8Weight {
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        let values = t.to_f32_vec();
+        let mut q = vec![0i8; rows * cols];
+        let mut scale = vec![0f32; rows];
+        q.par_chunks_mut(cols).zip(scale.par_iter_mut()).zip(values.par_chunks(cols)).for_each(|((qr, s), vr)| {
+            let amax = vr.iter().fold(0f32, |m, v| m.max(v.abs()));
+            *s = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+            let inv = 1.0 / *s;
+            qr.iter_mut().zip(vr).for_each(|(q, v)| *q = (v * inv).round().clamp(-127.0, 127.0) as i8);
+        });
+        Q8Weight { q, scale, rows, cols }
+    }
+
+    pub fn row(&self, r: usize) -> &[i8] {
+        &self.q[r * self.cols..(r + 1) * self.cols]
+    }
+}
+
+/// A weight on the CPU: a host tensor used in place (zero copy from the memory map where the dtype
+/// allows), or int8 weight-only quantised.
+pub enum CpuWeight {
+    Host(HostTensor),
+    Q8(Q8Weight),
+}
+
+impl CpuWeight {
+    pub fn shape(&self) -> [usize; 2] {
+        match self {
+            CpuWeight::Host(t) => [t.shape[0], t.shape.get(1).copied().unwrap_or(1)],
+            CpuWeight::Q8(q) => [q.rows, q.cols],
+        }
+    }
+
+    fn host(&self, what: &str) -> Result<&HostTensor> {
+        match self {
+            CpuWeight::Host(t) => Ok(t),
+            CpuWeight::Q8(_) => bail!(InvalidArgument, "{what}: expected an unquantised tensor"),
+        }
+    }
+
+    /// Bytes one full read of this weight touches (for bandwidth figures).
+    pub fn bytes(&self) -> usize {
+        match self {
+            CpuWeight::Host(t) => t.raw().len(),
+            CpuWeight::Q8(q) => q.q.len() + 4 * q.scale.len(),
+        }
     }
 }
 
@@ -62,8 +195,8 @@ pub struct CpuKv {
 }
 
 pub struct CpuMoe {
-    router: HostTensor,
-    experts: Vec<[HostTensor; 3]>,
+    router: CpuWeight,
+    experts: Vec<[CpuWeight; 3]>,
     top_k: usize,
     norm_topk_prob: bool,
 }
@@ -80,44 +213,188 @@ fn check_shape(name: &str, got: (usize, usize), want: (usize, usize)) -> Result<
     Ok(())
 }
 
-fn elems_of(w: &HostTensor) -> Elems<'_> {
-    w.elems()
+/// Weight rows per tile (register blocking) and activation rows per tile.
+const MR: usize = 4;
+const NR: usize = 4;
+
+thread_local! {
+    /// Activations as bf16 for `vdpbf16ps` (reused: no allocation per token once warm).
+    static ACTS_BF16: RefCell<Vec<bf16>> = const { RefCell::new(Vec::new()) };
+    /// A block of int8 weight rows widened to bf16 for prefill.
+    static BLOCK_BF16: RefCell<Vec<bf16>> = const { RefCell::new(Vec::new()) };
 }
 
-/// out [T, N] = x [T, K] · w [N, K]ᵀ; each task reads a block of weight rows once for all T rows.
-fn matmul_typed<W: Elem>(out: &mut [f32], x: &[f32], w: &[W], t: usize, n: usize, k: usize) {
-    const COLS_PER_TASK: usize = 16;
-    let out_ptr = SharedMut(out.as_mut_ptr());
-    (0..n.div_ceil(COLS_PER_TASK)).into_par_iter().for_each(|b| {
-        let out_ptr = out_ptr;
-        for j in b * COLS_PER_TASK..n.min((b + 1) * COLS_PER_TASK) {
-            let w_row = &w[j * k..(j + 1) * k];
-            for i in 0..t {
-                let v = kernels::dot(w_row, &x[i * k..(i + 1) * k]);
-                // SAFETY: (i, j) is written by exactly one task (j is in this task's block) and
-                // i*n + j < t*n = out.len().
-                unsafe { *out_ptr.0.add(i * n + j) = v };
-            }
+/// The activation rows a tile reads: f32, or bf16 (bf16 compute with AVX512-BF16).
+#[derive(Clone, Copy)]
+enum Acts<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+}
+
+/// One tile's results into out [T, N], scaled per weight row for int8.
+#[inline(always)]
+fn store<const M: usize, const N: usize>(out: SharedMut, n_total: usize, i0: usize, j0: usize, v: [[f32; N]; M], scale: Option<&[f32]>) {
+    for (m, col) in v.iter().enumerate() {
+        let s = scale.map_or(1.0, |s| s[j0 + m]);
+        for (n, &val) in col.iter().enumerate() {
+            // SAFETY: (i0+n, j0+m) lies in this task's rows j0.. of out [T, N] (the caller checked
+            // shapes), and no other task writes those weight rows.
+            unsafe { *out.0.add((i0 + n) * n_total + j0 + m) = val * s };
         }
-    });
-}
-
-pub(crate) fn matmul_host(out: &mut [f32], x: &[f32], w: &HostTensor, t: usize) {
-    let (n, k) = (w.shape[0], w.shape[1]);
-    match elems_of(w) {
-        Elems::F32(ws) => matmul_typed(out, x, ws, t, n, k),
-        Elems::BF16(ws) => matmul_typed(out, x, ws, t, n, k),
-        Elems::F16(ws) => matmul_typed(out, x, ws, t, n, k),
     }
 }
 
-fn rms_norm_rows(out: &mut [f32], x: &[f32], w: &HostTensor, cols: usize, eps: f32) {
-    let rows = out.par_chunks_mut(cols).zip(x.par_chunks(cols));
-    match elems_of(w) {
-        Elems::F32(g) => rows.for_each(|(o, x)| kernels::rms_norm(o, x, g, eps)),
-        Elems::BF16(g) => rows.for_each(|(o, x)| kernels::rms_norm(o, x, g, eps)),
-        Elems::F16(g) => rows.for_each(|(o, x)| kernels::rms_norm(o, x, g, eps)),
+/// out[:, j0..j0+rows] for weight rows `w` (rows × k, first row is global row j0).
+#[allow(clippy::too_many_arguments)]
+fn gemm_block<W: TileElem>(isa: Isa, out: SharedMut, n_total: usize, j0: usize, w: &[W], k: usize, x: Acts, t: usize,
+    scale: Option<&[f32]>) {
+    let rows = w.len() / k;
+    let wr = |j: usize| &w[j * k..(j + 1) * k];
+    for i0 in (0..t).step_by(NR) {
+        let nr = NR.min(t - i0);
+        let mut j = 0;
+        while j < rows {
+            let m4 = j + MR <= rows;
+            match x {
+                Acts::F32(x) => {
+                    let xr = |n: usize| &x[(i0 + n) * k..(i0 + n + 1) * k];
+                    macro_rules! go {
+                        ($m:literal, $n:literal) => {{
+                            let wa: [&[W]; $m] = std::array::from_fn(|m| wr(j + m));
+                            let xa: [&[f32]; $n] = std::array::from_fn(|n| xr(n));
+                            store(out, n_total, i0, j0 + j, W::tile::<$m, $n>(isa, wa, xa), scale)
+                        }};
+                    }
+                    match (m4, nr) {
+                        (true, 1) => go!(4, 1),
+                        (true, 2) => go!(4, 2),
+                        (true, 3) => go!(4, 3),
+                        (true, _) => go!(4, 4),
+                        (false, 1) => go!(1, 1),
+                        (false, 2) => go!(1, 2),
+                        (false, 3) => go!(1, 3),
+                        (false, _) => go!(1, 4),
+                    }
+                }
+                Acts::Bf16(x) => {
+                    // Only bf16 weight rows reach here (see `matmul_into`).
+                    let wb: &[bf16] = W::as_bf16(w).expect("bf16 activations meet bf16 weights only");
+                    let wr = |j: usize| &wb[j * k..(j + 1) * k];
+                    let xr = |n: usize| &x[(i0 + n) * k..(i0 + n + 1) * k];
+                    macro_rules! go {
+                        ($m:literal, $n:literal) => {{
+                            let wa: [&[bf16]; $m] = std::array::from_fn(|m| wr(j + m));
+                            let xa: [&[bf16]; $n] = std::array::from_fn(|n| xr(n));
+                            store(out, n_total, i0, j0 + j, simd::tile_bf16_bf16::<$m, $n>(isa, wa, xa), scale)
+                        }};
+                    }
+                    match (m4, nr) {
+                        (true, 1) => go!(4, 1),
+                        (true, 2) => go!(4, 2),
+                        (true, 3) => go!(4, 3),
+                        (true, _) => go!(4, 4),
+                        (false, 1) => go!(1, 1),
+                        (false, 2) => go!(1, 2),
+                        (false, 3) => go!(1, 3),
+                        (false, _) => go!(1, 4),
+                    }
+                }
+            }
+            j += if m4 { MR } else { 1 };
+        }
     }
+}
+
+/// Weight rows per parallel task: enough tasks to balance threads, whole register tiles, and for
+/// prefill a block small enough to stay in L2 while every activation row passes over it.
+fn rows_per_task(n: usize, k: usize, t: usize, threads: usize) -> usize {
+    let balance = n.div_ceil(threads * 8);
+    let cap = if t > 1 { ((256 * 1024) / (2 * k)).max(MR) } else { usize::MAX };
+    balance.min(cap).max(MR).div_ceil(MR) * MR
+}
+
+/// out [T, N] = x [T, K] · wᵀ over `threads` threads, dispatched on the weight's element type.
+fn matmul_typed<W: TileElem>(isa: Isa, out: &mut [f32], x: Acts, w: &[W], t: usize, n: usize, k: usize, scale: Option<&[f32]>) {
+    let out_ptr = SharedMut(out.as_mut_ptr());
+    let per = rows_per_task(n, k, t, rayon::current_num_threads());
+    w.par_chunks(per * k).enumerate().for_each(|(b, wb)| gemm_block(isa, out_ptr, n, b * per, wb, k, x, t, scale));
+}
+
+/// out [T, N] = x [T, K] · w [N, K]ᵀ for any CPU weight.
+fn matmul_into(isa: Isa, bf16_acts: bool, out: &mut [f32], x: &[f32], w: &CpuWeight, t: usize) {
+    let [n, k] = w.shape();
+    assert!(out.len() == t * n && x.len() == t * k, "matmul_into: shapes differ");
+    let dp = bf16_acts && isa == Isa::Avx512Bf16;
+    // bf16 × bf16 (`vdpbf16ps`) needs the activations as bf16 once per matmul; they are bf16-exact
+    // in bf16 compute, so this is lossless.
+    let with_acts = |f: &mut dyn FnMut(Acts)| {
+        if dp {
+            ACTS_BF16.with_borrow_mut(|xb| {
+                xb.resize(x.len(), bf16::ZERO);
+                xb.par_chunks_mut(1 << 14).zip(x.par_chunks(1 << 14)).for_each(|(d, s)| simd::to_bf16(isa, d, s));
+                f(Acts::Bf16(xb))
+            })
+        } else {
+            f(Acts::F32(x))
+        }
+    };
+    match w {
+        CpuWeight::Host(h) => match h.elems() {
+            Elems::F32(ws) => matmul_typed(isa, out, Acts::F32(x), ws, t, n, k, None),
+            Elems::BF16(ws) => with_acts(&mut |xa| matmul_typed(isa, out, xa, ws, t, n, k, None)),
+            Elems::F16(ws) => matmul_typed(isa, out, Acts::F32(x), ws, t, n, k, None),
+        },
+        CpuWeight::Q8(q) if t < NR => matmul_typed(isa, out, Acts::F32(x), &q.q, t, n, k, Some(&q.scale)),
+        CpuWeight::Q8(q) => {
+            // Prefill: widen each task's block of int8 rows to bf16 once (exact), then the bf16 tiles.
+            with_acts(&mut |xa| {
+                let out_ptr = SharedMut(out.as_mut_ptr());
+                let per = rows_per_task(n, k, t, rayon::current_num_threads());
+                q.q.par_chunks(per * k).enumerate().for_each(|(b, qb)| {
+                    BLOCK_BF16.with_borrow_mut(|wb| {
+                        wb.resize(qb.len(), bf16::ZERO);
+                        simd::i8_to_bf16(isa, wb, qb);
+                        gemm_block(isa, out_ptr, n, b * per, &wb[..], k, xa, t, Some(&q.scale));
+                    })
+                });
+            })
+        }
+    }
+}
+
+/// The scalar reference matmul (the oracle the tests compare `matmul_into` against).
+pub fn matmul_reference(out: &mut [f32], x: &[f32], w: &CpuWeight, t: usize) {
+    let [n, k] = w.shape();
+    for i in 0..t {
+        for j in 0..n {
+            out[i * n + j] = match w {
+                CpuWeight::Host(h) => match h.elems() {
+                    Elems::F32(ws) => kernels::dot(&ws[j * k..(j + 1) * k], &x[i * k..(i + 1) * k]),
+                    Elems::BF16(ws) => kernels::dot(&ws[j * k..(j + 1) * k], &x[i * k..(i + 1) * k]),
+                    Elems::F16(ws) => kernels::dot(&ws[j * k..(j + 1) * k], &x[i * k..(i + 1) * k]),
+                },
+                CpuWeight::Q8(q) => simd::dot_ref(q.row(j), &x[i * k..(i + 1) * k]) * q.scale[j],
+            };
+        }
+    }
+}
+
+/// The same, with the kernels of `isa` (for tests and benchmarks of each path).
+pub fn matmul_with(isa: Isa, bf16_acts: bool, out: &mut [f32], x: &[f32], w: &CpuWeight, t: usize) {
+    matmul_into(isa, bf16_acts, out, x, w, t)
+}
+
+fn rms_norm_row(isa: Isa, out: &mut [f32], x: &[f32], w: Elems, eps: f32) {
+    match w {
+        Elems::F32(g) => simd::rms_norm_f32(isa, out, x, g, eps),
+        Elems::BF16(g) => simd::rms_norm_bf16(isa, out, x, g, eps),
+        Elems::F16(g) => kernels::rms_norm(out, x, g, eps),
+    }
+}
+
+fn rms_norm_rows(isa: Isa, out: &mut [f32], x: &[f32], w: &HostTensor, cols: usize, eps: f32) {
+    let w = w.elems();
+    out.par_chunks_mut(cols).zip(x.par_chunks(cols)).with_min_len(4).for_each(|(o, x)| rms_norm_row(isa, o, x, w, eps));
 }
 
 impl KvData {
@@ -132,7 +409,9 @@ impl KvData {
     fn write(&mut self, at: usize, src: &[f32]) {
         fn put<T: Elem>(dst: &mut Vec<T>, at: usize, src: &[f32]) {
             if dst.len() < at + src.len() {
-                dst.resize(at + src.len(), T::from_f32(0.0));
+                // Grow in large steps, so appending a token rarely reallocates.
+                let want = (at + src.len()).max(dst.len() * 2).max(1 << 16);
+                dst.resize(want, T::from_f32(0.0));
             }
             for (d, &s) in dst[at..at + src.len()].iter_mut().zip(src) {
                 *d = T::from_f32(s);
@@ -146,31 +425,40 @@ impl KvData {
     }
 }
 
+thread_local! {
+    /// Attention scores of one head (reused across calls).
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
 /// Causal attention of one query head over one sequence's cached keys/values.
 #[allow(clippy::too_many_arguments)]
-fn attend_head<T: Elem>(out: &mut [f32], q: &[f32], k: &[T], v: &[T], ctx: usize, blocks: &[u32],
-    block_size: usize, kv_dim: usize, kv_off: usize, scores: &mut Vec<f32>) {
+fn attend_head<T: Elem + TileElem>(isa: Isa, out: &mut [f32], q: &[f32], k: &[T], v: &[T], ctx: usize, blocks: &[u32],
+    block_size: usize, kv_dim: usize, kv_off: usize, axpy: fn(Isa, &mut [f32], f32, &[T])) {
     let hd = q.len();
     let scale = 1.0 / (hd as f32).sqrt();
     let slot = |j: usize| (blocks[j / block_size] as usize * block_size + j % block_size) * kv_dim + kv_off;
-    scores.clear();
-    for j in 0..ctx {
-        let s = slot(j);
-        scores.push(kernels::dot(&k[s..s + hd], q) * scale);
-    }
-    kernels::softmax(scores);
-    out.fill(0.0);
-    for (j, &p) in scores.iter().enumerate() {
-        let s = slot(j);
-        for (o, &x) in out.iter_mut().zip(&v[s..s + hd]) {
-            *o += p * x.to_f32();
+    SCORES.with_borrow_mut(|scores| {
+        scores.clear();
+        for j in 0..ctx {
+            let s = slot(j);
+            scores.push(T::tile::<1, 1>(isa, [&k[s..s + hd]], [q])[0][0] * scale);
         }
-    }
+        simd::softmax(isa, scores);
+        out.fill(0.0);
+        for (j, &p) in scores.iter().enumerate() {
+            let s = slot(j);
+            axpy(isa, out, p, &v[s..s + hd]);
+        }
+    })
+}
+
+fn axpy_f16(_: Isa, out: &mut [f32], p: f32, v: &[f16]) {
+    out.iter_mut().zip(v).for_each(|(o, x)| *o += p * x.to_f32());
 }
 
 impl Backend for CpuBackend {
     type Buf = CpuBuf;
-    type Weight = HostTensor;
+    type Weight = CpuWeight;
     type KvLayer = CpuKv;
     type Moe = CpuMoe;
 
@@ -182,18 +470,21 @@ impl Backend for CpuBackend {
         self.dtype
     }
 
-    fn upload(&self, tensor: HostTensor) -> Result<HostTensor> {
+    fn upload(&self, tensor: HostTensor) -> Result<CpuWeight> {
+        if self.quant == Some(Quant::Int8) && tensor.shape.len() == 2 {
+            return Ok(CpuWeight::Q8(self.pool.install(|| Q8Weight::quantize(&tensor))));
+        }
         // f32 compute keeps bf16/f16 weights as stored (widening is exact); bf16 compute of f32 or
         // f16 weights converts them once, so the math equals a bf16 model's.
-        match (self.dtype, tensor.dtype) {
-            (DType::F32, _) => Ok(tensor),
-            (d, s) if d == s => Ok(tensor),
-            (d, _) => Ok(tensor.to_dtype(d)),
-        }
+        Ok(CpuWeight::Host(match (self.dtype, tensor.dtype) {
+            (DType::F32, _) => tensor,
+            (d, s) if d == s => tensor,
+            (d, _) => tensor.to_dtype(d),
+        }))
     }
 
-    fn upload_exact(&self, tensor: HostTensor) -> Result<HostTensor> {
-        Ok(tensor)
+    fn upload_exact(&self, tensor: HostTensor) -> Result<CpuWeight> {
+        Ok(CpuWeight::Host(tensor))
     }
 
     fn upload_moe(&self, moe: MoeHost) -> Result<CpuMoe> {
@@ -202,7 +493,12 @@ impl Backend for CpuBackend {
             .into_iter()
             .map(|[g, u, d]| Ok([self.upload(g)?, self.upload(u)?, self.upload(d)?]))
             .collect::<Result<Vec<_>>>()?;
-        Ok(CpuMoe { router: self.upload(moe.router)?, experts, top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob })
+        // The router stays unquantised: int8 noise there flips near-tied expert choices.
+        let router = match self.dtype {
+            DType::F32 => moe.router,
+            d => moe.router.to_dtype(d),
+        };
+        Ok(CpuMoe { router: CpuWeight::Host(router), experts, top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob })
     }
 
     fn alloc(&self, rows: usize, cols: usize) -> Result<CpuBuf> {
@@ -222,48 +518,60 @@ impl Backend for CpuBackend {
         Ok(buf.data.clone())
     }
 
-    fn embed(&self, out: &mut CpuBuf, table: &HostTensor, ids: &[u32]) -> Result<()> {
-        let (vocab, h) = (table.shape[0], table.shape[1]);
+    fn embed(&self, out: &mut CpuBuf, table: &CpuWeight, ids: &[u32]) -> Result<()> {
+        let [vocab, h] = table.shape();
         check_shape("embed", (out.rows, out.cols), (ids.len(), h))?;
         for (row, &id) in out.data.chunks_mut(h).zip(ids) {
             ensure!((id as usize) < vocab, InvalidArgument, "token id {id} is out of range for a vocabulary of {vocab}");
             let id = id as usize;
-            match table.elems() {
-                Elems::F32(t) => row.copy_from_slice(&t[id * h..(id + 1) * h]),
-                Elems::BF16(t) => row.iter_mut().zip(&t[id * h..(id + 1) * h]).for_each(|(o, v)| *o = v.to_f32()),
-                Elems::F16(t) => row.iter_mut().zip(&t[id * h..(id + 1) * h]).for_each(|(o, v)| *o = v.to_f32()),
+            match table {
+                CpuWeight::Host(t) => match t.elems() {
+                    Elems::F32(t) => row.copy_from_slice(&t[id * h..(id + 1) * h]),
+                    Elems::BF16(t) => row.iter_mut().zip(&t[id * h..(id + 1) * h]).for_each(|(o, v)| *o = v.to_f32()),
+                    Elems::F16(t) => row.iter_mut().zip(&t[id * h..(id + 1) * h]).for_each(|(o, v)| *o = v.to_f32()),
+                },
+                CpuWeight::Q8(q) => {
+                    let s = q.scale[id];
+                    row.iter_mut().zip(q.row(id)).for_each(|(o, &v)| *o = v as f32 * s);
+                }
             }
         }
         self.round(&mut out.data);
         Ok(())
     }
 
-    fn rms_norm(&self, out: &mut CpuBuf, x: &CpuBuf, w: &HostTensor, eps: f32) -> Result<()> {
+    fn rms_norm(&self, out: &mut CpuBuf, x: &CpuBuf, w: &CpuWeight, eps: f32) -> Result<()> {
         check_shape("rms_norm", (out.rows, out.cols), (x.rows, x.cols))?;
-        rms_norm_rows(&mut out.data, &x.data, w, x.cols, eps);
-        self.round(&mut out.data);
+        let w = w.host("rms_norm")?;
+        self.pool.install(|| {
+            rms_norm_rows(self.isa, &mut out.data, &x.data, w, x.cols, eps);
+            self.round(&mut out.data);
+        });
         Ok(())
     }
 
-    fn add_rms_norm(&self, residual: &mut CpuBuf, delta: &CpuBuf, out: &mut CpuBuf, w: &HostTensor, eps: f32) -> Result<()> {
+    fn add_rms_norm(&self, residual: &mut CpuBuf, delta: &CpuBuf, out: &mut CpuBuf, w: &CpuWeight, eps: f32) -> Result<()> {
         check_shape("add_rms_norm", (delta.rows, delta.cols), (residual.rows, residual.cols))?;
         residual.data.iter_mut().zip(&delta.data).for_each(|(r, d)| *r += d);
         self.round(&mut residual.data);
         self.rms_norm(out, residual, w, eps)
     }
 
-    fn matmul(&self, out: &mut CpuBuf, x: &CpuBuf, w: &HostTensor) -> Result<()> {
-        ensure!(w.shape.len() == 2 && w.shape[1] == x.cols, InvalidArgument,
-            "matmul: weight {:?} does not take rows of {}", w.shape, x.cols);
-        check_shape("matmul", (out.rows, out.cols), (x.rows, w.shape[0]))?;
-        matmul_host(&mut out.data, &x.data, w, x.rows);
-        self.round(&mut out.data);
+    fn matmul(&self, out: &mut CpuBuf, x: &CpuBuf, w: &CpuWeight) -> Result<()> {
+        let [n, k] = w.shape();
+        ensure!(k == x.cols, InvalidArgument, "matmul: weight [{n}, {k}] does not take rows of {}", x.cols);
+        check_shape("matmul", (out.rows, out.cols), (x.rows, n))?;
+        self.pool.install(|| {
+            matmul_into(self.isa, self.bf16_acts(), &mut out.data, &x.data, w, x.rows);
+            self.round(&mut out.data);
+        });
         Ok(())
     }
 
-    fn qk_norm_rope(&self, q: &mut CpuBuf, k: &mut CpuBuf, q_norm: &HostTensor, k_norm: &HostTensor, eps: f32,
-        rope: &HostTensor, positions: &[u32], shape: AttnShape) -> Result<()> {
+    fn qk_norm_rope(&self, q: &mut CpuBuf, k: &mut CpuBuf, q_norm: &CpuWeight, k_norm: &CpuWeight, eps: f32,
+        rope: &CpuWeight, positions: &[u32], shape: AttnShape) -> Result<()> {
         let hd = shape.head_dim;
+        let rope = rope.host("rope")?;
         let table = match rope.elems() {
             Elems::F32(t) => t,
             _ => bail!(InvalidArgument, "rope table must be f32"),
@@ -272,19 +580,30 @@ impl Backend for CpuBackend {
         for &p in positions {
             ensure!((p as usize) < max_pos, InvalidArgument, "position {p} is past the RoPE table ({max_pos})");
         }
+        const MAX_HD: usize = 1024;
+        ensure!(hd <= MAX_HD && hd % 2 == 0, InvalidArgument, "head_dim {hd} is not supported on the CPU");
+        let (isa, dtype) = (self.isa, self.dtype);
         for (buf, w, heads) in [(&mut *q, q_norm, shape.n_heads), (&mut *k, k_norm, shape.n_kv_heads)] {
             check_shape("qk_norm_rope", (buf.rows, buf.cols), (positions.len(), heads * hd))?;
-            let mut normed = vec![0f32; buf.data.len()];
-            rms_norm_rows(&mut normed, &buf.data, w, hd, eps);
-            self.round(&mut normed);
-            for (row, &p) in normed.chunks_mut(heads * hd).zip(positions) {
-                let cs = &table[p as usize * hd..(p as usize + 1) * hd];
-                for head in row.chunks_mut(hd) {
-                    kernels::rope(head, &cs[..hd / 2], &cs[hd / 2..]);
-                }
-            }
-            self.round(&mut normed);
-            buf.data = normed;
+            let w = w.host("qk_norm")?.elems();
+            let round = |v: &mut [f32]| match dtype {
+                DType::F32 => {}
+                DType::BF16 => simd::round_bf16(isa, v),
+                DType::F16 => v.iter_mut().for_each(|x| *x = f16::from_f32(*x).to_f32()),
+            };
+            // Each head in place: norm → round → RoPE → round (as the reference's two passes).
+            self.pool.install(|| {
+                buf.data.par_chunks_mut(hd).enumerate().with_min_len(8).for_each(|(i, head)| {
+                    let p = positions[i / heads] as usize;
+                    let cs = &table[p * hd..(p + 1) * hd];
+                    let mut tmp = [0f32; MAX_HD];
+                    tmp[..hd].copy_from_slice(head);
+                    rms_norm_row(isa, head, &tmp[..hd], w, eps);
+                    round(head);
+                    simd::rope(isa, head, &cs[..hd / 2], &cs[hd / 2..]);
+                    round(head);
+                })
+            });
         }
         Ok(())
     }
@@ -311,48 +630,57 @@ impl Backend for CpuBackend {
         let (nh, hd) = (shape.n_heads, shape.head_dim);
         let group = nh / shape.n_kv_heads;
         check_shape("attention", (out.rows, out.cols), (q.rows, nh * hd))?;
-        // Which sequence each row belongs to, and how many positions it sees (itself included).
-        let mut row_seq = vec![0usize; q.rows];
-        for (s, seq) in batch.seqs.iter().enumerate() {
-            row_seq[seq.rows.clone()].iter_mut().for_each(|x| *x = s);
-        }
-        let (bs, d) = (kv.block_size, kv.kv_dim);
-        out.data.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, |scores, (i, o)| {
-            let (row, h) = (i / nh, i % nh);
-            let seq = &batch.seqs[row_seq[row]];
-            let ctx = seq.start_pos + (row - seq.rows.start) + 1;
-            let qh = &q.data[row * nh * hd + h * hd..row * nh * hd + (h + 1) * hd];
-            let kv_off = (h / group) * hd;
-            match (&kv.k, &kv.v) {
-                (KvData::F32(k), KvData::F32(v)) => attend_head(o, qh, k, v, ctx, seq.blocks, bs, d, kv_off, scores),
-                (KvData::BF16(k), KvData::BF16(v)) => attend_head(o, qh, k, v, ctx, seq.blocks, bs, d, kv_off, scores),
-                (KvData::F16(k), KvData::F16(v)) => attend_head(o, qh, k, v, ctx, seq.blocks, bs, d, kv_off, scores),
-                _ => unreachable!("K and V are created with one dtype"),
-            }
+        let (bs, d, isa) = (kv.block_size, kv.kv_dim, self.isa);
+        self.pool.install(|| {
+            out.data.par_chunks_mut(hd).enumerate().for_each(|(i, o)| {
+                let (row, h) = (i / nh, i % nh);
+                // The sequence this row belongs to, and how many positions it sees (itself included).
+                let seq = batch.seqs.iter().find(|s| s.rows.contains(&row)).expect("every row belongs to a sequence");
+                let ctx = seq.start_pos + (row - seq.rows.start) + 1;
+                let qh = &q.data[row * nh * hd + h * hd..row * nh * hd + (h + 1) * hd];
+                let kv_off = (h / group) * hd;
+                match (&kv.k, &kv.v) {
+                    (KvData::F32(k), KvData::F32(v)) => attend_head(isa, o, qh, k, v, ctx, seq.blocks, bs, d, kv_off, simd::axpy_f32),
+                    (KvData::BF16(k), KvData::BF16(v)) => attend_head(isa, o, qh, k, v, ctx, seq.blocks, bs, d, kv_off, simd::axpy_bf16),
+                    (KvData::F16(k), KvData::F16(v)) => attend_head(isa, o, qh, k, v, ctx, seq.blocks, bs, d, kv_off, axpy_f16),
+                    _ => unreachable!("K and V are created with one dtype"),
+                }
+            });
+            self.round(&mut out.data);
         });
-        self.round(&mut out.data);
         Ok(())
     }
 
     fn swiglu(&self, out: &mut CpuBuf, gate: &CpuBuf, up: &CpuBuf) -> Result<()> {
         check_shape("swiglu", (out.rows, out.cols), (gate.rows, gate.cols))?;
         check_shape("swiglu", (up.rows, up.cols), (gate.rows, gate.cols))?;
-        // In bf16, transformers rounds silu(gate) before multiplying; do the same.
-        let mut act: Vec<f32> = gate.data.iter().map(|&g| kernels::silu(g)).collect();
-        self.round(&mut act);
-        out.data.iter_mut().zip(act).zip(&up.data).for_each(|((o, a), &u)| *o = a * u);
-        self.round(&mut out.data);
+        let isa = self.isa;
+        match self.dtype {
+            DType::F16 => {
+                // In f16, transformers rounds silu(gate) before multiplying; do the same.
+                let r = |x: f32| f16::from_f32(x).to_f32();
+                out.data.iter_mut().zip(&gate.data).zip(&up.data).for_each(|((o, &g), &u)| *o = r(r(kernels::silu(g)) * u));
+            }
+            dtype => {
+                let bf = dtype == DType::BF16;
+                const CHUNK: usize = 1 << 14;
+                self.pool.install(|| {
+                    out.data.par_chunks_mut(CHUNK).zip(gate.data.par_chunks(CHUNK)).zip(up.data.par_chunks(CHUNK))
+                        .for_each(|((o, g), u)| simd::swiglu(isa, o, g, u, bf))
+                });
+            }
+        }
         Ok(())
     }
 
     fn moe(&self, out: &mut CpuBuf, x: &CpuBuf, moe: &CpuMoe) -> Result<()> {
         let (t, h) = (x.rows, x.cols);
-        let n_experts = moe.router.shape[0];
+        let [n_experts, _] = moe.router.shape();
         check_shape("moe", (out.rows, out.cols), (t, h))?;
         // 1. Router: logits and softmax in f32 (a bf16 round here flips near-tied expert choices),
         //    top-k, optional renormalisation.
         let mut logits = vec![0f32; t * n_experts];
-        matmul_host(&mut logits, &x.data, &moe.router, t);
+        self.pool.install(|| matmul_into(self.isa, self.bf16_acts(), &mut logits, &x.data, &moe.router, t));
         let mut routes: Vec<Vec<(usize, f32)>> = vec![vec![]; n_experts]; // expert → (row, weight)
         for (row, l) in logits.chunks_mut(n_experts).enumerate() {
             kernels::softmax(l);
@@ -366,7 +694,7 @@ impl Backend for CpuBackend {
         out.data.fill(0.0);
         for (e, rows) in routes.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
             let [gate, up, down] = &moe.experts[e];
-            let inter = gate.shape[0];
+            let [inter, _] = gate.shape();
             let n = rows.len();
             let mut xe = CpuBuf { data: Vec::with_capacity(n * h), rows: n, cols: h };
             rows.iter().for_each(|&(r, _)| xe.data.extend_from_slice(x.row(r)));
