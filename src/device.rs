@@ -48,6 +48,10 @@ pub struct LoadOptions {
     pub max_seq_len: Option<usize>,
     /// Sequences the KV cache can hold at once.
     pub max_batch: usize,
+    /// CPU worker threads; None = `QWEN3RS_NUM_THREADS`, else all CPUs available.
+    pub num_threads: Option<usize>,
+    /// Weight-only quantisation at load time (CPU only).
+    pub quantize: Option<crate::backend::cpu::Quant>,
 }
 
 /// Build an engine for `config` with weights from `src` on the requested device.
@@ -59,7 +63,8 @@ pub fn load_engine(config: Qwen3Config, src: &dyn TensorSource, tokenizer: Optio
     crate::ensure!(opts.max_batch >= 1, InvalidArgument, "max_batch must be >= 1");
     match opts.device {
         Device::Cpu => {
-            let model = Model::load(CpuBackend::new(dtype), config, src, max_seq_len, progress)?;
+            let cpu_opts = crate::backend::cpu::CpuOptions { num_threads: opts.num_threads, quant: opts.quantize };
+            let model = Model::load(CpuBackend::with_options(dtype, cpu_opts)?, config, src, max_seq_len, progress)?;
             Ok(AnyEngine::Cpu(Engine::new(model, tokenizer, opts.max_batch)?))
         }
         Device::Cuda(n) => bail!(Device, "device cuda:{n} requested, but this build of qwen3rs has no CUDA backend"),

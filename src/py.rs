@@ -194,8 +194,11 @@ impl PyModel {
     }
 }
 
-fn load_options(device: &str, dtype: &str, max_seq_len: Option<usize>, max_batch: usize) -> Result<LoadOptions> {
+fn load_options(device: &str, dtype: &str, max_seq_len: Option<usize>, max_batch: usize, cpu: (Option<usize>, Option<&str>))
+    -> Result<LoadOptions> {
     Ok(LoadOptions {
+        num_threads: cpu.0,
+        quantize: crate::backend::cpu::Quant::parse(cpu.1.unwrap_or("none"))?,
         device: Device::parse(device)?,
         dtype: if dtype == "auto" { None } else { Some(DType::parse(dtype)?) },
         max_seq_len,
@@ -235,10 +238,11 @@ fn build(py: Python<'_>, config_json: String, src: impl TensorSource + Send, opt
 
 /// Load a Hugging Face checkpoint folder (config.json + safetensors [+ tokenizer files]).
 #[pyfunction]
-#[pyo3(signature = (path, device="cpu", dtype="auto", max_seq_len=None, max_batch=8, progress=None))]
+#[pyo3(signature = (path, device="cpu", dtype="auto", max_seq_len=None, max_batch=8, progress=None, num_threads=None, quantize=None))]
+#[allow(clippy::too_many_arguments)]
 fn load_checkpoint(py: Python<'_>, path: PathBuf, device: &str, dtype: &str, max_seq_len: Option<usize>, max_batch: usize,
-    progress: Option<Py<PyAny>>) -> PyResult<PyModel> {
-    let opts = load_options(device, dtype, max_seq_len, max_batch).map_err(to_py)?;
+    progress: Option<Py<PyAny>>, num_threads: Option<usize>, quantize: Option<&str>) -> PyResult<PyModel> {
+    let opts = load_options(device, dtype, max_seq_len, max_batch, (num_threads, quantize)).map_err(to_py)?;
     if !path.is_dir() {
         return Err(to_py(Error::NotFound { path, what: "checkpoint folder".into() }));
     }
@@ -255,11 +259,13 @@ fn load_checkpoint(py: Python<'_>, path: PathBuf, device: &str, dtype: &str, max
 
 /// Random weights of the shapes `config_json` describes; tokenizer files from `tokenizer_dir`.
 #[pyfunction]
-#[pyo3(signature = (config_json, device="cpu", dtype="auto", max_seq_len=None, max_batch=8, seed=0, tokenizer_dir=None, progress=None))]
+#[pyo3(signature = (config_json, device="cpu", dtype="auto", max_seq_len=None, max_batch=8, seed=0, tokenizer_dir=None, progress=None,
+    num_threads=None, quantize=None))]
 #[allow(clippy::too_many_arguments)]
 fn load_dummy(py: Python<'_>, config_json: String, device: &str, dtype: &str, max_seq_len: Option<usize>, max_batch: usize,
-    seed: u64, tokenizer_dir: Option<PathBuf>, progress: Option<Py<PyAny>>) -> PyResult<PyModel> {
-    let opts = load_options(device, dtype, max_seq_len, max_batch).map_err(to_py)?;
+    seed: u64, tokenizer_dir: Option<PathBuf>, progress: Option<Py<PyAny>>, num_threads: Option<usize>, quantize: Option<&str>)
+    -> PyResult<PyModel> {
+    let opts = load_options(device, dtype, max_seq_len, max_batch, (num_threads, quantize)).map_err(to_py)?;
     build(py, config_json, DummyWeights { seed }, opts, tokenizer_dir, progress)
 }
 
@@ -440,6 +446,12 @@ impl PyModel {
     }
 }
 
+/// The CPU kernels' instruction set ("avx512bf16", "avx2", ...) and the default thread count.
+#[pyfunction]
+fn cpu_info() -> (&'static str, usize) {
+    (crate::backend::cpu::simd::best().name(), crate::backend::cpu::default_num_threads())
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -448,6 +460,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(load_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(load_dummy, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_info, m)?)?;
     Ok(())
 }
 

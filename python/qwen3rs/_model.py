@@ -84,8 +84,14 @@ def load(
     seed: int = 0,
     progress: bool = True,
     max_batch: int = 8,
+    num_threads: int | None = None,
+    quantize: str | None = None,
 ) -> "Model":
-    """Load a Qwen3 / Qwen3-MoE checkpoint folder, a Hub repo id, or "dummy:Qwen3-0.6B" (random weights)."""
+    """Load a Qwen3 / Qwen3-MoE checkpoint folder, a Hub repo id, or "dummy:Qwen3-0.6B" (random weights).
+
+    CPU options: `num_threads` (default: env QWEN3RS_NUM_THREADS, else every CPU this process may use);
+    `quantize="int8"` stores weight matrices as int8 with one scale per output row (weight-only:
+    activations stay in `dtype`; norms and the MoE router stay unquantised)."""
     if not isinstance(device, str):
         raise InvalidArgumentError(f"device must be a string, got {device!r}")
     if not isinstance(dtype, str):
@@ -94,6 +100,11 @@ def load(
         raise InvalidArgumentError(f"max_seq_len must be a positive int or None, got {max_seq_len!r}")
     if not isinstance(max_batch, int) or max_batch < 1:
         raise InvalidArgumentError(f"max_batch must be a positive int, got {max_batch!r}")
+    if num_threads is not None and (not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 1):
+        raise InvalidArgumentError(f"num_threads must be a positive int or None, got {num_threads!r}")
+    if quantize is not None and not isinstance(quantize, str):
+        raise InvalidArgumentError(f"quantize must be a string or None, got {quantize!r}")
+    cpu = {"num_threads": num_threads, "quantize": quantize}
     text = os.fspath(path) if isinstance(path, os.PathLike) else path
     if not isinstance(text, str):
         raise InvalidArgumentError(f"path must be a string or os.PathLike, got {path!r}")
@@ -105,11 +116,11 @@ def load(
             raise InvalidArgumentError(f"unknown dummy model {name!r}: choose one of {', '.join(dummy_names())}")
         folder = BUNDLED_TOKENIZER_DIR
         native = _native.load_dummy(config_file.read_text(), device=device, dtype=dtype, max_seq_len=max_seq_len,
-                                    max_batch=max_batch, seed=seed, tokenizer_dir=str(folder), progress=bar)
+                                    max_batch=max_batch, seed=seed, tokenizer_dir=str(folder), progress=bar, **cpu)
     else:
         folder = _resolve_path(text)
         native = _native.load_checkpoint(str(folder), device=device, dtype=dtype, max_seq_len=max_seq_len,
-                                         max_batch=max_batch, progress=bar)
+                                         max_batch=max_batch, progress=bar, **cpu)
     return Model(native, _read_generation_config(folder), text)
 
 
