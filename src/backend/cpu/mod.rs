@@ -466,6 +466,10 @@ impl Backend for CpuBackend {
         "cpu".into()
     }
 
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+
     fn dtype(&self) -> DType {
         self.dtype
     }
