@@ -8,9 +8,9 @@ use std::time::Instant;
 
 #[inline(always)]
 fn sum_body(v: &[f32]) -> f32 {
-    let mut acc = [0f32; 32];
-    for c in v.chunks_exact(32) {
-        for l in 0..32 {
+    let mut acc = [0f32; 64];
+    for c in v.chunks_exact(64) {
+        for l in 0..64 {
             acc[l] += c[l];
         }
     }

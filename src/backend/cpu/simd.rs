@@ -175,7 +175,8 @@ mod x86 {
     macro_rules! tile512 {
         ($name:ident, $t:ty, $load:ident) => {
             /// # Safety
-            /// The CPU has AVX-512 F/BW/VL; all rows are at least `x[0].len()` long.
+            /// The CPU has AVX-512 F/BW/VL; all rows are at least `x[0].len()` long (the prefetch hint may
+            /// point past them: it is computed with wrapping_add and never dereferenced).
             #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
             pub unsafe fn $name<const M: usize, const N: usize>(w: [&[$t]; M], x: [&[f32]; N]) -> [[f32; N]; M] {
                 let k = x[0].len();
@@ -187,6 +188,11 @@ mod x86 {
                         xv[n] = _mm512_loadu_ps(x[n].as_ptr().add(i));
                     }
                     for m in 0..M {
+                        if N == 1 {
+                            // Decode streams each weight row once and a row is only 1–2 KiB, too
+                            // short for the hardware prefetcher to ramp up: fetch the row M ahead.
+                            _mm_prefetch::<_MM_HINT_T0>(w[m].as_ptr().wrapping_add(i + M * k) as *const i8);
+                        }
                         let wv = $load(w[m].as_ptr().add(i));
                         for n in 0..N {
                             acc[m][n] = _mm512_fmadd_ps(wv, xv[n], acc[m][n]);
@@ -227,6 +233,10 @@ mod x86 {
                         xv[n] = _mm256_loadu_ps(x[n].as_ptr().add(i));
                     }
                     for m in 0..M {
+                        if N == 1 && i % 32 == 0 {
+                            // As in tile512: prefetch the row M ahead (a hint; never faults).
+                            _mm_prefetch::<_MM_HINT_T0>(w[m].as_ptr().wrapping_add(i + M * k) as *const i8);
+                        }
                         let wv = $load(w[m].as_ptr().add(i));
                         for n in 0..N {
                             acc[m][n] = _mm256_fmadd_ps(wv, xv[n], acc[m][n]);
