@@ -426,34 +426,129 @@ impl KvData {
 }
 
 thread_local! {
-    /// Attention scores of one head (reused across calls).
+    /// Attention scores of one task's queries, [queries, ctx] (reused across calls).
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Cache offsets of each key/value row a task reads.
+    static SLOTS: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Causal attention of one query head over one sequence's cached keys/values.
+/// Query rows of one sequence attended together: they share each key/value read.
+const ATTN_ROWS: usize = 4;
+
+/// One attention task: `rows` query rows from `row0` of one sequence, all query heads of one KV head.
+#[derive(Clone, Copy)]
+struct AttnTask<'a> {
+    seq: &'a super::SeqSlot<'a>,
+    row0: usize,
+    rows: usize,
+    kv_head: usize,
+}
+
+/// The scalar reference: causal attention of one query head over one sequence's cached keys/values.
 #[allow(clippy::too_many_arguments)]
-fn attend_head<T: Elem + TileElem>(isa: Isa, out: &mut [f32], q: &[f32], k: &[T], v: &[T], ctx: usize, blocks: &[u32],
-    block_size: usize, kv_dim: usize, kv_off: usize, axpy: fn(Isa, &mut [f32], f32, &[T])) {
+pub(crate) fn attend_head_reference<T: Elem>(out: &mut [f32], q: &[f32], k: &[T], v: &[T], ctx: usize, blocks: &[u32],
+    block_size: usize, kv_dim: usize, kv_off: usize) {
     let hd = q.len();
     let scale = 1.0 / (hd as f32).sqrt();
     let slot = |j: usize| (blocks[j / block_size] as usize * block_size + j % block_size) * kv_dim + kv_off;
-    SCORES.with_borrow_mut(|scores| {
-        scores.clear();
-        for j in 0..ctx {
-            let s = slot(j);
-            scores.push(T::tile::<1, 1>(isa, [&k[s..s + hd]], [q])[0][0] * scale);
+    let mut scores: Vec<f32> = (0..ctx).map(|j| kernels::dot(&k[slot(j)..slot(j) + hd], q) * scale).collect();
+    kernels::softmax(&mut scores);
+    out.fill(0.0);
+    for (j, &p) in scores.iter().enumerate() {
+        for (o, &x) in out.iter_mut().zip(&v[slot(j)..slot(j) + hd]) {
+            *o += p * x.to_f32();
         }
-        simd::softmax(isa, scores);
-        out.fill(0.0);
-        for (j, &p) in scores.iter().enumerate() {
-            let s = slot(j);
-            axpy(isa, out, p, &v[s..s + hd]);
+    }
+}
+
+/// Scores of 1 or 4 keys against every query of a task (queries in tiles of up to 4).
+fn score_keys<T: TileElem, const M: usize>(isa: Isa, keys: [&[T]; M], queries: &[&[f32]], scores: &mut [f32], ctx: usize, j0: usize, scale: f32) {
+    for (c, qs) in queries.chunks(4).enumerate() {
+        macro_rules! go {
+            ($n:literal) => {{
+                let qa: [&[f32]; $n] = std::array::from_fn(|n| qs[n]);
+                let r = T::tile::<M, $n>(isa, keys, qa);
+                for m in 0..M {
+                    for n in 0..$n {
+                        scores[(c * 4 + n) * ctx + j0 + m] = r[m][n] * scale;
+                    }
+                }
+            }};
         }
+        match qs.len() {
+            1 => go!(1),
+            2 => go!(2),
+            3 => go!(3),
+            _ => go!(4),
+        }
+    }
+}
+
+/// One task: scores of all its queries against the keys they see (4 keys per tile, each key read once
+/// for all queries), a softmax per query over its causal prefix, then Σ p·v per query.
+#[allow(clippy::too_many_arguments)]
+fn attend_task<T: Elem + TileElem>(isa: Isa, task: AttnTask, q: &[f32], q_cols: usize, out: SharedMut, k: &[T], v: &[T],
+    kv: (usize, usize), group: usize, hd: usize, pv: fn(Isa, &mut [f32], &[f32], &[T], &[usize])) {
+    let (block_size, kv_dim) = kv;
+    let seq = task.seq;
+    let first_ctx = seq.start_pos + (task.row0 - seq.rows.start) + 1;
+    let ctx = first_ctx + task.rows - 1; // the last row sees the most keys
+    let scale = 1.0 / (hd as f32).sqrt();
+    let kv_off = task.kv_head * hd;
+    // Queries: row-major over (row, head in group), as `scores` rows.
+    let nq = task.rows * group;
+    let q_at = |i: usize| {
+        let (r, g) = (i / group, i % group);
+        let at = (task.row0 + r) * q_cols + (task.kv_head * group + g) * hd;
+        &q[at..at + hd]
+    };
+    const MAX_Q: usize = 64;
+    assert!(nq <= MAX_Q, "attention: {nq} queries per task");
+    let mut queries: [&[f32]; MAX_Q] = [&[]; MAX_Q];
+    for (i, slot) in queries.iter_mut().enumerate().take(nq) {
+        *slot = q_at(i);
+    }
+    let queries = &queries[..nq];
+    SLOTS.with_borrow_mut(|slots| {
+        slots.clear();
+        slots.extend((0..ctx).map(|j| (seq.blocks[j / block_size] as usize * block_size + j % block_size) * kv_dim + kv_off));
+        SCORES.with_borrow_mut(|scores| {
+            scores.clear();
+            scores.resize(nq * ctx, 0.0);
+            let key = |j: usize| &k[slots[j]..slots[j] + hd];
+            let mut j = 0;
+            while j + 4 <= ctx {
+                score_keys::<T, 4>(isa, [key(j), key(j + 1), key(j + 2), key(j + 3)], queries, scores, ctx, j, scale);
+                j += 4;
+            }
+            while j < ctx {
+                score_keys::<T, 1>(isa, [key(j)], queries, scores, ctx, j, scale);
+                j += 1;
+            }
+            let mut acc = [0f32; 1024];
+            for i in 0..nq {
+                let (r, g) = (i / group, i % group);
+                let seen = first_ctx + r;
+                let p = &mut scores[i * ctx..i * ctx + seen];
+                simd::softmax(isa, p);
+                pv(isa, &mut acc[..hd], p, v, &slots[..seen]);
+                let at = (task.row0 + r) * q_cols + (task.kv_head * group + g) * hd;
+                for (o, &a) in acc[..hd].iter().enumerate() {
+                    // SAFETY: this task alone writes rows row0.. of its KV head's query heads, and
+                    // at + o < (row0 + rows) * q_cols <= out.len() (shapes checked by the caller).
+                    unsafe { *out.0.add(at + o) = a };
+                }
+            }
+        })
     })
 }
 
-fn axpy_f16(_: Isa, out: &mut [f32], p: f32, v: &[f16]) {
-    out.iter_mut().zip(v).for_each(|(o, x)| *o += p * x.to_f32());
+fn pv_f16(_: Isa, out: &mut [f32], probs: &[f32], v: &[f16], slots: &[usize]) {
+    let hd = out.len();
+    out.fill(0.0);
+    for (&p, &s) in probs.iter().zip(slots) {
+        out.iter_mut().zip(&v[s..s + hd]).for_each(|(o, x)| *o += p * x.to_f32());
+    }
 }
 
 impl Backend for CpuBackend {
@@ -634,19 +729,32 @@ impl Backend for CpuBackend {
         let (nh, hd) = (shape.n_heads, shape.head_dim);
         let group = nh / shape.n_kv_heads;
         check_shape("attention", (out.rows, out.cols), (q.rows, nh * hd))?;
-        let (bs, d, isa) = (kv.block_size, kv.kv_dim, self.isa);
+        ensure!(hd <= 1024 && group * ATTN_ROWS <= 64, InvalidArgument, "attention shape {shape:?} is not supported on the CPU");
+        let (bs, d, isa, n_kv) = (kv.block_size, kv.kv_dim, self.isa, shape.n_kv_heads);
+        // Tasks: per sequence, blocks of ATTN_ROWS rows × KV heads (indexed, so nothing is allocated).
+        let blocks_of = |s: &super::SeqSlot| s.rows.len().div_ceil(ATTN_ROWS);
+        let n_tasks: usize = batch.seqs.iter().map(|s| blocks_of(s) * n_kv).sum();
+        let task_at = |mut i: usize| {
+            for seq in &batch.seqs {
+                let n = blocks_of(seq) * n_kv;
+                if i < n {
+                    let (blk, kv_head) = (i / n_kv, i % n_kv);
+                    let row0 = seq.rows.start + blk * ATTN_ROWS;
+                    return AttnTask { seq, row0, rows: ATTN_ROWS.min(seq.rows.end - row0), kv_head };
+                }
+                i -= n;
+            }
+            unreachable!("task index within n_tasks")
+        };
+        let out_ptr = SharedMut(out.data.as_mut_ptr());
+        let q_cols = nh * hd;
         self.pool.install(|| {
-            out.data.par_chunks_mut(hd).enumerate().for_each(|(i, o)| {
-                let (row, h) = (i / nh, i % nh);
-                // The sequence this row belongs to, and how many positions it sees (itself included).
-                let seq = batch.seqs.iter().find(|s| s.rows.contains(&row)).expect("every row belongs to a sequence");
-                let ctx = seq.start_pos + (row - seq.rows.start) + 1;
-                let qh = &q.data[row * nh * hd + h * hd..row * nh * hd + (h + 1) * hd];
-                let kv_off = (h / group) * hd;
+            (0..n_tasks).into_par_iter().for_each(|i| {
+                let task = task_at(i);
                 match (&kv.k, &kv.v) {
-                    (KvData::F32(k), KvData::F32(v)) => attend_head(isa, o, qh, k, v, ctx, seq.blocks, bs, d, kv_off, simd::axpy_f32),
-                    (KvData::BF16(k), KvData::BF16(v)) => attend_head(isa, o, qh, k, v, ctx, seq.blocks, bs, d, kv_off, simd::axpy_bf16),
-                    (KvData::F16(k), KvData::F16(v)) => attend_head(isa, o, qh, k, v, ctx, seq.blocks, bs, d, kv_off, axpy_f16),
+                    (KvData::F32(k), KvData::F32(v)) => attend_task(isa, task, &q.data, q_cols, out_ptr, k, v, (bs, d), group, hd, simd::pv_f32),
+                    (KvData::BF16(k), KvData::BF16(v)) => attend_task(isa, task, &q.data, q_cols, out_ptr, k, v, (bs, d), group, hd, simd::pv_bf16),
+                    (KvData::F16(k), KvData::F16(v)) => attend_task(isa, task, &q.data, q_cols, out_ptr, k, v, (bs, d), group, hd, pv_f16),
                     _ => unreachable!("K and V are created with one dtype"),
                 }
             });

@@ -644,3 +644,29 @@ multiversion! {
         }
     }
 }
+
+multiversion! {
+    /// out = Σ_j probs[j] · v[slots[j]..][..hd] (f32 cache), accumulated in key order.
+    fn pv_f32(out: &mut [f32], probs: &[f32], v: &[f32], slots: &[usize]) {
+        let hd = out.len();
+        out.fill(0.0);
+        for (&p, &s) in probs.iter().zip(slots) {
+            for (o, &x) in out.iter_mut().zip(&v[s..s + hd]) {
+                *o += p * x;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// out = Σ_j probs[j] · v[slots[j]..][..hd] (bf16 cache), accumulated in key order.
+    fn pv_bf16(out: &mut [f32], probs: &[f32], v: &[bf16], slots: &[usize]) {
+        let hd = out.len();
+        out.fill(0.0);
+        for (&p, &s) in probs.iter().zip(slots) {
+            for (o, &x) in out.iter_mut().zip(&v[s..s + hd]) {
+                *o += p * x.widen();
+            }
+        }
+    }
+}

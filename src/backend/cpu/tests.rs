@@ -180,3 +180,65 @@ fn elementwise_kernels_match_reference() {
         }
     }
 }
+
+#[test]
+fn attention_matches_reference() {
+    use crate::backend::{AttnShape, Backend, BatchInfo, SeqSlot};
+    let mut rng = Rng(9);
+    for dtype in [DType::F32, DType::BF16] {
+        for &(nh, nkv, hd) in &[(4usize, 2usize, 16usize), (6, 1, 34), (2, 2, 128)] {
+            let be = CpuBackend::with_options(dtype, CpuOptions { num_threads: Some(2), quant: None }).unwrap();
+            let shape = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
+            let (bs, kvd) = (4, nkv * hd);
+            let mut kv = be.alloc_kv(16, bs, kvd).unwrap();
+            let blocks_a: Vec<u32> = vec![3, 0, 5, 7, 9];
+            let blocks_b: Vec<u32> = vec![1, 2];
+            // Step 1: prefill 9 rows of A and 5 of B; step 2: one decode row each.
+            for (start_a, rows_a, start_b, rows_b) in [(0usize, 9usize, 0usize, 5usize), (9, 1, 5, 1)] {
+                let t = rows_a + rows_b;
+                let mut k = be.alloc(t, kvd).unwrap();
+                let mut v = be.alloc(t, kvd).unwrap();
+                let mut q = be.alloc(t, nh * hd).unwrap();
+                for buf in [&mut k, &mut v, &mut q] {
+                    buf.data = rng.vec(buf.data.len()).iter().map(|x| simd::round_bf16_one(*x)).collect();
+                }
+                let positions: Vec<u32> = (start_a..start_a + rows_a).chain(start_b..start_b + rows_b).map(|p| p as u32).collect();
+                let tokens = vec![0u32; t];
+                let batch = BatchInfo {
+                    tokens: &tokens,
+                    positions: &positions,
+                    seqs: vec![
+                        SeqSlot { rows: 0..rows_a, start_pos: start_a, blocks: &blocks_a },
+                        SeqSlot { rows: rows_a..t, start_pos: start_b, blocks: &blocks_b },
+                    ],
+                    block_size: bs,
+                };
+                be.kv_append(&mut kv, &k, &v, &batch).unwrap();
+                let mut out = be.alloc(t, nh * hd).unwrap();
+                be.attention(&mut out, &q, &kv, &batch, shape).unwrap();
+                for (row, seq) in (0..t).map(|r| (r, batch.seqs.iter().find(|s| s.rows.contains(&r)).unwrap())) {
+                    let ctx = seq.start_pos + row - seq.rows.start + 1;
+                    for h in 0..nh {
+                        let qh = &q.data[row * nh * hd + h * hd..][..hd];
+                        let mut want = vec![0f32; hd];
+                        let off = (h / (nh / nkv)) * hd;
+                        match (&kv.k, &kv.v) {
+                            (KvData::F32(kk), KvData::F32(vv)) => attend_head_reference(&mut want, qh, kk, vv, ctx, seq.blocks, bs, kvd, off),
+                            (KvData::BF16(kk), KvData::BF16(vv)) => attend_head_reference(&mut want, qh, kk, vv, ctx, seq.blocks, bs, kvd, off),
+                            _ => unreachable!(),
+                        }
+                        if dtype == DType::BF16 {
+                            want.iter_mut().for_each(|x| *x = simd::round_bf16_one(*x));
+                        }
+                        let got = &out.data[row * nh * hd + h * hd..][..hd];
+                        let tol = if dtype == DType::BF16 { 1.0 / 128.0 } else { 2e-6 };
+                        for (g, w) in got.iter().zip(&want) {
+                            // Outputs are O(1) weighted sums of values: 1e-5 absolute covers the score sums' reordering.
+                            assert!((g - w).abs() <= tol * w.abs() + 1e-5, "{dtype:?} nh={nh} hd={hd} row {row} head {h}: {g} vs {w}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
