@@ -222,6 +222,8 @@ thread_local! {
     static ACTS_BF16: RefCell<Vec<bf16>> = const { RefCell::new(Vec::new()) };
     /// A block of int8 weight rows widened to bf16 for prefill.
     static BLOCK_BF16: RefCell<Vec<bf16>> = const { RefCell::new(Vec::new()) };
+    /// A task's weight rows packed into AVX512-BF16 panels.
+    static PANELS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The activation rows a tile reads: f32, or bf16 (bf16 compute with AVX512-BF16).
@@ -320,6 +322,60 @@ fn matmul_typed<W: TileElem>(isa: Isa, out: &mut [f32], x: Acts, w: &[W], t: usi
     w.par_chunks(per * k).enumerate().for_each(|(b, wb)| gemm_block(isa, out_ptr, n, b * per, wb, k, x, t, scale));
 }
 
+/// Prefill with AVX512-BF16 on packed panels: each task packs its weight rows once (bf16, or int8
+/// widened exactly), then runs every activation row over them 8 at a time.
+#[cfg(target_arch = "x86_64")]
+fn matmul_panels<W: simd::WeightElem>(out: &mut [f32], xb: &[bf16], w: &[W], t: usize, n: usize, k: usize,
+    scale: Option<&[f32]>, to_bf16: fn(W) -> u16) {
+    use simd::panel::{kernel, pack, ACT_ROWS, ROWS};
+    let kp = k / 2;
+    let xu: &[u32] = bytemuck::cast_slice(xb);
+    let out_ptr = SharedMut(out.as_mut_ptr());
+    let per = rows_per_task(n, k, t, rayon::current_num_threads()).div_ceil(ROWS) * ROWS;
+    (0..n.div_ceil(per)).into_par_iter().for_each(|b| {
+        let out_ptr = out_ptr; // capture the Send wrapper, not its raw field
+        let (j0, j1) = (b * per, n.min((b + 1) * per));
+        let n_panels = (j1 - j0).div_ceil(ROWS);
+        PANELS.with_borrow_mut(|panels| {
+            panels.resize(n_panels * kp * ROWS, 0);
+            for p in 0..n_panels {
+                let (r0, r1) = (j0 + p * ROWS, j1.min(j0 + (p + 1) * ROWS));
+                pack(&mut panels[p * kp * ROWS..(p + 1) * kp * ROWS], &w[r0 * k..r1 * k], r1 - r0, k, to_bf16);
+            }
+            for i0 in (0..t).step_by(ACT_ROWS) {
+                let nr = ACT_ROWS.min(t - i0);
+                for p in 0..n_panels {
+                    let c0 = j0 + p * ROWS;
+                    let cols = j1.min(c0 + ROWS) - c0;
+                    let panel = &panels[p * kp * ROWS..(p + 1) * kp * ROWS];
+                    let sc = scale.map(|s| &s[c0..c0 + cols]);
+                    // SAFETY: out rows i0..i0+nr, columns c0..c0+cols lie inside out [t, n] and
+                    // belong to this task alone.
+                    let dst = unsafe { out_ptr.0.add(i0 * n + c0) };
+                    macro_rules! go {
+                        ($nn:literal) => {{
+                            let xa: [&[u32]; $nn] = std::array::from_fn(|r| &xu[(i0 + r) * kp..(i0 + r + 1) * kp]);
+                            // SAFETY: this path runs only with Isa::Avx512Bf16 (detected); panel is
+                            // [kp][32], x rows kp long, dst has nr rows × cols writable (see above).
+                            unsafe { kernel::<$nn>(panel, xa, kp, dst, n, cols, sc) }
+                        }};
+                    }
+                    match nr {
+                        1 => go!(1),
+                        2 => go!(2),
+                        3 => go!(3),
+                        4 => go!(4),
+                        5 => go!(5),
+                        6 => go!(6),
+                        7 => go!(7),
+                        _ => go!(8),
+                    }
+                }
+            }
+        })
+    });
+}
+
 /// out [T, N] = x [T, K] · w [N, K]ᵀ for any CPU weight.
 fn matmul_into(isa: Isa, bf16_acts: bool, out: &mut [f32], x: &[f32], w: &CpuWeight, t: usize) {
     let [n, k] = w.shape();
@@ -338,6 +394,24 @@ fn matmul_into(isa: Isa, bf16_acts: bool, out: &mut [f32], x: &[f32], w: &CpuWei
             f(Acts::F32(x))
         }
     };
+    #[cfg(target_arch = "x86_64")]
+    if dp && t >= simd::panel::ACT_ROWS && k % 2 == 0 {
+        let ok = ACTS_BF16.with_borrow_mut(|xb| {
+            xb.resize(x.len(), bf16::ZERO);
+            xb.par_chunks_mut(1 << 14).zip(x.par_chunks(1 << 14)).for_each(|(d, s)| simd::to_bf16(isa, d, s));
+            match w {
+                CpuWeight::Host(h) => match h.elems() {
+                    Elems::BF16(ws) => matmul_panels(out, xb, ws, t, n, k, None, |v| v.to_bits()),
+                    _ => return false,
+                },
+                CpuWeight::Q8(q) => matmul_panels(out, xb, &q.q, t, n, k, Some(&q.scale), |v| ((v as f32).to_bits() >> 16) as u16),
+            }
+            true
+        });
+        if ok {
+            return;
+        }
+    }
     match w {
         CpuWeight::Host(h) => match h.elems() {
             Elems::F32(ws) => matmul_typed(isa, out, Acts::F32(x), ws, t, n, k, None),

@@ -297,6 +297,69 @@ mod x86 {
     }
 }
 
+/// Prefill GEMM with AVX512-BF16 on packed weight panels (no horizontal sums): a panel holds 32
+/// weight rows as [K/2][32 rows][2] bf16, so one 512-bit load gives 16 rows × one k-pair and each
+/// activation row's k-pair is broadcast; `vdpbf16ps` accumulates 16 output columns per register.
+#[cfg(target_arch = "x86_64")]
+pub mod panel {
+    use super::*;
+
+    /// Weight rows per panel.
+    pub const ROWS: usize = 32;
+    /// Activation rows per register tile.
+    pub const ACT_ROWS: usize = 8;
+
+    /// Pack `rows` (≤ 32) weight rows of `k` (even) bf16 into `dst` [k/2][32][2], zero-padded.
+    pub fn pack<W: WeightElem>(dst: &mut [u32], w: &[W], rows: usize, k: usize, to_bf16: fn(W) -> u16) {
+        let kp = k / 2;
+        assert!(dst.len() == kp * ROWS && w.len() >= rows * k && rows <= ROWS && k % 2 == 0);
+        if rows < ROWS {
+            dst.fill(0);
+        }
+        for r in 0..rows {
+            let row = &w[r * k..(r + 1) * k];
+            for p in 0..kp {
+                dst[p * ROWS + r] = to_bf16(row[2 * p]) as u32 | (to_bf16(row[2 * p + 1]) as u32) << 16;
+            }
+        }
+    }
+
+    /// out[n][j0 + c] = scale[c] · Σ_k panel[c][k] · x[n][k] for the panel's `cols` valid columns,
+    /// N activation rows (bf16 pairs as u32, row stride `kp`).
+    /// # Safety
+    /// The CPU has AVX512-BF16 (and F/BW/VL); `panel` is [kp][32] u32; each x row has kp u32; `out`
+    /// points at N rows of `out_stride` f32 with `cols` writable columns from column 0.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn kernel<const N: usize>(panel: &[u32], x: [&[u32]; N], kp: usize, out: *mut f32, out_stride: usize,
+        cols: usize, scale: Option<&[f32]>) {
+        let mut acc = [[_mm512_setzero_ps(); N]; 2];
+        let pp = panel.as_ptr();
+        for p in 0..kp {
+            let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(pp.add(p * ROWS) as *const _));
+            let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(pp.add(p * ROWS + 16) as *const _));
+            for n in 0..N {
+                let b: __m512bh = std::mem::transmute(_mm512_set1_epi32(*x[n].get_unchecked(p) as i32));
+                acc[0][n] = _mm512_dpbf16_ps(acc[0][n], w0, b);
+                acc[1][n] = _mm512_dpbf16_ps(acc[1][n], w1, b);
+            }
+        }
+        for h in 0..2 {
+            let valid = cols.saturating_sub(h * 16).min(16);
+            if valid == 0 {
+                continue;
+            }
+            let mask: __mmask16 = if valid == 16 { 0xFFFF } else { (1u16 << valid) - 1 };
+            let s = match scale {
+                Some(s) => _mm512_maskz_loadu_ps(mask, s.as_ptr().add(h * 16)),
+                None => _mm512_set1_ps(1.0),
+            };
+            for n in 0..N {
+                _mm512_mask_storeu_ps(out.add(n * out_stride + h * 16), mask, _mm512_mul_ps(acc[h][n], s));
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "aarch64")]
 mod neon {
     use super::*;

@@ -57,7 +57,7 @@ fn matmul_every_isa_matches_reference() {
     for isa in Isa::available() {
         for kind in ["f32", "bf16", "f16", "int8"] {
             for &k in &KS {
-                for &(n, t) in &[(1, 1), (5, 1), (17, 2), (9, 3), (13, 4), (33, 5), (6, 9)] {
+                for &(n, t) in &[(1, 1), (5, 1), (17, 2), (9, 3), (13, 4), (33, 5), (6, 9), (70, 17), (31, 8)] {
                     let w = weight(kind, &rng.vec(n * k), n, k);
                     for bf16_acts in [false, true] {
                         let mut x = rng.vec(t * k);
