@@ -199,6 +199,34 @@ pub struct CpuMoe {
     experts: Vec<[CpuWeight; 3]>,
     top_k: usize,
     norm_topk_prob: bool,
+    /// Buffers reused across calls, so decoding allocates nothing once warm.
+    scratch: std::sync::Mutex<MoeScratch>,
+}
+
+#[derive(Default)]
+struct MoeScratch {
+    logits: Vec<f32>,
+    order: Vec<usize>,
+    /// expert → (row, weight)
+    routes: Vec<Vec<(usize, f32)>>,
+    xe: Vec<f32>,
+    g: Vec<f32>,
+    u: Vec<f32>,
+    a: Vec<f32>,
+    y: Vec<f32>,
+}
+
+/// Indices of the k largest values into `order`, largest first, ties to the lower index (as
+/// `kernels::top_k`, without allocating once `order` has grown).
+fn top_k_into(order: &mut Vec<usize>, values: &[f32], k: usize) {
+    order.clear();
+    order.extend(0..values.len());
+    let cmp = |a: &usize, b: &usize| values[*b].total_cmp(&values[*a]).then(a.cmp(b));
+    if k < order.len() {
+        order.select_nth_unstable_by(k, cmp);
+    }
+    order.truncate(k);
+    order.sort_unstable_by(cmp);
 }
 
 /// A raw pointer that rayon tasks may share, for writes to provably disjoint elements.
@@ -520,7 +548,7 @@ struct AttnTask<'a> {
 
 /// The scalar reference: causal attention of one query head over one sequence's cached keys/values.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn attend_head_reference<T: Elem>(out: &mut [f32], q: &[f32], k: &[T], v: &[T], ctx: usize, blocks: &[u32],
+pub fn attend_head_reference<T: Elem>(out: &mut [f32], q: &[f32], k: &[T], v: &[T], ctx: usize, blocks: &[u32],
     block_size: usize, kv_dim: usize, kv_off: usize) {
     let hd = q.len();
     let scale = 1.0 / (hd as f32).sqrt();
@@ -671,7 +699,7 @@ impl Backend for CpuBackend {
             DType::F32 => moe.router,
             d => moe.router.to_dtype(d),
         };
-        Ok(CpuMoe { router: CpuWeight::Host(router), experts, top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob })
+        Ok(CpuMoe { router: CpuWeight::Host(router), experts, top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob, scratch: Default::default() })
     }
 
     fn alloc(&self, rows: usize, cols: usize) -> Result<CpuBuf> {
@@ -863,43 +891,59 @@ impl Backend for CpuBackend {
         let (t, h) = (x.rows, x.cols);
         let [n_experts, _] = moe.router.shape();
         check_shape("moe", (out.rows, out.cols), (t, h))?;
-        // 1. Router: logits and softmax in f32 (a bf16 round here flips near-tied expert choices),
-        //    top-k, optional renormalisation.
-        let mut logits = vec![0f32; t * n_experts];
-        self.pool.install(|| matmul_into(self.isa, self.bf16_acts(), &mut logits, &x.data, &moe.router, t));
-        let mut routes: Vec<Vec<(usize, f32)>> = vec![vec![]; n_experts]; // expert → (row, weight)
-        for (row, l) in logits.chunks_mut(n_experts).enumerate() {
-            kernels::softmax(l);
-            let top = kernels::top_k(l, moe.top_k);
-            let total: f32 = if moe.norm_topk_prob { top.iter().map(|&e| l[e]).sum() } else { 1.0 };
-            for e in top {
-                routes[e].push((row, l[e] / total));
+        let mut guard = moe.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let sc = &mut *guard;
+        let (isa, bf16_acts) = (self.isa, self.bf16_acts());
+        self.pool.install(|| {
+            // 1. Router: logits and softmax in f32 (a bf16 round here flips near-tied expert choices),
+            //    top-k, optional renormalisation.
+            sc.logits.resize(t * n_experts, 0.0);
+            matmul_into(isa, bf16_acts, &mut sc.logits, &x.data, &moe.router, t);
+            sc.routes.resize_with(n_experts, Vec::new);
+            sc.routes.iter_mut().for_each(|r| r.clear());
+            for (row, l) in sc.logits.chunks_mut(n_experts).enumerate() {
+                kernels::softmax(l);
+                top_k_into(&mut sc.order, l, moe.top_k);
+                let total: f32 = if moe.norm_topk_prob { sc.order.iter().map(|&e| l[e]).sum() } else { 1.0 };
+                for &e in &sc.order {
+                    sc.routes[e].push((row, l[e] / total));
+                }
             }
-        }
-        // 2. Experts in ascending order, each over the rows routed to it.
-        out.data.fill(0.0);
-        for (e, rows) in routes.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
-            let [gate, up, down] = &moe.experts[e];
-            let [inter, _] = gate.shape();
-            let n = rows.len();
-            let mut xe = CpuBuf { data: Vec::with_capacity(n * h), rows: n, cols: h };
-            rows.iter().for_each(|&(r, _)| xe.data.extend_from_slice(x.row(r)));
-            let mut g = self.alloc(n, inter)?;
-            let mut u = self.alloc(n, inter)?;
-            self.matmul(&mut g, &xe, gate)?;
-            self.matmul(&mut u, &xe, up)?;
-            let mut a = self.alloc(n, inter)?;
-            self.swiglu(&mut a, &g, &u)?;
-            let mut y = self.alloc(n, h)?;
-            self.matmul(&mut y, &a, down)?;
-            for (i, &(r, w)) in rows.iter().enumerate() {
-                let mut contrib: Vec<f32> = y.row(i).iter().map(|v| v * w).collect();
-                self.round(&mut contrib);
-                let dst = &mut out.data[r * h..(r + 1) * h];
-                dst.iter_mut().zip(contrib).for_each(|(o, c)| *o += c);
-                self.round(dst);
+            // 2. Experts in ascending order, each over the rows routed to it.
+            out.data.fill(0.0);
+            for (e, rows) in sc.routes.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
+                let [gate, up, down] = &moe.experts[e];
+                let [inter, _] = gate.shape();
+                let n = rows.len();
+                sc.xe.clear();
+                rows.iter().for_each(|&(r, _)| sc.xe.extend_from_slice(x.row(r)));
+                for b in [&mut sc.g, &mut sc.u, &mut sc.a] {
+                    b.resize(n * inter, 0.0);
+                }
+                sc.y.resize(n * h, 0.0);
+                matmul_into(isa, bf16_acts, &mut sc.g, &sc.xe, gate, n);
+                self.round(&mut sc.g);
+                matmul_into(isa, bf16_acts, &mut sc.u, &sc.xe, up, n);
+                self.round(&mut sc.u);
+                match self.dtype {
+                    DType::F16 => {
+                        let r = |x: f32| f16::from_f32(x).to_f32();
+                        sc.a.iter_mut().zip(&sc.g).zip(&sc.u).for_each(|((o, &g), &u)| *o = r(r(kernels::silu(g)) * u));
+                    }
+                    d => simd::swiglu(isa, &mut sc.a, &sc.g, &sc.u, d == DType::BF16),
+                }
+                matmul_into(isa, bf16_acts, &mut sc.y, &sc.a, down, n);
+                self.round(&mut sc.y);
+                for (i, &(r, w)) in rows.iter().enumerate() {
+                    let dst = &mut out.data[r * h..(r + 1) * h];
+                    let y = &mut sc.y[i * h..(i + 1) * h];
+                    y.iter_mut().for_each(|v| *v *= w);
+                    self.round(y);
+                    dst.iter_mut().zip(y.iter()).for_each(|(o, c)| *o += c);
+                    self.round(dst);
+                }
             }
-        }
+        });
         Ok(())
     }
 
