@@ -116,17 +116,19 @@ def main():
             runs += [("llama.cpp", "bf16"), ("llama.cpp", "q8_0")]
             files = gguf_files(model, ["bf16", "q8_0"])
         for engine, quant in runs:
+            # The machine's bandwidth drifts with its neighbours: probe it right before each engine.
+            bw_now = bandwidth(args.threads)
             pre, dec = ours(model, quant, args.threads) if engine == "qwen3rs" else llama(files[quant], args.threads)
             gbs = weight_bytes(cfg, quant) * dec / 1e9
             rows.append(dict(model=model, engine=engine, weights=quant, prefill_tok_s=pre, decode_tok_s=dec, decode_gb_s=gbs,
-                             bw_fraction=gbs / bw, load=os.getloadavg()[0]))
+                             read_bw=bw_now, bw_fraction=gbs / bw_now, load=os.getloadavg()[0]))
             print(json.dumps(rows[-1]), flush=True)
     print(f"\nread bandwidth: {bw:.1f} GB/s\n")
-    print("| model | engine | weights | prefill 512 tok/s | decode tok/s | decode GB/s | of read BW | load |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | engine | weights | prefill 512 tok/s | decode tok/s | decode GB/s | read BW GB/s (just before) | fraction | load |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['engine']} | {r['weights']} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.2f} | "
-              f"{r['decode_gb_s']:.1f} | {r['bw_fraction']:.2f} | {r['load']:.1f} |")
+              f"{r['decode_gb_s']:.1f} | {r['read_bw']:.1f} | {r['bw_fraction']:.2f} | {r['load']:.1f} |")
     if not args.no_llama:
         print("\nratios qwen3rs / llama.cpp (bf16 vs BF16, int8 vs Q8_0):")
         for model in args.models.split(","):
