@@ -354,7 +354,7 @@ fn matmul_typed<W: TileElem>(isa: Isa, out: &mut [f32], x: Acts, w: &[W], t: usi
 /// widened exactly), then runs every activation row over them 8 at a time.
 #[cfg(target_arch = "x86_64")]
 fn matmul_panels<W: simd::WeightElem>(out: &mut [f32], xb: &[bf16], w: &[W], t: usize, n: usize, k: usize,
-    scale: Option<&[f32]>, to_bf16: fn(W) -> u16) {
+    scale: Option<&[f32]>) {
     use simd::panel::{kernel, pack, ACT_ROWS, ROWS};
     let kp = k / 2;
     let xu: &[u32] = bytemuck::cast_slice(xb);
@@ -368,7 +368,7 @@ fn matmul_panels<W: simd::WeightElem>(out: &mut [f32], xb: &[bf16], w: &[W], t: 
             panels.resize(n_panels * kp * ROWS, 0);
             for p in 0..n_panels {
                 let (r0, r1) = (j0 + p * ROWS, j1.min(j0 + (p + 1) * ROWS));
-                pack(&mut panels[p * kp * ROWS..(p + 1) * kp * ROWS], &w[r0 * k..r1 * k], r1 - r0, k, to_bf16);
+                pack(&mut panels[p * kp * ROWS..(p + 1) * kp * ROWS], &w[r0 * k..r1 * k], r1 - r0, k);
             }
             for i0 in (0..t).step_by(ACT_ROWS) {
                 let nr = ACT_ROWS.min(t - i0);
@@ -429,10 +429,10 @@ fn matmul_into(isa: Isa, bf16_acts: bool, out: &mut [f32], x: &[f32], w: &CpuWei
             xb.par_chunks_mut(1 << 14).zip(x.par_chunks(1 << 14)).for_each(|(d, s)| simd::to_bf16(isa, d, s));
             match w {
                 CpuWeight::Host(h) => match h.elems() {
-                    Elems::BF16(ws) => matmul_panels(out, xb, ws, t, n, k, None, |v| v.to_bits()),
+                    Elems::BF16(ws) => matmul_panels(out, xb, ws, t, n, k, None),
                     _ => return false,
                 },
-                CpuWeight::Q8(q) => matmul_panels(out, xb, &q.q, t, n, k, Some(&q.scale), |v| ((v as f32).to_bits() >> 16) as u16),
+                CpuWeight::Q8(q) => matmul_panels(out, xb, &q.q, t, n, k, Some(&q.scale)),
             }
             true
         });

@@ -78,6 +78,11 @@ pub fn best() -> Isa {
 /// A weight element the dot tiles read.
 pub trait WeightElem: Copy + Send + Sync + 'static {
     fn widen(self) -> f32;
+    /// The nearest bf16's bits (exact for bf16 and int8).
+    #[inline(always)]
+    fn bf16_bits(self) -> u16 {
+        (round_bf16_one(self.widen()).to_bits() >> 16) as u16
+    }
 }
 impl WeightElem for f32 {
     #[inline(always)]
@@ -90,11 +95,20 @@ impl WeightElem for bf16 {
     fn widen(self) -> f32 {
         f32::from_bits((self.to_bits() as u32) << 16)
     }
+    #[inline(always)]
+    fn bf16_bits(self) -> u16 {
+        self.to_bits()
+    }
 }
 impl WeightElem for i8 {
     #[inline(always)]
     fn widen(self) -> f32 {
         self as f32
+    }
+    #[inline(always)]
+    fn bf16_bits(self) -> u16 {
+        // |q| ≤ 128 has at most 8 significant bits: the f32's top half is exact.
+        ((self as f32).to_bits() >> 16) as u16
     }
 }
 
@@ -310,7 +324,7 @@ pub mod panel {
     pub const ACT_ROWS: usize = 8;
 
     /// Pack `rows` (≤ 32) weight rows of `k` (even) bf16 into `dst` [k/2][32][2], zero-padded.
-    pub fn pack<W: WeightElem>(dst: &mut [u32], w: &[W], rows: usize, k: usize, to_bf16: fn(W) -> u16) {
+    pub fn pack<W: WeightElem>(dst: &mut [u32], w: &[W], rows: usize, k: usize) {
         let kp = k / 2;
         assert!(dst.len() == kp * ROWS && w.len() >= rows * k && rows <= ROWS && k % 2 == 0);
         if rows < ROWS {
@@ -319,7 +333,7 @@ pub mod panel {
         for r in 0..rows {
             let row = &w[r * k..(r + 1) * k];
             for p in 0..kp {
-                dst[p * ROWS + r] = to_bf16(row[2 * p]) as u32 | (to_bf16(row[2 * p + 1]) as u32) << 16;
+                dst[p * ROWS + r] = row[2 * p].bf16_bits() as u32 | (row[2 * p + 1].bf16_bits() as u32) << 16;
             }
         }
     }
