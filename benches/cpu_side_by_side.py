@@ -48,11 +48,11 @@ def ours(model, quant, threads):
     m = qwen3rs.load(f"dummy:{model}", device="cpu", dtype="bfloat16", max_seq_len=2048, progress=False,
                      num_threads=threads, quantize=None if quant == "bf16" else quant)
     ids = prompt(PREFILL)
-    m.generate(ids[:32], raw=True, max_new_tokens=4, ignore_eos=True)  # warm up
+    m.generate(ids[:32], raw=True, max_new_tokens=4, ignore_eos=True, temperature=0.0)  # warm up
     pre = []
     for _ in range(2):
         t = time.perf_counter()
-        m.generate(ids, raw=True, max_new_tokens=1, ignore_eos=True)
+        m.generate(ids, raw=True, max_new_tokens=1, ignore_eos=True, temperature=0.0)
         pre.append(PREFILL / (time.perf_counter() - t))
     dec = [m.generate(ids[:16], raw=True, max_new_tokens=DECODE, temperature=0.0, ignore_eos=True).timings["decode_tok_s"]
            for _ in range(2)]
