@@ -415,7 +415,11 @@ fn matmul_into(isa: Isa, bf16_acts: bool, out: &mut [f32], x: &[f32], w: &CpuWei
         if dp {
             ACTS_BF16.with_borrow_mut(|xb| {
                 xb.resize(x.len(), bf16::ZERO);
-                xb.par_chunks_mut(1 << 14).zip(x.par_chunks(1 << 14)).for_each(|(d, s)| simd::to_bf16(isa, d, s));
+                if x.len() <= 1 << 16 {
+                    simd::to_bf16(isa, xb, x); // decode: not worth a parallel region
+                } else {
+                    xb.par_chunks_mut(1 << 14).zip(x.par_chunks(1 << 14)).for_each(|(d, s)| simd::to_bf16(isa, d, s));
+                }
                 f(Acts::Bf16(xb))
             })
         } else {
