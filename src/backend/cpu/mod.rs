@@ -236,6 +236,13 @@ struct SharedMut(*mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
+impl SharedMut {
+    /// The pointer (a method, so closures capture the Send wrapper rather than its raw field).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
 fn check_shape(name: &str, got: (usize, usize), want: (usize, usize)) -> Result<()> {
     ensure!(got == want, InvalidArgument, "{name}: buffer is {got:?}, expected {want:?}");
     Ok(())
@@ -344,6 +351,7 @@ fn rows_per_task(n: usize, k: usize, t: usize, threads: usize) -> usize {
 }
 
 /// out [T, N] = x [T, K] · wᵀ over `threads` threads, dispatched on the weight's element type.
+#[allow(clippy::too_many_arguments)]
 fn matmul_typed<W: TileElem>(isa: Isa, out: &mut [f32], x: Acts, w: &[W], t: usize, n: usize, k: usize, scale: Option<&[f32]>) {
     let out_ptr = SharedMut(out.as_mut_ptr());
     let per = rows_per_task(n, k, t, rayon::current_num_threads());
@@ -353,6 +361,7 @@ fn matmul_typed<W: TileElem>(isa: Isa, out: &mut [f32], x: Acts, w: &[W], t: usi
 /// Prefill with AVX512-BF16 on packed panels: each task packs its weight rows once (bf16, or int8
 /// widened exactly), then runs every activation row over them 8 at a time.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 fn matmul_panels<W: simd::WeightElem>(out: &mut [f32], xb: &[bf16], w: &[W], t: usize, n: usize, k: usize,
     scale: Option<&[f32]>) {
     use simd::panel::{kernel, pack, ACT_ROWS, ROWS};
@@ -361,7 +370,6 @@ fn matmul_panels<W: simd::WeightElem>(out: &mut [f32], xb: &[bf16], w: &[W], t: 
     let out_ptr = SharedMut(out.as_mut_ptr());
     let per = rows_per_task(n, k, t, rayon::current_num_threads()).div_ceil(ROWS) * ROWS;
     (0..n.div_ceil(per)).into_par_iter().for_each(|b| {
-        let out_ptr = out_ptr; // capture the Send wrapper, not its raw field
         let (j0, j1) = (b * per, n.min((b + 1) * per));
         let n_panels = (j1 - j0).div_ceil(ROWS);
         PANELS.with_borrow_mut(|panels| {
@@ -379,7 +387,7 @@ fn matmul_panels<W: simd::WeightElem>(out: &mut [f32], xb: &[bf16], w: &[W], t: 
                     let sc = scale.map(|s| &s[c0..c0 + cols]);
                     // SAFETY: out rows i0..i0+nr, columns c0..c0+cols lie inside out [t, n] and
                     // belong to this task alone.
-                    let dst = unsafe { out_ptr.0.add(i0 * n + c0) };
+                    let dst = unsafe { out_ptr.ptr().add(i0 * n + c0) };
                     macro_rules! go {
                         ($nn:literal) => {{
                             let xa: [&[u32]; $nn] = std::array::from_fn(|r| &xu[(i0 + r) * kp..(i0 + r + 1) * kp]);
@@ -427,7 +435,7 @@ fn matmul_into(isa: Isa, bf16_acts: bool, out: &mut [f32], x: &[f32], w: &CpuWei
         }
     };
     #[cfg(target_arch = "x86_64")]
-    if dp && t >= simd::panel::ACT_ROWS && k % 2 == 0 {
+    if dp && t >= simd::panel::ACT_ROWS && k.is_multiple_of(2) {
         let ok = ACTS_BF16.with_borrow_mut(|xb| {
             xb.resize(x.len(), bf16::ZERO);
             xb.par_chunks_mut(1 << 14).zip(x.par_chunks(1 << 14)).for_each(|(d, s)| simd::to_bf16(isa, d, s));
@@ -567,6 +575,9 @@ pub fn attend_head_reference<T: Elem>(out: &mut [f32], q: &[f32], k: &[T], v: &[
     }
 }
 
+/// Σ p·v over a task's keys for one query: (isa, out [hd], probs, cache, key offsets).
+type PvFn<T> = fn(Isa, &mut [f32], &[f32], &[T], &[usize]);
+
 /// Scores of 1 or 4 keys against every query of a task (queries in tiles of up to 4).
 fn score_keys<T: TileElem, const M: usize>(isa: Isa, keys: [&[T]; M], queries: &[&[f32]], scores: &mut [f32], ctx: usize, j0: usize, scale: f32) {
     for (c, qs) in queries.chunks(4).enumerate() {
@@ -594,7 +605,7 @@ fn score_keys<T: TileElem, const M: usize>(isa: Isa, keys: [&[T]; M], queries: &
 /// for all queries), a softmax per query over its causal prefix, then Σ p·v per query.
 #[allow(clippy::too_many_arguments)]
 fn attend_task<T: Elem + TileElem>(isa: Isa, task: AttnTask, q: &[f32], q_cols: usize, out: SharedMut, k: &[T], v: &[T],
-    kv: (usize, usize), group: usize, hd: usize, pv: fn(Isa, &mut [f32], &[f32], &[T], &[usize])) {
+    kv: (usize, usize), group: usize, hd: usize, pv: PvFn<T>) {
     let (block_size, kv_dim) = kv;
     let seq = task.seq;
     let first_ctx = seq.start_pos + (task.row0 - seq.rows.start) + 1;
@@ -786,7 +797,7 @@ impl Backend for CpuBackend {
             ensure!((p as usize) < max_pos, InvalidArgument, "position {p} is past the RoPE table ({max_pos})");
         }
         const MAX_HD: usize = 1024;
-        ensure!(hd <= MAX_HD && hd % 2 == 0, InvalidArgument, "head_dim {hd} is not supported on the CPU");
+        ensure!(hd <= MAX_HD && hd.is_multiple_of(2), InvalidArgument, "head_dim {hd} is not supported on the CPU");
         let (isa, dtype) = (self.isa, self.dtype);
         for (buf, w, heads) in [(&mut *q, q_norm, shape.n_heads), (&mut *k, k_norm, shape.n_kv_heads)] {
             check_shape("qk_norm_rope", (buf.rows, buf.cols), (positions.len(), heads * hd))?;

@@ -331,7 +331,7 @@ pub mod panel {
     /// Pack `rows` (≤ 32) weight rows of `k` (even) bf16 into `dst` [k/2][32][2], zero-padded.
     pub fn pack<W: WeightElem>(dst: &mut [u32], w: &[W], rows: usize, k: usize) {
         let kp = k / 2;
-        assert!(dst.len() == kp * ROWS && w.len() >= rows * k && rows <= ROWS && k % 2 == 0);
+        assert!(dst.len() == kp * ROWS && w.len() >= rows * k && rows <= ROWS && k.is_multiple_of(2));
         if rows < ROWS {
             dst.fill(0);
         }
@@ -349,6 +349,7 @@ pub mod panel {
     /// The CPU has AVX512-BF16 (and F/BW/VL); `panel` is [kp][32] u32; each x row has kp u32; `out`
     /// points at N rows of `out_stride` f32 with `cols` writable columns from column 0.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    #[allow(clippy::needless_range_loop)] // indices pick registers of a fixed-size tile
     pub unsafe fn kernel<const N: usize>(panel: &[u32], x: [&[u32]; N], kp: usize, out: *mut f32, out_stride: usize,
         cols: usize, scale: Option<&[f32]>) {
         let mut acc = [[_mm512_setzero_ps(); N]; 2];
