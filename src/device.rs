@@ -1,6 +1,8 @@
 //! Device selection: parse "auto" | "cpu" | "cuda" | "cuda:N" and build the engine on that backend.
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::tp::TensorParallel;
+use crate::backend::cuda::{self, CudaBackend};
 use crate::config::Qwen3Config;
 use crate::engine::{AnyEngine, Engine};
 use crate::error::Result;
@@ -34,9 +36,15 @@ impl Device {
     }
 }
 
-/// Whether a CUDA device can be used (driver and a GPU present).
+/// Whether a CUDA device can be used: built with CUDA, driver, NVRTC, cuBLAS and headers found,
+/// and a GPU present. Checked once per process; never raises.
 pub fn cuda_available() -> bool {
-    false
+    cuda::available()
+}
+
+/// Why `cuda_available()` is false (None when it is true).
+pub fn cuda_unavailable_reason() -> Option<String> {
+    cuda::unavailable_reason()
 }
 
 /// Everything `load` needs besides the weights.
@@ -48,6 +56,9 @@ pub struct LoadOptions {
     pub max_seq_len: Option<usize>,
     /// Sequences the KV cache can hold at once.
     pub max_batch: usize,
+    /// Devices one model is split over (tensor parallelism); 1 = one device. On the CPU, N ranks in
+    /// one process stand in for N GPUs (to check the sharding; it is not faster).
+    pub tensor_parallel: usize,
     /// CPU worker threads; None = `QWEN3RS_NUM_THREADS`, else all CPUs available.
     pub num_threads: Option<usize>,
     /// Weight-only quantisation at load time (CPU only).
@@ -61,12 +72,31 @@ pub fn load_engine(config: Qwen3Config, src: &dyn TensorSource, tokenizer: Optio
     let max_seq_len = opts.max_seq_len.unwrap_or(config.max_position_embeddings.min(32768));
     crate::ensure!(max_seq_len >= 1, InvalidArgument, "max_seq_len must be >= 1, got {max_seq_len}");
     crate::ensure!(opts.max_batch >= 1, InvalidArgument, "max_batch must be >= 1");
+    let tp = opts.tensor_parallel;
+    crate::ensure!(tp >= 1, InvalidArgument, "tensor_parallel must be >= 1, got {tp}");
+    let cpu_opts = crate::backend::cpu::CpuOptions { num_threads: opts.num_threads, quant: opts.quantize };
     match opts.device {
+        Device::Cpu if tp > 1 => {
+            let ranks = (0..tp).map(|_| CpuBackend::with_options(dtype, cpu_opts)).collect::<Result<Vec<_>>>()?;
+            let backend = TensorParallel::new(ranks, &config)?;
+            let model = Model::load(backend, config, src, max_seq_len, progress)?;
+            Ok(AnyEngine::CpuTp(Engine::new(model, tokenizer, opts.max_batch)?))
+        }
         Device::Cpu => {
-            let cpu_opts = crate::backend::cpu::CpuOptions { num_threads: opts.num_threads, quant: opts.quantize };
             let model = Model::load(CpuBackend::with_options(dtype, cpu_opts)?, config, src, max_seq_len, progress)?;
             Ok(AnyEngine::Cpu(Engine::new(model, tokenizer, opts.max_batch)?))
         }
-        Device::Cuda(n) => bail!(Device, "device cuda:{n} requested, but this build of qwen3rs has no CUDA backend"),
+        Device::Cuda(first) if tp > 1 => {
+            // One process drives GPUs first..first+tp, as vLLM's single-node tensor parallelism does.
+            let ranks = (first..first + tp).map(|n| CudaBackend::new(n, dtype)).collect::<Result<Vec<_>>>()?;
+            let backend = TensorParallel::new(ranks, &config)?;
+            let model = Model::load(backend, config, src, max_seq_len, progress)?;
+            Ok(AnyEngine::CudaTp(Engine::new(model, tokenizer, opts.max_batch)?))
+        }
+        Device::Cuda(n) => {
+            let backend = CudaBackend::new(n, dtype)?;
+            let model = Model::load(backend, config, src, max_seq_len, progress)?;
+            Ok(AnyEngine::Cuda(Engine::new(model, tokenizer, opts.max_batch)?))
+        }
     }
 }

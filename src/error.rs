@@ -23,6 +23,8 @@ pub enum Error {
     Device(String),
     /// The device ran out of memory.
     OutOfMemory(String),
+    /// A bug: an internal invariant failed (a caught panic). Reported, never a crash.
+    Internal(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -44,6 +46,7 @@ impl fmt::Display for Error {
             Error::Io { path, source } => write!(f, "{}: {source}", path.display()),
             Error::Config(m) | Error::Weights(m) | Error::Tokenizer(m) => f.write_str(m),
             Error::InvalidArgument(m) | Error::Device(m) | Error::OutOfMemory(m) => f.write_str(m),
+            Error::Internal(m) => write!(f, "internal error (please report): {m}"),
         }
     }
 }
@@ -55,6 +58,18 @@ impl std::error::Error for Error {
             _ => None,
         }
     }
+}
+
+/// Run `f`, turning a panic (a bug) into `Error::Internal` so it can never reach Python as a crash.
+pub fn catch_panic<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(Error::Internal(msg))
+    })
 }
 
 /// Return early with `Error::$kind(format!(...))`.

@@ -12,6 +12,11 @@
 //!
 //! Performance notes (what was tried, kept, dropped — and why):
 //! - CPU weights are used in place from the memory map (bf16/f16/f32 as stored); activations are f32.
+//! - CUDA (first version, correctness first): GEMV kernel for T <= 8 rows (16-byte weight loads,
+//!   one warp per output column), cuBLAS GemmEx (f32 accumulation) above; attention is one block
+//!   per (head, row) with a per-warp online softmax (no split-KV yet); MoE experts run as tiled
+//!   grouped GEMMs over expert-sorted rows (tiles of 16 rows, no host sync). Metadata uploads are
+//!   skipped when unchanged. Not yet: CUDA graphs, pinned staging, fused small ops, flash prefill.
 
 pub mod error;
 pub mod backend;

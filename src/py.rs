@@ -7,7 +7,7 @@ use crate::config::Qwen3Config;
 use crate::device::{load_engine, Device, LoadOptions};
 use crate::engine::output::Delta;
 use crate::engine::{AnyEngine, GenOutput, GenRequest};
-use crate::error::{Error, Result};
+use crate::error::{catch_panic, Error, Result};
 use crate::model::dummy::DummyWeights;
 use crate::sampler::{GenerationConfig, SamplingOverrides, SamplingParams};
 use crate::tensor::DType;
@@ -31,6 +31,7 @@ pub(crate) fn to_py(err: Error) -> PyErr {
         Error::InvalidArgument(_) => "InvalidArgumentError",
         Error::Device(_) => "DeviceError",
         Error::OutOfMemory(_) => "DeviceOutOfMemoryError",
+        Error::Internal(_) => "Qwen3Error",
     };
     let message = err.to_string();
     Python::attach(|py| {
@@ -186,7 +187,7 @@ fn lock(engine: &Mutex<AnyEngine>) -> Result<MutexGuard<'_, AnyEngine>> {
 
 impl PyModel {
     fn with_engine<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut AnyEngine) -> Result<T> + Send) -> PyResult<T> {
-        py.detach(|| f(&mut *lock(&self.engine)?)).map_err(to_py)
+        py.detach(|| catch_panic(|| f(&mut *lock(&self.engine)?))).map_err(to_py)
     }
 
     fn read<T>(&self, f: impl FnOnce(&AnyEngine) -> T) -> PyResult<T> {
@@ -194,8 +195,8 @@ impl PyModel {
     }
 }
 
-fn load_options(device: &str, dtype: &str, max_seq_len: Option<usize>, max_batch: usize, cpu: (Option<usize>, Option<&str>))
-    -> Result<LoadOptions> {
+fn load_options(device: &str, dtype: &str, max_seq_len: Option<usize>, max_batch: usize, tensor_parallel: usize,
+    cpu: (Option<usize>, Option<&str>)) -> Result<LoadOptions> {
     Ok(LoadOptions {
         num_threads: cpu.0,
         quantize: crate::backend::cpu::Quant::parse(cpu.1.unwrap_or("none"))?,
@@ -203,6 +204,7 @@ fn load_options(device: &str, dtype: &str, max_seq_len: Option<usize>, max_batch
         dtype: if dtype == "auto" { None } else { Some(DType::parse(dtype)?) },
         max_seq_len,
         max_batch,
+        tensor_parallel,
     })
 }
 
@@ -223,7 +225,7 @@ fn build(py: Python<'_>, config_json: String, src: impl TensorSource + Send, opt
     progress: Option<Py<PyAny>>) -> PyResult<PyModel> {
     let config = Qwen3Config::from_json(&config_json).map_err(to_py)?;
     let mut progress = progress_fn(progress);
-    py.detach(|| {
+    py.detach(|| catch_panic(|| {
         let (tokenizer, generation) = match &tokenizer_dir {
             Some(dir) if dir.join("tokenizer.json").is_file() => (Some(PyTokenizer::load_dir(dir)?), GenerationConfig::from_dir(dir)?),
             Some(dir) => (None, GenerationConfig::from_dir(dir)?),
@@ -232,17 +234,18 @@ fn build(py: Python<'_>, config_json: String, src: impl TensorSource + Send, opt
         let template = tokenizer.as_ref().and_then(|t| t.template.clone());
         let engine = load_engine(config, &src, tokenizer.map(|t| t.inner), &opts, &mut progress)?;
         Ok(PyModel { engine: Arc::new(Mutex::new(engine)), config_json, generation, template })
-    })
+    }))
     .map_err(to_py)
 }
 
 /// Load a Hugging Face checkpoint folder (config.json + safetensors [+ tokenizer files]).
 #[pyfunction]
-#[pyo3(signature = (path, device="cpu", dtype="auto", max_seq_len=None, max_batch=8, progress=None, num_threads=None, quantize=None))]
+#[pyo3(signature = (path, device="cpu", dtype="auto", max_seq_len=None, max_batch=8, tensor_parallel=1, progress=None, num_threads=None,
+    quantize=None))]
 #[allow(clippy::too_many_arguments)]
 fn load_checkpoint(py: Python<'_>, path: PathBuf, device: &str, dtype: &str, max_seq_len: Option<usize>, max_batch: usize,
-    progress: Option<Py<PyAny>>, num_threads: Option<usize>, quantize: Option<&str>) -> PyResult<PyModel> {
-    let opts = load_options(device, dtype, max_seq_len, max_batch, (num_threads, quantize)).map_err(to_py)?;
+    tensor_parallel: usize, progress: Option<Py<PyAny>>, num_threads: Option<usize>, quantize: Option<&str>) -> PyResult<PyModel> {
+    let opts = load_options(device, dtype, max_seq_len, max_batch, tensor_parallel, (num_threads, quantize)).map_err(to_py)?;
     if !path.is_dir() {
         return Err(to_py(Error::NotFound { path, what: "checkpoint folder".into() }));
     }
@@ -259,13 +262,13 @@ fn load_checkpoint(py: Python<'_>, path: PathBuf, device: &str, dtype: &str, max
 
 /// Random weights of the shapes `config_json` describes; tokenizer files from `tokenizer_dir`.
 #[pyfunction]
-#[pyo3(signature = (config_json, device="cpu", dtype="auto", max_seq_len=None, max_batch=8, seed=0, tokenizer_dir=None, progress=None,
-    num_threads=None, quantize=None))]
+#[pyo3(signature = (config_json, device="cpu", dtype="auto", max_seq_len=None, max_batch=8, seed=0, tokenizer_dir=None,
+    tensor_parallel=1, progress=None, num_threads=None, quantize=None))]
 #[allow(clippy::too_many_arguments)]
 fn load_dummy(py: Python<'_>, config_json: String, device: &str, dtype: &str, max_seq_len: Option<usize>, max_batch: usize,
-    seed: u64, tokenizer_dir: Option<PathBuf>, progress: Option<Py<PyAny>>, num_threads: Option<usize>, quantize: Option<&str>)
-    -> PyResult<PyModel> {
-    let opts = load_options(device, dtype, max_seq_len, max_batch, (num_threads, quantize)).map_err(to_py)?;
+    seed: u64, tokenizer_dir: Option<PathBuf>, tensor_parallel: usize, progress: Option<Py<PyAny>>, num_threads: Option<usize>,
+    quantize: Option<&str>) -> PyResult<PyModel> {
+    let opts = load_options(device, dtype, max_seq_len, max_batch, tensor_parallel, (num_threads, quantize)).map_err(to_py)?;
     build(py, config_json, DummyWeights { seed }, opts, tokenizer_dir, progress)
 }
 
@@ -282,6 +285,7 @@ fn output_dict<'py>(py: Python<'py>, o: GenOutput, thinking_enabled: bool) -> Py
     d.set_item("tool_calls_json", serde_json::Value::Array(calls).to_string())?;
     d.set_item("finish_reason", o.finish_reason.as_str())?;
     d.set_item("thinking_tokens", o.thinking_tokens)?;
+    d.set_item("cached_tokens", o.cached_tokens)?;
     d.set_item("logprobs", o.logprobs)?;
     d.set_item("prefill_s", o.prefill_s)?;
     d.set_item("decode_s", o.decode_s)?;
@@ -434,10 +438,12 @@ impl PyModel {
         let (tx, rx) = mpsc::channel();
         let engine = Arc::clone(&self.engine);
         std::thread::spawn(move || {
-            let result = lock(&engine).and_then(|mut e| {
-                e.generate(requests, &mut |i, d| {
-                    // The receiver is gone when Python dropped the stream: stop generating.
-                    tx.send(StreamMsg::Delta(i, d)).map_err(|_| Error::InvalidArgument("stream closed".into()))
+            let result = catch_panic(|| {
+                lock(&engine).and_then(|mut e| {
+                    e.generate(requests, &mut |i, d| {
+                        // The receiver is gone when Python dropped the stream: stop generating.
+                        tx.send(StreamMsg::Delta(i, d)).map_err(|_| Error::InvalidArgument("stream closed".into()))
+                    })
                 })
             });
             let _ = tx.send(StreamMsg::Done(result));
@@ -460,6 +466,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(load_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(load_dummy, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_unavailable_reason, m)?)?;
+    m.add_function(wrap_pyfunction!(_set_cuda_search_paths, m)?)?;
+    m.add_function(wrap_pyfunction!(_compile_cuda_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_info, m)?)?;
     Ok(())
 }
@@ -468,4 +477,31 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
 #[pyfunction]
 fn cuda_available() -> bool {
     crate::device::cuda_available()
+}
+
+/// Why no CUDA GPU is usable (None when one is).
+#[pyfunction]
+fn cuda_unavailable_reason(py: Python<'_>) -> Option<String> {
+    py.detach(crate::device::cuda_unavailable_reason)
+}
+
+/// Folders of pip-installed CUDA libraries / headers (site-packages/nvidia/cu13/...), searched
+/// after CUDA_HOME and the library path. Called once by the package at import.
+#[pyfunction]
+fn _set_cuda_search_paths(lib_dirs: Vec<PathBuf>, include_dirs: Vec<PathBuf>) {
+    crate::backend::cuda::add_search_dirs(lib_dirs, include_dirs);
+}
+
+/// Compile every CUDA kernel with NVRTC for `arch` ("sm_90"); returns "module/dtype" names.
+/// Needs NVRTC and the CUDA headers, not a GPU (a CI check).
+#[pyfunction]
+#[pyo3(signature = (arch="sm_90"))]
+fn _compile_cuda_kernels(py: Python<'_>, arch: &str) -> PyResult<Vec<String>> {
+    let digits = arch.strip_prefix("sm_").filter(|d| d.len() >= 2 && d.bytes().all(|b| b.is_ascii_digit()));
+    let Some(d) = digits else {
+        return Err(to_py(Error::InvalidArgument(format!("arch must look like \"sm_90\", got {arch:?}"))));
+    };
+    let (major, minor) = d.split_at(d.len() - 1);
+    let arch = (major.parse().unwrap_or(0), minor.parse().unwrap_or(0));
+    py.detach(|| crate::backend::cuda::compile_kernels(arch)).map_err(to_py)
 }

@@ -94,6 +94,13 @@ impl SamplingParams {
         self.temperature < GREEDY_TEMPERATURE
     }
 
+    /// Greedy with nothing that needs the whole logit row on the host (penalties, logprobs):
+    /// the token is then just the argmax, which a backend can take on the device.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.is_greedy() && self.presence_penalty == 0.0 && self.frequency_penalty == 0.0
+            && self.repetition_penalty == 1.0 && self.logprobs == 0
+    }
+
     /// The parameters for one request: the mode's defaults, then every value the caller set.
     /// Thinking mode uses the checkpoint's generation_config.json (Qwen3 ships temperature 0.6,
     /// top_p 0.95, top_k 20; those are also the fallback when the file lacks them; `do_sample:

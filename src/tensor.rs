@@ -117,6 +117,26 @@ impl HostTensor {
         }
     }
 
+    /// Rows [start, start + n) of a 2-D tensor (a copy).
+    pub fn slice_rows(&self, start: usize, n: usize) -> Result<HostTensor> {
+        ensure!(self.shape.len() == 2 && start + n <= self.shape[0], InvalidArgument,
+            "cannot take rows {start}..{} of a tensor of shape {:?}", start + n, self.shape);
+        let row = self.shape[1] * self.dtype.size();
+        Ok(Self::from_bytes(&self.raw()[start * row..(start + n) * row], self.dtype, vec![n, self.shape[1]]))
+    }
+
+    /// Columns [start, start + n) of every row of a 2-D tensor (a copy).
+    pub fn slice_cols(&self, start: usize, n: usize) -> Result<HostTensor> {
+        ensure!(self.shape.len() == 2 && start + n <= self.shape[1], InvalidArgument,
+            "cannot take columns {start}..{} of a tensor of shape {:?}", start + n, self.shape);
+        let (es, row) = (self.dtype.size(), self.shape[1] * self.dtype.size());
+        let mut bytes = Vec::with_capacity(self.shape[0] * n * es);
+        for r in self.raw().chunks(row) {
+            bytes.extend_from_slice(&r[start * es..(start + n) * es]);
+        }
+        Ok(Self::from_bytes(&bytes, self.dtype, vec![self.shape[0], n]))
+    }
+
     /// All elements widened to f32.
     pub fn to_f32_vec(&self) -> Vec<f32> {
         match self.elems() {

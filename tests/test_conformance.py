@@ -5,7 +5,10 @@ KV-cached decoding equal to a full recompute.
 bf16 and MoE: rounding activations to bf16 moves router probabilities by ~1e-3, so where the f64
 reference's k-th and (k+1)-th expert are closer than NEAR_TIE the bf16 model may legitimately route
 to the other expert (transformers in bf16 does too). Such rows, and every later row (they attend to
-it), are exempt from the bf16 bar; all others must meet it. f32 compute has no exemption."""
+it), are exempt from the bf16 bar; all others must meet it. f32 compute has no exemption.
+
+Every test runs on each device of conftest.DEVICES (CUDA skipped where no GPU is usable), with the
+same bars: the GPU backend rounds where the CPU does, so the reference bars apply unchanged."""
 
 import functools
 
@@ -14,7 +17,7 @@ import pytest
 
 import numpy_reference
 import qwen3rs
-from conftest import CASES, FIXTURES
+from conftest import CASES, DEVICES, FIXTURES
 
 F32_BAR, BF16_BAR = 1e-3, 3e-2
 NEAR_TIE = 1e-2  # router probability gap below which bf16 may pick another expert
@@ -28,8 +31,8 @@ def reference(case):
 
 
 @functools.lru_cache(maxsize=None)
-def model(case, dtype):
-    return qwen3rs.load(FIXTURES / case, device="cpu", dtype=dtype, progress=False)
+def model(case, dtype, device="cpu"):
+    return qwen3rs.load(FIXTURES / case, device=device, dtype=dtype, progress=False)
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,16 +50,18 @@ def row_errors(out, ref):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_prefill_logits_f32(case):
-    m = model(case, "float32")
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefill_logits_f32(case, device):
+    m = model(case, "float32", device)
     for r in reference(case):
         err = row_errors(m.logits(r["prompt"].tolist()), r["prefill_logits"])
         assert err.max() <= F32_BAR, f"{case}: worst row error {err.max():.2e} at row {err.argmax()}"
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_prefill_logits_bf16(case):
-    m = model(case, "bfloat16")
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefill_logits_bf16(case, device):
+    m = model(case, "bfloat16", device)
     for i, r in enumerate(reference(case)):
         err = row_errors(m.logits(r["prompt"].tolist()), r["prefill_logits"])
         tie = first_near_tie(case, i)
@@ -69,8 +74,9 @@ def test_prefill_logits_bf16(case):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("case", CASES)
-def test_greedy_matches_reference(case, dtype):
-    m = model(case, dtype)
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_matches_reference(case, dtype, device):
+    m = model(case, dtype, device)
     for i, r in enumerate(reference(case)):
         prompt, greedy = r["prompt"].tolist(), r["greedy"].tolist()
         out = m.generate(prompt, raw=True, max_new_tokens=len(greedy), temperature=0.0, ignore_eos=True)
@@ -88,9 +94,10 @@ def test_greedy_matches_reference(case, dtype):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_cached_decode_equals_full_recompute(case):
+@pytest.mark.parametrize("device", DEVICES)
+def test_cached_decode_equals_full_recompute(case, device):
     """The logits that chose each greedy token (KV cache) equal one full pass over prompt+tokens."""
-    m = model(case, "float32")
+    m = model(case, "float32", device)
     r = reference(case)[-1]
     out = m.generate(r["prompt"].tolist(), raw=True, max_new_tokens=len(r["greedy"]), temperature=0.0, ignore_eos=True)
     seq = r["prompt"].tolist() + out.token_ids
@@ -110,17 +117,19 @@ def test_numpy_oracle_agrees_with_reference():
         assert row_errors(logits, r["prefill_logits"]).max() <= 1e-4, case
 
 
-def test_batch_generation_equals_one_by_one():
+@pytest.mark.parametrize("device", DEVICES)
+def test_batch_generation_equals_one_by_one(device):
     case = "moe_mixed_sharded_bf16"
-    m = model(case, "float32")
+    m = model(case, "float32", device)
     prompts = [r["prompt"].tolist() for r in reference(case)]
     batch = m.generate(prompts, raw=True, max_new_tokens=12, temperature=0.0, ignore_eos=True)
     single = [m.generate(p, raw=True, max_new_tokens=12, temperature=0.0, ignore_eos=True) for p in prompts]
     assert [b.token_ids for b in batch] == [s.token_ids for s in single]
 
 
-def test_seeded_sampling_is_reproducible():
-    m = model("dense_tied_bf16", "float32")
+@pytest.mark.parametrize("device", DEVICES)
+def test_seeded_sampling_is_reproducible(device):
+    m = model("dense_tied_bf16", "float32", device)
     p = reference("dense_tied_bf16")[1]["prompt"].tolist()
     a = m.generate(p, raw=True, max_new_tokens=20, temperature=1.0, seed=7, ignore_eos=True)
     b = m.generate(p, raw=True, max_new_tokens=20, temperature=1.0, seed=7, ignore_eos=True)
@@ -129,8 +138,9 @@ def test_seeded_sampling_is_reproducible():
     assert a.token_ids != c.token_ids
 
 
-def test_eos_stops_unless_ignored():
-    m = model("dense_tied_bf16", "float32")
+@pytest.mark.parametrize("device", DEVICES)
+def test_eos_stops_unless_ignored(device):
+    m = model("dense_tied_bf16", "float32", device)
     r = reference("dense_tied_bf16")[2]
     greedy = r["greedy"].tolist()
     stop_at = greedy[5]

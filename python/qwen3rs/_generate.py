@@ -87,7 +87,8 @@ def _completion(prompt_ids: list[int], out: dict[str, Any]) -> Completion:
         token_ids=tokens,
         prompt_token_ids=prompt_ids,
         finish_reason=out["finish_reason"],
-        usage={"prompt_tokens": len(prompt_ids), "completion_tokens": len(tokens), "thinking_tokens": out["thinking_tokens"]},
+        usage={"prompt_tokens": len(prompt_ids), "completion_tokens": len(tokens), "thinking_tokens": out["thinking_tokens"],
+               "cached_tokens": out["cached_tokens"]},
         timings={
             "prefill_s": prefill_s,
             "decode_s": decode_s,

@@ -84,13 +84,24 @@ def load(
     seed: int = 0,
     progress: bool = True,
     max_batch: int = 8,
+    tensor_parallel: int = 1,
     num_threads: int | None = None,
     quantize: str | None = None,
 ) -> "Model":
-    """Load a Qwen3 / Qwen3-MoE checkpoint folder, a Hub repo id, or "dummy:Qwen3-0.6B" (random weights).
+    """Load a Qwen3 / Qwen3-MoE model.
 
-    CPU options: `num_threads` (default: env QWEN3RS_NUM_THREADS, else every CPU this process may use);
-    `quantize="int8"` stores weight matrices as int8 with one scale per output row (weight-only:
+    path: a checkpoint folder (config.json + *.safetensors [+ tokenizer files]); a Hugging Face repo id
+    (fetched with huggingface_hub when installed); or "dummy:Qwen3-0.6B" (any bundled official size, or
+    "dummy:/path/config.json"): random weights of that shape with the bundled Qwen3 tokenizer.
+    device: "auto" | "cpu" | "cuda" | "cuda:N". dtype: "auto" (as stored) | "bfloat16" | "float16" | "float32".
+    max_seq_len: KV-cache capacity per sequence (default min(max_position_embeddings, 32768)).
+    max_batch: sequences generated at once (KV-cache blocks are committed lazily on the CPU).
+    progress: a progress bar on stderr while loading (when stderr is a terminal).
+    tensor_parallel: split the model over this many devices (cuda:0..N-1): attention by heads, MLPs and
+    every expert by columns, partial sums all-reduced with NCCL. With device="cpu", N ranks in one
+    process stand in for the GPUs (to check the sharding; not faster).
+    num_threads (CPU): worker threads (default: env QWEN3RS_NUM_THREADS, else every CPU this process may use).
+    quantize (CPU): "int8" stores weight matrices as int8 with one scale per output row (weight-only:
     activations stay in `dtype`; norms and the MoE router stay unquantised)."""
     if not isinstance(device, str):
         raise InvalidArgumentError(f"device must be a string, got {device!r}")
@@ -100,6 +111,8 @@ def load(
         raise InvalidArgumentError(f"max_seq_len must be a positive int or None, got {max_seq_len!r}")
     if not isinstance(max_batch, int) or max_batch < 1:
         raise InvalidArgumentError(f"max_batch must be a positive int, got {max_batch!r}")
+    if not isinstance(tensor_parallel, int) or isinstance(tensor_parallel, bool) or tensor_parallel < 1:
+        raise InvalidArgumentError(f"tensor_parallel must be a positive int, got {tensor_parallel!r}")
     if num_threads is not None and (not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 1):
         raise InvalidArgumentError(f"num_threads must be a positive int or None, got {num_threads!r}")
     if quantize is not None and not isinstance(quantize, str):
@@ -111,16 +124,21 @@ def load(
     bar = _ProgressBar(f"loading {text}", progress)
     if text.startswith("dummy:"):
         name = text[len("dummy:"):]
+        # A bundled official config by name, or any config.json by path (random weights of its shapes).
         config_file = CONFIGS_DIR / f"{name}.json"
         if not config_file.is_file():
-            raise InvalidArgumentError(f"unknown dummy model {name!r}: choose one of {', '.join(dummy_names())}")
+            config_file = Path(name).expanduser()
+        if not name or not config_file.is_file():
+            raise InvalidArgumentError(
+                f"unknown dummy model {name!r}: choose one of {', '.join(dummy_names())}, or give a config.json path")
         folder = BUNDLED_TOKENIZER_DIR
         native = _native.load_dummy(config_file.read_text(), device=device, dtype=dtype, max_seq_len=max_seq_len,
-                                    max_batch=max_batch, seed=seed, tokenizer_dir=str(folder), progress=bar, **cpu)
+                                    max_batch=max_batch, seed=seed, tokenizer_dir=str(folder),
+                                    tensor_parallel=tensor_parallel, progress=bar, **cpu)
     else:
         folder = _resolve_path(text)
         native = _native.load_checkpoint(str(folder), device=device, dtype=dtype, max_seq_len=max_seq_len,
-                                         max_batch=max_batch, progress=bar, **cpu)
+                                         max_batch=max_batch, tensor_parallel=tensor_parallel, progress=bar, **cpu)
     return Model(native, _read_generation_config(folder), text)
 
 

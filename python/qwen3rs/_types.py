@@ -22,7 +22,8 @@ class Completion:
     prompt_token_ids: list[int] = field(default_factory=list)
     finish_reason: Literal["stop", "length", "stop_string"] = "length"
     usage: dict[str, int] = field(default_factory=dict)
-    """prompt_tokens, completion_tokens, thinking_tokens."""
+    """prompt_tokens, completion_tokens, thinking_tokens (up to and including </think>), cached_tokens
+    (prompt tokens a chat session reused from its KV cache instead of prefilling)."""
     timings: dict[str, float] = field(default_factory=dict)
     """prefill_s, decode_s, prefill_tok_s, decode_tok_s."""
     logprobs: list[dict[str, Any]] | None = None

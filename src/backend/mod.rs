@@ -1,8 +1,16 @@
 //! `trait Backend`: the coarse op set one forward pass is made of (about one kernel launch each),
 //! and the batch description the ops share. `cpu` is the scalar reference every other backend is
-//! tested against; a backend owns its buffer, weight, KV-cache and MoE layouts.
+//! tested against; a backend owns its buffer, weight, KV-cache and MoE layouts. `cuda` is the
+//! GPU backend with the `cuda` feature, and a stand-in that only reports "not built" without it,
+//! so no code outside this folder needs a `#[cfg]`.
 
 pub mod cpu;
+pub mod tp;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(not(feature = "cuda"))]
+#[path = "cuda_stub.rs"]
+pub mod cuda;
 
 use crate::error::Result;
 use crate::tensor::{DType, HostTensor};
@@ -54,6 +62,20 @@ pub struct MoeHost {
     pub norm_topk_prob: bool,
 }
 
+/// How tensor parallelism (`backend::tp`) splits a weight or activation across devices; single-device
+/// backends ignore it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    /// The same on every device (embeddings, norms, the residual stream).
+    Replicated,
+    /// Output features split: query heads, MLP intermediate columns, lm_head vocabulary rows.
+    Columns,
+    /// Key/value heads split (each replicated on several devices when there are fewer than devices).
+    KvHeads,
+    /// Input features split (o_proj, down_proj): each device's product is a partial sum, all-reduced.
+    Rows,
+}
+
 pub trait Backend: Send + Sync + Sized + 'static {
     /// An activation buffer: [rows, cols] row-major in the compute dtype.
     type Buf: Send;
@@ -81,8 +103,18 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn upload_moe(&self, moe: MoeHost) -> Result<Self::Moe>;
     /// A zeroed [rows, cols] buffer.
     fn alloc(&self, rows: usize, cols: usize) -> Result<Self::Buf>;
+    /// A weight tensor parallelism splits as `split` (single-device backends take it whole).
+    fn upload_split(&self, tensor: HostTensor, _split: Split) -> Result<Self::Weight> {
+        self.upload(tensor)
+    }
+    /// A buffer tensor parallelism splits as `split` (single-device backends allocate it whole).
+    fn alloc_split(&self, rows: usize, cols: usize, _split: Split) -> Result<Self::Buf> {
+        self.alloc(rows, cols)
+    }
     /// A KV-cache layer with room for `n_blocks` blocks (storage may be committed lazily).
     fn alloc_kv(&self, n_blocks: usize, block_size: usize, kv_dim: usize) -> Result<Self::KvLayer>;
+    /// A [rows, cols] buffer holding `data` rounded to the compute dtype (tests; host-made inputs).
+    fn upload_buf(&self, rows: usize, cols: usize, data: &[f32]) -> Result<Self::Buf>;
     /// Copy a buffer to the host as f32 [rows * cols].
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
 
@@ -109,4 +141,27 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn moe(&self, out: &mut Self::Buf, x: &Self::Buf, moe: &Self::Moe) -> Result<()>;
     /// out[i] = x[rows[i]].
     fn gather_rows(&self, out: &mut Self::Buf, x: &Self::Buf, rows: &[u32]) -> Result<()>;
+
+    /// Greedy choice per row of `logits` [R, V]: the index of the largest value, NaN counting as
+    /// -inf and ties going to the lowest index (as the sampler's greedy mode). A GPU backend does
+    /// this on the device and copies back R ids instead of R × V logits.
+    /// `rows` is R (the caller's scratch knows it); only the first `limit` columns compete (ids past
+    /// the tokenizer's vocabulary are padding).
+    fn argmax_rows(&self, logits: &Self::Buf, rows: usize, limit: usize) -> Result<Vec<u32>> {
+        let values = self.download(logits)?;
+        let cols = values.len().checked_div(rows).unwrap_or(0);
+        Ok(values.chunks(cols.max(1)).take(rows).map(|row| argmax(&row[..limit.min(row.len())])).collect())
+    }
+}
+
+/// Index of the largest value; NaN counts as -inf, ties go to the lowest index.
+pub fn argmax(values: &[f32]) -> u32 {
+    let mut best = (f32::NEG_INFINITY, 0usize);
+    for (i, &v) in values.iter().enumerate() {
+        let v = if v.is_nan() { f32::NEG_INFINITY } else { v };
+        if v > best.0 {
+            best = (v, i);
+        }
+    }
+    best.1 as u32
 }

@@ -64,6 +64,8 @@ pub struct GenOutput {
     /// Decoded text, special tokens skipped, cut at a matched stop string ("" without a tokenizer).
     pub text: String,
     pub finish_reason: FinishReason,
+    /// Prompt tokens reused from a session's cache instead of prefilled.
+    pub cached_tokens: usize,
     /// Tokens up to and including `</think>` (all of them if the block never closed); 0 when not thinking.
     pub thinking_tokens: usize,
     /// Per token, when logprobs were asked for: (sampled token's logprob, top-n (id, logprob)).
@@ -77,6 +79,8 @@ pub struct GenOutput {
 struct Sequence {
     request: GenRequest,
     cache: SeqCache,
+    /// Prompt tokens found in the session's cache.
+    cached: usize,
     sampler: Sampler,
     /// Prompt tokens already in the cache.
     fed: usize,
@@ -237,10 +241,11 @@ impl<B: Backend> Engine<B> {
             let sampler = Sampler::new(request.sampling.clone(), &request.prompt)?;
             let text = self.tokenizer.as_ref().map(|t| TextTracker::new(t, request.stop.clone(), request.thinking));
             let (cache, fed) = self.take_session_prefix(&request);
-            let _ = &budget_text;
+            // A zero budget closes the think block before the model writes anything.
+            let forced = if request.thinking && request.thinking_budget == Some(0) { budget_text.iter().copied().collect() } else { VecDeque::new() };
             seqs.push(Sequence {
-                request, cache, sampler, fed, text,
-                generated: vec![], forced: VecDeque::new(), thought: 0, thinking_tokens: 0, logprobs: vec![],
+                request, cache, cached: fed, sampler, fed, text,
+                generated: vec![], forced, thought: 0, thinking_tokens: 0, logprobs: vec![],
                 finish: None, started: now, first_token_at: None, finished_at: None,
             });
         }
@@ -292,6 +297,7 @@ impl<B: Backend> Engine<B> {
             text: s.text.as_ref().map(|t| t.text().to_string()).unwrap_or_default(),
             tokens: s.generated,
             finish_reason: s.finish.unwrap_or(FinishReason::Length),
+            cached_tokens: s.cached,
             thinking_tokens,
             logprobs: s.logprobs,
             prefill_s: (first - s.started).as_secs_f64(),
@@ -354,15 +360,30 @@ impl<B: Backend> Engine<B> {
             return Ok(());
         }
         // 4. Choose one token for each sequence that produced logits; check its stop conditions.
-        let logits = self.model.backend.download(&s.logits)?;
+        //    When every one is plain greedy (no penalties, no logprobs, nothing forced) the backend
+        //    picks the argmax itself and only R ids come back, not R × V logits.
         let vocab = self.model.config.vocab_size;
+        // Ids past the tokenizer's vocabulary are padding rows of the embedding: never sampled.
+        let usable = self.tokenizer.as_ref().map_or(vocab, |t| t.vocab_size().min(vocab));
+        let all_greedy = sampling.iter().all(|&i| seqs[i].request.sampling.is_plain_greedy() && seqs[i].forced.is_empty());
+        let (logits, greedy) = if all_greedy {
+            (vec![], self.model.backend.argmax_rows(&s.logits, logit_rows.len(), usable)?)
+        } else {
+            (self.model.backend.download(&s.logits)?, vec![])
+        };
         let mut deltas = vec![];
         for (r, &i) in sampling.iter().enumerate() {
             let seq = &mut seqs[i];
             let token = match seq.forced.pop_front() {
                 Some(t) => t,
+                None if all_greedy => {
+                    if seq.in_thinking() {
+                        seq.thought += 1;
+                    }
+                    greedy[r]
+                }
                 None => {
-                    let sampled = seq.sampler.sample(&logits[r * vocab..(r + 1) * vocab], &seq.generated)?;
+                    let sampled = seq.sampler.sample(&logits[r * vocab..r * vocab + usable], &seq.generated)?;
                     if seq.request.sampling.logprobs > 0 {
                         seq.logprobs.push((sampled.logprob, sampled.top_logprobs));
                     }
@@ -413,8 +434,15 @@ impl<B: Backend> Engine<B> {
 }
 
 /// The backend an engine runs on, chosen at load time: the only place that names backends.
+#[allow(clippy::large_enum_variant)] // one per loaded model
 pub enum AnyEngine {
     Cpu(Engine<crate::backend::cpu::CpuBackend>),
+    /// CPU ranks standing in for GPUs: checks the tensor-parallel sharding.
+    CpuTp(Engine<crate::backend::tp::TensorParallel<crate::backend::cpu::CpuBackend>>),
+    /// Never built without the `cuda` feature (its backend type is then uninhabited).
+    Cuda(Engine<crate::backend::cuda::CudaBackend>),
+    /// Several GPUs of one host, NCCL between them.
+    CudaTp(Engine<crate::backend::tp::TensorParallel<crate::backend::cuda::CudaBackend>>),
 }
 
 /// Run `$body` with `$e` bound to the engine of whichever backend this is.
@@ -422,6 +450,9 @@ macro_rules! with_engine {
     ($any:expr, $e:ident => $body:expr) => {
         match $any {
             AnyEngine::Cpu($e) => $body,
+            AnyEngine::CpuTp($e) => $body,
+            AnyEngine::Cuda($e) => $body,
+            AnyEngine::CudaTp($e) => $body,
         }
     };
 }

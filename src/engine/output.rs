@@ -107,7 +107,7 @@ impl TextTracker {
     /// the text they complete, unless `force` (end of thinking, a stop, the end) reports them anyway.
     fn flush(&mut self, upto: usize, force: bool, deltas: &mut Vec<Delta>) {
         let has_text = upto > self.emitted;
-        if !has_text && !(force && !self.pending_ids.is_empty()) {
+        if !has_text && (!force || self.pending_ids.is_empty()) {
             return;
         }
         let text = if has_text { self.text[self.emitted..upto].to_string() } else { String::new() };

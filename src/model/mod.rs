@@ -6,7 +6,7 @@ pub mod dummy;
 pub mod kv_cache;
 pub mod rope;
 
-use crate::backend::{AttnShape, Backend, BatchInfo, MoeHost};
+use crate::backend::{AttnShape, Backend, BatchInfo, MoeHost, Split};
 use crate::config::Qwen3Config;
 use crate::error::Result;
 use crate::weights::TensorSource;
@@ -75,15 +75,16 @@ impl<B: Backend> Scratch<B> {
             x: be.alloc(rows, h)?,
             h: be.alloc(rows, h)?,
             delta: be.alloc(rows, h)?,
-            q: be.alloc(rows, c.q_dim())?,
-            k: be.alloc(rows, c.kv_dim())?,
-            v: be.alloc(rows, c.kv_dim())?,
-            attn: be.alloc(rows, c.q_dim())?,
-            gate: be.alloc(dense_rows, inter)?,
-            up: be.alloc(dense_rows, inter)?,
-            act: be.alloc(dense_rows, inter)?,
+            q: be.alloc_split(rows, c.q_dim(), Split::Columns)?,
+            k: be.alloc_split(rows, c.kv_dim(), Split::KvHeads)?,
+            v: be.alloc_split(rows, c.kv_dim(), Split::KvHeads)?,
+            attn: be.alloc_split(rows, c.q_dim(), Split::Columns)?,
+            gate: be.alloc_split(dense_rows, inter, Split::Columns)?,
+            up: be.alloc_split(dense_rows, inter, Split::Columns)?,
+            act: be.alloc_split(dense_rows, inter, Split::Columns)?,
             last: be.alloc(logit_rows, h)?,
-            logits: be.alloc(logit_rows, c.vocab_size)?,
+            // A tied lm_head is the (replicated) embedding; an untied one is split by vocabulary.
+            logits: be.alloc_split(logit_rows, c.vocab_size, if model.lm_head.is_some() { Split::Columns } else { Split::Replicated })?,
         })
     }
 
@@ -110,6 +111,7 @@ impl<B: Backend> Model<B> {
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let w = |name: &str, shape: &[usize]| -> Result<B::Weight> { backend.upload(src.tensor(name, shape)?) };
+        let split = |name: &str, shape: &[usize], how: Split| -> Result<B::Weight> { backend.upload_split(src.tensor(name, shape)?, how) };
         let total = c.num_hidden_layers + 2;
         let embed = w("model.embed_tokens.weight", &[c.vocab_size, h])?;
         progress(1, total);
@@ -129,17 +131,17 @@ impl<B: Backend> Model<B> {
             } else {
                 let inter = c.intermediate_size;
                 Ffn::Dense {
-                    gate: w(&ln("mlp.gate_proj.weight"), &[inter, h])?,
-                    up: w(&ln("mlp.up_proj.weight"), &[inter, h])?,
-                    down: w(&ln("mlp.down_proj.weight"), &[h, inter])?,
+                    gate: split(&ln("mlp.gate_proj.weight"), &[inter, h], Split::Columns)?,
+                    up: split(&ln("mlp.up_proj.weight"), &[inter, h], Split::Columns)?,
+                    down: split(&ln("mlp.down_proj.weight"), &[h, inter], Split::Rows)?,
                 }
             };
             layers.push(Layer {
                 input_norm: w(&ln("input_layernorm.weight"), &[h])?,
-                q_proj: w(&ln("self_attn.q_proj.weight"), &[c.q_dim(), h])?,
-                k_proj: w(&ln("self_attn.k_proj.weight"), &[c.kv_dim(), h])?,
-                v_proj: w(&ln("self_attn.v_proj.weight"), &[c.kv_dim(), h])?,
-                o_proj: w(&ln("self_attn.o_proj.weight"), &[h, c.q_dim()])?,
+                q_proj: split(&ln("self_attn.q_proj.weight"), &[c.q_dim(), h], Split::Columns)?,
+                k_proj: split(&ln("self_attn.k_proj.weight"), &[c.kv_dim(), h], Split::KvHeads)?,
+                v_proj: split(&ln("self_attn.v_proj.weight"), &[c.kv_dim(), h], Split::KvHeads)?,
+                o_proj: split(&ln("self_attn.o_proj.weight"), &[h, c.q_dim()], Split::Rows)?,
                 q_norm: w(&ln("self_attn.q_norm.weight"), &[hd])?,
                 k_norm: w(&ln("self_attn.k_norm.weight"), &[hd])?,
                 post_norm: w(&ln("post_attention_layernorm.weight"), &[h])?,
@@ -148,7 +150,7 @@ impl<B: Backend> Model<B> {
             progress(i + 2, total);
         }
         let final_norm = w("model.norm.weight", &[h])?;
-        let lm_head = if c.tie_word_embeddings { None } else { Some(w("lm_head.weight", &[c.vocab_size, h])?) };
+        let lm_head = if c.tie_word_embeddings { None } else { Some(split("lm_head.weight", &[c.vocab_size, h], Split::Columns)?) };
         let rope = backend.upload_exact(rope::table(c, max_seq_len))?;
         progress(total, total);
         Ok(Model { config, backend, embed, layers, final_norm, lm_head, rope, max_seq_len })

@@ -343,23 +343,6 @@ fn mode_defaults_and_overrides() {
     assert!(matches!(GenerationConfig::from_json("{"), Err(Error::Config(_))));
 }
 
-/// Rough speed check at Qwen3's vocab size: `cargo test --release --lib sampler_speed -- --ignored --nocapture`.
-#[test]
-#[ignore]
-fn sampler_speed() {
-    let l = logits(151_936, 5, 10.0);
-    let history: Vec<u32> = (0..4000).map(|i| (i * 37) % 151_936).collect();
-    for p in [params(0.0, 0, 1.0, 0.0), params(0.6, 20, 0.95, 0.0), params(0.7, 0, 0.8, 0.0), params(1.0, 0, 1.0, 0.0)] {
-        let p = SamplingParams { repetition_penalty: 1.1, presence_penalty: 0.5, logprobs: 5, ..p };
-        let mut s = Sampler::new(p.clone(), &history[..1000]).unwrap();
-        let start = std::time::Instant::now();
-        for _ in 0..100 {
-            s.sample(&l, &history).unwrap();
-        }
-        eprintln!("{p:?}: {:?} per token", start.elapsed() / 100);
-    }
-}
-
 #[test]
 fn fast_exp_matches_libm() {
     assert_eq!(exp_neg(0.0), 1.0);

@@ -730,6 +730,13 @@ impl Backend for CpuBackend {
         Ok(CpuKv { k: KvData::new(self.dtype), v: KvData::new(self.dtype), n_blocks, block_size, kv_dim })
     }
 
+    fn upload_buf(&self, rows: usize, cols: usize, data: &[f32]) -> Result<CpuBuf> {
+        ensure!(data.len() == rows * cols, InvalidArgument, "upload_buf: {} values for a [{rows}, {cols}] buffer", data.len());
+        let mut buf = CpuBuf { data: data.to_vec(), rows, cols };
+        self.round(&mut buf.data);
+        Ok(buf)
+    }
+
     fn download(&self, buf: &CpuBuf) -> Result<Vec<f32>> {
         Ok(buf.data.clone())
     }
@@ -967,6 +974,30 @@ impl Backend for CpuBackend {
         for (dst, &r) in out.data.chunks_mut(x.cols).zip(rows) {
             ensure!((r as usize) < x.rows, InvalidArgument, "gather_rows: row {r} out of range");
             dst.copy_from_slice(x.row(r as usize));
+        }
+        Ok(())
+    }
+}
+
+/// CPU ranks of a tensor-parallel group live in one process: the all-reduce is a plain sum (in rank
+/// order, rounded to the compute dtype like a reduction in that dtype). A stand-in that tests the
+/// sharding logic without GPUs.
+impl super::tp::Collective for CpuBackend {
+    type Group = ();
+
+    fn group(_ranks: &[Self]) -> Result<()> {
+        Ok(())
+    }
+
+    fn all_reduce_sum(_group: &(), ranks: &[Self], bufs: &mut [CpuBuf]) -> Result<()> {
+        let Some((first, rest)) = bufs.split_first_mut() else { return Ok(()) };
+        for b in rest.iter() {
+            ensure!(b.data.len() == first.data.len(), InvalidArgument, "all_reduce: ranks hold buffers of different sizes");
+            first.data.iter_mut().zip(&b.data).for_each(|(s, x)| *s += x);
+        }
+        ranks[0].round(&mut first.data);
+        for b in rest.iter_mut() {
+            b.data.copy_from_slice(&first.data);
         }
         Ok(())
     }

@@ -1,0 +1,98 @@
+// moe.cu: MoE routing on the device. `moe_route`: softmax, top-k, renormalisation per row (f32);
+// `moe_sort`: group the (row, choice) pairs by expert into tiles for `grouped_gemm`;
+// `moe_combine`: weighted sum of each row's expert outputs, in ascending expert order as the CPU.
+
+#define MAX_TOP_K 32
+
+// probs [T, E]: router logits in, softmax out. ids/weights [T, k]: the chosen experts sorted by
+// expert id, and their (renormalised) probabilities. One thread per row.
+extern "C" __global__ void moe_route(float* probs, int* ids, float* weights, int T, int E, int k, int norm) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= T) return;
+    float* p = probs + (size_t)t * E;
+    float mx = -INFINITY;
+    for (int e = 0; e < E; e++) mx = fmaxf(mx, p[e]);
+    float sum = 0.f;
+    for (int e = 0; e < E; e++) { float v = expf(p[e] - mx); p[e] = v; sum += v; }
+    float inv = 1.f / sum;
+    for (int e = 0; e < E; e++) p[e] *= inv;
+    // Top-k by repeated selection: the next pick is the largest value below the previous one
+    // (ties: the lowest index after it), so no "taken" flags are needed.
+    int sel[MAX_TOP_K];
+    float pv = INFINITY, total = 0.f;
+    int pi = -1;
+    for (int s = 0; s < k; s++) {
+        float bv = -INFINITY;
+        int bi = -1;
+        for (int e = 0; e < E; e++) {
+            float v = p[e];
+            bool after_prev = v < pv || (v == pv && e > pi);
+            if (after_prev && (bi < 0 || v > bv)) { bv = v; bi = e; }
+        }
+        sel[s] = bi;
+        total += bv;
+        pv = bv;
+        pi = bi;
+    }
+    if (!norm) total = 1.f;
+    for (int a = 1; a < k; a++) {  // insertion sort by expert id
+        int v = sel[a], b = a - 1;
+        while (b >= 0 && sel[b] > v) { sel[b + 1] = sel[b]; b--; }
+        sel[b + 1] = v;
+    }
+    for (int s = 0; s < k; s++) {
+        ids[(size_t)t * k + s] = sel[s];
+        weights[(size_t)t * k + s] = p[sel[s]] / total;
+    }
+}
+
+// Pairs p = t*k + s of `ids` [P] grouped by expert: sorted_src[pos] = t, pair_pos[p] = pos; tiles of
+// at most tm rows never straddle experts (tile_e = -1 past the last). One block; 2*E ints of shared memory.
+extern "C" __global__ void moe_sort(const int* ids, int P, int k, int E, int tm, int max_tiles,
+    int* sorted_src, int* pair_pos, int* tile_e, int* tile_row0, int* tile_rows) {
+    extern __shared__ int sh[];
+    int* cnt = sh;
+    int* off = sh + E;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) cnt[e] = 0;
+    __syncthreads();
+    for (int p = threadIdx.x; p < P; p += blockDim.x) atomicAdd(&cnt[ids[p]], 1);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int run = 0, tiles = 0;
+        for (int e = 0; e < E; e++) {
+            int c = cnt[e];
+            off[e] = run;
+            for (int s = 0; s < c && tiles < max_tiles; s += tm) {
+                tile_e[tiles] = e;
+                tile_row0[tiles] = run + s;
+                tile_rows[tiles] = min(tm, c - s);
+                tiles++;
+            }
+            run += c;
+            cnt[e] = 0;  // reused below as the per-expert cursor
+        }
+        for (; tiles < max_tiles; tiles++) tile_e[tiles] = -1;
+    }
+    __syncthreads();
+    for (int p = threadIdx.x; p < P; p += blockDim.x) {
+        int e = ids[p];
+        int pos = off[e] + atomicAdd(&cnt[e], 1);
+        sorted_src[pos] = p / k;
+        pair_pos[p] = pos;
+    }
+}
+
+// out[t] = Σ_s round(weight[t,s] * y[pair_pos[t,s]]), accumulated (and rounded) in slot order.
+// grid (ceil(H/256), T).
+extern "C" __global__ void moe_combine(act_t* out, const act_t* y, const int* pair_pos, const float* weights, int k, int H) {
+    int t = blockIdx.y;
+    int h = blockIdx.x * blockDim.x + threadIdx.x;
+    if (h >= H) return;
+    float acc = 0.f;
+    for (int s = 0; s < k; s++) {
+        int pos = pair_pos[t * k + s];
+        float c = rnd(to_f(y[(size_t)pos * H + h]) * weights[t * k + s]);
+        acc = rnd(acc + c);
+    }
+    out[(size_t)t * H + h] = from_f(acc);
+}

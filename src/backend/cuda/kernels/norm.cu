@@ -1,0 +1,53 @@
+// norm.cu: RMSNorm (plain and fused with the residual add) and per-head QK-norm + RoPE.
+
+// out[r] = w * (x[r] * 1/sqrt(mean(x[r]^2) + eps)); one block per row.
+extern "C" __global__ void rms_norm(act_t* out, const act_t* x, const act_t* w, int cols, float eps) {
+    const act_t* xr = x + (size_t)blockIdx.x * cols;
+    act_t* o = out + (size_t)blockIdx.x * cols;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) { float v = to_f(xr[i]); ss += v * v; }
+    float inv = 1.f / sqrtf(block_sum(ss) / (float)cols + eps);
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) o[i] = from_f(to_f(w[i]) * (to_f(xr[i]) * inv));
+}
+
+// residual = round(residual + delta); out = rms_norm(residual) * w. Each thread re-reads only the
+// residual elements it wrote itself, so no barrier is needed between the two passes.
+extern "C" __global__ void add_rms_norm(act_t* residual, const act_t* delta, act_t* out, const act_t* w, int cols, float eps) {
+    act_t* r = residual + (size_t)blockIdx.x * cols;
+    const act_t* d = delta + (size_t)blockIdx.x * cols;
+    act_t* o = out + (size_t)blockIdx.x * cols;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        act_t s = from_f(to_f(r[i]) + to_f(d[i]));
+        r[i] = s;
+        float v = to_f(s);
+        ss += v * v;
+    }
+    float inv = 1.f / sqrtf(block_sum(ss) / (float)cols + eps);
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) o[i] = from_f(to_f(w[i]) * (to_f(r[i]) * inv));
+}
+
+// Per head of q [T, nh*hd] and k [T, nkv*hd]: RMSNorm over hd with q_norm/k_norm (rounded), then
+// RoPE rotating halves (i with i + hd/2) from the f32 table rope [max_pos, hd] (cos | sin), rounded.
+// grid (nh + nkv, T), dynamic shared memory hd floats.
+extern "C" __global__ void qk_norm_rope(act_t* q, act_t* k, const act_t* q_norm, const act_t* k_norm,
+    const float* rope, const unsigned* positions, int nh, int nkv, int hd, float eps) {
+    extern __shared__ float head[];
+    int t = blockIdx.y, h = blockIdx.x;
+    act_t* v;
+    const act_t* w;
+    if (h < nh) { v = q + ((size_t)t * nh + h) * hd; w = q_norm; }
+    else { v = k + ((size_t)t * nkv + (h - nh)) * hd; w = k_norm; }
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) { float x = to_f(v[i]); head[i] = x; ss += x * x; }
+    float inv = 1.f / sqrtf(block_sum(ss) / (float)hd + eps);
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) head[i] = rnd(to_f(w[i]) * (head[i] * inv));
+    __syncthreads();
+    int half = hd / 2;
+    const float* cs = rope + (size_t)positions[t] * hd;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        float x1 = head[i], x2 = head[i + half], c = cs[i], s = cs[half + i];
+        v[i] = from_f(x1 * c - x2 * s);
+        v[i + half] = from_f(x2 * c + x1 * s);
+    }
+}

@@ -1,0 +1,276 @@
+//! Tensor parallelism: one model over N devices of one backend, as vLLM and SGLang split it.
+//! Attention is split by heads (K/V heads replicated where devices outnumber them), dense MLPs and
+//! every expert's intermediate columns by columns (gate/up) and rows (down), lm_head by vocabulary;
+//! o_proj, down_proj and the MoE block produce partial sums that one all-reduce per block adds up.
+//! `TensorParallel<B>` is itself a `Backend`, so the model and engine run on it unchanged; it issues
+//! each op to every rank in turn (asynchronous on GPUs) and calls the backend's `Collective`.
+
+use super::{AttnShape, Backend, BatchInfo, MoeHost, Split};
+use crate::config::Qwen3Config;
+use crate::error::Result;
+use crate::tensor::{DType, HostTensor};
+use crate::{bail, ensure};
+
+/// What a backend needs to be one rank of a tensor-parallel group.
+pub trait Collective: Backend {
+    /// What the ranks share to talk to each other (NCCL communicators on CUDA; nothing on the CPU).
+    type Group: Send + Sync;
+    fn group(ranks: &[Self]) -> Result<Self::Group>;
+    /// Elementwise sum of `bufs` (one per rank, equal shapes), left in every one of them.
+    fn all_reduce_sum(group: &Self::Group, ranks: &[Self], bufs: &mut [Self::Buf]) -> Result<()>;
+}
+
+/// How the model's attention heads are spread over the ranks.
+#[derive(Clone, Copy, Debug)]
+struct HeadPlan {
+    n: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl HeadPlan {
+    fn heads_per_rank(&self) -> usize {
+        self.n_heads / self.n
+    }
+
+    fn kv_per_rank(&self) -> usize {
+        (self.n_kv_heads / self.n).max(1)
+    }
+
+    /// First KV head of rank r (a rank holds `kv_per_rank` consecutive heads).
+    fn kv_start(&self, r: usize) -> usize {
+        if self.n_kv_heads >= self.n { r * self.n_kv_heads / self.n } else { r / (self.n / self.n_kv_heads) }
+    }
+
+    fn rank_shape(&self) -> AttnShape {
+        AttnShape { n_heads: self.heads_per_rank(), n_kv_heads: self.kv_per_rank(), head_dim: self.head_dim }
+    }
+}
+
+pub struct TensorParallel<B: Collective> {
+    ranks: Vec<B>,
+    group: B::Group,
+    heads: HeadPlan,
+}
+
+/// A buffer as its parts on each rank.
+pub struct TpBuf<Bf> {
+    parts: Vec<Bf>,
+    split: Split,
+    rows: usize,
+}
+
+/// A weight as its shards on each rank.
+pub struct TpWeight<W> {
+    parts: Vec<W>,
+    split: Split,
+}
+
+impl<B: Collective> TensorParallel<B> {
+    /// Spread `config`'s model over `ranks`; a split that doesn't divide the model is an error.
+    pub fn new(ranks: Vec<B>, config: &Qwen3Config) -> Result<Self> {
+        let n = ranks.len();
+        ensure!(n >= 1, InvalidArgument, "tensor_parallel must be >= 1");
+        let c = config;
+        let divides = |what: &str, v: usize| -> Result<()> {
+            ensure!(v % n == 0, InvalidArgument, "tensor_parallel={n} does not divide {what} ({v})");
+            Ok(())
+        };
+        divides("num_attention_heads", c.num_attention_heads)?;
+        divides("intermediate_size", c.intermediate_size)?;
+        divides("vocab_size", c.vocab_size)?;
+        if c.num_experts > 0 {
+            divides("moe_intermediate_size", c.moe_intermediate_size)?;
+        }
+        let nkv = c.num_key_value_heads;
+        ensure!(nkv % n == 0 || n % nkv == 0, InvalidArgument,
+            "tensor_parallel={n} must divide num_key_value_heads ({nkv}) or be a multiple of it");
+        let group = B::group(&ranks)?;
+        let heads = HeadPlan { n, n_heads: c.num_attention_heads, n_kv_heads: nkv, head_dim: c.head_dim };
+        Ok(TensorParallel { ranks, group, heads })
+    }
+
+    pub fn size(&self) -> usize {
+        self.ranks.len()
+    }
+
+    /// Run `f(rank, r)` on every rank, collecting the results.
+    fn each<T>(&self, mut f: impl FnMut(&B, usize) -> Result<T>) -> Result<Vec<T>> {
+        self.ranks.iter().enumerate().map(|(r, b)| f(b, r)).collect()
+    }
+
+    fn all_reduce(&self, buf: &mut TpBuf<B::Buf>) -> Result<()> {
+        B::all_reduce_sum(&self.group, &self.ranks, &mut buf.parts)
+    }
+
+    /// Rank r's shard of a weight [out, in].
+    fn shard(&self, t: &HostTensor, split: Split, r: usize) -> Result<HostTensor> {
+        let n = self.size();
+        let hd = self.heads.head_dim;
+        Ok(match split {
+            Split::Replicated => t.clone(),
+            Split::Columns => {
+                let rows = t.shape[0] / n;
+                t.slice_rows(r * rows, rows)?
+            }
+            Split::KvHeads => t.slice_rows(self.heads.kv_start(r) * hd, self.heads.kv_per_rank() * hd)?,
+            Split::Rows => {
+                let cols = t.shape[1] / n;
+                t.slice_cols(r * cols, cols)?
+            }
+        })
+    }
+
+    fn cols_per_rank(&self, cols: usize, split: Split) -> usize {
+        match split {
+            Split::Replicated => cols,
+            Split::Columns | Split::Rows => cols / self.size(),
+            Split::KvHeads => self.heads.kv_per_rank() * self.heads.head_dim,
+        }
+    }
+}
+
+/// Zip a TpBuf's parts with every rank for an op that writes `out`.
+macro_rules! per_rank {
+    ($self:ident, |$b:ident, $r:ident| $body:expr) => {
+        for ($r, $b) in $self.ranks.iter().enumerate() {
+            $body?;
+        }
+    };
+}
+
+impl<B: Collective> Backend for TensorParallel<B> {
+    type Buf = TpBuf<B::Buf>;
+    type Weight = TpWeight<B::Weight>;
+    type KvLayer = Vec<B::KvLayer>;
+    type Moe = Vec<B::Moe>;
+
+    fn device_name(&self) -> String {
+        self.ranks.iter().map(|b| b.device_name()).collect::<Vec<_>>().join(",")
+    }
+
+    fn dtype(&self) -> DType {
+        self.ranks[0].dtype()
+    }
+
+    fn upload(&self, tensor: HostTensor) -> Result<Self::Weight> {
+        self.upload_split(tensor, Split::Replicated)
+    }
+
+    fn upload_exact(&self, tensor: HostTensor) -> Result<Self::Weight> {
+        Ok(TpWeight { parts: self.each(|b, _| b.upload_exact(tensor.clone()))?, split: Split::Replicated })
+    }
+
+    fn upload_split(&self, tensor: HostTensor, split: Split) -> Result<Self::Weight> {
+        let parts = self.each(|b, r| b.upload(self.shard(&tensor, split, r)?))?;
+        Ok(TpWeight { parts, split })
+    }
+
+    fn upload_moe(&self, moe: MoeHost) -> Result<Self::Moe> {
+        // Every rank routes over all experts and holds 1/N of each expert's intermediate columns.
+        self.each(|b, r| {
+            let experts = moe
+                .experts
+                .iter()
+                .map(|[g, u, d]| Ok([self.shard(g, Split::Columns, r)?, self.shard(u, Split::Columns, r)?, self.shard(d, Split::Rows, r)?]))
+                .collect::<Result<Vec<_>>>()?;
+            b.upload_moe(MoeHost { router: moe.router.clone(), experts, top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob })
+        })
+    }
+
+    fn alloc(&self, rows: usize, cols: usize) -> Result<Self::Buf> {
+        self.alloc_split(rows, cols, Split::Replicated)
+    }
+
+    fn alloc_split(&self, rows: usize, cols: usize, split: Split) -> Result<Self::Buf> {
+        let c = self.cols_per_rank(cols, split);
+        Ok(TpBuf { parts: self.each(|b, _| b.alloc(rows, c))?, split, rows })
+    }
+
+    fn alloc_kv(&self, n_blocks: usize, block_size: usize, _kv_dim: usize) -> Result<Self::KvLayer> {
+        let d = self.heads.kv_per_rank() * self.heads.head_dim;
+        self.each(|b, _| b.alloc_kv(n_blocks, block_size, d))
+    }
+
+    /// A replicated buffer holding `data` on every rank.
+    fn upload_buf(&self, rows: usize, cols: usize, data: &[f32]) -> Result<Self::Buf> {
+        Ok(TpBuf { parts: self.each(|b, _| b.upload_buf(rows, cols, data))?, split: Split::Replicated, rows })
+    }
+
+    fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>> {
+        match buf.split {
+            Split::Replicated => self.ranks[0].download(&buf.parts[0]),
+            Split::Columns => {
+                // Rank r holds columns [r*c, (r+1)*c) of every row: interleave them back.
+                let parts = self.each(|b, r| b.download(&buf.parts[r]))?;
+                let per = parts[0].len().checked_div(buf.rows).unwrap_or(0);
+                let mut out = Vec::with_capacity(parts[0].len() * parts.len());
+                for i in 0..buf.rows {
+                    for p in &parts {
+                        out.extend_from_slice(&p[i * per..(i + 1) * per]);
+                    }
+                }
+                Ok(out)
+            }
+            other => bail!(InvalidArgument, "a {other:?}-split buffer has no single host layout"),
+        }
+    }
+
+    fn embed(&self, out: &mut Self::Buf, table: &Self::Weight, ids: &[u32]) -> Result<()> {
+        per_rank!(self, |b, r| b.embed(&mut out.parts[r], &table.parts[r], ids));
+        Ok(())
+    }
+
+    fn rms_norm(&self, out: &mut Self::Buf, x: &Self::Buf, w: &Self::Weight, eps: f32) -> Result<()> {
+        per_rank!(self, |b, r| b.rms_norm(&mut out.parts[r], &x.parts[r], &w.parts[r], eps));
+        Ok(())
+    }
+
+    fn add_rms_norm(&self, residual: &mut Self::Buf, delta: &Self::Buf, out: &mut Self::Buf, w: &Self::Weight, eps: f32) -> Result<()> {
+        per_rank!(self, |b, r| b.add_rms_norm(&mut residual.parts[r], &delta.parts[r], &mut out.parts[r], &w.parts[r], eps));
+        Ok(())
+    }
+
+    fn matmul(&self, out: &mut Self::Buf, x: &Self::Buf, w: &Self::Weight) -> Result<()> {
+        per_rank!(self, |b, r| b.matmul(&mut out.parts[r], &x.parts[r], &w.parts[r]));
+        if w.split == Split::Rows {
+            self.all_reduce(out)?;
+        }
+        Ok(())
+    }
+
+    fn qk_norm_rope(&self, q: &mut Self::Buf, k: &mut Self::Buf, q_norm: &Self::Weight, k_norm: &Self::Weight, eps: f32,
+        rope: &Self::Weight, positions: &[u32], _shape: AttnShape) -> Result<()> {
+        let shape = self.heads.rank_shape();
+        per_rank!(self, |b, r| b.qk_norm_rope(&mut q.parts[r], &mut k.parts[r], &q_norm.parts[r], &k_norm.parts[r], eps,
+            &rope.parts[r], positions, shape));
+        Ok(())
+    }
+
+    fn kv_append(&self, kv: &mut Self::KvLayer, k: &Self::Buf, v: &Self::Buf, batch: &BatchInfo) -> Result<()> {
+        per_rank!(self, |b, r| b.kv_append(&mut kv[r], &k.parts[r], &v.parts[r], batch));
+        Ok(())
+    }
+
+    fn attention(&self, out: &mut Self::Buf, q: &Self::Buf, kv: &Self::KvLayer, batch: &BatchInfo, _shape: AttnShape) -> Result<()> {
+        let shape = self.heads.rank_shape();
+        per_rank!(self, |b, r| b.attention(&mut out.parts[r], &q.parts[r], &kv[r], batch, shape));
+        Ok(())
+    }
+
+    fn swiglu(&self, out: &mut Self::Buf, gate: &Self::Buf, up: &Self::Buf) -> Result<()> {
+        per_rank!(self, |b, r| b.swiglu(&mut out.parts[r], &gate.parts[r], &up.parts[r]));
+        Ok(())
+    }
+
+    fn moe(&self, out: &mut Self::Buf, x: &Self::Buf, moe: &Self::Moe) -> Result<()> {
+        per_rank!(self, |b, r| b.moe(&mut out.parts[r], &x.parts[r], &moe[r]));
+        self.all_reduce(out)
+    }
+
+    fn gather_rows(&self, out: &mut Self::Buf, x: &Self::Buf, rows: &[u32]) -> Result<()> {
+        per_rank!(self, |b, r| b.gather_rows(&mut out.parts[r], &x.parts[r], rows));
+        Ok(())
+    }
+}

@@ -1,0 +1,18 @@
+//! Every CUDA kernel compiles with NVRTC for sm_90 (the H200), for every dtype. Needs no GPU:
+//! only NVRTC and the CUDA headers (e.g. `pip install nvidia-cuda-nvrtc==13.0.88
+//! nvidia-cuda-runtime==13.0.96` and CUDA_HOME=<site-packages>/nvidia/cu13). Skipped, with a
+//! message, where NVRTC or the headers are missing, and in builds without the `cuda` feature.
+#![cfg(feature = "cuda")]
+
+use qwen3rs::backend::cuda;
+
+#[test]
+fn every_kernel_compiles_for_sm90() {
+    if let Err(e) = cuda::libs::ensure_nvrtc().and_then(|_| cuda::libs::find_include_dir()) {
+        eprintln!("SKIP every_kernel_compiles_for_sm90: {e}");
+        return;
+    }
+    let done = cuda::compile_kernels((9, 0)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(done.len(), 3 * cuda::compile::SOURCES.len(), "{done:?}");
+    eprintln!("compiled {} kernel modules for sm_90: {done:?}", done.len());
+}

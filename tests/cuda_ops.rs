@@ -1,0 +1,357 @@
+//! Op by op, the CUDA backend against the scalar CPU reference (`test-backend-ops` style): every
+//! `Backend` op on random inputs, odd sizes included (T = 1, 7, 9, 33; K not a multiple of 8;
+//! head_dim 64 and 128; GQA; several sequences with paged blocks), in f32 and bf16. Both backends
+//! get the same inputs (rounded to the compute dtype) and the result is compared by
+//! ‖gpu − cpu‖ / ‖cpu‖ against the bars below. Prints SKIP and passes where no GPU is usable.
+//!
+//! Bars (why): f32 — both compute in f32 and differ only in summation order and FMA contraction:
+//! 1e-5 for pointwise / per-row ops, 1e-4 for reductions over K or the context (matmul, attention,
+//! MoE). bf16 — both round each op's output to bf16 at the same points, so differences are the
+//! rare element whose f32 value lands on the other side of a bf16 rounding boundary (one bf16 ulp,
+//! 2^-8 relative): 1e-2 for every op. Integer results (argmax) must be identical.
+#![cfg(feature = "cuda")]
+
+use qwen3rs::backend::cpu::CpuBackend;
+use qwen3rs::backend::cuda::{self, CudaBackend};
+use qwen3rs::backend::{AttnShape, Backend, BatchInfo, MoeHost, SeqSlot};
+use qwen3rs::tensor::{DType, HostTensor};
+use qwen3rs::Error;
+
+const DTYPES: [DType; 2] = [DType::F32, DType::BF16];
+
+fn bars(dtype: DType) -> (f64, f64) {
+    match dtype {
+        DType::F32 => (1e-5, 1e-4),
+        _ => (1e-2, 1e-2),
+    }
+}
+
+fn gpu(dtype: DType) -> Option<CudaBackend> {
+    if !cuda::available() {
+        eprintln!("SKIP (no usable GPU): {}", cuda::unavailable_reason().unwrap_or_default());
+        return None;
+    }
+    Some(CudaBackend::new(0, dtype).expect("CUDA is available but the backend failed"))
+}
+
+/// splitmix64-based uniform values in [-scale, scale).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| ((self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale).collect()
+    }
+    fn below(&mut self, n: u32) -> u32 {
+        (self.next() % n as u64) as u32
+    }
+}
+
+fn tensor(values: &[f32], shape: &[usize]) -> HostTensor {
+    HostTensor::from_f32(values, shape.to_vec())
+}
+
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    assert!(got.iter().all(|v| v.is_finite()), "non-finite GPU output");
+    let num: f64 = got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn check(what: &str, dtype: DType, got: &[f32], want: &[f32], bar: f64) {
+    let e = rel_err(got, want);
+    eprintln!("{what:<48} {:>8} rel err {e:.2e} (bar {bar:.0e})", dtype.name());
+    assert!(e <= bar, "{what} {}: relative error {e:.3e} > {bar:.0e}", dtype.name());
+}
+
+// ---- generic op runners: the same code on either backend ----
+
+fn run_embed<B: Backend>(be: &B, table: &HostTensor, ids: &[u32]) -> Vec<f32> {
+    let w = be.upload(table.clone()).unwrap();
+    let mut out = be.alloc(ids.len(), table.shape[1]).unwrap();
+    be.embed(&mut out, &w, ids).unwrap();
+    be.download(&out).unwrap()
+}
+
+fn run_rms<B: Backend>(be: &B, x: &[f32], t: usize, c: usize, w: &HostTensor) -> Vec<f32> {
+    let xb = be.upload_buf(t, c, x).unwrap();
+    let w = be.upload(w.clone()).unwrap();
+    let mut out = be.alloc(t, c).unwrap();
+    be.rms_norm(&mut out, &xb, &w, 1e-6).unwrap();
+    be.download(&out).unwrap()
+}
+
+fn run_add_rms<B: Backend>(be: &B, x: &[f32], d: &[f32], t: usize, c: usize, w: &HostTensor) -> (Vec<f32>, Vec<f32>) {
+    let mut res = be.upload_buf(t, c, x).unwrap();
+    let delta = be.upload_buf(t, c, d).unwrap();
+    let w = be.upload(w.clone()).unwrap();
+    let mut out = be.alloc(t, c).unwrap();
+    be.add_rms_norm(&mut res, &delta, &mut out, &w, 1e-6).unwrap();
+    (be.download(&res).unwrap(), be.download(&out).unwrap())
+}
+
+fn run_matmul<B: Backend>(be: &B, x: &[f32], t: usize, w: &HostTensor) -> Vec<f32> {
+    let (n, k) = (w.shape[0], w.shape[1]);
+    let xb = be.upload_buf(t, k, x).unwrap();
+    let w = be.upload(w.clone()).unwrap();
+    let mut out = be.alloc(t, n).unwrap();
+    be.matmul(&mut out, &xb, &w).unwrap();
+    be.download(&out).unwrap()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_qk<B: Backend>(be: &B, q: &[f32], k: &[f32], qn: &HostTensor, kn: &HostTensor, rope: &HostTensor, pos: &[u32], s: AttnShape) -> (Vec<f32>, Vec<f32>) {
+    let t = pos.len();
+    let mut qb = be.upload_buf(t, s.n_heads * s.head_dim, q).unwrap();
+    let mut kb = be.upload_buf(t, s.n_kv_heads * s.head_dim, k).unwrap();
+    let (qn, kn, rope) = (be.upload(qn.clone()).unwrap(), be.upload(kn.clone()).unwrap(), be.upload_exact(rope.clone()).unwrap());
+    be.qk_norm_rope(&mut qb, &mut kb, &qn, &kn, 1e-6, &rope, pos, s).unwrap();
+    (be.download(&qb).unwrap(), be.download(&kb).unwrap())
+}
+
+fn run_swiglu<B: Backend>(be: &B, g: &[f32], u: &[f32], t: usize, c: usize) -> Vec<f32> {
+    let (gb, ub) = (be.upload_buf(t, c, g).unwrap(), be.upload_buf(t, c, u).unwrap());
+    let mut out = be.alloc(t, c).unwrap();
+    be.swiglu(&mut out, &gb, &ub).unwrap();
+    be.download(&out).unwrap()
+}
+
+fn run_gather<B: Backend>(be: &B, x: &[f32], t: usize, c: usize, rows: &[u32]) -> Vec<f32> {
+    let xb = be.upload_buf(t, c, x).unwrap();
+    let mut out = be.alloc(rows.len(), c).unwrap();
+    be.gather_rows(&mut out, &xb, rows).unwrap();
+    be.download(&out).unwrap()
+}
+
+fn run_moe<B: Backend>(be: &B, x: &[f32], t: usize, moe: &MoeHost) -> Vec<f32> {
+    let h = moe.router.shape[1];
+    let copy = MoeHost { router: moe.router.clone(), experts: moe.experts.clone(), top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob };
+    let m = be.upload_moe(copy).unwrap();
+    let xb = be.upload_buf(t, h, x).unwrap();
+    let mut out = be.alloc(t, h).unwrap();
+    be.moe(&mut out, &xb, &m).unwrap();
+    be.download(&out).unwrap()
+}
+
+/// Two steps over a paged cache: (1) sequence B's first 20 tokens; (2) a mixed batch of sequence
+/// A's 7-token prefill and B's one decode token. Returns the attention output of step 2.
+fn run_attention<B: Backend>(be: &B, s: AttnShape, data: &[Vec<f32>; 5]) -> Vec<f32> {
+    let kvd = s.n_kv_heads * s.head_dim;
+    let qd = s.n_heads * s.head_dim;
+    let bs = 16;
+    let mut kv = be.alloc_kv(8, bs, kvd).unwrap();
+    let blocks_a = [6u32];
+    let blocks_b = [3u32, 1];
+    // Step 1: B positions 0..20.
+    let tok1 = vec![0u32; 20];
+    let pos1: Vec<u32> = (0..20).collect();
+    let b1 = BatchInfo { tokens: &tok1, positions: &pos1, seqs: vec![SeqSlot { rows: 0..20, start_pos: 0, blocks: &blocks_b }], block_size: bs };
+    let (k1, v1) = (be.upload_buf(20, kvd, &data[0]).unwrap(), be.upload_buf(20, kvd, &data[1]).unwrap());
+    be.kv_append(&mut kv, &k1, &v1, &b1).unwrap();
+    // Step 2: A rows 0..7 at positions 0..7, B row 7 at position 20.
+    let tok2 = vec![0u32; 8];
+    let pos2: Vec<u32> = (0..7).chain([20]).collect();
+    let b2 = BatchInfo { tokens: &tok2, positions: &pos2, block_size: bs,
+        seqs: vec![SeqSlot { rows: 0..7, start_pos: 0, blocks: &blocks_a }, SeqSlot { rows: 7..8, start_pos: 20, blocks: &blocks_b }] };
+    let (k2, v2) = (be.upload_buf(8, kvd, &data[2]).unwrap(), be.upload_buf(8, kvd, &data[3]).unwrap());
+    be.kv_append(&mut kv, &k2, &v2, &b2).unwrap();
+    let q = be.upload_buf(8, qd, &data[4]).unwrap();
+    let mut out = be.alloc(8, qd).unwrap();
+    be.attention(&mut out, &q, &kv, &b2, s).unwrap();
+    be.download(&out).unwrap()
+}
+
+fn rope_table(max_pos: usize, hd: usize) -> HostTensor {
+    let half = hd / 2;
+    let mut t = vec![0f32; max_pos * hd];
+    for p in 0..max_pos {
+        for i in 0..half {
+            let f = 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32);
+            t[p * hd + i] = (p as f32 * f).cos();
+            t[p * hd + half + i] = (p as f32 * f).sin();
+        }
+    }
+    tensor(&t, &[max_pos, hd])
+}
+
+// ---- tests ----
+
+#[test]
+fn embed_and_gather() {
+    for dtype in DTYPES {
+        let Some(g) = gpu(dtype) else { return };
+        let c = CpuBackend::new(dtype);
+        let mut r = Rng(1);
+        let table = tensor(&r.uniform(50 * 72, 1.0), &[50, 72]);
+        for t in [1usize, 7] {
+            let ids: Vec<u32> = (0..t).map(|_| r.below(50)).collect();
+            check(&format!("embed T={t} H=72"), dtype, &run_embed(&g, &table, &ids), &run_embed(&c, &table, &ids), 0.0);
+            let x = r.uniform(t * 72, 1.0);
+            let rows: Vec<u32> = (0..3).map(|_| r.below(t as u32)).collect();
+            check(&format!("gather_rows T={t}"), dtype, &run_gather(&g, &x, t, 72, &rows), &run_gather(&c, &x, t, 72, &rows), 0.0);
+        }
+        assert!(matches!(g.embed(&mut g.alloc(1, 72).unwrap(), &g.upload(table.clone()).unwrap(), &[50]), Err(Error::InvalidArgument(_))));
+    }
+}
+
+#[test]
+fn norms() {
+    for dtype in DTYPES {
+        let Some(g) = gpu(dtype) else { return };
+        let c = CpuBackend::new(dtype);
+        let (bar, _) = bars(dtype);
+        let mut r = Rng(2);
+        for (t, cols) in [(1usize, 64usize), (7, 72), (9, 1000), (33, 2048)] {
+            let w = tensor(&r.uniform(cols, 1.0).iter().map(|v| 1.0 + 0.1 * v).collect::<Vec<_>>(), &[cols]);
+            let x = r.uniform(t * cols, 2.0);
+            let d = r.uniform(t * cols, 1.0);
+            check(&format!("rms_norm T={t} cols={cols}"), dtype, &run_rms(&g, &x, t, cols, &w), &run_rms(&c, &x, t, cols, &w), bar);
+            let (gr, go) = run_add_rms(&g, &x, &d, t, cols, &w);
+            let (cr, co) = run_add_rms(&c, &x, &d, t, cols, &w);
+            check(&format!("add_rms_norm residual T={t} cols={cols}"), dtype, &gr, &cr, bar);
+            check(&format!("add_rms_norm out T={t} cols={cols}"), dtype, &go, &co, bar);
+        }
+    }
+}
+
+#[test]
+fn matmul_gemv_and_cublas() {
+    for dtype in DTYPES {
+        let Some(g) = gpu(dtype) else { return };
+        let c = CpuBackend::new(dtype);
+        let (_, bar) = bars(dtype);
+        let mut r = Rng(3);
+        // T <= 8 takes the GEMV kernel (16-byte loads when K allows, else element loads), T > 8 cuBLAS.
+        for (n, k) in [(72usize, 64usize), (100, 37), (256, 1024), (1000, 2048)] {
+            let w = tensor(&r.uniform(n * k, (3.0 / k as f32).sqrt()), &[n, k]);
+            for t in [1usize, 3, 7, 8, 9, 33] {
+                let x = r.uniform(t * k, 1.0);
+                check(&format!("matmul T={t} N={n} K={k}"), dtype, &run_matmul(&g, &x, t, &w), &run_matmul(&c, &x, t, &w), bar);
+            }
+        }
+        // bf16-stored weights in f32 compute (widened on upload), as a bf16 checkpoint loaded as float32.
+        let wb = tensor(&r.uniform(64 * 96, 0.2), &[64, 96]).to_dtype(DType::BF16);
+        let x = r.uniform(5 * 96, 1.0);
+        check("matmul bf16 weights T=5", dtype, &run_matmul(&g, &x, 5, &wb), &run_matmul(&c, &x, 5, &wb), bar);
+    }
+}
+
+#[test]
+fn qk_norm_rope() {
+    for dtype in DTYPES {
+        let Some(g) = gpu(dtype) else { return };
+        let c = CpuBackend::new(dtype);
+        let (bar, _) = bars(dtype);
+        let mut r = Rng(4);
+        for (hd, nh, nkv, t) in [(128usize, 4usize, 2usize, 1usize), (128, 8, 2, 7), (64, 3, 1, 9)] {
+            let s = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
+            let rope = rope_table(300, hd);
+            let qn = tensor(&r.uniform(hd, 0.5).iter().map(|v| 1.0 + v).collect::<Vec<_>>(), &[hd]);
+            let kn = tensor(&r.uniform(hd, 0.5).iter().map(|v| 1.0 + v).collect::<Vec<_>>(), &[hd]);
+            let pos: Vec<u32> = (0..t).map(|_| r.below(300)).collect();
+            let q = r.uniform(t * nh * hd, 2.0);
+            let k = r.uniform(t * nkv * hd, 2.0);
+            let (gq, gk) = run_qk(&g, &q, &k, &qn, &kn, &rope, &pos, s);
+            let (cq, ck) = run_qk(&c, &q, &k, &qn, &kn, &rope, &pos, s);
+            check(&format!("qk_norm_rope q hd={hd} T={t}"), dtype, &gq, &cq, bar);
+            check(&format!("qk_norm_rope k hd={hd} T={t}"), dtype, &gk, &ck, bar);
+        }
+    }
+}
+
+#[test]
+fn paged_attention_prefill_and_decode() {
+    for dtype in DTYPES {
+        let Some(g) = gpu(dtype) else { return };
+        let c = CpuBackend::new(dtype);
+        let (_, bar) = bars(dtype);
+        let mut r = Rng(5);
+        for (hd, nh, nkv) in [(128usize, 8usize, 2usize), (64, 4, 4), (128, 16, 8)] {
+            let s = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
+            let kvd = nkv * hd;
+            let data = [r.uniform(20 * kvd, 1.0), r.uniform(20 * kvd, 1.0), r.uniform(8 * kvd, 1.0), r.uniform(8 * kvd, 1.0), r.uniform(8 * nh * hd, 1.0)];
+            check(&format!("attention hd={hd} nh={nh} nkv={nkv}"), dtype, &run_attention(&g, s, &data), &run_attention(&c, s, &data), bar);
+        }
+    }
+}
+
+#[test]
+fn swiglu() {
+    for dtype in DTYPES {
+        let Some(g) = gpu(dtype) else { return };
+        let c = CpuBackend::new(dtype);
+        let (bar, _) = bars(dtype);
+        let mut r = Rng(6);
+        for (t, cols) in [(1usize, 96usize), (7, 1001)] {
+            let (gt, up) = (r.uniform(t * cols, 4.0), r.uniform(t * cols, 2.0));
+            check(&format!("swiglu T={t} cols={cols}"), dtype, &run_swiglu(&g, &gt, &up, t, cols), &run_swiglu(&c, &gt, &up, t, cols), bar);
+        }
+    }
+}
+
+#[test]
+fn moe_routing_and_experts() {
+    for dtype in DTYPES {
+        let Some(g) = gpu(dtype) else { return };
+        let c = CpuBackend::new(dtype);
+        let (_, bar) = bars(dtype);
+        let mut r = Rng(7);
+        for (e, k, h, inter, norm) in [(8usize, 2usize, 64usize, 48usize, true), (16, 4, 96, 40, false), (128, 8, 128, 64, true)] {
+            let experts = (0..e)
+                .map(|_| [tensor(&r.uniform(inter * h, 0.2), &[inter, h]), tensor(&r.uniform(inter * h, 0.2), &[inter, h]), tensor(&r.uniform(h * inter, 0.2), &[h, inter])])
+                .collect();
+            let moe = MoeHost { router: tensor(&r.uniform(e * h, 0.5), &[e, h]), experts, top_k: k, norm_topk_prob: norm };
+            for t in [1usize, 7, 33] {
+                let x = r.uniform(t * h, 1.0);
+                check(&format!("moe E={e} k={k} T={t} norm={norm}"), dtype, &run_moe(&g, &x, t, &moe), &run_moe(&c, &x, t, &moe), bar);
+            }
+        }
+    }
+}
+
+#[test]
+fn argmax_rows_on_device() {
+    for dtype in DTYPES {
+        let Some(g) = gpu(dtype) else { return };
+        let c = CpuBackend::new(dtype);
+        let mut r = Rng(8);
+        let (rows, cols) = (5usize, 151_936usize);
+        let mut x = r.uniform(rows * cols, 10.0);
+        x[cols + 7] = 50.0; // row 1: a tie at 7 and 9000 → 7
+        x[cols + 9000] = 50.0;
+        x[2 * cols + 3] = f32::NAN; // row 2: NaN is never chosen
+        x[2 * cols + 100] = 60.0;
+        x[4 * cols + cols - 1] = 70.0; // row 4: the last column
+        let (gb, cb) = (g.upload_buf(rows, cols, &x).unwrap(), c.upload_buf(rows, cols, &x).unwrap());
+        let (gi, ci) = (g.argmax_rows(&gb, rows, cols).unwrap(), c.argmax_rows(&cb, rows, cols).unwrap());
+        eprintln!("argmax {}: gpu {gi:?} cpu {ci:?}", dtype.name());
+        assert_eq!(gi, ci);
+        assert_eq!((gi[1], gi[2], gi[4]), (7, 100, (cols - 1) as u32));
+        // Columns past `limit` (padding ids) never win, even with the largest value.
+        let limit = cols - 1000;
+        let (gi, ci) = (g.argmax_rows(&gb, rows, limit).unwrap(), c.argmax_rows(&cb, rows, limit).unwrap());
+        assert_eq!(gi, ci);
+        assert!(gi[4] < limit as u32);
+    }
+}
+
+#[test]
+fn out_of_memory_is_an_error_and_the_backend_stays_usable() {
+    let Some(g) = gpu(DType::BF16) else { return };
+    // 1 TiB of KV cache: more than any GPU has.
+    match g.alloc_kv(1 << 20, 16, 32768) {
+        Err(Error::OutOfMemory(m)) => eprintln!("OOM as expected: {m}"),
+        Err(e) => panic!("expected OutOfMemory, got {e}"),
+        Ok(_) => panic!("a 1 TiB allocation succeeded?"),
+    }
+    let c = CpuBackend::new(DType::BF16);
+    let x: Vec<f32> = (0..7 * 64).map(|i| (i as f32 * 0.37).sin()).collect();
+    let w = tensor(&vec![1.0; 64], &[64]);
+    check("rms_norm after OOM", DType::BF16, &run_rms(&g, &x, 7, 64, &w), &run_rms(&c, &x, 7, 64, &w), 1e-2);
+}

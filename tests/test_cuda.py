@@ -1,0 +1,132 @@
+"""The CUDA backend at the model level. Without a GPU (CI): `device="auto"` gives the CPU and
+`device="cuda"` raises a DeviceError naming what is missing, never a panic. With one (the H200
+through the device tool, see README "GPU development"): GPU logits match the CPU's, generation
+and the chat/sampling features run unchanged, GPU out-of-memory is a DeviceOutOfMemoryError and
+the process stays usable. Conformance against the reference runs in test_conformance.py over
+conftest.DEVICES. The kernel compile check needs only NVRTC and the CUDA headers."""
+
+import numpy as np
+import pytest
+
+import qwen3rs
+from conftest import FIXTURES, GPU
+from qwen3rs.errors import DeviceError, DeviceOutOfMemoryError, InvalidArgumentError
+
+CASE = "dense_tied_bf16"
+MOE = "moe_top2_bf16"
+
+
+def rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+# ---- everywhere ----
+
+
+def test_cuda_available_is_a_bool_and_never_raises():
+    assert isinstance(qwen3rs.cuda_available(), bool)
+    reason = qwen3rs.cuda_unavailable_reason()
+    assert (reason is None) == qwen3rs.cuda_available()
+
+
+@pytest.mark.skipif(qwen3rs.cuda_available(), reason="a GPU is usable here")
+def test_auto_is_cpu_without_gpu():
+    m = qwen3rs.load(FIXTURES / CASE, device="auto", progress=False)
+    assert m.device == "cpu"
+
+
+@pytest.mark.skipif(qwen3rs.cuda_available(), reason="a GPU is usable here")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:3", "gpu"])
+def test_cuda_without_gpu_is_a_clear_error(device):
+    with pytest.raises(DeviceError) as e:
+        qwen3rs.load(FIXTURES / CASE, device=device, progress=False)
+    msg = str(e.value)
+    assert "cuda" in msg.lower() and len(msg) > 30, msg
+    # The process is fine: the CPU still works.
+    assert qwen3rs.load(FIXTURES / CASE, device="cpu", progress=False).logits([1, 2, 3]).shape == (3, 1024)
+
+
+@pytest.mark.parametrize("device", ["cuda:x", "cuda:-1", "tpu"])
+def test_bad_device_names(device):
+    with pytest.raises(InvalidArgumentError):
+        qwen3rs.load(FIXTURES / CASE, device=device, progress=False)
+
+
+def test_kernels_compile_for_sm90():
+    """Every kernel compiles with NVRTC for the H200 (no GPU needed; skipped without NVRTC/headers)."""
+    try:
+        done = qwen3rs._native._compile_cuda_kernels("sm_90")
+    except DeviceError as e:
+        if "not found" in str(e) or "without the `cuda` feature" in str(e):
+            pytest.skip(f"NVRTC or CUDA headers unavailable: {e}")
+        raise
+    assert len(done) == 15 and "attention/bfloat16" in done, done
+
+
+# ---- on a GPU ----
+
+gpu = [pytest.mark.gpu, GPU]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", [CASE, MOE, "dense_yarn_bf16", "dense_untied_f32_gqa4", "moe_mixed_sharded_bf16"])
+@pytest.mark.gpu
+@GPU
+def test_gpu_logits_match_cpu(case, dtype):
+    ids = list(range(1, 40))
+    g = qwen3rs.load(FIXTURES / case, device="cuda", dtype=dtype, progress=False)
+    c = qwen3rs.load(FIXTURES / case, device="cpu", dtype=dtype, progress=False)
+    assert g.device == "cuda:0" and c.device == "cpu"
+    err = rel(g.logits(ids), c.logits(ids))
+    assert err <= (1e-4 if dtype == "float32" else 3e-2), f"{case} {dtype}: {err:.2e}"
+
+
+@pytest.mark.gpu
+@GPU
+def test_auto_picks_cuda():
+    assert qwen3rs.load(FIXTURES / CASE, device="auto", progress=False).device == "cuda:0"
+
+
+@pytest.mark.gpu
+@GPU
+def test_bad_gpu_index_is_a_clear_error():
+    with pytest.raises(DeviceError, match="cuda:99"):
+        qwen3rs.load(FIXTURES / CASE, device="cuda:99", progress=False)
+
+
+@pytest.mark.gpu
+@GPU
+def test_out_of_memory_is_an_exception_and_the_process_stays_usable():
+    # Qwen3-0.6B's KV cache for 256 sequences of 40960 tokens is ~1.2 TB: more than any GPU.
+    with pytest.raises(DeviceOutOfMemoryError):
+        qwen3rs.load("dummy:Qwen3-0.6B", device="cuda", max_seq_len=40960, max_batch=256, progress=False)
+    m = qwen3rs.load(FIXTURES / CASE, device="cuda", dtype="float32", progress=False)
+    c = qwen3rs.load(FIXTURES / CASE, device="cpu", dtype="float32", progress=False)
+    assert rel(m.logits([5, 6, 7]), c.logits([5, 6, 7])) <= 1e-4
+
+
+@pytest.mark.gpu
+@GPU
+def test_sampling_features_unchanged_on_gpu():
+    """Sampling, penalties, logprobs-free greedy, stop ids and batching: same tokens as the CPU in f32."""
+    g = qwen3rs.load(FIXTURES / CASE, device="cuda", dtype="float32", progress=False)
+    c = qwen3rs.load(FIXTURES / CASE, device="cpu", dtype="float32", progress=False)
+    prompt = [3, 14, 15, 92, 65]
+    for kw in [dict(temperature=0.0), dict(temperature=0.8, top_k=20, top_p=0.9, seed=3),
+               dict(temperature=0.0, repetition_penalty=1.3), dict(temperature=1.0, min_p=0.05, presence_penalty=0.5, seed=1)]:
+        a = g.generate(prompt, raw=True, max_new_tokens=16, ignore_eos=True, **kw)
+        b = c.generate(prompt, raw=True, max_new_tokens=16, ignore_eos=True, **kw)
+        assert a.token_ids == b.token_ids, kw
+    batch = g.generate([prompt, prompt[:2], [7] * 20], raw=True, max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    single = [g.generate(p, raw=True, max_new_tokens=8, temperature=0.0, ignore_eos=True) for p in [prompt, prompt[:2], [7] * 20]]
+    assert [x.token_ids for x in batch] == [x.token_ids for x in single]
+
+
+@pytest.mark.gpu
+@GPU
+def test_long_prompt_crosses_prefill_chunks():
+    """A prompt longer than one prefill chunk (512) and many KV blocks: GPU equals CPU."""
+    ids = [(i * 37) % 1000 + 1 for i in range(700)]
+    g = qwen3rs.load(FIXTURES / MOE, device="cuda", dtype="float32", progress=False)
+    c = qwen3rs.load(FIXTURES / MOE, device="cpu", dtype="float32", progress=False)
+    assert rel(g.logits(ids)[-5:], c.logits(ids)[-5:]) <= 1e-4
