@@ -59,6 +59,10 @@ pub struct LoadOptions {
     /// Devices one model is split over (tensor parallelism); 1 = one device. On the CPU, N ranks in
     /// one process stand in for N GPUs (to check the sharding; it is not faster).
     pub tensor_parallel: usize,
+    /// CPU worker threads; None = `QWEN3RS_NUM_THREADS`, else all CPUs available.
+    pub num_threads: Option<usize>,
+    /// Weight-only quantisation at load time (CPU only).
+    pub quantize: Option<crate::backend::cpu::Quant>,
 }
 
 /// Build an engine for `config` with weights from `src` on the requested device.
@@ -70,15 +74,16 @@ pub fn load_engine(config: Qwen3Config, src: &dyn TensorSource, tokenizer: Optio
     crate::ensure!(opts.max_batch >= 1, InvalidArgument, "max_batch must be >= 1");
     let tp = opts.tensor_parallel;
     crate::ensure!(tp >= 1, InvalidArgument, "tensor_parallel must be >= 1, got {tp}");
+    let cpu_opts = crate::backend::cpu::CpuOptions { num_threads: opts.num_threads, quant: opts.quantize };
     match opts.device {
         Device::Cpu if tp > 1 => {
-            let ranks = (0..tp).map(|_| CpuBackend::new(dtype)).collect();
+            let ranks = (0..tp).map(|_| CpuBackend::with_options(dtype, cpu_opts)).collect::<Result<Vec<_>>>()?;
             let backend = TensorParallel::new(ranks, &config)?;
             let model = Model::load(backend, config, src, max_seq_len, progress)?;
             Ok(AnyEngine::CpuTp(Engine::new(model, tokenizer, opts.max_batch)?))
         }
         Device::Cpu => {
-            let model = Model::load(CpuBackend::new(dtype), config, src, max_seq_len, progress)?;
+            let model = Model::load(CpuBackend::with_options(dtype, cpu_opts)?, config, src, max_seq_len, progress)?;
             Ok(AnyEngine::Cpu(Engine::new(model, tokenizer, opts.max_batch)?))
         }
         Device::Cuda(first) if tp > 1 => {

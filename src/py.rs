@@ -195,8 +195,11 @@ impl PyModel {
     }
 }
 
-fn load_options(device: &str, dtype: &str, max_seq_len: Option<usize>, max_batch: usize, tensor_parallel: usize) -> Result<LoadOptions> {
+fn load_options(device: &str, dtype: &str, max_seq_len: Option<usize>, max_batch: usize, tensor_parallel: usize,
+    cpu: (Option<usize>, Option<&str>)) -> Result<LoadOptions> {
     Ok(LoadOptions {
+        num_threads: cpu.0,
+        quantize: crate::backend::cpu::Quant::parse(cpu.1.unwrap_or("none"))?,
         device: Device::parse(device)?,
         dtype: if dtype == "auto" { None } else { Some(DType::parse(dtype)?) },
         max_seq_len,
@@ -237,11 +240,12 @@ fn build(py: Python<'_>, config_json: String, src: impl TensorSource + Send, opt
 
 /// Load a Hugging Face checkpoint folder (config.json + safetensors [+ tokenizer files]).
 #[pyfunction]
-#[pyo3(signature = (path, device="cpu", dtype="auto", max_seq_len=None, max_batch=8, tensor_parallel=1, progress=None))]
+#[pyo3(signature = (path, device="cpu", dtype="auto", max_seq_len=None, max_batch=8, tensor_parallel=1, progress=None, num_threads=None,
+    quantize=None))]
 #[allow(clippy::too_many_arguments)]
 fn load_checkpoint(py: Python<'_>, path: PathBuf, device: &str, dtype: &str, max_seq_len: Option<usize>, max_batch: usize,
-    tensor_parallel: usize, progress: Option<Py<PyAny>>) -> PyResult<PyModel> {
-    let opts = load_options(device, dtype, max_seq_len, max_batch, tensor_parallel).map_err(to_py)?;
+    tensor_parallel: usize, progress: Option<Py<PyAny>>, num_threads: Option<usize>, quantize: Option<&str>) -> PyResult<PyModel> {
+    let opts = load_options(device, dtype, max_seq_len, max_batch, tensor_parallel, (num_threads, quantize)).map_err(to_py)?;
     if !path.is_dir() {
         return Err(to_py(Error::NotFound { path, what: "checkpoint folder".into() }));
     }
@@ -259,11 +263,12 @@ fn load_checkpoint(py: Python<'_>, path: PathBuf, device: &str, dtype: &str, max
 /// Random weights of the shapes `config_json` describes; tokenizer files from `tokenizer_dir`.
 #[pyfunction]
 #[pyo3(signature = (config_json, device="cpu", dtype="auto", max_seq_len=None, max_batch=8, seed=0, tokenizer_dir=None,
-    tensor_parallel=1, progress=None))]
+    tensor_parallel=1, progress=None, num_threads=None, quantize=None))]
 #[allow(clippy::too_many_arguments)]
 fn load_dummy(py: Python<'_>, config_json: String, device: &str, dtype: &str, max_seq_len: Option<usize>, max_batch: usize,
-    seed: u64, tokenizer_dir: Option<PathBuf>, tensor_parallel: usize, progress: Option<Py<PyAny>>) -> PyResult<PyModel> {
-    let opts = load_options(device, dtype, max_seq_len, max_batch, tensor_parallel).map_err(to_py)?;
+    seed: u64, tokenizer_dir: Option<PathBuf>, tensor_parallel: usize, progress: Option<Py<PyAny>>, num_threads: Option<usize>,
+    quantize: Option<&str>) -> PyResult<PyModel> {
+    let opts = load_options(device, dtype, max_seq_len, max_batch, tensor_parallel, (num_threads, quantize)).map_err(to_py)?;
     build(py, config_json, DummyWeights { seed }, opts, tokenizer_dir, progress)
 }
 
@@ -447,6 +452,12 @@ impl PyModel {
     }
 }
 
+/// The CPU kernels' instruction set ("avx512bf16", "avx2", ...) and the default thread count.
+#[pyfunction]
+fn cpu_info() -> (&'static str, usize) {
+    (crate::backend::cpu::simd::best().name(), crate::backend::cpu::default_num_threads())
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -458,6 +469,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_unavailable_reason, m)?)?;
     m.add_function(wrap_pyfunction!(_set_cuda_search_paths, m)?)?;
     m.add_function(wrap_pyfunction!(_compile_cuda_kernels, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_info, m)?)?;
     Ok(())
 }
 

@@ -85,6 +85,8 @@ def load(
     progress: bool = True,
     max_batch: int = 8,
     tensor_parallel: int = 1,
+    num_threads: int | None = None,
+    quantize: str | None = None,
 ) -> "Model":
     """Load a Qwen3 / Qwen3-MoE model.
 
@@ -97,7 +99,10 @@ def load(
     progress: a progress bar on stderr while loading (when stderr is a terminal).
     tensor_parallel: split the model over this many devices (cuda:0..N-1): attention by heads, MLPs and
     every expert by columns, partial sums all-reduced with NCCL. With device="cpu", N ranks in one
-    process stand in for the GPUs (to check the sharding; not faster)."""
+    process stand in for the GPUs (to check the sharding; not faster).
+    num_threads (CPU): worker threads (default: env QWEN3RS_NUM_THREADS, else every CPU this process may use).
+    quantize (CPU): "int8" stores weight matrices as int8 with one scale per output row (weight-only:
+    activations stay in `dtype`; norms and the MoE router stay unquantised)."""
     if not isinstance(device, str):
         raise InvalidArgumentError(f"device must be a string, got {device!r}")
     if not isinstance(dtype, str):
@@ -108,6 +113,11 @@ def load(
         raise InvalidArgumentError(f"max_batch must be a positive int, got {max_batch!r}")
     if not isinstance(tensor_parallel, int) or isinstance(tensor_parallel, bool) or tensor_parallel < 1:
         raise InvalidArgumentError(f"tensor_parallel must be a positive int, got {tensor_parallel!r}")
+    if num_threads is not None and (not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 1):
+        raise InvalidArgumentError(f"num_threads must be a positive int or None, got {num_threads!r}")
+    if quantize is not None and not isinstance(quantize, str):
+        raise InvalidArgumentError(f"quantize must be a string or None, got {quantize!r}")
+    cpu = {"num_threads": num_threads, "quantize": quantize}
     text = os.fspath(path) if isinstance(path, os.PathLike) else path
     if not isinstance(text, str):
         raise InvalidArgumentError(f"path must be a string or os.PathLike, got {path!r}")
@@ -124,11 +134,11 @@ def load(
         folder = BUNDLED_TOKENIZER_DIR
         native = _native.load_dummy(config_file.read_text(), device=device, dtype=dtype, max_seq_len=max_seq_len,
                                     max_batch=max_batch, seed=seed, tokenizer_dir=str(folder),
-                                    tensor_parallel=tensor_parallel, progress=bar)
+                                    tensor_parallel=tensor_parallel, progress=bar, **cpu)
     else:
         folder = _resolve_path(text)
         native = _native.load_checkpoint(str(folder), device=device, dtype=dtype, max_seq_len=max_seq_len,
-                                         max_batch=max_batch, tensor_parallel=tensor_parallel, progress=bar)
+                                         max_batch=max_batch, tensor_parallel=tensor_parallel, progress=bar, **cpu)
     return Model(native, _read_generation_config(folder), text)
 
 

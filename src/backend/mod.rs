@@ -101,6 +101,11 @@ pub trait Backend: Send + Sync + Sized + 'static {
 
     /// "cpu", "cuda:0", ...
     fn device_name(&self) -> String;
+    /// Run one forward pass's ops inside the backend's execution context (the CPU backend's thread
+    /// pool, so its ops don't each hop into the pool). Provided: runs `f` as is.
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        f()
+    }
     /// The dtype activations and the KV cache are kept in.
     fn dtype(&self) -> DType;
 

@@ -188,6 +188,10 @@ impl<B: Backend> Model<B> {
     /// One forward step: append the batch's tokens to their sequences' caches and leave the logits of
     /// `logit_rows` (indices into the batch's rows) in `s.logits` [R, V].
     pub fn forward(&self, batch: &BatchInfo, cache: &mut KvCache<B>, s: &mut Scratch<B>, logit_rows: &[u32]) -> Result<()> {
+        self.backend.run(|| self.forward_steps(batch, cache, s, logit_rows))
+    }
+
+    fn forward_steps(&self, batch: &BatchInfo, cache: &mut KvCache<B>, s: &mut Scratch<B>, logit_rows: &[u32]) -> Result<()> {
         let (be, eps) = (&self.backend, self.config.rms_norm_eps);
         let shape = self.attn_shape();
         crate::ensure!(batch.rows() == s.rows && logit_rows.len() == s.logit_rows, InvalidArgument,
