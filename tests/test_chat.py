@@ -143,6 +143,17 @@ def test_batch_equals_one_by_one(model, moe):
         assert [b.token_ids for b in batch] == [m.generate(p, **kw).token_ids for p in prompts]
 
 
+def test_batch_larger_than_max_batch_runs_in_waves():
+    m = qwen3rs.load(f"dummy:{FIXTURES / 'tiny_qwen3' / 'config.json'}", device="cpu", dtype="float32", max_batch=2,
+                     max_seq_len=64, progress=False)
+    prompts = [f"prompt number {i}" for i in range(5)]
+    kw = dict(think=False, max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    batch = m.generate(prompts, **kw)
+    assert [b.token_ids for b in batch] == [m.generate(p, **kw).token_ids for p in prompts]
+    streamed = list(m.generate(prompts, stream=True, **kw))
+    assert {d.index for d in streamed} == set(range(5))
+
+
 def test_session_reuses_cache_and_equals_fresh_prefill(model):
     kw = dict(max_new_tokens=12, temperature=0.0, ignore_eos=True)
     with model.chat(system="You are terse.", think=False, **kw) as chat:

@@ -135,6 +135,8 @@ pub struct Engine<B: Backend> {
     decode_scratch: Option<Scratch<B>>,
     sessions: HashMap<u64, Session>,
     next_session: u64,
+    /// Sequences the cache is sized for: a larger batch runs in waves of this many.
+    max_seqs: usize,
 }
 
 impl<B: Backend> Engine<B> {
@@ -142,7 +144,7 @@ impl<B: Backend> Engine<B> {
     pub fn new(model: Model<B>, tokenizer: Option<Tokenizer>, max_seqs: usize) -> Result<Self> {
         let c = &model.config;
         let cache = KvCache::new(&model.backend, c.num_hidden_layers, c.kv_dim(), model.max_seq_len, max_seqs)?;
-        Ok(Engine { model, tokenizer, cache, scratch: None, decode_scratch: None, sessions: HashMap::new(), next_session: 1 })
+        Ok(Engine { model, tokenizer, cache, scratch: None, decode_scratch: None, sessions: HashMap::new(), next_session: 1, max_seqs })
     }
 
     /// Start a conversation whose cache is kept between requests (pass its id in `GenRequest::session`).
@@ -232,8 +234,22 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
-    /// Run `requests` together to completion, streaming text to `on_delta` as it is produced.
+    /// Run `requests` to completion, streaming text to `on_delta` as it is produced: together, or in
+    /// waves of `max_seqs` when there are more than the cache is sized for.
     pub fn generate(&mut self, requests: Vec<GenRequest>, on_delta: &mut EventSink) -> Result<Vec<GenOutput>> {
+        if requests.len() <= self.max_seqs {
+            return self.generate_together(requests, on_delta);
+        }
+        let mut outputs = Vec::with_capacity(requests.len());
+        for (w, wave) in requests.chunks(self.max_seqs).enumerate() {
+            let offset = w * self.max_seqs;
+            outputs.extend(self.generate_together(wave.to_vec(), &mut |i, d| on_delta(offset + i, d))?);
+        }
+        Ok(outputs)
+    }
+
+    /// Run `requests` as one batch (each forward step feeds all of them).
+    fn generate_together(&mut self, requests: Vec<GenRequest>, on_delta: &mut EventSink) -> Result<Vec<GenOutput>> {
         let n = requests.len();
         for (i, r) in requests.iter().enumerate() {
             self.validate(i, n, r)?;
