@@ -210,6 +210,10 @@ fn check_shape(name: &str, got: (usize, usize), want: (usize, usize)) -> Result<
     Ok(())
 }
 
+/// Threads of a row-norm block: 1,024, since decode normalises one row and 256 threads left a 4,096-wide
+/// add + RMSNorm latency-bound at 15 µs on the H200 (ncu, benches/RESULTS.md run 6).
+const NORM_THREADS: u32 = 1024;
+
 fn blocks(n: usize, per: usize) -> u32 {
     n.div_ceil(per) as u32
 }
@@ -714,7 +718,7 @@ impl Backend for CudaBackend {
         check_shape("rms_norm", (out.rows, out.cols), (x.rows, x.cols))?;
         self.check_weight(w, "rms_norm")?;
         let (o, xp, wp, c) = (out.mem.ptr, x.mem.ptr, w.mem.ptr, x.cols as i32);
-        self.gpu.launch("norm", "rms_norm", (x.rows as u32, 1, 1), 256, 0, args![o, xp, wp, c, eps])
+        self.gpu.launch("norm", "rms_norm", (x.rows as u32, 1, 1), NORM_THREADS, 0, args![o, xp, wp, c, eps])
     }
 
     fn add_rms_norm(&self, residual: &mut CudaBuf, delta: &CudaBuf, out: &mut CudaBuf, w: &CudaWeight, eps: f32) -> Result<()> {
@@ -722,7 +726,7 @@ impl Backend for CudaBackend {
         check_shape("add_rms_norm", (out.rows, out.cols), (residual.rows, residual.cols))?;
         self.check_weight(w, "add_rms_norm")?;
         let (r, d, o, wp, c) = (residual.mem.ptr, delta.mem.ptr, out.mem.ptr, w.mem.ptr, residual.cols as i32);
-        self.gpu.launch("norm", "add_rms_norm", (residual.rows as u32, 1, 1), 256, 0, args![r, d, o, wp, c, eps])
+        self.gpu.launch("norm", "add_rms_norm", (residual.rows as u32, 1, 1), NORM_THREADS, 0, args![r, d, o, wp, c, eps])
     }
 
     fn matmul(&self, out: &mut CudaBuf, x: &CudaBuf, w: &CudaWeight) -> Result<()> {
