@@ -44,10 +44,10 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv(act_t* out, c
 // The decode GEMV, bandwidth-bound: out [T, N] = x [T, K] · w [N, K]ᵀ for T <= GEMV_MAX_ROWS and
 // K % VEC == 0. Each weight row is read once, by `wpr` warps (split-K inside the block, so a small N
 // still gives enough blocks to fill the GPU: the host picks wpr), each lane keeping GV_UNROLL
-// independent 16-byte loads in flight. The wpr partial sums of a row meet in shared memory in a
+// independent 16-byte loads in flight (8: measured +4 % on 8B decode over 4, RESULTS.md run 8). The wpr partial sums of a row meet in shared memory in a
 // fixed order (deterministic). A block covers GV_WARPS / wpr consecutive rows.
 #define GV_WARPS 8
-#define GV_UNROLL 4
+#define GV_UNROLL 8
 
 // f32 sums of rows n0 .. n0 + GV_WARPS/wpr of x · wᵀ into res[row - n0][t], visible to the whole
 // block on return (every thread of the block must call it).
