@@ -1,3 +1,7 @@
+#!/usr/bin/env bash
+# Per-kernel time and DRAM bytes of a decode step (ncu), on the GPU machine through the device tool:
+#   carry ["target/wheels"], command "PROBE_MODEL=Qwen3-8B bash benches/profiles/ncu_run.sh" (default 0.6B).
+# Eager decode (QWEN3RS_CUDA_GRAPHS=0) so ncu sees each kernel; the launches skipped are load + warm-up.
 set -u
 python3 -m pip install --no-deps -q --target /tmp/q target/wheels/*.whl
 export PYTHONPATH=/tmp/q CUDA_HOME=/usr/local/cuda QWEN3RS_CUDA_GRAPHS=0
