@@ -281,6 +281,23 @@ fn store<const M: usize, const N: usize>(out: SharedMut, n_total: usize, i0: usi
     }
 }
 
+/// Call the local `go!(M, N)` with the register-tile shape for a full (`m4`) or single weight row and
+/// `nr` activation rows: tile sizes are const generics, so the runtime shape picks a monomorphised call.
+macro_rules! by_tile_shape {
+    ($m4:expr, $nr:expr, $go:ident) => {
+        match ($m4, $nr) {
+            (true, 1) => $go!(4, 1),
+            (true, 2) => $go!(4, 2),
+            (true, 3) => $go!(4, 3),
+            (true, _) => $go!(4, 4),
+            (false, 1) => $go!(1, 1),
+            (false, 2) => $go!(1, 2),
+            (false, 3) => $go!(1, 3),
+            (false, _) => $go!(1, 4),
+        }
+    };
+}
+
 /// out[:, j0..j0+rows] for weight rows `w` (rows × k, first row is global row j0).
 #[allow(clippy::too_many_arguments)]
 fn gemm_block<W: TileElem>(isa: Isa, out: SharedMut, n_total: usize, j0: usize, w: &[W], k: usize, x: Acts, t: usize,
@@ -302,16 +319,7 @@ fn gemm_block<W: TileElem>(isa: Isa, out: SharedMut, n_total: usize, j0: usize, 
                             store(out, n_total, i0, j0 + j, W::tile::<$m, $n>(isa, wa, xa), scale)
                         }};
                     }
-                    match (m4, nr) {
-                        (true, 1) => go!(4, 1),
-                        (true, 2) => go!(4, 2),
-                        (true, 3) => go!(4, 3),
-                        (true, _) => go!(4, 4),
-                        (false, 1) => go!(1, 1),
-                        (false, 2) => go!(1, 2),
-                        (false, 3) => go!(1, 3),
-                        (false, _) => go!(1, 4),
-                    }
+                    by_tile_shape!(m4, nr, go);
                 }
                 Acts::Bf16(x) => {
                     // Only bf16 weight rows reach here (see `matmul_into`).
@@ -325,16 +333,7 @@ fn gemm_block<W: TileElem>(isa: Isa, out: SharedMut, n_total: usize, j0: usize, 
                             store(out, n_total, i0, j0 + j, simd::tile_bf16_bf16::<$m, $n>(isa, wa, xa), scale)
                         }};
                     }
-                    match (m4, nr) {
-                        (true, 1) => go!(4, 1),
-                        (true, 2) => go!(4, 2),
-                        (true, 3) => go!(4, 3),
-                        (true, _) => go!(4, 4),
-                        (false, 1) => go!(1, 1),
-                        (false, 2) => go!(1, 2),
-                        (false, 3) => go!(1, 3),
-                        (false, _) => go!(1, 4),
-                    }
+                    by_tile_shape!(m4, nr, go);
                 }
             }
             j += if m4 { MR } else { 1 };
