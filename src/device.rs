@@ -75,28 +75,23 @@ pub fn load_engine(config: Qwen3Config, src: &dyn TensorSource, tokenizer: Optio
     let tp = opts.tensor_parallel;
     crate::ensure!(tp >= 1, InvalidArgument, "tensor_parallel must be >= 1, got {tp}");
     let cpu_opts = crate::backend::cpu::CpuOptions { num_threads: opts.num_threads, quant: opts.quantize };
-    match opts.device {
+    // The same model + engine on whichever backend the arm builds.
+    macro_rules! engine_on {
+        ($backend:expr) => {
+            Engine::new(Model::load($backend, config, src, max_seq_len, progress)?, tokenizer, opts.max_batch)?
+        };
+    }
+    Ok(match opts.device {
         Device::Cpu if tp > 1 => {
             let ranks = (0..tp).map(|_| CpuBackend::with_options(dtype, cpu_opts)).collect::<Result<Vec<_>>>()?;
-            let backend = TensorParallel::new(ranks, &config)?;
-            let model = Model::load(backend, config, src, max_seq_len, progress)?;
-            Ok(AnyEngine::CpuTp(Engine::new(model, tokenizer, opts.max_batch)?))
+            AnyEngine::CpuTp(engine_on!(TensorParallel::new(ranks, &config)?))
         }
-        Device::Cpu => {
-            let model = Model::load(CpuBackend::with_options(dtype, cpu_opts)?, config, src, max_seq_len, progress)?;
-            Ok(AnyEngine::Cpu(Engine::new(model, tokenizer, opts.max_batch)?))
-        }
+        Device::Cpu => AnyEngine::Cpu(engine_on!(CpuBackend::with_options(dtype, cpu_opts)?)),
         Device::Cuda(first) if tp > 1 => {
             // One process drives GPUs first..first+tp, as vLLM's single-node tensor parallelism does.
             let ranks = (first..first + tp).map(|n| CudaBackend::new(n, dtype)).collect::<Result<Vec<_>>>()?;
-            let backend = TensorParallel::new(ranks, &config)?;
-            let model = Model::load(backend, config, src, max_seq_len, progress)?;
-            Ok(AnyEngine::CudaTp(Engine::new(model, tokenizer, opts.max_batch)?))
+            AnyEngine::CudaTp(engine_on!(TensorParallel::new(ranks, &config)?))
         }
-        Device::Cuda(n) => {
-            let backend = CudaBackend::new(n, dtype)?;
-            let model = Model::load(backend, config, src, max_seq_len, progress)?;
-            Ok(AnyEngine::Cuda(Engine::new(model, tokenizer, opts.max_batch)?))
-        }
-    }
+        Device::Cuda(n) => AnyEngine::Cuda(engine_on!(CudaBackend::new(n, dtype)?)),
+    })
 }

@@ -103,10 +103,9 @@ class Stream:
     """Iterator of `Delta`s of a running generation. Once exhausted, `.completion` holds the final
     `Completion` (`.completions` for a batch). Dropping it early stops the generation."""
 
-    def __init__(self, native_stream: Any, prompt_ids: list[list[int]], batch: bool, on_done: Any = None):
+    def __init__(self, native_stream: Any, prompt_ids: list[list[int]], on_done: Any = None):
         self._native = native_stream
         self._prompt_ids = prompt_ids
-        self._batch = batch
         self._on_done = on_done
         self.completions: list[Completion] | None = None
 
@@ -175,7 +174,7 @@ def generate(model: Any, prompt: Any, *, raw: bool = False, think: bool = True, 
         frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty, seed=seed, logprobs=logprobs,
         stop=stops, stop_token_ids=stop_ids, session=_session, stream=stream)
     if stream:
-        return Stream(native_out, ids, batch, _on_done)
+        return Stream(native_out, ids, _on_done)
     completions = [_completion(p, o) for p, o in zip(ids, native_out)]
     if _on_done is not None:
         _on_done(completions[0])

@@ -403,21 +403,20 @@ impl<B: Backend> Engine<B> {
             let seq = &mut seqs[i];
             let token = match seq.forced.pop_front() {
                 Some(t) => t,
-                None if all_greedy => {
-                    if seq.in_thinking() {
-                        seq.thought += 1;
-                    }
-                    greedy[r]
-                }
                 None => {
-                    let sampled = seq.sampler.sample(&logits[r * vocab..r * vocab + usable], &seq.generated)?;
-                    if seq.request.sampling.logprobs > 0 {
-                        seq.logprobs.push((sampled.logprob, sampled.top_logprobs));
-                    }
+                    // The model chose this token: inside the think block it counts against the budget.
                     if seq.in_thinking() {
                         seq.thought += 1;
                     }
-                    sampled.token
+                    if all_greedy {
+                        greedy[r]
+                    } else {
+                        let sampled = seq.sampler.sample(&logits[r * vocab..r * vocab + usable], &seq.generated)?;
+                        if seq.request.sampling.logprobs > 0 {
+                            seq.logprobs.push((sampled.logprob, sampled.top_logprobs));
+                        }
+                        sampled.token
+                    }
                 }
             };
             let now = Instant::now();
