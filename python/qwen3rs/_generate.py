@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterator, Sequence
 
+from ._model import check_int
 from ._types import Completion, Delta
 from .errors import InvalidArgumentError
 
@@ -59,13 +60,6 @@ def _eos_ids(model: Any) -> list[int]:
         if im_end is not None:
             ids.add(im_end)
     return sorted(ids)
-
-
-def _check_int(name: str, value: Any, minimum: int, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise InvalidArgumentError(f"{name} must be an int >= {minimum}{' or None' if allow_none else ''}, got {value!r}")
 
 
 def _check_float(name: str, value: Any) -> None:
@@ -149,11 +143,11 @@ def generate(model: Any, prompt: Any, *, raw: bool = False, think: bool = True, 
     for name, v in (("raw", raw), ("think", think), ("ignore_eos", ignore_eos), ("stream", stream)):
         if not isinstance(v, bool):
             raise InvalidArgumentError(f"{name} must be True or False, got {v!r}")
-    _check_int("thinking_budget", thinking_budget, 0)
-    _check_int("max_new_tokens", max_new_tokens, 1)
-    _check_int("top_k", top_k, 0)
-    _check_int("seed", seed, 0)
-    _check_int("logprobs", logprobs, 0)
+    check_int("thinking_budget", thinking_budget, 0)
+    check_int("max_new_tokens", max_new_tokens, 1)
+    check_int("top_k", top_k, 0)
+    check_int("seed", seed, 0)
+    check_int("logprobs", logprobs, 0)
     for name, v in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p), ("presence_penalty", presence_penalty),
                     ("frequency_penalty", frequency_penalty), ("repetition_penalty", repetition_penalty)):
         _check_float(name, v)

@@ -42,6 +42,14 @@ class _ProgressBar:
         sys.stderr.flush()
 
 
+def check_int(name: str, value: Any, minimum: int, allow_none: bool = True) -> None:
+    """An int argument (bool excluded) of at least `minimum`, or None where allowed."""
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise InvalidArgumentError(f"{name} must be an int >= {minimum}{' or None' if allow_none else ''}, got {value!r}")
+
+
 def _resolve_path(path: str | os.PathLike) -> Path:
     p = Path(path).expanduser()
     if p.exists():
@@ -107,14 +115,10 @@ def load(
         raise InvalidArgumentError(f"device must be a string, got {device!r}")
     if not isinstance(dtype, str):
         raise InvalidArgumentError(f"dtype must be a string, got {dtype!r}")
-    if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
-        raise InvalidArgumentError(f"max_seq_len must be a positive int or None, got {max_seq_len!r}")
-    if not isinstance(max_batch, int) or max_batch < 1:
-        raise InvalidArgumentError(f"max_batch must be a positive int, got {max_batch!r}")
-    if not isinstance(tensor_parallel, int) or isinstance(tensor_parallel, bool) or tensor_parallel < 1:
-        raise InvalidArgumentError(f"tensor_parallel must be a positive int, got {tensor_parallel!r}")
-    if num_threads is not None and (not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 1):
-        raise InvalidArgumentError(f"num_threads must be a positive int or None, got {num_threads!r}")
+    check_int("max_seq_len", max_seq_len, 1)
+    check_int("max_batch", max_batch, 1, allow_none=False)
+    check_int("tensor_parallel", tensor_parallel, 1, allow_none=False)
+    check_int("num_threads", num_threads, 1)
     if quantize is not None and not isinstance(quantize, str):
         raise InvalidArgumentError(f"quantize must be a string or None, got {quantize!r}")
     cpu = {"num_threads": num_threads, "quantize": quantize}
