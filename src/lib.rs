@@ -19,8 +19,9 @@
 //!   skipped when unchanged.
 //! - CUDA, issue 6 (speed; figures in benches/RESULTS.md, each step switchable by an env var read
 //!   at load for bisecting): decode steps as CUDA graphs, one per batch size, metadata through
-//!   pinned staging and replays checked by a hash of every launch; `gemv_wide` (split-K inside the
-//!   block, 4 loads in flight per lane) with q/k/v and gate·up·SwiGLU fused; QK-norm + RoPE + KV
+//!   pinned staging and replays checked by a hash of every launch; persistent decode GEMVs (a warp
+//!   per weight row, 8 loads in flight per lane, x staged in shared memory) with q/k/v and
+//!   gate·up·SwiGLU fused; QK-norm + RoPE + KV
 //!   append in one kernel; MoE decode reading only the chosen experts; split-KV decode attention;
 //!   tiled causal attention for prefill; MoE prefill through cuBLAS grouped GEMMs; dummy weights
 //!   drawn on the device. Not yet: tensor-core prefill attention, a device sampler for non-greedy.

@@ -228,9 +228,10 @@ fn matmul_gemv_and_cublas() {
         let c = CpuBackend::new(dtype);
         let (_, bar) = bars(dtype);
         let mut r = Rng(3);
-        // T <= 8 takes the GEMV kernel (16-byte loads when K allows, else element loads), T > 8 cuBLAS.
-        // gemv_wide's warps per row go from 8 (few rows) to 1 (many), with a partial last unrolled
-        // step and a partial last block: (3, 4096), (1000, 2048), (5003, 1032), (8200, 256).
+        // T <= 8 takes the GEMV kernels (16-byte loads when K allows, else element loads), T > 8 cuBLAS.
+        // The persistent grid has fewer rows than warps (3, 72) or many rows per warp (8200), a partial
+        // last unrolled step (1032); x is staged in shared memory up to 48 KB and read from global
+        // memory past it (K = 4096 with T = 7, 8 in bf16; T >= 3 in f32).
         for (n, k) in [(72usize, 64usize), (100, 37), (256, 1024), (1000, 2048), (3, 4096), (5003, 1032), (8200, 256)] {
             let w = tensor(&r.uniform(n * k, (3.0 / k as f32).sqrt()), &[n, k]);
             for t in [1usize, 3, 7, 8, 9, 33] {
@@ -484,7 +485,9 @@ fn moe_routing_and_experts() {
         let c = CpuBackend::new(dtype);
         let (_, bar) = bars(dtype);
         let mut r = Rng(7);
-        for (e, k, h, inter, norm) in [(8usize, 2usize, 64usize, 48usize, true), (16, 4, 96, 40, false), (128, 8, 128, 64, true)] {
+        for (e, k, h, inter, norm) in [(8usize, 2usize, 64usize, 48usize, true), (16, 4, 96, 40, false), (128, 8, 128, 64, true),
+            // T = 7: x (7 × 3584) and the activations (14 × 1800) past 48 KB, read from global memory.
+            (4, 2, 3584, 1800, true)] {
             let experts = (0..e)
                 .map(|_| [tensor(&r.uniform(inter * h, 0.2), &[inter, h]), tensor(&r.uniform(inter * h, 0.2), &[inter, h]), tensor(&r.uniform(h * inter, 0.2), &[h, inter])])
                 .collect();

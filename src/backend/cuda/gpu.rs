@@ -185,9 +185,13 @@ pub struct Gpu {
     pub dtype: DType,
     pub arch: (i32, i32),
     pub name: String,
+    /// Multiprocessors (132 on the H200).
+    pub sms: u32,
     driver: i32,
     modules: Mutex<HashMap<&'static str, Module>>,
     funcs: Mutex<HashMap<(&'static str, &'static str), Func>>,
+    /// Resident blocks per SM of (kernel, block size, dynamic shared memory), from the driver.
+    occupancy: Mutex<HashMap<(&'static str, u32, u32), u32>>,
     mode: Mutex<ModeState>,
     /// Device arrays of matrix pointers for `grouped_gemm` (grow-only; each upload is ordered on
     /// the stream after the GEMMs that read the previous contents).
@@ -231,6 +235,8 @@ impl Gpu {
             let ctx = CudaContext::new(ordinal).map_err(|e| drv_err(&format!("creating a context on cuda:{ordinal}"), e))?;
             let arch = ctx.compute_capability().map_err(|e| drv_err("reading the compute capability", e))?;
             let name = ctx.name().unwrap_or_else(|_| "CUDA GPU".into());
+            let sms = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                .map_err(|e| drv_err("reading the multiprocessor count", e))?.max(1) as u32;
             let stream = drv::stream::create(drv::stream::StreamKind::NonBlocking).map_err(|e| drv_err("creating a stream", e))?;
             let blas = match blas::create_handle() {
                 Ok(h) => h,
@@ -240,8 +246,8 @@ impl Gpu {
                     return Err(blas_err("creating a cuBLAS handle", e));
                 }
             };
-            let gpu = Gpu { ctx, h: Handles { stream, blas }, dtype, arch, name, driver,
-                modules: Mutex::new(HashMap::new()), funcs: Mutex::new(HashMap::new()),
+            let gpu = Gpu { ctx, h: Handles { stream, blas }, dtype, arch, name, sms, driver,
+                modules: Mutex::new(HashMap::new()), funcs: Mutex::new(HashMap::new()), occupancy: Mutex::new(HashMap::new()),
                 mode: Mutex::new(ModeState { mode: Mode::Eager, hash: HASH_START }), ptr_arrays: Mutex::new(None) };
             // SAFETY: both handles are live; cuBLAS then orders its work on our stream.
             unsafe { blas::set_stream(gpu.h.blas, gpu.h.stream as _) }.map_err(|e| blas_err("cublasSetStream", e))?;
@@ -396,6 +402,27 @@ impl Gpu {
         let f = unsafe { drv::module::get_function(m, cname) }.map_err(|e| drv_err(&format!("finding kernel {name}"), e))?;
         self.funcs.lock().map_err(|_| Error::Device("kernel table poisoned".into()))?.insert((module, name), Func(f));
         Ok(Func(f))
+    }
+
+    /// Grid of a persistent kernel (one that loops over its work): as many blocks of `block` threads
+    /// with `smem` bytes of dynamic shared memory as are resident on the GPU at once (the driver's
+    /// occupancy calculator × SMs), but no more than `useful`.
+    pub fn persistent_grid(&self, module: &'static str, name: &'static str, block: u32, smem: u32, useful: usize) -> Result<u32> {
+        let key = (name, block, smem);
+        let cached = self.occupancy.lock().map_err(|_| Error::Device("occupancy table poisoned".into()))?.get(&key).copied();
+        let per_sm = match cached {
+            Some(v) => v,
+            None => {
+                self.bind()?;
+                let f = self.function(module, name)?;
+                // SAFETY: `f` is a live function of this context.
+                let v = unsafe { drv::occupancy::max_active_block_per_multiprocessor(f.0, block as i32, smem as usize) }
+                    .map_err(|e| drv_err(&format!("{name}: occupancy"), e))?.max(1) as u32;
+                self.occupancy.lock().map_err(|_| Error::Device("occupancy table poisoned".into()))?.insert(key, v);
+                v
+            }
+        };
+        Ok((per_sm * self.sms).min(useful.max(1) as u32))
     }
 
     /// Launch `module::name` on the stream. `args` must match the kernel's parameters exactly.

@@ -29,6 +29,18 @@ use std::sync::{Mutex, OnceLock};
 
 /// Rows up to which matmul uses the GEMV kernel rather than cuBLAS (must match matmul.cu).
 pub const GEMV_MAX_ROWS: usize = 8;
+
+/// Bytes of x a decode GEMV block stages in shared memory (beyond: read through L1); 48 KB keeps four
+/// 256-thread blocks resident per SM.
+const GEMV_SMEM_X: usize = 48 * 1024;
+
+/// Kernel names of the decode-GEMV families in matmul.cu: [T = 1, T = 1 with x in shared memory,
+/// T <= GEMV_MAX_ROWS, the same with x in shared memory]. MoE experts see one x row per pair.
+const GEMV: [&str; 4] = ["gemv_t1", "gemv_t1_xs", "gemv_t8", "gemv_t8_xs"];
+const GEMV3: [&str; 4] = ["gemv3_t1", "gemv3_t1_xs", "gemv3_t8", "gemv3_t8_xs"];
+const GEMV_SWIGLU: [&str; 4] = ["gemv_swiglu_t1", "gemv_swiglu_t1_xs", "gemv_swiglu_t8", "gemv_swiglu_t8_xs"];
+const MOE_GEMV: [&str; 4] = ["moe_gemv", "moe_gemv_xs", "moe_gemv", "moe_gemv_xs"];
+const MOE_GEMV_SWIGLU: [&str; 4] = ["moe_gemv_swiglu", "moe_gemv_swiglu_xs", "moe_gemv_swiglu", "moe_gemv_swiglu_xs"];
 /// Rows per MoE expert tile (must match GG_TM in matmul.cu).
 const MOE_TILE_ROWS: usize = 16;
 const MAX_TOP_K: usize = 32;
@@ -181,8 +193,9 @@ pub struct CudaBackend {
     graphs: Option<Mutex<HashMap<usize, GraphState>>>,
     /// Set when a graph-mode forward did something a graph can't replay.
     graph_bad: std::sync::atomic::AtomicBool,
-    /// `gemv_wide` (split-K, unrolled) for decode products; `QWEN3RS_CUDA_GEMV=0` keeps the first GEMV.
-    wide_gemv: bool,
+    /// Fused decode kernels (q/k/v, gate·up·SwiGLU, QK-norm + RoPE + KV append, MoE experts);
+    /// `QWEN3RS_CUDA_FUSED=0` runs the unfused ops.
+    fused: bool,
     /// Split-KV decode attention; `QWEN3RS_CUDA_SPLITKV=0` keeps one block per (head, row).
     split_kv: bool,
     /// Tiled prefill attention; `QWEN3RS_CUDA_TILED_ATTN=0` keeps one block per (head, row).
@@ -240,7 +253,7 @@ impl CudaBackend {
         let slots = |n| (0..n).map(|_| Slot::default()).collect::<Vec<_>>();
         let graphs = graphs_enabled().then(|| Mutex::new(HashMap::new()));
         Ok(CudaBackend { gpu, ordinal, meta: Mutex::new(slots(N_META)), scratch: Mutex::new(slots(N_SCRATCH)), graphs,
-            graph_bad: Default::default(), wide_gemv: !env_off("QWEN3RS_CUDA_GEMV"), split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"),
+            graph_bad: Default::default(), fused: !env_off("QWEN3RS_CUDA_FUSED"), split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"),
             tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"), moe_cublas: (!env_off("QWEN3RS_CUDA_MOE_CUBLAS")).into(),
             prefill_chunk: std::env::var("QWEN3RS_CUDA_PREFILL_CHUNK").ok().and_then(|v| v.trim().parse().ok()).filter(|&n: &usize| n > 0).unwrap_or(2048) })
     }
@@ -486,20 +499,21 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Warps per weight row for `gemv_wide` over N rows of K: enough blocks for 4 per SM (132 SMs
-    /// on the H200), but at least one 16-byte load per lane.
-    fn gemv_wpr(&self, n: usize, k: usize) -> usize {
-        let vec = 16 / self.esize();
-        let mut wpr = 1usize;
-        while wpr < 8 && n * wpr / 8 < 528 && (k / vec) >= 32 * wpr * 2 {
-            wpr *= 2;
-        }
-        wpr
+    /// (kernel, grid, dynamic shared memory) of a decode-GEMV launch over `rows` weight rows, with
+    /// `t` rows of x per weight row and `x_elems` elements of x read by every block: x is staged in
+    /// shared memory when it fits `GEMV_SMEM_X`; the grid fills the GPU once (persistent kernels).
+    fn gemv_plan(&self, family: &[&'static str; 4], t: usize, x_elems: usize, rows: usize) -> Result<(&'static str, (u32, u32, u32), u32)> {
+        let x_bytes = x_elems * self.esize();
+        let xs = x_bytes <= GEMV_SMEM_X;
+        let name = family[2 * usize::from(t > 1) + usize::from(xs)];
+        let smem = if xs { x_bytes as u32 } else { 0 };
+        let grid = self.gpu.persistent_grid("matmul", name, 256, smem, rows.div_ceil(8))?;
+        Ok((name, (grid, 1, 1), smem))
     }
 
     /// Whether a product of t rows of k goes to the fused decode GEMV kernels.
     fn fused_gemv(&self, t: usize, k: usize) -> bool {
-        self.wide_gemv && (1..=GEMV_MAX_ROWS).contains(&t) && k % (16 / self.esize()) == 0
+        self.fused && (1..=GEMV_MAX_ROWS).contains(&t) && k % (16 / self.esize()) == 0
     }
 
     /// out [T, N] = x [T, K] · w [N, K]ᵀ on raw pointers.
@@ -508,15 +522,12 @@ impl CudaBackend {
             return Ok(());
         }
         if t <= GEMV_MAX_ROWS {
-            let vec = 16 / self.esize();
             let (ti, ni, ki) = (t as i32, n as i32, k as i32);
-            if k % vec == 0 && self.wide_gemv {
-                let wpr = self.gemv_wpr(n, k);
-                let wpri = wpr as i32;
-                return self.gpu.launch("matmul", "gemv_wide", (blocks(n, 8 / wpr), 1, 1), 256, 0, args![out, x, w, ti, ni, ki, wpri]);
+            if k % (16 / self.esize()) == 0 {
+                let (name, grid, smem) = self.gemv_plan(&GEMV, t, t * k, n)?;
+                return self.gpu.launch("matmul", name, grid, 256, smem, args![out, x, w, ti, ni, ki]);
             }
-            let kernel = if k % vec == 0 { "gemv" } else { "gemv_scalar" };
-            self.gpu.launch("matmul", kernel, (blocks(n, 8), 1, 1), 256, 0, args![out, x, w, ti, ni, ki])
+            self.gpu.launch("matmul", "gemv_scalar", (blocks(n, 8), 1, 1), 256, 0, args![out, x, w, ti, ni, ki])
         } else {
             self.gpu.gemm(out, x, w, t, n, k)
         }
@@ -750,14 +761,12 @@ impl Backend for CudaBackend {
         }
         let (t, k) = (x.rows, x.cols);
         let ns = [ws[0].shape[0], ws[1].shape[0], ws[2].shape[0]];
-        let wpr = self.gemv_wpr(ns.iter().sum(), k);
-        let rows = 8 / wpr;
-        let grid = ns.iter().map(|&n| blocks(n, rows)).sum::<u32>();
+        let (name, grid, smem) = self.gemv_plan(&GEMV3, t, t * k, ns.iter().sum())?;
         let (o0, o1, o2) = (outs[0].mem.ptr, outs[1].mem.ptr, outs[2].mem.ptr);
         let (w0, w1, w2) = (ws[0].mem.ptr, ws[1].mem.ptr, ws[2].mem.ptr);
         let (n0, n1, n2) = (ns[0] as i32, ns[1] as i32, ns[2] as i32);
-        let (xp, ti, ki, wpri) = (x.mem.ptr, t as i32, k as i32, wpr as i32);
-        self.gpu.launch("matmul", "gemv3", (grid, 1, 1), 256, 0, args![o0, w0, n0, o1, w1, n1, o2, w2, n2, xp, ti, ki, wpri])
+        let (xp, ti, ki) = (x.mem.ptr, t as i32, k as i32);
+        self.gpu.launch("matmul", name, grid, 256, smem, args![o0, w0, n0, o1, w1, n1, o2, w2, n2, xp, ti, ki])
     }
 
     fn matmul_swiglu(&self, out: &mut CudaBuf, g: &mut CudaBuf, u: &mut CudaBuf, x: &CudaBuf, gate: &CudaWeight, up: &CudaWeight) -> Result<()> {
@@ -770,10 +779,10 @@ impl Backend for CudaBackend {
             return self.swiglu(out, g, u);
         }
         let (t, n, k) = (x.rows, gate.shape[0], x.cols);
-        let wpr = self.gemv_wpr(n, k);
+        let (name, grid, smem) = self.gemv_plan(&GEMV_SWIGLU, t, t * k, n)?;
         let (o, xp, gp, upp) = (out.mem.ptr, x.mem.ptr, gate.mem.ptr, up.mem.ptr);
-        let (ti, ni, ki, wpri) = (t as i32, n as i32, k as i32, wpr as i32);
-        self.gpu.launch("matmul", "gemv_swiglu", (blocks(n, 8 / wpr), 1, 1), 256, 0, args![o, xp, gp, upp, ti, ni, ki, wpri])
+        let (ti, ni, ki) = (t as i32, n as i32, k as i32);
+        self.gpu.launch("matmul", name, grid, 256, smem, args![o, xp, gp, upp, ti, ni, ki])
     }
 
     fn qk_norm_rope(&self, q: &mut CudaBuf, k: &mut CudaBuf, q_norm: &CudaWeight, k_norm: &CudaWeight, eps: f32,
@@ -799,7 +808,7 @@ impl Backend for CudaBackend {
 
     fn qk_norm_rope_append(&self, q: &mut CudaBuf, k: &mut CudaBuf, v: &CudaBuf, q_norm: &CudaWeight, k_norm: &CudaWeight, eps: f32,
         rope: &CudaWeight, kv: &mut CudaKv, batch: &BatchInfo, shape: AttnShape) -> Result<()> {
-        if !self.wide_gemv {
+        if !self.fused {
             self.qk_norm_rope(q, k, q_norm, k_norm, eps, rope, batch.positions, shape)?;
             return self.kv_append(kv, k, v, batch);
         }
@@ -906,17 +915,15 @@ impl Backend for CudaBackend {
         self.gpu.launch("matmul", "router_logits", (blocks(e, 8), t as u32, 1), 256, 0, args![probs, xp, rp, ei, hi])?;
         let norm = moe.norm_topk_prob as i32;
         if self.fused_gemv(t, h) && inter % (16 / es) == 0 {
-            // Decode: a warp routes each row; then per (pair, output rows) block, GEMVs over the
-            // chosen experts only — no sort, every block busy — and the combine in pair order.
+            // Decode: a warp routes each row; then GEMVs over the (pair, expert row) rows of the
+            // chosen experts only — no sort, every warp busy — and the combine in pair order.
             self.gpu.launch("moe", "moe_route_warp", (blocks(t, 4), 1, 1), 128, 0, args![probs, ids, weights, ti, ei, ki, norm])?;
             let (gp, upp, dp) = (moe.gate.ptr, moe.up.ptr, moe.down.ptr);
-            let wpr_i = self.gemv_wpr(p * inter, h);
-            let wi = wpr_i as i32;
-            self.gpu.launch("matmul", "moe_gemv_swiglu", (blocks(inter, 8 / wpr_i), p as u32, 1), 256, 0,
-                args![act, xp, gp, upp, ids, ki, ii, hi, wi])?;
-            let wpr_h = self.gemv_wpr(p * h, inter);
-            let (wh, one) = (wpr_h as i32, 1i32);
-            self.gpu.launch("matmul", "moe_gemv", (blocks(h, 8 / wpr_h), p as u32, 1), 256, 0, args![y, act, dp, ids, one, hi, ii, wh])?;
+            let (name, grid, smem) = self.gemv_plan(&MOE_GEMV_SWIGLU, 1, t * h, p * inter)?;
+            self.gpu.launch("matmul", name, grid, 256, smem, args![act, xp, gp, upp, ids, ki, pi, ii, hi])?;
+            let (name, grid, smem) = self.gemv_plan(&MOE_GEMV, 1, p * inter, p * h)?;
+            let one = 1i32;
+            self.gpu.launch("matmul", name, grid, 256, smem, args![y, act, dp, ids, one, pi, pi, hi, ii])?;
             let (o, null) = (out.mem.ptr, 0u64);
             return self.gpu.launch("moe", "moe_combine", (blocks(h, 256), t as u32, 1), 256, 0, args![o, y, null, weights, ki, hi]);
         }

@@ -1,155 +1,160 @@
-// matmul.cu: the matrix products cuBLAS doesn't do for us. `gemv`: out [T, N] = x [T, K] · w [N, K]ᵀ
-// for T <= GEMV_MAX_ROWS (decode), one warp per output column reading the weight row once with
-// 16-byte loads for all T rows. `router_logits`: the same product with f32 output (MoE routing
+// matmul.cu: the matrix products cuBLAS doesn't do for us. `gemv_*`: out [T, N] = x [T, K] · w [N, K]ᵀ
+// for T <= GEMV_MAX_ROWS (decode), one warp per weight row reading it once with 16-byte loads for all
+// T rows (plus fused q/k/v, gate·up·SwiGLU and MoE-expert forms). `router_logits`: the same product with f32 output (MoE routing
 // is f32). `grouped_gemm`: per-expert tiles of a sorted row list (MoE experts, no host sync).
 
 #define GEMV_MAX_ROWS 8
-#define GEMV_WARPS 8
 #define VEC (16 / (int)sizeof(act_t))  // elements per 16-byte load
 
-// Requires K % VEC == 0 (the host checks; `gemv_scalar` otherwise). grid ceil(N / GEMV_WARPS).
-extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv(act_t* out, const act_t* x, const act_t* w, int T, int N, int K) {
-    int lane = threadIdx.x & 31;
-    int n = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
-    if (n >= N) return;
-    const act_t* wr = w + (size_t)n * K;
-    float acc[GEMV_MAX_ROWS];
-#pragma unroll
-    for (int t = 0; t < GEMV_MAX_ROWS; t++) acc[t] = 0.f;
-    for (int k0 = lane * VEC; k0 < K; k0 += 32 * VEC) {
-        uint4 wv = *reinterpret_cast<const uint4*>(wr + k0);
-        const act_t* we = reinterpret_cast<const act_t*>(&wv);
-        float wf[VEC];
-#pragma unroll
-        for (int i = 0; i < VEC; i++) wf[i] = to_f(we[i]);
-#pragma unroll
-        for (int t = 0; t < GEMV_MAX_ROWS; t++) {
-            if (t < T) {
-                uint4 xv = *reinterpret_cast<const uint4*>(x + (size_t)t * K + k0);
-                const act_t* xe = reinterpret_cast<const act_t*>(&xv);
-#pragma unroll
-                for (int i = 0; i < VEC; i++) acc[t] += wf[i] * to_f(xe[i]);
-            }
-        }
-    }
-#pragma unroll
-    for (int t = 0; t < GEMV_MAX_ROWS; t++) {
-        if (t < T) {
-            float s = warp_sum(acc[t]);
-            if (lane == 0) out[(size_t)t * N + n] = from_f(s);
-        }
-    }
-}
-
-// The decode GEMV, bandwidth-bound: out [T, N] = x [T, K] · w [N, K]ᵀ for T <= GEMV_MAX_ROWS and
-// K % VEC == 0. Each weight row is read once, by `wpr` warps (split-K inside the block, so a small N
-// still gives enough blocks to fill the GPU: the host picks wpr), each lane keeping GV_UNROLL
-// independent 16-byte loads in flight (8: measured +4 % on 8B decode over 4, RESULTS.md run 8). The wpr partial sums of a row meet in shared memory in a
-// fixed order (deterministic). A block covers GV_WARPS / wpr consecutive rows.
-#define GV_WARPS 8
+// The decode GEMVs (T <= GEMV_MAX_ROWS rows of x, K % VEC == 0), bandwidth-bound: each weight row is
+// read once, by one warp. Persistent grid: the host launches a few blocks per SM (fewer when there are
+// few rows) and warp g of G takes rows g, g + G, ... A lane issues GV_UNROLL 16-byte weight loads before
+// using any: written as conditional loads consumed under a branch, because with clamped unconditional
+// loads ptxas interleaved each load with its use (one load in flight; 0.6-0.7x the bandwidth,
+// benches/gemv_variants.py, RESULTS.md run 10). The x rows a block needs are staged once in shared
+// memory (XS) when they fit in GV_SMEM_X bytes, else read through L1.
 #define GV_UNROLL 8
 
-// f32 sums of rows n0 .. n0 + GV_WARPS/wpr of x · wᵀ into res[row - n0][t], visible to the whole
-// block on return (every thread of the block must call it).
-__device__ __forceinline__ void gemv_block(float (*res)[GEMV_MAX_ROWS], const act_t* x, const act_t* w,
-    int T, int N, int K, int wpr, int n0) {
-    __shared__ float part[GV_WARPS][GEMV_MAX_ROWS];
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int r_local = warp / wpr, ws = warp % wpr;
-    int n = n0 + r_local;
-    bool active = n < N;  // no early return: the block meets at the barriers below
-    const uint4* wr = reinterpret_cast<const uint4*>(w + (size_t)(active ? n : 0) * K);
-    int kv = K / VEC, stride = 32 * wpr;
-    float acc[GEMV_MAX_ROWS];
-#pragma unroll
-    for (int t = 0; t < GEMV_MAX_ROWS; t++) acc[t] = 0.f;
-    for (int i0 = ws * 32 + lane; i0 < kv; i0 += stride * GV_UNROLL) {
+template <bool XS>
+__device__ __forceinline__ uint4 ld_x(const uint4* p) { return XS ? *p : __ldg(p); }
+
+// x [n elements] into shared memory (XS), visible to the block on return; the pointer to read x from.
+template <bool XS>
+__device__ __forceinline__ const act_t* stage_x(const act_t* x, int n) {
+    extern __shared__ uint4 x_shared[];
+    if (!XS) return x;
+    const uint4* src = reinterpret_cast<const uint4*>(x);
+    for (int i = threadIdx.x; i < n / VEC; i += blockDim.x) x_shared[i] = __ldg(src + i);
+    __syncthreads();
+    return reinterpret_cast<const act_t*>(x_shared);
+}
+
+// Lane partial sums acc[t] += x row t · weight row (t < T <= TMAX; K = kv * VEC; x rows kv apart).
+template <int TMAX, bool XS>
+__device__ __forceinline__ void row_dot(float* acc, const act_t* wrow, const act_t* x, int T, int kv) {
+    const uint4* wr = reinterpret_cast<const uint4*>(wrow);
+    const uint4* xr = reinterpret_cast<const uint4*>(x);
+    for (int i0 = threadIdx.x & 31; i0 < kv; i0 += 32 * GV_UNROLL) {
         uint4 wv[GV_UNROLL];
 #pragma unroll
         for (int u = 0; u < GV_UNROLL; u++) {
-            int i = i0 + u * stride;
-            wv[u] = (active && i < kv) ? __ldg(wr + i) : make_uint4(0u, 0u, 0u, 0u);
+            int i = i0 + u * 32;
+            wv[u] = i < kv ? __ldg(wr + i) : make_uint4(0u, 0u, 0u, 0u);
         }
 #pragma unroll
         for (int u = 0; u < GV_UNROLL; u++) {
-            int i = i0 + u * stride;
+            int i = i0 + u * 32;
             if (i < kv) {
                 const act_t* we = reinterpret_cast<const act_t*>(&wv[u]);
                 float wf[VEC];
 #pragma unroll
                 for (int j = 0; j < VEC; j++) wf[j] = to_f(we[j]);
 #pragma unroll
-                for (int t = 0; t < GEMV_MAX_ROWS; t++) {
+                for (int t = 0; t < TMAX; t++) {
                     if (t < T) {
-                        uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + (size_t)t * K) + i);
+                        uint4 xv = ld_x<XS>(xr + (size_t)t * kv + i);
                         const act_t* xe = reinterpret_cast<const act_t*>(&xv);
+                        float s0 = 0.f, s1 = 0.f;  // two chains: half the FMA latency
 #pragma unroll
-                        for (int j = 0; j < VEC; j++) acc[t] += wf[j] * to_f(xe[j]);
+                        for (int j = 0; j < VEC; j += 2) {
+                            s0 += wf[j] * to_f(xe[j]);
+                            s1 += wf[j + 1] * to_f(xe[j + 1]);
+                        }
+                        acc[t] += s0 + s1;
                     }
                 }
             }
         }
     }
+}
+
+__device__ __forceinline__ int warp_id_global() { return blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); }
+__device__ __forceinline__ int warps_global() { return gridDim.x * (blockDim.x >> 5); }
+
+// out [T, N] = x [T, K] · w [N, K]ᵀ.
+template <int TMAX, bool XS>
+__device__ __forceinline__ void gemv_rows(act_t* out, const act_t* x, const act_t* w, int T, int N, int K) {
+    const act_t* xs = stage_x<XS>(x, T * K);
+    int lane = threadIdx.x & 31;
+    for (int n = warp_id_global(); n < N; n += warps_global()) {
+        float acc[TMAX];
 #pragma unroll
-    for (int t = 0; t < GEMV_MAX_ROWS; t++) {
-        float s = warp_sum(acc[t]);
-        if (lane == 0) part[warp][t] = s;
-    }
-    __syncthreads();
-    if (ws == 0 && lane < T) {
-        float s = 0.f;
-        for (int j = 0; j < wpr; j++) s += part[r_local * wpr + j][lane];
-        res[r_local][lane] = s;
-    }
-    __syncthreads();
-}
-
-__device__ __forceinline__ void gemv_store(act_t* out, float (*res)[GEMV_MAX_ROWS], int T, int N, int rows, int n0) {
-    for (int i = threadIdx.x; i < rows * T; i += blockDim.x) {
-        int r = i / T, t = i % T, n = n0 + r;
-        if (n < N) out[(size_t)t * N + n] = from_f(res[r][t]);
+        for (int t = 0; t < TMAX; t++) acc[t] = 0.f;
+        row_dot<TMAX, XS>(acc, w + (size_t)n * K, xs, T, K / VEC);
+#pragma unroll
+        for (int t = 0; t < TMAX; t++) {
+            if (t < T) {
+                float s = warp_sum(acc[t]);
+                if (lane == 0) out[(size_t)t * N + n] = from_f(s);
+            }
+        }
     }
 }
 
-// grid ceil(N / (GV_WARPS / wpr)), GV_WARPS * 32 threads.
-extern "C" __global__ void __launch_bounds__(GV_WARPS * 32) gemv_wide(act_t* out, const act_t* x, const act_t* w,
-    int T, int N, int K, int wpr) {
-    __shared__ float res[GV_WARPS][GEMV_MAX_ROWS];
-    int rows = GV_WARPS / wpr, n0 = blockIdx.x * rows;
-    gemv_block(res, x, w, T, N, K, wpr, n0);
-    gemv_store(out, res, T, N, rows, n0);
-}
-
-// Three products of one input in one launch (the q, k, v projections): outI [T, NI] = x · wIᵀ.
-// Blocks [0, b0) do the first, [b0, b0 + b1) the second, the rest the third (bI = ceil(NI / rows)).
-extern "C" __global__ void __launch_bounds__(GV_WARPS * 32) gemv3(act_t* o0, const act_t* w0, int N0,
-    act_t* o1, const act_t* w1, int N1, act_t* o2, const act_t* w2, int N2, const act_t* x, int T, int K, int wpr) {
-    __shared__ float res[GV_WARPS][GEMV_MAX_ROWS];
-    int rows = GV_WARPS / wpr;
-    int b0 = (N0 + rows - 1) / rows, b1 = (N1 + rows - 1) / rows;
-    int b = blockIdx.x;
-    act_t* o = o0; const act_t* w = w0; int N = N0;
-    if (b >= b0 + b1) { b -= b0 + b1; o = o2; w = w2; N = N2; }
-    else if (b >= b0) { b -= b0; o = o1; w = w1; N = N1; }
-    int n0 = b * rows;
-    gemv_block(res, x, w, T, N, K, wpr, n0);
-    gemv_store(o, res, T, N, rows, n0);
+// Three products of one input in one launch (the q, k, v projections): outI [T, NI] = x · wIᵀ, rows
+// numbered through the three.
+template <int TMAX, bool XS>
+__device__ __forceinline__ void gemv3_rows(act_t* o0, const act_t* w0, int N0, act_t* o1, const act_t* w1, int N1,
+    act_t* o2, const act_t* w2, int N2, const act_t* x, int T, int K) {
+    const act_t* xs = stage_x<XS>(x, T * K);
+    int lane = threadIdx.x & 31;
+    for (int r = warp_id_global(); r < N0 + N1 + N2; r += warps_global()) {
+        act_t* o = o0; const act_t* w = w0; int N = N0, n = r;
+        if (n >= N0 + N1) { n -= N0 + N1; o = o2; w = w2; N = N2; }
+        else if (n >= N0) { n -= N0; o = o1; w = w1; N = N1; }
+        float acc[TMAX];
+#pragma unroll
+        for (int t = 0; t < TMAX; t++) acc[t] = 0.f;
+        row_dot<TMAX, XS>(acc, w + (size_t)n * K, xs, T, K / VEC);
+#pragma unroll
+        for (int t = 0; t < TMAX; t++) {
+            if (t < T) {
+                float s = warp_sum(acc[t]);
+                if (lane == 0) o[(size_t)t * N + n] = from_f(s);
+            }
+        }
+    }
 }
 
 // The dense MLP's first half: out [T, N] = round(round(silu(round(x·gateᵀ))) * round(x·upᵀ)), rounding
-// exactly where matmul, matmul, swiglu would. grid ceil(N / (GV_WARPS / wpr)).
-extern "C" __global__ void __launch_bounds__(GV_WARPS * 32) gemv_swiglu(act_t* out, const act_t* x,
-    const act_t* gate, const act_t* up, int T, int N, int K, int wpr) {
-    __shared__ float rg[GV_WARPS][GEMV_MAX_ROWS];
-    __shared__ float ru[GV_WARPS][GEMV_MAX_ROWS];
-    int rows = GV_WARPS / wpr, n0 = blockIdx.x * rows;
-    gemv_block(rg, x, gate, T, N, K, wpr, n0);
-    gemv_block(ru, x, up, T, N, K, wpr, n0);
-    for (int i = threadIdx.x; i < rows * T; i += blockDim.x) {
-        int r = i / T, t = i % T, n = n0 + r;
-        if (n < N) out[(size_t)t * N + n] = from_f(rnd(silu(rnd(rg[r][t]))) * rnd(ru[r][t]));
+// exactly where matmul, matmul, swiglu would.
+template <int TMAX, bool XS>
+__device__ __forceinline__ void gemv_swiglu_rows(act_t* out, const act_t* x, const act_t* gate, const act_t* up,
+    int T, int N, int K) {
+    const act_t* xs = stage_x<XS>(x, T * K);
+    int lane = threadIdx.x & 31;
+    for (int n = warp_id_global(); n < N; n += warps_global()) {
+        float g[TMAX], u[TMAX];
+#pragma unroll
+        for (int t = 0; t < TMAX; t++) g[t] = u[t] = 0.f;
+        row_dot<TMAX, XS>(g, gate + (size_t)n * K, xs, T, K / VEC);
+        row_dot<TMAX, XS>(u, up + (size_t)n * K, xs, T, K / VEC);
+#pragma unroll
+        for (int t = 0; t < TMAX; t++) {
+            if (t < T) {
+                float gs = warp_sum(g[t]), us = warp_sum(u[t]);
+                if (lane == 0) out[(size_t)t * N + n] = from_f(rnd(silu(rnd(gs))) * rnd(us));
+            }
+        }
     }
 }
+
+// Kernel names: <family>_t1 / _t8 (TMAX 1 or GEMV_MAX_ROWS) and _xs (x in shared memory). 256 threads.
+#define GEMV_FAMILY(SUF, TMAX, XS)                                                                           \
+    extern "C" __global__ void __launch_bounds__(256) gemv##SUF(act_t* out, const act_t* x, const act_t* w,     \
+        int T, int N, int K) { gemv_rows<TMAX, XS>(out, x, w, T, N, K); }                                       \
+    extern "C" __global__ void __launch_bounds__(256) gemv3##SUF(act_t* o0, const act_t* w0, int N0,           \
+        act_t* o1, const act_t* w1, int N1, act_t* o2, const act_t* w2, int N2, const act_t* x, int T, int K) {  \
+        gemv3_rows<TMAX, XS>(o0, w0, N0, o1, w1, N1, o2, w2, N2, x, T, K); }                                     \
+    extern "C" __global__ void __launch_bounds__(256) gemv_swiglu##SUF(act_t* out, const act_t* x,             \
+        const act_t* gate, const act_t* up, int T, int N, int K) { gemv_swiglu_rows<TMAX, XS>(out, x, gate, up, T, N, K); }
+
+GEMV_FAMILY(_t1, 1, false)
+GEMV_FAMILY(_t1_xs, 1, true)
+GEMV_FAMILY(_t8, GEMV_MAX_ROWS, false)
+GEMV_FAMILY(_t8_xs, GEMV_MAX_ROWS, true)
+
+#define GEMV_WARPS 8
 
 // Any K (element loads). grid ceil(N / GEMV_WARPS).
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_scalar(act_t* out, const act_t* x, const act_t* w, int T, int N, int K) {
@@ -242,32 +247,50 @@ extern "C" __global__ void __launch_bounds__(256) grouped_gemm(act_t* out, const
     }
 }
 
-// MoE decode: only the chosen experts' weights are read, with expert ids from device memory (no
-// host sync, no sorting). Pair p = t*k + s (moe_route's order). grid (ceil(N / rows), P).
-// out [P, N] = x[p / src_div] · w[ids[p]]ᵀ with w [E, N, K]: src_div = k for the gate/up input
-// (row t of x), 1 for down (row p of the activations).
-extern "C" __global__ void __launch_bounds__(GV_WARPS * 32) moe_gemv(act_t* out, const act_t* x, const act_t* w,
-    const int* ids, int src_div, int N, int K, int wpr) {
-    __shared__ float res[GV_WARPS][GEMV_MAX_ROWS];
-    int p = blockIdx.y, rows = GV_WARPS / wpr, n0 = blockIdx.x * rows;
-    const act_t* we = w + (size_t)ids[p] * N * K;
-    gemv_block(res, x + (size_t)(p / src_div) * K, we, 1, N, K, wpr, n0);
-    gemv_store(out + (size_t)p * N, res, 1, N, rows, n0);
+// MoE decode: only the chosen experts' weights are read, with expert ids from device memory (no host
+// sync, no sorting). Pair p = t*k + s (moe_route's order); rows r = p * N + n over every pair. x has
+// x_rows rows of K (staged with XS); pair p reads x row p / src_div: src_div = k for the gate/up input
+// (row t of x), 1 for down (row p of the activations). w is [E, N, K].
+template <bool XS>
+__device__ __forceinline__ void moe_gemv_rows(act_t* out, const act_t* x, const act_t* w, const int* ids, int src_div,
+    int x_rows, int P, int N, int K) {
+    const act_t* xs = stage_x<XS>(x, x_rows * K);
+    int lane = threadIdx.x & 31;
+    for (int r = warp_id_global(); r < P * N; r += warps_global()) {
+        int p = r / N, n = r % N;
+        float acc[1] = {0.f};
+        row_dot<1, XS>(acc, w + ((size_t)ids[p] * N + n) * K, xs + (size_t)(p / src_div) * K, 1, K / VEC);
+        float s = warp_sum(acc[0]);
+        if (lane == 0) out[(size_t)p * N + n] = from_f(s);
+    }
 }
 
 // The experts' first half for decode: act [P, N] = swiglu(x[p / k] · gate[e]ᵀ, x[p / k] · up[e]ᵀ)
-// rounded as grouped_gemm, grouped_gemm, swiglu. grid (ceil(N / rows), P).
-extern "C" __global__ void __launch_bounds__(GV_WARPS * 32) moe_gemv_swiglu(act_t* act, const act_t* x,
-    const act_t* gate, const act_t* up, const int* ids, int k, int N, int K, int wpr) {
-    __shared__ float rg[GV_WARPS][GEMV_MAX_ROWS];
-    __shared__ float ru[GV_WARPS][GEMV_MAX_ROWS];
-    int p = blockIdx.y, rows = GV_WARPS / wpr, n0 = blockIdx.x * rows;
-    size_t eoff = (size_t)ids[p] * N * K;
-    const act_t* xr = x + (size_t)(p / k) * K;
-    gemv_block(rg, xr, gate + eoff, 1, N, K, wpr, n0);
-    gemv_block(ru, xr, up + eoff, 1, N, K, wpr, n0);
-    for (int r = threadIdx.x; r < rows; r += blockDim.x) {
-        int n = n0 + r;
-        if (n < N) act[(size_t)p * N + n] = from_f(rnd(silu(rnd(rg[r][0]))) * rnd(ru[r][0]));
+// rounded as grouped_gemm, grouped_gemm, swiglu. x is [T, K] with T = P / k.
+template <bool XS>
+__device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x, const act_t* gate, const act_t* up,
+    const int* ids, int k, int P, int N, int K) {
+    const act_t* xs = stage_x<XS>(x, P / k * K);
+    int lane = threadIdx.x & 31;
+    for (int r = warp_id_global(); r < P * N; r += warps_global()) {
+        int p = r / N, n = r % N;
+        size_t off = ((size_t)ids[p] * N + n) * K;
+        const act_t* xr = xs + (size_t)(p / k) * K;
+        float g[1] = {0.f}, u[1] = {0.f};
+        row_dot<1, XS>(g, gate + off, xr, 1, K / VEC);
+        row_dot<1, XS>(u, up + off, xr, 1, K / VEC);
+        float gs = warp_sum(g[0]), us = warp_sum(u[0]);
+        if (lane == 0) act[(size_t)p * N + n] = from_f(rnd(silu(rnd(gs))) * rnd(us));
     }
 }
+
+#define MOE_GEMV_FAMILY(SUF, XS)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(256) moe_gemv##SUF(act_t* out, const act_t* x, const act_t* w,     \
+        const int* ids, int src_div, int x_rows, int P, int N, int K) {                                            \
+        moe_gemv_rows<XS>(out, x, w, ids, src_div, x_rows, P, N, K); }                                              \
+    extern "C" __global__ void __launch_bounds__(256) moe_gemv_swiglu##SUF(act_t* act, const act_t* x,             \
+        const act_t* gate, const act_t* up, const int* ids, int k, int P, int N, int K) {                           \
+        moe_gemv_swiglu_rows<XS>(act, x, gate, up, ids, k, P, N, K); }
+
+MOE_GEMV_FAMILY(, false)
+MOE_GEMV_FAMILY(_xs, true)
