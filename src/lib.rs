@@ -22,7 +22,8 @@
 //!   pinned staging and replays checked by a hash of every launch; persistent decode GEMVs (a warp
 //!   per weight row, 8 loads in flight per lane, x staged in shared memory) with q/k/v and
 //!   gate·up·SwiGLU fused; QK-norm + RoPE + KV
-//!   append in one kernel; MoE decode reading only the chosen experts; split-KV decode attention;
+//!   append in one kernel; MoE decode reading only the chosen experts; split-KV decode attention
+//!   reading each K/V row once per query-head group;
 //!   tiled causal attention for prefill; MoE prefill through cuBLAS grouped GEMMs; dummy weights
 //!   drawn on the device. Not yet: tensor-core prefill attention, a device sampler for non-greedy.
 

@@ -230,8 +230,8 @@ fn matmul_gemv_and_cublas() {
         let mut r = Rng(3);
         // T <= 8 takes the GEMV kernels (16-byte loads when K allows, else element loads), T > 8 cuBLAS.
         // The persistent grid has fewer rows than warps (3, 72) or many rows per warp (8200), a partial
-        // last unrolled step (1032); x is staged in shared memory up to 48 KB and read from global
-        // memory past it (K = 4096 with T = 7, 8 in bf16; T >= 3 in f32).
+        // last unrolled step (1032); x is staged in shared memory up to 56 KB and read from global
+        // memory past it (K = 4096 with T = 8 in bf16; T >= 4 in f32).
         for (n, k) in [(72usize, 64usize), (100, 37), (256, 1024), (1000, 2048), (3, 4096), (5003, 1032), (8200, 256)] {
             let w = tensor(&r.uniform(n * k, (3.0 / k as f32).sqrt()), &[n, k]);
             for t in [1usize, 3, 7, 8, 9, 33] {
@@ -366,7 +366,7 @@ fn paged_attention_prefill_and_decode() {
         let c = CpuBackend::new(dtype);
         let (_, bar) = bars(dtype);
         let mut r = Rng(5);
-        for (hd, nh, nkv) in [(128usize, 8usize, 2usize), (64, 4, 4), (128, 16, 8)] {
+        for (hd, nh, nkv) in [(128usize, 8usize, 2usize), (64, 4, 4), (128, 16, 8), (128, 64, 4), (64, 6, 2)] {
             let s = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
             let kvd = nkv * hd;
             let data = [r.uniform(20 * kvd, 1.0), r.uniform(20 * kvd, 1.0), r.uniform(8 * kvd, 1.0), r.uniform(8 * kvd, 1.0), r.uniform(8 * nh * hd, 1.0)];
@@ -456,7 +456,9 @@ fn split_kv_decode_attention_long_contexts() {
         let Some(g) = gpu(dtype) else { return };
         let c = CpuBackend::new(dtype);
         let (_, bar) = bars(dtype);
-        for (hd, nh, nkv) in [(128usize, 8usize, 2usize), (64, 4, 4)] {
+        // Groups of 4, 1, 16 (two blocks of 8 heads per KV head), 8 and 2; a group of 3 takes the
+        // plain per-head kernel.
+        for (hd, nh, nkv) in [(128usize, 8usize, 2usize), (64, 4, 4), (128, 32, 2), (64, 8, 1), (128, 4, 2), (128, 6, 2)] {
             let s = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
             let (gv, cv) = (run_attention_long(&g, s, &mut Rng(21)), run_attention_long(&c, s, &mut Rng(21)));
             check(&format!("split-KV attention hd={hd} nh={nh} nkv={nkv}"), dtype, &gv, &cv, bar);
@@ -486,8 +488,10 @@ fn moe_routing_and_experts() {
         let (_, bar) = bars(dtype);
         let mut r = Rng(7);
         for (e, k, h, inter, norm) in [(8usize, 2usize, 64usize, 48usize, true), (16, 4, 96, 40, false), (128, 8, 128, 64, true),
-            // T = 7: x (7 × 3584) and the activations (14 × 1800) past 48 KB, read from global memory.
-            (4, 2, 3584, 1800, true)] {
+            // H not a multiple of 8: element loads in the router, the unfused expert path.
+            (8, 2, 100, 48, false),
+            // T = 7: x (7 × 4352) and the activations (14 × 2200) past 56 KB, read from global memory.
+            (4, 2, 4352, 2200, true)] {
             let experts = (0..e)
                 .map(|_| [tensor(&r.uniform(inter * h, 0.2), &[inter, h]), tensor(&r.uniform(inter * h, 0.2), &[inter, h]), tensor(&r.uniform(h * inter, 0.2), &[h, inter])])
                 .collect();

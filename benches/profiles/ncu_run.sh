@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Per-kernel time and DRAM bytes of a decode step (ncu), on the GPU machine through the device tool:
 #   carry ["target/wheels"], command "PROBE_MODEL=Qwen3-8B bash benches/profiles/ncu_run.sh" (default 0.6B).
+# NCU_SKIP / NCU_COUNT (default 1400 / 600) choose the launches profiled: past load, prefill and warm-up.
 # Eager decode (QWEN3RS_CUDA_GRAPHS=0) so ncu sees each kernel; the launches skipped are load + warm-up.
 set -u
 python3 -m pip install --no-deps -q --target /tmp/q target/wheels/*.whl
 export PYTHONPATH=/tmp/q CUDA_HOME=/usr/local/cuda QWEN3RS_CUDA_GRAPHS=0
 python3 benches/profiles/ncu_decode_probe.py
-timeout 200 ncu --clock-control none --launch-skip 1400 --launch-count 600 --print-summary per-kernel \
+timeout ${NCU_TIMEOUT:-200} ncu --clock-control none --launch-skip ${NCU_SKIP:-1400} --launch-count ${NCU_COUNT:-600} --print-summary per-kernel \
   --metrics gpu__time_duration.sum,dram__bytes_read.sum python3 benches/profiles/ncu_decode_probe.py > $OUT/ncu.txt 2>&1
 echo "ncu rc=$?"
 grep -E "^  [a-z_0-9]+\(|gpu__time_duration.sum|dram__bytes_read.sum" $OUT/ncu.txt | head -120 > $OUT/ncu_short.txt

@@ -216,6 +216,16 @@ impl Drop for Gpu {
     }
 }
 
+/// Let kernel `f` take `smem` bytes of dynamic shared memory (past 48 KB a kernel must opt in).
+fn allow_smem(f: Func, name: &str, smem: u32) -> Result<()> {
+    if smem > 48 * 1024 {
+        // SAFETY: `f` is a live function; raising its dynamic shared-memory limit is always valid.
+        unsafe { drv::function::set_function_attribute(f.0, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32) }
+            .map_err(|e| drv_err(&format!("{name}: shared memory"), e))?;
+    }
+    Ok(())
+}
+
 /// Kernel arguments for `Gpu::launch`: `args![a, b]` with each a local value of the exact type the
 /// kernel takes (u64 for pointers, i32 for int, f32 for float); (pointer, size) so a launch can
 /// also be hashed for graph replay.
@@ -415,6 +425,7 @@ impl Gpu {
             None => {
                 self.bind()?;
                 let f = self.function(module, name)?;
+                allow_smem(f, name, smem)?;
                 // SAFETY: `f` is a live function of this context.
                 let v = unsafe { drv::occupancy::max_active_block_per_multiprocessor(f.0, block as i32, smem as usize) }
                     .map_err(|e| drv_err(&format!("{name}: occupancy"), e))?.max(1) as u32;
@@ -458,12 +469,7 @@ impl Gpu {
         let args = &mut ptrs[..args.len()];
         self.bind()?;
         let f = self.function(module, name)?;
-        if smem > 48 * 1024 {
-            // SAFETY: `f` is a live function; raising its dynamic shared-memory limit is always valid.
-            unsafe {
-                drv::function::set_function_attribute(f.0, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-            }.map_err(|e| drv_err(&format!("{name}: shared memory"), e))?;
-        }
+        allow_smem(f, name, smem)?;
         // SAFETY: `args` points at values laid out as the kernel's parameters (see `args!`), and
         // every device pointer among them is a live allocation sized for this launch.
         unsafe { drv::launch_kernel(f.0, grid, (block, 1, 1), smem, self.h.stream, args) }

@@ -30,9 +30,10 @@ use std::sync::{Mutex, OnceLock};
 /// Rows up to which matmul uses the GEMV kernel rather than cuBLAS (must match matmul.cu).
 pub const GEMV_MAX_ROWS: usize = 8;
 
-/// Bytes of x a decode GEMV block stages in shared memory (beyond: read through L1); 48 KB keeps four
-/// 256-thread blocks resident per SM.
-const GEMV_SMEM_X: usize = 48 * 1024;
+/// Bytes of x a decode GEMV block stages in shared memory (beyond: read through L1); 56 KB keeps four
+/// 256-thread blocks resident per SM and covers one row of Qwen3-32B's down projection (K = 25,600),
+/// which ran at 0.65 of the bandwidth with x from L1 (RESULTS.md run 11).
+const GEMV_SMEM_X: usize = 56 * 1024;
 
 /// Kernel names of the decode-GEMV families in matmul.cu: [T = 1, T = 1 with x in shared memory,
 /// T <= GEMV_MAX_ROWS, the same with x in shared memory]. MoE experts see one x row per pair.
@@ -47,6 +48,8 @@ const MAX_TOP_K: usize = 32;
 const MAX_HEAD_DIM: usize = 256;
 /// Query rows per block of the tiled prefill attention (FA_BQ in attention.cu; keys go 32 at a time).
 const ATTN_TILE_ROWS: usize = 64;
+/// Most KV splits of decode attention (`AD_MAX_SPLITS` in attention.cu).
+const MAX_ATTN_SPLITS: usize = 128;
 
 /// Whether a CUDA GPU is usable: driver, NVRTC, cuBLAS and headers found, driver new enough, and
 /// at least one device. Checked once per process; never panics.
@@ -196,7 +199,7 @@ pub struct CudaBackend {
     /// Fused decode kernels (q/k/v, gate·up·SwiGLU, QK-norm + RoPE + KV append, MoE experts);
     /// `QWEN3RS_CUDA_FUSED=0` runs the unfused ops.
     fused: bool,
-    /// Split-KV decode attention; `QWEN3RS_CUDA_SPLITKV=0` keeps one block per (head, row).
+    /// Grouped split-KV decode attention; `QWEN3RS_CUDA_SPLITKV=0` keeps one block per (head, row).
     split_kv: bool,
     /// Tiled prefill attention; `QWEN3RS_CUDA_TILED_ATTN=0` keeps one block per (head, row).
     tiled_attn: bool,
@@ -231,12 +234,17 @@ fn blocks(n: usize, per: usize) -> u32 {
     n.div_ceil(per) as u32
 }
 
-/// KV splits for decode attention: one per 256 keys of the longest context in the batch, a power
-/// of two up to 64. A power of two so that the launch shape (part of a CUDA graph) changes only
-/// a few times as a context grows; 1 (no split) below 512 keys.
-fn kv_splits(batch: &BatchInfo) -> usize {
-    let longest = batch.seqs.iter().map(|s| s.start_pos + s.rows.len()).max().unwrap_or(0);
-    (longest / 256).clamp(1, 64).next_power_of_two().min(64)
+/// The grouped decode-attention kernel for a head shape (`attention_decode_g{G}_d{hd}` in
+/// attention.cu: G query heads of one KV head per block, G = group up to 8), if there is one.
+fn decode_attention_kernel(s: AttnShape) -> Option<&'static str> {
+    const NAMES: [[&str; 4]; 2] = [
+        ["attention_decode_g1_d64", "attention_decode_g2_d64", "attention_decode_g4_d64", "attention_decode_g8_d64"],
+        ["attention_decode_g1_d128", "attention_decode_g2_d128", "attention_decode_g4_d128", "attention_decode_g8_d128"],
+    ];
+    let group = s.n_heads / s.n_kv_heads;
+    let d = [64, 128].iter().position(|&hd| hd == s.head_dim)?;
+    let g = [1, 2, 4, 8].iter().position(|&g| g == group.min(8))?;
+    (group.is_power_of_two()).then_some(NAMES[d][g])
 }
 
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
@@ -509,6 +517,17 @@ impl CudaBackend {
         let smem = if xs { x_bytes as u32 } else { 0 };
         let grid = self.gpu.persistent_grid("matmul", name, 256, smem, rows.div_ceil(8))?;
         Ok((name, (grid, 1, 1), smem))
+    }
+
+    /// KV splits of decode attention over `blocks` (group, row) blocks: at least 32 keys of the
+    /// longest context per split, and no more splits than fill the GPU about four blocks per SM
+    /// deep; a power of two, so that the launch shape (part of a CUDA graph) changes only at a few
+    /// context lengths.
+    fn decode_splits(&self, batch: &BatchInfo, blocks: usize) -> usize {
+        let longest = batch.seqs.iter().map(|s| s.start_pos + s.rows.len()).max().unwrap_or(0);
+        let fill = (4 * self.gpu.sms as usize / blocks.max(1)).max(1);
+        let want = (longest / 32).min(fill).clamp(1, MAX_ATTN_SPLITS);
+        1 << want.ilog2()
     }
 
     /// Whether a product of t rows of k goes to the fused decode GEMV kernels.
@@ -854,13 +873,17 @@ impl Backend for CudaBackend {
         let (nhi, nkv, hdi, bs, kvd) = (nh as i32, shape.n_kv_heads as i32, hd as i32, kv.block_size as i32, kv.kv_dim as i32);
         let scale = 1.0 / (hd as f32).sqrt();
         let t = q.rows;
-        let splits = if self.split_kv && t <= GEMV_MAX_ROWS { kv_splits(batch) } else { 1 };
-        if splits > 1 {
-            // Decode at long context: (nh × T) blocks alone leave most SMs idle and each block
-            // walks the whole context; split it, then merge.
+        if let (true, Some(name)) = (self.split_kv && t <= GEMV_MAX_ROWS, decode_attention_kernel(shape)) {
+            // Decode: a block per (KV head, ≤ 8 of its query heads, row, split of the keys), then
+            // a merge of the splits when there are several.
+            let group_blocks = shape.n_kv_heads * (nh / shape.n_kv_heads).div_ceil(8);
+            let splits = self.decode_splits(batch, group_blocks * t);
             let [ml, acc] = self.scratch([(Scratch::AttnMl, t * nh * splits * 8), (Scratch::AttnAcc, t * nh * splits * hd * 4)])?;
-            self.gpu.launch("attention", "attention_split", (nh as u32, t as u32, splits as u32), 128, 0,
-                args![ml, acc, qp, kc, vc, ctx, table_at, tables, nhi, nkv, hdi, bs, kvd, scale])?;
+            let grid = (group_blocks as u32, t as u32, splits as u32);
+            self.gpu.launch("attention", name, grid, 128, 0, args![o, ml, acc, qp, kc, vc, ctx, table_at, tables, nhi, nkv, bs, kvd, scale])?;
+            if splits == 1 {
+                return Ok(());
+            }
             let si = splits as i32;
             return self.gpu.launch("attention", "attention_combine", (nh as u32, t as u32, 1), 128, 0, args![o, ml, acc, nhi, hdi, si]);
         }

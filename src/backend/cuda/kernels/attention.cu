@@ -85,99 +85,166 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attention(act_t* ou
     }
 }
 
-// Split-KV decode attention (few rows, long contexts): block (h, t, s) runs the same online softmax
-// as `attention` over its share of row t's keys — split s of `splits`, ceil(ctx / splits) keys each,
-// the share computed here from row_ctx so one launch shape serves every context length — and
-// writes the unnormalised partial state: ml [T, nh, splits, 2] = (max, sum of exp), acc [T, nh,
-// splits, hd]. `attention_combine` merges the splits. A split with no keys writes l = 0.
-// grid (nh, T, splits), ATT_WARPS warps.
-extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attention_split(float* part_ml, float* part_acc,
-    const act_t* q, const act_t* kc, const act_t* vc, const unsigned* row_ctx, const unsigned* row_table,
-    const unsigned* tables, int nh, int nkv, int hd, int block_size, int kv_dim, float scale) {
-    __shared__ float qs[MAX_HD_PER_LANE * 32];
-    __shared__ float wm[ATT_WARPS], wl[ATT_WARPS];
-    __shared__ float wacc[ATT_WARPS][MAX_HD_PER_LANE * 32];
-    int h = blockIdx.x, t = blockIdx.y, s = blockIdx.z, splits = gridDim.z;
+// Decode attention (T <= GEMV_MAX_ROWS rows), grouped and split: block (b, t, s) serves G query
+// heads h0 .. h0+G-1 that share KV head kvh (b = kvh * (group / G) + chunk), so each K/V row is read
+// once for its whole group, over split s of `splits` (ceil(ctx / splits) keys each, computed here
+// from row_ctx so one launch shape serves every context length). Warp w takes keys lo + 4w ..
+// (AD_KB at a time, all their K and V loads issued before the first use), lane j holds head dims
+// j*ND .. j*ND+ND-1 (hd = 32 ND) with its q values in registers; online softmax per (warp, head); the
+// warps merge in shared memory. splits == 1: writes out; else the unnormalised partial state ml [T,
+// nh, splits, 2] = (max, sum of exp), acc [T, nh, splits, hd] for `attention_combine` (a split with no
+// keys writes l = 0). grid (nkv * group / G, T, splits), AD_WARPS warps.
+#define AD_WARPS 4
+#define AD_KB 4
+
+// ND elements of act_t from p (aligned to ND elements) as f32, in one load where the width allows.
+template <int ND>
+__device__ __forceinline__ void load_nd(const act_t* p, float* f) {
+    constexpr int BYTES = ND * (int)sizeof(act_t);
+    if constexpr (BYTES == 16) {
+        uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+        const act_t* e = reinterpret_cast<const act_t*>(&v);
+#pragma unroll
+        for (int i = 0; i < ND; i++) f[i] = to_f(e[i]);
+    } else if constexpr (BYTES == 8) {
+        uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+        const act_t* e = reinterpret_cast<const act_t*>(&v);
+#pragma unroll
+        for (int i = 0; i < ND; i++) f[i] = to_f(e[i]);
+    } else {
+#pragma unroll
+        for (int i = 0; i < ND; i++) f[i] = to_f(p[i]);
+    }
+}
+
+template <int G, int ND>
+__device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml, float* part_acc, const act_t* q,
+    const act_t* kc, const act_t* vc, const unsigned* row_ctx, const unsigned* row_table, const unsigned* tables,
+    int nh, int nkv, int block_size, int kv_dim, float scale) {
+    constexpr int HD = 32 * ND;
+    __shared__ float wm[AD_WARPS][G], wl[AD_WARPS][G];
+    __shared__ float wacc[AD_WARPS][G][HD];
+    int group = nh / nkv, chunks = group / G;
+    int kvh = blockIdx.x / chunks, h0 = kvh * group + (blockIdx.x % chunks) * G;
+    int t = blockIdx.y, s = blockIdx.z, splits = gridDim.z;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int group = nh / nkv;
-    size_t kv_off = (size_t)(h / group) * hd;
-    const act_t* qh = q + ((size_t)t * nh + h) * hd;
-    for (int i = threadIdx.x; i < hd; i += blockDim.x) qs[i] = to_f(qh[i]);
-    __syncthreads();
+    float qr[G][ND];
+#pragma unroll
+    for (int g = 0; g < G; g++) load_nd<ND>(q + ((size_t)t * nh + h0 + g) * HD + lane * ND, qr[g]);
     int ctx = (int)row_ctx[t];
     int per = (ctx + splits - 1) / splits;
     int lo = s * per, hi = min(ctx, lo + per);
     const unsigned* table = tables + row_table[t];
+    size_t kv_off = (size_t)kvh * HD + lane * ND;
 
-    float m = -INFINITY, l = 0.f;
-    float acc[MAX_HD_PER_LANE];
+    float m[G], l[G], acc[G][ND];
 #pragma unroll
-    for (int i = 0; i < MAX_HD_PER_LANE; i++) acc[i] = 0.f;
-    for (int j = lo + warp; j < hi; j += ATT_WARPS) {
-        size_t slot = (size_t)table[j / block_size] * block_size + (j % block_size);
-        const act_t* kj = kc + slot * kv_dim + kv_off;
-        const act_t* vj = vc + slot * kv_dim + kv_off;
-        float dot = 0.f;
+    for (int g = 0; g < G; g++) {
+        m[g] = -INFINITY;
+        l[g] = 0.f;
 #pragma unroll
-        for (int i = 0; i < MAX_HD_PER_LANE; i++) {
-            int d = lane + 32 * i;
-            if (d < hd) dot += qs[d] * to_f(kj[d]);
-        }
-        float sc = warp_sum(dot) * scale;
-        float m_new = fmaxf(m, sc);
-        float corr = expf(m - m_new);
-        float p = expf(sc - m_new);
-        l = l * corr + p;
-#pragma unroll
-        for (int i = 0; i < MAX_HD_PER_LANE; i++) {
-            int d = lane + 32 * i;
-            if (d < hd) acc[i] = acc[i] * corr + p * to_f(vj[d]);
-        }
-        m = m_new;
+        for (int i = 0; i < ND; i++) acc[g][i] = 0.f;
     }
-    if (lane == 0) { wm[warp] = m; wl[warp] = l; }
+    for (int j0 = lo + warp * AD_KB; j0 < hi; j0 += AD_WARPS * AD_KB) {
+        float kf[AD_KB][ND], vf[AD_KB][ND];
 #pragma unroll
-    for (int i = 0; i < MAX_HD_PER_LANE; i++) {
-        int d = lane + 32 * i;
-        if (d < hd) wacc[warp][d] = acc[i];
+        for (int b = 0; b < AD_KB; b++) {
+            int j = j0 + b;
+            if (j < hi) {
+                size_t slot = (size_t)table[j / block_size] * block_size + (j % block_size);
+                load_nd<ND>(kc + slot * kv_dim + kv_off, kf[b]);
+                load_nd<ND>(vc + slot * kv_dim + kv_off, vf[b]);
+            }
+        }
+#pragma unroll
+        for (int b = 0; b < AD_KB; b++) {
+            if (j0 + b < hi) {  // warp-uniform
+#pragma unroll
+                for (int g = 0; g < G; g++) {
+                    float dot = 0.f;
+#pragma unroll
+                    for (int i = 0; i < ND; i++) dot += qr[g][i] * kf[b][i];
+                    float sc = warp_sum(dot) * scale;
+                    float m_new = fmaxf(m[g], sc);
+                    float corr = expf(m[g] - m_new);  // 0 on the first key (m = -inf)
+                    float p = expf(sc - m_new);
+                    l[g] = l[g] * corr + p;
+#pragma unroll
+                    for (int i = 0; i < ND; i++) acc[g][i] = acc[g][i] * corr + p * vf[b][i];
+                    m[g] = m_new;
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        if (lane == 0) { wm[warp][g] = m[g]; wl[warp][g] = l[g]; }
+#pragma unroll
+        for (int i = 0; i < ND; i++) wacc[warp][g][lane * ND + i] = acc[g][i];
     }
     __syncthreads();
-    float mx = -INFINITY;
-    for (int w = 0; w < ATT_WARPS; w++) if (wl[w] > 0.f) mx = fmaxf(mx, wm[w]);
-    float total = 0.f, f[ATT_WARPS];
-    for (int w = 0; w < ATT_WARPS; w++) {
-        f[w] = wl[w] > 0.f ? expf(wm[w] - mx) : 0.f;
-        total += wl[w] * f[w];
-    }
-    size_t idx = ((size_t)t * nh + h) * splits + s;
-    if (threadIdx.x == 0) { part_ml[idx * 2] = mx; part_ml[idx * 2 + 1] = total; }
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        float a = 0.f;
-        for (int w = 0; w < ATT_WARPS; w++) a += wacc[w][d] * f[w];
-        part_acc[idx * hd + d] = a;
+    for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
+        int g = i / HD, d = i % HD;
+        float mx = -INFINITY;
+        for (int w = 0; w < AD_WARPS; w++) if (wl[w][g] > 0.f) mx = fmaxf(mx, wm[w][g]);
+        float total = 0.f, a = 0.f;
+        for (int w = 0; w < AD_WARPS; w++) {
+            if (wl[w][g] > 0.f) {  // a warp that saw no key contributes nothing
+                float f = expf(wm[w][g] - mx);
+                total += wl[w][g] * f;
+                a += wacc[w][g][d] * f;
+            }
+        }
+        size_t row = (size_t)t * nh + h0 + g;
+        if (splits == 1) {
+            out[row * HD + d] = from_f(a / total);
+        } else {
+            size_t idx = row * splits + s;
+            if (d == 0) { part_ml[idx * 2] = mx; part_ml[idx * 2 + 1] = total; }
+            part_acc[idx * HD + d] = a;
+        }
     }
 }
 
+#define AD_KERNEL(G, HD) \
+    extern "C" __global__ void __launch_bounds__(AD_WARPS * 32) attention_decode_g##G##_d##HD(act_t* out, float* part_ml, \
+        float* part_acc, const act_t* q, const act_t* kc, const act_t* vc, const unsigned* row_ctx, const unsigned* row_table, \
+        const unsigned* tables, int nh, int nkv, int block_size, int kv_dim, float scale) { \
+        attention_decode_impl<G, HD / 32>(out, part_ml, part_acc, q, kc, vc, row_ctx, row_table, tables, nh, nkv, block_size, kv_dim, scale); }
+AD_KERNEL(1, 64) AD_KERNEL(2, 64) AD_KERNEL(4, 64) AD_KERNEL(8, 64)
+AD_KERNEL(1, 128) AD_KERNEL(2, 128) AD_KERNEL(4, 128) AD_KERNEL(8, 128)
+
 // out[t, h] = Σ_s acc_s · e^(m_s − M) / Σ_s l_s · e^(m_s − M) over the splits that saw keys.
-// grid (nh, T), 128 threads.
-extern "C" __global__ void attention_combine(act_t* out, const float* part_ml, const float* part_acc, int nh, int hd, int splits) {
+// grid (nh, T), 128 threads; splits <= AD_MAX_SPLITS.
+#define AD_MAX_SPLITS 128
+extern "C" __global__ void __launch_bounds__(128) attention_combine(act_t* out, const float* part_ml, const float* part_acc,
+    int nh, int hd, int splits) {
+    __shared__ float wsplit[AD_MAX_SPLITS];
+    __shared__ float total_sh;
     int h = blockIdx.x, t = blockIdx.y;
     size_t base = ((size_t)t * nh + h) * splits;
-    float mx = -INFINITY;
-    for (int s = 0; s < splits; s++) if (part_ml[(base + s) * 2 + 1] > 0.f) mx = fmaxf(mx, part_ml[(base + s) * 2]);
-    float total = 0.f;
-    for (int s = 0; s < splits; s++) {
-        float l = part_ml[(base + s) * 2 + 1];
-        if (l > 0.f) total += l * expf(part_ml[(base + s) * 2] - mx);
+    if (threadIdx.x < 32) {  // warp 0: the max, the split weights e^(m_s - M) and their sum
+        float mx = -INFINITY;
+        for (int s = threadIdx.x; s < splits; s += 32)
+            if (part_ml[(base + s) * 2 + 1] > 0.f) mx = fmaxf(mx, part_ml[(base + s) * 2]);
+        mx = warp_max(mx);
+        float total = 0.f;
+        for (int s = threadIdx.x; s < splits; s += 32) {
+            float l = part_ml[(base + s) * 2 + 1];
+            float w = l > 0.f ? expf(part_ml[(base + s) * 2] - mx) : 0.f;
+            wsplit[s] = w;
+            total += l * w;
+        }
+        total = warp_sum(total);
+        if (threadIdx.x == 0) total_sh = total;
     }
-    float inv = 1.f / total;
+    __syncthreads();
+    float inv = 1.f / total_sh;
     act_t* o = out + ((size_t)t * nh + h) * hd;
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float a = 0.f;
-        for (int s = 0; s < splits; s++) {
-            float l = part_ml[(base + s) * 2 + 1];
-            if (l > 0.f) a += part_acc[(base + s) * hd + d] * expf(part_ml[(base + s) * 2] - mx);
-        }
+#pragma unroll 8
+        for (int s = 0; s < splits; s++) a += part_acc[(base + s) * hd + d] * wsplit[s];
         o[d] = from_f(a * inv);
     }
 }

@@ -180,7 +180,8 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_scalar(act_t*
     }
 }
 
-// logits [T, E] (f32) = x [T, H] · router [E, H]ᵀ; one warp per output. grid (ceil(E / 8), T).
+// logits [T, E] (f32) = x [T, H] · router [E, H]ᵀ; one warp per output, 16-byte loads when H allows.
+// grid (ceil(E / 8), T), 256 threads.
 extern "C" __global__ void router_logits(float* logits, const act_t* x, const act_t* router, int E, int H) {
     int lane = threadIdx.x & 31;
     int e = blockIdx.x * 8 + (threadIdx.x >> 5);
@@ -189,7 +190,13 @@ extern "C" __global__ void router_logits(float* logits, const act_t* x, const ac
     const act_t* xr = x + (size_t)t * H;
     const act_t* wr = router + (size_t)e * H;
     float s = 0.f;
-    for (int k = lane; k < H; k += 32) s += to_f(xr[k]) * to_f(wr[k]);
+    if (H % VEC == 0) {
+        float acc[1] = {0.f};
+        row_dot<1, false>(acc, wr, xr, 1, H / VEC);
+        s = acc[0];
+    } else {
+        for (int k = lane; k < H; k += 32) s += to_f(xr[k]) * to_f(wr[k]);
+    }
     s = warp_sum(s);
     if (lane == 0) logits[(size_t)t * E + e] = s;
 }
