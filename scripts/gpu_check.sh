@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Run on the GPU machine (through the device tool), after scripts/gpu_bundle.sh here:
 #   installs the wheel from target/wheels into /tmp/q, runs the Rust op-by-op tests (.gpu/cuda_ops,
-#   .gpu/cuda_compile), the GPU pytest suites (tests/test_cuda.py, tests/test_conformance.py over
-#   cpu and cuda), times a cold and a warm (disk-cached kernels) process start, and prints a
-#   summary table last. Full logs go to $OUT (the device tool brings them back).
+#   .gpu/cuda_compile, .gpu/cuda_tp), the GPU pytest suites (tests/test_cuda.py and
+#   tests/test_conformance.py over cpu and cuda; tests/test_multi_gpu.py where two GPUs are usable),
+#   times a cold and a warm (disk-cached kernels) process start, and prints a summary table last.
+#   Full logs go to $OUT (the device tool brings them back).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/qwen3rs-gpu-out}
@@ -54,6 +55,11 @@ python3 -m pytest tests/test_cuda.py tests/test_conformance.py -q -rs -p no:cach
 rc=$?
 SUMMARY+=("pytest test_cuda+test_conformance|rc=$rc $(tail -1 "$OUT/pytest.log")")
 
+# Tensor parallelism over two GPUs against one (skipped, quickly, with fewer than two).
+python3 -m pytest tests/test_multi_gpu.py -q -rs -s -p no:cacheprovider > "$OUT/pytest_multi_gpu.log" 2>&1
+rc=$?
+SUMMARY+=("pytest test_multi_gpu (2 GPUs)|rc=$rc $(tail -1 "$OUT/pytest_multi_gpu.log")")
+
 # Speed smoke (not a benchmark; the next issue's baseline): greedy decode on dummy Qwen3-0.6B, bf16.
 # Graphs on (default) and off (QWEN3RS_CUDA_GRAPHS=0, read at load); the full benchmark is benches/gpu_bench.py.
 timeout 300 python3 - > "$OUT/speed.txt" 2>&1 <<'PY'
@@ -78,7 +84,7 @@ echo
 echo "---- worst op errors (full list: cuda_ops_errors.txt) ----"
 awk '{for (i = 1; i < NF; i++) if ($i == "err") print $(i + 1) "\t" $0}' "$OUT/cuda_ops_errors.txt" 2>/dev/null | sort -g -r | head -12 | cut -f2-
 echo "---- failures ----"
-grep -E "^(FAILED|ERROR)|panicked|assert" "$OUT/pytest.log" "$OUT/cuda_ops.log" 2>/dev/null | head -30
+grep -E "^(FAILED|ERROR)|panicked|assert" "$OUT/pytest.log" "$OUT/pytest_multi_gpu.log" "$OUT/cuda_ops.log" "$OUT/cuda_tp.log" 2>/dev/null | head -30
 echo "---- summary ----"
 printf '%s\n' "$(cat "$OUT/gpu.txt")"
 for row in "${SUMMARY[@]}"; do

@@ -47,6 +47,11 @@ pub fn cuda_unavailable_reason() -> Option<String> {
     cuda::unavailable_reason()
 }
 
+/// How many CUDA GPUs can be used (0 where `cuda_available()` is false). Never raises.
+pub fn cuda_device_count() -> usize {
+    if cuda_available() { cuda::device_count().unwrap_or(0) } else { 0 }
+}
+
 /// Everything `load` needs besides the weights.
 pub struct LoadOptions {
     pub device: Device,

@@ -467,6 +467,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(load_dummy, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_unavailable_reason, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_device_count, m)?)?;
     m.add_function(wrap_pyfunction!(_set_cuda_search_paths, m)?)?;
     m.add_function(wrap_pyfunction!(_compile_cuda_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_info, m)?)?;
@@ -483,6 +484,12 @@ fn cuda_available() -> bool {
 #[pyfunction]
 fn cuda_unavailable_reason(py: Python<'_>) -> Option<String> {
     py.detach(crate::device::cuda_unavailable_reason)
+}
+
+/// How many CUDA GPUs are usable (0 where none is).
+#[pyfunction]
+fn cuda_device_count(py: Python<'_>) -> usize {
+    py.detach(crate::device::cuda_device_count)
 }
 
 /// Folders of pip-installed CUDA libraries / headers (site-packages/nvidia/cu13/...), searched

@@ -5,6 +5,7 @@ use crate::error::Result;
 use crate::{bail, ensure};
 use half::{bf16, f16};
 use memmap2::Mmap;
+use std::ops::Range;
 use std::sync::Arc;
 
 /// Element type of a tensor (as stored, or as computed).
@@ -40,6 +41,47 @@ impl DType {
             "float16" | "f16" | "fp16" | "half" => DType::F16,
             _ => bail!(InvalidArgument, "unknown dtype {name:?}: expected \"auto\", \"bfloat16\", \"float16\" or \"float32\""),
         })
+    }
+}
+
+/// A rectangle of a tensor seen as a matrix [rows, cols] (the last dimension is the columns, the
+/// others fold into the rows): what one tensor-parallel rank holds of a split weight.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub rows: Range<usize>,
+    pub cols: Range<usize>,
+}
+
+/// `shape` as a matrix: (rows, cols).
+pub fn matrix_dims(shape: &[usize]) -> (usize, usize) {
+    match shape.split_last() {
+        Some((&cols, rest)) => (rest.iter().product(), cols),
+        None => (1, 1),
+    }
+}
+
+impl Window {
+    /// All of a tensor of `shape`.
+    pub fn full(shape: &[usize]) -> Self {
+        let (rows, cols) = matrix_dims(shape);
+        Window { rows: 0..rows, cols: 0..cols }
+    }
+
+    pub fn numel(&self) -> usize {
+        self.rows.len() * self.cols.len()
+    }
+
+    /// The part's shape: `shape` itself when the window is all of it, else [rows, cols].
+    pub fn part_shape(&self, shape: &[usize]) -> Vec<usize> {
+        if *self == Window::full(shape) { shape.to_vec() } else { vec![self.rows.len(), self.cols.len()] }
+    }
+
+    /// An error unless the window lies inside a tensor of `shape`.
+    pub fn check(&self, shape: &[usize]) -> Result<()> {
+        let (rows, cols) = matrix_dims(shape);
+        ensure!(self.rows.start <= self.rows.end && self.rows.end <= rows && self.cols.start <= self.cols.end && self.cols.end <= cols,
+            InvalidArgument, "window rows {:?} × columns {:?} is not inside a tensor of shape {shape:?}", self.rows, self.cols);
+        Ok(())
     }
 }
 
@@ -117,24 +159,27 @@ impl HostTensor {
         }
     }
 
-    /// Rows [start, start + n) of a 2-D tensor (a copy).
-    pub fn slice_rows(&self, start: usize, n: usize) -> Result<HostTensor> {
-        ensure!(self.shape.len() == 2 && start + n <= self.shape[0], InvalidArgument,
-            "cannot take rows {start}..{} of a tensor of shape {:?}", start + n, self.shape);
-        let row = self.shape[1] * self.dtype.size();
-        Ok(Self::from_bytes(&self.raw()[start * row..(start + n) * row], self.dtype, vec![n, self.shape[1]]))
-    }
-
-    /// Columns [start, start + n) of every row of a 2-D tensor (a copy).
-    pub fn slice_cols(&self, start: usize, n: usize) -> Result<HostTensor> {
-        ensure!(self.shape.len() == 2 && start + n <= self.shape[1], InvalidArgument,
-            "cannot take columns {start}..{} of a tensor of shape {:?}", start + n, self.shape);
-        let (es, row) = (self.dtype.size(), self.shape[1] * self.dtype.size());
-        let mut bytes = Vec::with_capacity(self.shape[0] * n * es);
-        for r in self.raw().chunks(row) {
-            bytes.extend_from_slice(&r[start * es..(start + n) * es]);
+    /// The part of this tensor inside `w` (a view when it is all of it, else a copy).
+    pub fn window(&self, w: &Window) -> Result<HostTensor> {
+        w.check(&self.shape)?;
+        if *w == Window::full(&self.shape) {
+            return Ok(self.clone());
         }
-        Ok(Self::from_bytes(&bytes, self.dtype, vec![self.shape[0], n]))
+        let (_, cols) = matrix_dims(&self.shape);
+        let (es, row) = (self.dtype.size(), cols * self.dtype.size());
+        let shape = vec![w.rows.len(), w.cols.len()];
+        if w.numel() == 0 {
+            return Ok(Self::from_bytes(&[], self.dtype, shape));
+        }
+        let rows = &self.raw()[w.rows.start * row..w.rows.end * row];
+        if w.cols == (0..cols) {
+            return Ok(Self::from_bytes(rows, self.dtype, shape));
+        }
+        let mut bytes = Vec::with_capacity(w.numel() * es);
+        for r in rows.chunks(row) {
+            bytes.extend_from_slice(&r[w.cols.start * es..w.cols.end * es]);
+        }
+        Ok(Self::from_bytes(&bytes, self.dtype, shape))
     }
 
     /// All elements widened to f32.

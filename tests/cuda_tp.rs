@@ -9,9 +9,11 @@ use qwen3rs::backend::tp::TensorParallel;
 use qwen3rs::backend::Backend;
 use qwen3rs::config::Qwen3Config;
 use qwen3rs::engine::Engine;
+use qwen3rs::model::dummy::DummyWeights;
 use qwen3rs::model::Model;
-use qwen3rs::tensor::DType;
-use qwen3rs::weights::SafetensorsWeights;
+use qwen3rs::tensor::{DType, HostTensor};
+use qwen3rs::weights::{SafetensorsWeights, TensorSource};
+use qwen3rs::Result;
 use std::path::Path;
 
 const CASES: [&str; 3] = ["dense_untied_f32_gqa4", "moe_mixed_sharded_bf16", "dense_tied_bf16"];
@@ -54,6 +56,50 @@ fn tensor_parallel_on_gpus_equals_one_gpu() {
             let err = rel_err(&logits(tp, case, &ids), &one);
             eprintln!("tensor_parallel={n} {case}: rel err {err:.2e} vs one GPU (f32, bar 1e-5)");
             assert!(err <= 1e-5, "{case} tp={n}: {err}");
+        }
+    }
+}
+
+/// Dummy weights handed out as host tensors (no seed): sharded on the host like a checkpoint's.
+struct AsHostTensors(DummyWeights);
+
+impl TensorSource for AsHostTensors {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        self.0.tensor(name, shape)
+    }
+    fn stored_dtype(&self) -> DType {
+        self.0.stored_dtype()
+    }
+}
+
+fn dummy_logits<B: Backend>(backend: B, config: &Qwen3Config, src: &dyn TensorSource, ids: &[u32]) -> Vec<f32> {
+    let model = Model::load(backend, config.clone(), src, 64, &mut |_, _| {}).unwrap();
+    Engine::new(model, None, 1).unwrap().logits(ids).unwrap()
+}
+
+#[test]
+fn dummy_shards_drawn_on_each_gpu_equal_the_host_shards() {
+    // Each rank draws its shards of the dummy weights on its own GPU (row and column splits, MoE
+    // expert columns, the odd fixture's shards starting inside chunks): the logits equal those of the
+    // same model whose shards were cut from whole host tensors, and those of one GPU.
+    if !cuda::available() {
+        eprintln!("SKIP (no usable GPU): {}", cuda::unavailable_reason().unwrap_or_default());
+        return;
+    }
+    let gpus = cuda::device_count().unwrap_or(1);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_qwen3");
+    let ids: Vec<u32> = (0..23).map(|i| (i * 131 % 1000) as u32).collect();
+    for file in ["odd_tp_config.json", "moe_config.json", "config.json"] {
+        let config = Qwen3Config::from_file(&dir.join(file)).unwrap();
+        let one = dummy_logits(CudaBackend::new(0, DType::F32).unwrap(), &config, &DummyWeights { seed: 3 }, &ids);
+        for n in [1usize, 2].into_iter().filter(|&n| n <= gpus) {
+            let tp = || TensorParallel::new((0..n).map(|i| CudaBackend::new(i, DType::F32).unwrap()).collect(), &config).unwrap();
+            let drawn = dummy_logits(tp(), &config, &DummyWeights { seed: 3 }, &ids);
+            let sliced = dummy_logits(tp(), &config, &AsHostTensors(DummyWeights { seed: 3 }), &ids);
+            let (same, vs_one) = (rel_err(&drawn, &sliced), rel_err(&drawn, &one));
+            eprintln!("tensor_parallel={n} dummy {file}: rel err {same:.2e} vs host shards (bar 1e-6), {vs_one:.2e} vs one GPU (bar 1e-5)");
+            assert!(same <= 1e-6, "{file} tp={n}: drawn shards give {same} vs host shards");
+            assert!(vs_one <= 1e-5, "{file} tp={n}: {vs_one} vs one GPU");
         }
     }
 }

@@ -59,9 +59,15 @@ def cuda_unavailable_reason() -> str | None:
     return _native.cuda_unavailable_reason()
 
 
+def cuda_device_count() -> int:
+    """How many CUDA GPUs are usable (what `load(..., tensor_parallel=N)` can spread a model over):
+    0 where `cuda_available()` is False. Never raises."""
+    return _native.cuda_device_count()
+
+
 __all__ = [
     "load", "generate", "Model", "Completion", "Delta", "ChatSession", "Stream", "Tokenizer", "dummy_names",
-    "cuda_available", "cuda_unavailable_reason",
+    "cuda_available", "cuda_unavailable_reason", "cuda_device_count",
     "Qwen3Error", "CheckpointNotFoundError", "ConfigError", "WeightsError", "TokenizerError",
     "InvalidArgumentError", "DeviceError", "DeviceOutOfMemoryError",
 ]

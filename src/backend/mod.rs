@@ -14,7 +14,7 @@ pub mod cuda;
 
 use crate::error::Result;
 use crate::model::dummy::DummySpec;
-use crate::tensor::{DType, HostTensor};
+use crate::tensor::{DType, HostTensor, Window};
 use std::ops::Range;
 
 /// Where one sequence's new tokens sit in a batch and in the paged KV cache.
@@ -78,6 +78,7 @@ pub enum Split {
 }
 
 /// A sparse MoE layer of dummy weights, described rather than materialised (`Backend::dummy_moe`).
+#[derive(Clone)]
 pub struct MoeDummy {
     /// [E, H] router.
     pub router: DummySpec,
@@ -85,8 +86,19 @@ pub struct MoeDummy {
     pub experts: Vec<[DummySpec; 3]>,
     pub hidden: usize,
     pub inter: usize,
+    /// The intermediate columns of every expert this device holds: gate and up rows, down columns.
+    /// All of 0..inter on one device; tensor parallelism gives each rank its 1/N.
+    pub part: Range<usize>,
     pub top_k: usize,
     pub norm_topk_prob: bool,
+}
+
+impl MoeDummy {
+    /// The windows of gate/up [I, H] and of down [H, I] this device holds.
+    pub fn windows(&self) -> (Window, Window) {
+        let (h, p) = (self.hidden, self.part.clone());
+        (Window { rows: p.clone(), cols: 0..h }, Window { rows: 0..h, cols: p })
+    }
 }
 
 pub trait Backend: Send + Sync + Sized + 'static {
@@ -119,16 +131,23 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn dummy_weight(&self, spec: &DummySpec, shape: &[usize]) -> Result<Self::Weight> {
         self.upload(spec.host_tensor(shape))
     }
+    /// The part `window` of a dummy weight of `shape` (a tensor-parallel shard), equal to `upload` of
+    /// `spec.host_tensor(shape).window(window)`; only that part is drawn (on the device for CUDA).
+    fn dummy_window(&self, spec: &DummySpec, shape: &[usize], window: &Window) -> Result<Self::Weight> {
+        self.upload(spec.host_window(shape, window)?)
+    }
     /// A dummy weight tensor parallelism splits as `split` (single-device backends take it whole).
     fn dummy_weight_split(&self, spec: &DummySpec, shape: &[usize], _split: Split) -> Result<Self::Weight> {
         self.dummy_weight(spec, shape)
     }
-    /// A dummy MoE layer, equal to `upload_moe` of the materialised tensors.
+    /// A dummy MoE layer (the experts' columns `moe.part`), equal to `upload_moe` of those parts of
+    /// the materialised tensors.
     fn dummy_moe(&self, moe: MoeDummy) -> Result<Self::Moe> {
         let (h, i) = (moe.hidden, moe.inter);
+        let (gate_up, down) = moe.windows();
         let experts = moe.experts.iter()
-            .map(|[g, u, d]| [g.host_tensor(&[i, h]), u.host_tensor(&[i, h]), d.host_tensor(&[h, i])])
-            .collect();
+            .map(|[g, u, d]| Ok([g.host_window(&[i, h], &gate_up)?, u.host_window(&[i, h], &gate_up)?, d.host_window(&[h, i], &down)?]))
+            .collect::<Result<Vec<_>>>()?;
         let router = moe.router.host_tensor(&[moe.experts.len(), h]);
         self.upload_moe(MoeHost { router, experts, top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob })
     }

@@ -5,11 +5,11 @@
 //! `TensorParallel<B>` is itself a `Backend`, so the model and engine run on it unchanged; it issues
 //! each op to every rank in turn (asynchronous on GPUs) and calls the backend's `Collective`.
 
-use super::{AttnShape, Backend, BatchInfo, MoeHost, Split};
+use super::{AttnShape, Backend, BatchInfo, MoeDummy, MoeHost, Split};
 use crate::model::dummy::DummySpec;
 use crate::config::Qwen3Config;
 use crate::error::Result;
-use crate::tensor::{DType, HostTensor};
+use crate::tensor::{matrix_dims, DType, HostTensor, Window};
 use crate::{bail, ensure};
 
 /// What a backend needs to be one rank of a tensor-parallel group.
@@ -105,22 +105,28 @@ impl<B: Collective> TensorParallel<B> {
         B::all_reduce_sum(&self.group, &self.ranks, &mut buf.parts)
     }
 
-    /// Rank r's shard of a weight [out, in].
-    fn shard(&self, t: &HostTensor, split: Split, r: usize) -> Result<HostTensor> {
+    /// The part of a weight [out, in] of `shape` that rank r holds.
+    fn window(&self, shape: &[usize], split: Split, r: usize) -> Window {
         let n = self.size();
         let hd = self.heads.head_dim;
-        Ok(match split {
-            Split::Replicated => t.clone(),
-            Split::Columns => {
-                let rows = t.shape[0] / n;
-                t.slice_rows(r * rows, rows)?
+        let (rows, cols) = matrix_dims(shape);
+        let mut w = Window::full(shape);
+        match split {
+            Split::Replicated => {}
+            Split::Columns => w.rows = r * rows / n..(r + 1) * rows / n,
+            Split::KvHeads => {
+                let start = self.heads.kv_start(r) * hd;
+                w.rows = start..start + self.heads.kv_per_rank() * hd;
             }
-            Split::KvHeads => t.slice_rows(self.heads.kv_start(r) * hd, self.heads.kv_per_rank() * hd)?,
-            Split::Rows => {
-                let cols = t.shape[1] / n;
-                t.slice_cols(r * cols, cols)?
-            }
-        })
+            Split::Rows => w.cols = r * cols / n..(r + 1) * cols / n,
+        }
+        w
+    }
+
+    /// The intermediate columns of every expert rank r holds.
+    fn expert_part(&self, inter: usize, r: usize) -> std::ops::Range<usize> {
+        let n = self.size();
+        r * inter / n..(r + 1) * inter / n
     }
 
     fn cols_per_rank(&self, cols: usize, split: Split) -> usize {
@@ -164,7 +170,7 @@ impl<B: Collective> Backend for TensorParallel<B> {
     }
 
     fn upload_split(&self, tensor: HostTensor, split: Split) -> Result<Self::Weight> {
-        let parts = self.each(|b, r| b.upload(self.shard(&tensor, split, r)?))?;
+        let parts = self.each(|b, r| b.upload(tensor.window(&self.window(&tensor.shape, split, r))?))?;
         Ok(TpWeight { parts, split })
     }
 
@@ -173,24 +179,32 @@ impl<B: Collective> Backend for TensorParallel<B> {
         Ok(TpWeight { parts: self.each(|b, _| b.dummy_weight(spec, shape))?, split: Split::Replicated })
     }
 
-    /// Split dummy weights are made on the host and sharded (per-shard device drawing is a follow-up).
+    /// Split dummy weights: each rank draws only its shard (on its device for CUDA).
     fn dummy_weight_split(&self, spec: &DummySpec, shape: &[usize], split: Split) -> Result<Self::Weight> {
         match split {
             Split::Replicated => self.dummy_weight(spec, shape),
-            _ => self.upload_split(spec.host_tensor(shape), split),
+            _ => Ok(TpWeight { parts: self.each(|b, r| b.dummy_window(spec, shape, &self.window(shape, split, r)))?, split }),
         }
     }
 
     fn upload_moe(&self, moe: MoeHost) -> Result<Self::Moe> {
         // Every rank routes over all experts and holds 1/N of each expert's intermediate columns.
         self.each(|b, r| {
+            let part = |t: &HostTensor, split| t.window(&self.window(&t.shape, split, r));
             let experts = moe
                 .experts
                 .iter()
-                .map(|[g, u, d]| Ok([self.shard(g, Split::Columns, r)?, self.shard(u, Split::Columns, r)?, self.shard(d, Split::Rows, r)?]))
+                .map(|[g, u, d]| Ok([part(g, Split::Columns)?, part(u, Split::Columns)?, part(d, Split::Rows)?]))
                 .collect::<Result<Vec<_>>>()?;
             b.upload_moe(MoeHost { router: moe.router.clone(), experts, top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob })
         })
+    }
+
+    /// As `upload_moe`, each rank drawing only its columns of every expert.
+    fn dummy_moe(&self, moe: MoeDummy) -> Result<Self::Moe> {
+        ensure!(moe.part == (0..moe.inter), InvalidArgument, "tensor parallelism splits whole MoE layers, got columns {:?} of {}",
+            moe.part, moe.inter);
+        self.each(|b, r| b.dummy_moe(MoeDummy { part: self.expert_part(moe.inter, r), ..moe.clone() }))
     }
 
     fn alloc(&self, rows: usize, cols: usize) -> Result<Self::Buf> {

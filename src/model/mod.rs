@@ -141,7 +141,7 @@ impl<B: Backend> Model<B> {
                     })
                     .collect();
                 Ffn::Moe(backend.dummy_moe(MoeDummy { router: spec("mlp.gate.weight", &[e, h]), experts, hidden: h, inter: mi,
-                    top_k: c.num_experts_per_tok, norm_topk_prob: c.norm_topk_prob })?)
+                    part: 0..mi, top_k: c.num_experts_per_tok, norm_topk_prob: c.norm_topk_prob })?)
             } else if c.is_moe_layer(i) {
                 let (e, mi) = (c.num_experts, c.moe_intermediate_size);
                 let experts = (0..e)

@@ -18,9 +18,9 @@ mod nccl;
 
 use super::{AttnShape, Backend, BatchInfo, MoeHost};
 use crate::error::{Error, Result};
-use crate::tensor::{DType, HostTensor};
+use crate::tensor::{DType, HostTensor, Window};
 use crate::{bail, ensure};
-use crate::model::dummy::{DummySpec, DUMMY_CHUNK};
+use crate::model::dummy::{DummySpec, Walk};
 use super::MoeDummy;
 use gpu::{args, DevMem, Gpu, Graph, Mode, PinnedMem};
 use half::{bf16, f16};
@@ -397,13 +397,21 @@ impl CudaBackend {
         Ok((r, hash, bad))
     }
 
-    /// Fill `n` elements at device address `out` with dummy tensor values, for `jobs` tensors of `n`
-    /// elements each, laid end to end: job j uses `keys[j]` (a device array) or `key` when `keys` is 0.
-    fn dummy_fill(&self, out: u64, n: usize, spec: &DummySpec, key: u64, keys: u64, jobs: usize) -> Result<()> {
-        let chunks = n.div_ceil(DUMMY_CHUNK);
-        let (n64, c, hw) = (n as u64, spec.center, spec.half_width);
-        self.gpu.launch("elementwise", "dummy_fill", (blocks(chunks, DUMMY_THREADS), jobs as u32, 1), DUMMY_THREADS as u32, 0,
-            args![out, keys, key, n64, c, hw])
+    /// Fill device address `out` with the part `window` of the dummy tensor of `shape` (`numel` of
+    /// the window), for `jobs` tensors laid end to end: job j uses `keys[j]` (a device array) or
+    /// `key` when `keys` is 0. Only the chunks the window reaches are walked.
+    #[allow(clippy::too_many_arguments)]
+    fn dummy_fill(&self, out: u64, shape: &[usize], window: &Window, spec: &DummySpec, key: u64, keys: u64, jobs: usize) -> Result<()> {
+        window.check(shape)?;
+        let walk = Walk::new(shape, window);
+        let (first, last) = walk.chunks();
+        if first == last || jobs == 0 {
+            return Ok(());
+        }
+        let Walk { cols, row0, rows, col0, ncols } = walk;
+        let (chunk0, c, hw) = (first as u64, spec.center, spec.half_width);
+        self.gpu.launch("elementwise", "dummy_fill", (blocks(last - first, DUMMY_THREADS), jobs as u32, 1), DUMMY_THREADS as u32, 0,
+            args![out, keys, key, cols, row0, rows, col0, ncols, chunk0, c, hw])
     }
 
     /// The experts of a prefill batch through cuBLAS: sort the (row, expert) pairs into one segment
@@ -597,32 +605,39 @@ impl Backend for CudaBackend {
     }
 
     fn dummy_weight(&self, spec: &DummySpec, shape: &[usize]) -> Result<CudaWeight> {
-        let n: usize = shape.iter().product();
-        let mem = self.gpu.alloc(n * self.esize())?;
-        self.dummy_fill(mem.ptr, n, spec, spec.stream, 0, 1)?;
-        Ok(CudaWeight { mem, shape: shape.to_vec(), dtype: self.gpu.dtype })
+        self.dummy_window(spec, shape, &Window::full(shape))
+    }
+
+    fn dummy_window(&self, spec: &DummySpec, shape: &[usize], window: &Window) -> Result<CudaWeight> {
+        window.check(shape)?;
+        let mem = self.gpu.alloc(window.numel() * self.esize())?;
+        self.dummy_fill(mem.ptr, shape, window, spec, spec.stream, 0, 1)?;
+        Ok(CudaWeight { mem, shape: window.part_shape(shape), dtype: self.gpu.dtype })
     }
 
     fn dummy_moe(&self, moe: MoeDummy) -> Result<CudaMoe> {
         let (e, h, inter) = (moe.experts.len(), moe.hidden, moe.inter);
         ensure!(e > 0 && e <= 1024, InvalidArgument, "the CUDA backend routes 1..=1024 experts, got {e}");
         ensure!(moe.top_k >= 1 && moe.top_k <= e.min(MAX_TOP_K), InvalidArgument, "MoE top_k {} must be in 1..={}", moe.top_k, e.min(MAX_TOP_K));
-        let per = inter * h;
+        let (gate_up, down) = moe.windows();
+        let per = gate_up.numel();
         let mut out = vec![];
         // One launch per projection over all experts (grid.y = expert): each launch's chains are as
-        // long as one expert's tensor, so 128 experts cost about what one does.
-        for p in 0..3 {
+        // long as one expert's tensor, so 128 experts cost about what one does. Under tensor
+        // parallelism each expert's part (`moe.part`) is drawn alone.
+        for (p, (shape, window)) in [([inter, h], &gate_up), ([inter, h], &gate_up), ([h, inter], &down)].into_iter().enumerate() {
             let mem = self.gpu.alloc(e * per * self.esize())?;
             let keys: Vec<u64> = moe.experts.iter().map(|x| x[p].stream).collect();
             let keys_d = self.gpu.alloc(e * 8)?;
             self.gpu.upload(&keys_d, 0, bytemuck::cast_slice(&keys))?;
-            self.dummy_fill(mem.ptr, per, &moe.experts[0][p], 0, keys_d.ptr, e)?;
+            self.dummy_fill(mem.ptr, &shape, window, &moe.experts[0][p], 0, keys_d.ptr, e)?;
             drop(keys_d); // cuMemFree waits for the fill
             out.push(mem);
         }
         let router = self.dummy_weight(&moe.router, &[e, h])?;
         let [gate, up, down]: [DevMem; 3] = out.try_into().map_err(|_| Error::Device("three projections".into()))?;
-        Ok(CudaMoe { router, gate, up, down, n_experts: e, inter, hidden: h, top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob })
+        Ok(CudaMoe { router, gate, up, down, n_experts: e, inter: moe.part.len(), hidden: h, top_k: moe.top_k,
+            norm_topk_prob: moe.norm_topk_prob })
     }
 
     fn prefill_chunk(&self) -> usize {

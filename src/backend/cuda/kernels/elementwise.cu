@@ -67,11 +67,17 @@ extern "C" __global__ void argmax_rows(unsigned* ids, const act_t* x, int cols, 
 // center + half_width * (2u - 1) with u the top 24 bits / 2^24, rounded to bf16 (then to act_t).
 // One thread runs one chain (they are sequential by construction); DF_STEPS values per thread go
 // through shared memory so that a warp stores 32 consecutive elements of one chunk.
-// Job j (grid.y) fills out[j*n .. (j+1)*n) with key keys[j] (or `key` when keys is null).
-// grid (ceil(ceil(n / DUMMY_CHUNK) / DF_THREADS), jobs), DF_THREADS threads.
+// Only a window is stored (a tensor-parallel shard; dummy.rs `Walk`): columns col0..col0+ncols of
+// rows row0..row0+nrows of a matrix `cols` wide, row-major into out; the whole tensor is one row of
+// its own length. The grid walks chunks chunk0.. up to the window's end, each chain only as far as
+// the window reaches into it; a thread keeps the (row, column) of the element it stores next, so
+// no division per element.
+// Job j (grid.y) fills out[j*nrows*ncols ..) with key keys[j] (or `key` when keys is null).
+// grid (ceil(chunks / DF_THREADS), jobs), DF_THREADS threads.
 #define DUMMY_CHUNK 65536
 #define DF_THREADS 128
 #define DF_STEPS 32
+static_assert(DUMMY_CHUNK % DF_STEPS == 0 && DF_THREADS % DF_STEPS == 0, "a warp's stores stay inside one chunk");
 
 __device__ __forceinline__ unsigned long long splitmix64(unsigned long long z) {
     z += 0x9E3779B97F4A7C15ull;
@@ -80,33 +86,50 @@ __device__ __forceinline__ unsigned long long splitmix64(unsigned long long z) {
     return z ^ (z >> 31);
 }
 
+// (row, col) += (dr, dc) in a matrix `cols` wide, dc < cols.
+__device__ __forceinline__ void advance(unsigned long long& row, unsigned long long& col, unsigned long long dr,
+    unsigned long long dc, unsigned long long cols) {
+    row += dr;
+    col += dc;
+    if (col >= cols) { col -= cols; row++; }
+}
+
 extern "C" __global__ void __launch_bounds__(DF_THREADS) dummy_fill(act_t* out, const unsigned long long* keys,
-    unsigned long long key, unsigned long long n, float center, float half_width) {
+    unsigned long long key, unsigned long long cols, unsigned long long row0, unsigned long long nrows,
+    unsigned long long col0, unsigned long long ncols, unsigned long long chunk0, float center, float half_width) {
     __shared__ act_t buf[DF_THREADS][DF_STEPS + 1];
     unsigned long long k = keys ? keys[blockIdx.y] : key;
-    act_t* o = out + (size_t)blockIdx.y * n;
-    unsigned long long c0 = (unsigned long long)blockIdx.x * DF_THREADS;
+    act_t* o = out + (size_t)blockIdx.y * nrows * ncols;
+    unsigned long long c0 = chunk0 + (unsigned long long)blockIdx.x * DF_THREADS;
     unsigned long long c = c0 + threadIdx.x;
     unsigned long long state = splitmix64(k ^ (c * 0x2545F4914F6CDD1Dull));
-    // Every chunk of this block is at most as long as its first one.
+    unsigned long long end = (row0 + nrows - 1) * cols + col0 + ncols;  // one past the window's last element
+    // Every chunk of this block needs at most as many values as its first one.
     unsigned long long first = c0 * DUMMY_CHUNK;
-    if (first >= n) return;
-    int limit = (int)min((unsigned long long)DUMMY_CHUNK, n - first);
+    if (first >= end) return;
+    int limit = (int)min((unsigned long long)DUMMY_CHUNK, end - first);
+    // Store pass m, lane j: element j0 + j of chunk c0 + ci0 + m * stride.
+    const int stride = DF_THREADS / DF_STEPS;
+    int ci0 = threadIdx.x / DF_STEPS, j = threadIdx.x % DF_STEPS;
+    unsigned long long f = (c0 + ci0) * DUMMY_CHUNK + j;
+    unsigned long long row = f / cols, col = f % cols;
+    const unsigned long long hop = (unsigned long long)stride * DUMMY_CHUNK;
+    const unsigned long long hop_r = hop / cols, hop_c = hop % cols, step_r = DF_STEPS / cols, step_c = DF_STEPS % cols;
     for (int j0 = 0; j0 < limit; j0 += DF_STEPS) {
 #pragma unroll 4
-        for (int j = 0; j < DF_STEPS; j++) {
+        for (int s = 0; s < DF_STEPS; s++) {
             state = splitmix64(state);
             float u = (float)(unsigned)(state >> 40) * (1.0f / 16777216.0f);  // exact, as the host's division
             float v = __fadd_rn(center, __fmul_rn(half_width, __fsub_rn(__fmul_rn(2.0f, u), 1.0f)));
-            buf[threadIdx.x][j] = from_f(__bfloat162float(__float2bfloat16_rn(v)));
+            buf[threadIdx.x][s] = from_f(__bfloat162float(__float2bfloat16_rn(v)));
         }
         __syncthreads();
-        for (int i = threadIdx.x; i < DF_THREADS * DF_STEPS; i += DF_THREADS) {
-            int ci = i / DF_STEPS, j = i % DF_STEPS;
-            unsigned long long idx = (c0 + ci) * DUMMY_CHUNK + j0 + j;
-            // A chunk's own end: the tensor's end (only the last chunk is short).
-            if (j0 + j < DUMMY_CHUNK && idx < n) o[idx] = buf[ci][j];
+        unsigned long long r = row, cc = col;
+        for (int m = 0, ci = ci0; m < DF_STEPS; m++, ci += stride) {
+            if (r >= row0 && r < row0 + nrows && cc >= col0 && cc < col0 + ncols) o[(r - row0) * ncols + (cc - col0)] = buf[ci][j];
+            advance(r, cc, hop_r, hop_c, cols);
         }
         __syncthreads();
+        advance(row, col, step_r, step_c, cols);
     }
 }
