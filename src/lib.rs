@@ -21,18 +21,10 @@
 //!   at load for bisecting): decode steps as CUDA graphs, one per batch size, metadata through
 //!   pinned staging and replays checked by a hash of every launch; persistent decode GEMVs (a warp
 //!   per weight row, 8 loads in flight per lane, x staged in shared memory) with q/k/v and
-//!   gate·up·SwiGLU fused; QK-norm + RoPE + KV
-//!   append in one kernel; MoE decode reading only the chosen experts; split-KV decode attention
-//!   reading each K/V row once per query-head group;
+//!   gate·up·SwiGLU fused; QK-norm + RoPE + KV append in one kernel; MoE decode reading only the
+//!   chosen experts; split-KV decode attention reading each K/V row once per query-head group;
 //!   tiled causal attention for prefill; MoE prefill through cuBLAS grouped GEMMs; dummy weights
 //!   drawn on the device. Not yet: tensor-core prefill attention, a device sampler for non-greedy.
-//! - Tensor parallelism, issue 8: dummy weights drawn shard by shard on each rank's device
-//!   (`Backend::dummy_window`; MoE experts by their part of the columns), so a 32B over 2 GPUs or a
-//!   235B-A22B over 8 never exists whole on the host (it was built there: 64–470 GB). The splitmix64
-//!   chains have no jump-ahead, so a shard walks each chunk it touches from the chunk's start: a
-//!   column shard walks nearly every chunk and stores 1/N, i.e. each rank spends what one GPU spends
-//!   on the whole tensor, all ranks at once. Kept over a counter-based generator, which would have
-//!   changed every dummy value (and the figures and GGUF comparisons made with them).
 
 pub mod error;
 pub mod backend;
