@@ -45,8 +45,11 @@ const MOE_GEMV_SWIGLU: [&str; 4] = ["moe_gemv_swiglu", "moe_gemv_swiglu_xs", "mo
 const MOE_TILE_ROWS: usize = 16;
 const MAX_TOP_K: usize = 32;
 const MAX_HEAD_DIM: usize = 256;
-/// Query rows per block of the tiled prefill attention (FA_BQ in attention.cu; keys go 32 at a time).
+/// Query rows per block of the tiled prefill attention (FA_BQ in attention.cu; keys go 32 at a time;
+/// FP_BQ in attention_prefill.cu).
 const ATTN_TILE_ROWS: usize = 64;
+/// Keys per shared-memory tile of the tensor-core prefill attention (FP_BK in attention_prefill.cu).
+const ATTN_PREFILL_KEYS: usize = 64;
 
 /// Whether a CUDA GPU is usable: driver, NVRTC, cuBLAS and headers found, driver new enough, and
 /// at least one device. Checked once per process; never panics.
@@ -876,6 +879,14 @@ impl Backend for CudaBackend {
                 return Ok(());
             }
             let tiles_d = self.meta(Meta::Tiles, bytemuck::cast_slice(&tiles))?;
+            // bf16 / f16 with head_dim 64 or 128: tensor cores (16-byte copies: aligned rows; the
+            // page lookup shifts: a power-of-two block size). Same arguments as the tiled kernel.
+            if self.esize() == 2 && (hd == 64 || hd == 128) && kv.block_size.is_power_of_two() && [o, qp, kc, vc].iter().all(|p| p % 16 == 0) {
+                let smem = ((ATTN_TILE_ROWS + 2 * ATTN_PREFILL_KEYS) * (hd + 8) * 2) as u32;
+                let kernel = if hd == 64 { "attention_prefill_64" } else { "attention_prefill_128" };
+                return self.gpu.launch("attention_prefill", kernel, (nh as u32, (tiles.len() / 2) as u32, 1), 128, smem,
+                    args![o, qp, kc, vc, ctx, table_at, tables, tiles_d, nhi, nkv, hdi, bs, kvd, scale]);
+            }
             let srow = hd + if self.esize() == 4 { 1 } else { 2 };
             let smem = ((ATTN_TILE_ROWS + 2 * 32) * srow * self.esize()) as u32;
             let kernel = if hd <= 128 { "attention_tiled_128" } else { "attention_tiled_256" };
