@@ -879,9 +879,9 @@ impl Backend for CudaBackend {
                 return Ok(());
             }
             let tiles_d = self.meta(Meta::Tiles, bytemuck::cast_slice(&tiles))?;
-            // bf16 / f16 with head_dim 64 or 128: tensor cores (16-byte copies: aligned rows; the
-            // page lookup shifts: a power-of-two block size). Same arguments as the tiled kernel.
-            if self.esize() == 2 && (hd == 64 || hd == 128) && kv.block_size.is_power_of_two() && [o, qp, kc, vc].iter().all(|p| p % 16 == 0) {
+            // bf16 / f16 with head_dim 64 or 128: tensor cores (its 16-byte copies need aligned
+            // buffers). Same arguments as the tiled kernel.
+            if self.esize() == 2 && (hd == 64 || hd == 128) && [o, qp, kc, vc].iter().all(|p| p % 16 == 0) {
                 let smem = ((ATTN_TILE_ROWS + 2 * ATTN_PREFILL_KEYS) * (hd + 8) * 2) as u32;
                 let kernel = if hd == 64 { "attention_prefill_64" } else { "attention_prefill_128" };
                 return self.gpu.launch("attention_prefill", kernel, (nh as u32, (tiles.len() / 2) as u32, 1), 128, smem,

@@ -10,9 +10,11 @@
 // Structure (FA2): 4 warps, warp w owns query rows 16w..16w+15 of the tile. Q is staged through
 // shared memory into registers (mma A fragments) once. K and V tiles of FP_BK = 64 keys stream
 // through shared memory by cp.async: V(n) is fetched while S = Q·K(n)ᵀ and the softmax run, K(n+1)
-// while O += P·V(n) runs. S stays in registers; its accumulator layout is exactly the A-fragment
-// layout P needs for P·V, so P never touches shared memory. A warp skips a key tile that none of its
-// rows sees (causal); the mask is only evaluated on tiles that cross a row's context end.
+// while O += P·V(n) runs. The page lookups of a key tile are done once (64 threads) into a
+// double-buffered slot table in shared memory, read by the copies of K and of V. S stays in
+// registers; its accumulator layout is exactly the A-fragment layout P needs for P·V, so P never
+// touches shared memory. A warp skips a key tile that none of its rows sees (causal); the mask is
+// only evaluated on tiles that cross a row's context end.
 //
 // Fragment layouts relied on (PTX ISA, mma.m16n8k16 with .bf16/.f16 inputs, f32 accumulators;
 // lane = 4 g + t, g = groupID = lane / 4, t = lane % 4; a "pair" is two 16-bit values in one 32-bit
@@ -38,7 +40,8 @@
 //
 // Shared memory: Q [FP_BQ][SROW], K [FP_BK][SROW], V [FP_BK][SROW] act_t, SROW = HD + 8: rows are
 // 16-byte aligned and 16 bytes apart modulo 128, so the 8 row addresses of every ldmatrix phase hit
-// distinct bank groups (no conflicts). HD 128: 52,224 bytes; HD 64: 27,648.
+// distinct bank groups (no conflicts). HD 128: 52,224 bytes; HD 64: 27,648 (dynamic), plus the
+// 512-byte slot table.
 
 #if Q_DTYPE != 0
 
@@ -80,6 +83,13 @@ __device__ __forceinline__ void fp_mma(float (&d)[4], const unsigned (&a)[4], un
 #endif
 }
 
+// 2^x (approximate, 2 ulp; subnormal results flushed to 0, 2^-inf = 0).
+__device__ __forceinline__ float fp_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
 // Two f32 -> one register of two act_t, `lo` in the low half (the lower column).
 __device__ __forceinline__ unsigned fp_pack(float lo, float hi) {
 #if Q_DTYPE == 1
@@ -103,6 +113,7 @@ __device__ __forceinline__ void attention_prefill_impl(act_t* out, const act_t* 
     constexpr int NB = FP_BK / 8;                      // 8-key blocks of S
     constexpr int ND = HD / 8;                         // 8-dim blocks of O
     extern __shared__ __align__(16) unsigned char fp_smem[];
+    __shared__ unsigned slots[2][FP_BK];  // cache slot of each key of a K/V tile (~0u: past the context), two tiles
     act_t* qs = reinterpret_cast<act_t*>(fp_smem);
     act_t* ks = qs + FP_BQ * SROW;
     act_t* vs = ks + FP_BK * SROW;
@@ -116,7 +127,6 @@ __device__ __forceinline__ void attention_prefill_impl(act_t* out, const act_t* 
     const unsigned* table = tables + row_table[row0];
     const int ctx_last = (int)row_ctx[row0 + nrows - 1];  // rows are consecutive positions: the last sees most
     const int n_kt = (ctx_last + FP_BK - 1) / FP_BK;
-    const int bs_shift = __ffs(block_size) - 1;            // block_size is a power of two (host checks)
 
     // Q rows -> shared (rows past the tile: zeros).
 #pragma unroll
@@ -126,17 +136,26 @@ __device__ __forceinline__ void attention_prefill_impl(act_t* out, const act_t* 
         const act_t* src = q + ((size_t)(row0 + (ok ? r : 0)) * nh + h) * HD + c * 8;
         fp_cp_async16(fp_smem_addr(qs + r * SROW + c * 8), src, ok);
     }
-    // Keys k0 .. k0+FP_BK-1 of `cache` -> dst (keys past the context: zeros, so that P·V never meets
-    // an uninitialised NaN pattern; their scores are masked to -inf).
-    auto load_kv = [&](act_t* dst, const act_t* cache, int k0) {
-#pragma unroll
-        for (int it = 0; it < LOADS; it++) {
-            int i = tid + it * FP_THREADS, r = i / CH, c = i % CH, key = k0 + r;
-            bool ok = key < ctx_last;
-            size_t slot = ok ? ((size_t)table[key >> bs_shift] << bs_shift) + (key & (block_size - 1)) : 0;
-            fp_cp_async16(fp_smem_addr(dst + r * SROW + c * 8), cache + slot * kv_dim + kv_off + c * 8, ok);
+    // The page lookups of key tile k0 / FP_BK, once per tile for K and V and every thread's copies.
+    auto find_slots = [&](int k0) {
+        if (tid < FP_BK) {
+            int key = k0 + tid;
+            slots[(k0 / FP_BK) & 1][tid] = key < ctx_last ? table[key / block_size] * block_size + key % block_size : ~0u;
         }
     };
+    // Keys of tile `kt` of `cache` -> dst (keys past the context: zeros, so that P·V never meets an
+    // uninitialised NaN pattern; their scores are masked to -inf).
+    auto load_kv = [&](act_t* dst, const act_t* cache, int kt) {
+#pragma unroll
+        for (int it = 0; it < LOADS; it++) {
+            int i = tid + it * FP_THREADS, r = i / CH, c = i % CH;
+            unsigned slot = slots[kt & 1][r];
+            bool ok = slot != ~0u;
+            fp_cp_async16(fp_smem_addr(dst + r * SROW + c * 8), cache + (size_t)(ok ? slot : 0) * kv_dim + kv_off + c * 8, ok);
+        }
+    };
+    find_slots(0);
+    __syncthreads();
     load_kv(ks, kc, 0);
     fp_cp_async_commit();
 
@@ -148,7 +167,7 @@ __device__ __forceinline__ void attention_prefill_impl(act_t* out, const act_t* 
     const int ctx_b = rb < nrows ? (int)row_ctx[row0 + rb] : ctx_last;
     const int warp_hi = __reduce_max_sync(0xffffffffu, (unsigned)max(ra < nrows ? ctx_a : 0, rb < nrows ? ctx_b : 0));
     const int warp_lo = __reduce_min_sync(0xffffffffu, (unsigned)min(ctx_a, ctx_b));
-    const float sl2 = scale * 1.4426950408889634f;  // scores in log2 units: exp(x * scale) = exp2(x * sl2)
+    const float sl2 = scale * 1.4426950408889634f;  // exp(x * scale) = 2^(x * sl2)
 
     fp_cp_async_wait_all();
     __syncthreads();
@@ -169,8 +188,11 @@ __device__ __forceinline__ void attention_prefill_impl(act_t* out, const act_t* 
 
     for (int kt = 0; kt < n_kt; kt++) {
         const int k0 = kt * FP_BK;
-        load_kv(vs, vc, k0);
+        load_kv(vs, vc, kt);
         fp_cp_async_commit();
+        // Slots of the next tile into the other buffer: its last readers (the copies of tile kt-1)
+        // were issued before the previous barrier; K(kt+1) reads it after the next one.
+        if (kt + 1 < n_kt) find_slots(k0 + FP_BK);
         const bool active = k0 < warp_hi;  // warp-uniform
         float s[NB][4];
         if (active) {
@@ -193,29 +215,26 @@ __device__ __forceinline__ void attention_prefill_impl(act_t* out, const act_t* 
 #pragma unroll
                     for (int c = 0; c < 4; c++) {
                         int key = k0 + nb * 8 + t4 * 2 + (c & 1);
-                        s[nb][c] = key < (c < 2 ? ctx_a : ctx_b) ? s[nb][c] * sl2 : -INFINITY;
+                        if (key >= (c < 2 ? ctx_a : ctx_b)) s[nb][c] = -INFINITY;
                     }
-            } else {
-#pragma unroll
-                for (int nb = 0; nb < NB; nb++)
-#pragma unroll
-                    for (int c = 0; c < 4; c++) s[nb][c] *= sl2;
             }
-            // Online softmax. Every row sees key 0, so after tile 0 m is finite and corr/p are never NaN.
+            // Online softmax; m in log2 units (raw max * sl2: the scale is positive). Every row sees
+            // key 0, so after tile 0 m is finite and corr/p are never NaN.
 #pragma unroll
             for (int i = 0; i < 2; i++) {
-                float mx = m[i];
+                float mx = -INFINITY;
 #pragma unroll
                 for (int nb = 0; nb < NB; nb++) mx = fmaxf(mx, fmaxf(s[nb][2 * i], s[nb][2 * i + 1]));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the quad holds the row's 64 keys
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float corr = exp2f(m[i] - mx);  // 0 on the first tile (m = -inf)
+                mx = fmaxf(m[i], mx * sl2);
+                const float corr = fp_exp2(m[i] - mx);  // 0 on the first tile (m = -inf)
                 m[i] = mx;
                 float sum = 0.f;
 #pragma unroll
                 for (int nb = 0; nb < NB; nb++) {
-                    s[nb][2 * i] = exp2f(s[nb][2 * i] - mx);
-                    s[nb][2 * i + 1] = exp2f(s[nb][2 * i + 1] - mx);
+                    s[nb][2 * i] = fp_exp2(fmaf(s[nb][2 * i], sl2, -mx));
+                    s[nb][2 * i + 1] = fp_exp2(fmaf(s[nb][2 * i + 1], sl2, -mx));
                     sum += s[nb][2 * i] + s[nb][2 * i + 1];
                 }
                 l[i] = l[i] * corr + sum;
@@ -229,7 +248,7 @@ __device__ __forceinline__ void attention_prefill_impl(act_t* out, const act_t* 
         fp_cp_async_wait_all();  // V(kt) is here ...
         __syncthreads();         // ... for every thread, and no warp reads K(kt) any more
         if (kt + 1 < n_kt) {
-            load_kv(ks, kc, k0 + FP_BK);
+            load_kv(ks, kc, kt + 1);
             fp_cp_async_commit();
         }
         if (active) {
@@ -279,7 +298,8 @@ __device__ __forceinline__ void attention_prefill_impl(act_t* out, const act_t* 
 #define FP_PASS out, q, kc, vc, row_ctx, row_table, tables, tiles, nh, nkv, block_size, kv_dim, scale
 // grid (nh, n_tiles), FP_THREADS threads, dynamic shared memory (FP_BQ + 2 FP_BK) * (hd + FP_PAD)
 // act_t. `hd` must equal the kernel's head_dim (it is in the argument list to match attention_tiled_*).
-extern "C" __global__ void __launch_bounds__(FP_THREADS) attention_prefill_64(FP_ARGS) { attention_prefill_impl<64>(FP_PASS); }
+// ptxas (sm_90): hd 128 246 registers (2 blocks per SM), hd 64 128 (4 blocks per SM); no spills.
+extern "C" __global__ void __launch_bounds__(FP_THREADS, 4) attention_prefill_64(FP_ARGS) { attention_prefill_impl<64>(FP_PASS); }
 extern "C" __global__ void __launch_bounds__(FP_THREADS) attention_prefill_128(FP_ARGS) { attention_prefill_impl<128>(FP_PASS); }
 
 #endif  // Q_DTYPE != 0
