@@ -501,8 +501,8 @@ fn run_attention_batch<B: Backend>(be: &B, s: AttnShape, seqs: &[(usize, usize)]
 
 #[test]
 fn tensor_core_prefill_attention() {
-    // bf16 / f16 with head_dim 64 or 128 take attention_prefill.cu (tensor cores); f32 and other
-    // head dims the tiled kernel. Prompts of odd lengths, several per batch, with cached prefixes
+    // bf16 / f16 with head_dim 16, 32, 64 or 128 take attention_prefill.cu (tensor cores); f32 and
+    // other head dims the tiled kernel. Prompts of odd lengths, several per batch, with cached prefixes
     // (chunked prefill: keys from earlier steps, not a multiple of a page or a key tile); GQA
     // groups 1, 2, 4 and 8.
     let seqs = [(0usize, 1usize), (0, 17), (0, 64), (37, 65), (0, 200), (5, 1), (130, 9), (300, 1000)];
@@ -512,7 +512,7 @@ fn tensor_core_prefill_attention() {
         let c = CpuBackend::new(dtype);
         let (_, bar) = bars(dtype);
         for (hd, nh, nkv, bs, big) in [(128usize, 8usize, 8usize, 16usize, true), (128, 8, 4, 16, false), (64, 8, 2, 16, true),
-            (128, 16, 2, 16, true), (64, 4, 4, 8, false), (128, 4, 1, 32, false), (96, 4, 2, 16, false)] {
+            (128, 16, 2, 16, true), (64, 4, 4, 8, false), (128, 4, 1, 32, false), (32, 4, 2, 16, false), (16, 4, 2, 16, false), (96, 4, 2, 16, false)] {
             let s = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
             let batch: &[(usize, usize)] = if big { &seqs } else { &small };
             let (gv, cv) = (run_attention_batch(&g, s, batch, bs, &mut Rng(41)), run_attention_batch(&c, s, batch, bs, &mut Rng(41)));

@@ -879,11 +879,19 @@ impl Backend for CudaBackend {
                 return Ok(());
             }
             let tiles_d = self.meta(Meta::Tiles, bytemuck::cast_slice(&tiles))?;
-            // bf16 / f16 with head_dim 64 or 128: tensor cores (its 16-byte copies need aligned
-            // buffers). Same arguments as the tiled kernel.
-            if self.esize() == 2 && (hd == 64 || hd == 128) && [o, qp, kc, vc].iter().all(|p| p % 16 == 0) {
+            // bf16 / f16 with head_dim 128 (every Qwen3), 64, 32 or 16: tensor cores (its 16-byte
+            // copies need aligned buffers). Same arguments as the tiled kernel; unlike it (and the
+            // CPU), the softmax weights are rounded to the compute dtype for P·V, as in
+            // FlashAttention (~1e-3 relative).
+            let fa_kernel = match hd {
+                16 => Some("attention_prefill_16"),
+                32 => Some("attention_prefill_32"),
+                64 => Some("attention_prefill_64"),
+                128 => Some("attention_prefill_128"),
+                _ => None,
+            };
+            if let Some(kernel) = fa_kernel.filter(|_| self.esize() == 2 && [o, qp, kc, vc].iter().all(|p| p % 16 == 0)) {
                 let smem = ((ATTN_TILE_ROWS + 2 * ATTN_PREFILL_KEYS) * (hd + 8) * 2) as u32;
-                let kernel = if hd == 64 { "attention_prefill_64" } else { "attention_prefill_128" };
                 return self.gpu.launch("attention_prefill", kernel, (nh as u32, (tiles.len() / 2) as u32, 1), 128, smem,
                     args![o, qp, kc, vc, ctx, table_at, tables, tiles_d, nhi, nkv, hdi, bs, kvd, scale]);
             }

@@ -40,8 +40,8 @@
 //
 // Shared memory: Q [FP_BQ][SROW], K [FP_BK][SROW], V [FP_BK][SROW] act_t, SROW = HD + 8: rows are
 // 16-byte aligned and 16 bytes apart modulo 128, so the 8 row addresses of every ldmatrix phase hit
-// distinct bank groups (no conflicts). HD 128: 52,224 bytes; HD 64: 27,648 (dynamic), plus the
-// 512-byte slot table.
+// distinct bank groups (no conflicts; also for HD 16 and 32, whose 48- and 80-byte rows step 3 and
+// 5 bank groups). HD 128: 52,224 bytes; HD 64: 27,648 (dynamic), plus the 512-byte slot table.
 
 #if Q_DTYPE != 0
 
@@ -299,6 +299,9 @@ __device__ __forceinline__ void attention_prefill_impl(act_t* out, const act_t* 
 // grid (nh, n_tiles), FP_THREADS threads, dynamic shared memory (FP_BQ + 2 FP_BK) * (hd + FP_PAD)
 // act_t. `hd` must equal the kernel's head_dim (it is in the argument list to match attention_tiled_*).
 // ptxas (sm_90): hd 128 246 registers (2 blocks per SM), hd 64 128 (4 blocks per SM); no spills.
+// hd 16 and 32 serve the small test checkpoints (the conformance suite runs this kernel end to end).
+extern "C" __global__ void __launch_bounds__(FP_THREADS, 4) attention_prefill_16(FP_ARGS) { attention_prefill_impl<16>(FP_PASS); }
+extern "C" __global__ void __launch_bounds__(FP_THREADS, 4) attention_prefill_32(FP_ARGS) { attention_prefill_impl<32>(FP_PASS); }
 extern "C" __global__ void __launch_bounds__(FP_THREADS, 4) attention_prefill_64(FP_ARGS) { attention_prefill_impl<64>(FP_PASS); }
 extern "C" __global__ void __launch_bounds__(FP_THREADS) attention_prefill_128(FP_ARGS) { attention_prefill_impl<128>(FP_PASS); }
 
