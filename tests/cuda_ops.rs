@@ -450,6 +450,77 @@ fn tiled_prefill_attention() {
     }
 }
 
+/// A prefill batch of sequences given as (cached tokens, new rows), each in scattered cache blocks
+/// of `bs` slots: step 1 appends the cached prefixes, step 2 appends every sequence's new rows and
+/// runs attention over them. Returns the attention output of step 2 [T, nh*hd].
+fn run_attention_batch<B: Backend>(be: &B, s: AttnShape, seqs: &[(usize, usize)], bs: usize, r: &mut Rng) -> Vec<f32> {
+    let (kvd, qd) = (s.n_kv_heads * s.head_dim, s.n_heads * s.head_dim);
+    let n_blocks: usize = seqs.iter().map(|&(c, n)| (c + n).div_ceil(bs)).sum::<usize>() + 2;
+    let mut kv = be.alloc_kv(n_blocks, bs, kvd).unwrap();
+    // Blocks handed out in a shuffled order.
+    let mut free: Vec<u32> = (0..n_blocks as u32).collect();
+    for i in (1..free.len()).rev() {
+        free.swap(i, r.below(i as u32 + 1) as usize);
+    }
+    let tables: Vec<Vec<u32>> = seqs.iter().map(|&(c, n)| (0..(c + n).div_ceil(bs)).map(|_| free.pop().unwrap()).collect()).collect();
+    let append = |kv: &mut B::KvLayer, parts: &[(usize, usize, usize)], r: &mut Rng| {
+        // parts: (sequence, first position, rows)
+        let t: usize = parts.iter().map(|p| p.2).sum();
+        let tok = vec![0u32; t];
+        let pos: Vec<u32> = parts.iter().flat_map(|&(_, p0, n)| (p0..p0 + n).map(|p| p as u32)).collect();
+        let mut row = 0;
+        let slots = parts.iter().map(|&(i, p0, n)| {
+            row += n;
+            SeqSlot { rows: row - n..row, start_pos: p0, blocks: &tables[i] }
+        }).collect();
+        let b = BatchInfo { tokens: &tok, positions: &pos, seqs: slots, block_size: bs };
+        let (k, v) = (be.upload_buf(t, kvd, &r.uniform(t * kvd, 1.0)).unwrap(), be.upload_buf(t, kvd, &r.uniform(t * kvd, 1.0)).unwrap());
+        be.kv_append(kv, &k, &v, &b).unwrap();
+    };
+    let cached: Vec<(usize, usize, usize)> = seqs.iter().enumerate().filter(|(_, s)| s.0 > 0).map(|(i, s)| (i, 0, s.0)).collect();
+    if !cached.is_empty() {
+        append(&mut kv, &cached, r);
+    }
+    let new: Vec<(usize, usize, usize)> = seqs.iter().enumerate().map(|(i, s)| (i, s.0, s.1)).collect();
+    append(&mut kv, &new, r);
+    let t: usize = seqs.iter().map(|s| s.1).sum();
+    let tok = vec![0u32; t];
+    let pos: Vec<u32> = seqs.iter().flat_map(|&(c, n)| (c..c + n).map(|p| p as u32)).collect();
+    let mut row = 0;
+    let slots = seqs.iter().enumerate().map(|(i, &(c, n))| {
+        row += n;
+        SeqSlot { rows: row - n..row, start_pos: c, blocks: &tables[i] }
+    }).collect();
+    let b = BatchInfo { tokens: &tok, positions: &pos, seqs: slots, block_size: bs };
+    // Sharper scores than uniform(1) give: a few keys dominate, as in a trained model.
+    let q = be.upload_buf(t, qd, &r.uniform(t * qd, 3.0)).unwrap();
+    let mut out = be.alloc(t, qd).unwrap();
+    be.attention(&mut out, &q, &kv, &b, s).unwrap();
+    be.download(&out).unwrap()
+}
+
+#[test]
+fn tensor_core_prefill_attention() {
+    // bf16 / f16 with head_dim 16, 32, 64 or 128 take attention_prefill.cu (tensor cores); f32 and
+    // other head dims the tiled kernel. Prompts of odd lengths, several per batch, with cached prefixes
+    // (chunked prefill: keys from earlier steps, not a multiple of a page or a key tile); GQA
+    // groups 1, 2, 4 and 8.
+    let seqs = [(0usize, 1usize), (0, 17), (0, 64), (37, 65), (0, 200), (5, 1), (130, 9), (300, 1000)];
+    let small = [(0usize, 33usize), (64, 64), (3, 1), (17, 130)];
+    for dtype in [DType::BF16, DType::F16, DType::F32] {
+        let Some(g) = gpu(dtype) else { return };
+        let c = CpuBackend::new(dtype);
+        let (_, bar) = bars(dtype);
+        for (hd, nh, nkv, bs, big) in [(128usize, 8usize, 8usize, 16usize, true), (128, 8, 4, 16, false), (64, 8, 2, 16, true),
+            (128, 16, 2, 16, true), (64, 4, 4, 8, false), (128, 4, 1, 32, false), (32, 4, 2, 16, false), (16, 4, 2, 16, false), (96, 4, 2, 16, false)] {
+            let s = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
+            let batch: &[(usize, usize)] = if big { &seqs } else { &small };
+            let (gv, cv) = (run_attention_batch(&g, s, batch, bs, &mut Rng(41)), run_attention_batch(&c, s, batch, bs, &mut Rng(41)));
+            check(&format!("prefill attention hd={hd} nh={nh} nkv={nkv} bs={bs} T={}", gv.len() / (nh * hd)), dtype, &gv, &cv, bar);
+        }
+    }
+}
+
 #[test]
 fn split_kv_decode_attention_long_contexts() {
     for dtype in DTYPES {

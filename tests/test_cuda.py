@@ -60,7 +60,7 @@ def test_kernels_compile_for_sm90():
         if "not found" in str(e) or "without the `cuda` feature" in str(e):
             pytest.skip(f"NVRTC or CUDA headers unavailable: {e}")
         raise
-    assert len(done) == 15 and "attention/bfloat16" in done, done
+    assert len(done) == 18 and "attention/bfloat16" in done and "attention_prefill/float16" in done, done
 
 
 # ---- on a GPU ----

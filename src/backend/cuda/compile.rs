@@ -18,6 +18,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("elementwise", include_str!("kernels/elementwise.cu")),
     ("norm", include_str!("kernels/norm.cu")),
     ("attention", include_str!("kernels/attention.cu")),
+    ("attention_prefill", include_str!("kernels/attention_prefill.cu")),
     ("matmul", include_str!("kernels/matmul.cu")),
     ("moe", include_str!("kernels/moe.cu")),
 ];

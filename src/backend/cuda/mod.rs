@@ -46,10 +46,13 @@ const MOE_GEMV_SWIGLU: [&str; 4] = ["moe_gemv_swiglu", "moe_gemv_swiglu_xs", "mo
 const MOE_TILE_ROWS: usize = 16;
 const MAX_TOP_K: usize = 32;
 const MAX_HEAD_DIM: usize = 256;
-/// Query rows per block of the tiled prefill attention (FA_BQ in attention.cu; keys go 32 at a time).
+/// Query rows per block of the tiled prefill attention (FA_BQ in attention.cu; keys go 32 at a time;
+/// FP_BQ in attention_prefill.cu).
 const ATTN_TILE_ROWS: usize = 64;
 /// Most KV splits of decode attention (`AD_MAX_SPLITS` in attention.cu).
 const MAX_ATTN_SPLITS: usize = 128;
+/// Keys per shared-memory tile of the tensor-core prefill attention (FP_BK in attention_prefill.cu).
+const ATTN_PREFILL_KEYS: usize = 64;
 
 /// Whether a CUDA GPU is usable: driver, NVRTC, cuBLAS and headers found, driver new enough, and
 /// at least one device. Checked once per process; never panics.
@@ -914,6 +917,22 @@ impl Backend for CudaBackend {
                 return Ok(());
             }
             let tiles_d = self.meta(Meta::Tiles, bytemuck::cast_slice(&tiles))?;
+            // bf16 / f16 with head_dim 128 (every Qwen3), 64, 32 or 16: tensor cores (its 16-byte
+            // copies need aligned buffers). Same arguments as the tiled kernel; unlike it (and the
+            // CPU), the softmax weights are rounded to the compute dtype for P·V, as in
+            // FlashAttention (~1e-3 relative).
+            let fa_kernel = match hd {
+                16 => Some("attention_prefill_16"),
+                32 => Some("attention_prefill_32"),
+                64 => Some("attention_prefill_64"),
+                128 => Some("attention_prefill_128"),
+                _ => None,
+            };
+            if let Some(kernel) = fa_kernel.filter(|_| self.esize() == 2 && [o, qp, kc, vc].iter().all(|p| p % 16 == 0)) {
+                let smem = ((ATTN_TILE_ROWS + 2 * ATTN_PREFILL_KEYS) * (hd + 8) * 2) as u32;
+                return self.gpu.launch("attention_prefill", kernel, (nh as u32, (tiles.len() / 2) as u32, 1), 128, smem,
+                    args![o, qp, kc, vc, ctx, table_at, tables, tiles_d, nhi, nkv, hdi, bs, kvd, scale]);
+            }
             let srow = hd + if self.esize() == 4 { 1 } else { 2 };
             let smem = ((ATTN_TILE_ROWS + 2 * 32) * srow * self.esize()) as u32;
             let kernel = if hd <= 128 { "attention_tiled_128" } else { "attention_tiled_256" };
