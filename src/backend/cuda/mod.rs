@@ -237,17 +237,18 @@ fn blocks(n: usize, per: usize) -> u32 {
     n.div_ceil(per) as u32
 }
 
-/// The grouped decode-attention kernel for a head shape (`attention_decode_g{G}_d{hd}` in
-/// attention.cu: G query heads of one KV head per block, G = group up to 8), if there is one.
-fn decode_attention_kernel(s: AttnShape) -> Option<&'static str> {
+/// The grouped decode-attention kernel for a head shape and its heads per block (`attention_decode_g{G}_d{hd}`
+/// in attention.cu: G query heads of one KV head per block, G = the group up to `g_max`), if there is one.
+fn decode_attention_kernel(s: AttnShape, g_max: usize) -> Option<(&'static str, usize)> {
     const NAMES: [[&str; 4]; 2] = [
         ["attention_decode_g1_d64", "attention_decode_g2_d64", "attention_decode_g4_d64", "attention_decode_g8_d64"],
         ["attention_decode_g1_d128", "attention_decode_g2_d128", "attention_decode_g4_d128", "attention_decode_g8_d128"],
     ];
     let group = s.n_heads / s.n_kv_heads;
+    let g = group.min(g_max);
     let d = [64, 128].iter().position(|&hd| hd == s.head_dim)?;
-    let g = [1, 2, 4, 8].iter().position(|&g| g == group.min(8))?;
-    (group.is_power_of_two()).then_some(NAMES[d][g])
+    let gi = [1, 2, 4, 8].iter().position(|&x| x == g)?;
+    group.is_power_of_two().then_some((NAMES[d][gi], g))
 }
 
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
@@ -530,14 +531,13 @@ impl CudaBackend {
         Ok((name, (grid, 1, 1), smem))
     }
 
-    /// KV splits of decode attention over `blocks` (group, row) blocks: at least 32 keys of the
-    /// longest context per split, and no more splits than fill the GPU about four blocks per SM
-    /// deep; a power of two, so that the launch shape (part of a CUDA graph) changes only at a few
-    /// context lengths.
-    fn decode_splits(&self, batch: &BatchInfo, blocks: usize) -> usize {
-        let longest = batch.seqs.iter().map(|s| s.start_pos + s.rows.len()).max().unwrap_or(0);
+    /// KV splits of decode attention over `blocks` (heads, row) blocks for a longest context of
+    /// `longest` keys: at least 16 keys per split, and no more splits than fill the GPU about four
+    /// blocks per SM deep; a power of two, so that the launch shape (part of a CUDA graph) changes
+    /// only at a few context lengths.
+    fn decode_splits(&self, longest: usize, blocks: usize) -> usize {
         let fill = (4 * self.gpu.sms as usize / blocks.max(1)).max(1);
-        let want = (longest / 32).min(fill).clamp(1, MAX_ATTN_SPLITS);
+        let want = (longest / 16).min(fill).clamp(1, MAX_ATTN_SPLITS);
         1 << want.ilog2()
     }
 
@@ -891,11 +891,15 @@ impl Backend for CudaBackend {
         let (nhi, nkv, hdi, bs, kvd) = (nh as i32, shape.n_kv_heads as i32, hd as i32, kv.block_size as i32, kv.kv_dim as i32);
         let scale = 1.0 / (hd as f32).sqrt();
         let t = q.rows;
-        if let (true, Some(name)) = (self.split_kv && t <= GEMV_MAX_ROWS, decode_attention_kernel(shape)) {
-            // Decode: a block per (KV head, ≤ 8 of its query heads, row, split of the keys), then
-            // a merge of the splits when there are several.
-            let group_blocks = shape.n_kv_heads * (nh / shape.n_kv_heads).div_ceil(8);
-            let splits = self.decode_splits(batch, group_blocks * t);
+        // Decode: a block per (KV head, G of its query heads, row, split of the keys), then a merge
+        // of the splits when there are several. G = 8 reads each K/V row once for up to 8 heads (long
+        // contexts); below 1,024 keys the reads are few and G = 2 gives more, lighter blocks
+        // (RESULTS.md run 13).
+        let longest = batch.seqs.iter().map(|s| s.start_pos + s.rows.len()).max().unwrap_or(0);
+        let g_max = if longest < 1024 { 2 } else { 8 };
+        if let (true, Some((name, g))) = (self.split_kv && t <= GEMV_MAX_ROWS, decode_attention_kernel(shape, g_max)) {
+            let group_blocks = nh / g;
+            let splits = self.decode_splits(longest, group_blocks * t);
             let [ml, acc] = self.scratch([(Scratch::AttnMl, t * nh * splits * 8), (Scratch::AttnAcc, t * nh * splits * hd * 4)])?;
             let grid = (group_blocks as u32, t as u32, splits as u32);
             self.gpu.launch("attention", name, grid, 128, 0, args![o, ml, acc, qp, kc, vc, ctx, table_at, tables, nhi, nkv, bs, kvd, scale])?;
@@ -969,12 +973,11 @@ impl Backend for CudaBackend {
         ])?;
         let (xp, rp, (ei, hi, ii, ki, ti, pi)) = (x.mem.ptr, moe.router.mem.ptr, (e as i32, h as i32, inter as i32, k as i32, t as i32, p as i32));
         // 1. Router logits in f32, then softmax / top-k / renormalisation per row.
-        self.gpu.launch("matmul", "router_logits", (blocks(e, 8), t as u32, 1), 256, 0, args![probs, xp, rp, ei, hi])?;
         let norm = moe.norm_topk_prob as i32;
         if self.fused_gemv(t, h) && inter % (16 / es) == 0 {
-            // Decode: a warp routes each row; then GEMVs over the (pair, expert row) rows of the
-            // chosen experts only — no sort, every warp busy — and the combine in pair order.
-            self.gpu.launch("moe", "moe_route_warp", (blocks(t, 4), 1, 1), 128, 0, args![probs, ids, weights, ti, ei, ki, norm])?;
+            // Decode: routing in one launch; GEMVs over the (pair, expert row) rows of the chosen
+            // experts only — no sort, every warp busy — and the combine in pair order.
+            self.gpu.launch("moe", "moe_router_route", (t as u32, 1, 1), 1024, 0, args![probs, ids, weights, xp, rp, ei, hi, ki, norm])?;
             let (gp, upp, dp) = (moe.gate.ptr, moe.up.ptr, moe.down.ptr);
             let (name, grid, smem) = self.gemv_plan(&MOE_GEMV_SWIGLU, 1, t * h, p * inter)?;
             self.gpu.launch("matmul", name, grid, 256, smem, args![act, xp, gp, upp, ids, ki, pi, ii, hi])?;
@@ -984,7 +987,8 @@ impl Backend for CudaBackend {
             let (o, null) = (out.mem.ptr, 0u64);
             return self.gpu.launch("moe", "moe_combine", (blocks(h, 256), t as u32, 1), 256, 0, args![o, y, null, weights, ki, hi]);
         }
-        self.gpu.launch("moe", "moe_route", (blocks(t, 128), 1, 1), 128, 0, args![probs, ids, weights, ti, ei, ki, norm])?;
+        self.gpu.launch("matmul", "router_logits", (blocks(e, 8), t as u32, 1), 256, 0, args![probs, xp, rp, ei, hi])?;
+        self.gpu.launch("moe", "moe_route", (blocks(t, 4), 1, 1), 128, 0, args![probs, ids, weights, ti, ei, ki, norm])?;
         if self.moe_cublas.load(std::sync::atomic::Ordering::Relaxed) && self.gpu.note(|h| h)? == Mode::Eager {
             match self.moe_grouped_cublas(out, x, moe, [ids, weights, sorted, pair_pos, tile_e, tile_row0, tile_rows, g, u, act, y]) {
                 Ok(()) => return Ok(()),

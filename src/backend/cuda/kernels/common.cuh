@@ -65,3 +65,49 @@ __device__ float block_sum(float v) {
 }
 
 __device__ __forceinline__ float silu(float x) { return x / (1.f + expf(-x)); }
+
+// ---- The 16-byte-load row dot of the decode GEMVs (matmul.cu) and the MoE router (moe.cu) ----
+#define VEC (16 / (int)sizeof(act_t))  // elements per 16-byte load
+#define GV_UNROLL 8                     // 16-byte weight loads in flight per lane
+
+template <bool XS>
+__device__ __forceinline__ uint4 ld_x(const uint4* p) { return XS ? *p : __ldg(p); }
+
+// Lane partial sums acc[t] += x row t · weight row (t < T <= TMAX; K = kv * VEC; x rows kv apart).
+template <int TMAX, bool XS>
+__device__ __forceinline__ void row_dot(float* acc, const act_t* wrow, const act_t* x, int T, int kv) {
+    const uint4* wr = reinterpret_cast<const uint4*>(wrow);
+    const uint4* xr = reinterpret_cast<const uint4*>(x);
+    for (int i0 = threadIdx.x & 31; i0 < kv; i0 += 32 * GV_UNROLL) {
+        uint4 wv[GV_UNROLL];
+#pragma unroll
+        for (int u = 0; u < GV_UNROLL; u++) {
+            int i = i0 + u * 32;
+            wv[u] = i < kv ? __ldg(wr + i) : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+        for (int u = 0; u < GV_UNROLL; u++) {
+            int i = i0 + u * 32;
+            if (i < kv) {
+                const act_t* we = reinterpret_cast<const act_t*>(&wv[u]);
+                float wf[VEC];
+#pragma unroll
+                for (int j = 0; j < VEC; j++) wf[j] = to_f(we[j]);
+#pragma unroll
+                for (int t = 0; t < TMAX; t++) {
+                    if (t < T) {
+                        uint4 xv = ld_x<XS>(xr + (size_t)t * kv + i);
+                        const act_t* xe = reinterpret_cast<const act_t*>(&xv);
+                        float s0 = 0.f, s1 = 0.f;  // two chains: half the FMA latency
+#pragma unroll
+                        for (int j = 0; j < VEC; j += 2) {
+                            s0 += wf[j] * to_f(xe[j]);
+                            s1 += wf[j + 1] * to_f(xe[j + 1]);
+                        }
+                        acc[t] += s0 + s1;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -4,48 +4,6 @@
 
 #define MAX_TOP_K 32
 
-// probs [T, E]: router logits in, softmax out. ids/weights [T, k]: the chosen experts sorted by
-// expert id, and their (renormalised) probabilities. One thread per row.
-extern "C" __global__ void moe_route(float* probs, int* ids, float* weights, int T, int E, int k, int norm) {
-    int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= T) return;
-    float* p = probs + (size_t)t * E;
-    float mx = -INFINITY;
-    for (int e = 0; e < E; e++) mx = fmaxf(mx, p[e]);
-    float sum = 0.f;
-    for (int e = 0; e < E; e++) { float v = expf(p[e] - mx); p[e] = v; sum += v; }
-    float inv = 1.f / sum;
-    for (int e = 0; e < E; e++) p[e] *= inv;
-    // Top-k by repeated selection: the next pick is the largest value below the previous one
-    // (ties: the lowest index after it), so no "taken" flags are needed.
-    int sel[MAX_TOP_K];
-    float pv = INFINITY, total = 0.f;
-    int pi = -1;
-    for (int s = 0; s < k; s++) {
-        float bv = -INFINITY;
-        int bi = -1;
-        for (int e = 0; e < E; e++) {
-            float v = p[e];
-            bool after_prev = v < pv || (v == pv && e > pi);
-            if (after_prev && (bi < 0 || v > bv)) { bv = v; bi = e; }
-        }
-        sel[s] = bi;
-        total += bv;
-        pv = bv;
-        pi = bi;
-    }
-    if (!norm) total = 1.f;
-    for (int a = 1; a < k; a++) {  // insertion sort by expert id
-        int v = sel[a], b = a - 1;
-        while (b >= 0 && sel[b] > v) { sel[b + 1] = sel[b]; b--; }
-        sel[b + 1] = v;
-    }
-    for (int s = 0; s < k; s++) {
-        ids[(size_t)t * k + s] = sel[s];
-        weights[(size_t)t * k + s] = p[sel[s]] / total;
-    }
-}
-
 // Pairs p = t*k + s of `ids` [P] grouped by expert: sorted_src[pos] = t, pair_pos[p] = pos; tiles of
 // at most tm rows never straddle experts (tile_e = -1 past the last). One block; 2*E ints of shared memory.
 extern "C" __global__ void moe_sort(const int* ids, int P, int k, int E, int tm, int max_tiles,
@@ -97,16 +55,12 @@ extern "C" __global__ void moe_combine(act_t* out, const act_t* y, const int* pa
     out[(size_t)t * H + h] = from_f(acc);
 }
 
-// moe_route with one warp per row (decode: a single thread per row scanning E experts k + 3
-// times is the slowest step of a MoE layer). Same choices as moe_route: the softmax values are
-// computed per element the same way (only the sum's order differs, which scales every value
-// alike), and each top-k round takes the largest value below the previous pick, ties to the
-// lowest index. grid ceil(T / 4), 128 threads.
-extern "C" __global__ void moe_route_warp(float* probs, int* ids, float* weights, int T, int E, int k, int norm) {
+// Softmax, top-k and renormalisation of one row by one warp: p [E] router logits in, softmax out;
+// ids/weights [k]: the chosen experts sorted by expert id, and their (renormalised) probabilities.
+// Top-k by repeated selection: the next pick is the largest value below the previous one (ties: the
+// lowest index after it), so no "taken" flags are needed.
+__device__ void route_row(float* p, int* ids, float* weights, int E, int k, int norm) {
     int lane = threadIdx.x & 31;
-    int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (t >= T) return;
-    float* p = probs + (size_t)t * E;
     float mx = -INFINITY;
     for (int e = lane; e < E; e += 32) mx = fmaxf(mx, p[e]);
     mx = warp_max(mx);
@@ -146,7 +100,31 @@ extern "C" __global__ void moe_route_warp(float* probs, int* ids, float* weights
         sel[b + 1] = v;
     }
     for (int s = 0; s < k; s++) {
-        ids[(size_t)t * k + s] = sel[s];
-        weights[(size_t)t * k + s] = p[sel[s]] / total;
+        ids[s] = sel[s];
+        weights[s] = p[sel[s]] / total;
     }
+}
+
+// probs [T, E] (router logits in, softmax out), ids/weights [T, k] as route_row; one warp per row (a
+// thread per row scanning E experts k + 3 times took 48 µs a layer for a 16-token prefill of
+// Qwen3-30B-A3B, RESULTS.md run 12). grid ceil(T / 4), 128 threads.
+extern "C" __global__ void moe_route(float* probs, int* ids, float* weights, int T, int E, int k, int norm) {
+    int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (t < T) route_row(probs + (size_t)t * E, ids + (size_t)t * k, weights + (size_t)t * k, E, k, norm);
+}
+
+// Decode: the router logits (f32, as matmul.cu's router_logits: a warp per expert, 16-byte loads;
+// H % VEC == 0) and moe_route in one launch. grid T, 1,024 threads; probs is scratch [T, E].
+extern "C" __global__ void __launch_bounds__(1024) moe_router_route(float* probs, int* ids, float* weights,
+    const act_t* x, const act_t* router, int E, int H, int k, int norm) {
+    int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float* p = probs + (size_t)t * E;
+    for (int e = warp; e < E; e += blockDim.x >> 5) {
+        float acc[1] = {0.f};
+        row_dot<1, false>(acc, router + (size_t)e * H, x + (size_t)t * H, 1, H / VEC);
+        float s = warp_sum(acc[0]);
+        if (lane == 0) p[e] = s;
+    }
+    __syncthreads();  // the block's global writes are visible to its own threads after the barrier
+    if (warp == 0) route_row(p, ids + (size_t)t * k, weights + (size_t)t * k, E, k, norm);
 }
