@@ -23,8 +23,8 @@
 //!   per weight row, 8 loads in flight per lane, x staged in shared memory) with q/k/v and
 //!   gate·up·SwiGLU fused; QK-norm + RoPE + KV append in one kernel; MoE decode reading only the
 //!   chosen experts; split-KV decode attention reading each K/V row once per query-head group;
-//!   tiled causal attention for prefill; MoE prefill through cuBLAS grouped GEMMs; dummy weights
-//!   drawn on the device. Not yet: tensor-core prefill attention, a device sampler for non-greedy.
+//!   tensor-core (mma.sync) flash attention for prefill; MoE prefill through cuBLAS grouped GEMMs;
+//!   dummy weights drawn on the device. Not yet: a device sampler for non-greedy.
 
 pub mod error;
 pub mod backend;
