@@ -4,6 +4,9 @@
 //! (NCCL loads, initialises and all-reduces, the sharding is trivial); with more, 2 ranks really
 //! split the model. Prints SKIP and passes where no GPU (or NCCL) is usable.
 
+mod common;
+
+use common::AsHostTensors;
 use qwen3rs::backend::cuda::{self, CudaBackend};
 use qwen3rs::backend::tp::TensorParallel;
 use qwen3rs::backend::Backend;
@@ -57,18 +60,6 @@ fn tensor_parallel_on_gpus_equals_one_gpu() {
             eprintln!("tensor_parallel={n} {case}: rel err {err:.2e} vs one GPU (f32, bar 1e-5)");
             assert!(err <= 1e-5, "{case} tp={n}: {err}");
         }
-    }
-}
-
-/// Dummy weights handed out as host tensors (no seed): sharded on the host like a checkpoint's.
-struct AsHostTensors(DummyWeights);
-
-impl TensorSource for AsHostTensors {
-    fn tensor(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
-        self.0.tensor(name, shape)
-    }
-    fn stored_dtype(&self) -> DType {
-        self.0.stored_dtype()
     }
 }
 

@@ -7,6 +7,9 @@
 //! cuda_tp.rs.
 
 use half::bf16;
+mod common;
+
+use common::AsHostTensors;
 use qwen3rs::backend::cpu::CpuBackend;
 use qwen3rs::backend::tp::TensorParallel;
 use qwen3rs::backend::{Backend, MoeDummy, MoeHost};
@@ -16,7 +19,6 @@ use qwen3rs::model::dummy::{splitmix64, DummySpec, DummyWeights, DUMMY_CHUNK};
 use qwen3rs::model::Model;
 use qwen3rs::tensor::{DType, HostTensor, Window};
 use qwen3rs::weights::TensorSource;
-use qwen3rs::Result;
 use std::path::Path;
 
 /// Every element of the tensor, one chunk after the other, each chain walked from its start.
@@ -137,19 +139,6 @@ fn dummy_moe_part_equals_the_slices_of_the_whole_experts() {
         };
         let (a, b) = (run(&drawn), run(&sliced));
         assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()), "tp={n} rank {r}: expert columns {part:?} differ");
-    }
-}
-
-/// Dummy weights handed out as host tensors (no seed): the backend then uploads and shards them
-/// like a checkpoint's, the path every split had before shards were drawn alone.
-struct AsHostTensors(DummyWeights);
-
-impl TensorSource for AsHostTensors {
-    fn tensor(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
-        self.0.tensor(name, shape)
-    }
-    fn stored_dtype(&self) -> DType {
-        self.0.stored_dtype()
     }
 }
 
