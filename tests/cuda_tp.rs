@@ -14,9 +14,8 @@ use qwen3rs::config::Qwen3Config;
 use qwen3rs::engine::Engine;
 use qwen3rs::model::dummy::DummyWeights;
 use qwen3rs::model::Model;
-use qwen3rs::tensor::{DType, HostTensor};
+use qwen3rs::tensor::DType;
 use qwen3rs::weights::{SafetensorsWeights, TensorSource};
-use qwen3rs::Result;
 use std::path::Path;
 
 const CASES: [&str; 3] = ["dense_untied_f32_gqa4", "moe_mixed_sharded_bf16", "dense_tied_bf16"];
