@@ -199,6 +199,8 @@ pub struct CudaBackend {
     graphs: Option<Mutex<HashMap<usize, GraphState>>>,
     /// Set when a graph-mode forward did something a graph can't replay.
     graph_bad: std::sync::atomic::AtomicBool,
+    /// `QWEN3RS_CUDA_TRACE=1`: host time of each graph replay's parts, reported every 100 replays.
+    replay_trace: Option<Mutex<ReplayTrace>>,
     /// Fused decode kernels (q/k/v, gate·up·SwiGLU, QK-norm + RoPE + KV append, MoE experts);
     /// `QWEN3RS_CUDA_FUSED=0` runs the unfused ops.
     fused: bool,
@@ -251,6 +253,29 @@ fn decode_attention_kernel(s: AttnShape, g_max: usize) -> Option<(&'static str, 
     group.is_power_of_two().then_some((NAMES[d][gi], g))
 }
 
+/// Host time of graph replays (`QWEN3RS_CUDA_TRACE=1`): waiting for the previous step, the dry pass
+/// that hashes every launch and fills the metadata staging, and the graph launch call.
+#[derive(Default)]
+struct ReplayTrace {
+    n: u32,
+    sum: [std::time::Duration; 3],
+}
+
+impl ReplayTrace {
+    fn add(&mut self, parts: [std::time::Duration; 3]) {
+        self.n += 1;
+        for (s, p) in self.sum.iter_mut().zip(parts) {
+            *s += p;
+        }
+        if self.n == 100 {
+            let us = |d: std::time::Duration| d.as_secs_f64() * 1e6 / self.n as f64;
+            eprintln!("qwen3rs trace: graph replay host time per step over {} steps: wait {:.0} us, dry pass {:.0} us, launch {:.0} us",
+                self.n, us(self.sum[0]), us(self.sum[1]), us(self.sum[2]));
+            *self = ReplayTrace::default();
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
     m.lock().map_err(|_| Error::Device("CUDA backend state poisoned by an earlier panic".into()))
 }
@@ -265,7 +290,7 @@ impl CudaBackend {
         let slots = |n| (0..n).map(|_| Slot::default()).collect::<Vec<_>>();
         let graphs = graphs_enabled().then(|| Mutex::new(HashMap::new()));
         Ok(CudaBackend { gpu, ordinal, meta: Mutex::new(slots(N_META)), scratch: Mutex::new(slots(N_SCRATCH)), graphs,
-            graph_bad: Default::default(), fused: !env_off("QWEN3RS_CUDA_FUSED"), split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"),
+            graph_bad: Default::default(), replay_trace: (std::env::var_os("QWEN3RS_CUDA_TRACE").is_some() && !env_off("QWEN3RS_CUDA_TRACE")).then(Default::default), fused: !env_off("QWEN3RS_CUDA_FUSED"), split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"),
             tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"), moe_cublas: (!env_off("QWEN3RS_CUDA_MOE_CUBLAS")).into(),
             prefill_chunk: std::env::var("QWEN3RS_CUDA_PREFILL_CHUNK").ok().and_then(|v| v.trim().parse().ok()).filter(|&n: &usize| n > 0).unwrap_or(2048) })
     }
@@ -701,8 +726,10 @@ impl Backend for CudaBackend {
                 }
             }
             Some(GraphState::Ready(graph, hash)) => {
+                let t0 = std::time::Instant::now();
                 // The previous replay must be done before its staging buffers are rewritten.
                 self.gpu.sync()?;
+                let t1 = std::time::Instant::now();
                 let (r, got, bad) = self.run_in_mode(Mode::Replay, body)?;
                 r?;
                 if bad || got != hash {
@@ -711,8 +738,12 @@ impl Backend for CudaBackend {
                     graphs.insert(rows, GraphState::Warm);
                     return body();
                 }
+                let t2 = std::time::Instant::now();
                 self.gpu.launch_graph(&graph)?;
                 graphs.insert(rows, GraphState::Ready(graph, hash));
+                if let Some(trace) = &self.replay_trace {
+                    lock(trace)?.add([t1 - t0, t2 - t1, t2.elapsed()]);
+                }
                 Ok(())
             }
         }
@@ -972,12 +1003,15 @@ impl Backend for CudaBackend {
             (Scratch::Up, p * inter * es), (Scratch::Act, p * inter * es), (Scratch::Y, p * h * es),
         ])?;
         let (xp, rp, (ei, hi, ii, ki, ti, pi)) = (x.mem.ptr, moe.router.mem.ptr, (e as i32, h as i32, inter as i32, k as i32, t as i32, p as i32));
-        // 1. Router logits in f32, then softmax / top-k / renormalisation per row.
+        // 1. Router logits in f32, then softmax / top-k / renormalisation per row (a warp a row).
+        // (One launch for both, a block per row, took 19.8 µs a layer against 12.7 for the two on
+        // Qwen3-30B-A3B decode: one SM computing 128 logits; RESULTS.md run 14.)
+        self.gpu.launch("matmul", "router_logits", (blocks(e, 8), t as u32, 1), 256, 0, args![probs, xp, rp, ei, hi])?;
         let norm = moe.norm_topk_prob as i32;
+        self.gpu.launch("moe", "moe_route", (blocks(t, 4), 1, 1), 128, 0, args![probs, ids, weights, ti, ei, ki, norm])?;
         if self.fused_gemv(t, h) && inter % (16 / es) == 0 {
-            // Decode: routing in one launch; GEMVs over the (pair, expert row) rows of the chosen
-            // experts only — no sort, every warp busy — and the combine in pair order.
-            self.gpu.launch("moe", "moe_router_route", (t as u32, 1, 1), 1024, 0, args![probs, ids, weights, xp, rp, ei, hi, ki, norm])?;
+            // Decode: GEMVs over the (pair, expert row) rows of the chosen experts only — no sort,
+            // every warp busy — and the combine in pair order.
             let (gp, upp, dp) = (moe.gate.ptr, moe.up.ptr, moe.down.ptr);
             let (name, grid, smem) = self.gemv_plan(&MOE_GEMV_SWIGLU, 1, t * h, p * inter)?;
             self.gpu.launch("matmul", name, grid, 256, smem, args![act, xp, gp, upp, ids, ki, pi, ii, hi])?;
@@ -987,8 +1021,6 @@ impl Backend for CudaBackend {
             let (o, null) = (out.mem.ptr, 0u64);
             return self.gpu.launch("moe", "moe_combine", (blocks(h, 256), t as u32, 1), 256, 0, args![o, y, null, weights, ki, hi]);
         }
-        self.gpu.launch("matmul", "router_logits", (blocks(e, 8), t as u32, 1), 256, 0, args![probs, xp, rp, ei, hi])?;
-        self.gpu.launch("moe", "moe_route", (blocks(t, 4), 1, 1), 128, 0, args![probs, ids, weights, ti, ei, ki, norm])?;
         if self.moe_cublas.load(std::sync::atomic::Ordering::Relaxed) && self.gpu.note(|h| h)? == Mode::Eager {
             match self.moe_grouped_cublas(out, x, moe, [ids, weights, sorted, pair_pos, tile_e, tile_row0, tile_rows, g, u, act, y]) {
                 Ok(()) => return Ok(()),

@@ -1,7 +1,8 @@
 // matmul.cu: the matrix products cuBLAS doesn't do for us. `gemv_*`: out [T, N] = x [T, K] · w [N, K]ᵀ
 // for T <= GEMV_MAX_ROWS (decode), one warp per weight row reading it once with 16-byte loads for all
-// T rows (plus fused q/k/v, gate·up·SwiGLU and MoE-expert forms). `router_logits`: the same product with f32 output (MoE routing
-// is f32). `grouped_gemm`: per-expert tiles of a sorted row list (MoE experts, no host sync).
+// T rows (plus fused q/k/v, gate·up·SwiGLU and MoE-expert forms). `router_logits`: the same product
+// with f32 output (MoE routing is f32). `grouped_gemm`: per-expert tiles of a sorted row list (MoE
+// experts, no host sync).
 
 #define GEMV_MAX_ROWS 8
 
@@ -11,8 +12,51 @@
 // using any: written as conditional loads consumed under a branch, because with clamped unconditional
 // loads ptxas interleaved each load with its use (one load in flight; 0.6-0.7x the bandwidth,
 // benches/gemv_variants.py, RESULTS.md run 10). The x rows a block needs are staged once in shared
-// memory (XS) when they fit in GV_SMEM_X bytes, else read through L1. (`row_dot`, the inner loop, is
-// in common.cuh: moe.cu's router uses it too.)
+// memory (XS) when they fit in GV_SMEM_X bytes, else read through L1.
+#define VEC (16 / (int)sizeof(act_t))  // elements per 16-byte load
+#define GV_UNROLL 8                     // 16-byte weight loads in flight per lane
+
+template <bool XS>
+__device__ __forceinline__ uint4 ld_x(const uint4* p) { return XS ? *p : __ldg(p); }
+
+// Lane partial sums acc[t] += x row t · weight row (t < T <= TMAX; K = kv * VEC; x rows kv apart).
+template <int TMAX, bool XS>
+__device__ __forceinline__ void row_dot(float* acc, const act_t* wrow, const act_t* x, int T, int kv) {
+    const uint4* wr = reinterpret_cast<const uint4*>(wrow);
+    const uint4* xr = reinterpret_cast<const uint4*>(x);
+    for (int i0 = threadIdx.x & 31; i0 < kv; i0 += 32 * GV_UNROLL) {
+        uint4 wv[GV_UNROLL];
+#pragma unroll
+        for (int u = 0; u < GV_UNROLL; u++) {
+            int i = i0 + u * 32;
+            wv[u] = i < kv ? __ldg(wr + i) : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+        for (int u = 0; u < GV_UNROLL; u++) {
+            int i = i0 + u * 32;
+            if (i < kv) {
+                const act_t* we = reinterpret_cast<const act_t*>(&wv[u]);
+                float wf[VEC];
+#pragma unroll
+                for (int j = 0; j < VEC; j++) wf[j] = to_f(we[j]);
+#pragma unroll
+                for (int t = 0; t < TMAX; t++) {
+                    if (t < T) {
+                        uint4 xv = ld_x<XS>(xr + (size_t)t * kv + i);
+                        const act_t* xe = reinterpret_cast<const act_t*>(&xv);
+                        float s0 = 0.f, s1 = 0.f;  // two chains: half the FMA latency
+#pragma unroll
+                        for (int j = 0; j < VEC; j += 2) {
+                            s0 += wf[j] * to_f(xe[j]);
+                            s1 += wf[j + 1] * to_f(xe[j + 1]);
+                        }
+                        acc[t] += s0 + s1;
+                    }
+                }
+            }
+        }
+    }
+}
 
 // x [n elements] into shared memory (XS), visible to the block on return; the pointer to read x from.
 template <bool XS>

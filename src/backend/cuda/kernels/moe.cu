@@ -112,19 +112,3 @@ extern "C" __global__ void moe_route(float* probs, int* ids, float* weights, int
     int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (t < T) route_row(probs + (size_t)t * E, ids + (size_t)t * k, weights + (size_t)t * k, E, k, norm);
 }
-
-// Decode: the router logits (f32, as matmul.cu's router_logits: a warp per expert, 16-byte loads;
-// H % VEC == 0) and moe_route in one launch. grid T, 1,024 threads; probs is scratch [T, E].
-extern "C" __global__ void __launch_bounds__(1024) moe_router_route(float* probs, int* ids, float* weights,
-    const act_t* x, const act_t* router, int E, int H, int k, int norm) {
-    int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    float* p = probs + (size_t)t * E;
-    for (int e = warp; e < E; e += blockDim.x >> 5) {
-        float acc[1] = {0.f};
-        row_dot<1, false>(acc, router + (size_t)e * H, x + (size_t)t * H, 1, H / VEC);
-        float s = warp_sum(acc[0]);
-        if (lane == 0) p[e] = s;
-    }
-    __syncthreads();  // the block's global writes are visible to its own threads after the barrier
-    if (warp == 0) route_row(p, ids + (size_t)t * k, weights + (size_t)t * k, E, k, norm);
-}
