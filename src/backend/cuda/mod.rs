@@ -289,9 +289,11 @@ impl CudaBackend {
         })?;
         let slots = |n| (0..n).map(|_| Slot::default()).collect::<Vec<_>>();
         let graphs = graphs_enabled().then(|| Mutex::new(HashMap::new()));
+        let trace = std::env::var_os("QWEN3RS_CUDA_TRACE").is_some() && !env_off("QWEN3RS_CUDA_TRACE");
         Ok(CudaBackend { gpu, ordinal, meta: Mutex::new(slots(N_META)), scratch: Mutex::new(slots(N_SCRATCH)), graphs,
-            graph_bad: Default::default(), replay_trace: (std::env::var_os("QWEN3RS_CUDA_TRACE").is_some() && !env_off("QWEN3RS_CUDA_TRACE")).then(Default::default), fused: !env_off("QWEN3RS_CUDA_FUSED"), split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"),
-            tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"), moe_cublas: (!env_off("QWEN3RS_CUDA_MOE_CUBLAS")).into(),
+            graph_bad: Default::default(), replay_trace: trace.then(Default::default), fused: !env_off("QWEN3RS_CUDA_FUSED"),
+            split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"), tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"),
+            moe_cublas: (!env_off("QWEN3RS_CUDA_MOE_CUBLAS")).into(),
             prefill_chunk: std::env::var("QWEN3RS_CUDA_PREFILL_CHUNK").ok().and_then(|v| v.trim().parse().ok()).filter(|&n: &usize| n > 0).unwrap_or(2048) })
     }
 
