@@ -72,24 +72,27 @@ __device__ __forceinline__ const act_t* stage_x(const act_t* x, int n) {
 __device__ __forceinline__ int warp_id_global() { return blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); }
 __device__ __forceinline__ int warps_global() { return gridDim.x * (blockDim.x >> 5); }
 
+// out[t * N + n] = x row t · weight row `wrow` for t < T, by the calling warp.
+template <int TMAX, bool XS>
+__device__ __forceinline__ void gemv_one(act_t* out, const act_t* wrow, const act_t* xs, int T, int N, int n, int K) {
+    float acc[TMAX];
+#pragma unroll
+    for (int t = 0; t < TMAX; t++) acc[t] = 0.f;
+    row_dot<TMAX, XS>(acc, wrow, xs, T, K / VEC);
+#pragma unroll
+    for (int t = 0; t < TMAX; t++) {
+        if (t < T) {
+            float s = warp_sum(acc[t]);
+            if ((threadIdx.x & 31) == 0) out[(size_t)t * N + n] = from_f(s);
+        }
+    }
+}
+
 // out [T, N] = x [T, K] · w [N, K]ᵀ.
 template <int TMAX, bool XS>
 __device__ __forceinline__ void gemv_rows(act_t* out, const act_t* x, const act_t* w, int T, int N, int K) {
     const act_t* xs = stage_x<XS>(x, T * K);
-    int lane = threadIdx.x & 31;
-    for (int n = warp_id_global(); n < N; n += warps_global()) {
-        float acc[TMAX];
-#pragma unroll
-        for (int t = 0; t < TMAX; t++) acc[t] = 0.f;
-        row_dot<TMAX, XS>(acc, w + (size_t)n * K, xs, T, K / VEC);
-#pragma unroll
-        for (int t = 0; t < TMAX; t++) {
-            if (t < T) {
-                float s = warp_sum(acc[t]);
-                if (lane == 0) out[(size_t)t * N + n] = from_f(s);
-            }
-        }
-    }
+    for (int n = warp_id_global(); n < N; n += warps_global()) gemv_one<TMAX, XS>(out, w + (size_t)n * K, xs, T, N, n, K);
 }
 
 // Three products of one input in one launch (the q, k, v projections): outI [T, NI] = x · wIᵀ, rows
@@ -98,22 +101,11 @@ template <int TMAX, bool XS>
 __device__ __forceinline__ void gemv3_rows(act_t* o0, const act_t* w0, int N0, act_t* o1, const act_t* w1, int N1,
     act_t* o2, const act_t* w2, int N2, const act_t* x, int T, int K) {
     const act_t* xs = stage_x<XS>(x, T * K);
-    int lane = threadIdx.x & 31;
     for (int r = warp_id_global(); r < N0 + N1 + N2; r += warps_global()) {
         act_t* o = o0; const act_t* w = w0; int N = N0, n = r;
         if (n >= N0 + N1) { n -= N0 + N1; o = o2; w = w2; N = N2; }
         else if (n >= N0) { n -= N0; o = o1; w = w1; N = N1; }
-        float acc[TMAX];
-#pragma unroll
-        for (int t = 0; t < TMAX; t++) acc[t] = 0.f;
-        row_dot<TMAX, XS>(acc, w + (size_t)n * K, xs, T, K / VEC);
-#pragma unroll
-        for (int t = 0; t < TMAX; t++) {
-            if (t < T) {
-                float s = warp_sum(acc[t]);
-                if (lane == 0) o[(size_t)t * N + n] = from_f(s);
-            }
-        }
+        gemv_one<TMAX, XS>(o, w + (size_t)n * K, xs, T, N, n, K);
     }
 }
 
