@@ -276,7 +276,7 @@ fn store<const M: usize, const N: usize>(out: SharedMut, n_total: usize, i0: usi
         for (n, &val) in col.iter().enumerate() {
             // SAFETY: (i0+n, j0+m) lies in this task's rows j0.. of out [T, N] (the caller checked
             // shapes), and no other task writes those weight rows.
-            unsafe { *out.0.add((i0 + n) * n_total + j0 + m) = val * s };
+            unsafe { *out.ptr().add((i0 + n) * n_total + j0 + m) = val * s };
         }
     }
 }
