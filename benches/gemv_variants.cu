@@ -148,6 +148,51 @@ GV_PERSIST(vp_ld1_r4_u2, 1, 4, 2)
 GV_PERSIST(vp_ld2_r2_u4, 2, 2, 4)
 GV_PERSIST(vp_ld1_r2_u8, 1, 2, 8)
 
+// Half-warp rows (short K, e.g. the MoE down projection of Qwen3-30B-A3B, K = 768): persistent grid, x
+// staged in shared memory, lanes 0-15 take row 2g and lanes 16-31 row 2g + 1, so a lane holds up to U of
+// its row's 16-byte loads in flight where a whole warp per row gives each lane only kv / 32 of them.
+// (Prepared in session 2, not yet measured.)
+template <int U>
+__device__ __forceinline__ void gv_half(act_t* out, const act_t* x, const act_t* w, int N, int K) {
+    extern __shared__ uint4 xs[];
+    int kv = K / 8;
+    const uint4* xg = reinterpret_cast<const uint4*>(x);
+    for (int i = threadIdx.x; i < kv; i += blockDim.x) xs[i] = __ldg(xg + i);
+    __syncthreads();
+    int lane = threadIdx.x & 31, half = lane >> 4, hl = lane & 15;
+    int g = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    int G = gridDim.x * (blockDim.x >> 5);
+    for (int n0 = 2 * g; n0 < N; n0 += 2 * G) {  // warp-uniform trip count: both halves share kv
+        int n = n0 + half;
+        bool active = n < N;
+        const uint4* wr = reinterpret_cast<const uint4*>(w + (size_t)(active ? n : 0) * K);
+        float acc = 0.f;
+        for (int i0 = hl; i0 < kv; i0 += 16 * U) {
+            uint4 wv[U];
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                int i = i0 + u * 16;
+                wv[u] = i < kv ? ldw<0>(wr + i) : make_uint4(0u, 0u, 0u, 0u);
+            }
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                int i = i0 + u * 16;
+                if (i < kv) acc += dot8(wv[u], xs[i]);
+            }
+        }
+#pragma unroll
+        for (int o = 8; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);  // within each half
+        if (hl == 0 && active) out[n] = from_f(acc);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) vh_u8(act_t* out, const act_t* x, const act_t* w, int N, int K) {
+    gv_half<8>(out, x, w, N, K);
+}
+extern "C" __global__ void __launch_bounds__(256) vh_u4(act_t* out, const act_t* x, const act_t* w, int N, int K) {
+    gv_half<4>(out, x, w, N, K);
+}
+
 // Read-bandwidth probe: every thread sums 16-byte loads over a grid-stride loop (U in flight).
 extern "C" __global__ void __launch_bounds__(256) read_probe(float* out, const uint4* p, long long n16) {
     long long stride = (long long)gridDim.x * blockDim.x;

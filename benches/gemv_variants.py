@@ -1,5 +1,5 @@
 """Decode-GEMV variants on the GPU (issue 6): bandwidth of matmul.cu's shipped decode GEMV (`gemv`: gemv_t1
-with x staged in shared memory up to 48 KB, as the host picks) against the candidates in
+with x staged in shared memory up to 48 KB, as the host picks: up to 56 KB) against the candidates in
 benches/gemv_variants.cu, on the weight shapes of Qwen3-0.6B / 8B / 32B, batch 1, bf16. (Run 10 compared
 the candidates with the earlier block-per-8-rows `gemv_wide`; the winner became `gemv_t1*`.)
 
@@ -35,6 +35,8 @@ SHAPES = {  # (N, K) per decode step product
     "8B qkv": (6144, 4096), "8B o": (4096, 4096), "8B gate": (12288, 4096), "8B down": (4096, 12288),
     "8B lm_head": (151936, 4096),
     "32B gate": (25600, 5120), "32B down": (5120, 25600),
+    # Qwen3-30B-A3B decode, the 8 chosen experts' rows as one matrix: gate (or up) and down.
+    "30B-A3B experts gate": (6144, 2048), "30B-A3B experts down": (16384, 768),
 }
 
 
@@ -57,14 +59,14 @@ def wpr_of(n, k):  # warps per row of the block-style candidates (as the old gem
 def launcher(name, n, k):
     """(kernel, grid, block, args builder, smem) of one variant."""
     if name == "gemv":  # as CudaBackend::gemv_plan: persistent grid, x in shared memory when it fits
-        name = "gemv_t1_xs" if k * 2 <= 48 * 1024 else "gemv_t1"
+        name = "gemv_t1_xs" if k * 2 <= 56 * 1024 else "gemv_t1"
         kern = MOD.get_function(name)
         smem = k * 2 if name.endswith("_xs") else 0
         grid = min(SMS * 4, -(-n // 8))
         return kern, grid, smem, lambda out, x, w: (out, x, w, np.int32(1), np.int32(n), np.int32(k))
     kern = MOD.get_function(name.split("@")[0])
     smem = 0
-    if name.startswith("vp_") or "_xs" in name:
+    if name.startswith(("vp_", "vh_")) or "_xs" in name:
         smem = k * 2
         if smem > 48 * 1024:
             kern.max_dynamic_shared_size_bytes = smem
@@ -133,7 +135,7 @@ def main():
     variants = sys.argv[1].split(",") if len(sys.argv) > 1 else [
         "gemv", "vb_ld0_u8", "vb_ld1_u8", "vb_ld2_u8", "vb_ld1_u8_xs", "vb_ld2_u8_xs", "vb_ld1_u16_xs",
         "vb_ld1_u4_xs", "vb_ld1_u8_xs@1", "vp_ld1_r1_u8@2", "vp_ld1_r1_u8@4", "vp_ld1_r2_u4@2", "vp_ld1_r2_u4@4",
-        "vp_ld1_r4_u2@2", "vp_ld2_r2_u4@4", "vp_ld1_r2_u8@2"]
+        "vp_ld1_r4_u2@2", "vp_ld2_r2_u4@4", "vp_ld1_r2_u8@2", "vh_u8@4", "vh_u4@4"]
     ceiling = read_ceiling()
     print(f"read ceiling (read_probe): {ceiling:.0f} GB/s, {SMS} SMs", flush=True)
     rows = []
