@@ -1,5 +1,5 @@
 """Decode-GEMV variants on the GPU (issue 6): bandwidth of matmul.cu's shipped decode GEMV (`gemv`: gemv_t1
-with x staged in shared memory up to 48 KB, as the host picks: up to 56 KB) against the candidates in
+with x staged in shared memory up to 56 KB, as the host picks) against the candidates in
 benches/gemv_variants.cu, on the weight shapes of Qwen3-0.6B / 8B / 32B, batch 1, bf16. (Run 10 compared
 the candidates with the earlier block-per-8-rows `gemv_wide`; the winner became `gemv_t1*`.)
 
