@@ -36,8 +36,7 @@ LONG = [(i * 104729) % 150000 + 1 for i in range(2048)]
 NEW_TOKENS = 129  # 128 decode steps after the token the prefill chooses
 
 
-def log(*a):
-    print(f"[{time.time() - gpu_bench.T0:6.1f}s]", *a, flush=True)
+log = gpu_bench.log
 
 
 def rank_config(c, tp):

@@ -36,12 +36,13 @@ pub const GEMV_MAX_ROWS: usize = 8;
 const GEMV_SMEM_X: usize = 56 * 1024;
 
 /// Kernel names of the decode-GEMV families in matmul.cu: [T = 1, T = 1 with x in shared memory,
-/// T <= GEMV_MAX_ROWS, the same with x in shared memory]. MoE experts see one x row per pair.
+/// T <= GEMV_MAX_ROWS, the same with x in shared memory]. MoE experts see one x row per pair, so
+/// their families stop after the T = 1 pair.
 const GEMV: [&str; 4] = ["gemv_t1", "gemv_t1_xs", "gemv_t8", "gemv_t8_xs"];
 const GEMV3: [&str; 4] = ["gemv3_t1", "gemv3_t1_xs", "gemv3_t8", "gemv3_t8_xs"];
 const GEMV_SWIGLU: [&str; 4] = ["gemv_swiglu_t1", "gemv_swiglu_t1_xs", "gemv_swiglu_t8", "gemv_swiglu_t8_xs"];
-const MOE_GEMV: [&str; 4] = ["moe_gemv", "moe_gemv_xs", "moe_gemv", "moe_gemv_xs"];
-const MOE_GEMV_SWIGLU: [&str; 4] = ["moe_gemv_swiglu", "moe_gemv_swiglu_xs", "moe_gemv_swiglu", "moe_gemv_swiglu_xs"];
+const MOE_GEMV: [&str; 2] = ["moe_gemv", "moe_gemv_xs"];
+const MOE_GEMV_SWIGLU: [&str; 2] = ["moe_gemv_swiglu", "moe_gemv_swiglu_xs"];
 /// Rows per MoE expert tile (must match GG_TM in matmul.cu).
 const MOE_TILE_ROWS: usize = 16;
 const MAX_TOP_K: usize = 32;
@@ -549,7 +550,7 @@ impl CudaBackend {
     /// (kernel, grid, dynamic shared memory) of a decode-GEMV launch over `rows` weight rows, with
     /// `t` rows of x per weight row and `x_elems` elements of x read by every block: x is staged in
     /// shared memory when it fits `GEMV_SMEM_X`; the grid fills the GPU once (persistent kernels).
-    fn gemv_plan(&self, family: &[&'static str; 4], t: usize, x_elems: usize, rows: usize) -> Result<(&'static str, (u32, u32, u32), u32)> {
+    fn gemv_plan(&self, family: &[&'static str], t: usize, x_elems: usize, rows: usize) -> Result<(&'static str, (u32, u32, u32), u32)> {
         let x_bytes = x_elems * self.esize();
         let xs = x_bytes <= GEMV_SMEM_X;
         let name = family[2 * usize::from(t > 1) + usize::from(xs)];
