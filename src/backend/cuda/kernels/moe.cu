@@ -8,6 +8,7 @@
 // at most tm rows never straddle experts (tile_e = -1 past the last). One block; 2*E ints of shared memory.
 extern "C" __global__ void moe_sort(const int* ids, int P, int k, int E, int tm, int max_tiles,
     int* sorted_src, int* pair_pos, int* tile_e, int* tile_row0, int* tile_rows) {
+    grid_dependency();
     extern __shared__ int sh[];
     int* cnt = sh;
     int* off = sh + E;
@@ -43,6 +44,7 @@ extern "C" __global__ void moe_sort(const int* ids, int P, int k, int E, int tm,
 // out[t] = Σ_s round(weight[t,s] * y[pair_pos[t,s]]), accumulated (and rounded) in slot order;
 // pair_pos null: y is in pair order (y[t*k + s]). grid (ceil(H/256), T).
 extern "C" __global__ void moe_combine(act_t* out, const act_t* y, const int* pair_pos, const float* weights, int k, int H) {
+    grid_dependency();
     int t = blockIdx.y;
     int h = blockIdx.x * blockDim.x + threadIdx.x;
     if (h >= H) return;
@@ -109,6 +111,7 @@ __device__ void route_row(float* p, int* ids, float* weights, int E, int k, int 
 // thread per row scanning E experts k + 3 times took 48 µs a layer for a 16-token prefill of
 // Qwen3-30B-A3B, RESULTS.md run 12). grid ceil(T / 4), 128 threads.
 extern "C" __global__ void moe_route(float* probs, int* ids, float* weights, int T, int E, int k, int norm) {
+    grid_dependency();
     int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (t < T) route_row(probs + (size_t)t * E, ids + (size_t)t * k, weights + (size_t)t * k, E, k, norm);
 }
