@@ -13,7 +13,7 @@
 
 use qwen3rs::backend::cpu::CpuBackend;
 use qwen3rs::backend::cuda::{self, CudaBackend};
-use qwen3rs::backend::{AttnShape, Backend, BatchInfo, MoeDummy, MoeHost, SeqSlot};
+use qwen3rs::backend::{AttnShape, Backend, BatchInfo, BlockInput, MoeDummy, MoeHost, SeqSlot};
 use qwen3rs::model::dummy::DummySpec;
 use qwen3rs::tensor::{DType, HostTensor, Window};
 use qwen3rs::Error;
@@ -89,13 +89,53 @@ fn run_rms<B: Backend>(be: &B, x: &[f32], t: usize, c: usize, w: &HostTensor) ->
     be.download(&out).unwrap()
 }
 
-fn run_add_rms<B: Backend>(be: &B, x: &[f32], d: &[f32], t: usize, c: usize, w: &HostTensor) -> (Vec<f32>, Vec<f32>) {
-    let mut res = be.upload_buf(t, c, x).unwrap();
-    let delta = be.upload_buf(t, c, d).unwrap();
+fn run_add_rms<B: Backend>(be: &B, x: &[f32], d: Option<&[f32]>, t: usize, c: usize, w: &HostTensor) -> (Vec<f32>, Vec<f32>) {
+    let xb = be.upload_buf(t, c, x).unwrap();
+    let delta = d.map(|d| be.upload_buf(t, c, d).unwrap());
     let w = be.upload(w.clone()).unwrap();
-    let mut out = be.alloc(t, c).unwrap();
-    be.add_rms_norm(&mut res, &delta, &mut out, &w, 1e-6).unwrap();
-    (be.download(&res).unwrap(), be.download(&out).unwrap())
+    let (mut x_out, mut out) = (be.alloc(t, c).unwrap(), be.alloc(t, c).unwrap());
+    be.add_rms_norm(&mut x_out, &mut out, &BlockInput { x: &xb, delta: delta.as_ref(), norm: &w, eps: 1e-6 }).unwrap();
+    (be.download(&x_out).unwrap(), be.download(&out).unwrap())
+}
+
+/// The products a block input feeds, fused with its residual add and norm (`norm_matmul_many` etc.).
+enum Fed<'a> {
+    Qkv(&'a [HostTensor; 3]),
+    Swiglu(&'a HostTensor, &'a HostTensor),
+    Moe(&'a MoeHost),
+}
+
+/// x_out and the products of one fused block input: x (+ d) normed with w, then `fed`.
+fn run_block_input<B: Backend>(be: &B, x: &[f32], d: Option<&[f32]>, t: usize, k: usize, w: &HostTensor, fed: &Fed) -> (Vec<f32>, Vec<f32>) {
+    let xb = be.upload_buf(t, k, x).unwrap();
+    let delta = d.map(|d| be.upload_buf(t, k, d).unwrap());
+    let nw = be.upload(w.clone()).unwrap();
+    let input = BlockInput { x: &xb, delta: delta.as_ref(), norm: &nw, eps: 1e-6 };
+    let (mut x_out, mut h) = (be.alloc(t, k).unwrap(), be.alloc(t, k).unwrap());
+    let up = |w: &HostTensor| be.upload(w.clone()).unwrap();
+    let out = match fed {
+        Fed::Qkv(ws) => {
+            let w: Vec<B::Weight> = ws.iter().map(up).collect();
+            let mut o: Vec<B::Buf> = ws.iter().map(|w| be.alloc(t, w.shape[0]).unwrap()).collect();
+            let [a, b, c] = &mut o[..] else { unreachable!() };
+            be.norm_matmul_many(&mut x_out, &mut h, &input, &mut [a, b, c], &[&w[0], &w[1], &w[2]]).unwrap();
+            o.iter().flat_map(|b| be.download(b).unwrap()).collect()
+        }
+        Fed::Swiglu(gate, upw) => {
+            let n = gate.shape[0];
+            let (mut out, mut g, mut u) = (be.alloc(t, n).unwrap(), be.alloc(t, n).unwrap(), be.alloc(t, n).unwrap());
+            be.norm_matmul_swiglu(&mut x_out, &mut h, &input, &mut out, &mut g, &mut u, &up(gate), &up(upw)).unwrap();
+            be.download(&out).unwrap()
+        }
+        Fed::Moe(moe) => {
+            let copy = MoeHost { router: moe.router.clone(), experts: moe.experts.clone(), top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob };
+            let m = be.upload_moe(copy).unwrap();
+            let mut out = be.alloc(t, k).unwrap();
+            be.norm_moe(&mut x_out, &mut h, &input, &mut out, &m).unwrap();
+            be.download(&out).unwrap()
+        }
+    };
+    (be.download(&x_out).unwrap(), out)
 }
 
 fn run_matmul<B: Backend>(be: &B, x: &[f32], t: usize, w: &HostTensor) -> Vec<f32> {
@@ -214,10 +254,13 @@ fn norms() {
             let x = r.uniform(t * cols, 2.0);
             let d = r.uniform(t * cols, 1.0);
             check(&format!("rms_norm T={t} cols={cols}"), dtype, &run_rms(&g, &x, t, cols, &w), &run_rms(&c, &x, t, cols, &w), bar);
-            let (gr, go) = run_add_rms(&g, &x, &d, t, cols, &w);
-            let (cr, co) = run_add_rms(&c, &x, &d, t, cols, &w);
-            check(&format!("add_rms_norm residual T={t} cols={cols}"), dtype, &gr, &cr, bar);
-            check(&format!("add_rms_norm out T={t} cols={cols}"), dtype, &go, &co, bar);
+            for d in [Some(&d[..]), None] {
+                let (gr, go) = run_add_rms(&g, &x, d, t, cols, &w);
+                let (cr, co) = run_add_rms(&c, &x, d, t, cols, &w);
+                let what = if d.is_some() { "x + delta" } else { "x" };
+                check(&format!("add_rms_norm residual T={t} cols={cols} of {what}"), dtype, &gr, &cr, bar);
+                check(&format!("add_rms_norm out T={t} cols={cols} of {what}"), dtype, &go, &co, bar);
+            }
         }
     }
 }
@@ -290,6 +333,47 @@ fn fused_decode_products() {
                 let x = r.uniform(t * k, 1.0);
                 check(&format!("matmul_swiglu T={t} N={n} K={k}"), dtype, &run_matmul_swiglu(&g, &x, t, &gw, &uw),
                     &run_matmul_swiglu(&c, &x, t, &gw, &uw), bar);
+            }
+        }
+    }
+}
+
+#[test]
+fn products_fused_with_the_block_input_norm() {
+    // Decode products take the residual add and RMSNorm in their prologue (stage_input): q/k/v,
+    // gate·up·SwiGLU and the MoE router + experts, with and without a delta (the first layer), odd
+    // shapes; T = 9, K not a multiple of the vector width, and x past 56 KB (T = 8, K = 4096 in bf16)
+    // take add_rms_norm and the plain products instead. x_out is the residual after the add.
+    for dtype in DTYPES {
+        let Some(g) = gpu(dtype) else { return };
+        let c = CpuBackend::new(dtype);
+        let (_, bar) = bars(dtype);
+        let mut r = Rng(17);
+        let mut cases: Vec<(usize, Fed, &str)> = vec![];
+        let qkv: Vec<(usize, [HostTensor; 3])> = [([256usize, 72, 72], 1024usize), ([100, 37, 5], 72), ([64, 16, 16], 37), ([600, 64, 64], 4096)]
+            .into_iter().map(|(ns, k)| (k, ns.map(|n| tensor(&r.uniform(n * k, (3.0 / k as f32).sqrt()), &[n, k])))).collect();
+        let mlp: Vec<(usize, HostTensor, HostTensor)> = [(300usize, 1024usize), (1001, 72), (40, 37)].into_iter()
+            .map(|(n, k)| (k, tensor(&r.uniform(n * k, (3.0 / k as f32).sqrt()), &[n, k]), tensor(&r.uniform(n * k, (3.0 / k as f32).sqrt()), &[n, k])))
+            .collect();
+        let moes: Vec<(usize, MoeHost)> = [(16usize, 4usize, 96usize, 40usize), (8, 2, 100, 48), (128, 8, 128, 64)].into_iter().map(|(e, k, h, inter)| {
+            let experts = (0..e).map(|_| [tensor(&r.uniform(inter * h, 0.2), &[inter, h]), tensor(&r.uniform(inter * h, 0.2), &[inter, h]),
+                tensor(&r.uniform(h * inter, 0.2), &[h, inter])]).collect();
+            (h, MoeHost { router: tensor(&r.uniform(e * h, 0.5), &[e, h]), experts, top_k: k, norm_topk_prob: true })
+        }).collect();
+        cases.extend(qkv.iter().map(|(k, ws)| (*k, Fed::Qkv(ws), "q/k/v")));
+        cases.extend(mlp.iter().map(|(k, gw, uw)| (*k, Fed::Swiglu(gw, uw), "gate·up·swiglu")));
+        cases.extend(moes.iter().map(|(h, m)| (*h, Fed::Moe(m), "moe")));
+        for (k, fed, what) in &cases {
+            let w = tensor(&r.uniform(*k, 1.0).iter().map(|v| 1.0 + 0.1 * v).collect::<Vec<_>>(), &[*k]);
+            for t in [1usize, 3, 8, 9] {
+                let (x, d) = (r.uniform(t * k, 2.0), r.uniform(t * k, 1.0));
+                for d in [Some(&d[..]), None] {
+                    let (gx, go) = run_block_input(&g, &x, d, t, *k, &w, fed);
+                    let (cx, co) = run_block_input(&c, &x, d, t, *k, &w, fed);
+                    let label = format!("norm + {what} T={t} K={k} delta={}", d.is_some());
+                    check(&format!("{label}: x_out"), dtype, &gx, &cx, 0.0);
+                    check(&label, dtype, &go, &co, bar);
+                }
             }
         }
     }

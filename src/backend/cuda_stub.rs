@@ -2,7 +2,7 @@
 //! that can't be constructed (so `AnyEngine::Cuda` type-checks and is never built), and
 //! constructors that say CUDA is not compiled in.
 
-use super::{AttnShape, Backend, BatchInfo, MoeHost};
+use super::{AttnShape, Backend, BatchInfo, BlockInput, MoeHost};
 use crate::error::Result;
 use crate::tensor::{DType, HostTensor};
 use std::path::PathBuf;
@@ -81,7 +81,7 @@ impl Backend for CudaBackend {
     fn rms_norm(&self, _: &mut Never, _: &Never, _: &Never, _: f32) -> Result<()> {
         match self.0 {}
     }
-    fn add_rms_norm(&self, _: &mut Never, _: &Never, _: &mut Never, _: &Never, _: f32) -> Result<()> {
+    fn add_rms_norm(&self, _: &mut Never, _: &mut Never, _: &BlockInput<Self>) -> Result<()> {
         match self.0 {}
     }
     fn matmul(&self, _: &mut Never, _: &Never, _: &Never) -> Result<()> {

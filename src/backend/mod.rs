@@ -101,6 +101,15 @@ impl MoeDummy {
     }
 }
 
+/// What goes into a transformer block: the residual stream `x`, plus the previous block's output
+/// `delta` (none before the first block), normalised with `norm` (RMSNorm, `eps`).
+pub struct BlockInput<'a, B: Backend> {
+    pub x: &'a B::Buf,
+    pub delta: Option<&'a B::Buf>,
+    pub norm: &'a B::Weight,
+    pub eps: f32,
+}
+
 pub trait Backend: Send + Sync + Sized + 'static {
     /// An activation buffer: [rows, cols] row-major in the compute dtype.
     type Buf: Send;
@@ -172,8 +181,29 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn embed(&self, out: &mut Self::Buf, table: &Self::Weight, ids: &[u32]) -> Result<()>;
     /// out = rms_norm(x) * w, per row.
     fn rms_norm(&self, out: &mut Self::Buf, x: &Self::Buf, w: &Self::Weight, eps: f32) -> Result<()>;
-    /// residual += delta; out = rms_norm(residual) * w.
-    fn add_rms_norm(&self, residual: &mut Self::Buf, delta: &Self::Buf, out: &mut Self::Buf, w: &Self::Weight, eps: f32) -> Result<()>;
+    /// The residual add and norm in front of a block: x_out = x + delta (x alone without delta),
+    /// h = rms_norm(x_out) * norm. Out of place: x_out is a second residual buffer (the model swaps
+    /// the two), so a GPU can fuse this into the products that read h (`norm_matmul_many` and
+    /// siblings), whose every block reads x while one of them writes x_out.
+    fn add_rms_norm(&self, x_out: &mut Self::Buf, h: &mut Self::Buf, input: &BlockInput<Self>) -> Result<()>;
+    /// `add_rms_norm`, then outs[i] = h · ws[i]ᵀ (`matmul_many`: the q, k, v projections).
+    fn norm_matmul_many(&self, x_out: &mut Self::Buf, h: &mut Self::Buf, input: &BlockInput<Self>, outs: &mut [&mut Self::Buf],
+        ws: &[&Self::Weight]) -> Result<()> {
+        self.add_rms_norm(x_out, h, input)?;
+        self.matmul_many(outs, h, ws)
+    }
+    /// `add_rms_norm`, then out = `matmul_swiglu` of h (the dense MLP's first half).
+    #[allow(clippy::too_many_arguments)]
+    fn norm_matmul_swiglu(&self, x_out: &mut Self::Buf, h: &mut Self::Buf, input: &BlockInput<Self>, out: &mut Self::Buf,
+        g: &mut Self::Buf, u: &mut Self::Buf, gate: &Self::Weight, up: &Self::Weight) -> Result<()> {
+        self.add_rms_norm(x_out, h, input)?;
+        self.matmul_swiglu(out, g, u, h, gate, up)
+    }
+    /// `add_rms_norm`, then out = `moe` of h.
+    fn norm_moe(&self, x_out: &mut Self::Buf, h: &mut Self::Buf, input: &BlockInput<Self>, out: &mut Self::Buf, moe: &Self::Moe) -> Result<()> {
+        self.add_rms_norm(x_out, h, input)?;
+        self.moe(out, h, moe)
+    }
     /// out [T, N] = x [T, K] · w [N, K]ᵀ.
     fn matmul(&self, out: &mut Self::Buf, x: &Self::Buf, w: &Self::Weight) -> Result<()>;
     /// outs[i] [T, N_i] = x [T, K] · ws[i]ᵀ for weights sharing one input (the q, k, v

@@ -5,7 +5,7 @@
 //! `TensorParallel<B>` is itself a `Backend`, so the model and engine run on it unchanged; it issues
 //! each op to every rank in turn (asynchronous on GPUs) and calls the backend's `Collective`.
 
-use super::{AttnShape, Backend, BatchInfo, MoeDummy, MoeHost, Split};
+use super::{AttnShape, Backend, BatchInfo, BlockInput, MoeDummy, MoeHost, Split};
 use crate::model::dummy::DummySpec;
 use crate::config::Qwen3Config;
 use crate::error::Result;
@@ -138,6 +138,11 @@ impl<B: Collective> TensorParallel<B> {
     }
 }
 
+/// Rank r's part of a block input.
+fn rank_input<'a, B: Collective>(input: &BlockInput<'a, TensorParallel<B>>, r: usize) -> BlockInput<'a, B> {
+    BlockInput { x: &input.x.parts[r], delta: input.delta.map(|d| &d.parts[r]), norm: &input.norm.parts[r], eps: input.eps }
+}
+
 /// Zip a TpBuf's parts with every rank for an op that writes `out`.
 macro_rules! per_rank {
     ($self:ident, |$b:ident, $r:ident| $body:expr) => {
@@ -255,9 +260,32 @@ impl<B: Collective> Backend for TensorParallel<B> {
         Ok(())
     }
 
-    fn add_rms_norm(&self, residual: &mut Self::Buf, delta: &Self::Buf, out: &mut Self::Buf, w: &Self::Weight, eps: f32) -> Result<()> {
-        per_rank!(self, |b, r| b.add_rms_norm(&mut residual.parts[r], &delta.parts[r], &mut out.parts[r], &w.parts[r], eps));
+    fn add_rms_norm(&self, x_out: &mut Self::Buf, h: &mut Self::Buf, input: &BlockInput<Self>) -> Result<()> {
+        per_rank!(self, |b, r| b.add_rms_norm(&mut x_out.parts[r], &mut h.parts[r], &rank_input(input, r)));
         Ok(())
+    }
+
+    // The fused block inputs run per rank (so each GPU fuses them): their products are split by
+    // columns or KV heads, which need no all-reduce; the MoE block's partial sums get one.
+    fn norm_matmul_many(&self, x_out: &mut Self::Buf, h: &mut Self::Buf, input: &BlockInput<Self>, outs: &mut [&mut Self::Buf],
+        ws: &[&Self::Weight]) -> Result<()> {
+        ensure!(ws.iter().all(|w| w.split != Split::Rows), InvalidArgument, "norm_matmul_many: a row-split weight needs an all-reduce");
+        per_rank!(self, |b, r| b.norm_matmul_many(&mut x_out.parts[r], &mut h.parts[r], &rank_input(input, r),
+            &mut outs.iter_mut().map(|o| &mut o.parts[r]).collect::<Vec<_>>(), &ws.iter().map(|w| &w.parts[r]).collect::<Vec<_>>()));
+        Ok(())
+    }
+
+    fn norm_matmul_swiglu(&self, x_out: &mut Self::Buf, h: &mut Self::Buf, input: &BlockInput<Self>, out: &mut Self::Buf,
+        g: &mut Self::Buf, u: &mut Self::Buf, gate: &Self::Weight, up: &Self::Weight) -> Result<()> {
+        ensure!(gate.split != Split::Rows && up.split != Split::Rows, InvalidArgument, "norm_matmul_swiglu: a row-split weight needs an all-reduce");
+        per_rank!(self, |b, r| b.norm_matmul_swiglu(&mut x_out.parts[r], &mut h.parts[r], &rank_input(input, r), &mut out.parts[r],
+            &mut g.parts[r], &mut u.parts[r], &gate.parts[r], &up.parts[r]));
+        Ok(())
+    }
+
+    fn norm_moe(&self, x_out: &mut Self::Buf, h: &mut Self::Buf, input: &BlockInput<Self>, out: &mut Self::Buf, moe: &Self::Moe) -> Result<()> {
+        per_rank!(self, |b, r| b.norm_moe(&mut x_out.parts[r], &mut h.parts[r], &rank_input(input, r), &mut out.parts[r], &moe[r]));
+        self.all_reduce(out)
     }
 
     fn matmul(&self, out: &mut Self::Buf, x: &Self::Buf, w: &Self::Weight) -> Result<()> {

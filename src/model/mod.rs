@@ -6,7 +6,7 @@ pub mod dummy;
 pub mod kv_cache;
 pub mod rope;
 
-use crate::backend::{AttnShape, Backend, BatchInfo, MoeDummy, MoeHost, Split};
+use crate::backend::{AttnShape, Backend, BatchInfo, BlockInput, MoeDummy, MoeHost, Split};
 use crate::config::Qwen3Config;
 use crate::error::Result;
 use crate::weights::TensorSource;
@@ -50,9 +50,11 @@ pub struct Model<B: Backend> {
 pub struct Scratch<B: Backend> {
     rows: usize,
     logit_rows: usize,
-    x: B::Buf,      // [T, H] residual stream
-    h: B::Buf,      // [T, H] normed input of the current block
-    delta: B::Buf,  // [T, H] output of the current block, added to x by the next norm
+    x: B::Buf,        // [T, H] residual stream
+    x_next: B::Buf,   // [T, H] the residual stream after the next add (then swapped with x)
+    h: B::Buf,        // [T, H] normed input of the current block
+    attn_out: B::Buf, // [T, H] attention block's output, added to x by the next norm
+    ffn_out: B::Buf,  // [T, H] feed-forward block's output, added to x by the next norm
     q: B::Buf,      // [T, n_heads*hd]
     k: B::Buf,      // [T, n_kv*hd]
     v: B::Buf,      // [T, n_kv*hd]
@@ -74,8 +76,10 @@ impl<B: Backend> Scratch<B> {
             rows,
             logit_rows,
             x: be.alloc(rows, h)?,
+            x_next: be.alloc(rows, h)?,
             h: be.alloc(rows, h)?,
-            delta: be.alloc(rows, h)?,
+            attn_out: be.alloc(rows, h)?,
+            ffn_out: be.alloc(rows, h)?,
             q: be.alloc_split(rows, c.q_dim(), Split::Columns)?,
             k: be.alloc_split(rows, c.kv_dim(), Split::KvHeads)?,
             v: be.alloc_split(rows, c.kv_dim(), Split::KvHeads)?,
@@ -199,30 +203,30 @@ impl<B: Backend> Model<B> {
         // 1. Token embeddings → residual stream x [T, H].
         be.embed(&mut s.x, &self.embed, batch.tokens)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            // 2. h = norm(x), first adding the previous layer's FFN output into x.
-            if i == 0 {
-                be.rms_norm(&mut s.h, &s.x, &layer.input_norm, eps)?;
-            } else {
-                be.add_rms_norm(&mut s.x, &s.delta, &mut s.h, &layer.input_norm, eps)?;
-            }
-            // 3. Attention: projections, per-head QK-norm + RoPE, cache append, causal GQA, output projection.
-            be.matmul_many(&mut [&mut s.q, &mut s.k, &mut s.v], &s.h, &[&layer.q_proj, &layer.k_proj, &layer.v_proj])?;
+            // 2. x += the previous layer's FFN output; h = norm(x); q, k, v = h · W. (Each add writes
+            //    x_next, then the two swap: see Backend::add_rms_norm.)
+            let input = BlockInput { x: &s.x, delta: (i > 0).then_some(&s.ffn_out), norm: &layer.input_norm, eps };
+            be.norm_matmul_many(&mut s.x_next, &mut s.h, &input, &mut [&mut s.q, &mut s.k, &mut s.v],
+                &[&layer.q_proj, &layer.k_proj, &layer.v_proj])?;
+            std::mem::swap(&mut s.x, &mut s.x_next);
+            // 3. Attention: per-head QK-norm + RoPE, cache append, causal GQA, output projection.
             be.qk_norm_rope_append(&mut s.q, &mut s.k, &s.v, &layer.q_norm, &layer.k_norm, eps, &self.rope, &mut cache.layers[i], batch, shape)?;
             be.attention(&mut s.attn, &s.q, &cache.layers[i], batch, shape)?;
-            be.matmul(&mut s.delta, &s.attn, &layer.o_proj)?;
-            // 4. x += attention; h = post-attention norm(x).
-            be.add_rms_norm(&mut s.x, &s.delta, &mut s.h, &layer.post_norm, eps)?;
-            // 5. Feed-forward: SwiGLU MLP or routed experts → delta.
+            be.matmul(&mut s.attn_out, &s.attn, &layer.o_proj)?;
+            // 4. x += attention; h = post-attention norm(x); 5. feed-forward: SwiGLU MLP or routed
+            //    experts → ffn_out.
+            let input = BlockInput { x: &s.x, delta: Some(&s.attn_out), norm: &layer.post_norm, eps };
             match &layer.ffn {
                 Ffn::Dense { gate, up, down } => {
-                    be.matmul_swiglu(&mut s.act, &mut s.gate, &mut s.up, &s.h, gate, up)?;
-                    be.matmul(&mut s.delta, &s.act, down)?;
+                    be.norm_matmul_swiglu(&mut s.x_next, &mut s.h, &input, &mut s.act, &mut s.gate, &mut s.up, gate, up)?;
+                    be.matmul(&mut s.ffn_out, &s.act, down)?;
                 }
-                Ffn::Moe(moe) => be.moe(&mut s.delta, &s.h, moe)?,
+                Ffn::Moe(moe) => be.norm_moe(&mut s.x_next, &mut s.h, &input, &mut s.ffn_out, moe)?,
             }
+            std::mem::swap(&mut s.x, &mut s.x_next);
         }
         // 6. x += last FFN; final norm of the wanted rows; lm_head (tied or not) → logits [R, V].
-        be.add_rms_norm(&mut s.x, &s.delta, &mut s.h, &self.final_norm, eps)?;
+        be.add_rms_norm(&mut s.x_next, &mut s.h, &BlockInput { x: &s.x, delta: Some(&s.ffn_out), norm: &self.final_norm, eps })?;
         be.gather_rows(&mut s.last, &s.h, logit_rows)?;
         be.matmul(&mut s.logits, &s.last, self.lm_head.as_ref().unwrap_or(&self.embed))?;
         Ok(())

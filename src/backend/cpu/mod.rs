@@ -8,7 +8,7 @@ pub mod simd;
 #[cfg(test)]
 mod tests;
 
-use super::{AttnShape, Backend, BatchInfo, MoeHost};
+use super::{AttnShape, Backend, BatchInfo, BlockInput, MoeHost};
 use crate::error::Result;
 use crate::tensor::{DType, Elems, HostTensor};
 use crate::{bail, ensure};
@@ -772,11 +772,18 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn add_rms_norm(&self, residual: &mut CpuBuf, delta: &CpuBuf, out: &mut CpuBuf, w: &CpuWeight, eps: f32) -> Result<()> {
-        check_shape("add_rms_norm", (delta.rows, delta.cols), (residual.rows, residual.cols))?;
-        residual.data.iter_mut().zip(&delta.data).for_each(|(r, d)| *r += d);
-        self.round(&mut residual.data);
-        self.rms_norm(out, residual, w, eps)
+    fn add_rms_norm(&self, x_out: &mut CpuBuf, h: &mut CpuBuf, input: &BlockInput<Self>) -> Result<()> {
+        let x = input.x;
+        check_shape("add_rms_norm", (x_out.rows, x_out.cols), (x.rows, x.cols))?;
+        match input.delta {
+            Some(d) => {
+                check_shape("add_rms_norm", (d.rows, d.cols), (x.rows, x.cols))?;
+                x_out.data.iter_mut().zip(&x.data).zip(&d.data).for_each(|((o, a), b)| *o = a + b);
+                self.round(&mut x_out.data);
+            }
+            None => x_out.data.copy_from_slice(&x.data),
+        }
+        self.rms_norm(h, x_out, input.norm, input.eps)
     }
 
     fn matmul(&self, out: &mut CpuBuf, x: &CpuBuf, w: &CpuWeight) -> Result<()> {

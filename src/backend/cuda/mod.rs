@@ -16,7 +16,7 @@ mod gpu;
 pub mod libs;
 mod nccl;
 
-use super::{AttnShape, Backend, BatchInfo, MoeHost};
+use super::{AttnShape, Backend, BatchInfo, BlockInput, MoeHost};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostTensor, Window};
 use crate::{bail, ensure};
@@ -177,6 +177,20 @@ struct Slot {
 
 /// Chunks per block of `dummy_fill` (must match DF_THREADS in elementwise.cu).
 const DUMMY_THREADS: usize = 128;
+/// A block's residual add and input norm as the arguments of the product kernels that fuse it
+/// (`CudaBackend::fused_norm`); `FusedNorm::NONE` for a plain product.
+#[derive(Clone, Copy)]
+struct FusedNorm {
+    delta: u64,
+    x_out: u64,
+    w: u64,
+    eps: f32,
+}
+
+impl FusedNorm {
+    const NONE: FusedNorm = FusedNorm { delta: 0, x_out: 0, w: 0, eps: 0.0 };
+}
+
 /// Least capacity of the block-table slot under graphs: 1024 blocks (16k tokens at block size 16)
 /// before it has to grow (which drops the graph once).
 const GRAPH_TABLES_MIN_BYTES: usize = 4096;
@@ -547,6 +561,29 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// The device arguments of `input` for a decode product whose prologue can take the block's
+    /// residual add and norm (x of t rows of k staged in shared memory: stage_input in matmul.cu);
+    /// None where add_rms_norm has to run on its own.
+    fn fused_norm(&self, x_out: &CudaBuf, input: &BlockInput<Self>) -> Result<Option<FusedNorm>> {
+        let (t, k) = (input.x.rows, input.x.cols);
+        if !(self.fused_gemv(t, k) && t * k * self.esize() <= GEMV_SMEM_X) {
+            return Ok(None);
+        }
+        self.check_block_input("add_rms_norm", x_out, input)?;
+        Ok(Some(FusedNorm { delta: input.delta.map_or(0, |d| d.mem.ptr), x_out: x_out.mem.ptr, w: input.norm.mem.ptr, eps: input.eps }))
+    }
+
+    fn check_block_input(&self, what: &str, x_out: &CudaBuf, input: &BlockInput<Self>) -> Result<()> {
+        let x = input.x;
+        check_shape(what, (x_out.rows, x_out.cols), (x.rows, x.cols))?;
+        if let Some(d) = input.delta {
+            check_shape(what, (d.rows, d.cols), (x.rows, x.cols))?;
+        }
+        self.check_weight(input.norm, what)?;
+        ensure!(input.norm.shape == [x.cols], InvalidArgument, "{what}: norm weight {:?} for rows of {}", input.norm.shape, x.cols);
+        Ok(())
+    }
+
     /// (kernel, grid, dynamic shared memory) of a decode-GEMV launch over `rows` weight rows, with
     /// `t` rows of x per weight row and `x_elems` elements of x read by every block: x is staged in
     /// shared memory when it fits `GEMV_SMEM_X`; the grid fills the GPU once (persistent kernels).
@@ -589,6 +626,120 @@ impl CudaBackend {
         } else {
             self.gpu.gemm(out, x, w, t, n, k)
         }
+    }
+
+    /// Whether three products of x go to the fused decode GEMV (`gemv3`).
+    fn gemv3_fits(&self, outs: &[&mut CudaBuf], x: &CudaBuf, ws: &[&CudaWeight]) -> bool {
+        outs.len() == 3 && ws.len() == 3 && self.fused_gemv(x.rows, x.cols)
+            && outs.iter().zip(ws).all(|(o, w)| w.dtype == self.gpu.dtype && w.shape.len() == 2 && w.shape[1] == x.cols
+                && o.rows == x.rows && o.cols == w.shape[0])
+    }
+
+    /// outs[i] = x · ws[i]ᵀ in one launch (q, k, v), x normed first with `norm` (gemv3_rows in matmul.cu).
+    fn gemv3(&self, outs: &mut [&mut CudaBuf], x: &CudaBuf, ws: &[&CudaWeight], norm: FusedNorm) -> Result<()> {
+        let (t, k) = (x.rows, x.cols);
+        let ns = [ws[0].shape[0], ws[1].shape[0], ws[2].shape[0]];
+        let (name, grid, smem) = self.gemv_plan(&GEMV3, t, t * k, ns.iter().sum())?;
+        let (o0, o1, o2) = (outs[0].mem.ptr, outs[1].mem.ptr, outs[2].mem.ptr);
+        let (w0, w1, w2) = (ws[0].mem.ptr, ws[1].mem.ptr, ws[2].mem.ptr);
+        let (n0, n1, n2) = (ns[0] as i32, ns[1] as i32, ns[2] as i32);
+        let (xp, ti, ki) = (x.mem.ptr, t as i32, k as i32);
+        let FusedNorm { delta, x_out, w, eps } = norm;
+        self.gpu.launch("matmul", name, grid, 256, smem, args![o0, w0, n0, o1, w1, n1, o2, w2, n2, xp, ti, ki, delta, x_out, w, eps])
+    }
+
+    /// Whether gate · up · SwiGLU of x goes to the fused decode GEMV (`gemv_swiglu`).
+    fn gemv_swiglu_fits(&self, out: &CudaBuf, x: &CudaBuf, gate: &CudaWeight, up: &CudaWeight) -> bool {
+        self.fused_gemv(x.rows, x.cols)
+            && [gate, up].iter().all(|w| w.dtype == self.gpu.dtype && w.shape.len() == 2 && w.shape[1] == x.cols)
+            && gate.shape == up.shape && (out.rows, out.cols) == (x.rows, gate.shape[0])
+    }
+
+    /// out = swiglu(x · gateᵀ, x · upᵀ) in one launch, x normed first with `norm`.
+    fn gemv_swiglu(&self, out: &mut CudaBuf, x: &CudaBuf, gate: &CudaWeight, up: &CudaWeight, norm: FusedNorm) -> Result<()> {
+        let (t, n, k) = (x.rows, gate.shape[0], x.cols);
+        let (name, grid, smem) = self.gemv_plan(&GEMV_SWIGLU, t, t * k, n)?;
+        let (o, xp, gp, upp) = (out.mem.ptr, x.mem.ptr, gate.mem.ptr, up.mem.ptr);
+        let (ti, ni, ki) = (t as i32, n as i32, k as i32);
+        let FusedNorm { delta, x_out, w, eps } = norm;
+        self.gpu.launch("matmul", name, grid, 256, smem, args![o, xp, gp, upp, ti, ni, ki, delta, x_out, w, eps])
+    }
+
+    /// The MoE layer (`Backend::moe`); with `norm` (decode only, `moe_decode_fits`) x is the block's
+    /// input before its residual add and norm, which the router and gate/up kernels fuse.
+    fn moe_impl(&self, out: &mut CudaBuf, x: &CudaBuf, moe: &CudaMoe, norm: FusedNorm) -> Result<()> {
+        ensure!(norm.w == 0 || self.moe_decode_fits(x, moe), InvalidArgument, "moe: a fused norm needs the decode path");
+        let (t, h, e, k, inter) = (x.rows, x.cols, moe.n_experts, moe.top_k, moe.inter);
+        check_shape("moe", (out.rows, out.cols), (t, h))?;
+        ensure!(h == moe.hidden, InvalidArgument, "moe: rows of {h}, experts take {}", moe.hidden);
+        if t == 0 {
+            return Ok(());
+        }
+        let p = t * k;
+        let max_tiles = p.div_ceil(MOE_TILE_ROWS) + e;
+        let es = self.esize();
+        let [probs, ids, weights, sorted, pair_pos, tile_e, tile_row0, tile_rows, g, u, act, y] = self.scratch([
+            (Scratch::RouterProbs, t * e * 4), (Scratch::TopIds, p * 4), (Scratch::TopWeights, p * 4),
+            (Scratch::SortedSrc, p * 4), (Scratch::PairPos, p * 4), (Scratch::TileE, max_tiles * 4),
+            (Scratch::TileRow0, max_tiles * 4), (Scratch::TileRows, max_tiles * 4), (Scratch::Gate, p * inter * es),
+            (Scratch::Up, p * inter * es), (Scratch::Act, p * inter * es), (Scratch::Y, p * h * es),
+        ])?;
+        let (xp, rp, (ei, hi, ii, ki, ti, pi)) = (x.mem.ptr, moe.router.mem.ptr, (e as i32, h as i32, inter as i32, k as i32, t as i32, p as i32));
+        // 1. Router logits in f32, then softmax / top-k / renormalisation per row (a warp a row).
+        // (One launch for both, a block per row, took 19.8 µs a layer against 12.7 for the two on
+        // Qwen3-30B-A3B decode: one SM computing 128 logits; RESULTS.md run 14.)
+        // With a fused norm the router stores the residual (norm.x_out) and norms x for itself.
+        let FusedNorm { delta, x_out, w: nw, eps } = norm;
+        let smem = if nw != 0 { (h * es) as u32 } else { 0 };
+        self.gpu.launch("matmul", "router_logits", (blocks(e, 8), t as u32, 1), 256, smem, args![probs, xp, rp, ei, hi, delta, x_out, nw, eps])?;
+        let renorm = moe.norm_topk_prob as i32;
+        self.gpu.launch("moe", "moe_route", (blocks(t, 4), 1, 1), 128, 0, args![probs, ids, weights, ti, ei, ki, renorm])?;
+        if self.moe_decode_fits(x, moe) {
+            // Decode: GEMVs over the (pair, expert row) rows of the chosen experts only — no sort,
+            // every warp busy — and the combine in pair order. Gate/up norm the stored residual.
+            let (gp, upp, dp) = (moe.gate.ptr, moe.up.ptr, moe.down.ptr);
+            let (name, grid, smem) = self.gemv_plan(&MOE_GEMV_SWIGLU, 1, t * h, p * inter)?;
+            let xin = if nw != 0 { x_out } else { xp };
+            self.gpu.launch("matmul", name, grid, 256, smem, args![act, xin, gp, upp, ids, ki, pi, ii, hi, nw, eps])?;
+            let (name, grid, smem) = self.gemv_plan(&MOE_GEMV, 1, p * inter, p * h)?;
+            let one = 1i32;
+            self.gpu.launch("matmul", name, grid, 256, smem, args![y, act, dp, ids, one, pi, pi, hi, ii])?;
+            let (o, null) = (out.mem.ptr, 0u64);
+            return self.gpu.launch("moe", "moe_combine", (blocks(h, 256), t as u32, 1), 256, 0, args![o, y, null, weights, ki, hi]);
+        }
+        if self.moe_cublas.load(std::sync::atomic::Ordering::Relaxed) && self.gpu.note(|h| h)? == Mode::Eager {
+            match self.moe_grouped_cublas(out, x, moe, [ids, weights, sorted, pair_pos, tile_e, tile_row0, tile_rows, g, u, act, y]) {
+                Ok(()) => return Ok(()),
+                // A cuBLAS without grouped GEMM for this dtype: the kernel path from now on. The
+                // routing above is still valid; sorting again below is harmless.
+                Err(Error::Device(m)) if m.contains("cuBLAS grouped GEMM") => {
+                    eprintln!("qwen3rs: {m}; MoE prefill falls back to the grouped_gemm kernel");
+                    self.moe_cublas.store(false, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // 2. Group the (row, expert) pairs by expert into tiles.
+        let (tm, mt) = (MOE_TILE_ROWS as i32, max_tiles as i32);
+        self.gpu.launch("moe", "moe_sort", (1, 1, 1), 1024, (2 * e * 4) as u32,
+            args![ids, pi, ki, ei, tm, mt, sorted, pair_pos, tile_e, tile_row0, tile_rows])?;
+        // 3. Experts: gate and up over the gathered rows, SwiGLU, down.
+        let (gp, up, dp, null) = (moe.gate.ptr, moe.up.ptr, moe.down.ptr, 0u64);
+        let grid_i = (blocks(inter, 64), max_tiles as u32, 1);
+        self.gpu.launch("matmul", "grouped_gemm", grid_i, 256, 0, args![g, xp, gp, sorted, tile_e, tile_row0, tile_rows, ii, hi])?;
+        self.gpu.launch("matmul", "grouped_gemm", grid_i, 256, 0, args![u, xp, up, sorted, tile_e, tile_row0, tile_rows, ii, hi])?;
+        let n = (p * inter) as i64;
+        self.gpu.launch("elementwise", "swiglu", (blocks(p * inter, 256), 1, 1), 256, 0, args![act, g, u, n])?;
+        self.gpu.launch("matmul", "grouped_gemm", (blocks(h, 64), max_tiles as u32, 1), 256, 0,
+            args![y, act, dp, null, tile_e, tile_row0, tile_rows, hi, ii])?;
+        // 4. Weighted sum per row, in ascending expert order.
+        let o = out.mem.ptr;
+        self.gpu.launch("moe", "moe_combine", (blocks(h, 256), t as u32, 1), 256, 0, args![o, y, pair_pos, weights, ki, hi])
+    }
+
+    /// Whether a MoE layer over x takes the decode path (expert GEMVs over the chosen experts only).
+    fn moe_decode_fits(&self, x: &CudaBuf, moe: &CudaMoe) -> bool {
+        self.fused_gemv(x.rows, x.cols) && moe.inter % (16 / self.esize()) == 0
     }
 }
 
@@ -803,12 +954,44 @@ impl Backend for CudaBackend {
         self.gpu.launch("norm", "rms_norm", (x.rows as u32, 1, 1), NORM_THREADS, 0, args![o, xp, wp, c, eps])
     }
 
-    fn add_rms_norm(&self, residual: &mut CudaBuf, delta: &CudaBuf, out: &mut CudaBuf, w: &CudaWeight, eps: f32) -> Result<()> {
-        check_shape("add_rms_norm", (delta.rows, delta.cols), (residual.rows, residual.cols))?;
-        check_shape("add_rms_norm", (out.rows, out.cols), (residual.rows, residual.cols))?;
-        self.check_weight(w, "add_rms_norm")?;
-        let (r, d, o, wp, c) = (residual.mem.ptr, delta.mem.ptr, out.mem.ptr, w.mem.ptr, residual.cols as i32);
-        self.gpu.launch("norm", "add_rms_norm", (residual.rows as u32, 1, 1), NORM_THREADS, 0, args![r, d, o, wp, c, eps])
+    fn add_rms_norm(&self, x_out: &mut CudaBuf, h: &mut CudaBuf, input: &BlockInput<Self>) -> Result<()> {
+        self.check_block_input("add_rms_norm", x_out, input)?;
+        check_shape("add_rms_norm", (h.rows, h.cols), (x_out.rows, x_out.cols))?;
+        let (xo, x, d, o, wp) = (x_out.mem.ptr, input.x.mem.ptr, input.delta.map_or(0, |d| d.mem.ptr), h.mem.ptr, input.norm.mem.ptr);
+        let (c, eps) = (x_out.cols as i32, input.eps);
+        self.gpu.launch("norm", "add_rms_norm", (x_out.rows as u32, 1, 1), NORM_THREADS, 0, args![xo, x, d, o, wp, c, eps])
+    }
+
+    fn norm_matmul_many(&self, x_out: &mut CudaBuf, h: &mut CudaBuf, input: &BlockInput<Self>, outs: &mut [&mut CudaBuf],
+        ws: &[&CudaWeight]) -> Result<()> {
+        match self.fused_norm(x_out, input)? {
+            Some(norm) if self.gemv3_fits(outs, input.x, ws) => self.gemv3(outs, input.x, ws, norm),
+            _ => {
+                self.add_rms_norm(x_out, h, input)?;
+                self.matmul_many(outs, h, ws)
+            }
+        }
+    }
+
+    fn norm_matmul_swiglu(&self, x_out: &mut CudaBuf, h: &mut CudaBuf, input: &BlockInput<Self>, out: &mut CudaBuf,
+        g: &mut CudaBuf, u: &mut CudaBuf, gate: &CudaWeight, up: &CudaWeight) -> Result<()> {
+        match self.fused_norm(x_out, input)? {
+            Some(norm) if self.gemv_swiglu_fits(out, input.x, gate, up) => self.gemv_swiglu(out, input.x, gate, up, norm),
+            _ => {
+                self.add_rms_norm(x_out, h, input)?;
+                self.matmul_swiglu(out, g, u, h, gate, up)
+            }
+        }
+    }
+
+    fn norm_moe(&self, x_out: &mut CudaBuf, h: &mut CudaBuf, input: &BlockInput<Self>, out: &mut CudaBuf, moe: &CudaMoe) -> Result<()> {
+        match self.fused_norm(x_out, input)? {
+            Some(norm) if self.moe_decode_fits(input.x, moe) => self.moe_impl(out, input.x, moe, norm),
+            _ => {
+                self.add_rms_norm(x_out, h, input)?;
+                self.moe(out, h, moe)
+            }
+        }
     }
 
     fn matmul(&self, out: &mut CudaBuf, x: &CudaBuf, w: &CudaWeight) -> Result<()> {
@@ -820,40 +1003,23 @@ impl Backend for CudaBackend {
     }
 
     fn matmul_many(&self, outs: &mut [&mut CudaBuf], x: &CudaBuf, ws: &[&CudaWeight]) -> Result<()> {
-        let fits = outs.len() == 3 && ws.len() == 3 && self.fused_gemv(x.rows, x.cols)
-            && outs.iter().zip(ws).all(|(o, w)| w.dtype == self.gpu.dtype && w.shape.len() == 2 && w.shape[1] == x.cols
-                && o.rows == x.rows && o.cols == w.shape[0]);
-        if !fits {
-            ensure!(outs.len() == ws.len(), InvalidArgument, "matmul_many: {} outputs for {} weights", outs.len(), ws.len());
-            for (o, w) in outs.iter_mut().zip(ws) {
-                self.matmul(o, x, w)?;
-            }
-            return Ok(());
+        if self.gemv3_fits(outs, x, ws) {
+            return self.gemv3(outs, x, ws, FusedNorm::NONE);
         }
-        let (t, k) = (x.rows, x.cols);
-        let ns = [ws[0].shape[0], ws[1].shape[0], ws[2].shape[0]];
-        let (name, grid, smem) = self.gemv_plan(&GEMV3, t, t * k, ns.iter().sum())?;
-        let (o0, o1, o2) = (outs[0].mem.ptr, outs[1].mem.ptr, outs[2].mem.ptr);
-        let (w0, w1, w2) = (ws[0].mem.ptr, ws[1].mem.ptr, ws[2].mem.ptr);
-        let (n0, n1, n2) = (ns[0] as i32, ns[1] as i32, ns[2] as i32);
-        let (xp, ti, ki) = (x.mem.ptr, t as i32, k as i32);
-        self.gpu.launch("matmul", name, grid, 256, smem, args![o0, w0, n0, o1, w1, n1, o2, w2, n2, xp, ti, ki])
+        ensure!(outs.len() == ws.len(), InvalidArgument, "matmul_many: {} outputs for {} weights", outs.len(), ws.len());
+        for (o, w) in outs.iter_mut().zip(ws) {
+            self.matmul(o, x, w)?;
+        }
+        Ok(())
     }
 
     fn matmul_swiglu(&self, out: &mut CudaBuf, g: &mut CudaBuf, u: &mut CudaBuf, x: &CudaBuf, gate: &CudaWeight, up: &CudaWeight) -> Result<()> {
-        let fits = self.fused_gemv(x.rows, x.cols)
-            && [gate, up].iter().all(|w| w.dtype == self.gpu.dtype && w.shape.len() == 2 && w.shape[1] == x.cols)
-            && gate.shape == up.shape && (out.rows, out.cols) == (x.rows, gate.shape[0]);
-        if !fits {
-            self.matmul(g, x, gate)?;
-            self.matmul(u, x, up)?;
-            return self.swiglu(out, g, u);
+        if self.gemv_swiglu_fits(out, x, gate, up) {
+            return self.gemv_swiglu(out, x, gate, up, FusedNorm::NONE);
         }
-        let (t, n, k) = (x.rows, gate.shape[0], x.cols);
-        let (name, grid, smem) = self.gemv_plan(&GEMV_SWIGLU, t, t * k, n)?;
-        let (o, xp, gp, upp) = (out.mem.ptr, x.mem.ptr, gate.mem.ptr, up.mem.ptr);
-        let (ti, ni, ki) = (t as i32, n as i32, k as i32);
-        self.gpu.launch("matmul", name, grid, 256, smem, args![o, xp, gp, upp, ti, ni, ki])
+        self.matmul(g, x, gate)?;
+        self.matmul(u, x, up)?;
+        self.swiglu(out, g, u)
     }
 
     fn qk_norm_rope(&self, q: &mut CudaBuf, k: &mut CudaBuf, q_norm: &CudaWeight, k_norm: &CudaWeight, eps: f32,
@@ -990,68 +1156,7 @@ impl Backend for CudaBackend {
     }
 
     fn moe(&self, out: &mut CudaBuf, x: &CudaBuf, moe: &CudaMoe) -> Result<()> {
-        let (t, h, e, k, inter) = (x.rows, x.cols, moe.n_experts, moe.top_k, moe.inter);
-        check_shape("moe", (out.rows, out.cols), (t, h))?;
-        ensure!(h == moe.hidden, InvalidArgument, "moe: rows of {h}, experts take {}", moe.hidden);
-        if t == 0 {
-            return Ok(());
-        }
-        let p = t * k;
-        let max_tiles = p.div_ceil(MOE_TILE_ROWS) + e;
-        let es = self.esize();
-        let [probs, ids, weights, sorted, pair_pos, tile_e, tile_row0, tile_rows, g, u, act, y] = self.scratch([
-            (Scratch::RouterProbs, t * e * 4), (Scratch::TopIds, p * 4), (Scratch::TopWeights, p * 4),
-            (Scratch::SortedSrc, p * 4), (Scratch::PairPos, p * 4), (Scratch::TileE, max_tiles * 4),
-            (Scratch::TileRow0, max_tiles * 4), (Scratch::TileRows, max_tiles * 4), (Scratch::Gate, p * inter * es),
-            (Scratch::Up, p * inter * es), (Scratch::Act, p * inter * es), (Scratch::Y, p * h * es),
-        ])?;
-        let (xp, rp, (ei, hi, ii, ki, ti, pi)) = (x.mem.ptr, moe.router.mem.ptr, (e as i32, h as i32, inter as i32, k as i32, t as i32, p as i32));
-        // 1. Router logits in f32, then softmax / top-k / renormalisation per row (a warp a row).
-        // (One launch for both, a block per row, took 19.8 µs a layer against 12.7 for the two on
-        // Qwen3-30B-A3B decode: one SM computing 128 logits; RESULTS.md run 14.)
-        self.gpu.launch("matmul", "router_logits", (blocks(e, 8), t as u32, 1), 256, 0, args![probs, xp, rp, ei, hi])?;
-        let norm = moe.norm_topk_prob as i32;
-        self.gpu.launch("moe", "moe_route", (blocks(t, 4), 1, 1), 128, 0, args![probs, ids, weights, ti, ei, ki, norm])?;
-        if self.fused_gemv(t, h) && inter % (16 / es) == 0 {
-            // Decode: GEMVs over the (pair, expert row) rows of the chosen experts only — no sort,
-            // every warp busy — and the combine in pair order.
-            let (gp, upp, dp) = (moe.gate.ptr, moe.up.ptr, moe.down.ptr);
-            let (name, grid, smem) = self.gemv_plan(&MOE_GEMV_SWIGLU, 1, t * h, p * inter)?;
-            self.gpu.launch("matmul", name, grid, 256, smem, args![act, xp, gp, upp, ids, ki, pi, ii, hi])?;
-            let (name, grid, smem) = self.gemv_plan(&MOE_GEMV, 1, p * inter, p * h)?;
-            let one = 1i32;
-            self.gpu.launch("matmul", name, grid, 256, smem, args![y, act, dp, ids, one, pi, pi, hi, ii])?;
-            let (o, null) = (out.mem.ptr, 0u64);
-            return self.gpu.launch("moe", "moe_combine", (blocks(h, 256), t as u32, 1), 256, 0, args![o, y, null, weights, ki, hi]);
-        }
-        if self.moe_cublas.load(std::sync::atomic::Ordering::Relaxed) && self.gpu.note(|h| h)? == Mode::Eager {
-            match self.moe_grouped_cublas(out, x, moe, [ids, weights, sorted, pair_pos, tile_e, tile_row0, tile_rows, g, u, act, y]) {
-                Ok(()) => return Ok(()),
-                // A cuBLAS without grouped GEMM for this dtype: the kernel path from now on. The
-                // routing above is still valid; sorting again below is harmless.
-                Err(Error::Device(m)) if m.contains("cuBLAS grouped GEMM") => {
-                    eprintln!("qwen3rs: {m}; MoE prefill falls back to the grouped_gemm kernel");
-                    self.moe_cublas.store(false, std::sync::atomic::Ordering::Relaxed);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        // 2. Group the (row, expert) pairs by expert into tiles.
-        let (tm, mt) = (MOE_TILE_ROWS as i32, max_tiles as i32);
-        self.gpu.launch("moe", "moe_sort", (1, 1, 1), 1024, (2 * e * 4) as u32,
-            args![ids, pi, ki, ei, tm, mt, sorted, pair_pos, tile_e, tile_row0, tile_rows])?;
-        // 3. Experts: gate and up over the gathered rows, SwiGLU, down.
-        let (gp, up, dp, null) = (moe.gate.ptr, moe.up.ptr, moe.down.ptr, 0u64);
-        let grid_i = (blocks(inter, 64), max_tiles as u32, 1);
-        self.gpu.launch("matmul", "grouped_gemm", grid_i, 256, 0, args![g, xp, gp, sorted, tile_e, tile_row0, tile_rows, ii, hi])?;
-        self.gpu.launch("matmul", "grouped_gemm", grid_i, 256, 0, args![u, xp, up, sorted, tile_e, tile_row0, tile_rows, ii, hi])?;
-        let n = (p * inter) as i64;
-        self.gpu.launch("elementwise", "swiglu", (blocks(p * inter, 256), 1, 1), 256, 0, args![act, g, u, n])?;
-        self.gpu.launch("matmul", "grouped_gemm", (blocks(h, 64), max_tiles as u32, 1), 256, 0,
-            args![y, act, dp, null, tile_e, tile_row0, tile_rows, hi, ii])?;
-        // 4. Weighted sum per row, in ascending expert order.
-        let o = out.mem.ptr;
-        self.gpu.launch("moe", "moe_combine", (blocks(h, 256), t as u32, 1), 256, 0, args![o, y, pair_pos, weights, ki, hi])
+        self.moe_impl(out, x, moe, FusedNorm::NONE)
     }
 
     fn gather_rows(&self, out: &mut CudaBuf, x: &CudaBuf, rows: &[u32]) -> Result<()> {

@@ -58,13 +58,61 @@ __device__ __forceinline__ void row_dot(float* acc, const act_t* wrow, const act
     }
 }
 
-// x [n elements] into shared memory (XS), visible to the block on return; the pointer to read x from.
-template <bool XS>
-__device__ __forceinline__ const act_t* stage_x(const act_t* x, int n) {
+// The rows of x a product reads: T rows of K, staged in shared memory (XS) or read from global memory.
+// With a norm (nw non-null; XS only) the block's input norm is fused in front of the product: the rows
+// are rms_norm(round(x + delta)) * nw rounded exactly as add_rms_norm (norm.cu) rounds them (delta may
+// be null), and block 0 also stores round(x + delta) to x_out (null: not stored), the residual stream
+// after the add. x_out is never x or delta: every block reads those. Visible to the block on return.
+template <int TMAX, bool XS>
+__device__ __forceinline__ const act_t* stage_input(const act_t* x, int T, int K, const act_t* delta = nullptr,
+    act_t* x_out = nullptr, const act_t* nw = nullptr, float eps = 0.f) {
     extern __shared__ uint4 x_shared[];
     if (!XS) return x;
     const uint4* src = reinterpret_cast<const uint4*>(x);
-    for (int i = threadIdx.x; i < n / VEC; i += blockDim.x) x_shared[i] = __ldg(src + i);
+    const int kv = K / VEC;
+    if (!nw) {
+        for (int i = threadIdx.x; i < T * kv; i += blockDim.x) x_shared[i] = __ldg(src + i);
+        __syncthreads();
+        return reinterpret_cast<const act_t*>(x_shared);
+    }
+    float ss[TMAX];
+#pragma unroll
+    for (int t = 0; t < TMAX; t++) ss[t] = 0.f;
+    for (int i = threadIdx.x; i < T * kv; i += blockDim.x) {
+        uint4 a = __ldg(src + i);
+        act_t* ae = reinterpret_cast<act_t*>(&a);
+        if (delta) {
+            uint4 d = __ldg(reinterpret_cast<const uint4*>(delta) + i);
+            const act_t* de = reinterpret_cast<const act_t*>(&d);
+#pragma unroll
+            for (int j = 0; j < VEC; j++) ae[j] = from_f(to_f(ae[j]) + to_f(de[j]));
+        }
+        if (x_out && blockIdx.x == 0) reinterpret_cast<uint4*>(x_out)[i] = a;
+        x_shared[i] = a;
+        float sq = 0.f;
+#pragma unroll
+        for (int j = 0; j < VEC; j++) sq += to_f(ae[j]) * to_f(ae[j]);
+        int row = i / kv;
+#pragma unroll
+        for (int t = 0; t < TMAX; t++) if (t == row) ss[t] += sq;
+    }
+    float inv[TMAX];
+#pragma unroll
+    for (int t = 0; t < TMAX; t++) inv[t] = t < T ? 1.f / sqrtf(block_sum(ss[t]) / (float)K + eps) : 0.f;
+    // block_sum's barriers also publish x_shared.
+    const uint4* wv = reinterpret_cast<const uint4*>(nw);
+    for (int i = threadIdx.x; i < T * kv; i += blockDim.x) {
+        uint4 a = x_shared[i], w = __ldg(wv + i % kv);
+        act_t* ae = reinterpret_cast<act_t*>(&a);
+        const act_t* we = reinterpret_cast<const act_t*>(&w);
+        float r = 0.f;
+        int row = i / kv;
+#pragma unroll
+        for (int t = 0; t < TMAX; t++) if (t == row) r = inv[t];
+#pragma unroll
+        for (int j = 0; j < VEC; j++) ae[j] = from_f(to_f(we[j]) * (to_f(ae[j]) * r));
+        x_shared[i] = a;
+    }
     __syncthreads();
     return reinterpret_cast<const act_t*>(x_shared);
 }
@@ -90,15 +138,15 @@ template <int TMAX, bool XS>
 __device__ __forceinline__ void gemv_rows(act_t* out, const act_t* x, const act_t* w, int T, int N, int K) {
     prefetch_rows([&](int n) { return w + (size_t)n * K; }, N, K);
     grid_dependency();
-    const act_t* xs = stage_x<XS>(x, T * K);
+    const act_t* xs = stage_input<TMAX, XS>(x, T, K);
     for (int n = warp_id_global(); n < N; n += warps_global()) gemv_one<TMAX, XS>(out, w + (size_t)n * K, xs, T, N, n, K);
 }
 
 // Three products of one input in one launch (the q, k, v projections): outI [T, NI] = x · wIᵀ, rows
-// numbered through the three.
+// numbered through the three; with nw, of the normed input (stage_input).
 template <int TMAX, bool XS>
 __device__ __forceinline__ void gemv3_rows(act_t* o0, const act_t* w0, int N0, act_t* o1, const act_t* w1, int N1,
-    act_t* o2, const act_t* w2, int N2, const act_t* x, int T, int K) {
+    act_t* o2, const act_t* w2, int N2, const act_t* x, int T, int K, const act_t* delta, act_t* x_out, const act_t* nw, float eps) {
     // Row r of the three: (output, weight matrix, its rows, row within it).
     auto pick = [&](int r, act_t*& o, const act_t*& w, int& N) {
         o = o0; w = w0; N = N0;
@@ -108,7 +156,7 @@ __device__ __forceinline__ void gemv3_rows(act_t* o0, const act_t* w0, int N0, a
     };
     prefetch_rows([&](int r) { act_t* o; const act_t* w; int N; int n = pick(r, o, w, N); return w + (size_t)n * K; }, N0 + N1 + N2, K);
     grid_dependency();
-    const act_t* xs = stage_x<XS>(x, T * K);
+    const act_t* xs = stage_input<TMAX, XS>(x, T, K, delta, x_out, nw, eps);
     for (int r = warp_id_global(); r < N0 + N1 + N2; r += warps_global()) {
         act_t* o; const act_t* w; int N;
         int n = pick(r, o, w, N);
@@ -117,14 +165,14 @@ __device__ __forceinline__ void gemv3_rows(act_t* o0, const act_t* w0, int N0, a
 }
 
 // The dense MLP's first half: out [T, N] = round(round(silu(round(x·gateᵀ))) * round(x·upᵀ)), rounding
-// exactly where matmul, matmul, swiglu would.
+// exactly where matmul, matmul, swiglu would; with nw, of the normed input (stage_input).
 template <int TMAX, bool XS>
 __device__ __forceinline__ void gemv_swiglu_rows(act_t* out, const act_t* x, const act_t* gate, const act_t* up,
-    int T, int N, int K) {
+    int T, int N, int K, const act_t* delta, act_t* x_out, const act_t* nw, float eps) {
     prefetch_rows([&](int n) { return gate + (size_t)n * K; }, N, K);
     prefetch_rows([&](int n) { return up + (size_t)n * K; }, N, K);
     grid_dependency();
-    const act_t* xs = stage_x<XS>(x, T * K);
+    const act_t* xs = stage_input<TMAX, XS>(x, T, K, delta, x_out, nw, eps);
     int lane = threadIdx.x & 31;
     for (int n = warp_id_global(); n < N; n += warps_global()) {
         float g[TMAX], u[TMAX];
@@ -143,14 +191,17 @@ __device__ __forceinline__ void gemv_swiglu_rows(act_t* out, const act_t* x, con
 }
 
 // Kernel names: <family>_t1 / _t8 (TMAX 1 or GEMV_MAX_ROWS) and _xs (x in shared memory). 256 threads.
+// gemv3 and gemv_swiglu take the norm arguments of stage_input (nw null: none; non-null only with _xs).
 #define GEMV_FAMILY(SUF, TMAX, XS)                                                                           \
     extern "C" __global__ void __launch_bounds__(256) gemv##SUF(act_t* out, const act_t* x, const act_t* w,     \
         int T, int N, int K) { gemv_rows<TMAX, XS>(out, x, w, T, N, K); }                                       \
     extern "C" __global__ void __launch_bounds__(256) gemv3##SUF(act_t* o0, const act_t* w0, int N0,           \
-        act_t* o1, const act_t* w1, int N1, act_t* o2, const act_t* w2, int N2, const act_t* x, int T, int K) {  \
-        gemv3_rows<TMAX, XS>(o0, w0, N0, o1, w1, N1, o2, w2, N2, x, T, K); }                                     \
+        act_t* o1, const act_t* w1, int N1, act_t* o2, const act_t* w2, int N2, const act_t* x, int T, int K,    \
+        const act_t* delta, act_t* x_out, const act_t* nw, float eps) {                                         \
+        gemv3_rows<TMAX, XS>(o0, w0, N0, o1, w1, N1, o2, w2, N2, x, T, K, delta, x_out, nw, eps); }              \
     extern "C" __global__ void __launch_bounds__(256) gemv_swiglu##SUF(act_t* out, const act_t* x,             \
-        const act_t* gate, const act_t* up, int T, int N, int K) { gemv_swiglu_rows<TMAX, XS>(out, x, gate, up, T, N, K); }
+        const act_t* gate, const act_t* up, int T, int N, int K, const act_t* delta, act_t* x_out,               \
+        const act_t* nw, float eps) { gemv_swiglu_rows<TMAX, XS>(out, x, gate, up, T, N, K, delta, x_out, nw, eps); }
 
 GEMV_FAMILY(_t1, 1, false)
 GEMV_FAMILY(_t1_xs, 1, true)
@@ -185,20 +236,26 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_scalar(act_t*
 }
 
 // logits [T, E] (f32) = x [T, H] · router [E, H]ᵀ; one warp per output, 16-byte loads when H allows.
-// grid (ceil(E / 8), T), 256 threads.
-extern "C" __global__ void router_logits(float* logits, const act_t* x, const act_t* router, int E, int H) {
+// With nw (H % VEC == 0, H elements in dynamic shared memory) x is first normed as stage_input does it
+// for row t (delta, x_out: row t of them; blocks with blockIdx.x 0 store x_out), so the MoE block's
+// input norm needs no launch of its own. grid (ceil(E / 8), T), 256 threads.
+extern "C" __global__ void router_logits(float* logits, const act_t* x, const act_t* router, int E, int H,
+    const act_t* delta, act_t* x_out, const act_t* nw, float eps) {
     int lane = threadIdx.x & 31;
     int e = blockIdx.x * 8 + (threadIdx.x >> 5);
     int t = blockIdx.y;
     if (e < E) prefetch_l2(router + (size_t)e * H, H * (int)sizeof(act_t));
     grid_dependency();
+    size_t row = (size_t)t * H;
+    const act_t* xr = nw ? stage_input<1, true>(x + row, 1, H, delta ? delta + row : nullptr, x_out ? x_out + row : nullptr, nw, eps)
+                         : x + row;
     if (e >= E) return;
-    const act_t* xr = x + (size_t)t * H;
     const act_t* wr = router + (size_t)e * H;
     float s = 0.f;
     if (H % VEC == 0) {
         float acc[1] = {0.f};
-        row_dot<1, false>(acc, wr, xr, 1, H / VEC);
+        if (nw) row_dot<1, true>(acc, wr, xr, 1, H / VEC);
+        else row_dot<1, false>(acc, wr, xr, 1, H / VEC);
         s = acc[0];
     } else {
         for (int k = lane; k < H; k += 32) s += to_f(xr[k]) * to_f(wr[k]);
@@ -269,7 +326,7 @@ template <bool XS>
 __device__ __forceinline__ void moe_gemv_rows(act_t* out, const act_t* x, const act_t* w, const int* ids, int src_div,
     int x_rows, int P, int N, int K) {
     grid_dependency();  // the expert ids come from the kernel ahead: nothing to prefetch
-    const act_t* xs = stage_x<XS>(x, x_rows * K);
+    const act_t* xs = stage_input<1, XS>(x, x_rows, K);
     int lane = threadIdx.x & 31;
     for (int r = warp_id_global(); r < P * N; r += warps_global()) {
         int p = r / N, n = r % N;
@@ -281,12 +338,13 @@ __device__ __forceinline__ void moe_gemv_rows(act_t* out, const act_t* x, const 
 }
 
 // The experts' first half for decode: act [P, N] = swiglu(x[p / k] · gate[e]ᵀ, x[p / k] · up[e]ᵀ)
-// rounded as grouped_gemm, grouped_gemm, swiglu. x is [T, K] with T = P / k.
+// rounded as grouped_gemm, grouped_gemm, swiglu. x is [T, K] with T = P / k; with nw (XS only) the rows
+// of x are first normed as stage_input does (x is then the residual router_logits stored).
 template <bool XS>
 __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x, const act_t* gate, const act_t* up,
-    const int* ids, int k, int P, int N, int K) {
+    const int* ids, int k, int P, int N, int K, const act_t* nw, float eps) {
     grid_dependency();
-    const act_t* xs = stage_x<XS>(x, P / k * K);
+    const act_t* xs = stage_input<GEMV_MAX_ROWS, XS>(x, P / k, K, nullptr, nullptr, nw, eps);
     int lane = threadIdx.x & 31;
     for (int r = warp_id_global(); r < P * N; r += warps_global()) {
         int p = r / N, n = r % N;
@@ -305,8 +363,8 @@ __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x,
         const int* ids, int src_div, int x_rows, int P, int N, int K) {                                            \
         moe_gemv_rows<XS>(out, x, w, ids, src_div, x_rows, P, N, K); }                                              \
     extern "C" __global__ void __launch_bounds__(256) moe_gemv_swiglu##SUF(act_t* act, const act_t* x,             \
-        const act_t* gate, const act_t* up, const int* ids, int k, int P, int N, int K) {                           \
-        moe_gemv_swiglu_rows<XS>(act, x, gate, up, ids, k, P, N, K); }
+        const act_t* gate, const act_t* up, const int* ids, int k, int P, int N, int K, const act_t* nw, float eps) { \
+        moe_gemv_swiglu_rows<XS>(act, x, gate, up, ids, k, P, N, K, nw, eps); }
 
 MOE_GEMV_FAMILY(, false)
 MOE_GEMV_FAMILY(_xs, true)

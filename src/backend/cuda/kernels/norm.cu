@@ -13,19 +13,21 @@ extern "C" __global__ void rms_norm(act_t* __restrict__ out, const act_t* __rest
     for (int i = threadIdx.x; i < cols; i += blockDim.x) o[i] = from_f(to_f(w[i]) * (to_f(xr[i]) * inv));
 }
 
-// residual = round(residual + delta); out = rms_norm(residual) * w. Each thread re-reads only the
-// residual elements it wrote itself, so no barrier is needed between the two passes. The buffers never
-// alias (the model passes x, delta and h), which lets the loads of several iterations be in flight.
-extern "C" __global__ void add_rms_norm(act_t* __restrict__ residual, const act_t* __restrict__ delta,
+// x_out = round(x + delta) (x alone when delta is null); out = rms_norm(x_out) * w. Each thread
+// re-reads only the x_out elements it wrote itself, so no barrier is needed between the two passes.
+// x_out never aliases x, delta or out (the model passes distinct buffers), which lets the loads of
+// several iterations be in flight. (A decode step fuses this into the products that read `out`:
+// stage_input in matmul.cu.)
+extern "C" __global__ void add_rms_norm(act_t* __restrict__ x_out, const act_t* __restrict__ x, const act_t* __restrict__ delta,
     act_t* __restrict__ out, const act_t* __restrict__ w, int cols, float eps) {
     grid_dependency();
-    act_t* r = residual + (size_t)blockIdx.x * cols;
-    const act_t* d = delta + (size_t)blockIdx.x * cols;
-    act_t* o = out + (size_t)blockIdx.x * cols;
+    size_t row = (size_t)blockIdx.x * cols;
+    act_t* r = x_out + row;
+    act_t* o = out + row;
     float ss = 0.f;
 #pragma unroll 4
     for (int i = threadIdx.x; i < cols; i += blockDim.x) {
-        act_t s = from_f(to_f(r[i]) + to_f(d[i]));
+        act_t s = delta ? from_f(to_f(x[row + i]) + to_f(delta[row + i])) : x[row + i];
         r[i] = s;
         float v = to_f(s);
         ss += v * v;
