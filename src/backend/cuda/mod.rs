@@ -309,6 +309,12 @@ impl CudaBackend {
             prefill_chunk: std::env::var("QWEN3RS_CUDA_PREFILL_CHUNK").ok().and_then(|v| v.trim().parse().ok()).filter(|&n: &usize| n > 0).unwrap_or(2048) })
     }
 
+    /// MoE prefill through cuBLAS grouped GEMMs (`true`, the default) or the `grouped_gemm` kernel,
+    /// as `QWEN3RS_CUDA_MOE_CUBLAS` chooses at construction: lets one test process check both.
+    pub fn set_moe_cublas(&self, on: bool) {
+        self.moe_cublas.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The device index this backend runs on.
     pub fn ordinal(&self) -> usize {
         self.ordinal
