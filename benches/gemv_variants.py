@@ -3,7 +3,8 @@ with x staged in shared memory up to 56 KB, as the host picks) against the candi
 benches/gemv_variants.cu, on the weight shapes of Qwen3-0.6B / 8B / 32B, batch 1, bf16. (Run 10 compared
 the candidates with the earlier block-per-8-rows `gemv_wide`; the winner became `gemv_t1*`.)
 
-    python3 benches/gemv_variants.py            # on the GPU machine (CuPy compiles the kernels)
+    python3 benches/gemv_variants.py [VARIANTS]  # on the GPU machine (CuPy compiles the kernels)
+    GEMV_SHAPES=0.6B,30B python3 benches/gemv_variants.py   # only those shapes
 
 Each (kernel, shape) is checked against a float32 product of the same bf16 values, then timed as a
 CUDA graph of launches cycling over enough weight copies to defeat the 60 MB L2 (median of 7 replays).
@@ -62,6 +63,8 @@ def launcher(name, n, k):
         name = "gemv_t1_xs" if k * 2 <= 56 * 1024 else "gemv_t1"
         kern = MOD.get_function(name)
         smem = k * 2 if name.endswith("_xs") else 0
+        if smem > 48 * 1024:
+            kern.max_dynamic_shared_size_bytes = smem
         grid = min(SMS * 4, -(-n // 8))
         return kern, grid, smem, lambda out, x, w: (out, x, w, np.int32(1), np.int32(n), np.int32(k))
     kern = MOD.get_function(name.split("@")[0])
@@ -139,10 +142,13 @@ def main():
     ceiling = read_ceiling()
     print(f"read ceiling (read_probe): {ceiling:.0f} GB/s, {SMS} SMs", flush=True)
     rows = []
-    for label, (n, k) in SHAPES.items():
+    # GEMV_SHAPES="0.6B,30B": only the shapes whose label contains one of these.
+    only = [x for x in os.environ.get("GEMV_SHAPES", "").split(",") if x]
+    shapes = {label: nk for label, nk in SHAPES.items() if not only or any(o in label for o in only)}
+    for label, (n, k) in shapes.items():
         run_shape(label, n, k, variants, rows)
     print("\n| shape | best variant | GB/s | of read ceiling | shipped gemv GB/s |\n|---|---|---|---|---|")
-    for label in SHAPES:
+    for label in shapes:
         mine = [r for r in rows if r[0] == label and r[4] < 1e-2]
         best = max(mine, key=lambda r: r[3])
         base = next(r for r in rows if r[0] == label and r[1] == "gemv")

@@ -652,7 +652,7 @@ fn dummy_shards_drawn_on_device_equal_the_host_slice() {
             for w in windows.into_iter().filter(|w| w.numel() > 0) {
                 let part = g.dummy_window(&spec, shape, &w).unwrap();
                 let got = read_dummy(&g, &part, w.rows.len(), w.cols.len());
-                let want = whole.window(&w).unwrap().to_f32_vec();
+                let want = whole.window(&w).unwrap().to_dtype(dtype).to_f32_vec(); // f16 rounds tiny bf16 values
                 let diff = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
                 assert_eq!(diff, 0, "{} {shape:?} {w:?}: {diff} of {} device values differ from the host slice", dtype.name(), want.len());
                 checked += 1;
@@ -710,16 +710,25 @@ fn argmax_rows_on_device() {
         x[2 * cols + 3] = f32::NAN; // row 2: NaN is never chosen
         x[2 * cols + 100] = 60.0;
         x[4 * cols + cols - 1] = 70.0; // row 4: the last column
+        for v in &mut x[3 * cols..4 * cols] {
+            *v = -v.abs() - 1.0; // row 3: -0 at 5 ties +0 at 6 → 5
+        }
+        (x[3 * cols + 5], x[3 * cols + 6]) = (-0.0, 0.0);
+        x[..cols].fill(f32::NAN); // row 0: all NaN → 0
         let (gb, cb) = (g.upload_buf(rows, cols, &x).unwrap(), c.upload_buf(rows, cols, &x).unwrap());
         let (gi, ci) = (g.argmax_rows(&gb, rows, cols).unwrap(), c.argmax_rows(&cb, rows, cols).unwrap());
         eprintln!("argmax {}: gpu {gi:?} cpu {ci:?}", dtype.name());
         assert_eq!(gi, ci);
-        assert_eq!((gi[1], gi[2], gi[4]), (7, 100, (cols - 1) as u32));
+        assert_eq!(gi, [0, 7, 100, 5, (cols - 1) as u32]);
         // Columns past `limit` (padding ids) never win, even with the largest value.
         let limit = cols - 1000;
         let (gi, ci) = (g.argmax_rows(&gb, rows, limit).unwrap(), c.argmax_rows(&cb, rows, limit).unwrap());
         assert_eq!(gi, ci);
         assert!(gi[4] < limit as u32);
+        // A short odd row: fewer elements than one block's threads.
+        let x = r.uniform(3 * 37, 1.0);
+        let (gb, cb) = (g.upload_buf(3, 37, &x).unwrap(), c.upload_buf(3, 37, &x).unwrap());
+        assert_eq!(g.argmax_rows(&gb, 3, 37).unwrap(), c.argmax_rows(&cb, 3, 37).unwrap());
     }
 }
 

@@ -188,6 +188,8 @@ pub struct Gpu {
     /// Multiprocessors (132 on the H200).
     pub sms: u32,
     driver: i32,
+    /// Launch kernels with programmatic stream serialization (see `launch`).
+    pdl: bool,
     modules: Mutex<HashMap<&'static str, Module>>,
     funcs: Mutex<HashMap<(&'static str, &'static str), Func>>,
     /// Resident blocks per SM of (kernel, block size, dynamic shared memory), from the driver.
@@ -256,7 +258,8 @@ impl Gpu {
                     return Err(blas_err("creating a cuBLAS handle", e));
                 }
             };
-            let gpu = Gpu { ctx, h: Handles { stream, blas }, dtype, arch, name, sms, driver,
+            let pdl = arch.0 >= 9 && !super::env_off("QWEN3RS_CUDA_PDL");
+            let gpu = Gpu { ctx, h: Handles { stream, blas }, dtype, arch, name, sms, driver, pdl,
                 modules: Mutex::new(HashMap::new()), funcs: Mutex::new(HashMap::new()), occupancy: Mutex::new(HashMap::new()),
                 mode: Mutex::new(ModeState { mode: Mode::Eager, hash: HASH_START }), ptr_arrays: Mutex::new(None) };
             // SAFETY: both handles are live; cuBLAS then orders its work on our stream.
@@ -305,6 +308,13 @@ impl Gpu {
         self.bind()?;
         // SAFETY: the destination range lies inside a live allocation (checked above).
         unsafe { drv::memcpy_htod_async(dst.ptr + offset as u64, src, self.h.stream) }.map_err(|e| drv_err("copying to the GPU", e))
+    }
+
+    /// Zero `bytes` bytes at `dst` (ordered on the stream).
+    pub fn memset_zero(&self, dst: u64, bytes: usize) -> Result<()> {
+        self.bind()?;
+        // SAFETY: the caller passes a live device range of at least `bytes` bytes.
+        unsafe { drv::memset_d8_async(dst, 0, bytes, self.h.stream) }.map_err(|e| drv_err("clearing GPU memory", e))
     }
 
     /// Copy `dst.len()` bytes from `src` to the host, waiting for all queued work first.
@@ -470,9 +480,25 @@ impl Gpu {
         self.bind()?;
         let f = self.function(module, name)?;
         allow_smem(f, name, smem)?;
-        // SAFETY: `args` points at values laid out as the kernel's parameters (see `args!`), and
-        // every device pointer among them is a live allocation sized for this launch.
-        unsafe { drv::launch_kernel(f.0, grid, (block, 1, 1), smem, self.h.stream, args) }
+        if !self.pdl {
+            // SAFETY: `args` points at values laid out as the kernel's parameters (see `args!`), and
+            // every device pointer among them is a live allocation sized for this launch.
+            return unsafe { drv::launch_kernel(f.0, grid, (block, 1, 1), smem, self.h.stream, args) }
+                .map_err(|e| drv_err(&format!("launching {name}"), e));
+        }
+        // Programmatic dependent launch (sm_90+): the kernel may start while the one before it on
+        // the stream is still finishing. Every kernel of kernels/ begins with `grid_dependency()`
+        // (common.cuh), which waits for its predecessor to complete before touching activations,
+        // so only prologues that read weights (an L2 prefetch) overlap the predecessor's tail, and
+        // the launch latency overlaps it too. Captured into CUDA graphs as programmatic edges.
+        // SAFETY: an all-zero CUlaunchAttribute is valid plain data; id and value are set below.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig { gridDimX: grid.0, gridDimY: grid.1, gridDimZ: grid.2, blockDimX: block, blockDimY: 1,
+            blockDimZ: 1, sharedMemBytes: smem, hStream: self.h.stream, attrs: &mut attr, numAttrs: 1 };
+        // SAFETY: as above; `config` and `attr` outlive the call.
+        unsafe { sys::cuLaunchKernelEx(&config, f.0, args.as_mut_ptr(), std::ptr::null_mut()) }.result()
             .map_err(|e| drv_err(&format!("launching {name}"), e))
     }
 

@@ -160,7 +160,7 @@ enum Scratch {
     Up,          // [P, I]
     Act,         // [P, I]
     Y,           // [P, H]
-    ArgmaxIds,   // [R] u32
+    ArgmaxKeys,  // [R] u64
     AttnMl,      // [T, nh, splits, 2] f32
     AttnAcc,     // [T, nh, splits, hd] f32
     Xs,          // [P, H] rows of x in expert order
@@ -1091,9 +1091,13 @@ impl Backend for CudaBackend {
     fn argmax_rows(&self, logits: &CudaBuf, rows: usize, limit: usize) -> Result<Vec<u32>> {
         let r = logits.rows;
         ensure!(rows == r, InvalidArgument, "argmax_rows: buffer has {r} rows, caller expects {rows}");
-        let [ids] = self.scratch([(Scratch::ArgmaxIds, r * 4)])?;
+        let [keys] = self.scratch([(Scratch::ArgmaxKeys, r * 8)])?;
         let (xp, c, l) = (logits.mem.ptr, logits.cols as i32, limit.min(logits.cols) as i32);
-        self.gpu.launch("elementwise", "argmax_rows", (r as u32, 1, 1), 1024, 0, args![ids, xp, c, l])?;
-        self.download_typed::<u32>(r, ids)
+        self.gpu.memset_zero(keys, r * 8)?;
+        // About 4 elements a thread: 149 blocks for Qwen3's vocabulary.
+        let grid = (blocks(l as usize, 256 * 4).min(1024), r as u32, 1);
+        self.gpu.launch("elementwise", "argmax_rows", grid, 256, 0, args![keys, xp, c, l])?;
+        // The low half of a key is the complement of the index (argmax_key in elementwise.cu).
+        Ok(self.download_typed::<u64>(r, keys)?.into_iter().map(|k| if k == 0 { 0 } else { u32::MAX - k as u32 }).collect())
     }
 }

@@ -5,6 +5,7 @@
 // grid (ceil(kv_dim/256), T).
 extern "C" __global__ void kv_append(act_t* kc, act_t* vc, const act_t* k, const act_t* v,
     const unsigned long long* slots, int kv_dim) {
+    grid_dependency();
     int t = blockIdx.y;
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= kv_dim) return;
@@ -23,6 +24,7 @@ extern "C" __global__ void kv_append(act_t* kc, act_t* vc, const act_t* k, const
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attention(act_t* out, const act_t* q,
     const act_t* kc, const act_t* vc, const unsigned* row_ctx, const unsigned* row_table,
     const unsigned* tables, int nh, int nkv, int hd, int block_size, int kv_dim, float scale) {
+    grid_dependency();
     __shared__ float qs[MAX_HD_PER_LANE * 32];
     __shared__ float wm[ATT_WARPS], wl[ATT_WARPS];
     __shared__ float wacc[ATT_WARPS][MAX_HD_PER_LANE * 32];
@@ -209,7 +211,7 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
 #define AD_KERNEL(G, HD) \
     extern "C" __global__ void __launch_bounds__(AD_WARPS * 32) attention_decode_g##G##_d##HD(act_t* out, float* part_ml, \
         float* part_acc, const act_t* q, const act_t* kc, const act_t* vc, const unsigned* row_ctx, const unsigned* row_table, \
-        const unsigned* tables, int nh, int nkv, int block_size, int kv_dim, float scale) { \
+        const unsigned* tables, int nh, int nkv, int block_size, int kv_dim, float scale) { grid_dependency(); \
         attention_decode_impl<G, HD / 32>(out, part_ml, part_acc, q, kc, vc, row_ctx, row_table, tables, nh, nkv, block_size, kv_dim, scale); }
 AD_KERNEL(1, 64) AD_KERNEL(2, 64) AD_KERNEL(4, 64) AD_KERNEL(8, 64)
 AD_KERNEL(1, 128) AD_KERNEL(2, 128) AD_KERNEL(4, 128) AD_KERNEL(8, 128)
@@ -219,6 +221,7 @@ AD_KERNEL(1, 128) AD_KERNEL(2, 128) AD_KERNEL(4, 128) AD_KERNEL(8, 128)
 #define AD_MAX_SPLITS 128
 extern "C" __global__ void __launch_bounds__(128) attention_combine(act_t* out, const float* part_ml, const float* part_acc,
     int nh, int hd, int splits) {
+    grid_dependency();
     __shared__ float wsplit[AD_MAX_SPLITS];
     __shared__ float total_sh;
     int h = blockIdx.x, t = blockIdx.y;
@@ -367,5 +370,5 @@ __device__ __forceinline__ void attention_tiled_impl(act_t* out, const act_t* q,
     const unsigned* row_table, const unsigned* tables, const int* tiles, int nh, int nkv, int hd, int block_size, int kv_dim, float scale
 #define FA_PASS out, q, kc, vc, row_ctx, row_table, tables, tiles, nh, nkv, hd, block_size, kv_dim, scale
 // head_dim <= 128 (every Qwen3) and <= 256.
-extern "C" __global__ void __launch_bounds__(FA_WARPS * 32) attention_tiled_128(FA_ARGS) { attention_tiled_impl<4>(FA_PASS); }
-extern "C" __global__ void __launch_bounds__(FA_WARPS * 32) attention_tiled_256(FA_ARGS) { attention_tiled_impl<8>(FA_PASS); }
+extern "C" __global__ void __launch_bounds__(FA_WARPS * 32) attention_tiled_128(FA_ARGS) { grid_dependency(); attention_tiled_impl<4>(FA_PASS); }
+extern "C" __global__ void __launch_bounds__(FA_WARPS * 32) attention_tiled_256(FA_ARGS) { grid_dependency(); attention_tiled_impl<8>(FA_PASS); }

@@ -300,9 +300,9 @@ __device__ __forceinline__ void attention_prefill_impl(act_t* out, const act_t* 
 // act_t. `hd` must equal the kernel's head_dim (it is in the argument list to match attention_tiled_*).
 // ptxas (sm_90): hd 128 246 registers (2 blocks per SM), hd 64 128 (4 blocks per SM); no spills.
 // hd 16 and 32 serve the small test checkpoints (the conformance suite runs this kernel end to end).
-extern "C" __global__ void __launch_bounds__(FP_THREADS, 4) attention_prefill_16(FP_ARGS) { attention_prefill_impl<16>(FP_PASS); }
-extern "C" __global__ void __launch_bounds__(FP_THREADS, 4) attention_prefill_32(FP_ARGS) { attention_prefill_impl<32>(FP_PASS); }
-extern "C" __global__ void __launch_bounds__(FP_THREADS, 4) attention_prefill_64(FP_ARGS) { attention_prefill_impl<64>(FP_PASS); }
-extern "C" __global__ void __launch_bounds__(FP_THREADS) attention_prefill_128(FP_ARGS) { attention_prefill_impl<128>(FP_PASS); }
+extern "C" __global__ void __launch_bounds__(FP_THREADS, 4) attention_prefill_16(FP_ARGS) { grid_dependency(); attention_prefill_impl<16>(FP_PASS); }
+extern "C" __global__ void __launch_bounds__(FP_THREADS, 4) attention_prefill_32(FP_ARGS) { grid_dependency(); attention_prefill_impl<32>(FP_PASS); }
+extern "C" __global__ void __launch_bounds__(FP_THREADS, 4) attention_prefill_64(FP_ARGS) { grid_dependency(); attention_prefill_impl<64>(FP_PASS); }
+extern "C" __global__ void __launch_bounds__(FP_THREADS) attention_prefill_128(FP_ARGS) { grid_dependency(); attention_prefill_impl<128>(FP_PASS); }
 
 #endif  // Q_DTYPE != 0

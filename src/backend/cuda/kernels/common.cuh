@@ -64,4 +64,41 @@ __device__ float block_sum(float v) {
     return t;
 }
 
+// Programmatic dependent launch (gpu.rs `launch`, sm_90+): a kernel may start while the kernel ahead
+// of it on the stream is still running. Every kernel calls grid_dependency() before it reads or
+// writes any activation, cache or scratch buffer: it waits until the kernel ahead has completed and
+// its writes are visible, then lets the kernel behind start its own prologue. Before it a kernel may
+// only read weights (prefetch_rows). No-op without PDL or below sm_90.
+__device__ __forceinline__ void grid_dependency() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ int warp_id_global() { return blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); }
+__device__ __forceinline__ int warps_global() { return gridDim.x * (blockDim.x >> 5); }
+
+// Before grid_dependency(): pull into L2 the start of the weight rows this warp will read (rows g,
+// g + G, ... of `rows`, g this warp of G; row(r) its first element, K elements), at most
+// PREFETCH_BYTES per warp: the product then starts from L2 when its input arrives. A whole layer
+// of a small model; a prefix of a large one's (which L2 could not hold anyway).
+#define PREFETCH_BYTES 8192
+// The calling warp prefetches bytes [0, n) at p into L2, a 128-byte line per lane.
+__device__ __forceinline__ void prefetch_l2(const void* p, int n) {
+    const char* c = reinterpret_cast<const char*>(p);
+    for (int off = (threadIdx.x & 31) * 128; off < n; off += 32 * 128) asm volatile("prefetch.global.L2 [%0];" :: "l"(c + off));
+}
+
+template <class RowPtr>
+__device__ __forceinline__ void prefetch_rows(RowPtr row, int rows, int K) {
+    const int row_bytes = K * (int)sizeof(act_t);
+    int budget = PREFETCH_BYTES;
+    for (int r = warp_id_global(); r < rows && budget > 0; r += warps_global()) {
+        int n = min(row_bytes, budget);
+        prefetch_l2(row(r), n);
+        budget -= n;
+    }
+}
+
 __device__ __forceinline__ float silu(float x) { return x / (1.f + expf(-x)); }

@@ -2,6 +2,7 @@
 
 // out[t, :] = table[ids[t], :]   out [T, h], table [vocab, h]; grid (ceil(h/256), T).
 extern "C" __global__ void embed(act_t* out, const act_t* table, const unsigned* ids, int h, int vocab) {
+    grid_dependency();
     int t = blockIdx.y;
     unsigned id = ids[t];
     int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -11,6 +12,7 @@ extern "C" __global__ void embed(act_t* out, const act_t* table, const unsigned*
 
 // out[i, :] = x[rows[i], :]   grid (ceil(cols/256), R).
 extern "C" __global__ void gather_rows(act_t* out, const act_t* x, const unsigned* rows, int cols) {
+    grid_dependency();
     int r = blockIdx.y;
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= cols) return;
@@ -19,46 +21,50 @@ extern "C" __global__ void gather_rows(act_t* out, const act_t* x, const unsigne
 
 // out = round(round(silu(gate)) * up), as transformers in bf16 (silu's output is rounded first).
 extern "C" __global__ void swiglu(act_t* out, const act_t* gate, const act_t* up, long long n) {
+    grid_dependency();
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float a = rnd(silu(to_f(gate[i])));
     out[i] = from_f(a * to_f(up[i]));
 }
 
-// ids[r] = argmax_{j < limit} x[r, j]: NaN counts as -inf, ties go to the lowest index (as the host
-// sampler). One block of 1024 threads per row; rows are `cols` apart.
-extern "C" __global__ void argmax_rows(unsigned* ids, const act_t* x, int cols, int limit) {
-    __shared__ float best_v[32];
-    __shared__ int best_i[32];
-    const act_t* row = x + (size_t)blockIdx.x * cols;
-    float bv = -INFINITY;
-    int bi = 0x7fffffff;
-    for (int j = threadIdx.x; j < limit; j += blockDim.x) {
-        float v = to_f(row[j]);
-        if (isnan(v)) v = -INFINITY;
-        if (v > bv || (v == bv && j < bi)) { bv = v; bi = j; }
-    }
+// The argmax of a row as one u64 that atomicMax can reduce: the value's bits made order-preserving
+// as an unsigned int above the complement of the index, so the larger value wins and equal values go
+// to the lower index; NaN counts as -inf and -0 as +0 (as the host sampler, which compares floats).
+__device__ __forceinline__ unsigned long long argmax_key(float v, int j) {
+    if (isnan(v)) v = -INFINITY;
+    if (v == 0.f) v = 0.f;
+    unsigned b = __float_as_uint(v);
+    unsigned o = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    return ((unsigned long long)o << 32) | (0xffffffffu - (unsigned)j);
+}
+
+// keys[r] = max_{j < limit} argmax_key(x[r, j], j), rows `cols` apart; keys must be zero before (the
+// host clears them). grid (blocks, rows), 256 threads: a thread takes elements j, j + S, ... (S the
+// threads of a row), ARGMAX_UNROLL loads in flight, then one atomicMax per warp. (A block per row
+// with one load in flight per thread took 61 us for Qwen3's 151,936 logits: RESULTS.md run 14.)
+#define ARGMAX_UNROLL 4
+extern "C" __global__ void argmax_rows(unsigned long long* keys, const act_t* x, int cols, int limit) {
+    grid_dependency();
+    const act_t* row = x + (size_t)blockIdx.y * cols;
+    const int stride = gridDim.x * blockDim.x;
+    unsigned long long best = 0;
+    for (int j0 = blockIdx.x * blockDim.x + threadIdx.x; j0 < limit; j0 += ARGMAX_UNROLL * stride) {
+        float v[ARGMAX_UNROLL];
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
-    }
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) { best_v[warp] = bv; best_i[warp] = bi; }
-    __syncthreads();
-    if (warp == 0) {
-        int nw = blockDim.x >> 5;
-        bv = lane < nw ? best_v[lane] : -INFINITY;
-        bi = lane < nw ? best_i[lane] : 0x7fffffff;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+        for (int u = 0; u < ARGMAX_UNROLL; u++) {
+            int j = j0 + u * stride;
+            v[u] = j < limit ? to_f(row[j]) : 0.f;
         }
-        if (lane == 0) ids[blockIdx.x] = bi == 0x7fffffff ? 0u : (unsigned)bi;
+#pragma unroll
+        for (int u = 0; u < ARGMAX_UNROLL; u++) {
+            int j = j0 + u * stride;
+            if (j < limit) best = max(best, argmax_key(v[u], j));
+        }
     }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) best = max(best, __shfl_xor_sync(0xffffffffu, best, o));
+    if ((threadIdx.x & 31) == 0 && best) atomicMax(keys + blockIdx.y, best);
 }
 
 // Dummy weights on the device: the same splitmix64 chains as model/dummy.rs, so the values are
@@ -97,6 +103,7 @@ __device__ __forceinline__ void advance(unsigned long long& row, unsigned long l
 extern "C" __global__ void __launch_bounds__(DF_THREADS) dummy_fill(act_t* out, const unsigned long long* keys,
     unsigned long long key, unsigned long long cols, unsigned long long row0, unsigned long long nrows,
     unsigned long long col0, unsigned long long ncols, unsigned long long chunk0, float center, float half_width) {
+    grid_dependency();
     __shared__ act_t buf[DF_THREADS][DF_STEPS + 1];
     unsigned long long k = keys ? keys[blockIdx.y] : key;
     act_t* o = out + (size_t)blockIdx.y * nrows * ncols;

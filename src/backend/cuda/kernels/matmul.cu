@@ -69,9 +69,6 @@ __device__ __forceinline__ const act_t* stage_x(const act_t* x, int n) {
     return reinterpret_cast<const act_t*>(x_shared);
 }
 
-__device__ __forceinline__ int warp_id_global() { return blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); }
-__device__ __forceinline__ int warps_global() { return gridDim.x * (blockDim.x >> 5); }
-
 // out[t * N + n] = x row t · weight row `wrow` for t < T, by the calling warp.
 template <int TMAX, bool XS>
 __device__ __forceinline__ void gemv_one(act_t* out, const act_t* wrow, const act_t* xs, int T, int N, int n, int K) {
@@ -91,6 +88,8 @@ __device__ __forceinline__ void gemv_one(act_t* out, const act_t* wrow, const ac
 // out [T, N] = x [T, K] · w [N, K]ᵀ.
 template <int TMAX, bool XS>
 __device__ __forceinline__ void gemv_rows(act_t* out, const act_t* x, const act_t* w, int T, int N, int K) {
+    prefetch_rows([&](int n) { return w + (size_t)n * K; }, N, K);
+    grid_dependency();
     const act_t* xs = stage_x<XS>(x, T * K);
     for (int n = warp_id_global(); n < N; n += warps_global()) gemv_one<TMAX, XS>(out, w + (size_t)n * K, xs, T, N, n, K);
 }
@@ -100,11 +99,19 @@ __device__ __forceinline__ void gemv_rows(act_t* out, const act_t* x, const act_
 template <int TMAX, bool XS>
 __device__ __forceinline__ void gemv3_rows(act_t* o0, const act_t* w0, int N0, act_t* o1, const act_t* w1, int N1,
     act_t* o2, const act_t* w2, int N2, const act_t* x, int T, int K) {
+    // Row r of the three: (output, weight matrix, its rows, row within it).
+    auto pick = [&](int r, act_t*& o, const act_t*& w, int& N) {
+        o = o0; w = w0; N = N0;
+        if (r >= N0 + N1) { r -= N0 + N1; o = o2; w = w2; N = N2; }
+        else if (r >= N0) { r -= N0; o = o1; w = w1; N = N1; }
+        return r;
+    };
+    prefetch_rows([&](int r) { act_t* o; const act_t* w; int N; int n = pick(r, o, w, N); return w + (size_t)n * K; }, N0 + N1 + N2, K);
+    grid_dependency();
     const act_t* xs = stage_x<XS>(x, T * K);
     for (int r = warp_id_global(); r < N0 + N1 + N2; r += warps_global()) {
-        act_t* o = o0; const act_t* w = w0; int N = N0, n = r;
-        if (n >= N0 + N1) { n -= N0 + N1; o = o2; w = w2; N = N2; }
-        else if (n >= N0) { n -= N0; o = o1; w = w1; N = N1; }
+        act_t* o; const act_t* w; int N;
+        int n = pick(r, o, w, N);
         gemv_one<TMAX, XS>(o, w + (size_t)n * K, xs, T, N, n, K);
     }
 }
@@ -114,6 +121,9 @@ __device__ __forceinline__ void gemv3_rows(act_t* o0, const act_t* w0, int N0, a
 template <int TMAX, bool XS>
 __device__ __forceinline__ void gemv_swiglu_rows(act_t* out, const act_t* x, const act_t* gate, const act_t* up,
     int T, int N, int K) {
+    prefetch_rows([&](int n) { return gate + (size_t)n * K; }, N, K);
+    prefetch_rows([&](int n) { return up + (size_t)n * K; }, N, K);
+    grid_dependency();
     const act_t* xs = stage_x<XS>(x, T * K);
     int lane = threadIdx.x & 31;
     for (int n = warp_id_global(); n < N; n += warps_global()) {
@@ -151,6 +161,7 @@ GEMV_FAMILY(_t8_xs, GEMV_MAX_ROWS, true)
 
 // Any K (element loads). grid ceil(N / GEMV_WARPS).
 extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_scalar(act_t* out, const act_t* x, const act_t* w, int T, int N, int K) {
+    grid_dependency();
     int lane = threadIdx.x & 31;
     int n = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
     if (n >= N) return;
@@ -179,6 +190,8 @@ extern "C" __global__ void router_logits(float* logits, const act_t* x, const ac
     int lane = threadIdx.x & 31;
     int e = blockIdx.x * 8 + (threadIdx.x >> 5);
     int t = blockIdx.y;
+    if (e < E) prefetch_l2(router + (size_t)e * H, H * (int)sizeof(act_t));
+    grid_dependency();
     if (e >= E) return;
     const act_t* xr = x + (size_t)t * H;
     const act_t* wr = router + (size_t)e * H;
@@ -205,6 +218,7 @@ extern "C" __global__ void __launch_bounds__(256) grouped_gemm(act_t* out, const
     const int* src, const int* tile_e, const int* tile_row0, const int* tile_rows, int N, int K) {
     __shared__ float xs[GG_TM][GG_TK + 1];
     __shared__ float ws[GG_TN][GG_TK + 1];
+    grid_dependency();
     int tile = blockIdx.y;
     int e = tile_e[tile];
     if (e < 0) return;
@@ -254,6 +268,7 @@ extern "C" __global__ void __launch_bounds__(256) grouped_gemm(act_t* out, const
 template <bool XS>
 __device__ __forceinline__ void moe_gemv_rows(act_t* out, const act_t* x, const act_t* w, const int* ids, int src_div,
     int x_rows, int P, int N, int K) {
+    grid_dependency();  // the expert ids come from the kernel ahead: nothing to prefetch
     const act_t* xs = stage_x<XS>(x, x_rows * K);
     int lane = threadIdx.x & 31;
     for (int r = warp_id_global(); r < P * N; r += warps_global()) {
@@ -271,6 +286,7 @@ __device__ __forceinline__ void moe_gemv_rows(act_t* out, const act_t* x, const 
 template <bool XS>
 __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x, const act_t* gate, const act_t* up,
     const int* ids, int k, int P, int N, int K) {
+    grid_dependency();
     const act_t* xs = stage_x<XS>(x, P / k * K);
     int lane = threadIdx.x & 31;
     for (int r = warp_id_global(); r < P * N; r += warps_global()) {

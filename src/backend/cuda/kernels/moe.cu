@@ -13,6 +13,7 @@
 // shared memory (E: the experts this device holds).
 extern "C" __global__ void moe_sort(const int* ids, int P, int k, int E, int tm, int max_tiles,
     int* sorted_src, int* pair_pos, int* tile_e, int* tile_row0, int* tile_rows) {
+    grid_dependency();
     extern __shared__ int sh[];
     int* cnt = sh;
     int* off = sh + E;
@@ -50,6 +51,7 @@ extern "C" __global__ void moe_sort(const int* ids, int P, int k, int E, int tm,
 // pair_pos null: y is in pair order (y[t*k + s]). Slots of weight 0 are skipped (they add 0): those
 // of other ranks' experts have no y row. grid (ceil(H/256), T).
 extern "C" __global__ void moe_combine(act_t* out, const act_t* y, const int* pair_pos, const float* weights, int k, int H) {
+    grid_dependency();
     int t = blockIdx.y;
     int h = blockIdx.x * blockDim.x + threadIdx.x;
     if (h >= H) return;
@@ -118,6 +120,7 @@ __device__ void route_row(float* p, int* ids, float* weights, int E, int k, int 
 // Qwen3-30B-A3B, RESULTS.md run 12). Then the choices outside this device's experts [e0, e0 + held)
 // become id -1, weight 0, and the others local ids. grid ceil(T / 4), 128 threads.
 extern "C" __global__ void moe_route(float* probs, int* ids, float* weights, int T, int E, int k, int norm, int e0, int held) {
+    grid_dependency();
     int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (t >= T) return;
     route_row(probs + (size_t)t * E, ids + (size_t)t * k, weights + (size_t)t * k, E, k, norm);

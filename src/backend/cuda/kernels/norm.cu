@@ -4,6 +4,7 @@
 // has one row: the more loads in flight, the sooner it's done).
 extern "C" __global__ void rms_norm(act_t* __restrict__ out, const act_t* __restrict__ x, const act_t* __restrict__ w,
     int cols, float eps) {
+    grid_dependency();
     const act_t* xr = x + (size_t)blockIdx.x * cols;
     act_t* o = out + (size_t)blockIdx.x * cols;
     float ss = 0.f;
@@ -17,6 +18,7 @@ extern "C" __global__ void rms_norm(act_t* __restrict__ out, const act_t* __rest
 // alias (the model passes x, delta and h), which lets the loads of several iterations be in flight.
 extern "C" __global__ void add_rms_norm(act_t* __restrict__ residual, const act_t* __restrict__ delta,
     act_t* __restrict__ out, const act_t* __restrict__ w, int cols, float eps) {
+    grid_dependency();
     act_t* r = residual + (size_t)blockIdx.x * cols;
     const act_t* d = delta + (size_t)blockIdx.x * cols;
     act_t* o = out + (size_t)blockIdx.x * cols;
@@ -40,6 +42,7 @@ extern "C" __global__ void add_rms_norm(act_t* __restrict__ residual, const act_
 extern "C" __global__ void qk_norm_rope(act_t* q, act_t* k, const act_t* q_norm, const act_t* k_norm,
     const float* rope, const unsigned* positions, int nh, int nkv, int hd, float eps,
     act_t* kc, act_t* vc, const act_t* v_in, const unsigned long long* slots, int kv_dim) {
+    grid_dependency();
     extern __shared__ float head[];
     int t = blockIdx.y, h = blockIdx.x;
     act_t* v;

@@ -1,0 +1,57 @@
+"""Static checks of the CUDA kernel sources that hold on every machine (no GPU, no compiler).
+
+Kernels are launched with programmatic dependent launch on sm_90+ (src/backend/cuda/gpu.rs
+`launch`): one may start while the kernel ahead of it is still running, so each must call
+`grid_dependency()` (common.cuh) before it touches an activation. A kernel that forgot would race
+its predecessor only now and then; this check catches it always."""
+
+import re
+from pathlib import Path
+
+KERNELS = Path(__file__).resolve().parents[1] / "src" / "backend" / "cuda" / "kernels"
+DEFINITION = re.compile(r"(__global__[^({;]*?|__device__[^({;]*?)(\w+)(?:##\w+)*\s*\(([^;{}]*)\)\s*\{")
+
+
+def body(src, open_brace):
+    depth = 0
+    for i in range(open_brace, len(src)):
+        depth += {"{": 1, "}": -1}.get(src[i], 0)
+        if depth == 0:
+            return src[open_brace:i + 1]
+    raise AssertionError("unbalanced braces")
+
+
+def definitions():
+    """(is_kernel, name, body) of every kernel and device function in kernels/."""
+    for path in sorted(KERNELS.glob("*.cu*")):
+        src = re.sub(r"__launch_bounds__\([^)]*\)", "", path.read_text())
+        for m in DEFINITION.finditer(src):
+            yield m.group(1).startswith("__global__"), m.group(2), body(src, m.end() - 1), path.name
+
+
+def test_every_kernel_waits_for_the_kernel_ahead():
+    defs = list(definitions())
+    waits = {name for _, name, b, _ in defs if "grid_dependency();" in b}
+    kernels = [(name, b, f) for is_kernel, name, b, f in defs if is_kernel]
+    assert len(kernels) >= 25, "the kernel parser found too few kernels"
+    missing = []
+    for name, b, f in kernels:
+        called = set(re.findall(r"\b(\w+)\s*(?:<[^;()]*>)?\s*\(", b))
+        if "grid_dependency" not in called and not called & waits:
+            missing.append(f"{f}: {name}")
+    assert not missing, f"kernels that never call grid_dependency(): {missing}"
+
+
+def test_nothing_but_weight_prefetch_comes_before_the_wait():
+    # In each function that waits, the statements before grid_dependency() may only prefetch.
+    for _, name, b, f in definitions():
+        if "grid_dependency();" not in b or name == "grid_dependency":
+            continue
+        before = re.sub(r"//[^\n]*", "", b[1:b.index("grid_dependency();")])
+        while re.search(r"\{[^{}]*\}", before):  # lambda bodies: the lambda is one statement
+            before = re.sub(r"\{[^{}]*\}", "", before)
+        for s in filter(None, (s.strip() for s in before.split(";"))):
+            # A prefetch, a lambda, a shared-memory declaration or an index computed from the launch
+            # shape (no memory read).
+            ok = re.search(r"prefetch_(rows|l2)\(|^auto \w+ = \[&\]|^(extern )?__shared__ ", s) or re.fullmatch(r"int \w+ = [^\[]*", s)
+            assert ok, f"{f}: {name}: {s!r} before grid_dependency()"
