@@ -3,6 +3,13 @@
     python3 benches/multi_gpu_bench.py [--model Qwen3-32B] [--tp 2] [--timeout 540]
     python3 benches/multi_gpu_bench.py --model Qwen3-235B-A22B --tp 4,8
     python3 benches/multi_gpu_bench.py --model Qwen3-32B --tp 1,2      # scaling against one GPU
+    python3 benches/multi_gpu_bench.py --model Qwen3-30B-A3B,Qwen3-235B-A22B --tp 2,4,8 --ep
+
+--ep runs every MoE model at every tp >= 2 twice: experts split by columns (the default: each GPU
+holds 1/tp of every expert's intermediate columns) and whole experts per GPU (expert_parallel=True:
+each GPU holds 1/tp of the experts). Its roofline assumes the top-k experts spread evenly (k/tp
+per GPU per token: the same bytes as the column split); a step waits for the GPU that got the most,
+so whole experts land below it by their routing imbalance.
 
 For each (model, tp): load time (each rank draws its own shards of the dummy weights on its GPU),
 decode tok/s (greedy, 128 new tokens after a 16-token prompt, after a warm-up run; median of 3),
@@ -78,29 +85,33 @@ def copy_bandwidth(gpus, timeout=120):
     return out
 
 
-def run_one(model, tp):
+def label(tp, ep):
+    return f"tp={tp}" + (" ep" if ep else "")
+
+
+def run_one(model, tp, ep):
     """In the subprocess: load, decode, prefill; prints RESULT lines as figures come in."""
     gpu_bench.import_qwen3rs()
     import qwen3rs
 
-    r = {"model": model, "tp": tp}
+    r = {"model": model, "tp": tp, "ep": ep}
     t = time.time()
     m = qwen3rs.load(f"dummy:{model}", device="cuda", dtype="bfloat16", max_seq_len=len(LONG) + 256, max_batch=1,
-                     tensor_parallel=tp, progress=False)
+                     tensor_parallel=tp, expert_parallel=ep, progress=False)
     r["load_s"] = time.time() - t
     r["device"] = m.device
-    log(model, f"tp={tp}", f"loaded in {r['load_s']:.1f} s on {m.device}")
+    log(model, label(tp, ep), f"loaded in {r['load_s']:.1f} s on {m.device}")
     print("RESULT " + json.dumps(r), flush=True)
     kw = dict(raw=True, temperature=0.0, ignore_eos=True)
     m.generate(PROMPT, max_new_tokens=16, **kw)  # warm-up: kernels load, the decode graph is captured
     runs = [m.generate(PROMPT, max_new_tokens=NEW_TOKENS, **kw).timings["decode_tok_s"] for _ in range(3)]
     r["decode_tok_s"], r["decode_runs"] = statistics.median(runs), runs
-    log(model, f"tp={tp}", "decode", runs)
+    log(model, label(tp, ep), "decode", runs)
     print("RESULT " + json.dumps(r), flush=True)
     m.generate(LONG, max_new_tokens=1, **kw)  # warm-up at prefill shapes
     runs = [m.generate(LONG, max_new_tokens=1, **kw).timings["prefill_tok_s"] for _ in range(3)]
     r["prefill_2048_tok_s"], r["prefill_runs"] = statistics.median(runs), runs
-    log(model, f"tp={tp}", "prefill", runs)
+    log(model, label(tp, ep), "prefill", runs)
     print("RESULT " + json.dumps(r), flush=True)
 
 
@@ -108,11 +119,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="Qwen3-32B", help="bundled config name(s), comma-separated")
     ap.add_argument("--tp", default="2", help="tensor-parallel size(s), comma-separated (1 = one GPU)")
+    ap.add_argument("--ep", action="store_true",
+                    help="MoE models at tp >= 2 also with whole experts per GPU (expert_parallel=True), next to the column split")
     ap.add_argument("--timeout", type=float, default=540, help="seconds per (model, tp) subprocess")
-    ap.add_argument("--one", nargs=2, metavar=("MODEL", "TP"), help=argparse.SUPPRESS)
+    ap.add_argument("--one", nargs=3, metavar=("MODEL", "TP", "EP"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
-        return run_one(a.one[0], int(a.one[1]))
+        return run_one(a.one[0], int(a.one[1]), a.one[2] == "1")
     models = [x for x in a.model.split(",") if x]
     sizes = [int(x) for x in a.tp.split(",") if x]
     os.makedirs(OUT, exist_ok=True)
@@ -129,14 +142,15 @@ def main():
     log("copy bandwidth per GPU (TB/s):", res["copy_TBps"], res["roofline_note"] or "")
     for model in models:
         c = gpu_bench.config_of(model)
-        for tp in sizes:
+        for tp, ep in [(tp, ep) for tp in sizes for ep in ([False, True] if a.ep and tp >= 2 and c.get("num_experts") else [False])]:
             if tp > gpus:
-                res["rows"].append({"model": model, "tp": tp, "error": f"needs {tp} GPU(s), {gpus} usable"})
+                res["rows"].append({"model": model, "tp": tp, "ep": ep, "error": f"needs {tp} GPU(s), {gpus} usable"})
                 continue
-            out, err, rc, lines = gpu_bench.subprocess_json([sys.executable, __file__, "--one", model, str(tp)], a.timeout, prefix="RESULT ")
-            with open(os.path.join(OUT, f"multi_gpu_{model}_tp{tp}.log"), "w") as f:
+            cmd = [sys.executable, __file__, "--one", model, str(tp), str(int(ep))]
+            out, err, rc, lines = gpu_bench.subprocess_json(cmd, a.timeout, prefix="RESULT ")
+            with open(os.path.join(OUT, f"multi_gpu_{model}_tp{tp}{'_ep' if ep else ''}.log"), "w") as f:
                 f.write(out + "\n---- stderr ----\n" + err)
-            r = json.loads(lines[-1][len("RESULT "):]) if lines else {"model": model, "tp": tp, "error": f"rc={rc}: {err[-400:]}"}
+            r = json.loads(lines[-1][len("RESULT "):]) if lines else {"model": model, "tp": tp, "ep": ep, "error": f"rc={rc}: {err[-400:]}"}
             if rc != 0:
                 r["rc"] = rc
                 r.setdefault("error", f"rc={rc}: {err[-400:]}")
@@ -148,7 +162,7 @@ def main():
                 if "decode_tok_s" in r:
                     r["fraction"] = r["decode_tok_s"] / r["roofline_tok_s"]
             res["rows"].append(r)
-            log(model, f"tp={tp}", {k: v for k, v in r.items() if not k.endswith("_runs")})
+            log(model, label(tp, ep), {k: v for k, v in r.items() if not k.endswith("_runs")})
             json.dump(res, open(os.path.join(OUT, "multi_gpu_bench.json"), "w"), indent=1)
     json.dump(res, open(os.path.join(OUT, "multi_gpu_bench.json"), "w"), indent=1)
 
@@ -162,11 +176,12 @@ def main():
     if res["roofline_note"]:
         print(res["roofline_note"])
     print()
-    print("| model | tp | load s | decode tok/s | roofline tok/s | of roofline | prefill 2k tok/s | GB read per GPU per token | note |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("| model | tp | experts | load s | decode tok/s | roofline tok/s | of roofline | prefill 2k tok/s | GB read per GPU per token | note |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---|")
     for r in res["rows"]:
         note = (r.get("error") or "")[-120:].replace("\n", " ").replace("|", "/")
-        print(f"| {r['model']} | {r['tp']} | {f(r.get('load_s'), '{:.1f}')} | {f(r.get('decode_tok_s'), '{:.1f}')} | "
+        experts = "-" if r["tp"] < 2 or not gpu_bench.config_of(r["model"]).get("num_experts") else ("whole" if r.get("ep") else "columns")
+        print(f"| {r['model']} | {r['tp']} | {experts} | {f(r.get('load_s'), '{:.1f}')} | {f(r.get('decode_tok_s'), '{:.1f}')} | "
               f"{f(r.get('roofline_tok_s'))} | {f(r.get('fraction'), '{:.2f}')} | {f(r.get('prefill_2048_tok_s'))} | "
               f"{f(r.get('bytes_per_gpu', 0) / 1e9, '{:.2f}') if r.get('bytes_per_gpu') else '-'} | {note} |")
 

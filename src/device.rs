@@ -1,7 +1,7 @@
 //! Device selection: parse "auto" | "cpu" | "cuda" | "cuda:N" and build the engine on that backend.
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::tp::TensorParallel;
+use crate::backend::tp::{MoeSplit, TensorParallel};
 use crate::backend::cuda::{self, CudaBackend};
 use crate::config::Qwen3Config;
 use crate::engine::{AnyEngine, Engine};
@@ -64,6 +64,9 @@ pub struct LoadOptions {
     /// Devices one model is split over (tensor parallelism); 1 = one device. On the CPU, N ranks in
     /// one process stand in for N GPUs (to check the sharding; it is not faster).
     pub tensor_parallel: usize,
+    /// Expert parallelism: with tensor_parallel = N >= 2 on a MoE model, each rank holds 1/N of the
+    /// experts whole instead of 1/N of every expert's columns (`tp::MoeSplit`).
+    pub expert_parallel: bool,
     /// CPU worker threads; None = `QWEN3RS_NUM_THREADS`, else all CPUs available.
     pub num_threads: Option<usize>,
     /// Weight-only quantisation at load time (CPU only).
@@ -79,6 +82,11 @@ pub fn load_engine(config: Qwen3Config, src: &dyn TensorSource, tokenizer: Optio
     crate::ensure!(opts.max_batch >= 1, InvalidArgument, "max_batch must be >= 1");
     let tp = opts.tensor_parallel;
     crate::ensure!(tp >= 1, InvalidArgument, "tensor_parallel must be >= 1, got {tp}");
+    // One device holding every expert is what expert_parallel=False gives already: asking for it
+    // with tensor_parallel=1 is a mistake worth reporting.
+    crate::ensure!(!opts.expert_parallel || tp >= 2, InvalidArgument,
+        "expert_parallel=True spreads the experts over tensor_parallel >= 2 devices, got tensor_parallel={tp}");
+    let moe_split = if opts.expert_parallel { MoeSplit::Experts } else { MoeSplit::Columns };
     let cpu_opts = crate::backend::cpu::CpuOptions { num_threads: opts.num_threads, quant: opts.quantize };
     // The same model + engine on whichever backend the arm builds.
     macro_rules! engine_on {
@@ -89,13 +97,13 @@ pub fn load_engine(config: Qwen3Config, src: &dyn TensorSource, tokenizer: Optio
     Ok(match opts.device {
         Device::Cpu if tp > 1 => {
             let ranks = (0..tp).map(|_| CpuBackend::with_options(dtype, cpu_opts)).collect::<Result<Vec<_>>>()?;
-            AnyEngine::CpuTp(engine_on!(TensorParallel::new(ranks, &config)?))
+            AnyEngine::CpuTp(engine_on!(TensorParallel::with_moe_split(ranks, &config, moe_split)?))
         }
         Device::Cpu => AnyEngine::Cpu(engine_on!(CpuBackend::with_options(dtype, cpu_opts)?)),
         Device::Cuda(first) if tp > 1 => {
             // One process drives GPUs first..first+tp, as vLLM's single-node tensor parallelism does.
             let ranks = (first..first + tp).map(|n| CudaBackend::new(n, dtype)).collect::<Result<Vec<_>>>()?;
-            AnyEngine::CudaTp(engine_on!(TensorParallel::new(ranks, &config)?))
+            AnyEngine::CudaTp(engine_on!(TensorParallel::with_moe_split(ranks, &config, moe_split)?))
         }
         Device::Cuda(n) => AnyEngine::Cuda(engine_on!(CudaBackend::new(n, dtype)?)),
     })

@@ -195,7 +195,7 @@ impl PyModel {
     }
 }
 
-fn load_options(device: &str, dtype: &str, max_seq_len: Option<usize>, max_batch: usize, tensor_parallel: usize,
+fn load_options(device: &str, dtype: &str, max_seq_len: Option<usize>, max_batch: usize, (tensor_parallel, expert_parallel): (usize, bool),
     cpu: (Option<usize>, Option<&str>)) -> Result<LoadOptions> {
     Ok(LoadOptions {
         num_threads: cpu.0,
@@ -205,6 +205,7 @@ fn load_options(device: &str, dtype: &str, max_seq_len: Option<usize>, max_batch
         max_seq_len,
         max_batch,
         tensor_parallel,
+        expert_parallel,
     })
 }
 
@@ -241,11 +242,13 @@ fn build(py: Python<'_>, config_json: String, src: impl TensorSource + Send, opt
 /// Load a Hugging Face checkpoint folder (config.json + safetensors [+ tokenizer files]).
 #[pyfunction]
 #[pyo3(signature = (path, device="cpu", dtype="auto", max_seq_len=None, max_batch=8, tensor_parallel=1, progress=None, num_threads=None,
-    quantize=None))]
+    quantize=None, expert_parallel=false))]
 #[allow(clippy::too_many_arguments)]
 fn load_checkpoint(py: Python<'_>, path: PathBuf, device: &str, dtype: &str, max_seq_len: Option<usize>, max_batch: usize,
-    tensor_parallel: usize, progress: Option<Py<PyAny>>, num_threads: Option<usize>, quantize: Option<&str>) -> PyResult<PyModel> {
-    let opts = load_options(device, dtype, max_seq_len, max_batch, tensor_parallel, (num_threads, quantize)).map_err(to_py)?;
+    tensor_parallel: usize, progress: Option<Py<PyAny>>, num_threads: Option<usize>, quantize: Option<&str>, expert_parallel: bool)
+    -> PyResult<PyModel> {
+    let opts = load_options(device, dtype, max_seq_len, max_batch, (tensor_parallel, expert_parallel), (num_threads, quantize))
+        .map_err(to_py)?;
     if !path.is_dir() {
         return Err(to_py(Error::NotFound { path, what: "checkpoint folder".into() }));
     }
@@ -263,12 +266,13 @@ fn load_checkpoint(py: Python<'_>, path: PathBuf, device: &str, dtype: &str, max
 /// Random weights of the shapes `config_json` describes; tokenizer files from `tokenizer_dir`.
 #[pyfunction]
 #[pyo3(signature = (config_json, device="cpu", dtype="auto", max_seq_len=None, max_batch=8, seed=0, tokenizer_dir=None,
-    tensor_parallel=1, progress=None, num_threads=None, quantize=None))]
+    tensor_parallel=1, progress=None, num_threads=None, quantize=None, expert_parallel=false))]
 #[allow(clippy::too_many_arguments)]
 fn load_dummy(py: Python<'_>, config_json: String, device: &str, dtype: &str, max_seq_len: Option<usize>, max_batch: usize,
     seed: u64, tokenizer_dir: Option<PathBuf>, tensor_parallel: usize, progress: Option<Py<PyAny>>, num_threads: Option<usize>,
-    quantize: Option<&str>) -> PyResult<PyModel> {
-    let opts = load_options(device, dtype, max_seq_len, max_batch, tensor_parallel, (num_threads, quantize)).map_err(to_py)?;
+    quantize: Option<&str>, expert_parallel: bool) -> PyResult<PyModel> {
+    let opts = load_options(device, dtype, max_seq_len, max_batch, (tensor_parallel, expert_parallel), (num_threads, quantize))
+        .map_err(to_py)?;
     build(py, config_json, DummyWeights { seed }, opts, tokenizer_dir, progress)
 }
 

@@ -173,7 +173,7 @@ fn run_gather<B: Backend>(be: &B, x: &[f32], t: usize, c: usize, rows: &[u32]) -
 
 fn run_moe<B: Backend>(be: &B, x: &[f32], t: usize, moe: &MoeHost) -> Vec<f32> {
     let h = moe.router.shape[1];
-    let copy = MoeHost { router: moe.router.clone(), experts: moe.experts.clone(), top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob };
+    let copy = MoeHost { router: moe.router.clone(), experts: moe.experts.clone(), first_expert: moe.first_expert, top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob };
     let m = be.upload_moe(copy).unwrap();
     let xb = be.upload_buf(t, h, x).unwrap();
     let mut out = be.alloc(t, h).unwrap();
@@ -651,7 +651,7 @@ fn moe_routing_and_experts() {
             let experts = (0..e)
                 .map(|_| [tensor(&r.uniform(inter * h, 0.2), &[inter, h]), tensor(&r.uniform(inter * h, 0.2), &[inter, h]), tensor(&r.uniform(h * inter, 0.2), &[h, inter])])
                 .collect();
-            let moe = MoeHost { router: tensor(&r.uniform(e * h, 0.5), &[e, h]), experts, top_k: k, norm_topk_prob: norm };
+            let moe = MoeHost { router: tensor(&r.uniform(e * h, 0.5), &[e, h]), experts, first_expert: 0, top_k: k, norm_topk_prob: norm };
             for t in [1usize, 7, 33] {
                 let x = r.uniform(t * h, 1.0);
                 check(&format!("moe E={e} k={k} T={t} norm={norm}"), dtype, &run_moe(&g, &x, t, &moe), &run_moe(&c, &x, t, &moe), bar);
@@ -690,7 +690,7 @@ fn dummy_weights_drawn_on_device_equal_the_host() {
         let make = || MoeDummy {
             router: spec("router", &[e, h]),
             experts: (0..e).map(|x| [spec(&format!("g{x}"), &[inter, h]), spec(&format!("u{x}"), &[inter, h]), spec(&format!("d{x}"), &[h, inter])]).collect(),
-            hidden: h, inter, part: 0..inter, top_k: k, norm_topk_prob: true,
+            hidden: h, inter, part: 0..inter, held: 0..e, top_k: k, norm_topk_prob: true,
         };
         let (gm, cm) = (g.dummy_moe(make()).unwrap(), c.dummy_moe(make()).unwrap());
         let mut r = Rng(11);
@@ -753,7 +753,7 @@ fn dummy_shards_drawn_on_device_equal_the_host_slice() {
         let make = |part: std::ops::Range<usize>| MoeDummy {
             router: spec("router", &[e, h]),
             experts: (0..e).map(|x| [spec(&format!("g{x}"), &[inter, h]), spec(&format!("u{x}"), &[inter, h]), spec(&format!("d{x}"), &[h, inter])]).collect(),
-            hidden: h, inter, part, top_k: k, norm_topk_prob: true,
+            hidden: h, inter, part, held: 0..e, top_k: k, norm_topk_prob: true,
         };
         let mut r = Rng(12);
         for (n, rank) in [(2usize, 0usize), (2, 1), (3, 1), (8, 7)] {
@@ -763,7 +763,7 @@ fn dummy_shards_drawn_on_device_equal_the_host_slice() {
                 .map(|[gs, us, ds]| [gs.host_window(&[inter, h], &gate_up).unwrap(), us.host_window(&[inter, h], &gate_up).unwrap(),
                     ds.host_window(&[h, inter], &down).unwrap()])
                 .collect();
-            let host = MoeHost { router: moe.router.host_tensor(&[e, h]), experts, top_k: k, norm_topk_prob: true };
+            let host = MoeHost { router: moe.router.host_tensor(&[e, h]), experts, first_expert: 0, top_k: k, norm_topk_prob: true };
             let (drawn, uploaded) = (g.dummy_moe(moe).unwrap(), g.upload_moe(host).unwrap());
             for t in [1usize, 9] {
                 let x = r.uniform(t * h, 1.0);

@@ -1,7 +1,8 @@
 //! Tensor-parallel shards of dummy weights (issue 8): a shard drawn alone (`DummySpec::host_window`,
-//! `Backend::dummy_window`, `dummy_moe` with a part of the experts' columns) equals that part of the
-//! whole tensor, bit for bit: row ranges and column ranges, odd shapes, shards that start and end
-//! inside a 65,536-element chunk or cross chunk borders. The whole tensor itself is checked against
+//! `Backend::dummy_window`, `dummy_moe` with a part of the experts' columns or, under expert
+//! parallelism, a block of whole experts) equals that part of the whole tensor, bit for bit: row
+//! ranges and column ranges, odd shapes, shards that start and end inside a 65,536-element chunk or
+//! cross chunk borders. The whole tensor itself is checked against
 //! a plain sequential walk of the chains (the generator as first written), so the values every
 //! earlier dummy model had are unchanged. The CUDA versions of these checks are in cuda_ops.rs and
 //! cuda_tp.rs.
@@ -11,7 +12,7 @@ mod common;
 
 use common::AsHostTensors;
 use qwen3rs::backend::cpu::CpuBackend;
-use qwen3rs::backend::tp::TensorParallel;
+use qwen3rs::backend::tp::{MoeSplit, TensorParallel};
 use qwen3rs::backend::{Backend, MoeDummy, MoeHost};
 use qwen3rs::config::Qwen3Config;
 use qwen3rs::engine::Engine;
@@ -102,8 +103,9 @@ fn windows_outside_the_tensor_are_errors() {
     }
 }
 
-/// A MoE layer's parts, as a backend's `dummy_moe` gets them under tensor parallelism.
-fn moe_dummy(part: std::ops::Range<usize>) -> MoeDummy {
+/// A MoE layer's parts, as a backend's `dummy_moe` gets them under tensor parallelism: the columns
+/// `part` of the experts `held`.
+fn moe_dummy(part: std::ops::Range<usize>, held: std::ops::Range<usize>) -> MoeDummy {
     let (e, h, inter) = (4usize, 200usize, 344usize);
     let spec = |name: &str, shape: &[usize]| DummySpec::new(5, name, shape);
     MoeDummy {
@@ -112,34 +114,70 @@ fn moe_dummy(part: std::ops::Range<usize>) -> MoeDummy {
         hidden: h,
         inter,
         part,
+        held,
         top_k: 2,
         norm_topk_prob: true,
     }
 }
 
+/// The MoE output of 3 rows of x through `moe` on `be`.
+fn run_moe(be: &CpuBackend, moe: &<CpuBackend as Backend>::Moe) -> Vec<f32> {
+    let x: Vec<f32> = (0..3 * 200).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+    let xb = be.upload_buf(3, 200, &x).unwrap();
+    let mut out = be.alloc(3, 200).unwrap();
+    be.moe(&mut out, &xb, moe).unwrap();
+    be.download(&out).unwrap()
+}
+
+/// Rank r of n's (columns, experts) of the 4 × 344 layer: every expert's 1/n of the columns, or
+/// (expert parallelism) 1/n of the experts whole.
+fn shard(n: usize, r: usize, whole_experts: bool) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+    if whole_experts { (0..344, r * 4 / n..(r + 1) * 4 / n) } else { (r * 344 / n..(r + 1) * 344 / n, 0..4) }
+}
+
 #[test]
 fn dummy_moe_part_equals_the_slices_of_the_whole_experts() {
     let be = CpuBackend::new(DType::F32);
-    let x: Vec<f32> = (0..3 * 200).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
-    for (n, r) in [(1, 0), (2, 0), (2, 1), (4, 3)] {
-        let part = r * 344 / n..(r + 1) * 344 / n;
-        let moe = moe_dummy(part.clone());
+    for (n, r, whole_experts) in [(1, 0, false), (2, 0, false), (2, 1, false), (4, 3, false), (2, 0, true), (2, 1, true), (4, 2, true)] {
+        let (part, held) = shard(n, r, whole_experts);
+        let moe = moe_dummy(part.clone(), held.clone());
         let (gate_up, down) = moe.windows();
-        let experts = moe.experts.iter()
+        let experts = moe.experts[held.clone()].iter()
             .map(|[g, u, d]| [g.host_tensor(&[344, 200]).window(&gate_up).unwrap(), u.host_tensor(&[344, 200]).window(&gate_up).unwrap(),
                 d.host_tensor(&[200, 344]).window(&down).unwrap()])
             .collect();
-        let host = MoeHost { router: moe.router.host_tensor(&[4, 200]), experts, top_k: 2, norm_topk_prob: true };
+        let host = MoeHost { router: moe.router.host_tensor(&[4, 200]), experts, first_expert: held.start, top_k: 2, norm_topk_prob: true };
         let (drawn, sliced) = (be.dummy_moe(moe).unwrap(), be.upload_moe(host).unwrap());
-        let run = |m| {
-            let xb = be.upload_buf(3, 200, &x).unwrap();
-            let mut out = be.alloc(3, 200).unwrap();
-            be.moe(&mut out, &xb, m).unwrap();
-            be.download(&out).unwrap()
-        };
-        let (a, b) = (run(&drawn), run(&sliced));
-        assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()), "tp={n} rank {r}: expert columns {part:?} differ");
+        let (a, b) = (run_moe(&be, &drawn), run_moe(&be, &sliced));
+        assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()), "tp={n} rank {r}: expert columns {part:?} of experts {held:?} differ");
     }
+}
+
+#[test]
+fn moe_shards_sum_to_the_whole_layer() {
+    // Column parts and expert blocks alike: the ranks' outputs add up to the unsplit layer's (f32:
+    // only the summation order differs), and an expert block alone is not the whole (the other
+    // experts' contributions are really left out, for the all-reduce to add).
+    let be = CpuBackend::new(DType::F32);
+    let whole = run_moe(&be, &be.dummy_moe(moe_dummy(0..344, 0..4)).unwrap());
+    for n in [2usize, 4] {
+        for whole_experts in [false, true] {
+            let parts: Vec<Vec<f32>> = (0..n).map(|r| {
+                let (part, held) = shard(n, r, whole_experts);
+                run_moe(&be, &be.dummy_moe(moe_dummy(part, held)).unwrap())
+            }).collect();
+            let sum: Vec<f32> = (0..whole.len()).map(|i| parts.iter().map(|p| p[i]).sum()).collect();
+            let err = rel_err(&sum, &whole);
+            assert!(err <= 1e-6, "n={n} whole_experts={whole_experts}: sum of ranks is {err:.2e} from the whole layer");
+            assert!(parts.iter().all(|p| rel_err(p, &whole) > 1e-2), "n={n} whole_experts={whole_experts}: one rank computed everything");
+        }
+    }
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+    let den: f32 = b.iter().map(|y| y * y).sum();
+    (num / den).sqrt()
 }
 
 fn odd_config() -> Qwen3Config {
@@ -155,16 +193,18 @@ fn logits<B: Backend>(backend: B, src: &dyn TensorSource, ids: &[u32]) -> Vec<f3
 
 #[test]
 fn tensor_parallel_dummy_model_equals_the_sliced_host_model() {
-    // Bit-identical logits: each rank's drawn shards are the slices the host path uploads.
+    // Bit-identical logits: each rank's drawn shards are the slices the host path uploads, with the
+    // experts split by columns or (expert parallelism) whole, 2 or 1 of the 4 per rank.
     let ids: Vec<u32> = (0..23).map(|i| (i * 131 % 1000) as u32).collect();
     let one = logits(CpuBackend::new(DType::F32), &DummyWeights { seed: 3 }, &ids);
-    for n in [2usize, 4] {
-        let tp = || TensorParallel::new((0..n).map(|_| CpuBackend::new(DType::F32)).collect(), &odd_config()).unwrap();
-        let drawn = logits(tp(), &DummyWeights { seed: 3 }, &ids);
-        let sliced = logits(tp(), &AsHostTensors(DummyWeights { seed: 3 }), &ids);
-        assert!(drawn.iter().zip(&sliced).all(|(a, b)| a.to_bits() == b.to_bits()), "tp={n}: drawn shards differ from sliced ones");
-        let num: f32 = drawn.iter().zip(&one).map(|(a, b)| (a - b) * (a - b)).sum();
-        let den: f32 = one.iter().map(|b| b * b).sum();
-        assert!((num / den).sqrt() <= 1e-5, "tp={n}: {} vs one device", (num / den).sqrt());
+    for split in [MoeSplit::Columns, MoeSplit::Experts] {
+        for n in [2usize, 4] {
+            let tp = || TensorParallel::with_moe_split((0..n).map(|_| CpuBackend::new(DType::F32)).collect(), &odd_config(), split).unwrap();
+            let drawn = logits(tp(), &DummyWeights { seed: 3 }, &ids);
+            let sliced = logits(tp(), &AsHostTensors(DummyWeights { seed: 3 }), &ids);
+            assert!(drawn.iter().zip(&sliced).all(|(a, b)| a.to_bits() == b.to_bits()), "tp={n} {split:?}: drawn shards differ from sliced ones");
+            let err = rel_err(&drawn, &one);
+            assert!(err <= 1e-5, "tp={n} {split:?}: {err} vs one device");
+        }
     }
 }

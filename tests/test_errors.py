@@ -179,6 +179,21 @@ def test_bad_load_arguments(fixtures, kw, match):
         load(fixtures / SRC, **kw)
 
 
+@pytest.mark.parametrize("case,config,kw,match", [
+    ("moe_top2_bf16", {}, {"tensor_parallel": 1}, r"expert_parallel=True .*tensor_parallel=1"),
+    ("dense_tied_bf16", {}, {"tensor_parallel": 2}, r"expert_parallel=True needs a MoE model.*num_experts=0"),
+    # 6 experts over 4 ranks (everything else divides by 4; the check comes before the weights load).
+    ("moe_top2_bf16", {"num_experts": 6}, {"tensor_parallel": 4}, r"tensor_parallel=4 does not divide num_experts \(6\)"),
+    ("moe_top2_bf16", {}, {"tensor_parallel": 2, "expert_parallel": "yes"}, r"expert_parallel must be True or False, got 'yes'"),
+])
+def test_bad_expert_parallel(tmp_path, fixtures, case, config, kw, match):
+    dst = tmp_path / case
+    shutil.copytree(fixtures / case, dst)
+    edit_config(dst, **config)
+    with pytest.raises(InvalidArgumentError, match=match):
+        load(dst, **{"expert_parallel": True, **kw})
+
+
 def test_unknown_dummy_name():
     with pytest.raises(InvalidArgumentError, match="Qwen3-0.6B"):
         qwen3rs.load("dummy:Qwen3-7B", device="cpu", progress=False)

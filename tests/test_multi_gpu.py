@@ -33,6 +33,10 @@ everywhere, and tests/cuda_tp.rs at the Rust level.
       the CPU stand-in: dummy 0.6B bf16 tp=2 vs 1 diverged at token 10 (top-2 gap 0.03 σ there), a
       3-layer 30B-A3B at token 1, while f32 agreed on all 16 tokens in every case.
 
+(a) and (b) run every MoE model twice: experts split by columns, and whole experts per GPU
+(expert_parallel=True, test ids ending in -ep: 64 of Qwen3-30B-A3B's 128 experts on each GPU). The
+bars are the same: each GPU's MoE output is again a partial sum, rounded once before the all-reduce.
+
 Memory: one H200 holds the one-GPU f32 30B-A3B (122 GB) alone; each model's reference is computed
 and kept as numpy arrays, and the model freed, before the next one loads.
 
@@ -66,13 +70,21 @@ def test_cuda_device_count_is_an_int_and_never_raises():
 # ---- (a) conformance checkpoints ----
 
 
+# Every case with experts split by columns; the MoE cases also with whole experts per GPU (ep).
+SPLITS = [(case, False) for case in CASES] + [(case, True) for case in CASES if "moe" in case]
+
+
+def split_id(case_ep):
+    return f"{case_ep[0]}{'-ep' if case_ep[1] else ''}"
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case,ep", SPLITS, ids=[split_id(x) for x in SPLITS])
 @pytest.mark.gpu
 @TWO_GPUS
-def test_sharded_conformance(case, dtype):
+def test_sharded_conformance(case, ep, dtype):
     one = qwen3rs.load(FIXTURES / case, device=DEVICE, dtype=dtype, progress=False)
-    two = qwen3rs.load(FIXTURES / case, device=DEVICE, dtype=dtype, tensor_parallel=2, progress=False)
+    two = qwen3rs.load(FIXTURES / case, device=DEVICE, dtype=dtype, tensor_parallel=2, expert_parallel=ep, progress=False)
     assert two.device == ("cuda:0,cuda:1" if DEVICE == "cuda" else "cpu,cpu"), two.device
     bar = F32_BAR if dtype == "float32" else BF16_BAR
     kw = dict(raw=True, temperature=0.0, ignore_eos=True)
@@ -115,9 +127,10 @@ def dummy_spec(name, tmp_path):
     return f"dummy:{path}"
 
 
-def run_dummy(spec, dtype, tp):
+def run_dummy(spec, dtype, tp, ep=False):
     """Prompt logits and greedy tokens of one load, which is freed before returning."""
-    m = qwen3rs.load(spec, device=DEVICE, dtype=dtype, max_seq_len=512, max_batch=1, tensor_parallel=tp, progress=False)
+    m = qwen3rs.load(spec, device=DEVICE, dtype=dtype, max_seq_len=512, max_batch=1, tensor_parallel=tp, expert_parallel=ep,
+                     progress=False)
     logits = m.logits(PROMPT)
     tokens = m.generate(PROMPT, raw=True, max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True).token_ids
     del m
@@ -125,22 +138,25 @@ def run_dummy(spec, dtype, tp):
     return logits, tokens
 
 
-@pytest.mark.parametrize("name", ["Qwen3-8B", "Qwen3-30B-A3B"], ids=lambda n: f"{n}-{LAYERS or 'all'}-layers")
+DUMMIES = [("Qwen3-8B", False), ("Qwen3-30B-A3B", False), ("Qwen3-30B-A3B", True)]
+
+
+@pytest.mark.parametrize("name,ep", DUMMIES, ids=[f"{n}-{LAYERS or 'all'}-layers{'-ep' if ep else ''}" for n, ep in DUMMIES])
 @pytest.mark.gpu
 @TWO_GPUS
-def test_sharded_dummy_model_equals_one_gpu(name, tmp_path):
+def test_sharded_dummy_model_equals_one_gpu(name, ep, tmp_path):
     spec = dummy_spec(name, tmp_path)
     # One GPU first (the f32 30B-A3B fills most of it), kept as numpy arrays.
     f32_one, f32_one_tokens = run_dummy(spec, "float32", 1)
     bf16_one, _ = run_dummy(spec, "bfloat16", 1)
-    f32_two, f32_two_tokens = run_dummy(spec, "float32", 2)
-    bf16_two, _ = run_dummy(spec, "bfloat16", 2)
+    f32_two, f32_two_tokens = run_dummy(spec, "float32", 2, ep)
+    bf16_two, _ = run_dummy(spec, "bfloat16", 2, ep)
     assert np.isfinite(f32_two).all() and np.isfinite(bf16_two).all()
     f32_err = row_errors(f32_two, f32_one)
     bf16_err = row_errors(bf16_two, bf16_one)
     bf16_vs_f32 = row_errors(bf16_two, f32_one)
     e = float(np.median(row_errors(bf16_one, f32_one)))  # how far bf16 is from f32 on one GPU
-    print(f"{name}: f32 tp=2 vs 1 max row err {f32_err.max():.2e}; bf16 tp=2 vs 1 median {np.median(bf16_err):.2e} "
+    print(f"{name}{' (expert_parallel)' if ep else ''}: f32 tp=2 vs 1 max row err {f32_err.max():.2e}; bf16 tp=2 vs 1 median {np.median(bf16_err):.2e} "
           f"(max {bf16_err.max():.2e}); bf16 tp=2 vs f32 median {np.median(bf16_vs_f32):.2e}; one-GPU bf16 vs f32 "
           f"median e = {e:.2e}; greedy f32 {f32_two_tokens}")
     moe = "A3B" in name

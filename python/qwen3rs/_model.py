@@ -95,6 +95,7 @@ def load(
     tensor_parallel: int = 1,
     num_threads: int | None = None,
     quantize: str | None = None,
+    expert_parallel: bool = False,
 ) -> "Model":
     """Load a Qwen3 / Qwen3-MoE model.
 
@@ -108,6 +109,13 @@ def load(
     tensor_parallel: split the model over this many devices (cuda:0..N-1): attention by heads, MLPs and
     every expert by columns, partial sums all-reduced with NCCL. With device="cpu", N ranks in one
     process stand in for the GPUs (to check the sharding; not faster).
+    expert_parallel: with tensor_parallel=N >= 2 on a MoE model, each device holds N-th of the experts
+    whole (rank r: experts [r*E/N, (r+1)*E/N), loading only their tensors) instead of N-th of every
+    expert's columns; attention and dense MLPs stay split as above. Every rank routes every token
+    over all E experts (the router is replicated), computes only its own experts' contributions, and
+    the MoE block's all-reduce sums them (every rank holds every token, so that sum is the combine).
+    Needs num_experts divisible by N. An error with tensor_parallel=1 (one device holds every expert
+    anyway) and on a dense model (no experts to spread: the flag would silently do nothing).
     num_threads (CPU): worker threads (default: env QWEN3RS_NUM_THREADS, else every CPU this process may use).
     quantize (CPU): "int8" stores weight matrices as int8 with one scale per output row (weight-only:
     activations stay in `dtype`; norms and the MoE router stay unquantised)."""
@@ -118,10 +126,12 @@ def load(
     check_int("max_seq_len", max_seq_len, 1)
     check_int("max_batch", max_batch, 1, allow_none=False)
     check_int("tensor_parallel", tensor_parallel, 1, allow_none=False)
+    if not isinstance(expert_parallel, bool):
+        raise InvalidArgumentError(f"expert_parallel must be True or False, got {expert_parallel!r}")
     check_int("num_threads", num_threads, 1)
     if quantize is not None and not isinstance(quantize, str):
         raise InvalidArgumentError(f"quantize must be a string or None, got {quantize!r}")
-    cpu = {"num_threads": num_threads, "quantize": quantize}
+    cpu = {"num_threads": num_threads, "quantize": quantize, "expert_parallel": expert_parallel}
     text = os.fspath(path) if isinstance(path, os.PathLike) else path
     if not isinstance(text, str):
         raise InvalidArgumentError(f"path must be a string or os.PathLike, got {path!r}")

@@ -68,11 +68,11 @@ class Model:
 
 def load_checkpoint(path: str | PathLike[str], device: str = "cpu", dtype: str = "auto", max_seq_len: int | None = None,
                     max_batch: int = 8, tensor_parallel: int = 1, progress: Callable[[int, int], None] | None = None,
-                    num_threads: int | None = None, quantize: str | None = None) -> Model: ...
+                    num_threads: int | None = None, quantize: str | None = None, expert_parallel: bool = False) -> Model: ...
 def load_dummy(config_json: str, device: str = "cpu", dtype: str = "auto", max_seq_len: int | None = None,
                max_batch: int = 8, seed: int = 0, tokenizer_dir: str | None = None, tensor_parallel: int = 1,
                progress: Callable[[int, int], None] | None = None, num_threads: int | None = None,
-               quantize: str | None = None) -> Model: ...
+               quantize: str | None = None, expert_parallel: bool = False) -> Model: ...
 
 # ---- Devices ----
 

@@ -55,10 +55,14 @@ pub struct AttnShape {
 
 /// The experts of one sparse MoE layer, as read from the checkpoint.
 pub struct MoeHost {
-    /// [E, H] router (`mlp.gate.weight`).
+    /// [E, H] router (`mlp.gate.weight`): every device routes over all E experts.
     pub router: HostTensor,
-    /// Per expert: gate [I, H], up [I, H], down [H, I].
+    /// Per expert this device holds: gate [I, H], up [I, H], down [H, I]. All E on one device;
+    /// expert parallelism gives each rank a contiguous block of whole experts.
     pub experts: Vec<[HostTensor; 3]>,
+    /// `experts[i]` is expert `first_expert + i`; tokens routed to experts outside the block get no
+    /// contribution from this device (another rank adds it).
+    pub first_expert: usize,
     pub top_k: usize,
     pub norm_topk_prob: bool,
 }
@@ -89,6 +93,9 @@ pub struct MoeDummy {
     /// The intermediate columns of every expert this device holds: gate and up rows, down columns.
     /// All of 0..inter on one device; tensor parallelism gives each rank its 1/N.
     pub part: Range<usize>,
+    /// The experts this device holds (whole, or their `part`): all of 0..E on one device; expert
+    /// parallelism gives each rank a contiguous block (see `MoeHost::first_expert`).
+    pub held: Range<usize>,
     pub top_k: usize,
     pub norm_topk_prob: bool,
 }
@@ -96,9 +103,13 @@ pub struct MoeDummy {
 impl MoeDummy {
     /// The windows of gate/up [I, H] and of down [H, I] this device holds.
     pub fn windows(&self) -> (Window, Window) {
-        let (h, p) = (self.hidden, self.part.clone());
-        (Window { rows: p.clone(), cols: 0..h }, Window { rows: 0..h, cols: p })
+        expert_windows(self.hidden, self.part.clone())
     }
+}
+
+/// The windows of an expert's gate/up [I, H] and down [H, I] that hold its intermediate columns `part`.
+pub fn expert_windows(hidden: usize, part: Range<usize>) -> (Window, Window) {
+    (Window { rows: part.clone(), cols: 0..hidden }, Window { rows: 0..hidden, cols: part })
 }
 
 /// What goes into a transformer block: the residual stream `x`, plus the previous block's output
@@ -149,16 +160,18 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn dummy_weight_split(&self, spec: &DummySpec, shape: &[usize], _split: Split) -> Result<Self::Weight> {
         self.dummy_weight(spec, shape)
     }
-    /// A dummy MoE layer (the experts' columns `moe.part`), equal to `upload_moe` of those parts of
-    /// the materialised tensors.
+    /// A dummy MoE layer (the columns `moe.part` of the experts `moe.held`), equal to `upload_moe` of
+    /// those parts of the materialised tensors.
     fn dummy_moe(&self, moe: MoeDummy) -> Result<Self::Moe> {
         let (h, i) = (moe.hidden, moe.inter);
         let (gate_up, down) = moe.windows();
-        let experts = moe.experts.iter()
+        let held = moe.experts.get(moe.held.clone()).ok_or_else(|| crate::Error::InvalidArgument(format!(
+            "MoE experts {:?} held of {}", moe.held, moe.experts.len())))?;
+        let experts = held.iter()
             .map(|[g, u, d]| Ok([g.host_window(&[i, h], &gate_up)?, u.host_window(&[i, h], &gate_up)?, d.host_window(&[h, i], &down)?]))
             .collect::<Result<Vec<_>>>()?;
         let router = moe.router.host_tensor(&[moe.experts.len(), h]);
-        self.upload_moe(MoeHost { router, experts, top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob })
+        self.upload_moe(MoeHost { router, experts, first_expert: moe.held.start, top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob })
     }
     /// A zeroed [rows, cols] buffer.
     fn alloc(&self, rows: usize, cols: usize) -> Result<Self::Buf>;

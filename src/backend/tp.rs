@@ -2,10 +2,13 @@
 //! Attention is split by heads (K/V heads replicated where devices outnumber them), dense MLPs and
 //! every expert's intermediate columns by columns (gate/up) and rows (down), lm_head by vocabulary;
 //! o_proj, down_proj and the MoE block produce partial sums that one all-reduce per block adds up.
+//! With `MoeSplit::Experts` (expert parallelism, `load(..., expert_parallel=True)`) each rank holds
+//! whole experts instead, a contiguous 1/N of them; everything else is split as above.
 //! `TensorParallel<B>` is itself a `Backend`, so the model and engine run on it unchanged; it issues
 //! each op to every rank in turn (asynchronous on GPUs) and calls the backend's `Collective`.
 
-use super::{AttnShape, Backend, BatchInfo, BlockInput, MoeDummy, MoeHost, Split};
+use super::{expert_windows, AttnShape, Backend, BatchInfo, BlockInput, MoeDummy, MoeHost, Split};
+use std::ops::Range;
 use crate::model::dummy::DummySpec;
 use crate::config::Qwen3Config;
 use crate::error::Result;
@@ -49,10 +52,27 @@ impl HeadPlan {
     }
 }
 
+/// How the experts of a MoE layer are spread over the ranks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MoeSplit {
+    /// Every rank holds 1/N of every expert's intermediate columns (gate/up rows, down columns), as
+    /// a dense MLP is split: every rank computes every routed expert, on its columns.
+    Columns,
+    /// Expert parallelism, as vLLM and SGLang do it: rank r holds experts [r·E/N, (r+1)·E/N) whole.
+    /// The router is replicated, so every rank routes every token over all E experts identically
+    /// (same top-k, same weights) and computes only the contributions of its own experts (the
+    /// others count as zero). The MoE output is then a partial sum per rank, and the block's one
+    /// all-reduce adds them: with every rank already holding every token (one process, the same
+    /// batch on each), that all-reduce is a valid expert-parallel combine, in place of the
+    /// all-to-all dispatch and combine that ranks holding different tokens would need.
+    Experts,
+}
+
 pub struct TensorParallel<B: Collective> {
     ranks: Vec<B>,
     group: B::Group,
     heads: HeadPlan,
+    moe_split: MoeSplit,
 }
 
 /// A buffer as its parts on each rank.
@@ -69,8 +89,15 @@ pub struct TpWeight<W> {
 }
 
 impl<B: Collective> TensorParallel<B> {
-    /// Spread `config`'s model over `ranks`; a split that doesn't divide the model is an error.
+    /// Spread `config`'s model over `ranks`, every expert split by columns; a split that doesn't
+    /// divide the model is an error.
     pub fn new(ranks: Vec<B>, config: &Qwen3Config) -> Result<Self> {
+        Self::with_moe_split(ranks, config, MoeSplit::Columns)
+    }
+
+    /// As `new`, with the experts of MoE layers spread as `moe_split` says. `MoeSplit::Experts` needs
+    /// a MoE model (on a dense one it would silently change nothing) whose experts the ranks divide.
+    pub fn with_moe_split(ranks: Vec<B>, config: &Qwen3Config, moe_split: MoeSplit) -> Result<Self> {
         let n = ranks.len();
         ensure!(n >= 1, InvalidArgument, "tensor_parallel must be >= 1");
         let c = config;
@@ -81,15 +108,20 @@ impl<B: Collective> TensorParallel<B> {
         divides("num_attention_heads", c.num_attention_heads)?;
         divides("intermediate_size", c.intermediate_size)?;
         divides("vocab_size", c.vocab_size)?;
-        if c.num_experts > 0 {
-            divides("moe_intermediate_size", c.moe_intermediate_size)?;
+        match (moe_split, c.num_experts) {
+            (MoeSplit::Columns, 0) => {}
+            (MoeSplit::Columns, _) => divides("moe_intermediate_size", c.moe_intermediate_size)?,
+            (MoeSplit::Experts, 0) => bail!(InvalidArgument,
+                "expert_parallel=True needs a MoE model, but this config has num_experts=0 (dense: its MLPs are split by tensor_parallel alone)"),
+            (MoeSplit::Experts, e) => ensure!(e % n == 0, InvalidArgument,
+                "expert_parallel=True: tensor_parallel={n} does not divide num_experts ({e}); each rank holds num_experts / tensor_parallel whole experts"),
         }
         let nkv = c.num_key_value_heads;
         ensure!(nkv % n == 0 || n % nkv == 0, InvalidArgument,
             "tensor_parallel={n} must divide num_key_value_heads ({nkv}) or be a multiple of it");
         let group = B::group(&ranks)?;
         let heads = HeadPlan { n, n_heads: c.num_attention_heads, n_kv_heads: nkv, head_dim: c.head_dim };
-        Ok(TensorParallel { ranks, group, heads })
+        Ok(TensorParallel { ranks, group, heads, moe_split })
     }
 
     pub fn size(&self) -> usize {
@@ -107,26 +139,34 @@ impl<B: Collective> TensorParallel<B> {
 
     /// The part of a weight [out, in] of `shape` that rank r holds.
     fn window(&self, shape: &[usize], split: Split, r: usize) -> Window {
-        let n = self.size();
         let hd = self.heads.head_dim;
         let (rows, cols) = matrix_dims(shape);
         let mut w = Window::full(shape);
         match split {
             Split::Replicated => {}
-            Split::Columns => w.rows = r * rows / n..(r + 1) * rows / n,
+            Split::Columns => w.rows = self.share(rows, r),
             Split::KvHeads => {
                 let start = self.heads.kv_start(r) * hd;
                 w.rows = start..start + self.heads.kv_per_rank() * hd;
             }
-            Split::Rows => w.cols = r * cols / n..(r + 1) * cols / n,
+            Split::Rows => w.cols = self.share(cols, r),
         }
         w
     }
 
-    /// The intermediate columns of every expert rank r holds.
-    fn expert_part(&self, inter: usize, r: usize) -> std::ops::Range<usize> {
+    /// Rank r's 1/N of `0..len` (rows, columns or experts).
+    fn share(&self, len: usize, r: usize) -> Range<usize> {
         let n = self.size();
-        r * inter / n..(r + 1) * inter / n
+        r * len / n..(r + 1) * len / n
+    }
+
+    /// The experts of a MoE layer of `experts` × `inter` columns that rank r holds, and the
+    /// intermediate columns of each it holds.
+    fn moe_shard(&self, experts: usize, inter: usize, r: usize) -> (Range<usize>, Range<usize>) {
+        match self.moe_split {
+            MoeSplit::Columns => (0..experts, self.share(inter, r)),
+            MoeSplit::Experts => (self.share(experts, r), 0..inter),
+        }
     }
 
     fn cols_per_rank(&self, cols: usize, split: Split) -> usize {
@@ -192,24 +232,35 @@ impl<B: Collective> Backend for TensorParallel<B> {
         }
     }
 
+    /// Each rank gets its `moe_shard` of the layer (whole experts or every expert's columns) and the
+    /// whole router. Checkpoint tensors are views of the memory-mapped files, so a rank's upload reads
+    /// only the bytes of what it holds: under expert parallelism, only its own experts.
     fn upload_moe(&self, moe: MoeHost) -> Result<Self::Moe> {
-        // Every rank routes over all experts and holds 1/N of each expert's intermediate columns.
+        let e = moe.experts.len();
+        ensure!(moe.first_expert == 0 && e == moe.router.shape[0], InvalidArgument,
+            "tensor parallelism splits whole MoE layers, got experts {}..{} of {}", moe.first_expert, moe.first_expert + e, moe.router.shape[0]);
+        let (h, inter) = (moe.router.shape[1], moe.experts.first().map_or(0, |x| x[0].shape[0]));
         self.each(|b, r| {
-            let part = |t: &HostTensor, split| t.window(&self.window(&t.shape, split, r));
-            let experts = moe
-                .experts
+            let (held, part) = self.moe_shard(e, inter, r);
+            let (gate_up, down) = expert_windows(h, part);
+            let experts = moe.experts[held.clone()]
                 .iter()
-                .map(|[g, u, d]| Ok([part(g, Split::Columns)?, part(u, Split::Columns)?, part(d, Split::Rows)?]))
+                .map(|[g, u, d]| Ok([g.window(&gate_up)?, u.window(&gate_up)?, d.window(&down)?]))
                 .collect::<Result<Vec<_>>>()?;
-            b.upload_moe(MoeHost { router: moe.router.clone(), experts, top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob })
+            b.upload_moe(MoeHost { router: moe.router.clone(), experts, first_expert: held.start, top_k: moe.top_k,
+                norm_topk_prob: moe.norm_topk_prob })
         })
     }
 
-    /// As `upload_moe`, each rank drawing only its columns of every expert.
+    /// As `upload_moe`, each rank drawing only what it holds.
     fn dummy_moe(&self, moe: MoeDummy) -> Result<Self::Moe> {
-        ensure!(moe.part == (0..moe.inter), InvalidArgument, "tensor parallelism splits whole MoE layers, got columns {:?} of {}",
-            moe.part, moe.inter);
-        self.each(|b, r| b.dummy_moe(MoeDummy { part: self.expert_part(moe.inter, r), ..moe.clone() }))
+        let e = moe.experts.len();
+        ensure!(moe.part == (0..moe.inter) && moe.held == (0..e), InvalidArgument,
+            "tensor parallelism splits whole MoE layers, got columns {:?} of {} and experts {:?} of {e}", moe.part, moe.inter, moe.held);
+        self.each(|b, r| {
+            let (held, part) = self.moe_shard(e, moe.inter, r);
+            b.dummy_moe(MoeDummy { held, part, ..moe.clone() })
+        })
     }
 
     fn alloc(&self, rows: usize, cols: usize) -> Result<Self::Buf> {

@@ -145,7 +145,7 @@ impl<B: Backend> Model<B> {
                     })
                     .collect();
                 Ffn::Moe(backend.dummy_moe(MoeDummy { router: spec("mlp.gate.weight", &[e, h]), experts, hidden: h, inter: mi,
-                    part: 0..mi, top_k: c.num_experts_per_tok, norm_topk_prob: c.norm_topk_prob })?)
+                    part: 0..mi, held: 0..e, top_k: c.num_experts_per_tok, norm_topk_prob: c.norm_topk_prob })?)
             } else if c.is_moe_layer(i) {
                 let (e, mi) = (c.num_experts, c.moe_intermediate_size);
                 let experts = (0..e)
@@ -155,7 +155,7 @@ impl<B: Backend> Model<B> {
                     })
                     .collect::<Result<Vec<_>>>()?;
                 let router = src.tensor(&ln("mlp.gate.weight"), &[e, h])?;
-                Ffn::Moe(backend.upload_moe(MoeHost { router, experts, top_k: c.num_experts_per_tok, norm_topk_prob: c.norm_topk_prob })?)
+                Ffn::Moe(backend.upload_moe(MoeHost { router, experts, first_expert: 0, top_k: c.num_experts_per_tok, norm_topk_prob: c.norm_topk_prob })?)
             } else {
                 let inter = c.intermediate_size;
                 Ffn::Dense {

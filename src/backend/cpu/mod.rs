@@ -196,7 +196,9 @@ pub struct CpuKv {
 
 pub struct CpuMoe {
     router: CpuWeight,
+    /// Experts `first_expert..first_expert + experts.len()` of the router's E (all of them on one device).
     experts: Vec<[CpuWeight; 3]>,
+    first_expert: usize,
     top_k: usize,
     norm_topk_prob: bool,
     /// Buffers reused across calls, so decoding allocates nothing once warm.
@@ -703,6 +705,8 @@ impl Backend for CpuBackend {
     }
 
     fn upload_moe(&self, moe: MoeHost) -> Result<CpuMoe> {
+        let (e, first, held) = (moe.router.shape[0], moe.first_expert, moe.experts.len());
+        ensure!(held > 0 && first + held <= e, InvalidArgument, "MoE experts {first}..{} held of a router over {e}", first + held);
         let experts = moe
             .experts
             .into_iter()
@@ -713,7 +717,7 @@ impl Backend for CpuBackend {
             DType::F32 => moe.router,
             d => moe.router.to_dtype(d),
         };
-        Ok(CpuMoe { router: CpuWeight::Host(router), experts, top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob, scratch: Default::default() })
+        Ok(CpuMoe { router: CpuWeight::Host(router), experts, first_expert: first, top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob, scratch: Default::default() })
     }
 
     fn alloc(&self, rows: usize, cols: usize) -> Result<CpuBuf> {
@@ -937,10 +941,11 @@ impl Backend for CpuBackend {
                     sc.routes[e].push((row, l[e] / total));
                 }
             }
-            // 2. Experts in ascending order, each over the rows routed to it.
+            // 2. The experts this device holds in ascending order, each over the rows routed to it
+            //    (under expert parallelism another rank adds the rest).
             out.data.fill(0.0);
-            for (e, rows) in sc.routes.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
-                let [gate, up, down] = &moe.experts[e];
+            let held = &sc.routes[moe.first_expert..moe.first_expert + moe.experts.len()];
+            for ([gate, up, down], rows) in moe.experts.iter().zip(held).filter(|(_, r)| !r.is_empty()) {
                 let [inter, _] = gate.shape();
                 let n = rows.len();
                 sc.xe.clear();

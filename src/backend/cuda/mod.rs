@@ -115,13 +115,16 @@ pub struct CudaKv {
     kv_dim: usize,
 }
 
-/// A sparse MoE layer: router [E, H]; gate, up [E, I, H] and down [E, H, I], each one allocation.
+/// A sparse MoE layer: router [E, H]; gate, up [held, I, H] and down [held, H, I], each one allocation,
+/// of experts `first_expert..first_expert + held` (all E on one device; a block under expert parallelism).
 pub struct CudaMoe {
     router: CudaWeight,
     gate: DevMem,
     up: DevMem,
     down: DevMem,
     n_experts: usize,
+    first_expert: usize,
+    held: usize,
     inter: usize,
     hidden: usize,
     top_k: usize,
@@ -250,6 +253,14 @@ fn check_shape(name: &str, got: (usize, usize), want: (usize, usize)) -> Result<
 /// add + RMSNorm latency-bound at 15 µs on the H200 (ncu, benches/RESULTS.md run 6).
 const NORM_THREADS: u32 = 1024;
 
+/// A MoE layer the kernels can run: 1..=1024 experts routed, top_k of them, `held` a non-empty block.
+fn check_moe(e: usize, held: std::ops::Range<usize>, top_k: usize) -> Result<()> {
+    ensure!(e > 0 && e <= 1024, InvalidArgument, "the CUDA backend routes 1..=1024 experts, got {e}");
+    ensure!(top_k >= 1 && top_k <= e.min(MAX_TOP_K), InvalidArgument, "MoE top_k {top_k} must be in 1..={}", e.min(MAX_TOP_K));
+    ensure!(!held.is_empty() && held.end <= e, InvalidArgument, "MoE experts {held:?} held of {e}");
+    Ok(())
+}
+
 fn blocks(n: usize, per: usize) -> u32 {
     n.div_ceil(per) as u32
 }
@@ -310,6 +321,12 @@ impl CudaBackend {
             split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"), tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"),
             moe_cublas: (!env_off("QWEN3RS_CUDA_MOE_CUBLAS")).into(),
             prefill_chunk: std::env::var("QWEN3RS_CUDA_PREFILL_CHUNK").ok().and_then(|v| v.trim().parse().ok()).filter(|&n: &usize| n > 0).unwrap_or(2048) })
+    }
+
+    /// MoE prefill through cuBLAS grouped GEMMs (`true`, the default) or the `grouped_gemm` kernel,
+    /// as `QWEN3RS_CUDA_MOE_CUBLAS` chooses at construction: lets one test process check both.
+    pub fn set_moe_cublas(&self, on: bool) {
+        self.moe_cublas.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The device index this backend runs on.
@@ -466,34 +483,40 @@ impl CudaBackend {
     /// the tensor cores, SwiGLU between, and the weighted combine.
     fn moe_grouped_cublas(&self, out: &mut CudaBuf, x: &CudaBuf, moe: &CudaMoe, bufs: [u64; 11]) -> Result<()> {
         let [ids, weights, sorted, pair_pos, tile_e, tile_row0, tile_rows, g, u, act, y] = bufs;
-        let (t, h, e, k, inter) = (x.rows, x.cols, moe.n_experts, moe.top_k, moe.inter);
+        let (t, h, e, k, inter) = (x.rows, x.cols, moe.held, moe.top_k, moe.inter);
         let p = t * k;
         let es = self.esize() as u64;
-        // One tile per expert (tile rows = P): at most E tiles, then -1.
+        // One tile per expert held (tile rows = P): at most E tiles, then -1.
         let (pi, ki, ei, tm, mt) = (p as i32, k as i32, e as i32, p as i32, (e + 1) as i32);
         self.gpu.launch("moe", "moe_sort", (1, 1, 1), 1024, (2 * e * 4) as u32,
             args![ids, pi, ki, ei, tm, mt, sorted, pair_pos, tile_e, tile_row0, tile_rows])?;
-        let [xs] = self.scratch([(Scratch::Xs, p * h * self.esize())])?;
-        let (xp, hi) = (x.mem.ptr, h as i32);
-        self.gpu.launch("elementwise", "gather_rows", (blocks(h, 256), p as u32, 1), 256, 0, args![xs, xp, sorted, hi])?;
         let te: Vec<i32> = self.download_typed(e + 1, tile_e)?;
         let r0: Vec<i32> = self.download_typed(e + 1, tile_row0)?;
         let nr: Vec<i32> = self.download_typed(e + 1, tile_rows)?;
         let segs: Vec<(u64, u64, u64)> = te.iter().zip(&r0).zip(&nr).take_while(|((&x, _), _)| x >= 0)
             .map(|((&x, &r), &n)| (x as u64, r as u64, n as u64)).collect();
-        ensure!(segs.iter().all(|s| (s.0 as usize) < e) && segs.iter().map(|s| s.2).sum::<u64>() == p as u64, Device,
-            "MoE sort produced inconsistent segments");
+        // The pairs routed to experts held here (all P on one device; under expert parallelism
+        // possibly none, and then this rank's part of the output is zero).
+        let pl = segs.iter().map(|s| s.2).sum::<u64>() as usize;
+        ensure!(segs.iter().all(|s| (s.0 as usize) < e) && pl <= p, Device, "MoE sort produced inconsistent segments");
+        let (o, hi) = (out.mem.ptr, h as i32);
+        if pl == 0 {
+            let null = 0u64;
+            return self.gpu.launch("moe", "moe_combine", (blocks(h, 256), t as u32, 1), 256, 0, args![o, y, null, weights, ki, hi]);
+        }
+        let [xs] = self.scratch([(Scratch::Xs, p * h * self.esize())])?;
+        let xp = x.mem.ptr;
+        self.gpu.launch("elementwise", "gather_rows", (blocks(h, 256), pl as u32, 1), 256, 0, args![xs, xp, sorted, hi])?;
         let per = (inter * h) as u64 * es;
         let (ie, he) = (inter as u64 * es, h as u64 * es);
         let gate: Vec<_> = segs.iter().map(|&(x, r, n)| (g + r * ie, xs + r * he, moe.gate.ptr + x * per, n as usize)).collect();
         self.gpu.grouped_gemm(&gate, inter, h)?;
         let upg: Vec<_> = segs.iter().map(|&(x, r, n)| (u + r * ie, xs + r * he, moe.up.ptr + x * per, n as usize)).collect();
         self.gpu.grouped_gemm(&upg, inter, h)?;
-        let n = (p * inter) as i64;
-        self.gpu.launch("elementwise", "swiglu", (blocks(p * inter, 256), 1, 1), 256, 0, args![act, g, u, n])?;
+        let n = (pl * inter) as i64;
+        self.gpu.launch("elementwise", "swiglu", (blocks(pl * inter, 256), 1, 1), 256, 0, args![act, g, u, n])?;
         let down: Vec<_> = segs.iter().map(|&(x, r, n)| (y + r * he, act + r * ie, moe.down.ptr + x * per, n as usize)).collect();
         self.gpu.grouped_gemm(&down, h, inter)?;
-        let o = out.mem.ptr;
         self.gpu.launch("moe", "moe_combine", (blocks(h, 256), t as u32, 1), 256, 0, args![o, y, pair_pos, weights, ki, hi])
     }
 
@@ -676,7 +699,7 @@ impl CudaBackend {
             return Ok(());
         }
         let p = t * k;
-        let max_tiles = p.div_ceil(MOE_TILE_ROWS) + e;
+        let max_tiles = p.div_ceil(MOE_TILE_ROWS) + moe.held;
         let es = self.esize();
         let [probs, ids, weights, sorted, pair_pos, tile_e, tile_row0, tile_rows, g, u, act, y] = self.scratch([
             (Scratch::RouterProbs, t * e * 4), (Scratch::TopIds, p * 4), (Scratch::TopWeights, p * 4),
@@ -692,8 +715,9 @@ impl CudaBackend {
         let FusedNorm { delta, x_out, w: nw, eps } = norm;
         let smem = if nw != 0 { (h * es) as u32 } else { 0 };
         self.gpu.launch("matmul", "router_logits", (blocks(e, 8), t as u32, 1), 256, smem, args![probs, xp, rp, ei, hi, delta, x_out, nw, eps])?;
-        let renorm = moe.norm_topk_prob as i32;
-        self.gpu.launch("moe", "moe_route", (blocks(t, 4), 1, 1), 128, 0, args![probs, ids, weights, ti, ei, ki, renorm])?;
+        // Choices of experts other ranks hold (expert parallelism) come out as id -1, weight 0.
+        let (renorm, e0, held) = (moe.norm_topk_prob as i32, moe.first_expert as i32, moe.held as i32);
+        self.gpu.launch("moe", "moe_route", (blocks(t, 4), 1, 1), 128, 0, args![probs, ids, weights, ti, ei, ki, renorm, e0, held])?;
         if self.moe_decode_fits(x, moe) {
             // Decode: GEMVs over the (pair, expert row) rows of the chosen experts only — no sort,
             // every warp busy — and the combine in pair order. Gate/up norm the stored residual.
@@ -719,10 +743,10 @@ impl CudaBackend {
                 Err(e) => return Err(e),
             }
         }
-        // 2. Group the (row, expert) pairs by expert into tiles.
+        // 2. Group the (row, expert) pairs by expert (of those held here) into tiles.
         let (tm, mt) = (MOE_TILE_ROWS as i32, max_tiles as i32);
-        self.gpu.launch("moe", "moe_sort", (1, 1, 1), 1024, (2 * e * 4) as u32,
-            args![ids, pi, ki, ei, tm, mt, sorted, pair_pos, tile_e, tile_row0, tile_rows])?;
+        self.gpu.launch("moe", "moe_sort", (1, 1, 1), 1024, (2 * moe.held * 4) as u32,
+            args![ids, pi, ki, held, tm, mt, sorted, pair_pos, tile_e, tile_row0, tile_rows])?;
         // 3. Experts: gate and up over the gathered rows, SwiGLU, down.
         let (gp, up, dp, null) = (moe.gate.ptr, moe.up.ptr, moe.down.ptr, 0u64);
         let grid_i = (blocks(inter, 64), max_tiles as u32, 1);
@@ -767,14 +791,12 @@ impl Backend for CudaBackend {
     }
 
     fn upload_moe(&self, moe: MoeHost) -> Result<CudaMoe> {
-        let (e, h) = (moe.router.shape[0], moe.router.shape[1]);
-        ensure!(e == moe.experts.len() && e > 0, InvalidArgument, "MoE router has {e} rows for {} experts", moe.experts.len());
-        ensure!(moe.top_k >= 1 && moe.top_k <= e.min(MAX_TOP_K), InvalidArgument, "MoE top_k {} must be in 1..={}", moe.top_k, e.min(MAX_TOP_K));
-        ensure!(e <= 1024, InvalidArgument, "the CUDA backend routes at most 1024 experts, got {e}");
+        let (e, h, held) = (moe.router.shape[0], moe.router.shape[1], moe.experts.len());
+        check_moe(e, moe.first_expert..moe.first_expert + held, moe.top_k)?;
         let inter = moe.experts[0][0].shape[0];
         let es = self.esize();
         let per = inter * h * es;
-        let (gate, up, down) = (self.gpu.alloc(e * per)?, self.gpu.alloc(e * per)?, self.gpu.alloc(e * per)?);
+        let (gate, up, down) = (self.gpu.alloc(held * per)?, self.gpu.alloc(held * per)?, self.gpu.alloc(held * per)?);
         // Expert by expert straight into its place: no host copy of a whole layer.
         for (i, [g, u, d]) in moe.experts.iter().enumerate() {
             for (dst, t) in [(&gate, g), (&up, u), (&down, d)] {
@@ -783,7 +805,8 @@ impl Backend for CudaBackend {
             }
         }
         let router = self.upload(moe.router)?;
-        Ok(CudaMoe { router, gate, up, down, n_experts: e, inter, hidden: h, top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob })
+        Ok(CudaMoe { router, gate, up, down, n_experts: e, first_expert: moe.first_expert, held, inter, hidden: h, top_k: moe.top_k,
+            norm_topk_prob: moe.norm_topk_prob })
     }
 
     fn dummy_weight(&self, spec: &DummySpec, shape: &[usize]) -> Result<CudaWeight> {
@@ -798,28 +821,29 @@ impl Backend for CudaBackend {
     }
 
     fn dummy_moe(&self, moe: MoeDummy) -> Result<CudaMoe> {
-        let (e, h, inter) = (moe.experts.len(), moe.hidden, moe.inter);
-        ensure!(e > 0 && e <= 1024, InvalidArgument, "the CUDA backend routes 1..=1024 experts, got {e}");
-        ensure!(moe.top_k >= 1 && moe.top_k <= e.min(MAX_TOP_K), InvalidArgument, "MoE top_k {} must be in 1..={}", moe.top_k, e.min(MAX_TOP_K));
+        let (e, h, inter, held) = (moe.experts.len(), moe.hidden, moe.inter, moe.held.clone());
+        check_moe(e, held.clone(), moe.top_k)?;
         let (gate_up, down) = moe.windows();
         let per = gate_up.numel();
         let mut out = vec![];
-        // One launch per projection over all experts (grid.y = expert): each launch's chains are as
-        // long as one expert's tensor, so 128 experts cost about what one does. Under tensor
-        // parallelism each expert's part (`moe.part`) is drawn alone.
+        // One launch per projection over the experts held (grid.y = expert): each launch's chains are
+        // as long as one expert's tensor, so 128 experts cost about what one does. Under tensor
+        // parallelism each expert's part (`moe.part`) is drawn alone; under expert parallelism only
+        // this rank's experts (`moe.held`).
+        let specs = &moe.experts[held.clone()];
         for (p, (shape, window)) in [([inter, h], &gate_up), ([inter, h], &gate_up), ([h, inter], &down)].into_iter().enumerate() {
-            let mem = self.gpu.alloc(e * per * self.esize())?;
-            let keys: Vec<u64> = moe.experts.iter().map(|x| x[p].stream).collect();
-            let keys_d = self.gpu.alloc(e * 8)?;
+            let mem = self.gpu.alloc(held.len() * per * self.esize())?;
+            let keys: Vec<u64> = specs.iter().map(|x| x[p].stream).collect();
+            let keys_d = self.gpu.alloc(held.len() * 8)?;
             self.gpu.upload(&keys_d, 0, bytemuck::cast_slice(&keys))?;
-            self.dummy_fill(mem.ptr, &shape, window, &moe.experts[0][p], 0, keys_d.ptr, e)?;
+            self.dummy_fill(mem.ptr, &shape, window, &specs[0][p], 0, keys_d.ptr, held.len())?;
             drop(keys_d); // cuMemFree waits for the fill
             out.push(mem);
         }
         let router = self.dummy_weight(&moe.router, &[e, h])?;
         let [gate, up, down]: [DevMem; 3] = out.try_into().map_err(|_| Error::Device("three projections".into()))?;
-        Ok(CudaMoe { router, gate, up, down, n_experts: e, inter: moe.part.len(), hidden: h, top_k: moe.top_k,
-            norm_topk_prob: moe.norm_topk_prob })
+        Ok(CudaMoe { router, gate, up, down, n_experts: e, first_expert: held.start, held: held.len(), inter: moe.part.len(), hidden: h,
+            top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob })
     }
 
     fn prefill_chunk(&self) -> usize {

@@ -330,6 +330,7 @@ __device__ __forceinline__ void moe_gemv_rows(act_t* out, const act_t* x, const 
     int lane = threadIdx.x & 31;
     for (int r = warp_id_global(); r < P * N; r += warps_global()) {
         int p = r / N, n = r % N;
+        if (ids[p] < 0) continue;  // another rank's expert (expert parallelism)
         float acc[1] = {0.f};
         row_dot<1, XS>(acc, w + ((size_t)ids[p] * N + n) * K, xs + (size_t)(p / src_div) * K, 1, K / VEC);
         float s = warp_sum(acc[0]);
@@ -348,6 +349,7 @@ __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x,
     int lane = threadIdx.x & 31;
     for (int r = warp_id_global(); r < P * N; r += warps_global()) {
         int p = r / N, n = r % N;
+        if (ids[p] < 0) continue;  // another rank's expert (expert parallelism)
         size_t off = ((size_t)ids[p] * N + n) * K;
         const act_t* xr = xs + (size_t)(p / k) * K;
         float g[1] = {0.f}, u[1] = {0.f};

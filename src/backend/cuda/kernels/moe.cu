@@ -1,11 +1,16 @@
 // moe.cu: MoE routing on the device. `moe_route`: softmax, top-k, renormalisation per row (f32);
 // `moe_sort`: group the (row, choice) pairs by expert into tiles for `grouped_gemm`;
 // `moe_combine`: weighted sum of each row's expert outputs, in ascending expert order as the CPU.
+// Expert parallelism: a device holding experts [e0, e0 + held) of E routes over all E, then keeps
+// only its own choices: their ids become local (id - e0), every other choice gets id -1 and weight 0,
+// and the expert kernels and the combine skip those (another rank adds them).
 
 #define MAX_TOP_K 32
 
 // Pairs p = t*k + s of `ids` [P] grouped by expert: sorted_src[pos] = t, pair_pos[p] = pos; tiles of
-// at most tm rows never straddle experts (tile_e = -1 past the last). One block; 2*E ints of shared memory.
+// at most tm rows never straddle experts (tile_e = -1 past the last). Pairs of id -1 (other ranks'
+// experts) are left out: pair_pos -1, and the segments cover only the others. One block; 2*E ints of
+// shared memory (E: the experts this device holds).
 extern "C" __global__ void moe_sort(const int* ids, int P, int k, int E, int tm, int max_tiles,
     int* sorted_src, int* pair_pos, int* tile_e, int* tile_row0, int* tile_rows) {
     grid_dependency();
@@ -14,7 +19,7 @@ extern "C" __global__ void moe_sort(const int* ids, int P, int k, int E, int tm,
     int* off = sh + E;
     for (int e = threadIdx.x; e < E; e += blockDim.x) cnt[e] = 0;
     __syncthreads();
-    for (int p = threadIdx.x; p < P; p += blockDim.x) atomicAdd(&cnt[ids[p]], 1);
+    for (int p = threadIdx.x; p < P; p += blockDim.x) if (ids[p] >= 0) atomicAdd(&cnt[ids[p]], 1);
     __syncthreads();
     if (threadIdx.x == 0) {
         int run = 0, tiles = 0;
@@ -35,6 +40,7 @@ extern "C" __global__ void moe_sort(const int* ids, int P, int k, int E, int tm,
     __syncthreads();
     for (int p = threadIdx.x; p < P; p += blockDim.x) {
         int e = ids[p];
+        if (e < 0) { pair_pos[p] = -1; continue; }
         int pos = off[e] + atomicAdd(&cnt[e], 1);
         sorted_src[pos] = p / k;
         pair_pos[p] = pos;
@@ -42,7 +48,8 @@ extern "C" __global__ void moe_sort(const int* ids, int P, int k, int E, int tm,
 }
 
 // out[t] = Σ_s round(weight[t,s] * y[pair_pos[t,s]]), accumulated (and rounded) in slot order;
-// pair_pos null: y is in pair order (y[t*k + s]). grid (ceil(H/256), T).
+// pair_pos null: y is in pair order (y[t*k + s]). Slots of weight 0 are skipped (they add 0): those
+// of other ranks' experts have no y row. grid (ceil(H/256), T).
 extern "C" __global__ void moe_combine(act_t* out, const act_t* y, const int* pair_pos, const float* weights, int k, int H) {
     grid_dependency();
     int t = blockIdx.y;
@@ -50,6 +57,7 @@ extern "C" __global__ void moe_combine(act_t* out, const act_t* y, const int* pa
     if (h >= H) return;
     float acc = 0.f;
     for (int s = 0; s < k; s++) {
+        if (weights[t * k + s] == 0.f) continue;
         int pos = pair_pos ? pair_pos[t * k + s] : t * k + s;
         float c = rnd(to_f(y[(size_t)pos * H + h]) * weights[t * k + s]);
         acc = rnd(acc + c);
@@ -109,9 +117,18 @@ __device__ void route_row(float* p, int* ids, float* weights, int E, int k, int 
 
 // probs [T, E] (router logits in, softmax out), ids/weights [T, k] as route_row; one warp per row (a
 // thread per row scanning E experts k + 3 times took 48 µs a layer for a 16-token prefill of
-// Qwen3-30B-A3B, RESULTS.md run 12). grid ceil(T / 4), 128 threads.
-extern "C" __global__ void moe_route(float* probs, int* ids, float* weights, int T, int E, int k, int norm) {
+// Qwen3-30B-A3B, RESULTS.md run 12). Then the choices outside this device's experts [e0, e0 + held)
+// become id -1, weight 0, and the others local ids. grid ceil(T / 4), 128 threads.
+extern "C" __global__ void moe_route(float* probs, int* ids, float* weights, int T, int E, int k, int norm, int e0, int held) {
     grid_dependency();
     int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (t < T) route_row(probs + (size_t)t * E, ids + (size_t)t * k, weights + (size_t)t * k, E, k, norm);
+    if (t >= T) return;
+    route_row(probs + (size_t)t * E, ids + (size_t)t * k, weights + (size_t)t * k, E, k, norm);
+    if ((threadIdx.x & 31) != 0 || held == E) return;
+    for (int s = t * k; s < (t + 1) * k; s++) {
+        int local = ids[s] - e0;
+        bool mine = local >= 0 && local < held;
+        ids[s] = mine ? local : -1;
+        if (!mine) weights[s] = 0.f;
+    }
 }
