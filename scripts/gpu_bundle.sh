@@ -19,5 +19,8 @@ for line in sys.stdin:
         shutil.copy(m["executable"], ".gpu/" + m["target"]["name"])
         print("copied", m["executable"], "->", ".gpu/" + m["target"]["name"])
 '
+for bin in cuda_ops cuda_compile cuda_tp; do
+  [ -x ".gpu/$bin" ] || { echo "test binary $bin did not build: cargo test --release --features cuda --test $bin --no-run" >&2; exit 1; }
+done
 ls -la target/wheels .gpu
 du -shc target/wheels .gpu | tail -1

@@ -128,7 +128,7 @@ fn run_block_input<B: Backend>(be: &B, x: &[f32], d: Option<&[f32]>, t: usize, k
             be.download(&out).unwrap()
         }
         Fed::Moe(moe) => {
-            let copy = MoeHost { router: moe.router.clone(), experts: moe.experts.clone(), top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob };
+            let copy = MoeHost { router: moe.router.clone(), experts: moe.experts.clone(), first_expert: moe.first_expert, top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob };
             let m = be.upload_moe(copy).unwrap();
             let mut out = be.alloc(t, k).unwrap();
             be.norm_moe(&mut x_out, &mut h, &input, &mut out, &m).unwrap();
@@ -358,7 +358,7 @@ fn products_fused_with_the_block_input_norm() {
         let moes: Vec<(usize, MoeHost)> = [(16usize, 4usize, 96usize, 40usize), (8, 2, 100, 48), (128, 8, 128, 64)].into_iter().map(|(e, k, h, inter)| {
             let experts = (0..e).map(|_| [tensor(&r.uniform(inter * h, 0.2), &[inter, h]), tensor(&r.uniform(inter * h, 0.2), &[inter, h]),
                 tensor(&r.uniform(h * inter, 0.2), &[h, inter])]).collect();
-            (h, MoeHost { router: tensor(&r.uniform(e * h, 0.5), &[e, h]), experts, top_k: k, norm_topk_prob: true })
+            (h, MoeHost { router: tensor(&r.uniform(e * h, 0.5), &[e, h]), experts, first_expert: 0, top_k: k, norm_topk_prob: true })
         }).collect();
         cases.extend(qkv.iter().map(|(k, ws)| (*k, Fed::Qkv(ws), "q/k/v")));
         cases.extend(mlp.iter().map(|(k, gw, uw)| (*k, Fed::Swiglu(gw, uw), "gate·up·swiglu")));

@@ -188,8 +188,9 @@ pub struct Gpu {
     /// Multiprocessors (132 on the H200).
     pub sms: u32,
     driver: i32,
-    /// Launch kernels with programmatic stream serialization (see `launch`).
-    pdl: bool,
+    /// Launch kernels with programmatic stream serialization (see `launch`) when they take at most
+    /// this many bytes of dynamic shared memory (None: never).
+    pdl_max_smem: Option<u32>,
     modules: Mutex<HashMap<&'static str, Module>>,
     funcs: Mutex<HashMap<(&'static str, &'static str), Func>>,
     /// Resident blocks per SM of (kernel, block size, dynamic shared memory), from the driver.
@@ -218,9 +219,16 @@ impl Drop for Gpu {
     }
 }
 
-/// Let kernel `f` take `smem` bytes of dynamic shared memory (past 48 KB a kernel must opt in).
+/// Kernels with more dynamic shared memory than this launch without programmatic dependent launch:
+/// the decode GEMVs that stage a long x (Qwen3-32B's down projection, 51 KB; 8B's, 24 KB) ran slower
+/// with it (32B 53.1 tok/s with every kernel, 55.0 with this limit, 56.7 with none; 0.6B 861, 920,
+/// 801: RESULTS.md run 15). `QWEN3RS_CUDA_PDL_MAX_SMEM` overrides, `QWEN3RS_CUDA_PDL=0` turns it off.
+const PDL_MAX_SMEM: u32 = 16 * 1024;
+
+/// Let kernel `f` take `smem` bytes of dynamic shared memory (past 48 KB with its static shared memory
+/// a kernel must opt in; ours have under 1 KB of static shared memory, e.g. block_sum's).
 fn allow_smem(f: Func, name: &str, smem: u32) -> Result<()> {
-    if smem > 48 * 1024 {
+    if smem > 47 * 1024 {
         // SAFETY: `f` is a live function; raising its dynamic shared-memory limit is always valid.
         unsafe { drv::function::set_function_attribute(f.0, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32) }
             .map_err(|e| drv_err(&format!("{name}: shared memory"), e))?;
@@ -258,8 +266,9 @@ impl Gpu {
                     return Err(blas_err("creating a cuBLAS handle", e));
                 }
             };
-            let pdl = arch.0 >= 9 && !super::env_off("QWEN3RS_CUDA_PDL");
-            let gpu = Gpu { ctx, h: Handles { stream, blas }, dtype, arch, name, sms, driver, pdl,
+            let pdl_max_smem = (arch.0 >= 9 && !super::env_off("QWEN3RS_CUDA_PDL"))
+                .then(|| std::env::var("QWEN3RS_CUDA_PDL_MAX_SMEM").ok().and_then(|v| v.parse().ok()).unwrap_or(PDL_MAX_SMEM));
+            let gpu = Gpu { ctx, h: Handles { stream, blas }, dtype, arch, name, sms, driver, pdl_max_smem,
                 modules: Mutex::new(HashMap::new()), funcs: Mutex::new(HashMap::new()), occupancy: Mutex::new(HashMap::new()),
                 mode: Mutex::new(ModeState { mode: Mode::Eager, hash: HASH_START }), ptr_arrays: Mutex::new(None) };
             // SAFETY: both handles are live; cuBLAS then orders its work on our stream.
@@ -480,14 +489,14 @@ impl Gpu {
         self.bind()?;
         let f = self.function(module, name)?;
         allow_smem(f, name, smem)?;
-        if !self.pdl {
+        if !self.pdl_max_smem.is_some_and(|m| smem <= m) {
             // SAFETY: `args` points at values laid out as the kernel's parameters (see `args!`), and
             // every device pointer among them is a live allocation sized for this launch.
             return unsafe { drv::launch_kernel(f.0, grid, (block, 1, 1), smem, self.h.stream, args) }
                 .map_err(|e| drv_err(&format!("launching {name}"), e));
         }
-        // Programmatic dependent launch (sm_90+): the kernel may start while the one before it on
-        // the stream is still finishing. Every kernel of kernels/ begins with `grid_dependency()`
+        // Programmatic dependent launch (sm_90+, up to PDL_MAX_SMEM): the kernel may start while the
+        // one before it on the stream is still finishing. Every kernel of kernels/ begins with `grid_dependency()`
         // (common.cuh), which waits for its predecessor to complete before touching activations,
         // so only prologues that read weights (an L2 prefetch) overlap the predecessor's tail, and
         // the launch latency overlaps it too. Captured into CUDA graphs as programmatic edges.

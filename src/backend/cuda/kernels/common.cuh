@@ -81,9 +81,11 @@ __device__ __forceinline__ int warps_global() { return gridDim.x * (blockDim.x >
 
 // Before grid_dependency(): pull into L2 the start of the weight rows this warp will read (rows g,
 // g + G, ... of `rows`, g this warp of G; row(r) its first element, K elements), at most
-// PREFETCH_BYTES per warp: the product then starts from L2 when its input arrives. A whole layer
-// of a small model; a prefix of a large one's (which L2 could not hold anyway).
+// PREFETCH_BYTES per warp: the product then starts from L2 when its input arrives. Only for matrices
+// of at most PREFETCH_MATRIX bytes (a small model's, latency-bound): a large one streams at the
+// memory's pace anyway, and its prefetched prefix could be evicted by the kernel ahead before use.
 #define PREFETCH_BYTES 8192
+#define PREFETCH_MATRIX (24u << 20)
 // The calling warp prefetches bytes [0, n) at p into L2, a 128-byte line per lane.
 __device__ __forceinline__ void prefetch_l2(const void* p, int n) {
     const char* c = reinterpret_cast<const char*>(p);
@@ -93,6 +95,7 @@ __device__ __forceinline__ void prefetch_l2(const void* p, int n) {
 template <class RowPtr>
 __device__ __forceinline__ void prefetch_rows(RowPtr row, int rows, int K) {
     const int row_bytes = K * (int)sizeof(act_t);
+    if ((size_t)rows * row_bytes > PREFETCH_MATRIX) return;
     int budget = PREFETCH_BYTES;
     for (int r = warp_id_global(); r < rows && budget > 0; r += warps_global()) {
         int n = min(row_bytes, budget);
