@@ -232,9 +232,6 @@ pub struct CudaBackend {
     /// Prompt tokens per prefill pass: 2,048 (a 2k prompt in one pass); `QWEN3RS_CUDA_PREFILL_CHUNK`
     /// overrides (512 was the first value).
     prefill_chunk: usize,
-    /// The counter with which the router's last block finds itself (`router_logits`); zero between
-    /// launches.
-    route_done: DevMem,
 }
 
 /// Whether env `name` is set to 0/false/off/no (a switch back to an older kernel path, for bisecting).
@@ -319,8 +316,7 @@ impl CudaBackend {
         let slots = |n| (0..n).map(|_| Slot::default()).collect::<Vec<_>>();
         let graphs = graphs_enabled().then(|| Mutex::new(HashMap::new()));
         let trace = std::env::var_os("QWEN3RS_CUDA_TRACE").is_some() && !env_off("QWEN3RS_CUDA_TRACE");
-        let route_done = gpu.alloc_zeroed(4)?;
-        Ok(CudaBackend { route_done, gpu, ordinal, meta: Mutex::new(slots(N_META)), scratch: Mutex::new(slots(N_SCRATCH)), graphs,
+        Ok(CudaBackend { gpu, ordinal, meta: Mutex::new(slots(N_META)), scratch: Mutex::new(slots(N_SCRATCH)), graphs,
             graph_bad: Default::default(), replay_trace: trace.then(Default::default), fused: !env_off("QWEN3RS_CUDA_FUSED"),
             split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"), tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"),
             moe_cublas: (!env_off("QWEN3RS_CUDA_MOE_CUBLAS")).into(),
@@ -719,14 +715,11 @@ impl CudaBackend {
         let FusedNorm { delta, x_out, w: nw, eps } = norm;
         // Choices of experts other ranks hold (expert parallelism) come out as id -1, weight 0.
         let (renorm, e0, held) = (moe.norm_topk_prob as i32, moe.first_expert as i32, moe.held as i32);
+        // (The router's last block routing every row instead, with a grid-wide counter, measured
+        // 276 against 279 tok/s on Qwen3-30B-A3B decode: no gain, so two launches; RESULTS.md run 15.)
         let smem = if nw != 0 { (h * es) as u32 } else { 0 };
-        // Decode: the router's last block also routes (a launch less); `route_done` is its counter.
-        let done = if self.moe_decode_fits(x, moe) { self.route_done.ptr } else { 0 };
-        self.gpu.launch("matmul", "router_logits", (blocks(e, 8), t as u32, 1), 256, smem,
-            args![probs, xp, rp, ei, hi, delta, x_out, nw, eps, done, ids, weights, ki, renorm, e0, held])?;
-        if done == 0 {
-            self.gpu.launch("matmul", "moe_route", (blocks(t, 4), 1, 1), 128, 0, args![probs, ids, weights, ti, ei, ki, renorm, e0, held])?;
-        }
+        self.gpu.launch("matmul", "router_logits", (blocks(e, 8), t as u32, 1), 256, smem, args![probs, xp, rp, ei, hi, delta, x_out, nw, eps])?;
+        self.gpu.launch("moe", "moe_route", (blocks(t, 4), 1, 1), 128, 0, args![probs, ids, weights, ti, ei, ki, renorm, e0, held])?;
         if self.moe_decode_fits(x, moe) {
             // Decode: GEMVs over the (pair, expert row) rows of the chosen experts only — no sort,
             // every warp busy — and the combine in pair order. Gate/up norm the stored residual.

@@ -1,7 +1,7 @@
 // matmul.cu: the matrix products cuBLAS doesn't do for us. `gemv_*`: out [T, N] = x [T, K] · w [N, K]ᵀ
 // for T <= GEMV_MAX_ROWS (decode), one warp per weight row reading it once with 16-byte loads for all
 // T rows (plus fused q/k/v, gate·up·SwiGLU and MoE-expert forms). `router_logits`: the same product
-// with f32 output (MoE routing is f32), and `moe_route` (softmax, top-k, renormalisation per row). `grouped_gemm`: per-expert tiles of a sorted row list (MoE
+// with f32 output (MoE routing is f32). `grouped_gemm`: per-expert tiles of a sorted row list (MoE
 // experts, no host sync).
 
 #define GEMV_MAX_ROWS 8
@@ -289,89 +289,12 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_scalar(act_t*
     }
 }
 
-#define MAX_TOP_K 32
-
-// Softmax, top-k and renormalisation of one row by one warp: p [E] router logits in, softmax out;
-// ids/weights [k]: the chosen experts sorted by expert id, and their (renormalised) probabilities.
-// Top-k by repeated selection: the next pick is the largest value below the previous one (ties: the
-// lowest index after it), so no "taken" flags are needed.
-__device__ void route_row(float* p, int* ids, float* weights, int E, int k, int norm) {
-    int lane = threadIdx.x & 31;
-    float mx = -INFINITY;
-    for (int e = lane; e < E; e += 32) mx = fmaxf(mx, p[e]);
-    mx = warp_max(mx);
-    float sum = 0.f;
-    for (int e = lane; e < E; e += 32) { float v = expf(p[e] - mx); p[e] = v; sum += v; }
-    float inv = 1.f / warp_sum(sum);
-    for (int e = lane; e < E; e += 32) p[e] *= inv;
-    __syncwarp();
-    int sel[MAX_TOP_K];
-    float pv = INFINITY, total = 0.f;
-    int pi = -1;
-    for (int s = 0; s < k; s++) {
-        float bv = -INFINITY;
-        int bi = -1;
-        for (int e = lane; e < E; e += 32) {
-            float v = p[e];
-            bool after_prev = v < pv || (v == pv && e > pi);
-            if (after_prev && (bi < 0 || v > bv)) { bv = v; bi = e; }
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            bool better = oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi));
-            if (better) { bv = ov; bi = oi; }
-        }
-        sel[s] = bi;
-        total += bv;
-        pv = bv;
-        pi = bi;
-    }
-    if (lane != 0) return;
-    if (!norm) total = 1.f;
-    for (int a = 1; a < k; a++) {
-        int v = sel[a], b = a - 1;
-        while (b >= 0 && sel[b] > v) { sel[b + 1] = sel[b]; b--; }
-        sel[b + 1] = v;
-    }
-    for (int s = 0; s < k; s++) {
-        ids[s] = sel[s];
-        weights[s] = p[sel[s]] / total;
-    }
-}
-
-// Row t's routing by the calling warp: route_row, then the choices outside this device's experts
-// [e0, e0 + held) become id -1, weight 0, and the others local ids (expert parallelism).
-__device__ void route_and_localize(float* probs, int* ids, float* weights, int t, int E, int k, int norm, int e0, int held) {
-    route_row(probs + (size_t)t * E, ids + (size_t)t * k, weights + (size_t)t * k, E, k, norm);
-    if ((threadIdx.x & 31) != 0 || held == E) return;
-    for (int s = t * k; s < (t + 1) * k; s++) {
-        int local = ids[s] - e0;
-        bool mine = local >= 0 && local < held;
-        ids[s] = mine ? local : -1;
-        if (!mine) weights[s] = 0.f;
-    }
-}
-
-// probs [T, E] (router logits in, softmax out), ids/weights [T, k]: route_and_localize, one warp per
-// row (a thread per row scanning E experts k + 3 times took 48 µs a layer for a 16-token prefill of
-// Qwen3-30B-A3B, RESULTS.md run 12). grid ceil(T / 4), 128 threads. (Decode routes in router_logits.)
-extern "C" __global__ void moe_route(float* probs, int* ids, float* weights, int T, int E, int k, int norm, int e0, int held) {
-    grid_dependency();
-    int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (t < T) route_and_localize(probs, ids, weights, t, E, k, norm, e0, held);
-}
-
 // logits [T, E] (f32) = x [T, H] · router [E, H]ᵀ; one warp per output, 16-byte loads when H allows.
 // With nw (H % VEC == 0, H elements in dynamic shared memory) x is first normed as stage_input does it
 // for row t (delta, x_out: row t of them; blocks with blockIdx.x 0 store x_out), so the MoE block's
-// input norm needs no launch of its own. With `done` (a zeroed counter; T <= 8 rows) the last block to
-// finish also routes every row (route_and_localize, a warp a row) and zeroes the counter again: no
-// moe_route launch in a decode step. grid (ceil(E / 8), T), 256 threads.
+// input norm needs no launch of its own. grid (ceil(E / 8), T), 256 threads.
 extern "C" __global__ void router_logits(float* logits, const act_t* x, const act_t* router, int E, int H,
-    const act_t* delta, act_t* x_out, const act_t* nw, float eps,
-    unsigned* done, int* ids, float* weights, int k, int norm, int e0, int held) {
+    const act_t* delta, act_t* x_out, const act_t* nw, float eps) {
     int lane = threadIdx.x & 31;
     int e = blockIdx.x * 8 + (threadIdx.x >> 5);
     int t = blockIdx.y;
@@ -380,32 +303,19 @@ extern "C" __global__ void router_logits(float* logits, const act_t* x, const ac
     size_t row = (size_t)t * H;
     const act_t* xr = nw ? stage_input<1, true>(x + row, 1, H, delta ? delta + row : nullptr, x_out ? x_out + row : nullptr, nw, eps)
                          : x + row;
-    if (e < E) {
-        const act_t* wr = router + (size_t)e * H;
-        float s = 0.f;
-        if (H % VEC == 0) {
-            float acc[1] = {0.f};
-            if (nw) row_dot<1, true>(acc, wr, xr, 1, H / VEC);
-            else row_dot<1, false>(acc, wr, xr, 1, H / VEC);
-            s = acc[0];
-        } else {
-            for (int kk = lane; kk < H; kk += 32) s += to_f(xr[kk]) * to_f(wr[kk]);
-        }
-        s = warp_sum(s);
-        if (lane == 0) logits[(size_t)t * E + e] = s;
+    if (e >= E) return;
+    const act_t* wr = router + (size_t)e * H;
+    float s = 0.f;
+    if (H % VEC == 0) {
+        float acc[1] = {0.f};
+        if (nw) row_dot<1, true>(acc, wr, xr, 1, H / VEC);
+        else row_dot<1, false>(acc, wr, xr, 1, H / VEC);
+        s = acc[0];
+    } else {
+        for (int k = lane; k < H; k += 32) s += to_f(xr[k]) * to_f(wr[k]);
     }
-    if (!done) return;
-    // The last block: every other block's logits are visible after its fence and the counter.
-    __shared__ bool last;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(done, 1u) == gridDim.x * gridDim.y - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    int w = threadIdx.x >> 5;
-    if (w < (int)gridDim.y) route_and_localize(logits, ids, weights, w, E, k, norm, e0, held);
-    if (threadIdx.x == 0) *done = 0u;
+    s = warp_sum(s);
+    if (lane == 0) logits[(size_t)t * E + e] = s;
 }
 
 #define GG_TM 16
