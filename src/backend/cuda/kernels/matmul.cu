@@ -85,7 +85,7 @@ __device__ __forceinline__ void row_dot(float* acc, const act_t* wrow, const act
 
 // Lane partial sums of two consecutive weight rows (w0, w0 + K) · one x row, loads of both in flight:
 // for short K (the MoE down projection, K = 768 on Qwen3-30B-A3B), where one row gives a lane only
-// K / 256 loads (1.39x, gemv_variants.py `vp_ld1_r2_u4` against the one-row kernel, run 14).
+// K / 256 loads (1.39x, gemv_variants.py `vp_ld1_r2_u4` against the one-row kernel, RESULTS.md run 15).
 #define GV2_UNROLL 4
 template <bool XS>
 __device__ __forceinline__ void row_dot2(float& a0, float& a1, const act_t* w0, const act_t* x, int kv) {
