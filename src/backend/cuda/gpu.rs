@@ -489,7 +489,7 @@ impl Gpu {
         self.bind()?;
         let f = self.function(module, name)?;
         allow_smem(f, name, smem)?;
-        if !self.pdl_max_smem.is_some_and(|m| smem <= m) {
+        if self.pdl_max_smem.is_none_or(|m| smem > m) {
             // SAFETY: `args` points at values laid out as the kernel's parameters (see `args!`), and
             // every device pointer among them is a live allocation sized for this launch.
             return unsafe { drv::launch_kernel(f.0, grid, (block, 1, 1), smem, self.h.stream, args) }
