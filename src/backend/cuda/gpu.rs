@@ -301,8 +301,7 @@ impl Gpu {
     pub fn alloc_zeroed(&self, bytes: usize) -> Result<DevMem> {
         let m = self.alloc(bytes)?;
         if bytes > 0 {
-            // SAFETY: `m` is a live allocation of `bytes` bytes; ordered on our stream.
-            unsafe { drv::memset_d8_async(m.ptr, 0, bytes, self.h.stream) }.map_err(|e| drv_err("memset", e))?;
+            self.memset_zero(m.ptr, bytes)?;
         }
         Ok(m)
     }
