@@ -78,9 +78,6 @@ impl Backend for CudaBackend {
     fn embed(&self, _: &mut Never, _: &Never, _: &[u32]) -> Result<()> {
         match self.0 {}
     }
-    fn rms_norm(&self, _: &mut Never, _: &Never, _: &Never, _: f32) -> Result<()> {
-        match self.0 {}
-    }
     fn add_rms_norm(&self, _: &mut Never, _: &mut Never, _: &BlockInput<Self>) -> Result<()> {
         match self.0 {}
     }

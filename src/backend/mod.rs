@@ -192,8 +192,6 @@ pub trait Backend: Send + Sync + Sized + 'static {
 
     /// out[t] = table[ids[t]]  (out [T, H], table [V, H]).
     fn embed(&self, out: &mut Self::Buf, table: &Self::Weight, ids: &[u32]) -> Result<()>;
-    /// out = rms_norm(x) * w, per row.
-    fn rms_norm(&self, out: &mut Self::Buf, x: &Self::Buf, w: &Self::Weight, eps: f32) -> Result<()>;
     /// The residual add and norm in front of a block: x_out = x + delta (x alone without delta),
     /// h = rms_norm(x_out) * norm. Out of place: x_out is a second residual buffer (the model swaps
     /// the two), so a GPU can fuse this into the products that read h (`norm_matmul_many` and

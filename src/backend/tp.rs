@@ -306,11 +306,6 @@ impl<B: Collective> Backend for TensorParallel<B> {
         Ok(())
     }
 
-    fn rms_norm(&self, out: &mut Self::Buf, x: &Self::Buf, w: &Self::Weight, eps: f32) -> Result<()> {
-        per_rank!(self, |b, r| b.rms_norm(&mut out.parts[r], &x.parts[r], &w.parts[r], eps));
-        Ok(())
-    }
-
     fn add_rms_norm(&self, x_out: &mut Self::Buf, h: &mut Self::Buf, input: &BlockInput<Self>) -> Result<()> {
         per_rank!(self, |b, r| b.add_rms_norm(&mut x_out.parts[r], &mut h.parts[r], &rank_input(input, r)));
         Ok(())

@@ -766,19 +766,11 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn rms_norm(&self, out: &mut CpuBuf, x: &CpuBuf, w: &CpuWeight, eps: f32) -> Result<()> {
-        check_shape("rms_norm", (out.rows, out.cols), (x.rows, x.cols))?;
-        let w = w.host("rms_norm")?;
-        self.pool.install(|| {
-            rms_norm_rows(self.isa, &mut out.data, &x.data, w, x.cols, eps);
-            self.round(&mut out.data);
-        });
-        Ok(())
-    }
-
     fn add_rms_norm(&self, x_out: &mut CpuBuf, h: &mut CpuBuf, input: &BlockInput<Self>) -> Result<()> {
         let x = input.x;
         check_shape("add_rms_norm", (x_out.rows, x_out.cols), (x.rows, x.cols))?;
+        check_shape("add_rms_norm", (h.rows, h.cols), (x.rows, x.cols))?;
+        let w = input.norm.host("add_rms_norm")?;
         match input.delta {
             Some(d) => {
                 check_shape("add_rms_norm", (d.rows, d.cols), (x.rows, x.cols))?;
@@ -787,7 +779,11 @@ impl Backend for CpuBackend {
             }
             None => x_out.data.copy_from_slice(&x.data),
         }
-        self.rms_norm(h, x_out, input.norm, input.eps)
+        self.pool.install(|| {
+            rms_norm_rows(self.isa, &mut h.data, &x_out.data, w, x.cols, input.eps);
+            self.round(&mut h.data);
+        });
+        Ok(())
     }
 
     fn matmul(&self, out: &mut CpuBuf, x: &CpuBuf, w: &CpuWeight) -> Result<()> {

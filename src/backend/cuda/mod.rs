@@ -973,13 +973,6 @@ impl Backend for CudaBackend {
         self.gpu.launch("elementwise", "embed", (blocks(h, 256), ids.len() as u32, 1), 256, 0, args![o, t, ids_d, hi, vi])
     }
 
-    fn rms_norm(&self, out: &mut CudaBuf, x: &CudaBuf, w: &CudaWeight, eps: f32) -> Result<()> {
-        check_shape("rms_norm", (out.rows, out.cols), (x.rows, x.cols))?;
-        self.check_weight(w, "rms_norm")?;
-        let (o, xp, wp, c) = (out.mem.ptr, x.mem.ptr, w.mem.ptr, x.cols as i32);
-        self.gpu.launch("norm", "rms_norm", (x.rows as u32, 1, 1), NORM_THREADS, 0, args![o, xp, wp, c, eps])
-    }
-
     fn add_rms_norm(&self, x_out: &mut CudaBuf, h: &mut CudaBuf, input: &BlockInput<Self>) -> Result<()> {
         self.check_block_input("add_rms_norm", x_out, input)?;
         check_shape("add_rms_norm", (h.rows, h.cols), (x_out.rows, x_out.cols))?;

@@ -1,22 +1,10 @@
-// norm.cu: RMSNorm (plain and fused with the residual add) and per-head QK-norm + RoPE.
-
-// out[r] = w * (x[r] * 1/sqrt(mean(x[r]^2) + eps)); one block of 1,024 threads per row (a decode step
-// has one row: the more loads in flight, the sooner it's done).
-extern "C" __global__ void rms_norm(act_t* __restrict__ out, const act_t* __restrict__ x, const act_t* __restrict__ w,
-    int cols, float eps) {
-    grid_dependency();
-    const act_t* xr = x + (size_t)blockIdx.x * cols;
-    act_t* o = out + (size_t)blockIdx.x * cols;
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) { float v = to_f(xr[i]); ss += v * v; }
-    float inv = 1.f / sqrtf(block_sum(ss) / (float)cols + eps);
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) o[i] = from_f(to_f(w[i]) * (to_f(xr[i]) * inv));
-}
+// norm.cu: RMSNorm after the residual add (with no delta: plain RMSNorm) and per-head QK-norm + RoPE.
 
 // x_out = round(x + delta) (x alone when delta is null); out = rms_norm(x_out) * w. Each thread
 // re-reads only the x_out elements it wrote itself, so no barrier is needed between the two passes.
 // x_out never aliases x, delta or out (the model passes distinct buffers), which lets the loads of
-// several iterations be in flight. (A decode step fuses this into the products that read `out`:
+// several iterations be in flight. One block of 1,024 threads per row (a decode step has one row:
+// the more loads in flight, the sooner it's done). (A decode step fuses this into the products that read `out`:
 // stage_input in matmul.cu.)
 extern "C" __global__ void add_rms_norm(act_t* __restrict__ x_out, const act_t* __restrict__ x, const act_t* __restrict__ delta,
     act_t* __restrict__ out, const act_t* __restrict__ w, int cols, float eps) {
