@@ -421,6 +421,64 @@ fn run_qk_append<B: Backend>(be: &B, s: AttnShape, r: &mut Rng) -> Vec<f32> {
     [be.download(&q).unwrap(), be.download(&k).unwrap(), be.download(&out).unwrap()].concat()
 }
 
+/// Decode steps through `qk_norm_rope_attention` (on a GPU the `_rope` decode attention kernels): a
+/// prefix of `ctx[i]` keys per sequence appended plainly, then `steps` decode steps of one row per
+/// sequence, each step's q/k/v fresh. Returns every step's attention output.
+fn run_rope_attention_steps<B: Backend>(be: &B, s: AttnShape, ctx: &[usize], steps: usize, r: &mut Rng) -> Vec<f32> {
+    let (hd, kvd, qd, bs) = (s.head_dim, s.n_kv_heads * s.head_dim, s.n_heads * s.head_dim, 16usize);
+    let max_pos = ctx.iter().max().unwrap() + steps + 1;
+    let rope = be.upload_exact(rope_table(max_pos, hd)).unwrap();
+    let qn = be.upload(tensor(&r.uniform(hd, 0.5).iter().map(|v| 1.0 + v).collect::<Vec<_>>(), &[hd])).unwrap();
+    let kn = be.upload(tensor(&r.uniform(hd, 0.5).iter().map(|v| 1.0 + v).collect::<Vec<_>>(), &[hd])).unwrap();
+    // Blocks handed out back to front, so tables are not in order.
+    let per_seq: Vec<usize> = ctx.iter().map(|c| (c + steps).div_ceil(bs)).collect();
+    let total: usize = per_seq.iter().sum();
+    let mut next = total as u32;
+    let tables: Vec<Vec<u32>> = per_seq.iter().map(|&n| (0..n).map(|_| { next -= 1; next }).collect()).collect();
+    let mut kv = be.alloc_kv(total, bs, kvd).unwrap();
+    for (i, &c) in ctx.iter().enumerate().filter(|(_, &c)| c > 0) {
+        let (tok, pos) = (vec![0u32; c], (0..c as u32).collect::<Vec<_>>());
+        let b = BatchInfo { tokens: &tok, positions: &pos, block_size: bs, seqs: vec![SeqSlot { rows: 0..c, start_pos: 0, blocks: &tables[i] }] };
+        let (k, v) = (be.upload_buf(c, kvd, &r.uniform(c * kvd, 1.0)).unwrap(), be.upload_buf(c, kvd, &r.uniform(c * kvd, 1.0)).unwrap());
+        be.kv_append(&mut kv, &k, &v, &b).unwrap();
+    }
+    let t = ctx.len();
+    let mut outs = vec![];
+    for step in 0..steps {
+        let tok = vec![0u32; t];
+        let pos: Vec<u32> = ctx.iter().map(|&c| (c + step) as u32).collect();
+        let seqs = (0..t).map(|i| SeqSlot { rows: i..i + 1, start_pos: ctx[i] + step, blocks: &tables[i] }).collect();
+        let b = BatchInfo { tokens: &tok, positions: &pos, block_size: bs, seqs };
+        let mut q = be.upload_buf(t, qd, &r.uniform(t * qd, 2.0)).unwrap();
+        let mut k = be.upload_buf(t, kvd, &r.uniform(t * kvd, 2.0)).unwrap();
+        let v = be.upload_buf(t, kvd, &r.uniform(t * kvd, 1.0)).unwrap();
+        let mut out = be.alloc(t, qd).unwrap();
+        be.qk_norm_rope_attention(&mut out, &mut q, &mut k, &v, &qn, &kn, 1e-6, &rope, &mut kv, &b, s).unwrap();
+        outs.extend(be.download(&out).unwrap());
+    }
+    outs
+}
+
+#[test]
+fn decode_attention_with_qk_norm_rope_and_append() {
+    // The `_rope` decode kernels against the CPU's qk_norm_rope_append + attention: every group size
+    // (G = 1, 2, 4, 8 heads a block), both head dims, the first token (no cached keys), several
+    // sequences of different lengths, and contexts past 1,024 keys (several splits, G = 8). Three
+    // steps each, so a key the kernel appended is read back by the next step.
+    for dtype in DTYPES {
+        let Some(g) = gpu(dtype) else { return };
+        let c = CpuBackend::new(dtype);
+        let (_, bar) = bars(dtype);
+        for (hd, nh, nkv) in [(128usize, 16usize, 8usize), (128, 32, 4), (64, 8, 8), (64, 8, 2), (128, 16, 2)] {
+            let s = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
+            for ctx in [vec![0usize], vec![5], vec![37, 0, 200], vec![1500, 3], vec![2100, 17, 64, 9, 1, 300, 33, 700]] {
+                let (gv, cv) = (run_rope_attention_steps(&g, s, &ctx, 3, &mut Rng(43)), run_rope_attention_steps(&c, s, &ctx, 3, &mut Rng(43)));
+                check(&format!("qk_norm_rope_attention hd={hd} nh={nh} nkv={nkv} ctx={ctx:?}"), dtype, &gv, &cv, bar);
+            }
+        }
+    }
+}
+
 #[test]
 fn qk_norm_rope_fused_with_cache_append() {
     for dtype in DTYPES {

@@ -248,6 +248,14 @@ pub trait Backend: Send + Sync + Sized + 'static {
         self.qk_norm_rope(q, k, q_norm, k_norm, eps, rope, batch.positions, shape)?;
         self.kv_append(kv, k, v, batch)
     }
+    /// `qk_norm_rope_append`, then `attention` into `out`: for a decode step a GPU does both in the
+    /// attention kernel (q and the step's k are then left as the products wrote them).
+    #[allow(clippy::too_many_arguments)]
+    fn qk_norm_rope_attention(&self, out: &mut Self::Buf, q: &mut Self::Buf, k: &mut Self::Buf, v: &Self::Buf, q_norm: &Self::Weight,
+        k_norm: &Self::Weight, eps: f32, rope: &Self::Weight, kv: &mut Self::KvLayer, batch: &BatchInfo, shape: AttnShape) -> Result<()> {
+        self.qk_norm_rope_append(q, k, v, q_norm, k_norm, eps, rope, kv, batch, shape)?;
+        self.attention(out, q, kv, batch, shape)
+    }
     /// Write each row's k, v [T, kv_dim] into the cache slots its sequence's position maps to.
     fn kv_append(&self, kv: &mut Self::KvLayer, k: &Self::Buf, v: &Self::Buf, batch: &BatchInfo) -> Result<()>;
     /// Causal grouped-query attention of q [T, n_heads*hd] over each sequence's cache → out [T, n_heads*hd].

@@ -350,6 +350,14 @@ impl<B: Collective> Backend for TensorParallel<B> {
         Ok(())
     }
 
+    fn qk_norm_rope_attention(&self, out: &mut Self::Buf, q: &mut Self::Buf, k: &mut Self::Buf, v: &Self::Buf, q_norm: &Self::Weight,
+        k_norm: &Self::Weight, eps: f32, rope: &Self::Weight, kv: &mut Self::KvLayer, batch: &BatchInfo, _shape: AttnShape) -> Result<()> {
+        let shape = self.heads.rank_shape();
+        per_rank!(self, |b, r| b.qk_norm_rope_attention(&mut out.parts[r], &mut q.parts[r], &mut k.parts[r], &v.parts[r],
+            &q_norm.parts[r], &k_norm.parts[r], eps, &rope.parts[r], &mut kv[r], batch, shape));
+        Ok(())
+    }
+
     fn kv_append(&self, kv: &mut Self::KvLayer, k: &Self::Buf, v: &Self::Buf, batch: &BatchInfo) -> Result<()> {
         per_rank!(self, |b, r| b.kv_append(&mut kv[r], &k.parts[r], &v.parts[r], batch));
         Ok(())

@@ -210,8 +210,8 @@ impl<B: Backend> Model<B> {
                 &[&layer.q_proj, &layer.k_proj, &layer.v_proj])?;
             std::mem::swap(&mut s.x, &mut s.x_next);
             // 3. Attention: per-head QK-norm + RoPE, cache append, causal GQA, output projection.
-            be.qk_norm_rope_append(&mut s.q, &mut s.k, &s.v, &layer.q_norm, &layer.k_norm, eps, &self.rope, &mut cache.layers[i], batch, shape)?;
-            be.attention(&mut s.attn, &s.q, &cache.layers[i], batch, shape)?;
+            be.qk_norm_rope_attention(&mut s.attn, &mut s.q, &mut s.k, &s.v, &layer.q_norm, &layer.k_norm, eps, &self.rope,
+                &mut cache.layers[i], batch, shape)?;
             be.matmul(&mut s.attn_out, &s.attn, &layer.o_proj)?;
             // 4. x += attention; h = post-attention norm(x); 5. feed-forward: SwiGLU MLP or routed
             //    experts → ffn_out.

@@ -194,6 +194,18 @@ impl FusedNorm {
     const NONE: FusedNorm = FusedNorm { delta: 0, x_out: 0, w: 0, eps: 0.0 };
 }
 
+/// Device pointers the `_rope` decode attention kernels read (attention.cu `RopeIn`).
+#[derive(Clone, Copy)]
+struct RopeArgs {
+    k: u64,
+    v: u64,
+    q_norm: u64,
+    k_norm: u64,
+    rope: u64,
+    positions: u64,
+    eps: f32,
+}
+
 /// Least capacity of the block-table slot under graphs: 1024 blocks (16k tokens at block size 16)
 /// before it has to grow (which drops the graph once).
 const GRAPH_TABLES_MIN_BYTES: usize = 4096;
@@ -266,17 +278,24 @@ fn blocks(n: usize, per: usize) -> u32 {
 }
 
 /// The grouped decode-attention kernel for a head shape and its heads per block (`attention_decode_g{G}_d{hd}`
-/// in attention.cu: G query heads of one KV head per block, G = the group up to `g_max`), if there is one.
-fn decode_attention_kernel(s: AttnShape, g_max: usize) -> Option<(&'static str, usize)> {
-    const NAMES: [[&str; 4]; 2] = [
-        ["attention_decode_g1_d64", "attention_decode_g2_d64", "attention_decode_g4_d64", "attention_decode_g8_d64"],
-        ["attention_decode_g1_d128", "attention_decode_g2_d128", "attention_decode_g4_d128", "attention_decode_g8_d128"],
+/// in attention.cu, `_rope_` with the QK-norm, RoPE and cache append in it: G query heads of one KV head
+/// per block, G = the group up to `g_max`), if there is one.
+fn decode_attention_kernel(s: AttnShape, g_max: usize, rope: bool) -> Option<(&'static str, usize)> {
+    const NAMES: [[[&str; 4]; 2]; 2] = [
+        [
+            ["attention_decode_g1_d64", "attention_decode_g2_d64", "attention_decode_g4_d64", "attention_decode_g8_d64"],
+            ["attention_decode_g1_d128", "attention_decode_g2_d128", "attention_decode_g4_d128", "attention_decode_g8_d128"],
+        ],
+        [
+            ["attention_decode_rope_g1_d64", "attention_decode_rope_g2_d64", "attention_decode_rope_g4_d64", "attention_decode_rope_g8_d64"],
+            ["attention_decode_rope_g1_d128", "attention_decode_rope_g2_d128", "attention_decode_rope_g4_d128", "attention_decode_rope_g8_d128"],
+        ],
     ];
     let group = s.n_heads / s.n_kv_heads;
     let g = group.min(g_max);
     let d = [64, 128].iter().position(|&hd| hd == s.head_dim)?;
     let gi = [1, 2, 4, 8].iter().position(|&x| x == g)?;
-    group.is_power_of_two().then_some((NAMES[d][gi], g))
+    group.is_power_of_two().then_some((NAMES[usize::from(rope)][d][gi], g))
 }
 
 /// Host time of graph replays (`QWEN3RS_CUDA_TRACE=1`): waiting for the previous step, the dry pass
@@ -763,6 +782,59 @@ impl CudaBackend {
         self.gpu.launch("moe", "moe_combine", (blocks(h, 256), t as u32, 1), 256, 0, args![o, y, pair_pos, weights, ki, hi])
     }
 
+    /// Decode attention, if this batch (at most GEMV_MAX_ROWS rows) and head shape have a kernel:
+    /// a block per (KV head, G of its query heads, row, split of the keys), then a merge of the
+    /// splits when there are several. G = 8 reads each K/V row once for up to 8 heads (long
+    /// contexts); below 1,024 keys the reads are few and G = 2 gives more, lighter blocks (RESULTS.md
+    /// run 13). With `rope` (one row per sequence) the `_rope` kernel, which also does
+    /// qk_norm_rope_append's work. Ok(false): no such kernel, nothing launched.
+    fn decode_attention(&self, out: &CudaBuf, q: &CudaBuf, kv: &CudaKv, batch: &BatchInfo, shape: AttnShape,
+        rope: Option<RopeArgs>) -> Result<bool> {
+        let (nh, hd, t) = (shape.n_heads, shape.head_dim, q.rows);
+        ensure!(shape.n_kv_heads > 0 && nh % shape.n_kv_heads == 0, InvalidArgument, "n_heads must be a multiple of n_kv_heads");
+        let longest = batch.seqs.iter().map(|s| s.start_pos + s.rows.len()).max().unwrap_or(0);
+        let g_max = if longest < 1024 { 2 } else { 8 };
+        let Some((name, g)) = decode_attention_kernel(shape, g_max, rope.is_some()).filter(|_| self.split_kv && t <= GEMV_MAX_ROWS) else {
+            return Ok(false);
+        };
+        let (_, ctx, table_at, tables) = self.batch_meta(batch, kv)?;
+        let (o, qp, kc, vc) = (out.mem.ptr, q.mem.ptr, kv.k.ptr, kv.v.ptr);
+        let (nhi, nkv, hdi, bs, kvd) = (nh as i32, shape.n_kv_heads as i32, hd as i32, kv.block_size as i32, kv.kv_dim as i32);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let group_blocks = nh / g;
+        let splits = self.decode_splits(longest, group_blocks * t);
+        let [ml, acc] = self.scratch([(Scratch::AttnMl, t * nh * splits * 8), (Scratch::AttnAcc, t * nh * splits * hd * 4)])?;
+        let grid = (group_blocks as u32, t as u32, splits as u32);
+        match rope {
+            None => self.gpu.launch("attention", name, grid, 128, 0, args![o, ml, acc, qp, kc, vc, ctx, table_at, tables, nhi, nkv, bs, kvd, scale])?,
+            Some(RopeArgs { k, v, q_norm, k_norm, rope, positions, eps }) => self.gpu.launch("attention", name, grid, 128, 0,
+                args![o, ml, acc, qp, kc, vc, ctx, table_at, tables, nhi, nkv, bs, kvd, scale, k, v, q_norm, k_norm, rope, positions, eps])?,
+        }
+        if splits > 1 {
+            let si = splits as i32;
+            self.gpu.launch("attention", "attention_combine", (nh as u32, t as u32, 1), 128, 0, args![o, ml, acc, nhi, hdi, si])?;
+        }
+        Ok(true)
+    }
+
+    /// The arguments of qk_norm_rope_append (and of the `_rope` decode attention) fit together.
+    #[allow(clippy::too_many_arguments)]
+    fn check_qk_norm_rope(&self, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, q_norm: &CudaWeight, k_norm: &CudaWeight, rope: &CudaWeight,
+        kv: &CudaKv, batch: &BatchInfo, shape: AttnShape) -> Result<()> {
+        let (hd, d) = (shape.head_dim, kv.kv_dim);
+        ensure!(rope.dtype == DType::F32 && rope.shape.len() == 2 && rope.shape[1] == hd, InvalidArgument, "rope table must be f32 [max_pos, head_dim]");
+        let max_pos = rope.shape[0];
+        if let Some(&p) = batch.positions.iter().find(|&&p| p as usize >= max_pos) {
+            bail!(InvalidArgument, "position {p} is past the RoPE table ({max_pos})");
+        }
+        check_shape("qk_norm_rope", (q.rows, q.cols), (batch.rows(), shape.n_heads * hd))?;
+        check_shape("qk_norm_rope", (k.rows, k.cols), (batch.rows(), shape.n_kv_heads * hd))?;
+        check_shape("kv_append", (v.rows, v.cols), (batch.rows(), d))?;
+        ensure!(d == shape.n_kv_heads * hd, InvalidArgument, "KV cache rows of {d} for {} heads of {hd}", shape.n_kv_heads);
+        self.check_weight(q_norm, "q_norm")?;
+        self.check_weight(k_norm, "k_norm")
+    }
+
     /// Whether a MoE layer over x takes the decode path (expert GEMVs over the chosen experts only).
     fn moe_decode_fits(&self, x: &CudaBuf, moe: &CudaMoe) -> bool {
         self.fused_gemv(x.rows, x.cols) && moe.inter % (16 / self.esize()) == 0
@@ -1068,18 +1140,8 @@ impl Backend for CudaBackend {
             self.qk_norm_rope(q, k, q_norm, k_norm, eps, rope, batch.positions, shape)?;
             return self.kv_append(kv, k, v, batch);
         }
+        self.check_qk_norm_rope(q, k, v, q_norm, k_norm, rope, kv, batch, shape)?;
         let (hd, d) = (shape.head_dim, kv.kv_dim);
-        ensure!(rope.dtype == DType::F32 && rope.shape.len() == 2 && rope.shape[1] == hd, InvalidArgument, "rope table must be f32 [max_pos, head_dim]");
-        let max_pos = rope.shape[0];
-        if let Some(&p) = batch.positions.iter().find(|&&p| p as usize >= max_pos) {
-            bail!(InvalidArgument, "position {p} is past the RoPE table ({max_pos})");
-        }
-        check_shape("qk_norm_rope", (q.rows, q.cols), (batch.rows(), shape.n_heads * hd))?;
-        check_shape("qk_norm_rope", (k.rows, k.cols), (batch.rows(), shape.n_kv_heads * hd))?;
-        check_shape("kv_append", (v.rows, v.cols), (batch.rows(), d))?;
-        ensure!(d == shape.n_kv_heads * hd, InvalidArgument, "KV cache rows of {d} for {} heads of {hd}", shape.n_kv_heads);
-        self.check_weight(q_norm, "q_norm")?;
-        self.check_weight(k_norm, "k_norm")?;
         let pos = self.meta(Meta::Positions, bytemuck::cast_slice(batch.positions))?;
         let (slots, _, _, _) = self.batch_meta(batch, kv)?;
         let (qp, kp, qn, kn, rp) = (q.mem.ptr, k.mem.ptr, q_norm.mem.ptr, k_norm.mem.ptr, rope.mem.ptr);
@@ -1088,6 +1150,23 @@ impl Backend for CudaBackend {
         let grid = ((shape.n_heads + shape.n_kv_heads) as u32, batch.rows() as u32, 1);
         self.gpu.launch("norm", "qk_norm_rope", grid, 128, (hd * 4) as u32,
             args![qp, kp, qn, kn, rp, pos, nh, nkv, hdi, eps, kc, vc, vp, slots, di])
+    }
+
+    fn qk_norm_rope_attention(&self, out: &mut CudaBuf, q: &mut CudaBuf, k: &mut CudaBuf, v: &CudaBuf, q_norm: &CudaWeight,
+        k_norm: &CudaWeight, eps: f32, rope: &CudaWeight, kv: &mut CudaKv, batch: &BatchInfo, shape: AttnShape) -> Result<()> {
+        // Decode (one row per sequence): the attention kernel norms and rotates q and the step's k
+        // and appends k, v itself (`_rope` kernels): a launch less per layer.
+        if self.fused && batch.seqs.iter().all(|s| s.rows.len() == 1) {
+            self.check_qk_norm_rope(q, k, v, q_norm, k_norm, rope, kv, batch, shape)?;
+            check_shape("attention", (out.rows, out.cols), (q.rows, q.cols))?;
+            let positions = self.meta(Meta::Positions, bytemuck::cast_slice(batch.positions))?;
+            let args = RopeArgs { k: k.mem.ptr, v: v.mem.ptr, q_norm: q_norm.mem.ptr, k_norm: k_norm.mem.ptr, rope: rope.mem.ptr, positions, eps };
+            if self.decode_attention(out, q, kv, batch, shape, Some(args))? {
+                return Ok(());
+            }
+        }
+        self.qk_norm_rope_append(q, k, v, q_norm, k_norm, eps, rope, kv, batch, shape)?;
+        self.attention(out, q, kv, batch, shape)
     }
 
     fn kv_append(&self, kv: &mut CudaKv, k: &CudaBuf, v: &CudaBuf, batch: &BatchInfo) -> Result<()> {
@@ -1105,29 +1184,14 @@ impl Backend for CudaBackend {
         ensure!(shape.n_kv_heads > 0 && nh % shape.n_kv_heads == 0, InvalidArgument, "n_heads must be a multiple of n_kv_heads");
         check_shape("attention", (out.rows, out.cols), (q.rows, nh * hd))?;
         check_shape("attention", (q.rows, 1), (batch.rows(), 1))?;
+        if self.decode_attention(out, q, kv, batch, shape, None)? {
+            return Ok(());
+        }
         let (_, ctx, table_at, tables) = self.batch_meta(batch, kv)?;
         let (o, qp, kc, vc) = (out.mem.ptr, q.mem.ptr, kv.k.ptr, kv.v.ptr);
         let (nhi, nkv, hdi, bs, kvd) = (nh as i32, shape.n_kv_heads as i32, hd as i32, kv.block_size as i32, kv.kv_dim as i32);
         let scale = 1.0 / (hd as f32).sqrt();
         let t = q.rows;
-        // Decode: a block per (KV head, G of its query heads, row, split of the keys), then a merge
-        // of the splits when there are several. G = 8 reads each K/V row once for up to 8 heads (long
-        // contexts); below 1,024 keys the reads are few and G = 2 gives more, lighter blocks
-        // (RESULTS.md run 13).
-        let longest = batch.seqs.iter().map(|s| s.start_pos + s.rows.len()).max().unwrap_or(0);
-        let g_max = if longest < 1024 { 2 } else { 8 };
-        if let (true, Some((name, g))) = (self.split_kv && t <= GEMV_MAX_ROWS, decode_attention_kernel(shape, g_max)) {
-            let group_blocks = nh / g;
-            let splits = self.decode_splits(longest, group_blocks * t);
-            let [ml, acc] = self.scratch([(Scratch::AttnMl, t * nh * splits * 8), (Scratch::AttnAcc, t * nh * splits * hd * 4)])?;
-            let grid = (group_blocks as u32, t as u32, splits as u32);
-            self.gpu.launch("attention", name, grid, 128, 0, args![o, ml, acc, qp, kc, vc, ctx, table_at, tables, nhi, nkv, bs, kvd, scale])?;
-            if splits == 1 {
-                return Ok(());
-            }
-            let si = splits as i32;
-            return self.gpu.launch("attention", "attention_combine", (nh as u32, t as u32, 1), 128, 0, args![o, ml, acc, nhi, hdi, si]);
-        }
         if self.tiled_attn && t > GEMV_MAX_ROWS {
             // Prefill: tiles of up to 64 consecutive rows of one sequence.
             let mut tiles: Vec<i32> = vec![];

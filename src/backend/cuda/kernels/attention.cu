@@ -119,10 +119,47 @@ __device__ __forceinline__ void load_nd(const act_t* p, float* f) {
     }
 }
 
-template <int G, int ND>
+// One head held by a warp, ND elements a lane (lane l: elements l*ND ..), in place: RMSNorm with w
+// (rounded), then RoPE rotating halves with the table row cs (cos | sin), rounded: the values
+// qk_norm_rope (norm.cu) writes, computed by one warp. An element's partner half a head away sits
+// in lane l ^ 16.
+template <int ND>
+__device__ __forceinline__ void norm_rope_head(float* x, const act_t* w, const float* cs, float eps) {
+    constexpr int HD = 32 * ND, HALF = HD / 2;
+    int lane = threadIdx.x & 31;
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < ND; i++) ss += x[i] * x[i];
+    float inv = 1.f / sqrtf(warp_sum(ss) / (float)HD + eps);
+    float wv[ND];
+    load_nd<ND>(w + lane * ND, wv);
+#pragma unroll
+    for (int i = 0; i < ND; i++) x[i] = rnd(wv[i] * (x[i] * inv));
+#pragma unroll
+    for (int i = 0; i < ND; i++) {
+        float p = __shfl_xor_sync(0xffffffffu, x[i], 16);
+        int i0 = (lane * ND + i) % HALF;
+        float c = cs[i0], sn = cs[HALF + i0];
+        x[i] = rnd(lane < 16 ? x[i] * c - p * sn : x[i] * c + p * sn);
+    }
+}
+
+// What the decode kernel needs to do qk_norm_rope_append's work itself (the _rope kernels): the raw
+// k and v rows [T, nkv*HD] of this step, the norm weights, the f32 RoPE table and row t's position.
+struct RopeIn {
+    const act_t* k;
+    const act_t* v;
+    const act_t* q_norm;
+    const act_t* k_norm;
+    const float* rope;
+    const unsigned* positions;
+    float eps;
+};
+
+template <int G, int ND, bool ROPE>
 __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml, float* part_acc, const act_t* q,
-    const act_t* kc, const act_t* vc, const unsigned* row_ctx, const unsigned* row_table, const unsigned* tables,
-    int nh, int nkv, int block_size, int kv_dim, float scale) {
+    act_t* kc, act_t* vc, const unsigned* row_ctx, const unsigned* row_table, const unsigned* tables,
+    int nh, int nkv, int block_size, int kv_dim, float scale, RopeIn r) {
     constexpr int HD = 32 * ND;
     __shared__ float wm[AD_WARPS][G], wl[AD_WARPS][G];
     __shared__ float wacc[AD_WARPS][G][HD];
@@ -138,6 +175,31 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
     int lo = s * per, hi = min(ctx, lo + per);
     const unsigned* table = tables + row_table[t];
     size_t kv_off = (size_t)kvh * HD + lane * ND;
+    // _rope: q gets its QK-norm and RoPE here; the step's own key (the last, ctx - 1, one row per
+    // sequence) comes from registers, normed and rotated by every warp of the block whose split holds
+    // it, and that block's first chunk also writes it and its value to the cache for later steps
+    // (no other block reads that slot in this launch).
+    float k_new[ND], v_new[ND];
+    const int last = ctx - 1;
+    if (ROPE) {
+        const float* cs = r.rope + (size_t)r.positions[t] * HD;
+#pragma unroll
+        for (int g = 0; g < G; g++) norm_rope_head<ND>(qr[g], r.q_norm, cs, r.eps);
+        if (last >= lo && last < hi) {
+            size_t src = ((size_t)t * nkv + kvh) * HD + lane * ND;
+            load_nd<ND>(r.k + src, k_new);
+            load_nd<ND>(r.v + src, v_new);
+            norm_rope_head<ND>(k_new, r.k_norm, cs, r.eps);
+            if (warp == 0 && blockIdx.x % chunks == 0) {
+                size_t slot = (size_t)table[last / block_size] * block_size + (last % block_size);
+#pragma unroll
+                for (int i = 0; i < ND; i++) {
+                    kc[slot * kv_dim + kv_off + i] = from_f(k_new[i]);
+                    vc[slot * kv_dim + kv_off + i] = from_f(v_new[i]);
+                }
+            }
+        }
+    }
 
     float m[G], l[G], acc[G][ND];
 #pragma unroll
@@ -152,7 +214,10 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
 #pragma unroll
         for (int b = 0; b < AD_KB; b++) {
             int j = j0 + b;
-            if (j < hi) {
+            if (ROPE && j == last) {
+#pragma unroll
+                for (int i = 0; i < ND; i++) { kf[b][i] = k_new[i]; vf[b][i] = v_new[i]; }
+            } else if (j < hi) {
                 size_t slot = (size_t)table[j / block_size] * block_size + (j % block_size);
                 load_nd<ND>(kc + slot * kv_dim + kv_off, kf[b]);
                 load_nd<ND>(vc + slot * kv_dim + kv_off, vf[b]);
@@ -208,11 +273,20 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
     }
 }
 
+// attention_decode_g<G>_d<HD>: the step's keys already in the cache; attention_decode_rope_g<G>_d<HD>:
+// q and the step's k raw from the q/k/v products (RopeIn), qk_norm_rope_append done here.
 #define AD_KERNEL(G, HD) \
     extern "C" __global__ void __launch_bounds__(AD_WARPS * 32) attention_decode_g##G##_d##HD(act_t* out, float* part_ml, \
-        float* part_acc, const act_t* q, const act_t* kc, const act_t* vc, const unsigned* row_ctx, const unsigned* row_table, \
+        float* part_acc, const act_t* q, act_t* kc, act_t* vc, const unsigned* row_ctx, const unsigned* row_table, \
         const unsigned* tables, int nh, int nkv, int block_size, int kv_dim, float scale) { grid_dependency(); \
-        attention_decode_impl<G, HD / 32>(out, part_ml, part_acc, q, kc, vc, row_ctx, row_table, tables, nh, nkv, block_size, kv_dim, scale); }
+        attention_decode_impl<G, HD / 32, false>(out, part_ml, part_acc, q, kc, vc, row_ctx, row_table, tables, nh, nkv, \
+            block_size, kv_dim, scale, RopeIn{}); } \
+    extern "C" __global__ void __launch_bounds__(AD_WARPS * 32) attention_decode_rope_g##G##_d##HD(act_t* out, float* part_ml, \
+        float* part_acc, const act_t* q, act_t* kc, act_t* vc, const unsigned* row_ctx, const unsigned* row_table, \
+        const unsigned* tables, int nh, int nkv, int block_size, int kv_dim, float scale, const act_t* k, const act_t* v, \
+        const act_t* q_norm, const act_t* k_norm, const float* rope, const unsigned* positions, float eps) { grid_dependency(); \
+        attention_decode_impl<G, HD / 32, true>(out, part_ml, part_acc, q, kc, vc, row_ctx, row_table, tables, nh, nkv, \
+            block_size, kv_dim, scale, RopeIn{k, v, q_norm, k_norm, rope, positions, eps}); }
 AD_KERNEL(1, 64) AD_KERNEL(2, 64) AD_KERNEL(4, 64) AD_KERNEL(8, 64)
 AD_KERNEL(1, 128) AD_KERNEL(2, 128) AD_KERNEL(4, 128) AD_KERNEL(8, 128)
 
