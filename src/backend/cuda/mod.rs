@@ -234,6 +234,9 @@ pub struct CudaBackend {
     /// Fused decode kernels (q/k/v, gate·up·SwiGLU, QK-norm + RoPE + KV append, MoE experts);
     /// `QWEN3RS_CUDA_FUSED=0` runs the unfused ops.
     fused: bool,
+    /// Decode attention that does QK-norm, RoPE and the KV append itself (`_rope` kernels);
+    /// `QWEN3RS_CUDA_ROPE_ATTN=0` launches qk_norm_rope_append before it.
+    rope_attn: bool,
     /// Grouped split-KV decode attention; `QWEN3RS_CUDA_SPLITKV=0` keeps one block per (head, row).
     split_kv: bool,
     /// Tiled prefill attention; `QWEN3RS_CUDA_TILED_ATTN=0` keeps one block per (head, row).
@@ -337,6 +340,7 @@ impl CudaBackend {
         let trace = std::env::var_os("QWEN3RS_CUDA_TRACE").is_some() && !env_off("QWEN3RS_CUDA_TRACE");
         Ok(CudaBackend { gpu, ordinal, meta: Mutex::new(slots(N_META)), scratch: Mutex::new(slots(N_SCRATCH)), graphs,
             graph_bad: Default::default(), replay_trace: trace.then(Default::default), fused: !env_off("QWEN3RS_CUDA_FUSED"),
+            rope_attn: !env_off("QWEN3RS_CUDA_ROPE_ATTN"),
             split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"), tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"),
             moe_cublas: (!env_off("QWEN3RS_CUDA_MOE_CUBLAS")).into(),
             prefill_chunk: std::env::var("QWEN3RS_CUDA_PREFILL_CHUNK").ok().and_then(|v| v.trim().parse().ok()).filter(|&n: &usize| n > 0).unwrap_or(2048) })
@@ -787,13 +791,18 @@ impl CudaBackend {
     /// splits when there are several. G = 8 reads each K/V row once for up to 8 heads (long
     /// contexts); below 1,024 keys the reads are few and G = 2 gives more, lighter blocks (RESULTS.md
     /// run 13). With `rope` (one row per sequence) the `_rope` kernel, which also does
-    /// qk_norm_rope_append's work. Ok(false): no such kernel, nothing launched.
+    /// qk_norm_rope_append's work. Ok(false): no such kernel (or `rope` from 1,024 keys on), nothing launched.
     fn decode_attention(&self, out: &CudaBuf, q: &CudaBuf, kv: &CudaKv, batch: &BatchInfo, shape: AttnShape,
         rope: Option<RopeArgs>) -> Result<bool> {
         let (nh, hd, t) = (shape.n_heads, shape.head_dim, q.rows);
         ensure!(shape.n_kv_heads > 0 && nh % shape.n_kv_heads == 0, InvalidArgument, "n_heads must be a multiple of n_kv_heads");
         let longest = batch.seqs.iter().map(|s| s.start_pos + s.rows.len()).max().unwrap_or(0);
         let g_max = if longest < 1024 { 2 } else { 8 };
+        // The `_rope` kernels only where launches dominate: from 1,024 keys on they decoded 8B at 8k / 32k
+        // at 145 / 77 tok/s against 167 / 101 with qk_norm_rope_append launched first (RESULTS.md run 16.1).
+        if rope.is_some() && longest >= 1024 {
+            return Ok(false);
+        }
         let Some((name, g)) = decode_attention_kernel(shape, g_max, rope.is_some()).filter(|_| self.split_kv && t <= GEMV_MAX_ROWS) else {
             return Ok(false);
         };
@@ -1156,7 +1165,7 @@ impl Backend for CudaBackend {
         k_norm: &CudaWeight, eps: f32, rope: &CudaWeight, kv: &mut CudaKv, batch: &BatchInfo, shape: AttnShape) -> Result<()> {
         // Decode (one row per sequence): the attention kernel norms and rotates q and the step's k
         // and appends k, v itself (`_rope` kernels): a launch less per layer.
-        if self.fused && batch.seqs.iter().all(|s| s.rows.len() == 1) {
+        if self.fused && self.rope_attn && batch.seqs.iter().all(|s| s.rows.len() == 1) {
             self.check_qk_norm_rope(q, k, v, q_norm, k_norm, rope, kv, batch, shape)?;
             check_shape("attention", (out.rows, out.cols), (q.rows, q.cols))?;
             let positions = self.meta(Meta::Positions, bytemuck::cast_slice(batch.positions))?;
