@@ -229,6 +229,9 @@ fn embed_and_gather() {
             let x = r.uniform(t * 72, 1.0);
             let rows: Vec<u32> = (0..3).map(|_| r.below(t as u32)).collect();
             check(&format!("gather_rows T={t}"), dtype, &run_gather(&g, &x, t, 72, &rows), &run_gather(&c, &x, t, 72, &rows), 0.0);
+            // Rows of 75: no 16-byte copies.
+            let x = r.uniform(t * 75, 1.0);
+            check(&format!("gather_rows T={t} cols=75"), dtype, &run_gather(&g, &x, t, 75, &rows), &run_gather(&c, &x, t, 75, &rows), 0.0);
         }
         assert!(matches!(g.embed(&mut g.alloc(1, 72).unwrap(), &g.upload(table.clone()).unwrap(), &[50]), Err(Error::InvalidArgument(_))));
     }
@@ -241,7 +244,9 @@ fn norms() {
         let c = CpuBackend::new(dtype);
         let (bar, _) = bars(dtype);
         let mut r = Rng(2);
-        for (t, cols) in [(1usize, 64usize), (7, 72), (9, 1000), (33, 2048)] {
+        // add_rms_norm_vec (cols a multiple of 16 bytes, up to 8,192 bf16 / 4,096 f32), and add_rms_norm
+        // for odd rows (1001) and wider ones (9000).
+        for (t, cols) in [(1usize, 64usize), (7, 72), (9, 1000), (33, 2048), (3, 1001), (2, 9000), (5, 4096)] {
             let w = tensor(&r.uniform(cols, 1.0).iter().map(|v| 1.0 + 0.1 * v).collect::<Vec<_>>(), &[cols]);
             let x = r.uniform(t * cols, 2.0);
             let d = r.uniform(t * cols, 1.0);
@@ -377,7 +382,8 @@ fn qk_norm_rope() {
         let c = CpuBackend::new(dtype);
         let (bar, _) = bars(dtype);
         let mut r = Rng(4);
-        for (hd, nh, nkv, t) in [(128usize, 4usize, 2usize, 1usize), (128, 8, 2, 7), (64, 3, 1, 9)] {
+        // Head dims 64 and 128: a warp a head (qk_norm_rope_d*); 96: a block a head.
+        for (hd, nh, nkv, t) in [(128usize, 4usize, 2usize, 1usize), (128, 8, 2, 7), (64, 3, 1, 9), (128, 9, 3, 40), (96, 2, 1, 3)] {
             let s = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
             let rope = rope_table(300, hd);
             let qn = tensor(&r.uniform(hd, 0.5).iter().map(|v| 1.0 + v).collect::<Vec<_>>(), &[hd]);
@@ -701,7 +707,8 @@ fn moe_routing_and_experts() {
                 .map(|_| [tensor(&r.uniform(inter * h, 0.2), &[inter, h]), tensor(&r.uniform(inter * h, 0.2), &[inter, h]), tensor(&r.uniform(h * inter, 0.2), &[h, inter])])
                 .collect();
             let moe = MoeHost { router: tensor(&r.uniform(e * h, 0.5), &[e, h]), experts, first_expert: 0, top_k: k, norm_topk_prob: norm };
-            for t in [1usize, 7, 33] {
+            // T = 33 and 200: prefill (cuBLAS router and grouped GEMMs), E = 128 with experts left empty.
+            for t in [1usize, 7, 33, 200] {
                 let x = r.uniform(t * h, 1.0);
                 check(&format!("moe E={e} k={k} T={t} norm={norm}"), dtype, &run_moe(&g, &x, t, &moe), &run_moe(&c, &x, t, &moe), bar);
             }

@@ -4,7 +4,7 @@ On the GPU machine (PyTorch is there for the peers), after scripts/gpu_bundle.sh
     python3 benches/profiles/torch_trace.py Qwen3-0.6B decode
     python3 benches/profiles/torch_trace.py Qwen3-30B-A3B prefill
 Prints per kernel: launches, total and average µs, share of the kernel time; then the phase's wall time,
-the union of kernel time (busy) and the gaps where no kernel ran (idle), per step."""
+the union of kernel time (busy) and the gaps where no kernel ran (idle), per step, and the longest gaps."""
 import os
 import sys
 import time
@@ -45,7 +45,8 @@ if phase == "decode":
     kernels = kernels[-steps * period:]
 else:
     steps = 1
-spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+kernels.sort(key=lambda e: e.time_range.start)
+spans = [(e.time_range.start, e.time_range.end) for e in kernels]
 busy, cur_s, cur_e = 0.0, None, None
 for s, e in spans:
     if cur_e is None or s > cur_e:
@@ -69,3 +70,14 @@ for name, (n, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:top]:
 print(f"per step: kernels {total / steps:.1f} us (sum), busy {busy / steps:.1f} us (union), "
       f"span {span / steps:.1f} us, idle {(span - busy) / steps:.1f} us; {len(kernels) / steps:.0f} launches; "
       f"wall of the generate {wall:.0f} us")
+# Where the GPU waits: the longest stretches with no kernel running, and the kernels around them.
+gaps, end, last = [], None, None
+for e in kernels:
+    if end is not None and e.time_range.start > end:
+        gaps.append((e.time_range.start - end, last.name, e.name))
+    if end is None or e.time_range.end > end:
+        end, last = e.time_range.end, e
+gaps.sort(reverse=True)
+print(f"idle stretches: {len(gaps)}, sum {sum(g[0] for g in gaps) / steps:.1f} us a step; longest:")
+for g, a, b in gaps[:6]:
+    print(f"  {g:8.1f} us after {a[:40]} before {b[:40]}")

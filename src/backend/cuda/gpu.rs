@@ -557,8 +557,14 @@ impl Gpu {
 
     /// out [T, N] = x [T, K] · w [N, K]ᵀ through cuBLAS, f32 accumulation, output in the compute dtype.
     pub fn gemm(&self, out: u64, x: u64, w: u64, t: usize, n: usize, k: usize) -> Result<()> {
+        self.gemm_to(out, false, x, w, t, n, k)
+    }
+
+    /// `gemm` with an f32 output (out_f32) or one in the compute dtype.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_to(&self, out: u64, out_f32: bool, x: u64, w: u64, t: usize, n: usize, k: usize) -> Result<()> {
         let record = |mut h: u64| {
-            for v in [out, x, w, t as u64, n as u64, k as u64] {
+            for v in [out, out_f32 as u64, x, w, t as u64, n as u64, k as u64] {
                 h = hash_bytes(h, &v.to_le_bytes());
             }
             h
@@ -579,7 +585,8 @@ impl Gpu {
         unsafe {
             blas::gemm_ex(self.h.blas, blas_sys::cublasOperation_t::CUBLAS_OP_T, blas_sys::cublasOperation_t::CUBLAS_OP_N,
                 n as i32, t as i32, k as i32, &alpha as *const f32 as *const c_void, w as *const c_void, ty, k as i32,
-                x as *const c_void, ty, k as i32, &beta as *const f32 as *const c_void, out as *mut c_void, ty, n as i32,
+                x as *const c_void, ty, k as i32, &beta as *const f32 as *const c_void, out as *mut c_void,
+                if out_f32 { blas_sys::cudaDataType::CUDA_R_32F } else { ty }, n as i32,
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT)
         }
         .map_err(|e| blas_err("cuBLAS GEMM", e))

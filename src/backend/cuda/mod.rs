@@ -267,6 +267,9 @@ fn check_shape(name: &str, got: (usize, usize), want: (usize, usize)) -> Result<
 /// Threads of a row-norm block: 1,024, since decode normalises one row and 256 threads left a 4,096-wide
 /// add + RMSNorm latency-bound at 15 µs on the H200 (ncu, benches/RESULTS.md run 6).
 const NORM_THREADS: u32 = 1024;
+/// add_rms_norm_vec (norm.cu): threads a row, 16-byte vectors a thread at most.
+const NORM_VEC_THREADS: u32 = 256;
+const NORM_VEC_MAX: usize = 4;
 
 /// A MoE layer the kernels can run: 1..=1024 experts routed, top_k of them, `held` a non-empty block.
 fn check_moe(e: usize, held: std::ops::Range<usize>, top_k: usize) -> Result<()> {
@@ -370,6 +373,11 @@ impl CudaBackend {
     /// The GPU's name and compute capability, e.g. "NVIDIA H200 (sm_90)".
     pub fn describe(&self) -> String {
         format!("{} (sm_{}{})", self.gpu.name, self.gpu.arch.0, self.gpu.arch.1)
+    }
+
+    /// Blocks of 256 threads for n elements at VEC (16 bytes) a thread: the elementwise kernels.
+    fn vec_blocks(&self, n: usize) -> u32 {
+        blocks(n.div_ceil(16 / self.esize()), 256)
     }
 
     fn esize(&self) -> usize {
@@ -505,18 +513,20 @@ impl CudaBackend {
     /// on the decode path), gather x into expert order, then gate, up and down as grouped GEMMs on
     /// the tensor cores, SwiGLU between, and the weighted combine.
     fn moe_grouped_cublas(&self, out: &mut CudaBuf, x: &CudaBuf, moe: &CudaMoe, bufs: [u64; 11]) -> Result<()> {
-        let [ids, weights, sorted, pair_pos, tile_e, tile_row0, tile_rows, g, u, act, y] = bufs;
+        let [ids, weights, sorted, pair_pos, tiles, _, _, g, u, act, y] = bufs;
         let (t, h, e, k, inter) = (x.rows, x.cols, moe.held, moe.top_k, moe.inter);
         let p = t * k;
         let es = self.esize() as u64;
-        // One tile per expert held (tile rows = P): at most E tiles, then -1.
+        // One tile per expert held (tile rows = P): at most E tiles, then -1. The three tile arrays
+        // side by side in `tiles` (sized for it by moe_impl), so that one read brings them back.
         let (pi, ki, ei, tm, mt) = (p as i32, k as i32, e as i32, p as i32, (e + 1) as i32);
+        let (tile_row0, tile_rows) = (tiles + 4 * (e as u64 + 1), tiles + 8 * (e as u64 + 1));
         self.gpu.launch("moe", "moe_sort", (1, 1, 1), 1024, (2 * e * 4) as u32,
-            args![ids, pi, ki, ei, tm, mt, sorted, pair_pos, tile_e, tile_row0, tile_rows])?;
-        let te: Vec<i32> = self.download_typed(e + 1, tile_e)?;
-        let r0: Vec<i32> = self.download_typed(e + 1, tile_row0)?;
-        let nr: Vec<i32> = self.download_typed(e + 1, tile_rows)?;
-        let segs: Vec<(u64, u64, u64)> = te.iter().zip(&r0).zip(&nr).take_while(|((&x, _), _)| x >= 0)
+            args![ids, pi, ki, ei, tm, mt, sorted, pair_pos, tiles, tile_row0, tile_rows])?;
+        let all: Vec<i32> = self.download_typed(3 * (e + 1), tiles)?;
+        let (te, rest) = all.split_at(e + 1);
+        let (r0, nr) = rest.split_at(e + 1);
+        let segs: Vec<(u64, u64, u64)> = te.iter().zip(r0).zip(nr).take_while(|((&x, _), _)| x >= 0)
             .map(|((&x, &r), &n)| (x as u64, r as u64, n as u64)).collect();
         // The pairs routed to experts held here (all P on one device; under expert parallelism
         // possibly none, and then this rank's part of the output is zero).
@@ -525,11 +535,11 @@ impl CudaBackend {
         let (o, hi) = (out.mem.ptr, h as i32);
         if pl == 0 {
             let null = 0u64;
-            return self.gpu.launch("moe", "moe_combine", (blocks(h, 256), t as u32, 1), 256, 0, args![o, y, null, weights, ki, hi]);
+            return self.gpu.launch("moe", "moe_combine", (self.vec_blocks(h), t as u32, 1), 256, 0, args![o, y, null, weights, ki, hi]);
         }
-        let [xs] = self.scratch([(Scratch::Xs, p * h * self.esize())])?;
         let xp = x.mem.ptr;
-        self.gpu.launch("elementwise", "gather_rows", (blocks(h, 256), pl as u32, 1), 256, 0, args![xs, xp, sorted, hi])?;
+        let [xs] = self.scratch([(Scratch::Xs, p * h * self.esize())])?;
+        self.gpu.launch("elementwise", "gather_rows", (self.vec_blocks(h), pl as u32, 1), 256, 0, args![xs, xp, sorted, hi])?;
         let per = (inter * h) as u64 * es;
         let (ie, he) = (inter as u64 * es, h as u64 * es);
         let gate: Vec<_> = segs.iter().map(|&(x, r, n)| (g + r * ie, xs + r * he, moe.gate.ptr + x * per, n as usize)).collect();
@@ -537,10 +547,10 @@ impl CudaBackend {
         let upg: Vec<_> = segs.iter().map(|&(x, r, n)| (u + r * ie, xs + r * he, moe.up.ptr + x * per, n as usize)).collect();
         self.gpu.grouped_gemm(&upg, inter, h)?;
         let n = (pl * inter) as i64;
-        self.gpu.launch("elementwise", "swiglu", (blocks(pl * inter, 256), 1, 1), 256, 0, args![act, g, u, n])?;
+        self.gpu.launch("elementwise", "swiglu", (self.vec_blocks(pl * inter), 1, 1), 256, 0, args![act, g, u, n])?;
         let down: Vec<_> = segs.iter().map(|&(x, r, n)| (y + r * he, act + r * ie, moe.down.ptr + x * per, n as usize)).collect();
         self.gpu.grouped_gemm(&down, h, inter)?;
-        self.gpu.launch("moe", "moe_combine", (blocks(h, 256), t as u32, 1), 256, 0, args![o, y, pair_pos, weights, ki, hi])
+        self.gpu.launch("moe", "moe_combine", (self.vec_blocks(h), t as u32, 1), 256, 0, args![o, y, pair_pos, weights, ki, hi])
     }
 
     /// Device pointers of scratch buffers of the given sizes in bytes.
@@ -726,7 +736,7 @@ impl CudaBackend {
         let es = self.esize();
         let [probs, ids, weights, sorted, pair_pos, tile_e, tile_row0, tile_rows, g, u, act, y] = self.scratch([
             (Scratch::RouterProbs, t * e * 4), (Scratch::TopIds, p * 4), (Scratch::TopWeights, p * 4),
-            (Scratch::SortedSrc, p * 4), (Scratch::PairPos, p * 4), (Scratch::TileE, max_tiles * 4),
+            (Scratch::SortedSrc, p * 4), (Scratch::PairPos, p * 4), (Scratch::TileE, max_tiles.max(3 * (moe.held + 1)) * 4),
             (Scratch::TileRow0, max_tiles * 4), (Scratch::TileRows, max_tiles * 4), (Scratch::Gate, p * inter * es),
             (Scratch::Up, p * inter * es), (Scratch::Act, p * inter * es), (Scratch::Y, p * h * es),
         ])?;
@@ -740,8 +750,14 @@ impl CudaBackend {
         let (renorm, e0, held) = (moe.norm_topk_prob as i32, moe.first_expert as i32, moe.held as i32);
         // (The router's last block routing every row instead, with a grid-wide counter, measured
         // 276 against 279 tok/s on Qwen3-30B-A3B decode: no gain, so two launches; RESULTS.md run 15.)
-        let smem = if nw != 0 { (h * es) as u32 } else { 0 };
-        self.gpu.launch("matmul", "router_logits", (blocks(e, 8), t as u32, 1), 256, smem, args![probs, xp, rp, ei, hi, delta, x_out, nw, eps])?;
+        if t > GEMV_MAX_ROWS && nw == 0 {
+            // Prefill: a GEMM (router_logits, a warp per logit, took 233 µs a layer for 2,048 rows of
+            // Qwen3-30B-A3B: RESULTS.md run 16.1).
+            self.gpu.gemm_to(probs, true, xp, rp, t, e, h)?;
+        } else {
+            let smem = if nw != 0 { (h * es) as u32 } else { 0 };
+            self.gpu.launch("matmul", "router_logits", (blocks(e, 8), t as u32, 1), 256, smem, args![probs, xp, rp, ei, hi, delta, x_out, nw, eps])?;
+        }
         self.gpu.launch("moe", "moe_route", (blocks(t, 4), 1, 1), 128, 0, args![probs, ids, weights, ti, ei, ki, renorm, e0, held])?;
         if self.moe_decode_fits(x, moe) {
             // Decode: GEMVs over the (pair, expert row) rows of the chosen experts only — no sort,
@@ -754,7 +770,7 @@ impl CudaBackend {
             let one = 1i32;
             self.gpu.launch("matmul", name, grid, 256, smem, args![y, act, dp, ids, one, pi, pi, hi, ii])?;
             let (o, null) = (out.mem.ptr, 0u64);
-            return self.gpu.launch("moe", "moe_combine", (blocks(h, 256), t as u32, 1), 256, 0, args![o, y, null, weights, ki, hi]);
+            return self.gpu.launch("moe", "moe_combine", (self.vec_blocks(h), t as u32, 1), 256, 0, args![o, y, null, weights, ki, hi]);
         }
         if self.moe_cublas.load(std::sync::atomic::Ordering::Relaxed) && self.gpu.note(|h| h)? == Mode::Eager {
             match self.moe_grouped_cublas(out, x, moe, [ids, weights, sorted, pair_pos, tile_e, tile_row0, tile_rows, g, u, act, y]) {
@@ -778,12 +794,12 @@ impl CudaBackend {
         self.gpu.launch("matmul", "grouped_gemm", grid_i, 256, 0, args![g, xp, gp, sorted, tile_e, tile_row0, tile_rows, ii, hi])?;
         self.gpu.launch("matmul", "grouped_gemm", grid_i, 256, 0, args![u, xp, up, sorted, tile_e, tile_row0, tile_rows, ii, hi])?;
         let n = (p * inter) as i64;
-        self.gpu.launch("elementwise", "swiglu", (blocks(p * inter, 256), 1, 1), 256, 0, args![act, g, u, n])?;
+        self.gpu.launch("elementwise", "swiglu", (self.vec_blocks(p * inter), 1, 1), 256, 0, args![act, g, u, n])?;
         self.gpu.launch("matmul", "grouped_gemm", (blocks(h, 64), max_tiles as u32, 1), 256, 0,
             args![y, act, dp, null, tile_e, tile_row0, tile_rows, hi, ii])?;
         // 4. Weighted sum per row, in ascending expert order.
         let o = out.mem.ptr;
-        self.gpu.launch("moe", "moe_combine", (blocks(h, 256), t as u32, 1), 256, 0, args![o, y, pair_pos, weights, ki, hi])
+        self.gpu.launch("moe", "moe_combine", (self.vec_blocks(h), t as u32, 1), 256, 0, args![o, y, pair_pos, weights, ki, hi])
     }
 
     /// Decode attention, if this batch (at most GEMV_MAX_ROWS rows) and head shape have a kernel:
@@ -842,6 +858,17 @@ impl CudaBackend {
         ensure!(d == shape.n_kv_heads * hd, InvalidArgument, "KV cache rows of {d} for {} heads of {hd}", shape.n_kv_heads);
         self.check_weight(q_norm, "q_norm")?;
         self.check_weight(k_norm, "k_norm")
+    }
+
+    /// qk_norm_rope (norm.cu) over `rows` rows: a warp a head for head_dim 64 and 128, else a block a head.
+    fn launch_qk_norm_rope(&self, shape: AttnShape, rows: usize, args: &[(*mut std::ffi::c_void, usize)]) -> Result<()> {
+        const QKR_WARPS: usize = 4; // norm.cu
+        let heads = shape.n_heads + shape.n_kv_heads;
+        match shape.head_dim {
+            64 => self.gpu.launch("norm", "qk_norm_rope_d64", (heads.div_ceil(QKR_WARPS) as u32, rows as u32, 1), 128, 0, args),
+            128 => self.gpu.launch("norm", "qk_norm_rope_d128", (heads.div_ceil(QKR_WARPS) as u32, rows as u32, 1), 128, 0, args),
+            hd => self.gpu.launch("norm", "qk_norm_rope", (heads as u32, rows as u32, 1), 128, (hd * 4) as u32, args),
+        }
     }
 
     /// Whether a MoE layer over x takes the decode path (expert GEMVs over the chosen experts only).
@@ -1059,7 +1086,13 @@ impl Backend for CudaBackend {
         check_shape("add_rms_norm", (h.rows, h.cols), (x_out.rows, x_out.cols))?;
         let (xo, x, d, o, wp) = (x_out.mem.ptr, input.x.mem.ptr, input.delta.map_or(0, |d| d.mem.ptr), h.mem.ptr, input.norm.mem.ptr);
         let (c, eps) = (x_out.cols as i32, input.eps);
-        self.gpu.launch("norm", "add_rms_norm", (x_out.rows as u32, 1, 1), NORM_THREADS, 0, args![xo, x, d, o, wp, c, eps])
+        let vec = 16 / self.esize();
+        let (name, threads) = if x_out.cols % vec == 0 && x_out.cols <= NORM_VEC_THREADS as usize * vec * NORM_VEC_MAX {
+            ("add_rms_norm_vec", NORM_VEC_THREADS)
+        } else {
+            ("add_rms_norm", NORM_THREADS)
+        };
+        self.gpu.launch("norm", name, (x_out.rows as u32, 1, 1), threads, 0, args![xo, x, d, o, wp, c, eps])
     }
 
     fn norm_matmul_many(&self, x_out: &mut CudaBuf, h: &mut CudaBuf, input: &BlockInput<Self>, outs: &mut [&mut CudaBuf],
@@ -1137,10 +1170,8 @@ impl Backend for CudaBackend {
         let pos = self.meta(Meta::Positions, bytemuck::cast_slice(positions))?;
         let (qp, kp, qn, kn, rp) = (q.mem.ptr, k.mem.ptr, q_norm.mem.ptr, k_norm.mem.ptr, rope.mem.ptr);
         let (nh, nkv, hdi) = (shape.n_heads as i32, shape.n_kv_heads as i32, hd as i32);
-        let grid = ((shape.n_heads + shape.n_kv_heads) as u32, positions.len() as u32, 1);
         let (null, zero) = (0u64, 0i32);
-        self.gpu.launch("norm", "qk_norm_rope", grid, 128, (hd * 4) as u32,
-            args![qp, kp, qn, kn, rp, pos, nh, nkv, hdi, eps, null, null, null, null, zero])
+        self.launch_qk_norm_rope(shape, positions.len(), args![qp, kp, qn, kn, rp, pos, nh, nkv, hdi, eps, null, null, null, null, zero])
     }
 
     fn qk_norm_rope_append(&self, q: &mut CudaBuf, k: &mut CudaBuf, v: &CudaBuf, q_norm: &CudaWeight, k_norm: &CudaWeight, eps: f32,
@@ -1156,9 +1187,7 @@ impl Backend for CudaBackend {
         let (qp, kp, qn, kn, rp) = (q.mem.ptr, k.mem.ptr, q_norm.mem.ptr, k_norm.mem.ptr, rope.mem.ptr);
         let (nh, nkv, hdi) = (shape.n_heads as i32, shape.n_kv_heads as i32, hd as i32);
         let (kc, vc, vp, di) = (kv.k.ptr, kv.v.ptr, v.mem.ptr, d as i32);
-        let grid = ((shape.n_heads + shape.n_kv_heads) as u32, batch.rows() as u32, 1);
-        self.gpu.launch("norm", "qk_norm_rope", grid, 128, (hd * 4) as u32,
-            args![qp, kp, qn, kn, rp, pos, nh, nkv, hdi, eps, kc, vc, vp, slots, di])
+        self.launch_qk_norm_rope(shape, batch.rows(), args![qp, kp, qn, kn, rp, pos, nh, nkv, hdi, eps, kc, vc, vp, slots, di])
     }
 
     fn qk_norm_rope_attention(&self, out: &mut CudaBuf, q: &mut CudaBuf, k: &mut CudaBuf, v: &CudaBuf, q_norm: &CudaWeight,
@@ -1244,7 +1273,7 @@ impl Backend for CudaBackend {
         check_shape("swiglu", (up.rows, up.cols), (gate.rows, gate.cols))?;
         let n = (gate.rows * gate.cols) as i64;
         let (o, g, u) = (out.mem.ptr, gate.mem.ptr, up.mem.ptr);
-        self.gpu.launch("elementwise", "swiglu", (blocks(n as usize, 256), 1, 1), 256, 0, args![o, g, u, n])
+        self.gpu.launch("elementwise", "swiglu", (self.vec_blocks(n as usize), 1, 1), 256, 0, args![o, g, u, n])
     }
 
     fn moe(&self, out: &mut CudaBuf, x: &CudaBuf, moe: &CudaMoe) -> Result<()> {
@@ -1258,7 +1287,7 @@ impl Backend for CudaBackend {
         }
         let rows_d = self.meta(Meta::Rows, bytemuck::cast_slice(rows))?;
         let (o, xp, c) = (out.mem.ptr, x.mem.ptr, x.cols as i32);
-        self.gpu.launch("elementwise", "gather_rows", (blocks(x.cols, 256), rows.len() as u32, 1), 256, 0, args![o, xp, rows_d, c])
+        self.gpu.launch("elementwise", "gather_rows", (self.vec_blocks(x.cols), rows.len() as u32, 1), 256, 0, args![o, xp, rows_d, c])
     }
 
     fn argmax_rows(&self, logits: &CudaBuf, rows: usize, limit: usize) -> Result<Vec<u32>> {

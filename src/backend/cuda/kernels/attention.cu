@@ -99,51 +99,6 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attention(act_t* ou
 #define AD_WARPS 4
 #define AD_KB 4
 
-// ND elements of act_t from p (aligned to ND elements) as f32, in one load where the width allows.
-template <int ND>
-__device__ __forceinline__ void load_nd(const act_t* p, float* f) {
-    constexpr int BYTES = ND * (int)sizeof(act_t);
-    if constexpr (BYTES == 16) {
-        uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
-        const act_t* e = reinterpret_cast<const act_t*>(&v);
-#pragma unroll
-        for (int i = 0; i < ND; i++) f[i] = to_f(e[i]);
-    } else if constexpr (BYTES == 8) {
-        uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
-        const act_t* e = reinterpret_cast<const act_t*>(&v);
-#pragma unroll
-        for (int i = 0; i < ND; i++) f[i] = to_f(e[i]);
-    } else {
-#pragma unroll
-        for (int i = 0; i < ND; i++) f[i] = to_f(p[i]);
-    }
-}
-
-// One head held by a warp, ND elements a lane (lane l: elements l*ND ..), in place: RMSNorm with w
-// (rounded), then RoPE rotating halves with the table row cs (cos | sin), rounded: the values
-// qk_norm_rope (norm.cu) writes, computed by one warp. An element's partner half a head away sits
-// in lane l ^ 16.
-template <int ND>
-__device__ __forceinline__ void norm_rope_head(float* x, const act_t* w, const float* cs, float eps) {
-    constexpr int HD = 32 * ND, HALF = HD / 2;
-    int lane = threadIdx.x & 31;
-    float ss = 0.f;
-#pragma unroll
-    for (int i = 0; i < ND; i++) ss += x[i] * x[i];
-    float inv = 1.f / sqrtf(warp_sum(ss) / (float)HD + eps);
-    float wv[ND];
-    load_nd<ND>(w + lane * ND, wv);
-#pragma unroll
-    for (int i = 0; i < ND; i++) x[i] = rnd(wv[i] * (x[i] * inv));
-#pragma unroll
-    for (int i = 0; i < ND; i++) {
-        float p = __shfl_xor_sync(0xffffffffu, x[i], 16);
-        int i0 = (lane * ND + i) % HALF;
-        float c = cs[i0], sn = cs[HALF + i0];
-        x[i] = rnd(lane < 16 ? x[i] * c - p * sn : x[i] * c + p * sn);
-    }
-}
-
 // What the decode kernel needs to do qk_norm_rope_append's work itself (the _rope kernels): the raw
 // k and v rows [T, nkv*HD] of this step, the norm weights, the f32 RoPE table and row t's position.
 struct RopeIn {

@@ -104,4 +104,88 @@ __device__ __forceinline__ void prefetch_rows(RowPtr row, int rows, int K) {
     }
 }
 
+// 16-byte accesses: VEC elements of act_t as one uint4.
+#define VEC (16 / (int)sizeof(act_t))
+
+__device__ __forceinline__ void unpack_vec(const uint4& v, float* f) {
+    const act_t* e = reinterpret_cast<const act_t*>(&v);
+#pragma unroll
+    for (int j = 0; j < VEC; j++) f[j] = to_f(e[j]);
+}
+
+__device__ __forceinline__ uint4 pack_vec(const float* f) {
+    uint4 v;
+    act_t* e = reinterpret_cast<act_t*>(&v);
+#pragma unroll
+    for (int j = 0; j < VEC; j++) e[j] = from_f(f[j]);
+    return v;
+}
+
+// ND elements of act_t from p (aligned to ND elements) as f32, in one load where the width allows.
+template <int ND>
+__device__ __forceinline__ void load_nd(const act_t* p, float* f) {
+    constexpr int BYTES = ND * (int)sizeof(act_t);
+    if constexpr (BYTES == 16) {
+        uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+        const act_t* e = reinterpret_cast<const act_t*>(&v);
+#pragma unroll
+        for (int i = 0; i < ND; i++) f[i] = to_f(e[i]);
+    } else if constexpr (BYTES == 8) {
+        uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+        const act_t* e = reinterpret_cast<const act_t*>(&v);
+#pragma unroll
+        for (int i = 0; i < ND; i++) f[i] = to_f(e[i]);
+    } else {
+#pragma unroll
+        for (int i = 0; i < ND; i++) f[i] = to_f(p[i]);
+    }
+}
+
+// ND f32 values to p (aligned to ND elements) as act_t, in one store where the width allows.
+template <int ND>
+__device__ __forceinline__ void store_nd(act_t* p, const float* f) {
+    constexpr int BYTES = ND * (int)sizeof(act_t);
+    if constexpr (BYTES == 16) {
+        uint4 v;
+        act_t* e = reinterpret_cast<act_t*>(&v);
+#pragma unroll
+        for (int i = 0; i < ND; i++) e[i] = from_f(f[i]);
+        *reinterpret_cast<uint4*>(p) = v;
+    } else if constexpr (BYTES == 8) {
+        uint2 v;
+        act_t* e = reinterpret_cast<act_t*>(&v);
+#pragma unroll
+        for (int i = 0; i < ND; i++) e[i] = from_f(f[i]);
+        *reinterpret_cast<uint2*>(p) = v;
+    } else {
+#pragma unroll
+        for (int i = 0; i < ND; i++) p[i] = from_f(f[i]);
+    }
+}
+
+// One head held by a warp, ND elements a lane (lane l: elements l*ND ..), in place: RMSNorm with w
+// (rounded), then RoPE rotating halves with the table row cs (cos | sin), rounded: the values
+// qk_norm_rope (norm.cu) writes, computed by one warp. An element's partner half a head away sits
+// in lane l ^ 16.
+template <int ND>
+__device__ __forceinline__ void norm_rope_head(float* x, const act_t* w, const float* cs, float eps) {
+    constexpr int HD = 32 * ND, HALF = HD / 2;
+    int lane = threadIdx.x & 31;
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < ND; i++) ss += x[i] * x[i];
+    float inv = 1.f / sqrtf(warp_sum(ss) / (float)HD + eps);
+    float wv[ND];
+    load_nd<ND>(w + lane * ND, wv);
+#pragma unroll
+    for (int i = 0; i < ND; i++) x[i] = rnd(wv[i] * (x[i] * inv));
+#pragma unroll
+    for (int i = 0; i < ND; i++) {
+        float p = __shfl_xor_sync(0xffffffffu, x[i], 16);
+        int i0 = (lane * ND + i) % HALF;
+        float c = cs[i0], sn = cs[HALF + i0];
+        x[i] = rnd(lane < 16 ? x[i] * c - p * sn : x[i] * c + p * sn);
+    }
+}
+
 __device__ __forceinline__ float silu(float x) { return x / (1.f + expf(-x)); }

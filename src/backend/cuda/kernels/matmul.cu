@@ -13,7 +13,6 @@
 // loads ptxas interleaved each load with its use (one load in flight; 0.6-0.7x the bandwidth,
 // benches/gemv_variants.py, RESULTS.md run 10). The x rows a block needs are staged once in shared
 // memory (XS) when they fit in GV_SMEM_X bytes, else read through L1.
-#define VEC (16 / (int)sizeof(act_t))  // elements per 16-byte load
 #define GV_UNROLL 8                     // 16-byte weight loads in flight per lane
 
 template <bool XS>

@@ -49,20 +49,31 @@ extern "C" __global__ void moe_sort(const int* ids, int P, int k, int E, int tm,
 
 // out[t] = Σ_s round(weight[t,s] * y[pair_pos[t,s]]), accumulated (and rounded) in slot order;
 // pair_pos null: y is in pair order (y[t*k + s]). Slots of weight 0 are skipped (they add 0): those
-// of other ranks' experts have no y row. grid (ceil(H/256), T).
+// of other ranks' experts have no y row. Thread j takes elements j*VEC .. of the row (16-byte
+// accesses when H % VEC == 0). grid (ceil(ceil(H / VEC) / 256), T).
 extern "C" __global__ void moe_combine(act_t* out, const act_t* y, const int* pair_pos, const float* weights, int k, int H) {
     grid_dependency();
     int t = blockIdx.y;
-    int h = blockIdx.x * blockDim.x + threadIdx.x;
+    int h = (blockIdx.x * blockDim.x + threadIdx.x) * VEC;
     if (h >= H) return;
-    float acc = 0.f;
+    const bool vec = H % VEC == 0;
+    const int n = min(VEC, H - h);
+    float acc[VEC], yv[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; j++) acc[j] = 0.f;
     for (int s = 0; s < k; s++) {
-        if (weights[t * k + s] == 0.f) continue;
+        float w = weights[t * k + s];
+        if (w == 0.f) continue;
         int pos = pair_pos ? pair_pos[t * k + s] : t * k + s;
-        float c = rnd(to_f(y[(size_t)pos * H + h]) * weights[t * k + s]);
-        acc = rnd(acc + c);
+        const act_t* yr = y + (size_t)pos * H + h;
+        if (vec) unpack_vec(__ldg(reinterpret_cast<const uint4*>(yr)), yv);
+        else for (int j = 0; j < VEC; j++) yv[j] = j < n ? to_f(yr[j]) : 0.f;
+#pragma unroll
+        for (int j = 0; j < VEC; j++) acc[j] = rnd(acc[j] + rnd(yv[j] * w));
     }
-    out[(size_t)t * H + h] = from_f(acc);
+    act_t* o = out + (size_t)t * H + h;
+    if (vec) *reinterpret_cast<uint4*>(o) = pack_vec(acc);
+    else for (int j = 0; j < n; j++) o[j] = from_f(acc[j]);
 }
 
 // Softmax, top-k and renormalisation of one row by one warp: p [E] router logits in, softmax out;
