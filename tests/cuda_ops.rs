@@ -702,12 +702,16 @@ fn moe_routing_and_experts() {
             // H not a multiple of 8: element loads in the router, the unfused expert path.
             (8, 2, 100, 48, false),
             // T = 7: x (7 × 4352) and the activations (14 × 2200) past 56 KB, read from global memory.
-            (4, 2, 4352, 2200, true)] {
+            (4, 2, 4352, 2200, true),
+            // Odd k, and k = 9 (moe_down_combine: a second round of slots for one of an output's warps).
+            (12, 3, 256, 96, true), (24, 9, 136, 72, false),
+            // The expert rows of Qwen3-30B-A3B (768) and, with an odd k, Qwen3-235B-A22B (1536).
+            (16, 8, 512, 768, true), (16, 5, 256, 1536, true)] {
             let experts = (0..e)
                 .map(|_| [tensor(&r.uniform(inter * h, 0.2), &[inter, h]), tensor(&r.uniform(inter * h, 0.2), &[inter, h]), tensor(&r.uniform(h * inter, 0.2), &[h, inter])])
                 .collect();
             let moe = MoeHost { router: tensor(&r.uniform(e * h, 0.5), &[e, h]), experts, first_expert: 0, top_k: k, norm_topk_prob: norm };
-            for t in [1usize, 7, 33] {
+            for t in [1usize, 2, 7, 8, 33] {
                 let x = r.uniform(t * h, 1.0);
                 check(&format!("moe E={e} k={k} T={t} norm={norm}"), dtype, &run_moe(&g, &x, t, &moe), &run_moe(&c, &x, t, &moe), bar);
             }

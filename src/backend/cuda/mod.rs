@@ -41,8 +41,10 @@ const GEMV_SMEM_X: usize = 56 * 1024;
 const GEMV: [&str; 4] = ["gemv_t1", "gemv_t1_xs", "gemv_t8", "gemv_t8_xs"];
 const GEMV3: [&str; 4] = ["gemv3_t1", "gemv3_t1_xs", "gemv3_t8", "gemv3_t8_xs"];
 const GEMV_SWIGLU: [&str; 4] = ["gemv_swiglu_t1", "gemv_swiglu_t1_xs", "gemv_swiglu_t8", "gemv_swiglu_t8_xs"];
-const MOE_GEMV: [&str; 2] = ["moe_gemv", "moe_gemv_xs"];
 const MOE_GEMV_SWIGLU: [&str; 2] = ["moe_gemv_swiglu", "moe_gemv_swiglu_xs"];
+const MOE_DOWN_COMBINE: [&str; 2] = ["moe_down_combine", "moe_down_combine_xs"];
+/// Warps of `moe_down_combine` per output element (MD_WPO in matmul.cu).
+const MOE_DOWN_WARPS: usize = 2;
 /// Rows per MoE expert tile (must match GG_TM in matmul.cu).
 const MOE_TILE_ROWS: usize = 16;
 const MAX_TOP_K: usize = 32;
@@ -647,7 +649,8 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// (kernel, grid, dynamic shared memory) of a decode-GEMV launch over `rows` weight rows, with
+    /// (kernel, grid, dynamic shared memory) of a decode-GEMV launch over `rows` weight rows (a warp's
+    /// work each; for moe_down_combine MOE_DOWN_WARPS per output element), with
     /// `t` rows of x per weight row and `x_elems` elements of x read by every block: x is staged in
     /// shared memory when it fits `GEMV_SMEM_X`; the grid fills the GPU once (persistent kernels).
     fn gemv_plan(&self, family: &[&'static str], t: usize, x_elems: usize, rows: usize) -> Result<(&'static str, (u32, u32, u32), u32)> {
@@ -761,17 +764,16 @@ impl CudaBackend {
         self.gpu.launch("matmul", "router_logits", (blocks(e, 8), t as u32, 1), 256, smem, args![probs, xp, rp, ei, hi, delta, x_out, nw, eps])?;
         self.gpu.launch("moe", "moe_route", (blocks(t, 4), 1, 1), 128, 0, args![probs, ids, weights, ti, ei, ki, renorm, e0, held])?;
         if self.moe_decode_fits(x, moe) {
-            // Decode: GEMVs over the (pair, expert row) rows of the chosen experts only — no sort,
-            // every warp busy — and the combine in pair order. Gate/up norm the stored residual.
+            // Decode: GEMVs over the rows of the chosen experts only (no sort, every warp busy):
+            // gate·up·SwiGLU per (pair, expert row), then the down projection with the weighted
+            // combine in it, MOE_DOWN_WARPS warps per output element. Gate/up norm the stored residual.
             let (gp, upp, dp) = (moe.gate.ptr, moe.up.ptr, moe.down.ptr);
             let (name, grid, smem) = self.gemv_plan(&MOE_GEMV_SWIGLU, 1, t * h, p * inter)?;
             let xin = if nw != 0 { x_out } else { xp };
             self.gpu.launch("matmul", name, grid, 256, smem, args![act, xin, gp, upp, ids, ki, pi, ii, hi, nw, eps])?;
-            let (name, grid, smem) = self.gemv_plan(&MOE_GEMV, 1, p * inter, p * h)?;
-            let one = 1i32;
-            self.gpu.launch("matmul", name, grid, 256, smem, args![y, act, dp, ids, one, pi, pi, hi, ii])?;
-            let (o, null) = (out.mem.ptr, 0u64);
-            return self.gpu.launch("moe", "moe_combine", (blocks(h, 256), t as u32, 1), 256, 0, args![o, y, null, weights, ki, hi]);
+            let (name, grid, smem) = self.gemv_plan(&MOE_DOWN_COMBINE, 1, p * inter, t * h * MOE_DOWN_WARPS)?;
+            let o = out.mem.ptr;
+            return self.gpu.launch("matmul", name, grid, 256, smem, args![o, act, dp, ids, weights, ti, ki, hi, ii]);
         }
         if self.moe_cublas.load(std::sync::atomic::Ordering::Relaxed) && self.gpu.note(|h| h)? == Mode::Eager {
             match self.moe_grouped_cublas(out, x, moe, [ids, weights, sorted, pair_pos, tile_e, tile_row0, tile_rows, g, u, act, y]) {
