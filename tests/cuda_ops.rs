@@ -469,15 +469,17 @@ fn run_rope_attention_steps<B: Backend>(be: &B, s: AttnShape, ctx: &[usize], ste
 fn decode_attention_with_qk_norm_rope_and_append() {
     // The `_rope` decode kernels against the CPU's qk_norm_rope_append + attention: every group size
     // (G = 1, 2, 4, 8 heads a block), both head dims, the first token (no cached keys), several
-    // sequences of different lengths, and contexts past 1,024 keys (several splits, G = 8). Three
-    // steps each, so a key the kernel appended is read back by the next step.
+    // sequences of different lengths, one sequence of a few hundred keys (several splits, merged by
+    // the last block), and contexts past 1,024 keys (the plain decode kernel: several splits, G = 8).
+    // Three steps each, so a key the kernel appended is read back by the next step, and the same
+    // launch shape runs again over the split counters the step before left.
     for dtype in DTYPES {
         let Some(g) = gpu(dtype) else { return };
         let c = CpuBackend::new(dtype);
         let (_, bar) = bars(dtype);
         for (hd, nh, nkv) in [(128usize, 16usize, 8usize), (128, 32, 4), (64, 8, 8), (64, 8, 2), (128, 16, 2)] {
             let s = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
-            for ctx in [vec![0usize], vec![5], vec![37, 0, 200], vec![1500, 3], vec![2100, 17, 64, 9, 1, 300, 33, 700]] {
+            for ctx in [vec![0usize], vec![5], vec![300], vec![37, 0, 200], vec![1100], vec![1500, 3], vec![2100, 17, 64, 9, 1, 300, 33, 700]] {
                 let (gv, cv) = (run_rope_attention_steps(&g, s, &ctx, 3, &mut Rng(43)), run_rope_attention_steps(&c, s, &ctx, 3, &mut Rng(43)));
                 check(&format!("qk_norm_rope_attention hd={hd} nh={nh} nkv={nkv} ctx={ctx:?}"), dtype, &gv, &cv, bar);
             }
@@ -668,11 +670,15 @@ fn split_kv_decode_attention_long_contexts() {
         let c = CpuBackend::new(dtype);
         let (_, bar) = bars(dtype);
         // Groups of 4, 1, 16 (two blocks of 8 heads per KV head), 8 and 2; a group of 3 takes the
-        // plain per-head kernel.
+        // plain per-head kernel. Each shape twice: the last block of each head group merges the splits,
+        // found by a counter it must leave at zero, so the second launch (and a graph replay) gives the
+        // same bits.
         for (hd, nh, nkv) in [(128usize, 8usize, 2usize), (64, 4, 4), (128, 32, 2), (64, 8, 1), (128, 4, 2), (128, 6, 2)] {
             let s = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
             let (gv, cv) = (run_attention_long(&g, s, &mut Rng(21)), run_attention_long(&c, s, &mut Rng(21)));
             check(&format!("split-KV attention hd={hd} nh={nh} nkv={nkv}"), dtype, &gv, &cv, bar);
+            let again = run_attention_long(&g, s, &mut Rng(21));
+            assert!(again.iter().zip(&gv).all(|(a, b)| a.to_bits() == b.to_bits()), "split-KV attention hd={hd} nh={nh} nkv={nkv}: a second run differs");
         }
     }
 }
@@ -702,13 +708,17 @@ fn moe_routing_and_experts() {
             // H not a multiple of 8: element loads in the router, the unfused expert path.
             (8, 2, 100, 48, false),
             // T = 7: x (7 × 4352) and the activations (14 × 2200) past 56 KB, read from global memory.
-            (4, 2, 4352, 2200, true)] {
+            (4, 2, 4352, 2200, true),
+            // Odd k, and k = 9 (moe_down_combine: a second round of slots for one of an output's warps).
+            (12, 3, 256, 96, true), (24, 9, 136, 72, false),
+            // The expert rows of Qwen3-30B-A3B (768) and, with an odd k, Qwen3-235B-A22B (1536).
+            (16, 8, 512, 768, true), (16, 5, 256, 1536, true)] {
             let experts = (0..e)
                 .map(|_| [tensor(&r.uniform(inter * h, 0.2), &[inter, h]), tensor(&r.uniform(inter * h, 0.2), &[inter, h]), tensor(&r.uniform(h * inter, 0.2), &[h, inter])])
                 .collect();
             let moe = MoeHost { router: tensor(&r.uniform(e * h, 0.5), &[e, h]), experts, first_expert: 0, top_k: k, norm_topk_prob: norm };
             // T = 33 and 200: prefill (cuBLAS router and grouped GEMMs), E = 128 with experts left empty.
-            for t in [1usize, 7, 33, 200] {
+            for t in [1usize, 2, 7, 8, 33, 200] {
                 let x = r.uniform(t * h, 1.0);
                 check(&format!("moe E={e} k={k} T={t} norm={norm}"), dtype, &run_moe(&g, &x, t, &moe), &run_moe(&c, &x, t, &moe), bar);
             }

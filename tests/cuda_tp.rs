@@ -130,15 +130,16 @@ fn expert_blocks_on_a_gpu_equal_the_cpu() {
     // Expert parallelism's kernels on one GPU: a block of whole experts (moe_route's local ids, id -1
     // for other ranks' choices, skipped by the decode GEMVs, moe_sort, both prefill paths and the
     // combine) computes what the CPU backend does with the same block, and the blocks of N ranks add
-    // up to the whole layer. T = 1 and 4: decode GEMVs; 37: prefill through cuBLAS and through the
-    // grouped_gemm kernel. Small T leaves some ranks without any pair: their output must be zero.
+    // up to the whole layer. T = 1, 4 and 8: decode GEMVs (the down projection with the combine in it);
+    // 37: prefill through cuBLAS and through the grouped_gemm kernel. Small T leaves some ranks without
+    // any pair: their output must be zero. k = 5: an odd number of slots per row.
     if !cuda::available() {
         eprintln!("SKIP (no usable GPU): {}", cuda::unavailable_reason().unwrap_or_default());
         return;
     }
     let (g, c) = (CudaBackend::new(0, DType::F32).unwrap(), CpuBackend::new(DType::F32));
-    for (e, k, h, inter) in [(8usize, 2usize, 64usize, 48usize), (16, 4, 96, 40), (128, 8, 128, 64)] {
-        for t in [1usize, 4, 37] {
+    for (e, k, h, inter) in [(8usize, 2usize, 64usize, 48usize), (16, 4, 96, 40), (128, 8, 128, 64), (24, 5, 128, 96)] {
+        for t in [1usize, 4, 8, 37] {
             let x: Vec<f32> = (0..t * h).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
             let whole = run_moe(&c, moe_block(e, k, h, inter, 0..e), &x, t);
             for n in [2usize, 4] {

@@ -41,8 +41,10 @@ const GEMV_SMEM_X: usize = 56 * 1024;
 const GEMV: [&str; 4] = ["gemv_t1", "gemv_t1_xs", "gemv_t8", "gemv_t8_xs"];
 const GEMV3: [&str; 4] = ["gemv3_t1", "gemv3_t1_xs", "gemv3_t8", "gemv3_t8_xs"];
 const GEMV_SWIGLU: [&str; 4] = ["gemv_swiglu_t1", "gemv_swiglu_t1_xs", "gemv_swiglu_t8", "gemv_swiglu_t8_xs"];
-const MOE_GEMV: [&str; 2] = ["moe_gemv", "moe_gemv_xs"];
 const MOE_GEMV_SWIGLU: [&str; 2] = ["moe_gemv_swiglu", "moe_gemv_swiglu_xs"];
+const MOE_DOWN_COMBINE: [&str; 2] = ["moe_down_combine", "moe_down_combine_xs"];
+/// Warps of `moe_down_combine` per output element (MD_WPO in matmul.cu).
+const MOE_DOWN_WARPS: usize = 2;
 /// Rows per MoE expert tile (must match GG_TM in matmul.cu).
 const MOE_TILE_ROWS: usize = 16;
 const MAX_TOP_K: usize = 32;
@@ -164,8 +166,9 @@ enum Scratch {
     AttnMl,      // [T, nh, splits, 2] f32
     AttnAcc,     // [T, nh, splits, hd] f32
     Xs,          // [P, H] rows of x in expert order
+    AttnDone,    // [T, head groups] u32 split counters, zero between launches (`zeroed_scratch`)
 }
-const N_SCRATCH: usize = 16;
+const N_SCRATCH: usize = 17;
 
 /// A grow-only device buffer that remembers what was last uploaded into it.
 #[derive(Default)]
@@ -563,6 +566,22 @@ impl CudaBackend {
         Ok(out)
     }
 
+    /// Device pointer of scratch slot `kind` of at least `bytes`, zeroed whenever it is (re)allocated:
+    /// for counters that the kernels using them leave at zero (attention_decode's split counters),
+    /// so that no launch has to clear them. Only those kernels may write such a slot.
+    fn zeroed_scratch(&self, kind: Scratch, bytes: usize) -> Result<u64> {
+        let mut slots = lock(&self.scratch)?;
+        let slot = &mut slots[kind as usize];
+        let before = slot.mem.as_ref().map_or(0, |m| m.bytes);
+        let ptr = self.grow(slot, bytes)?;
+        let cap = slot.mem.as_ref().map_or(0, |m| m.bytes);
+        // Growing always changes the capacity (a power of two above the old one).
+        if cap != before {
+            self.gpu.memset_zero(ptr, cap)?;
+        }
+        Ok(ptr)
+    }
+
     /// Host bytes of `t` in the compute dtype (converted once here when stored differently).
     fn host_bytes(&self, t: &HostTensor, dtype: DType) -> HostTensor {
         t.to_dtype(dtype)
@@ -640,7 +659,8 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// (kernel, grid, dynamic shared memory) of a decode-GEMV launch over `rows` weight rows, with
+    /// (kernel, grid, dynamic shared memory) of a decode-GEMV launch over `rows` weight rows (a warp's
+    /// work each; for moe_down_combine MOE_DOWN_WARPS per output element), with
     /// `t` rows of x per weight row and `x_elems` elements of x read by every block: x is staged in
     /// shared memory when it fits `GEMV_SMEM_X`; the grid fills the GPU once (persistent kernels).
     fn gemv_plan(&self, family: &[&'static str], t: usize, x_elems: usize, rows: usize) -> Result<(&'static str, (u32, u32, u32), u32)> {
@@ -760,17 +780,16 @@ impl CudaBackend {
         }
         self.gpu.launch("moe", "moe_route", (blocks(t, 4), 1, 1), 128, 0, args![probs, ids, weights, ti, ei, ki, renorm, e0, held])?;
         if self.moe_decode_fits(x, moe) {
-            // Decode: GEMVs over the (pair, expert row) rows of the chosen experts only — no sort,
-            // every warp busy — and the combine in pair order. Gate/up norm the stored residual.
+            // Decode: GEMVs over the rows of the chosen experts only (no sort, every warp busy):
+            // gate·up·SwiGLU per (pair, expert row), then the down projection with the weighted
+            // combine in it, MOE_DOWN_WARPS warps per output element. Gate/up norm the stored residual.
             let (gp, upp, dp) = (moe.gate.ptr, moe.up.ptr, moe.down.ptr);
             let (name, grid, smem) = self.gemv_plan(&MOE_GEMV_SWIGLU, 1, t * h, p * inter)?;
             let xin = if nw != 0 { x_out } else { xp };
             self.gpu.launch("matmul", name, grid, 256, smem, args![act, xin, gp, upp, ids, ki, pi, ii, hi, nw, eps])?;
-            let (name, grid, smem) = self.gemv_plan(&MOE_GEMV, 1, p * inter, p * h)?;
-            let one = 1i32;
-            self.gpu.launch("matmul", name, grid, 256, smem, args![y, act, dp, ids, one, pi, pi, hi, ii])?;
-            let (o, null) = (out.mem.ptr, 0u64);
-            return self.gpu.launch("moe", "moe_combine", (self.vec_blocks(h), t as u32, 1), 256, 0, args![o, y, null, weights, ki, hi]);
+            let (name, grid, smem) = self.gemv_plan(&MOE_DOWN_COMBINE, 1, p * inter, t * h * MOE_DOWN_WARPS)?;
+            let o = out.mem.ptr;
+            return self.gpu.launch("matmul", name, grid, 256, smem, args![o, act, dp, ids, weights, ti, ki, hi, ii]);
         }
         if self.moe_cublas.load(std::sync::atomic::Ordering::Relaxed) && self.gpu.note(|h| h)? == Mode::Eager {
             match self.moe_grouped_cublas(out, x, moe, [ids, weights, sorted, pair_pos, tile_e, tile_row0, tile_rows, g, u, act, y]) {
@@ -803,11 +822,12 @@ impl CudaBackend {
     }
 
     /// Decode attention, if this batch (at most GEMV_MAX_ROWS rows) and head shape have a kernel:
-    /// a block per (KV head, G of its query heads, row, split of the keys), then a merge of the
-    /// splits when there are several. G = 8 reads each K/V row once for up to 8 heads (long
-    /// contexts); below 1,024 keys the reads are few and G = 2 gives more, lighter blocks (RESULTS.md
-    /// run 13). With `rope` (one row per sequence) the `_rope` kernel, which also does
-    /// qk_norm_rope_append's work. Ok(false): no such kernel (or `rope` from 1,024 keys on), nothing launched.
+    /// a block per (KV head, G of its query heads, row, split of the keys); with several splits the
+    /// last block of each (heads, row) to finish merges them (one launch either way). G = 8 reads
+    /// each K/V row once for up to 8 heads (long contexts); below 1,024 keys the reads are few and
+    /// G = 2 gives more, lighter blocks (RESULTS.md run 13). With `rope` (one row per sequence) the
+    /// `_rope` kernel, which also does qk_norm_rope_append's work. Ok(false): no such kernel (or
+    /// `rope` from 1,024 keys on), nothing launched.
     fn decode_attention(&self, out: &CudaBuf, q: &CudaBuf, kv: &CudaKv, batch: &BatchInfo, shape: AttnShape,
         rope: Option<RopeArgs>) -> Result<bool> {
         let (nh, hd, t) = (shape.n_heads, shape.head_dim, q.rows);
@@ -824,20 +844,18 @@ impl CudaBackend {
         };
         let (_, ctx, table_at, tables) = self.batch_meta(batch, kv)?;
         let (o, qp, kc, vc) = (out.mem.ptr, q.mem.ptr, kv.k.ptr, kv.v.ptr);
-        let (nhi, nkv, hdi, bs, kvd) = (nh as i32, shape.n_kv_heads as i32, hd as i32, kv.block_size as i32, kv.kv_dim as i32);
+        let (nhi, nkv, bs, kvd) = (nh as i32, shape.n_kv_heads as i32, kv.block_size as i32, kv.kv_dim as i32);
         let scale = 1.0 / (hd as f32).sqrt();
         let group_blocks = nh / g;
         let splits = self.decode_splits(longest, group_blocks * t);
         let [ml, acc] = self.scratch([(Scratch::AttnMl, t * nh * splits * 8), (Scratch::AttnAcc, t * nh * splits * hd * 4)])?;
+        let done = self.zeroed_scratch(Scratch::AttnDone, t * group_blocks * 4)?;
         let grid = (group_blocks as u32, t as u32, splits as u32);
         match rope {
-            None => self.gpu.launch("attention", name, grid, 128, 0, args![o, ml, acc, qp, kc, vc, ctx, table_at, tables, nhi, nkv, bs, kvd, scale])?,
+            None => self.gpu.launch("attention", name, grid, 128, 0,
+                args![o, ml, acc, done, qp, kc, vc, ctx, table_at, tables, nhi, nkv, bs, kvd, scale])?,
             Some(RopeArgs { k, v, q_norm, k_norm, rope, positions, eps }) => self.gpu.launch("attention", name, grid, 128, 0,
-                args![o, ml, acc, qp, kc, vc, ctx, table_at, tables, nhi, nkv, bs, kvd, scale, k, v, q_norm, k_norm, rope, positions, eps])?,
-        }
-        if splits > 1 {
-            let si = splits as i32;
-            self.gpu.launch("attention", "attention_combine", (nh as u32, t as u32, 1), 128, 0, args![o, ml, acc, nhi, hdi, si])?;
+                args![o, ml, acc, done, qp, kc, vc, ctx, table_at, tables, nhi, nkv, bs, kvd, scale, k, v, q_norm, k_norm, rope, positions, eps])?,
         }
         Ok(true)
     }

@@ -82,30 +82,31 @@ __device__ __forceinline__ void row_dot(float* acc, const act_t* wrow, const act
     }
 }
 
-// Lane partial sums of two consecutive weight rows (w0, w0 + K) · one x row, loads of both in flight:
-// for short K (the MoE down projection, K = 768 on Qwen3-30B-A3B), where one row gives a lane only
-// K / 256 loads (1.39x, gemv_variants.py `vp_ld1_r2_u4` against the one-row kernel, RESULTS.md run 15).
-#define GV2_UNROLL 4
-template <bool XS>
-__device__ __forceinline__ void row_dot2(float& a0, float& a1, const act_t* w0, const act_t* x, int kv) {
-    const uint4* wr0 = reinterpret_cast<const uint4*>(w0);
-    const uint4* wr1 = wr0 + kv;
-    const uint4* xr = reinterpret_cast<const uint4*>(x);
-    for (int i0 = threadIdx.x & 31; i0 < kv; i0 += 32 * GV2_UNROLL) {
-        uint4 v0[GV2_UNROLL], v1[GV2_UNROLL];
+// Lane partial sums a[r] += x[r] · w[r] for NR rows of K = kv * VEC from anywhere (row r skipped where
+// w[r] is null), the next RD_UNROLL 16-byte loads of every row issued before any is used: for short rows
+// (the MoE down projection, K = 768 on Qwen3-30B-A3B), where one row at a time gives a lane too few
+// loads in flight (two rows: 1.39x, gemv_variants.py `vp_ld1_r2_u4` against one, RESULTS.md run 15).
+// RD_UNROLL 3: Qwen3's expert rows (768, 1536) are 3 or 6 loads a lane in bf16, none predicated off.
+// A row's lane sum adds its vectors in row_dot's order: the same bits.
+#define RD_UNROLL 3
+template <int NR, bool XS>
+__device__ __forceinline__ void rows_dot(float* a, const act_t* const* w, const act_t* const* x, int kv) {
+    for (int i0 = threadIdx.x & 31; i0 < kv; i0 += 32 * RD_UNROLL) {
+        uint4 v[NR][RD_UNROLL];
 #pragma unroll
-        for (int u = 0; u < GV2_UNROLL; u++) {
-            int i = i0 + u * 32;
-            v0[u] = i < kv ? ld_weight(wr0 + i) : make_uint4(0u, 0u, 0u, 0u);
-            v1[u] = i < kv ? ld_weight(wr1 + i) : make_uint4(0u, 0u, 0u, 0u);
+        for (int r = 0; r < NR; r++) {
+#pragma unroll
+            for (int u = 0; u < RD_UNROLL; u++) {
+                int i = i0 + u * 32;
+                v[r][u] = w[r] && i < kv ? ld_weight(reinterpret_cast<const uint4*>(w[r]) + i) : make_uint4(0u, 0u, 0u, 0u);
+            }
         }
 #pragma unroll
-        for (int u = 0; u < GV2_UNROLL; u++) {
-            int i = i0 + u * 32;
-            if (i < kv) {
-                uint4 xv = ld_x<XS>(xr + i);
-                a0 += dot_vec(v0[u], xv);
-                a1 += dot_vec(v1[u], xv);
+        for (int r = 0; r < NR; r++) {
+#pragma unroll
+            for (int u = 0; u < RD_UNROLL; u++) {
+                int i = i0 + u * 32;
+                if (w[r] && i < kv) a[r] += dot_vec(v[r][u], ld_x<XS>(reinterpret_cast<const uint4*>(x[r]) + i));
             }
         }
     }
@@ -372,37 +373,8 @@ extern "C" __global__ void __launch_bounds__(256) grouped_gemm(act_t* out, const
 }
 
 // MoE decode: only the chosen experts' weights are read, with expert ids from device memory (no host
-// sync, no sorting). Pair p = t*k + s (moe_route's order); rows r = p * N + n over every pair. x has
-// x_rows rows of K (staged with XS); pair p reads x row p / src_div: src_div = k for the gate/up input
-// (row t of x), 1 for down (row p of the activations). w is [E, N, K].
-template <bool XS>
-__device__ __forceinline__ void moe_gemv_rows(act_t* out, const act_t* x, const act_t* w, const int* ids, int src_div,
-    int x_rows, int P, int N, int K) {
-    grid_dependency();  // the expert ids come from the kernel ahead: nothing to prefetch
-    const act_t* xs = stage_input<1, XS>(x, x_rows, K);
-    int lane = threadIdx.x & 31;
-    if (N % 2 == 0 && K <= 1024) {
-        // Short rows: a warp takes two of them (same pair, as N is even).
-        for (int r = 2 * warp_id_global(); r < P * N; r += 2 * warps_global()) {
-            int p = r / N, n = r % N;
-            if (ids[p] < 0) continue;  // another rank's expert (expert parallelism)
-            float a0 = 0.f, a1 = 0.f;
-            row_dot2<XS>(a0, a1, w + ((size_t)ids[p] * N + n) * K, xs + (size_t)(p / src_div) * K, K / VEC);
-            a0 = warp_sum(a0);
-            a1 = warp_sum(a1);
-            if (lane == 0) { out[(size_t)p * N + n] = from_f(a0); out[(size_t)p * N + n + 1] = from_f(a1); }
-        }
-        return;
-    }
-    for (int r = warp_id_global(); r < P * N; r += warps_global()) {
-        int p = r / N, n = r % N;
-        if (ids[p] < 0) continue;  // another rank's expert (expert parallelism)
-        float acc[1] = {0.f};
-        row_dot<1, XS>(acc, w + ((size_t)ids[p] * N + n) * K, xs + (size_t)(p / src_div) * K, 1, K / VEC);
-        float s = warp_sum(acc[0]);
-        if (lane == 0) out[(size_t)p * N + n] = from_f(s);
-    }
-}
+// sync, no sorting). Pair p = t*k + s (moe_route's order); ids [P] local expert ids, -1 for other ranks'
+// experts (expert parallelism), skipped. Weights are [E, N, K].
 
 // The experts' first half for decode: act [P, N] = swiglu(x[p / k] · gate[e]ᵀ, x[p / k] · up[e]ᵀ)
 // rounded as grouped_gemm, grouped_gemm, swiglu. x is [T, K] with T = P / k; with nw (XS only) the rows
@@ -426,10 +398,68 @@ __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x,
     }
 }
 
+// The experts' second half and the weighted combine for decode: out [T, N], out[t, n] = Σ_s round(weight[t,s]
+// * round(act[t*k + s] · w[ids[t*k + s]] row n)) accumulated and rounded in slot order, slots of weight 0
+// skipped (other ranks' experts, id -1, have weight 0): what a GEMV into y [P, N] and moe_combine (moe.cu)
+// compute, bit for bit, in one launch. MD_WPO warps own an output (t, n): warp j takes slots j, j + MD_WPO,
+// ..., MD_SLOTS at a time with all their loads in flight (on Qwen3-30B-A3B the 8 rows are 1.5 KB each, in
+// 8 experts); the rounded products meet in shared memory, where the output's first warp adds them up.
+// act is [T*k, K] (staged with XS). Persistent grid: a pass of the block takes MD_OUTS outputs; 256 threads.
+#define MD_WPO 2
+#define MD_SLOTS 4
+#define MD_OUTS (256 / 32 / MD_WPO)
+#define MD_MAX_TOP_K 32  // MAX_TOP_K in moe.cu
+template <bool XS>
+__device__ __forceinline__ void moe_down_combine_rows(act_t* out, const act_t* act, const act_t* w, const int* ids,
+    const float* weights, int T, int k, int N, int K) {
+    __shared__ float ys[2][MD_OUTS][MD_MAX_TOP_K];  // by pass parity: one barrier a pass keeps reads and writes apart
+    grid_dependency();  // the expert ids come from the kernels ahead: nothing to prefetch
+    const act_t* xs = stage_input<1, XS>(act, T * k, K);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, j = warp % MD_WPO, mine = warp / MD_WPO;
+    int pass = 0;
+    for (int o0 = blockIdx.x * MD_OUTS; o0 < T * N; o0 += gridDim.x * MD_OUTS, pass ^= 1) {  // block-uniform
+        const int o = o0 + mine, t = o / N, n = o % N;
+        const bool live = o < T * N;
+        int id = -1;  // lane s: slot s's expert and weight
+        float wt = 0.f;
+        if (live && lane < k) { id = ids[t * k + lane]; wt = weights[t * k + lane]; }
+        for (int s0 = j; live && s0 < k; s0 += MD_WPO * MD_SLOTS) {
+            const act_t* wr[MD_SLOTS];
+            const act_t* xr[MD_SLOTS];
+            float a[MD_SLOTS];
+#pragma unroll
+            for (int r = 0; r < MD_SLOTS; r++) {
+                int s = s0 + r * MD_WPO;
+                int e = __shfl_sync(0xffffffffu, id, s & 31);
+                bool used = s < k && __shfl_sync(0xffffffffu, wt, s & 31) != 0.f;
+                wr[r] = used ? w + ((size_t)e * N + n) * K : nullptr;
+                xr[r] = used ? xs + (size_t)(t * k + s) * K : xs;
+                a[r] = 0.f;
+            }
+            rows_dot<MD_SLOTS, XS>(a, wr, xr, K / VEC);
+#pragma unroll
+            for (int r = 0; r < MD_SLOTS; r++) {
+                if (!wr[r]) continue;  // warp-uniform
+                float y = rnd(warp_sum(a[r]));
+                if (lane == 0) ys[pass][mine][s0 + r * MD_WPO] = y;
+            }
+        }
+        __syncthreads();
+        if (live && j == 0) {
+            float acc = 0.f;
+            for (int s = 0; s < k; s++) {
+                float ws = __shfl_sync(0xffffffffu, wt, s);
+                if (ws != 0.f) acc = rnd(acc + rnd(ys[pass][mine][s] * ws));
+            }
+            if (lane == 0) out[(size_t)t * N + n] = from_f(acc);
+        }
+    }
+}
+
 #define MOE_GEMV_FAMILY(SUF, XS)                                                                                 \
-    extern "C" __global__ void __launch_bounds__(256) moe_gemv##SUF(act_t* out, const act_t* x, const act_t* w,     \
-        const int* ids, int src_div, int x_rows, int P, int N, int K) {                                            \
-        moe_gemv_rows<XS>(out, x, w, ids, src_div, x_rows, P, N, K); }                                              \
+    extern "C" __global__ void __launch_bounds__(256) moe_down_combine##SUF(act_t* out, const act_t* act,           \
+        const act_t* w, const int* ids, const float* weights, int T, int k, int N, int K) {                        \
+        moe_down_combine_rows<XS>(out, act, w, ids, weights, T, k, N, K); }                                         \
     extern "C" __global__ void __launch_bounds__(256) moe_gemv_swiglu##SUF(act_t* act, const act_t* x,             \
         const act_t* gate, const act_t* up, const int* ids, int k, int P, int N, int K, const act_t* nw, float eps) { \
         moe_gemv_swiglu_rows<XS>(act, x, gate, up, ids, k, P, N, K, nw, eps); }
