@@ -139,7 +139,10 @@ def test_cuda_graph_replay_gives_the_eager_tokens(case, monkeypatch):
     """Decode steps replayed as CUDA graphs (the default) give exactly the tokens of the eager path
     (QWEN3RS_CUDA_GRAPHS=0): one sequence (warm-up, capture, replays), a batch of three, a second
     request after a prefill, and a context crossing the split-KV threshold (the graph must be
-    recaptured, not replayed with a stale launch shape)."""
+    recaptured, not replayed with a stale launch shape). Replays are prepared a step ahead (the
+    host's dry pass overlaps the previous step): also sampled tokens (the prepared step gets its ids
+    late), stop tokens that end a sequence with a step prepared for it, and a batch whose sequences
+    end at different steps (a prepared step of three rows, then steps of two and one)."""
     def run(flag):
         monkeypatch.setenv("QWEN3RS_CUDA_GRAPHS", flag)
         m = qwen3rs.load(FIXTURES / case, device="cuda", dtype="bfloat16", progress=False)
@@ -151,8 +154,16 @@ def test_cuda_graph_replay_gives_the_eager_tokens(case, monkeypatch):
         # launch shape, so the graph is recaptured).
         out.append(m.generate([(i * 37) % 1000 + 1 for i in range(500)], max_new_tokens=30, **kw).token_ids)
         out.append(m.generate([3, 14, 15, 92, 65], max_new_tokens=40, **kw).token_ids)
+        sampled = dict(raw=True, temperature=0.9, top_p=0.95, seed=11, ignore_eos=True)
+        out.append(m.generate([5, 6, 7], max_new_tokens=30, **sampled).token_ids)
+        stop = out[0][12:14]  # greedy tokens of the first request: it stops early, the same way again
+        out.append(m.generate([3, 14, 15, 92, 65], max_new_tokens=40, stop_token_ids=stop, **kw).token_ids)
+        ends = [x.token_ids for x in m.generate([[3, 14, 15, 92, 65], [2, 4], [8] * 9], max_new_tokens=30,
+                                                stop_token_ids=stop, **kw)]
+        out += ends + [m.generate([1, 2, 3], max_new_tokens=10, **kw).token_ids]
         return out
     eager, graphed = run("0"), run("1")
+    assert len(eager[-5]) < 40, "the stop token ends the request early"
     assert graphed == eager
 
 

@@ -276,10 +276,22 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// Run `body`, one decode forward of `rows` rows (one token per sequence) that launches only
     /// on this backend. A GPU backend may record it once per `rows` as a CUDA graph and replay it
     /// on later steps (`body` then still runs on the host, for its checks and metadata, but
-    /// launches nothing). The default just runs it.
-    fn decode_step(&self, rows: usize, body: &mut dyn FnMut() -> Result<()>) -> Result<()> {
-        let _ = rows;
+    /// launches nothing). `prepared`: this step is the one `prepare_decode_step` was last given,
+    /// with these input ids now known — the backend may launch it without running `body` again.
+    /// The default just runs it.
+    fn decode_step(&self, rows: usize, prepared: Option<&[u32]>, body: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        let _ = (rows, prepared);
         body()
+    }
+
+    /// The host's part of the next decode step, done while the current one runs on the device:
+    /// `body` is that step's forward with its input ids not known yet (any valid ids stand in);
+    /// nothing may launch. Returns whether the step was prepared; the caller then passes its ids
+    /// to `decode_step` as `prepared`, and must not do so unless that step's batch is this one's
+    /// but for the ids. The default prepares nothing.
+    fn prepare_decode_step(&self, rows: usize, body: &mut dyn FnMut() -> Result<()>) -> Result<bool> {
+        let _ = (rows, body);
+        Ok(false)
     }
 
     /// Greedy choice per row of `logits` [R, V]: the index of the largest value, NaN counting as

@@ -137,6 +137,9 @@ pub struct Engine<B: Backend> {
     next_session: u64,
     /// Sequences the cache is sized for: a larger batch runs in waves of this many.
     max_seqs: usize,
+    /// The decode step the backend has prepared (`prepare_decode_step`), as (sequence, position)
+    /// of each row: valid for the next step of the same `run` if it feeds exactly these.
+    prepared: Option<Vec<(usize, usize)>>,
 }
 
 impl<B: Backend> Engine<B> {
@@ -144,7 +147,8 @@ impl<B: Backend> Engine<B> {
     pub fn new(model: Model<B>, tokenizer: Option<Tokenizer>, max_seqs: usize) -> Result<Self> {
         let c = &model.config;
         let cache = KvCache::new(&model.backend, c.num_hidden_layers, c.kv_dim(), model.max_seq_len, max_seqs)?;
-        Ok(Engine { model, tokenizer, cache, scratch: None, decode_scratch: None, sessions: HashMap::new(), next_session: 1, max_seqs })
+        Ok(Engine { model, tokenizer, cache, scratch: None, decode_scratch: None, sessions: HashMap::new(), next_session: 1, max_seqs,
+            prepared: None })
     }
 
     /// Start a conversation whose cache is kept between requests (pass its id in `GenRequest::session`).
@@ -277,6 +281,34 @@ impl<B: Backend> Engine<B> {
         Ok(seqs.into_iter().map(Self::output).collect())
     }
 
+    /// While a decode step runs on the device, do the host's part of the next one (the backend's
+    /// dry pass over it): the same sequences one position on, their tokens not sampled yet. Not
+    /// when a sequence may not take another token (max_new_tokens, max_seq_len, a full cache); a
+    /// sequence that stops on the token sampled now just leaves the preparation unused.
+    fn prepare_next(&mut self, seqs: &mut [Sequence], chosen: &[(usize, usize)]) -> Result<()> {
+        for &(i, _) in chosen {
+            let s = &mut seqs[i];
+            // The token sampled now is generated[len]; the next step feeds it and samples one more.
+            let next_len = s.cache.len + 1;
+            if s.generated.len() + 2 > s.request.max_new_tokens || self.cache.reserve(&mut s.cache, next_len).is_err() {
+                return Ok(());
+            }
+        }
+        let tokens = vec![0u32; chosen.len()];
+        let positions: Vec<u32> = chosen.iter().map(|&(i, _)| seqs[i].cache.len as u32).collect();
+        let slots = chosen.iter().enumerate()
+            .map(|(r, &(i, _))| SeqSlot { rows: r..r + 1, start_pos: seqs[i].cache.len, blocks: &seqs[i].cache.blocks })
+            .collect();
+        let batch = BatchInfo { tokens: &tokens, positions: &positions, seqs: slots, block_size: BLOCK_SIZE };
+        let logit_rows: Vec<u32> = (0..chosen.len() as u32).collect();
+        let s = self.decode_scratch.as_mut().expect("a decode step fitted it");
+        let (model, cache) = (&self.model, &mut self.cache);
+        if model.backend.prepare_decode_step(tokens.len(), &mut || model.forward(&batch, cache, s, &logit_rows))? {
+            self.prepared = Some(chosen.iter().map(|&(i, _)| (i, seqs[i].cache.len)).collect());
+        }
+        Ok(())
+    }
+
     /// A session request reuses the cached tokens its prompt starts with; the rest is prefilled.
     fn take_session_prefix(&mut self, r: &GenRequest) -> (SeqCache, usize) {
         let Some(session) = r.session.and_then(|id| self.sessions.get_mut(&id)) else { return (SeqCache::default(), 0) };
@@ -326,10 +358,14 @@ impl<B: Backend> Engine<B> {
     }
 
     fn run(&mut self, seqs: &mut [Sequence], budget_text: &[u32], on_delta: &mut EventSink) -> Result<()> {
-        while seqs.iter().any(|s| s.finish.is_none()) {
-            self.step(seqs, budget_text, on_delta)?;
+        // A prepared step names sequences by their index in `seqs`: it never outlives one run.
+        self.prepared = None;
+        let mut result = Ok(());
+        while result.is_ok() && seqs.iter().any(|s| s.finish.is_none()) {
+            result = self.step(seqs, budget_text, on_delta);
         }
-        Ok(())
+        self.prepared = None;
+        result
     }
 
     /// One forward pass: prompt chunks if any sequence still has prompt left, else one token each.
@@ -370,11 +406,15 @@ impl<B: Backend> Engine<B> {
         let s = scratch.as_mut().expect("fitted above");
         // 3. Forward, then advance every fed sequence. A decode step (one token per sequence) goes
         //    through `decode_step`, so a GPU backend can replay it as one CUDA graph.
+        //    Its host part may have run already, during the previous step (`prepare_next`).
+        let prepared = self.prepared.take();
         if prefilling {
             self.model.forward(&batch, &mut self.cache, s, &logit_rows)?;
         } else {
+            let fed: Vec<(usize, usize)> = chosen.iter().map(|&(i, _)| (i, seqs[i].cache.len)).collect();
+            let ids = (prepared == Some(fed)).then_some(&tokens[..]);
             let (model, cache) = (&self.model, &mut self.cache);
-            model.backend.decode_step(tokens.len(), &mut || model.forward(&batch, cache, s, &logit_rows))?;
+            model.backend.decode_step(tokens.len(), ids, &mut || model.forward(&batch, cache, s, &logit_rows))?;
         }
         for &(i, n) in &chosen {
             let seq = &mut seqs[i];
@@ -386,6 +426,10 @@ impl<B: Backend> Engine<B> {
         if logit_rows.is_empty() {
             return Ok(());
         }
+        if !prefilling {
+            self.prepare_next(seqs, &chosen)?;
+        }
+        let s = if prefilling { &self.scratch } else { &self.decode_scratch }.as_ref().expect("fitted above");
         // 4. Choose one token for each sequence that produced logits; check its stop conditions.
         //    When every one is plain greedy (no penalties, no logprobs, nothing forced) the backend
         //    picks the argmax itself and only R ids come back, not R × V logits.

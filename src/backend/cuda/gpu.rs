@@ -139,6 +139,30 @@ impl Drop for PinnedMem {
     }
 }
 
+/// A CUDA event (no timing): marks a point of the stream the host can wait for; destroyed on drop.
+pub struct Event {
+    ev: sys::CUevent,
+    ctx: Arc<CudaContext>,
+}
+// SAFETY: event handles may be used from any thread with the context bound.
+unsafe impl Send for Event {}
+
+impl Event {
+    /// Block until the work queued before the last `Gpu::record` of this event has run.
+    pub fn wait(&self) -> Result<()> {
+        // SAFETY: `ev` is a live event of this context.
+        unsafe { sys::cuEventSynchronize(self.ev) }.result().map_err(|e| drv_err("waiting for the GPU", e))
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: created by `Gpu::event`, destroyed once.
+        let _ = unsafe { sys::cuEventDestroy_v2(self.ev) };
+    }
+}
+
 /// An instantiated CUDA graph (and the graph it came from); destroyed on drop.
 pub struct Graph {
     exec: sys::CUgraphExec,
@@ -403,6 +427,23 @@ impl Gpu {
             return Err(drv_err("instantiating a CUDA graph", e));
         }
         Ok(Graph { exec, graph, ctx: self.ctx.clone() })
+    }
+
+    /// A new event (recorded nowhere yet: waiting on it returns at once).
+    pub fn event(&self) -> Result<Event> {
+        self.bind()?;
+        let mut ev: sys::CUevent = std::ptr::null_mut();
+        // SAFETY: the context is bound; `ev` is a valid out-pointer, owned by the Event.
+        unsafe { sys::cuEventCreate(&mut ev, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32) }.result()
+            .map_err(|e| drv_err("creating a CUDA event", e))?;
+        Ok(Event { ev, ctx: self.ctx.clone() })
+    }
+
+    /// Mark the current end of the stream with `ev`.
+    pub fn record(&self, ev: &Event) -> Result<()> {
+        self.bind()?;
+        // SAFETY: `ev` is a live event of this context; the stream is live.
+        unsafe { sys::cuEventRecord(ev.ev, self.h.stream) }.result().map_err(|e| drv_err("recording a CUDA event", e))
     }
 
     /// Queue one run of `graph` on the stream.

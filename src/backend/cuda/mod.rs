@@ -175,8 +175,9 @@ const N_SCRATCH: usize = 17;
 struct Slot {
     mem: Option<DevMem>,
     host: Vec<u8>,
-    /// Graph modes: the staging copy the graph's copy node reads (as large as `mem`).
-    pinned: Option<PinnedMem>,
+    /// Graph modes: the staging copy the graph's copy node reads (as large as `mem` was when it was
+    /// made), one per graph parity (`Graphs`).
+    pinned: [Option<PinnedMem>; 2],
     /// Graph modes: bytes written in the current forward (None: not yet written in it).
     written: Option<usize>,
 }
@@ -213,7 +214,19 @@ struct RopeArgs {
 /// before it has to grow (which drops the graph once).
 const GRAPH_TABLES_MIN_BYTES: usize = 4096;
 
-/// What `decode_step` knows about one batch size.
+/// Decode-step CUDA graphs. Each batch size has two, one per parity, each reading the metadata
+/// staging of its parity, and launches alternate parities: so the host can fill one parity's
+/// staging (the next step's dry pass, `prepare_decode_step`) while the other parity's graph runs.
+struct Graphs {
+    /// By (rows, parity).
+    by_rows: HashMap<(usize, usize), GraphState>,
+    /// A prepared next step (its rows; its parity is the current one).
+    prepared: Option<usize>,
+    /// Recorded after each launch of a parity's graph: once passed, its staging may be rewritten.
+    done: [gpu::Event; 2],
+}
+
+/// What `decode_step` knows about one batch size and parity.
 enum GraphState {
     /// Ran eagerly once: capture on the next step.
     Warm,
@@ -228,8 +241,13 @@ pub struct CudaBackend {
     ordinal: usize,
     meta: Mutex<Vec<Slot>>,
     scratch: Mutex<Vec<Slot>>,
-    /// Decode graphs by batch size (None: graphs off).
-    graphs: Option<Mutex<HashMap<usize, GraphState>>>,
+    /// Decode graphs (None: graphs off).
+    graphs: Option<Mutex<Graphs>>,
+    /// The parity of the next graph step: whose staging graph-mode metadata goes to.
+    parity: std::sync::atomic::AtomicUsize,
+    /// Decode steps prepared while the previous one runs (`prepare_decode_step`);
+    /// `QWEN3RS_CUDA_PIPELINE=0` does each step's dry pass just before its launch.
+    pipeline: bool,
     /// Set when a graph-mode forward did something a graph can't replay.
     graph_bad: std::sync::atomic::AtomicBool,
     /// `QWEN3RS_CUDA_TRACE=1`: host time of each graph replay's parts, reported every 100 replays.
@@ -342,9 +360,14 @@ impl CudaBackend {
             other => other,
         })?;
         let slots = |n| (0..n).map(|_| Slot::default()).collect::<Vec<_>>();
-        let graphs = graphs_enabled().then(|| Mutex::new(HashMap::new()));
+        let graphs = if graphs_enabled() {
+            Some(Mutex::new(Graphs { by_rows: HashMap::new(), prepared: None, done: [gpu.event()?, gpu.event()?] }))
+        } else {
+            None
+        };
         let trace = std::env::var_os("QWEN3RS_CUDA_TRACE").is_some() && !env_off("QWEN3RS_CUDA_TRACE");
-        Ok(CudaBackend { gpu, ordinal, meta: Mutex::new(slots(N_META)), scratch: Mutex::new(slots(N_SCRATCH)), graphs,
+        Ok(CudaBackend { gpu, ordinal, meta: Mutex::new(slots(N_META)), scratch: Mutex::new(slots(N_SCRATCH)), graphs, parity: 0.into(),
+            pipeline: !env_off("QWEN3RS_CUDA_PIPELINE"),
             graph_bad: Default::default(), replay_trace: trace.then(Default::default), fused: !env_off("QWEN3RS_CUDA_FUSED"),
             rope_attn: !env_off("QWEN3RS_CUDA_ROPE_ATTN"),
             split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"), tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"),
@@ -428,7 +451,8 @@ impl CudaBackend {
     fn meta_graph(&self, kind: Meta, bytes: &[u8], mode: Mode) -> Result<u64> {
         let mut slots = lock(&self.meta)?;
         let slot = &mut slots[kind as usize];
-        if let (Some(n), Some(pinned), Some(mem)) = (slot.written, slot.pinned.as_ref(), slot.mem.as_ref()) {
+        let par = self.parity.load(std::sync::atomic::Ordering::Relaxed);
+        if let (Some(n), Some(pinned), Some(mem)) = (slot.written, slot.pinned[par].as_ref(), slot.mem.as_ref()) {
             if pinned.as_slice()[..n.min(pinned.bytes)] != *bytes {
                 self.graph_bad.store(true, std::sync::atomic::Ordering::Relaxed);
             }
@@ -436,20 +460,20 @@ impl CudaBackend {
         }
         let tables = matches!(kind, Meta::Tables);
         let want = if tables { (bytes.len() * 2).max(GRAPH_TABLES_MIN_BYTES) } else { bytes.len() };
-        if slot.pinned.as_ref().is_none_or(|p| p.bytes < bytes.len()) || slot.mem.as_ref().is_none_or(|m| m.bytes < want) {
+        if slot.pinned[par].as_ref().is_none_or(|p| p.bytes < bytes.len()) || slot.mem.as_ref().is_none_or(|m| m.bytes < want) {
             // Growing under a capture would free memory mid-capture: refuse, the caller falls back.
             if mode == Mode::Capture {
                 self.graph_bad.store(true, std::sync::atomic::Ordering::Relaxed);
                 crate::bail!(Device, "metadata slot grew during a CUDA graph capture");
             }
             self.gpu.sync()?; // nothing may still read the old staging buffer
-            slot.pinned = None;
+            slot.pinned[par] = None;
             let ptr = self.grow(slot, want)?;
             let cap = slot.mem.as_ref().map_or(0, |m| m.bytes);
-            slot.pinned = Some(self.gpu.alloc_pinned(cap)?);
+            slot.pinned[par] = Some(self.gpu.alloc_pinned(cap)?);
             let _ = ptr;
         }
-        let (pinned, mem) = (slot.pinned.as_mut().expect("allocated above"), slot.mem.as_ref().expect("grown above"));
+        let (pinned, mem) = (slot.pinned[par].as_mut().expect("allocated above"), slot.mem.as_ref().expect("grown above"));
         pinned.as_mut_slice()[..bytes.len()].copy_from_slice(bytes);
         let copy = if tables { pinned.bytes } else { bytes.len() };
         // The copy node's shape is part of what a replay must match.
@@ -466,6 +490,24 @@ impl CudaBackend {
         slot.written = Some(bytes.len());
         slot.host.clear(); // the eager path's "unchanged" shortcut no longer holds
         Ok(mem.ptr)
+    }
+
+    /// Launch a decode step's graph of parity `p`, mark its end, and make the other parity next.
+    fn launch_step(&self, graphs: &Graphs, graph: &Graph, p: usize) -> Result<()> {
+        self.gpu.launch_graph(graph)?;
+        self.gpu.record(&graphs.done[p])?;
+        self.parity.store(1 - p, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Overwrite the input ids in parity `p`'s staging (a prepared step's, whose dry pass had none).
+    fn set_staged_ids(&self, p: usize, ids: &[u32]) -> Result<()> {
+        let mut slots = lock(&self.meta)?;
+        let bytes: &[u8] = bytemuck::cast_slice(ids);
+        let staged = slots[Meta::Ids as usize].pinned[p].as_mut().filter(|s| s.bytes >= bytes.len());
+        let staged = staged.ok_or_else(|| Error::Device("a prepared decode step has no staging for its ids".into()))?;
+        staged.as_mut_slice()[..bytes.len()].copy_from_slice(bytes);
+        Ok(())
     }
 
     /// Forget what graph-mode forwards wrote (before and after each).
@@ -978,21 +1020,24 @@ impl Backend for CudaBackend {
         self.prefill_chunk
     }
 
-    fn decode_step(&self, rows: usize, body: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+    fn decode_step(&self, rows: usize, prepared: Option<&[u32]>, body: &mut dyn FnMut() -> Result<()>) -> Result<()> {
         let Some(graphs) = &self.graphs else { return body() };
         // Bigger batches use cuBLAS, which is left out of capture.
         if rows == 0 || rows > GEMV_MAX_ROWS {
             return body();
         }
         let mut graphs = lock(graphs)?;
-        match graphs.remove(&rows) {
+        let was_prepared = graphs.prepared.take() == Some(rows);
+        let p = self.parity.load(std::sync::atomic::Ordering::Relaxed);
+        match graphs.by_rows.remove(&(rows, p)) {
             None => {
                 body()?; // kernels load, scratch and metadata slots reach this shape's sizes
-                graphs.insert(rows, GraphState::Warm);
+                graphs.by_rows.insert((rows, 0), GraphState::Warm);
+                graphs.by_rows.insert((rows, 1), GraphState::Warm);
                 Ok(())
             }
             Some(GraphState::Never) => {
-                graphs.insert(rows, GraphState::Never);
+                graphs.by_rows.insert((rows, p), GraphState::Never);
                 body()
             }
             Some(GraphState::Warm) => {
@@ -1011,7 +1056,7 @@ impl Backend for CudaBackend {
                     let (r, hash, bad) = self.run_in_mode(Mode::Capture, body)?;
                     let graph = self.gpu.end_capture();
                     match (r, graph) {
-                        (Ok(()), Ok(graph)) if !bad => match self.gpu.launch_graph(&graph) {
+                        (Ok(()), Ok(graph)) if !bad => match self.launch_step(&graphs, &graph, p) {
                             Ok(()) => Ok((graph, hash)),
                             Err(e) => Err(e.to_string()),
                         },
@@ -1021,38 +1066,68 @@ impl Backend for CudaBackend {
                 };
                 match captured {
                     Ok((graph, hash)) => {
-                        graphs.insert(rows, GraphState::Ready(graph, hash));
+                        graphs.by_rows.insert((rows, p), GraphState::Ready(graph, hash));
                         Ok(())
                     }
                     Err(why) => {
                         eprintln!("qwen3rs: no CUDA graph for decode batches of {rows} ({why}); decoding them eagerly");
-                        graphs.insert(rows, GraphState::Never);
+                        graphs.by_rows.insert((rows, 0), GraphState::Never);
+                        graphs.by_rows.insert((rows, 1), GraphState::Never);
                         body()
                     }
                 }
             }
             Some(GraphState::Ready(graph, hash)) => {
                 let t0 = std::time::Instant::now();
-                // The previous replay must be done before its staging buffers are rewritten.
-                self.gpu.sync()?;
-                let t1 = std::time::Instant::now();
-                let (r, got, bad) = self.run_in_mode(Mode::Replay, body)?;
-                r?;
-                if bad || got != hash {
-                    // Something moved (scratch reallocated, a slot grew): recapture next step.
-                    drop(graph);
-                    graphs.insert(rows, GraphState::Warm);
-                    return body();
-                }
+                let t1 = match prepared.filter(|_| was_prepared) {
+                    // prepare_decode_step did the dry pass while the previous step ran; only the
+                    // input ids were unknown then.
+                    Some(ids) => {
+                        self.set_staged_ids(p, ids)?;
+                        t0
+                    }
+                    None => {
+                        // The last graph of this parity must be done with its staging first.
+                        graphs.done[p].wait()?;
+                        let t1 = std::time::Instant::now();
+                        let (r, got, bad) = self.run_in_mode(Mode::Replay, body)?;
+                        r?;
+                        if bad || got != hash {
+                            // Something moved (scratch reallocated, a slot grew): recapture next step.
+                            drop(graph);
+                            graphs.by_rows.insert((rows, p), GraphState::Warm);
+                            return body();
+                        }
+                        t1
+                    }
+                };
                 let t2 = std::time::Instant::now();
-                self.gpu.launch_graph(&graph)?;
-                graphs.insert(rows, GraphState::Ready(graph, hash));
+                self.launch_step(&graphs, &graph, p)?;
+                graphs.by_rows.insert((rows, p), GraphState::Ready(graph, hash));
                 if let Some(trace) = &self.replay_trace {
                     lock(trace)?.add([t1 - t0, t2 - t1, t2.elapsed()]);
                 }
                 Ok(())
             }
         }
+    }
+
+    fn prepare_decode_step(&self, rows: usize, body: &mut dyn FnMut() -> Result<()>) -> Result<bool> {
+        let Some(graphs) = self.graphs.as_ref().filter(|_| self.pipeline) else { return Ok(false) };
+        let mut graphs = lock(graphs)?;
+        graphs.prepared = None;
+        // The next step's parity (the current step's graph flipped it).
+        let p = self.parity.load(std::sync::atomic::Ordering::Relaxed);
+        let Some(GraphState::Ready(_, hash)) = graphs.by_rows.get(&(rows, p)) else { return Ok(false) };
+        let hash = *hash;
+        graphs.done[p].wait()?;
+        let (r, got, bad) = self.run_in_mode(Mode::Replay, body)?;
+        r?;
+        // A mismatch: the step itself finds it again and recaptures.
+        if !bad && got == hash {
+            graphs.prepared = Some(rows);
+        }
+        Ok(graphs.prepared.is_some())
     }
 
     fn alloc(&self, rows: usize, cols: usize) -> Result<CudaBuf> {
