@@ -166,9 +166,8 @@ enum Scratch {
     AttnMl,      // [T, nh, splits, 2] f32
     AttnAcc,     // [T, nh, splits, hd] f32
     Xs,          // [P, H] rows of x in expert order
-    AttnDone,    // [T, head groups] u32 split counters, zero between launches (`zeroed_scratch`)
 }
-const N_SCRATCH: usize = 17;
+const N_SCRATCH: usize = 16;
 
 /// A grow-only device buffer that remembers what was last uploaded into it.
 #[derive(Default)]
@@ -608,22 +607,6 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// Device pointer of scratch slot `kind` of at least `bytes`, zeroed whenever it is (re)allocated:
-    /// for counters that the kernels using them leave at zero (attention_decode's split counters),
-    /// so that no launch has to clear them. Only those kernels may write such a slot.
-    fn zeroed_scratch(&self, kind: Scratch, bytes: usize) -> Result<u64> {
-        let mut slots = lock(&self.scratch)?;
-        let slot = &mut slots[kind as usize];
-        let before = slot.mem.as_ref().map_or(0, |m| m.bytes);
-        let ptr = self.grow(slot, bytes)?;
-        let cap = slot.mem.as_ref().map_or(0, |m| m.bytes);
-        // Growing always changes the capacity (a power of two above the old one).
-        if cap != before {
-            self.gpu.memset_zero(ptr, cap)?;
-        }
-        Ok(ptr)
-    }
-
     /// Host bytes of `t` in the compute dtype (converted once here when stored differently).
     fn host_bytes(&self, t: &HostTensor, dtype: DType) -> HostTensor {
         t.to_dtype(dtype)
@@ -864,12 +847,11 @@ impl CudaBackend {
     }
 
     /// Decode attention, if this batch (at most GEMV_MAX_ROWS rows) and head shape have a kernel:
-    /// a block per (KV head, G of its query heads, row, split of the keys); with several splits the
-    /// last block of each (heads, row) to finish merges them (one launch either way). G = 8 reads
-    /// each K/V row once for up to 8 heads (long contexts); below 1,024 keys the reads are few and
-    /// G = 2 gives more, lighter blocks (RESULTS.md run 13). With `rope` (one row per sequence) the
-    /// `_rope` kernel, which also does qk_norm_rope_append's work. Ok(false): no such kernel (or
-    /// `rope` from 1,024 keys on), nothing launched.
+    /// a block per (KV head, G of its query heads, row, split of the keys), then a merge of the
+    /// splits when there are several. G = 8 reads each K/V row once for up to 8 heads (long
+    /// contexts); below 1,024 keys the reads are few and G = 2 gives more, lighter blocks (RESULTS.md
+    /// run 13). With `rope` (one row per sequence) the `_rope` kernel, which also does
+    /// qk_norm_rope_append's work. Ok(false): no such kernel (or `rope` from 1,024 keys on), nothing launched.
     fn decode_attention(&self, out: &CudaBuf, q: &CudaBuf, kv: &CudaKv, batch: &BatchInfo, shape: AttnShape,
         rope: Option<RopeArgs>) -> Result<bool> {
         let (nh, hd, t) = (shape.n_heads, shape.head_dim, q.rows);
@@ -886,18 +868,20 @@ impl CudaBackend {
         };
         let (_, ctx, table_at, tables) = self.batch_meta(batch, kv)?;
         let (o, qp, kc, vc) = (out.mem.ptr, q.mem.ptr, kv.k.ptr, kv.v.ptr);
-        let (nhi, nkv, bs, kvd) = (nh as i32, shape.n_kv_heads as i32, kv.block_size as i32, kv.kv_dim as i32);
+        let (nhi, nkv, hdi, bs, kvd) = (nh as i32, shape.n_kv_heads as i32, hd as i32, kv.block_size as i32, kv.kv_dim as i32);
         let scale = 1.0 / (hd as f32).sqrt();
         let group_blocks = nh / g;
         let splits = self.decode_splits(longest, group_blocks * t);
         let [ml, acc] = self.scratch([(Scratch::AttnMl, t * nh * splits * 8), (Scratch::AttnAcc, t * nh * splits * hd * 4)])?;
-        let done = self.zeroed_scratch(Scratch::AttnDone, t * group_blocks * 4)?;
         let grid = (group_blocks as u32, t as u32, splits as u32);
         match rope {
-            None => self.gpu.launch("attention", name, grid, 128, 0,
-                args![o, ml, acc, done, qp, kc, vc, ctx, table_at, tables, nhi, nkv, bs, kvd, scale])?,
+            None => self.gpu.launch("attention", name, grid, 128, 0, args![o, ml, acc, qp, kc, vc, ctx, table_at, tables, nhi, nkv, bs, kvd, scale])?,
             Some(RopeArgs { k, v, q_norm, k_norm, rope, positions, eps }) => self.gpu.launch("attention", name, grid, 128, 0,
-                args![o, ml, acc, done, qp, kc, vc, ctx, table_at, tables, nhi, nkv, bs, kvd, scale, k, v, q_norm, k_norm, rope, positions, eps])?,
+                args![o, ml, acc, qp, kc, vc, ctx, table_at, tables, nhi, nkv, bs, kvd, scale, k, v, q_norm, k_norm, rope, positions, eps])?,
+        }
+        if splits > 1 {
+            let si = splits as i32;
+            self.gpu.launch("attention", "attention_combine", (nh as u32, t as u32, 1), 128, 0, args![o, ml, acc, nhi, hdi, si])?;
         }
         Ok(true)
     }

@@ -93,16 +93,11 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attention(act_t* ou
 // from row_ctx so one launch shape serves every context length). Warp w takes keys lo + 4w ..
 // (AD_KB at a time, all their K and V loads issued before the first use), lane j holds head dims
 // j*ND .. j*ND+ND-1 (hd = 32 ND) with its q values in registers; online softmax per (warp, head); the
-// warps merge in shared memory. splits == 1: writes out; else each block writes its unnormalised
-// partial state ml [T, nh, splits, 2] = (max, sum of exp), acc [T, nh, splits, hd] (a split with no
-// keys writes l = 0), and the last block of (b, t) to finish merges the splits (merge_splits) and
-// writes out, so a split launch needs no merge launch after it (decode is launch-bound).
-// `counters` [T, nkv * group / G] counts the blocks of (b, t) done: zero before the launch, and
-// the last block sets its counter back to zero for the next launch (and graph replay).
-// grid (nkv * group / G, T, splits), AD_WARPS warps.
+// warps merge in shared memory. splits == 1: writes out; else the unnormalised partial state ml [T,
+// nh, splits, 2] = (max, sum of exp), acc [T, nh, splits, hd] for `attention_combine` (a split with no
+// keys writes l = 0). grid (nkv * group / G, T, splits), AD_WARPS warps.
 #define AD_WARPS 4
 #define AD_KB 4
-#define AD_MAX_SPLITS 128
 
 // What the decode kernel needs to do qk_norm_rope_append's work itself (the _rope kernels): the raw
 // k and v rows [T, nkv*HD] of this step, the norm weights, the f32 RoPE table and row t's position.
@@ -116,57 +111,9 @@ struct RopeIn {
     float eps;
 };
 
-// Heads h0 .. h0+G-1 of row t from the splits' partial states: out = Σ_s acc_s · e^(m_s − M) /
-// Σ_s l_s · e^(m_s − M) over the splits that saw keys (M: their largest m), a warp a head for the
-// split weights and their sum (lane-strided, then across the warp), each output's sum in split order.
-// Run by the block of (b, t) that finished last: the other blocks' partials, written during this
-// kernel, are read through L2 (__ldcg), not through the non-coherent cache load_nd uses (ld.global.nc
-// is only for data that nothing writes while the kernel runs).
-template <int G, int HD>
-__device__ __forceinline__ void merge_splits(act_t* out, const float* part_ml, const float* part_acc, int nh, int h0,
-    int t, int splits) {
-    constexpr int THREADS = AD_WARPS * 32, PER = (G * HD + THREADS - 1) / THREADS;  // outputs per thread
-    __shared__ float wsplit[G][AD_MAX_SPLITS], inv_total[G];
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int g = warp; g < G; g += AD_WARPS) {
-        const float* ml = part_ml + ((size_t)t * nh + h0 + g) * splits * 2;
-        float mx = -INFINITY;
-        for (int s = lane; s < splits; s += 32)
-            if (__ldcg(ml + 2 * s + 1) > 0.f) mx = fmaxf(mx, __ldcg(ml + 2 * s));
-        mx = warp_max(mx);
-        float total = 0.f;
-        for (int s = lane; s < splits; s += 32) {
-            float l = __ldcg(ml + 2 * s + 1);
-            float w = l > 0.f ? expf(__ldcg(ml + 2 * s) - mx) : 0.f;
-            wsplit[g][s] = w;
-            total += l * w;
-        }
-        total = warp_sum(total);
-        if (lane == 0) inv_total[g] = 1.f / total;
-    }
-    __syncthreads();
-    // A thread's PER outputs advance together, split by split: PER loads of each split in flight.
-    float a[PER];
-#pragma unroll
-    for (int e = 0; e < PER; e++) a[e] = 0.f;
-#pragma unroll 4
-    for (int s = 0; s < splits; s++) {
-#pragma unroll
-        for (int e = 0; e < PER; e++) {
-            int i = threadIdx.x + e * THREADS, g = i / HD, d = i % HD;
-            if (i < G * HD) a[e] += __ldcg(part_acc + (((size_t)t * nh + h0 + g) * splits + s) * HD + d) * wsplit[g][s];
-        }
-    }
-#pragma unroll
-    for (int e = 0; e < PER; e++) {
-        int i = threadIdx.x + e * THREADS, g = i / HD, d = i % HD;
-        if (i < G * HD) out[((size_t)t * nh + h0 + g) * HD + d] = from_f(a[e] * inv_total[g]);
-    }
-}
-
 template <int G, int ND, bool ROPE>
-__device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml, float* part_acc, unsigned* counters,
-    const act_t* q, act_t* kc, act_t* vc, const unsigned* row_ctx, const unsigned* row_table, const unsigned* tables,
+__device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml, float* part_acc, const act_t* q,
+    act_t* kc, act_t* vc, const unsigned* row_ctx, const unsigned* row_table, const unsigned* tables,
     int nh, int nkv, int block_size, int kv_dim, float scale, RopeIn r) {
     constexpr int HD = 32 * ND;
     __shared__ float wm[AD_WARPS][G], wl[AD_WARPS][G];
@@ -279,39 +226,60 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
             part_acc[idx * HD + d] = a;
         }
     }
-    if (splits == 1) return;
-    // Count this block done (its partials fenced first); the block that completes the count merges.
-    __shared__ bool merges;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        unsigned* done = counters + (size_t)t * gridDim.x + blockIdx.x;
-        merges = atomicAdd(done, 1u) == (unsigned)splits - 1;
-        if (merges) *done = 0;  // every block of (b, t) has counted: back to zero for the next launch
-    }
-    __syncthreads();
-    if (!merges) return;
-    __threadfence();  // the other blocks' partials are read after their count was seen
-    merge_splits<G, HD>(out, part_ml, part_acc, nh, h0, t, splits);
 }
 
 // attention_decode_g<G>_d<HD>: the step's keys already in the cache; attention_decode_rope_g<G>_d<HD>:
 // q and the step's k raw from the q/k/v products (RopeIn), qk_norm_rope_append done here.
 #define AD_KERNEL(G, HD) \
     extern "C" __global__ void __launch_bounds__(AD_WARPS * 32) attention_decode_g##G##_d##HD(act_t* out, float* part_ml, \
-        float* part_acc, unsigned* counters, const act_t* q, act_t* kc, act_t* vc, const unsigned* row_ctx, \
-        const unsigned* row_table, const unsigned* tables, int nh, int nkv, int block_size, int kv_dim, float scale) { grid_dependency(); \
-        attention_decode_impl<G, HD / 32, false>(out, part_ml, part_acc, counters, q, kc, vc, row_ctx, row_table, tables, \
-            nh, nkv, block_size, kv_dim, scale, RopeIn{}); } \
+        float* part_acc, const act_t* q, act_t* kc, act_t* vc, const unsigned* row_ctx, const unsigned* row_table, \
+        const unsigned* tables, int nh, int nkv, int block_size, int kv_dim, float scale) { grid_dependency(); \
+        attention_decode_impl<G, HD / 32, false>(out, part_ml, part_acc, q, kc, vc, row_ctx, row_table, tables, nh, nkv, \
+            block_size, kv_dim, scale, RopeIn{}); } \
     extern "C" __global__ void __launch_bounds__(AD_WARPS * 32) attention_decode_rope_g##G##_d##HD(act_t* out, float* part_ml, \
-        float* part_acc, unsigned* counters, const act_t* q, act_t* kc, act_t* vc, const unsigned* row_ctx, \
-        const unsigned* row_table, const unsigned* tables, int nh, int nkv, int block_size, int kv_dim, float scale, \
-        const act_t* k, const act_t* v, const act_t* q_norm, const act_t* k_norm, const float* rope, const unsigned* positions, \
-        float eps) { grid_dependency(); \
-        attention_decode_impl<G, HD / 32, true>(out, part_ml, part_acc, counters, q, kc, vc, row_ctx, row_table, tables, \
-            nh, nkv, block_size, kv_dim, scale, RopeIn{k, v, q_norm, k_norm, rope, positions, eps}); }
+        float* part_acc, const act_t* q, act_t* kc, act_t* vc, const unsigned* row_ctx, const unsigned* row_table, \
+        const unsigned* tables, int nh, int nkv, int block_size, int kv_dim, float scale, const act_t* k, const act_t* v, \
+        const act_t* q_norm, const act_t* k_norm, const float* rope, const unsigned* positions, float eps) { grid_dependency(); \
+        attention_decode_impl<G, HD / 32, true>(out, part_ml, part_acc, q, kc, vc, row_ctx, row_table, tables, nh, nkv, \
+            block_size, kv_dim, scale, RopeIn{k, v, q_norm, k_norm, rope, positions, eps}); }
 AD_KERNEL(1, 64) AD_KERNEL(2, 64) AD_KERNEL(4, 64) AD_KERNEL(8, 64)
 AD_KERNEL(1, 128) AD_KERNEL(2, 128) AD_KERNEL(4, 128) AD_KERNEL(8, 128)
+
+// out[t, h] = Σ_s acc_s · e^(m_s − M) / Σ_s l_s · e^(m_s − M) over the splits that saw keys.
+// grid (nh, T), 128 threads; splits <= AD_MAX_SPLITS.
+#define AD_MAX_SPLITS 128
+extern "C" __global__ void __launch_bounds__(128) attention_combine(act_t* out, const float* part_ml, const float* part_acc,
+    int nh, int hd, int splits) {
+    grid_dependency();
+    __shared__ float wsplit[AD_MAX_SPLITS];
+    __shared__ float total_sh;
+    int h = blockIdx.x, t = blockIdx.y;
+    size_t base = ((size_t)t * nh + h) * splits;
+    if (threadIdx.x < 32) {  // warp 0: the max, the split weights e^(m_s - M) and their sum
+        float mx = -INFINITY;
+        for (int s = threadIdx.x; s < splits; s += 32)
+            if (part_ml[(base + s) * 2 + 1] > 0.f) mx = fmaxf(mx, part_ml[(base + s) * 2]);
+        mx = warp_max(mx);
+        float total = 0.f;
+        for (int s = threadIdx.x; s < splits; s += 32) {
+            float l = part_ml[(base + s) * 2 + 1];
+            float w = l > 0.f ? expf(part_ml[(base + s) * 2] - mx) : 0.f;
+            wsplit[s] = w;
+            total += l * w;
+        }
+        total = warp_sum(total);
+        if (threadIdx.x == 0) total_sh = total;
+    }
+    __syncthreads();
+    float inv = 1.f / total_sh;
+    act_t* o = out + ((size_t)t * nh + h) * hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float a = 0.f;
+#pragma unroll 8
+        for (int s = 0; s < splits; s++) a += part_acc[(base + s) * hd + d] * wsplit[s];
+        o[d] = from_f(a * inv);
+    }
+}
 
 // Tiled causal attention for prefill (no per-row walk over the whole context): block (h, tile)
 // takes FA_BQ consecutive rows of one sequence (tiles[2*i] = first row, tiles[2*i+1] = rows) and
