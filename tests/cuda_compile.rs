@@ -5,6 +5,7 @@
 #![cfg(feature = "cuda")]
 
 use qwen3rs::backend::cuda;
+use qwen3rs::tensor::DType;
 
 #[test]
 fn every_kernel_compiles_for_sm90() {
@@ -15,4 +16,14 @@ fn every_kernel_compiles_for_sm90() {
     let done = cuda::compile_kernels((9, 0)).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(done.len(), 3 * cuda::compile::SOURCES.len(), "{done:?}");
     eprintln!("compiled {} kernel modules for sm_90: {done:?}", done.len());
+
+    // QWEN3RS_CUDA_DEFINES reaches the compiler: another unroll gives another cubin, the default
+    // value the same one. (One test: the variable is process-wide.)
+    let matmul = || cuda::compile::cubin("matmul", DType::BF16, (9, 0), 0, false).unwrap_or_else(|e| panic!("{e}"));
+    let plain = matmul();
+    std::env::set_var("QWEN3RS_CUDA_DEFINES", "GV_UNROLL=8");
+    assert!(matmul() == plain, "GV_UNROLL=8 is the default");
+    std::env::set_var("QWEN3RS_CUDA_DEFINES", "GV_UNROLL=4");
+    assert!(matmul() != plain, "GV_UNROLL=4 changed nothing");
+    std::env::remove_var("QWEN3RS_CUDA_DEFINES");
 }

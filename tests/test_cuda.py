@@ -63,6 +63,39 @@ def test_kernels_compile_for_sm90():
     assert len(done) == 18 and "attention/bfloat16" in done and "attention_prefill/float16" in done, done
 
 
+@pytest.mark.parametrize("spec", ["GV_UNROLL=4,AD_KB=2", "PREFETCH_BYTES=2048 MD_SLOTS=2 RD_UNROLL=6"])
+def test_kernels_compile_with_tuning_defines(spec, monkeypatch):
+    """QWEN3RS_CUDA_DEFINES sets tunable kernel constants at compile time (no GPU needed)."""
+    monkeypatch.setenv("QWEN3RS_CUDA_DEFINES", spec)
+    try:
+        done = qwen3rs._native._compile_cuda_kernels("sm_90")
+    except DeviceError as e:
+        if "not found" in str(e) or "without the `cuda` feature" in str(e):
+            pytest.skip(f"NVRTC or CUDA headers unavailable: {e}")
+        raise
+    assert len(done) == 18, done
+
+
+@pytest.mark.parametrize("spec, names", [
+    ("Q_DTYPE=0", "not a tunable kernel constant"),   # the host must agree with it: not settable
+    ("GV_UNROLL=0", "not a positive integer"),
+    ("GV_UNROLL", "not a positive integer"),
+    ("GV_UNROLL=4;AD_KB=2", "not a positive integer"),
+    ("PREFETCH_BYTES=1e3", "not a positive integer"),
+])
+def test_bad_tuning_defines_are_refused(spec, names, monkeypatch):
+    monkeypatch.setenv("QWEN3RS_CUDA_DEFINES", spec)
+    try:
+        qwen3rs._native._compile_cuda_kernels("sm_90")
+    except InvalidArgumentError as e:
+        assert "QWEN3RS_CUDA_DEFINES" in str(e) and names in str(e), e
+    except DeviceError as e:
+        assert "without the `cuda` feature" in str(e), e
+        pytest.skip("built without the cuda feature")
+    else:
+        raise AssertionError(f"{spec!r} was accepted")
+
+
 # ---- on a GPU ----
 
 gpu = [pytest.mark.gpu, GPU]

@@ -23,6 +23,28 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("moe", include_str!("kernels/moe.cu")),
 ];
 
+/// Kernel constants a tuning run may set without rebuilding the wheel, through
+/// `QWEN3RS_CUDA_DEFINES="GV_UNROLL=4 PREFETCH_BYTES=4096"` (space- or comma-separated): only these
+/// (none has a copy on the host that would have to agree), only positive integers. Each is
+/// `#ifndef`-guarded where the kernels define it; the values are part of the cubin cache key.
+pub const TUNABLE: &[&str] = &["GV_UNROLL", "RD_UNROLL", "MD_SLOTS", "PREFETCH_BYTES", "PREFETCH_MATRIX", "AD_KB", "ARGMAX_UNROLL"];
+
+/// The `-D` options `QWEN3RS_CUDA_DEFINES` asks for (none when unset), or an error naming the bad entry.
+pub fn tuning_defines() -> Result<Vec<String>> {
+    let spec = std::env::var("QWEN3RS_CUDA_DEFINES").unwrap_or_default();
+    spec.split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            let (name, value) = t.split_once('=').unwrap_or((t, ""));
+            crate::ensure!(TUNABLE.contains(&name), InvalidArgument,
+                "QWEN3RS_CUDA_DEFINES: {name:?} is not a tunable kernel constant (one of {})", TUNABLE.join(", "));
+            crate::ensure!(value.bytes().all(|b| b.is_ascii_digit()) && value.parse::<u32>().is_ok_and(|v| v > 0), InvalidArgument,
+                "QWEN3RS_CUDA_DEFINES: {name}={value:?} is not a positive integer");
+            Ok(format!("-D{name}={value}"))
+        })
+        .collect()
+}
+
 /// The value of `Q_DTYPE` the kernels are specialised for.
 fn dtype_code(dtype: DType) -> u32 {
     match dtype {
@@ -109,20 +131,19 @@ fn nvrtc_compile(name: &str, source: &str, options: &[String]) -> Result<Vec<u8>
 /// freshly compiled. `driver_version` is part of the cache key (0 when no driver is involved).
 pub fn cubin(name: &str, dtype: DType, arch: (i32, i32), driver_version: i32, use_cache: bool) -> Result<Vec<u8>> {
     let (_, body) = SOURCES.iter().find(|(n, _)| *n == name).ok_or_else(|| Error::Device(format!("no kernel module {name}")))?;
+    let defines = tuning_defines()?;
     libs::ensure_nvrtc()?;
     let include = libs::find_include_dir()?;
     let source = format!("{COMMON}\n#line 1 \"{name}.cu\"\n{body}");
-    let options = vec![
-        format!("--gpu-architecture=sm_{}{}", arch.0, arch.1),
-        format!("-DQ_DTYPE={}", dtype_code(dtype)),
-        format!("-I{}", include.display()),
-        "--std=c++17".to_string(),
-        "-lineinfo".to_string(),
-    ];
+    // What changes the code (the include path doesn't): the cache key.
+    let mut code = vec![format!("--gpu-architecture=sm_{}{}", arch.0, arch.1), format!("-DQ_DTYPE={}", dtype_code(dtype))];
+    code.extend(defines);
+    let mut options = code.clone();
+    options.extend([format!("-I{}", include.display()), "--std=c++17".to_string(), "-lineinfo".to_string()]);
     let nvrtc = nvrtc_version()?;
     let key = fnv128(&[
         source.as_bytes(),
-        options[..2].join(" ").as_bytes(), // the include path doesn't change the code
+        code.join(" ").as_bytes(),
         format!("nvrtc {}.{} driver {driver_version}", nvrtc.0, nvrtc.1).as_bytes(),
     ]);
     let path = cache_dir().map(|d| d.join(format!("{name}-{}-sm{}{}-{key}.cubin", dtype.name(), arch.0, arch.1)));

@@ -97,7 +97,9 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attention(act_t* ou
 // nh, splits, 2] = (max, sum of exp), acc [T, nh, splits, hd] for `attention_combine` (a split with no
 // keys writes l = 0). grid (nkv * group / G, T, splits), AD_WARPS warps.
 #define AD_WARPS 4
+#ifndef AD_KB  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define AD_KB 4
+#endif
 
 // What the decode kernel needs to do qk_norm_rope_append's work itself (the _rope kernels): the raw
 // k and v rows [T, nkv*HD] of this step, the norm weights, the f32 RoPE table and row t's position.

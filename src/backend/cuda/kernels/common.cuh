@@ -84,8 +84,12 @@ __device__ __forceinline__ int warps_global() { return gridDim.x * (blockDim.x >
 // PREFETCH_BYTES per warp: the product then starts from L2 when its input arrives. Only for matrices
 // of at most PREFETCH_MATRIX bytes (a small model's, latency-bound): a large one streams at the
 // memory's pace anyway, and its prefetched prefix could be evicted by the kernel ahead before use.
+#ifndef PREFETCH_BYTES  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define PREFETCH_BYTES 8192
+#endif
+#ifndef PREFETCH_MATRIX  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define PREFETCH_MATRIX (24u << 20)
+#endif
 // The calling warp prefetches bytes [0, n) at p into L2, a 128-byte line per lane.
 __device__ __forceinline__ void prefetch_l2(const void* p, int n) {
     const char* c = reinterpret_cast<const char*>(p);

@@ -60,7 +60,9 @@ __device__ __forceinline__ unsigned long long argmax_key(float v, int j) {
 // host clears them). grid (blocks, rows), 256 threads: a thread takes elements j, j + S, ... (S the
 // threads of a row), ARGMAX_UNROLL loads in flight, then one atomicMax per warp. (A block per row
 // with one load in flight per thread took 61 us for Qwen3's 151,936 logits: RESULTS.md run 14.)
+#ifndef ARGMAX_UNROLL  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define ARGMAX_UNROLL 4
+#endif
 extern "C" __global__ void argmax_rows(unsigned long long* keys, const act_t* x, int cols, int limit) {
     grid_dependency();
     const act_t* row = x + (size_t)blockIdx.y * cols;

@@ -13,7 +13,9 @@
 // loads ptxas interleaved each load with its use (one load in flight; 0.6-0.7x the bandwidth,
 // benches/gemv_variants.py, RESULTS.md run 10). The x rows a block needs are staged once in shared
 // memory (XS) when they fit in GV_SMEM_X bytes, else read through L1.
+#ifndef GV_UNROLL  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define GV_UNROLL 8                     // 16-byte weight loads in flight per lane
+#endif
 
 template <bool XS>
 __device__ __forceinline__ uint4 ld_x(const uint4* p) { return XS ? *p : __ldg(p); }
@@ -88,7 +90,9 @@ __device__ __forceinline__ void row_dot(float* acc, const act_t* wrow, const act
 // loads in flight (two rows: 1.39x, gemv_variants.py `vp_ld1_r2_u4` against one, RESULTS.md run 15).
 // RD_UNROLL 3: Qwen3's expert rows (768, 1536) are 3 or 6 loads a lane in bf16, none predicated off.
 // A row's lane sum adds its vectors in row_dot's order: the same bits.
+#ifndef RD_UNROLL  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define RD_UNROLL 3
+#endif
 template <int NR, bool XS>
 __device__ __forceinline__ void rows_dot(float* a, const act_t* const* w, const act_t* const* x, int kv) {
     for (int i0 = threadIdx.x & 31; i0 < kv; i0 += 32 * RD_UNROLL) {
@@ -406,7 +410,9 @@ __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x,
 // 8 experts); the rounded products meet in shared memory, where the output's first warp adds them up.
 // act is [T*k, K] (staged with XS). Persistent grid: a pass of the block takes MD_OUTS outputs; 256 threads.
 #define MD_WPO 2
+#ifndef MD_SLOTS  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define MD_SLOTS 4
+#endif
 #define MD_OUTS (256 / 32 / MD_WPO)
 #define MD_MAX_TOP_K 32  // MAX_TOP_K in moe.cu
 template <bool XS>

@@ -1,0 +1,82 @@
+"""Same-call A/B of kernel constants and switches, without rebuilding the wheel (issue 6 tuning).
+
+    python3 benches/kernel_sweep.py --models Qwen3-0.6B,Qwen3-30B-A3B --rounds 2 \
+        "" "GV_UNROLL=4" "PREFETCH_BYTES=2048 PREFETCH_MATRIX=67108864" "QWEN3RS_CUDA_PDL=0"
+
+Each variant is a space-separated list of NAME=VALUE: names starting with QWEN3RS_ are environment
+switches (README, "GPU"), the others tunable kernel constants passed through QWEN3RS_CUDA_DEFINES
+(src/backend/cuda/compile.rs `TUNABLE`); "" is the build as it is. Every round runs every variant of
+every model once, interleaved (variants next to each other on the same machine state), each in its
+own process through `gpu_bench.py --one`. Prints per model and variant the best decode and prefill
+tok/s over the rounds and the ratio to the first variant; writes $OUT/kernel_sweep.json.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = os.environ.get("OUT", "/tmp/qwen3rs-gpu-out")
+
+
+def env_of(variant):
+    env = dict(os.environ)
+    defines = []
+    for item in variant.split():
+        name, _, value = item.partition("=")
+        if name.startswith("QWEN3RS_"):
+            env[name] = value
+        else:
+            defines.append(item)
+    env["QWEN3RS_CUDA_DEFINES"] = " ".join(defines)
+    return env
+
+
+def run_one(model, variant, seconds):
+    cmd = [sys.executable, os.path.join(HERE, "gpu_bench.py"), "--one", model, "--deadline", str(time.time() + seconds - 5)]
+    try:
+        p = subprocess.run(cmd, env=env_of(variant), capture_output=True, text=True, timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return {"error": "timeout"}
+    lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    return json.loads(lines[-1][len("RESULT "):]) if lines else {"error": f"rc={p.returncode}: {p.stderr[-300:]}"}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("variants", nargs="+")
+    ap.add_argument("--models", default="Qwen3-0.6B")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=60, help="limit of one run")
+    a = ap.parse_args()
+    models = [m for m in a.models.split(",") if m]
+    runs = {(m, v): [] for m in models for v in a.variants}
+    for r in range(a.rounds):
+        for m in models:
+            for v in a.variants:
+                res = run_one(m, v, a.seconds)
+                runs[(m, v)].append(res)
+                print(f"round {r} {m} [{v}]: decode {res.get('decode_tok_s', '-')} prefill {res.get('prefill_2048_tok_s', '-')}"
+                      f"{' ' + res['error'][-200:] if 'error' in res else ''}", flush=True)
+    os.makedirs(OUT, exist_ok=True)
+    json.dump({f"{m} [{v}]": x for (m, v), x in runs.items()}, open(os.path.join(OUT, "kernel_sweep.json"), "w"), indent=1)
+
+    def best(m, v, key):
+        vals = [x[key] for x in runs[(m, v)] if isinstance(x.get(key), (int, float))]
+        return max(vals) if vals else None
+
+    print(f"\n{'model':<15} {'variant':<44} {'decode':>8} {'ratio':>6} {'prefill2k':>10} {'ratio':>6}")
+    for m in models:
+        base_d, base_p = best(m, a.variants[0], "decode_tok_s"), best(m, a.variants[0], "prefill_2048_tok_s")
+        for v in a.variants:
+            d, p = best(m, v, "decode_tok_s"), best(m, v, "prefill_2048_tok_s")
+            rd = f"{d / base_d:.3f}" if d and base_d else "-"
+            rp = f"{p / base_p:.3f}" if p and base_p else "-"
+            print(f"{m:<15} {(v or '(as built)')[:44]:<44} {d or 0:>8.1f} {rd:>6} {p or 0:>10.0f} {rp:>6}")
+
+
+if __name__ == "__main__":
+    main()
