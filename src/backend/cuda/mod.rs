@@ -155,7 +155,7 @@ enum Scratch {
     TopWeights,  // [T, k] f32
     SortedSrc,   // [P] i32
     PairPos,     // [P] i32
-    TileE,       // [tiles] i32
+    TileE,       // [tiles] i32 (MoE prefill through cuBLAS: tile_e, tile_row0, tile_rows of E + 1 each, side by side)
     TileRow0,    // [tiles] i32
     TileRows,    // [tiles] i32
     Gate,        // [P, I]
