@@ -250,7 +250,7 @@ impl Drop for Gpu {
 const PDL_MAX_SMEM: u32 = 16 * 1024;
 
 /// Let kernel `f` take `smem` bytes of dynamic shared memory (past 48 KB with its static shared memory
-/// a kernel must opt in; ours have under 1 KB of static shared memory, e.g. block_sum's).
+/// a kernel must opt in; those of ours that can take 47 KB of dynamic memory have at most 1 KB static).
 fn allow_smem(f: Func, name: &str, smem: u32) -> Result<()> {
     if smem > 47 * 1024 {
         // SAFETY: `f` is a live function; raising its dynamic shared-memory limit is always valid.
@@ -561,11 +561,7 @@ impl Gpu {
         }
         crate::ensure!(self.note(|h| h)? == Mode::Eager, Device, "grouped GEMM inside a CUDA graph step");
         self.bind()?;
-        let ty = match self.dtype {
-            DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
-            DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
-            DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
-        };
+        let ty = self.blas_type();
         // Device pointer arrays: A = weights, B = inputs, C = outputs (column-major view as `gemm`).
         let mut ptrs: Vec<u64> = Vec::with_capacity(3 * g);
         ptrs.extend(groups.iter().map(|x| x.2));
@@ -596,6 +592,15 @@ impl Gpu {
         status.result().map_err(|e| blas_err("cuBLAS grouped GEMM", e))
     }
 
+    /// cuBLAS's name for the compute dtype.
+    fn blas_type(&self) -> blas_sys::cudaDataType {
+        match self.dtype {
+            DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
+            DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
+            DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
+        }
+    }
+
     /// out [T, N] = x [T, K] · w [N, K]ᵀ through cuBLAS, f32 accumulation, output in the compute dtype.
     pub fn gemm(&self, out: u64, x: u64, w: u64, t: usize, n: usize, k: usize) -> Result<()> {
         self.gemm_to(out, false, x, w, t, n, k)
@@ -614,11 +619,7 @@ impl Gpu {
             return Ok(());
         }
         self.bind()?;
-        let ty = match self.dtype {
-            DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
-            DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
-            DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
-        };
+        let ty = self.blas_type();
         let (alpha, beta) = (1f32, 0f32);
         // Column-major view: outᵀ [N, T] = W [K, N]ᵀ · xᵀ [K, T].
         // SAFETY: the pointers are live device buffers of the stated shapes; alpha/beta are host f32

@@ -400,9 +400,14 @@ impl CudaBackend {
         format!("{} (sm_{}{})", self.gpu.name, self.gpu.arch.0, self.gpu.arch.1)
     }
 
+    /// Elements of one 16-byte access (VEC in the kernels).
+    fn vec(&self) -> usize {
+        16 / self.esize()
+    }
+
     /// Blocks of 256 threads for n elements at VEC (16 bytes) a thread: the elementwise kernels.
     fn vec_blocks(&self, n: usize) -> u32 {
-        blocks(n.div_ceil(16 / self.esize()), 256)
+        blocks(n.div_ceil(self.vec()), 256)
     }
 
     fn esize(&self) -> usize {
@@ -709,7 +714,7 @@ impl CudaBackend {
 
     /// Whether a product of t rows of k goes to the fused decode GEMV kernels.
     fn fused_gemv(&self, t: usize, k: usize) -> bool {
-        self.fused && (1..=GEMV_MAX_ROWS).contains(&t) && k % (16 / self.esize()) == 0
+        self.fused && (1..=GEMV_MAX_ROWS).contains(&t) && k % self.vec() == 0
     }
 
     /// out [T, N] = x [T, K] · w [N, K]ᵀ on raw pointers.
@@ -719,7 +724,7 @@ impl CudaBackend {
         }
         if t <= GEMV_MAX_ROWS {
             let (ti, ni, ki) = (t as i32, n as i32, k as i32);
-            if k % (16 / self.esize()) == 0 {
+            if k % self.vec() == 0 {
                 let (name, grid, smem) = self.gemv_plan(&GEMV, t, t * k, n)?;
                 return self.gpu.launch("matmul", name, grid, 256, smem, args![out, x, w, ti, ni, ki]);
             }
@@ -908,16 +913,17 @@ impl CudaBackend {
     fn launch_qk_norm_rope(&self, shape: AttnShape, rows: usize, args: &[(*mut std::ffi::c_void, usize)]) -> Result<()> {
         const QKR_WARPS: usize = 4; // norm.cu
         let heads = shape.n_heads + shape.n_kv_heads;
-        match shape.head_dim {
-            64 => self.gpu.launch("norm", "qk_norm_rope_d64", (heads.div_ceil(QKR_WARPS) as u32, rows as u32, 1), 128, 0, args),
-            128 => self.gpu.launch("norm", "qk_norm_rope_d128", (heads.div_ceil(QKR_WARPS) as u32, rows as u32, 1), 128, 0, args),
-            hd => self.gpu.launch("norm", "qk_norm_rope", (heads as u32, rows as u32, 1), 128, (hd * 4) as u32, args),
-        }
+        let warp_kernel = match shape.head_dim {
+            64 => "qk_norm_rope_d64",
+            128 => "qk_norm_rope_d128",
+            hd => return self.gpu.launch("norm", "qk_norm_rope", (heads as u32, rows as u32, 1), 128, (hd * 4) as u32, args),
+        };
+        self.gpu.launch("norm", warp_kernel, (heads.div_ceil(QKR_WARPS) as u32, rows as u32, 1), 128, 0, args)
     }
 
     /// Whether a MoE layer over x takes the decode path (expert GEMVs over the chosen experts only).
     fn moe_decode_fits(&self, x: &CudaBuf, moe: &CudaMoe) -> bool {
-        self.fused_gemv(x.rows, x.cols) && moe.inter % (16 / self.esize()) == 0
+        self.fused_gemv(x.rows, x.cols) && moe.inter % self.vec() == 0
     }
 }
 
@@ -1163,8 +1169,7 @@ impl Backend for CudaBackend {
         check_shape("add_rms_norm", (h.rows, h.cols), (x_out.rows, x_out.cols))?;
         let (xo, x, d, o, wp) = (x_out.mem.ptr, input.x.mem.ptr, input.delta.map_or(0, |d| d.mem.ptr), h.mem.ptr, input.norm.mem.ptr);
         let (c, eps) = (x_out.cols as i32, input.eps);
-        let vec = 16 / self.esize();
-        let (name, threads) = if x_out.cols % vec == 0 && x_out.cols <= NORM_VEC_THREADS as usize * vec * NORM_VEC_MAX {
+        let (name, threads) = if x_out.cols % self.vec() == 0 && x_out.cols <= NORM_VEC_THREADS as usize * self.vec() * NORM_VEC_MAX {
             ("add_rms_norm_vec", NORM_VEC_THREADS)
         } else {
             ("add_rms_norm", NORM_THREADS)
