@@ -137,8 +137,8 @@ pub struct Engine<B: Backend> {
     next_session: u64,
     /// Sequences the cache is sized for: a larger batch runs in waves of this many.
     max_seqs: usize,
-    /// The decode step the backend has prepared (`prepare_decode_step`), as (sequence, position)
-    /// of each row: valid for the next step of the same `run` if it feeds exactly these.
+    /// The decode step the backend has prepared (`prepare_decode_step`), as `decode_rows`: valid
+    /// for the next step of the same `run` if it feeds exactly these.
     prepared: Option<Vec<(usize, usize)>>,
 }
 
@@ -295,16 +295,13 @@ impl<B: Backend> Engine<B> {
             }
         }
         let tokens = vec![0u32; chosen.len()];
-        let positions: Vec<u32> = chosen.iter().map(|&(i, _)| seqs[i].cache.len as u32).collect();
-        let slots = chosen.iter().enumerate()
-            .map(|(r, &(i, _))| SeqSlot { rows: r..r + 1, start_pos: seqs[i].cache.len, blocks: &seqs[i].cache.blocks })
-            .collect();
+        let (positions, slots) = layout(seqs, chosen);
         let batch = BatchInfo { tokens: &tokens, positions: &positions, seqs: slots, block_size: BLOCK_SIZE };
         let logit_rows: Vec<u32> = (0..chosen.len() as u32).collect();
         let s = self.decode_scratch.as_mut().expect("a decode step fitted it");
         let (model, cache) = (&self.model, &mut self.cache);
         if model.backend.prepare_decode_step(tokens.len(), &mut || model.forward(&batch, cache, s, &logit_rows))? {
-            self.prepared = Some(chosen.iter().map(|&(i, _)| (i, seqs[i].cache.len)).collect());
+            self.prepared = Some(decode_rows(seqs, chosen));
         }
         Ok(())
     }
@@ -386,14 +383,12 @@ impl<B: Backend> Engine<B> {
             budget = budget.saturating_sub(n);
         }
         // 2. Flatten them into one batch.
-        let (mut tokens, mut positions, mut logit_rows, mut sampling) = (vec![], vec![], vec![], vec![]);
-        let mut slots = Vec::with_capacity(chosen.len());
+        let (positions, slots) = layout(seqs, &chosen);
+        let (mut tokens, mut logit_rows, mut sampling) = (vec![], vec![], vec![]);
         for &(i, n) in &chosen {
             let s = &seqs[i];
             let row = tokens.len();
             tokens.extend_from_slice(&s.next_input(n)[..n]);
-            positions.extend((s.cache.len..s.cache.len + n).map(|p| p as u32));
-            slots.push(SeqSlot { rows: row..row + n, start_pos: s.cache.len, blocks: &s.cache.blocks });
             // Only a sequence whose prompt ends here (or that is decoding) samples a token.
             if !prefilling || s.fed + n == s.request.prompt.len() {
                 logit_rows.push((row + n - 1) as u32);
@@ -411,8 +406,7 @@ impl<B: Backend> Engine<B> {
         if prefilling {
             self.model.forward(&batch, &mut self.cache, s, &logit_rows)?;
         } else {
-            let fed: Vec<(usize, usize)> = chosen.iter().map(|&(i, _)| (i, seqs[i].cache.len)).collect();
-            let ids = (prepared == Some(fed)).then_some(&tokens[..]);
+            let ids = (prepared == Some(decode_rows(seqs, &chosen))).then_some(&tokens[..]);
             let (model, cache) = (&self.model, &mut self.cache);
             model.backend.decode_step(tokens.len(), ids, &mut || model.forward(&batch, cache, s, &logit_rows))?;
         }
@@ -501,6 +495,24 @@ impl<B: Backend> Engine<B> {
         }
         Ok(())
     }
+}
+
+/// The positions of a batch of `chosen` (sequence, rows fed) and its slot per sequence: rows in
+/// `chosen` order, each sequence's from its cache's current length on.
+fn layout<'a>(seqs: &'a [Sequence], chosen: &[(usize, usize)]) -> (Vec<u32>, Vec<SeqSlot<'a>>) {
+    let (mut positions, mut slots, mut row) = (vec![], Vec::with_capacity(chosen.len()), 0);
+    for &(i, n) in chosen {
+        let c = &seqs[i].cache;
+        positions.extend((c.len..c.len + n).map(|p| p as u32));
+        slots.push(SeqSlot { rows: row..row + n, start_pos: c.len, blocks: &c.blocks });
+        row += n;
+    }
+    (positions, slots)
+}
+
+/// A decode step as `prepare_next` records it: (sequence, position) of each row.
+fn decode_rows(seqs: &[Sequence], chosen: &[(usize, usize)]) -> Vec<(usize, usize)> {
+    chosen.iter().map(|&(i, _)| (i, seqs[i].cache.len)).collect()
 }
 
 /// The backend an engine runs on, chosen at load time: the only place that names backends.
