@@ -264,6 +264,8 @@ pub struct CudaBackend {
     fused_route: bool,
     /// Grouped split-KV decode attention; `QWEN3RS_CUDA_SPLITKV=0` keeps one block per (head, row).
     split_kv: bool,
+    /// Least keys a decode-attention split takes (16; `QWEN3RS_CUDA_SPLIT_KEYS`).
+    split_keys: usize,
     /// Tiled prefill attention; `QWEN3RS_CUDA_TILED_ATTN=0` keeps one block per (head, row).
     tiled_attn: bool,
     /// MoE prefill through cuBLAS grouped GEMMs; `QWEN3RS_CUDA_MOE_CUBLAS=0` keeps `grouped_gemm`.
@@ -277,6 +279,11 @@ pub struct CudaBackend {
 /// Whether env `name` is set to 0/false/off/no (a switch back to an older kernel path, for bisecting).
 fn env_off(name: &str) -> bool {
     matches!(std::env::var(name).as_deref().map(str::trim), Ok("0" | "false" | "off" | "no"))
+}
+
+/// A positive count from env `name`, if set to one.
+fn env_count(name: &str) -> Option<usize> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok()).filter(|&n: &usize| n > 0)
 }
 
 /// Whether decode steps use CUDA graphs: on unless `QWEN3RS_CUDA_GRAPHS` is 0/false/off.
@@ -374,9 +381,9 @@ impl CudaBackend {
             pipeline: !env_off("QWEN3RS_CUDA_PIPELINE"),
             graph_bad: Default::default(), replay_trace: trace.then(Default::default), fused: !env_off("QWEN3RS_CUDA_FUSED"),
             rope_attn: !env_off("QWEN3RS_CUDA_ROPE_ATTN"), fused_route: !env_off("QWEN3RS_CUDA_FUSED_ROUTE"),
-            split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"), tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"),
+            split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"), split_keys: env_count("QWEN3RS_CUDA_SPLIT_KEYS").unwrap_or(16), tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"),
             moe_cublas: (!env_off("QWEN3RS_CUDA_MOE_CUBLAS")).into(),
-            prefill_chunk: std::env::var("QWEN3RS_CUDA_PREFILL_CHUNK").ok().and_then(|v| v.trim().parse().ok()).filter(|&n: &usize| n > 0).unwrap_or(2048) })
+            prefill_chunk: env_count("QWEN3RS_CUDA_PREFILL_CHUNK").unwrap_or(2048) })
     }
 
     /// MoE prefill through cuBLAS grouped GEMMs (`true`, the default) or the `grouped_gemm` kernel,
@@ -708,12 +715,13 @@ impl CudaBackend {
     }
 
     /// KV splits of decode attention over `blocks` (heads, row) blocks for a longest context of
-    /// `longest` keys: at least 16 keys per split, and no more splits than fill the GPU about four
-    /// blocks per SM deep; a power of two, so that the launch shape (part of a CUDA graph) changes
-    /// only at a few context lengths.
+    /// `longest` keys: at least `split_keys` (16) keys per split, and no more splits than fill the GPU
+    /// about four blocks per SM deep; a power of two, so that the launch shape (part of a CUDA graph)
+    /// changes only at a few context lengths. (Fewer splits at short contexts save the combine launch:
+    /// `QWEN3RS_CUDA_SPLIT_KEYS` lets benches/kernel_sweep.py weigh that.)
     fn decode_splits(&self, longest: usize, blocks: usize) -> usize {
         let fill = (4 * self.gpu.sms as usize / blocks.max(1)).max(1);
-        let want = (longest / 16).min(fill).clamp(1, MAX_ATTN_SPLITS);
+        let want = (longest / self.split_keys).min(fill).clamp(1, MAX_ATTN_SPLITS);
         1 << want.ilog2()
     }
 
