@@ -706,7 +706,9 @@ fn moe_routing_and_experts() {
             // Odd k, and k = 9 (moe_down_combine: a second round of slots for one of an output's warps).
             (12, 3, 256, 96, true), (24, 9, 136, 72, false),
             // The expert rows of Qwen3-30B-A3B (768) and, with an odd k, Qwen3-235B-A22B (1536).
-            (16, 8, 512, 768, true), (16, 5, 256, 1536, true)] {
+            (16, 8, 512, 768, true), (16, 5, 256, 1536, true),
+            // More experts than the decode kernel routes over itself (ROUTE_MAX_E): moe_route first.
+            (300, 4, 64, 32, false)] {
             let experts = (0..e)
                 .map(|_| [tensor(&r.uniform(inter * h, 0.2), &[inter, h]), tensor(&r.uniform(inter * h, 0.2), &[inter, h]), tensor(&r.uniform(h * inter, 0.2), &[h, inter])])
                 .collect();

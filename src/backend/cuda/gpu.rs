@@ -194,8 +194,9 @@ struct Handles {
 unsafe impl Send for Handles {}
 unsafe impl Sync for Handles {}
 
+/// A kernel and its static shared memory in bytes.
 #[derive(Clone, Copy)]
-struct Func(sys::CUfunction);
+struct Func(sys::CUfunction, u32);
 // SAFETY: a CUfunction is an immutable handle valid in its context from any thread.
 unsafe impl Send for Func {}
 
@@ -250,9 +251,9 @@ impl Drop for Gpu {
 const PDL_MAX_SMEM: u32 = 16 * 1024;
 
 /// Let kernel `f` take `smem` bytes of dynamic shared memory (past 48 KB with its static shared memory
-/// a kernel must opt in; those of ours that can take 47 KB of dynamic memory have at most 1 KB static).
+/// a kernel must opt in).
 fn allow_smem(f: Func, name: &str, smem: u32) -> Result<()> {
-    if smem > 47 * 1024 {
+    if smem + f.1 > 48 * 1024 {
         // SAFETY: `f` is a live function; raising its dynamic shared-memory limit is always valid.
         unsafe { drv::function::set_function_attribute(f.0, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32) }
             .map_err(|e| drv_err(&format!("{name}: shared memory"), e))?;
@@ -469,8 +470,12 @@ impl Gpu {
         let cname = std::ffi::CString::new(name).expect("kernel names have no NUL");
         // SAFETY: `m` is a loaded module of this context.
         let f = unsafe { drv::module::get_function(m, cname) }.map_err(|e| drv_err(&format!("finding kernel {name}"), e))?;
-        self.funcs.lock().map_err(|_| Error::Device("kernel table poisoned".into()))?.insert((module, name), Func(f));
-        Ok(Func(f))
+        // SAFETY: `f` is a live function; reading an attribute has no effect.
+        let static_smem = unsafe { drv::function::get_function_attribute(f, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES) }
+            .map_err(|e| drv_err(&format!("{name}: shared memory"), e))?;
+        let func = Func(f, static_smem.max(0) as u32);
+        self.funcs.lock().map_err(|_| Error::Device("kernel table poisoned".into()))?.insert((module, name), func);
+        Ok(func)
     }
 
     /// Grid of a persistent kernel (one that loops over its work): as many blocks of `block` threads

@@ -48,6 +48,8 @@ const MOE_DOWN_WARPS: usize = 2;
 /// Rows per MoE expert tile (must match GG_TM in matmul.cu).
 const MOE_TILE_ROWS: usize = 16;
 const MAX_TOP_K: usize = 32;
+/// Most experts the decode expert kernel routes over itself (ROUTE_MAX_E in matmul.cu).
+const ROUTE_MAX_E: usize = 256;
 const MAX_HEAD_DIM: usize = 256;
 /// Query rows per block of the tiled prefill attention (FA_BQ in attention.cu; keys go 32 at a time;
 /// FP_BQ in attention_prefill.cu).
@@ -257,8 +259,13 @@ pub struct CudaBackend {
     /// Decode attention that does QK-norm, RoPE and the KV append itself (`_rope` kernels);
     /// `QWEN3RS_CUDA_ROPE_ATTN=0` launches qk_norm_rope_append before it.
     rope_attn: bool,
+    /// MoE decode routing inside the gate/up expert kernel (no moe_route launch);
+    /// `QWEN3RS_CUDA_FUSED_ROUTE=0` launches moe_route first.
+    fused_route: bool,
     /// Grouped split-KV decode attention; `QWEN3RS_CUDA_SPLITKV=0` keeps one block per (head, row).
     split_kv: bool,
+    /// Least keys a decode-attention split takes (16; `QWEN3RS_CUDA_SPLIT_KEYS`).
+    split_keys: usize,
     /// Tiled prefill attention; `QWEN3RS_CUDA_TILED_ATTN=0` keeps one block per (head, row).
     tiled_attn: bool,
     /// MoE prefill through cuBLAS grouped GEMMs; `QWEN3RS_CUDA_MOE_CUBLAS=0` keeps `grouped_gemm`.
@@ -272,6 +279,11 @@ pub struct CudaBackend {
 /// Whether env `name` is set to 0/false/off/no (a switch back to an older kernel path, for bisecting).
 fn env_off(name: &str) -> bool {
     matches!(std::env::var(name).as_deref().map(str::trim), Ok("0" | "false" | "off" | "no"))
+}
+
+/// A positive count from env `name`, if set to one.
+fn env_count(name: &str) -> Option<usize> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok()).filter(|&n: &usize| n > 0)
 }
 
 /// Whether decode steps use CUDA graphs: on unless `QWEN3RS_CUDA_GRAPHS` is 0/false/off.
@@ -368,10 +380,10 @@ impl CudaBackend {
         Ok(CudaBackend { gpu, ordinal, meta: Mutex::new(slots(N_META)), scratch: Mutex::new(slots(N_SCRATCH)), graphs, parity: 0.into(),
             pipeline: !env_off("QWEN3RS_CUDA_PIPELINE"),
             graph_bad: Default::default(), replay_trace: trace.then(Default::default), fused: !env_off("QWEN3RS_CUDA_FUSED"),
-            rope_attn: !env_off("QWEN3RS_CUDA_ROPE_ATTN"),
-            split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"), tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"),
+            rope_attn: !env_off("QWEN3RS_CUDA_ROPE_ATTN"), fused_route: !env_off("QWEN3RS_CUDA_FUSED_ROUTE"),
+            split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"), split_keys: env_count("QWEN3RS_CUDA_SPLIT_KEYS").unwrap_or(16), tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"),
             moe_cublas: (!env_off("QWEN3RS_CUDA_MOE_CUBLAS")).into(),
-            prefill_chunk: std::env::var("QWEN3RS_CUDA_PREFILL_CHUNK").ok().and_then(|v| v.trim().parse().ok()).filter(|&n: &usize| n > 0).unwrap_or(2048) })
+            prefill_chunk: env_count("QWEN3RS_CUDA_PREFILL_CHUNK").unwrap_or(2048) })
     }
 
     /// MoE prefill through cuBLAS grouped GEMMs (`true`, the default) or the `grouped_gemm` kernel,
@@ -703,12 +715,13 @@ impl CudaBackend {
     }
 
     /// KV splits of decode attention over `blocks` (heads, row) blocks for a longest context of
-    /// `longest` keys: at least 16 keys per split, and no more splits than fill the GPU about four
-    /// blocks per SM deep; a power of two, so that the launch shape (part of a CUDA graph) changes
-    /// only at a few context lengths.
+    /// `longest` keys: at least `split_keys` (16) keys per split, and no more splits than fill the GPU
+    /// about four blocks per SM deep; a power of two, so that the launch shape (part of a CUDA graph)
+    /// changes only at a few context lengths. (Fewer splits at short contexts save the combine launch:
+    /// `QWEN3RS_CUDA_SPLIT_KEYS` lets benches/kernel_sweep.py weigh that.)
     fn decode_splits(&self, longest: usize, blocks: usize) -> usize {
         let fill = (4 * self.gpu.sms as usize / blocks.max(1)).max(1);
-        let want = (longest / 16).min(fill).clamp(1, MAX_ATTN_SPLITS);
+        let want = (longest / self.split_keys).min(fill).clamp(1, MAX_ATTN_SPLITS);
         1 << want.ilog2()
     }
 
@@ -808,15 +821,22 @@ impl CudaBackend {
             let smem = if nw != 0 { (h * es) as u32 } else { 0 };
             self.gpu.launch("matmul", "router_logits", (blocks(e, 8), t as u32, 1), 256, smem, args![probs, xp, rp, ei, hi, delta, x_out, nw, eps])?;
         }
-        self.gpu.launch("moe", "moe_route", (blocks(t, 4), 1, 1), 128, 0, args![probs, ids, weights, ti, ei, ki, renorm, e0, held])?;
-        if self.moe_decode_fits(x, moe) {
+        let decode = self.moe_decode_fits(x, moe);
+        // Decode: the gate/up kernel routes for itself (every block, from the logits), one launch less.
+        let self_routed = decode && self.fused_route && e <= ROUTE_MAX_E;
+        if !self_routed {
+            self.gpu.launch("moe", "moe_route", (blocks(t, 4), 1, 1), 128, 0, args![probs, ids, weights, ti, ei, ki, renorm, e0, held])?;
+        }
+        if decode {
             // Decode: GEMVs over the rows of the chosen experts only (no sort, every warp busy):
             // gate·up·SwiGLU per (pair, expert row), then the down projection with the weighted
             // combine in it, MOE_DOWN_WARPS warps per output element. Gate/up norm the stored residual.
             let (gp, upp, dp) = (moe.gate.ptr, moe.up.ptr, moe.down.ptr);
             let (name, grid, smem) = self.gemv_plan(&MOE_GEMV_SWIGLU, 1, t * h, p * inter)?;
             let xin = if nw != 0 { x_out } else { xp };
-            self.gpu.launch("matmul", name, grid, 256, smem, args![act, xin, gp, upp, ids, ki, pi, ii, hi, nw, eps])?;
+            let logits = if self_routed { probs } else { 0u64 };
+            self.gpu.launch("matmul", name, grid, 256, smem,
+                args![act, xin, gp, upp, ids, weights, logits, ei, renorm, e0, held, ki, pi, ii, hi, nw, eps])?;
             let (name, grid, smem) = self.gemv_plan(&MOE_DOWN_COMBINE, 1, p * inter, t * h * MOE_DOWN_WARPS)?;
             let o = out.mem.ptr;
             return self.gpu.launch("matmul", name, grid, 256, smem, args![o, act, dp, ids, weights, ti, ki, hi, ii]);

@@ -193,3 +193,58 @@ __device__ __forceinline__ void norm_rope_head(float* x, const act_t* w, const f
 }
 
 __device__ __forceinline__ float silu(float x) { return x / (1.f + expf(-x)); }
+
+// MoE routing of one row by one warp (moe_route, and the decode expert kernels that route for
+// themselves): p [E] router logits in, softmax out; ids/weights [k]: the chosen experts sorted by
+// expert id, and their (renormalised) probabilities. Top-k by repeated selection: the next pick is
+// the largest value below the previous one (ties: the lowest index after it), so no "taken" flags
+// are needed. Expert parallelism: a device holding experts [e0, e0 + held) keeps only its own
+// choices, as local ids; the others become id -1, weight 0. Lane 0 writes ids and weights.
+#define MAX_TOP_K 32
+__device__ __forceinline__ void route_row(float* p, int* ids, float* weights, int E, int k, int norm, int e0, int held) {
+    int lane = threadIdx.x & 31;
+    float mx = -INFINITY;
+    for (int e = lane; e < E; e += 32) mx = fmaxf(mx, p[e]);
+    mx = warp_max(mx);
+    float sum = 0.f;
+    for (int e = lane; e < E; e += 32) { float v = expf(p[e] - mx); p[e] = v; sum += v; }
+    float inv = 1.f / warp_sum(sum);
+    for (int e = lane; e < E; e += 32) p[e] *= inv;
+    __syncwarp();
+    int sel[MAX_TOP_K];
+    float pv = INFINITY, total = 0.f;
+    int pi = -1;
+    for (int s = 0; s < k; s++) {
+        float bv = -INFINITY;
+        int bi = -1;
+        for (int e = lane; e < E; e += 32) {
+            float v = p[e];
+            bool after_prev = v < pv || (v == pv && e > pi);
+            if (after_prev && (bi < 0 || v > bv)) { bv = v; bi = e; }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            bool better = oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi));
+            if (better) { bv = ov; bi = oi; }
+        }
+        sel[s] = bi;
+        total += bv;
+        pv = bv;
+        pi = bi;
+    }
+    if (lane != 0) return;
+    if (!norm) total = 1.f;
+    for (int a = 1; a < k; a++) {
+        int v = sel[a], b = a - 1;
+        while (b >= 0 && sel[b] > v) { sel[b + 1] = sel[b]; b--; }
+        sel[b + 1] = v;
+    }
+    for (int s = 0; s < k; s++) {
+        int local = sel[s] - e0;
+        bool mine = local >= 0 && local < held;
+        ids[s] = mine ? local : -1;
+        weights[s] = mine ? p[sel[s]] / total : 0.f;
+    }
+}

@@ -383,16 +383,40 @@ extern "C" __global__ void __launch_bounds__(256) grouped_gemm(act_t* out, const
 // The experts' first half for decode: act [P, N] = swiglu(x[p / k] · gate[e]ᵀ, x[p / k] · up[e]ᵀ)
 // rounded as grouped_gemm, grouped_gemm, swiglu. x is [T, K] with T = P / k; with nw (XS only) the rows
 // of x are first normed as stage_input does (x is then the residual router_logits stored).
+// Routing: with `logits` (router_logits' [T, E] f32, E <= ROUTE_MAX_E) every block routes the T rows
+// itself (route_row, a warp a row, into shared memory: no moe_route launch) and block 0 also stores
+// ids / weights [P] for moe_down_combine; without, ids come from moe_route.
+#define ROUTE_MAX_E 256
 template <bool XS>
 __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x, const act_t* gate, const act_t* up,
-    const int* ids, int k, int P, int N, int K, const act_t* nw, float eps) {
+    int* ids, float* weights, const float* logits, int E, int norm_topk, int e0, int held,
+    int k, int P, int N, int K, const act_t* nw, float eps) {
+    __shared__ float route_p[GEMV_MAX_ROWS][ROUTE_MAX_E];
+    __shared__ int route_ids[GEMV_MAX_ROWS * MAX_TOP_K];
+    __shared__ float route_w[GEMV_MAX_ROWS * MAX_TOP_K];
     grid_dependency();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int* chosen = ids;
+    if (logits) {
+        const int t = warp;
+        if (t < P / k) {
+            for (int e = lane; e < E; e += 32) route_p[t][e] = logits[(size_t)t * E + e];
+            __syncwarp();
+            route_row(route_p[t], route_ids + t * k, route_w + t * k, E, k, norm_topk, e0, held);
+            __syncwarp();
+            if (blockIdx.x == 0 && lane < k) {
+                ids[t * k + lane] = route_ids[t * k + lane];
+                weights[t * k + lane] = route_w[t * k + lane];
+            }
+        }
+        chosen = route_ids;  // stage_input's barrier below makes it visible to every warp
+    }
     const act_t* xs = stage_input<GEMV_MAX_ROWS, XS>(x, P / k, K, nullptr, nullptr, nw, eps);
-    int lane = threadIdx.x & 31;
+    if (!XS && logits) __syncthreads();  // (stage_input without staging has no barrier)
     for (int r = warp_id_global(); r < P * N; r += warps_global()) {
         int p = r / N, n = r % N;
-        if (ids[p] < 0) continue;  // another rank's expert (expert parallelism)
-        size_t off = ((size_t)ids[p] * N + n) * K;
+        if (chosen[p] < 0) continue;  // another rank's expert (expert parallelism)
+        size_t off = ((size_t)chosen[p] * N + n) * K;
         const act_t* xr = xs + (size_t)(p / k) * K;
         float g[1] = {0.f}, u[1] = {0.f};
         row_dot<1, XS>(g, gate + off, xr, 1, K / VEC);
@@ -414,11 +438,10 @@ __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x,
 #define MD_SLOTS 4
 #endif
 #define MD_OUTS (256 / 32 / MD_WPO)
-#define MD_MAX_TOP_K 32  // MAX_TOP_K in moe.cu
 template <bool XS>
 __device__ __forceinline__ void moe_down_combine_rows(act_t* out, const act_t* act, const act_t* w, const int* ids,
     const float* weights, int T, int k, int N, int K) {
-    __shared__ float ys[2][MD_OUTS][MD_MAX_TOP_K];  // by pass parity: one barrier a pass keeps reads and writes apart
+    __shared__ float ys[2][MD_OUTS][MAX_TOP_K];  // by pass parity: one barrier a pass keeps reads and writes apart
     grid_dependency();  // the expert ids come from the kernels ahead: nothing to prefetch
     const act_t* xs = stage_input<1, XS>(act, T * k, K);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, j = warp % MD_WPO, mine = warp / MD_WPO;
@@ -467,8 +490,9 @@ __device__ __forceinline__ void moe_down_combine_rows(act_t* out, const act_t* a
         const act_t* w, const int* ids, const float* weights, int T, int k, int N, int K) {                        \
         moe_down_combine_rows<XS>(out, act, w, ids, weights, T, k, N, K); }                                         \
     extern "C" __global__ void __launch_bounds__(256) moe_gemv_swiglu##SUF(act_t* act, const act_t* x,             \
-        const act_t* gate, const act_t* up, const int* ids, int k, int P, int N, int K, const act_t* nw, float eps) { \
-        moe_gemv_swiglu_rows<XS>(act, x, gate, up, ids, k, P, N, K, nw, eps); }
+        const act_t* gate, const act_t* up, int* ids, float* weights, const float* logits, int E, int norm_topk,     \
+        int e0, int held, int k, int P, int N, int K, const act_t* nw, float eps) {                                  \
+        moe_gemv_swiglu_rows<XS>(act, x, gate, up, ids, weights, logits, E, norm_topk, e0, held, k, P, N, K, nw, eps); }
 
 MOE_GEMV_FAMILY(, false)
 MOE_GEMV_FAMILY(_xs, true)

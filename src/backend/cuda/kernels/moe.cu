@@ -6,8 +6,6 @@
 // only its own choices: their ids become local (id - e0), every other choice gets id -1 and weight 0,
 // and the expert kernels and the combine skip those (another rank adds them).
 
-#define MAX_TOP_K 32
-
 // Pairs p = t*k + s of `ids` [P] grouped by expert: sorted_src[pos] = t, pair_pos[p] = pos; tiles of
 // at most tm rows never straddle experts (tile_e = -1 past the last). Pairs of id -1 (other ranks'
 // experts) are left out: pair_pos -1, and the segments cover only the others. One block; 2*E ints of
@@ -77,70 +75,13 @@ extern "C" __global__ void moe_combine(act_t* out, const act_t* y, const int* pa
     else for (int j = 0; j < n; j++) o[j] = from_f(acc[j]);
 }
 
-// Softmax, top-k and renormalisation of one row by one warp: p [E] router logits in, softmax out;
-// ids/weights [k]: the chosen experts sorted by expert id, and their (renormalised) probabilities.
-// Top-k by repeated selection: the next pick is the largest value below the previous one (ties: the
-// lowest index after it), so no "taken" flags are needed.
-__device__ void route_row(float* p, int* ids, float* weights, int E, int k, int norm) {
-    int lane = threadIdx.x & 31;
-    float mx = -INFINITY;
-    for (int e = lane; e < E; e += 32) mx = fmaxf(mx, p[e]);
-    mx = warp_max(mx);
-    float sum = 0.f;
-    for (int e = lane; e < E; e += 32) { float v = expf(p[e] - mx); p[e] = v; sum += v; }
-    float inv = 1.f / warp_sum(sum);
-    for (int e = lane; e < E; e += 32) p[e] *= inv;
-    __syncwarp();
-    int sel[MAX_TOP_K];
-    float pv = INFINITY, total = 0.f;
-    int pi = -1;
-    for (int s = 0; s < k; s++) {
-        float bv = -INFINITY;
-        int bi = -1;
-        for (int e = lane; e < E; e += 32) {
-            float v = p[e];
-            bool after_prev = v < pv || (v == pv && e > pi);
-            if (after_prev && (bi < 0 || v > bv)) { bv = v; bi = e; }
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            bool better = oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi));
-            if (better) { bv = ov; bi = oi; }
-        }
-        sel[s] = bi;
-        total += bv;
-        pv = bv;
-        pi = bi;
-    }
-    if (lane != 0) return;
-    if (!norm) total = 1.f;
-    for (int a = 1; a < k; a++) {
-        int v = sel[a], b = a - 1;
-        while (b >= 0 && sel[b] > v) { sel[b + 1] = sel[b]; b--; }
-        sel[b + 1] = v;
-    }
-    for (int s = 0; s < k; s++) {
-        ids[s] = sel[s];
-        weights[s] = p[sel[s]] / total;
-    }
-}
-
 // probs [T, E] (router logits in, softmax out), ids/weights [T, k] as route_row; one warp per row (a
 // thread per row scanning E experts k + 3 times took 48 µs a layer for a 16-token prefill of
 // Qwen3-30B-A3B, RESULTS.md run 12). Then the choices outside this device's experts [e0, e0 + held)
-// become id -1, weight 0, and the others local ids. grid ceil(T / 4), 128 threads.
+// become id -1, weight 0, and the others local ids (route_row). grid ceil(T / 4), 128 threads.
 extern "C" __global__ void moe_route(float* probs, int* ids, float* weights, int T, int E, int k, int norm, int e0, int held) {
     grid_dependency();
     int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (t >= T) return;
-    route_row(probs + (size_t)t * E, ids + (size_t)t * k, weights + (size_t)t * k, E, k, norm);
-    if ((threadIdx.x & 31) != 0 || held == E) return;
-    for (int s = t * k; s < (t + 1) * k; s++) {
-        int local = ids[s] - e0;
-        bool mine = local >= 0 && local < held;
-        ids[s] = mine ? local : -1;
-        if (!mine) weights[s] = 0.f;
-    }
+    route_row(probs + (size_t)t * E, ids + (size_t)t * k, weights + (size_t)t * k, E, k, norm, e0, held);
 }
