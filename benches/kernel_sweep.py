@@ -5,7 +5,8 @@
 
 Each variant is a space-separated list of NAME=VALUE: names starting with QWEN3RS_ are environment
 switches (README, "GPU"), the others tunable kernel constants passed through QWEN3RS_CUDA_DEFINES
-(src/backend/cuda/compile.rs `TUNABLE`); "" is the build as it is. Every round runs every variant of
+(src/backend/cuda/compile.rs `TUNABLE`); "" is the build as it is; PYTHONPATH=DIR runs another build
+installed there (`pip install --no-deps --target DIR OTHER.whl`: two wheels A/B in one call). Every round runs every variant of
 every model once, interleaved (variants next to each other on the same machine state), each in its
 own process through `gpu_bench.py --one`. Prints per model and variant the best decode and prefill
 tok/s over the rounds and the ratio to the first variant; writes $OUT/kernel_sweep.json.
@@ -27,7 +28,7 @@ def env_of(variant):
     defines = []
     for item in variant.split():
         name, _, value = item.partition("=")
-        if name.startswith("QWEN3RS_"):
+        if name.startswith("QWEN3RS_") or name == "PYTHONPATH":
             env[name] = value
         else:
             defines.append(item)

@@ -216,6 +216,9 @@ pub struct Gpu {
     /// Launch kernels with programmatic stream serialization (see `launch`) when they take at most
     /// this many bytes of dynamic shared memory (None: never).
     pdl_max_smem: Option<u32>,
+    /// At most this many blocks per SM in a persistent grid (`QWEN3RS_CUDA_BLOCKS_PER_SM`, for sweeps:
+    /// fewer leave room for the next kernel's blocks to start early under PDL); None: the driver's occupancy.
+    blocks_per_sm: Option<u32>,
     modules: Mutex<HashMap<&'static str, Module>>,
     funcs: Mutex<HashMap<(&'static str, &'static str), Func>>,
     /// Resident blocks per SM of (kernel, block size, dynamic shared memory), from the driver.
@@ -293,7 +296,8 @@ impl Gpu {
             };
             let pdl_max_smem = (arch.0 >= 9 && !super::env_off("QWEN3RS_CUDA_PDL"))
                 .then(|| std::env::var("QWEN3RS_CUDA_PDL_MAX_SMEM").ok().and_then(|v| v.parse().ok()).unwrap_or(PDL_MAX_SMEM));
-            let gpu = Gpu { ctx, h: Handles { stream, blas }, dtype, arch, name, sms, driver, pdl_max_smem,
+            let blocks_per_sm = super::env_count("QWEN3RS_CUDA_BLOCKS_PER_SM").map(|n| n as u32);
+            let gpu = Gpu { ctx, h: Handles { stream, blas }, dtype, arch, name, sms, driver, pdl_max_smem, blocks_per_sm,
                 modules: Mutex::new(HashMap::new()), funcs: Mutex::new(HashMap::new()), occupancy: Mutex::new(HashMap::new()),
                 mode: Mutex::new(ModeState { mode: Mode::Eager, hash: HASH_START }), ptr_arrays: Mutex::new(None) };
             // SAFETY: both handles are live; cuBLAS then orders its work on our stream.
@@ -497,6 +501,7 @@ impl Gpu {
                 v
             }
         };
+        let per_sm = self.blocks_per_sm.map_or(per_sm, |cap| per_sm.min(cap));
         Ok((per_sm * self.sms).min(useful.max(1) as u32))
     }
 

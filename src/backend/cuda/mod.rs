@@ -282,7 +282,7 @@ fn env_off(name: &str) -> bool {
 }
 
 /// A positive count from env `name`, if set to one.
-fn env_count(name: &str) -> Option<usize> {
+pub(crate) fn env_count(name: &str) -> Option<usize> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok()).filter(|&n: &usize| n > 0)
 }
 

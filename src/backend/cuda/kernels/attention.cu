@@ -117,6 +117,8 @@ template <int G, int ND, bool ROPE>
 __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml, float* part_acc, const act_t* q,
     act_t* kc, act_t* vc, const unsigned* row_ctx, const unsigned* row_table, const unsigned* tables,
     int nh, int nkv, int block_size, int kv_dim, float scale, RopeIn r) {
+    // Without ROPE the step's keys were appended by the kernel ahead (qk_norm_rope_append): wait first.
+    if (!ROPE) grid_dependency();
     constexpr int HD = 32 * ND;
     __shared__ float wm[AD_WARPS][G], wl[AD_WARPS][G];
     __shared__ float wacc[AD_WARPS][G][HD];
@@ -124,22 +126,48 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
     int kvh = blockIdx.x / chunks, h0 = kvh * group + (blockIdx.x % chunks) * G;
     int t = blockIdx.y, s = blockIdx.z, splits = gridDim.z;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    float qr[G][ND];
-#pragma unroll
-    for (int g = 0; g < G; g++) load_nd<ND>(q + ((size_t)t * nh + h0 + g) * HD + lane * ND, qr[g]);
+    // With ROPE, what comes before grid_dependency() below is nothing the kernel ahead writes: the
+    // row's context length, page table and position (host metadata, uploaded before the step's first
+    // kernel), the RoPE table (a weight) and the cached keys before the step's own (written by earlier
+    // steps; the step's own key, `last`, comes from registers). So the warp's first AD_KB keys are in
+    // registers when q arrives, and only the q/k/v loads wait for the q/k/v products.
     int ctx = (int)row_ctx[t];
     int per = (ctx + splits - 1) / splits;
     int lo = s * per, hi = min(ctx, lo + per);
     const unsigned* table = tables + row_table[t];
     size_t kv_off = (size_t)kvh * HD + lane * ND;
+    const int last = ctx - 1;
+    // Keys j0 .. j0 + AD_KB - 1 of the split into kf / vf (zeros past the split; with ROPE, `last`
+    // is filled in from registers by the caller).
+    float kf[AD_KB][ND], vf[AD_KB][ND];
+    auto load_keys = [&](int j0) {
+#pragma unroll
+        for (int b = 0; b < AD_KB; b++) {
+            int j = j0 + b;
+            if (j < hi && !(ROPE && j == last)) {
+                size_t slot = (size_t)table[j / block_size] * block_size + (j % block_size);
+                load_nd<ND>(kc + slot * kv_dim + kv_off, kf[b]);
+                load_nd<ND>(vc + slot * kv_dim + kv_off, vf[b]);
+            } else {
+#pragma unroll
+                for (int i = 0; i < ND; i++) kf[b][i] = vf[b][i] = 0.f;
+            }
+        }
+    };
+    const int first = lo + warp * AD_KB;
+    load_keys(first);
+    const float* cs = ROPE ? r.rope + (size_t)r.positions[t] * HD : nullptr;
+    if (ROPE) grid_dependency();
+
+    float qr[G][ND];
+#pragma unroll
+    for (int g = 0; g < G; g++) load_nd<ND>(q + ((size_t)t * nh + h0 + g) * HD + lane * ND, qr[g]);
     // _rope: q gets its QK-norm and RoPE here; the step's own key (the last, ctx - 1, one row per
     // sequence) comes from registers, normed and rotated by every warp of the block whose split holds
     // it, and that block's first chunk also writes it and its value to the cache for later steps
     // (no other block reads that slot in this launch).
     float k_new[ND], v_new[ND];
-    const int last = ctx - 1;
     if (ROPE) {
-        const float* cs = r.rope + (size_t)r.positions[t] * HD;
 #pragma unroll
         for (int g = 0; g < G; g++) norm_rope_head<ND>(qr[g], r.q_norm, cs, r.eps);
         if (last >= lo && last < hi) {
@@ -158,6 +186,8 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
         }
     }
 
+    // Online softmax a batch of AD_KB keys at a time: the AD_KB score sums run side by side (their
+    // shuffles interleave) and the running max, sum and accumulator are rescaled once a batch.
     float m[G], l[G], acc[G][ND];
 #pragma unroll
     for (int g = 0; g < G; g++) {
@@ -166,38 +196,54 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
 #pragma unroll
         for (int i = 0; i < ND; i++) acc[g][i] = 0.f;
     }
-    for (int j0 = lo + warp * AD_KB; j0 < hi; j0 += AD_WARPS * AD_KB) {
-        float kf[AD_KB][ND], vf[AD_KB][ND];
+    for (int j0 = first; j0 < hi; j0 += AD_WARPS * AD_KB) {
+        if (j0 != first) load_keys(j0);
+        if (ROPE && last >= j0 && last < j0 + AD_KB) {
 #pragma unroll
-        for (int b = 0; b < AD_KB; b++) {
-            int j = j0 + b;
-            if (ROPE && j == last) {
+            for (int b = 0; b < AD_KB; b++) {
+                if (j0 + b == last) {
 #pragma unroll
-                for (int i = 0; i < ND; i++) { kf[b][i] = k_new[i]; vf[b][i] = v_new[i]; }
-            } else if (j < hi) {
-                size_t slot = (size_t)table[j / block_size] * block_size + (j % block_size);
-                load_nd<ND>(kc + slot * kv_dim + kv_off, kf[b]);
-                load_nd<ND>(vc + slot * kv_dim + kv_off, vf[b]);
+                    for (int i = 0; i < ND; i++) { kf[b][i] = k_new[i]; vf[b][i] = v_new[i]; }
+                }
             }
         }
 #pragma unroll
-        for (int b = 0; b < AD_KB; b++) {
-            if (j0 + b < hi) {  // warp-uniform
+        for (int g = 0; g < G; g++) {
+            float sc[AD_KB];
 #pragma unroll
-                for (int g = 0; g < G; g++) {
-                    float dot = 0.f;
+            for (int b = 0; b < AD_KB; b++) {
+                float dot = 0.f;
 #pragma unroll
-                    for (int i = 0; i < ND; i++) dot += qr[g][i] * kf[b][i];
-                    float sc = warp_sum(dot) * scale;
-                    float m_new = fmaxf(m[g], sc);
-                    float corr = expf(m[g] - m_new);  // 0 on the first key (m = -inf)
-                    float p = expf(sc - m_new);
-                    l[g] = l[g] * corr + p;
-#pragma unroll
-                    for (int i = 0; i < ND; i++) acc[g][i] = acc[g][i] * corr + p * vf[b][i];
-                    m[g] = m_new;
-                }
+                for (int i = 0; i < ND; i++) dot += qr[g][i] * kf[b][i];
+                sc[b] = dot;
             }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+                for (int b = 0; b < AD_KB; b++) sc[b] += __shfl_xor_sync(0xffffffffu, sc[b], o);
+            }
+            float m_new = m[g];
+#pragma unroll
+            for (int b = 0; b < AD_KB; b++) {
+                sc[b] = j0 + b < hi ? sc[b] * scale : -INFINITY;
+                m_new = fmaxf(m_new, sc[b]);  // finite: key j0 < hi
+            }
+            float corr = expf(m[g] - m_new);  // 0 on the first batch (m = -inf)
+            float p[AD_KB], psum = 0.f;
+#pragma unroll
+            for (int b = 0; b < AD_KB; b++) {
+                p[b] = expf(sc[b] - m_new);  // 0 past the split
+                psum += p[b];
+            }
+            l[g] = l[g] * corr + psum;
+#pragma unroll
+            for (int i = 0; i < ND; i++) {
+                float a = acc[g][i] * corr;
+#pragma unroll
+                for (int b = 0; b < AD_KB; b++) a += p[b] * vf[b][i];
+                acc[g][i] = a;
+            }
+            m[g] = m_new;
         }
     }
 #pragma unroll
@@ -235,13 +281,13 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
 #define AD_KERNEL(G, HD) \
     extern "C" __global__ void __launch_bounds__(AD_WARPS * 32) attention_decode_g##G##_d##HD(act_t* out, float* part_ml, \
         float* part_acc, const act_t* q, act_t* kc, act_t* vc, const unsigned* row_ctx, const unsigned* row_table, \
-        const unsigned* tables, int nh, int nkv, int block_size, int kv_dim, float scale) { grid_dependency(); \
+        const unsigned* tables, int nh, int nkv, int block_size, int kv_dim, float scale) { \
         attention_decode_impl<G, HD / 32, false>(out, part_ml, part_acc, q, kc, vc, row_ctx, row_table, tables, nh, nkv, \
             block_size, kv_dim, scale, RopeIn{}); } \
     extern "C" __global__ void __launch_bounds__(AD_WARPS * 32) attention_decode_rope_g##G##_d##HD(act_t* out, float* part_ml, \
         float* part_acc, const act_t* q, act_t* kc, act_t* vc, const unsigned* row_ctx, const unsigned* row_table, \
         const unsigned* tables, int nh, int nkv, int block_size, int kv_dim, float scale, const act_t* k, const act_t* v, \
-        const act_t* q_norm, const act_t* k_norm, const float* rope, const unsigned* positions, float eps) { grid_dependency(); \
+        const act_t* q_norm, const act_t* k_norm, const float* rope, const unsigned* positions, float eps) { \
         attention_decode_impl<G, HD / 32, true>(out, part_ml, part_acc, q, kc, vc, row_ctx, row_table, tables, nh, nkv, \
             block_size, kv_dim, scale, RopeIn{k, v, q_norm, k_norm, rope, positions, eps}); }
 AD_KERNEL(1, 64) AD_KERNEL(2, 64) AD_KERNEL(4, 64) AD_KERNEL(8, 64)

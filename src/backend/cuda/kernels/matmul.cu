@@ -84,6 +84,39 @@ __device__ __forceinline__ void row_dot(float* acc, const act_t* wrow, const act
     }
 }
 
+// row_dot for two weight rows at once (gate and up): both rows' GV_UNROLL loads are in flight
+// together, one memory round trip where two row_dot calls take two. Each row's sums add the same
+// products in the same order as row_dot: the same bits.
+template <int TMAX, bool XS>
+__device__ __forceinline__ void row_dot_pair(float* a, float* b, const act_t* arow, const act_t* brow, const act_t* x, int T, int kv) {
+    const uint4* ar = reinterpret_cast<const uint4*>(arow);
+    const uint4* br = reinterpret_cast<const uint4*>(brow);
+    const uint4* xr = reinterpret_cast<const uint4*>(x);
+    for (int i0 = threadIdx.x & 31; i0 < kv; i0 += 32 * GV_UNROLL) {
+        uint4 av[GV_UNROLL], bv[GV_UNROLL];
+#pragma unroll
+        for (int u = 0; u < GV_UNROLL; u++) {
+            int i = i0 + u * 32;
+            av[u] = i < kv ? ld_weight(ar + i) : make_uint4(0u, 0u, 0u, 0u);
+            bv[u] = i < kv ? ld_weight(br + i) : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+        for (int u = 0; u < GV_UNROLL; u++) {
+            int i = i0 + u * 32;
+            if (i < kv) {
+#pragma unroll
+                for (int t = 0; t < TMAX; t++) {
+                    if (t < T) {
+                        uint4 xv = ld_x<XS>(xr + (size_t)t * kv + i);
+                        a[t] += dot_vec(av[u], xv);
+                        b[t] += dot_vec(bv[u], xv);
+                    }
+                }
+            }
+        }
+    }
+}
+
 // Lane partial sums a[r] += x[r] · w[r] for NR rows of K = kv * VEC from anywhere (row r skipped where
 // w[r] is null), the next RD_UNROLL 16-byte loads of every row issued before any is used: for short rows
 // (the MoE down projection, K = 768 on Qwen3-30B-A3B), where one row at a time gives a lane too few
@@ -236,8 +269,7 @@ __device__ __forceinline__ void gemv_swiglu_rows(act_t* out, const act_t* x, con
         float g[TMAX], u[TMAX];
 #pragma unroll
         for (int t = 0; t < TMAX; t++) g[t] = u[t] = 0.f;
-        row_dot<TMAX, XS>(g, gate + (size_t)n * K, xs, T, K / VEC);
-        row_dot<TMAX, XS>(u, up + (size_t)n * K, xs, T, K / VEC);
+        row_dot_pair<TMAX, XS>(g, u, gate + (size_t)n * K, up + (size_t)n * K, xs, T, K / VEC);
 #pragma unroll
         for (int t = 0; t < TMAX; t++) {
             if (t < T) {
@@ -419,8 +451,7 @@ __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x,
         size_t off = ((size_t)chosen[p] * N + n) * K;
         const act_t* xr = xs + (size_t)(p / k) * K;
         float g[1] = {0.f}, u[1] = {0.f};
-        row_dot<1, XS>(g, gate + off, xr, 1, K / VEC);
-        row_dot<1, XS>(u, up + off, xr, 1, K / VEC);
+        row_dot_pair<1, XS>(g, u, gate + off, up + off, xr, 1, K / VEC);
         float gs = warp_sum(g[0]), us = warp_sum(u[0]);
         if (lane == 0) act[(size_t)p * N + n] = from_f(rnd(silu(rnd(gs))) * rnd(us));
     }
