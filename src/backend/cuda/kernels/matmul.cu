@@ -16,6 +16,14 @@
 #ifndef GV_UNROLL  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define GV_UNROLL 8                     // 16-byte weight loads in flight per lane
 #endif
+// Least blocks of 256 threads per SM the decode GEMV kernels are compiled for (__launch_bounds__):
+// above 1 ptxas caps their registers (65,536 / (256 × GV_MIN_BLOCKS)) for more warps an SM.
+// Unset: plain __launch_bounds__(256) (ptxas's own choice; an explicit 1 gives other register counts).
+#ifdef GV_MIN_BLOCKS  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
+#define GV_BOUNDS __launch_bounds__(256, GV_MIN_BLOCKS)
+#else
+#define GV_BOUNDS __launch_bounds__(256)
+#endif
 
 template <bool XS>
 __device__ __forceinline__ uint4 ld_x(const uint4* p) { return XS ? *p : __ldg(p); }
@@ -86,9 +94,19 @@ __device__ __forceinline__ void row_dot(float* acc, const act_t* wrow, const act
 
 // row_dot for two weight rows at once (gate and up): both rows' GV_UNROLL loads are in flight
 // together, one memory round trip where two row_dot calls take two. Each row's sums add the same
-// products in the same order as row_dot: the same bits.
+// products in the same order as row_dot: the same bits. GV_PAIR_ROWS 1 makes it two row_dot calls, one
+// row's loads after the other's (fewer registers: 62 against 90 for gemv_swiglu_t1_xs, 63 against 93
+// for moe_gemv_swiglu_xs, benches/profiles/ptxas_report.py: more blocks an SM), for sweeps.
+#ifndef GV_PAIR_ROWS  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
+#define GV_PAIR_ROWS 2
+#endif
 template <int TMAX, bool XS>
 __device__ __forceinline__ void row_dot_pair(float* a, float* b, const act_t* arow, const act_t* brow, const act_t* x, int T, int kv) {
+    if (GV_PAIR_ROWS == 1) {
+        row_dot<TMAX, XS>(a, arow, x, T, kv);
+        row_dot<TMAX, XS>(b, brow, x, T, kv);
+        return;
+    }
     const uint4* ar = reinterpret_cast<const uint4*>(arow);
     const uint4* br = reinterpret_cast<const uint4*>(brow);
     const uint4* xr = reinterpret_cast<const uint4*>(x);
@@ -283,13 +301,13 @@ __device__ __forceinline__ void gemv_swiglu_rows(act_t* out, const act_t* x, con
 // Kernel names: <family>_t1 / _t8 (TMAX 1 or GEMV_MAX_ROWS) and _xs (x in shared memory). 256 threads.
 // gemv3 and gemv_swiglu take the norm arguments of stage_input (nw null: none; non-null only with _xs).
 #define GEMV_FAMILY(SUF, TMAX, XS)                                                                           \
-    extern "C" __global__ void __launch_bounds__(256) gemv##SUF(act_t* out, const act_t* x, const act_t* w,     \
+    extern "C" __global__ void GV_BOUNDS gemv##SUF(act_t* out, const act_t* x, const act_t* w,     \
         int T, int N, int K) { gemv_rows<TMAX, XS>(out, x, w, T, N, K); }                                       \
-    extern "C" __global__ void __launch_bounds__(256) gemv3##SUF(act_t* o0, const act_t* w0, int N0,           \
+    extern "C" __global__ void GV_BOUNDS gemv3##SUF(act_t* o0, const act_t* w0, int N0,           \
         act_t* o1, const act_t* w1, int N1, act_t* o2, const act_t* w2, int N2, const act_t* x, int T, int K,    \
         const act_t* delta, act_t* x_out, const act_t* nw, float eps) {                                         \
         gemv3_rows<TMAX, XS>(o0, w0, N0, o1, w1, N1, o2, w2, N2, x, T, K, delta, x_out, nw, eps); }              \
-    extern "C" __global__ void __launch_bounds__(256) gemv_swiglu##SUF(act_t* out, const act_t* x,             \
+    extern "C" __global__ void GV_BOUNDS gemv_swiglu##SUF(act_t* out, const act_t* x,             \
         const act_t* gate, const act_t* up, int T, int N, int K, const act_t* delta, act_t* x_out,               \
         const act_t* nw, float eps) { gemv_swiglu_rows<TMAX, XS>(out, x, gate, up, T, N, K, delta, x_out, nw, eps); }
 
@@ -517,10 +535,10 @@ __device__ __forceinline__ void moe_down_combine_rows(act_t* out, const act_t* a
 }
 
 #define MOE_GEMV_FAMILY(SUF, XS)                                                                                 \
-    extern "C" __global__ void __launch_bounds__(256) moe_down_combine##SUF(act_t* out, const act_t* act,           \
+    extern "C" __global__ void GV_BOUNDS moe_down_combine##SUF(act_t* out, const act_t* act,           \
         const act_t* w, const int* ids, const float* weights, int T, int k, int N, int K) {                        \
         moe_down_combine_rows<XS>(out, act, w, ids, weights, T, k, N, K); }                                         \
-    extern "C" __global__ void __launch_bounds__(256) moe_gemv_swiglu##SUF(act_t* act, const act_t* x,             \
+    extern "C" __global__ void GV_BOUNDS moe_gemv_swiglu##SUF(act_t* act, const act_t* x,             \
         const act_t* gate, const act_t* up, int* ids, float* weights, const float* logits, int E, int norm_topk,     \
         int e0, int held, int k, int P, int N, int K, const act_t* nw, float eps) {                                  \
         moe_gemv_swiglu_rows<XS>(act, x, gate, up, ids, weights, logits, E, norm_topk, e0, held, k, P, N, K, nw, eps); }
