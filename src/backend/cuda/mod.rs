@@ -262,6 +262,9 @@ pub struct CudaBackend {
     /// MoE decode routing inside the gate/up expert kernel (no moe_route launch);
     /// `QWEN3RS_CUDA_FUSED_ROUTE=0` launches moe_route first.
     fused_route: bool,
+    /// Warps (logits) per block of the decode router (8; `QWEN3RS_CUDA_ROUTER_WARPS`, 1..=32: fewer
+    /// spread its 128 logits over more SMs).
+    router_warps: usize,
     /// Grouped split-KV decode attention; `QWEN3RS_CUDA_SPLITKV=0` keeps one block per (head, row).
     split_kv: bool,
     /// Least keys a decode-attention split takes (16; `QWEN3RS_CUDA_SPLIT_KEYS`).
@@ -381,6 +384,7 @@ impl CudaBackend {
             pipeline: !env_off("QWEN3RS_CUDA_PIPELINE"),
             graph_bad: Default::default(), replay_trace: trace.then(Default::default), fused: !env_off("QWEN3RS_CUDA_FUSED"),
             rope_attn: !env_off("QWEN3RS_CUDA_ROPE_ATTN"), fused_route: !env_off("QWEN3RS_CUDA_FUSED_ROUTE"),
+            router_warps: env_count("QWEN3RS_CUDA_ROUTER_WARPS").unwrap_or(8).min(32),
             split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"), split_keys: env_count("QWEN3RS_CUDA_SPLIT_KEYS").unwrap_or(16), tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"),
             moe_cublas: (!env_off("QWEN3RS_CUDA_MOE_CUBLAS")).into(),
             prefill_chunk: env_count("QWEN3RS_CUDA_PREFILL_CHUNK").unwrap_or(2048) })
@@ -819,7 +823,8 @@ impl CudaBackend {
             self.gpu.gemm_to(probs, true, xp, rp, t, e, h)?;
         } else {
             let smem = if nw != 0 { (h * es) as u32 } else { 0 };
-            self.gpu.launch("matmul", "router_logits", (blocks(e, 8), t as u32, 1), 256, smem, args![probs, xp, rp, ei, hi, delta, x_out, nw, eps])?;
+            let w = self.router_warps;
+            self.gpu.launch("matmul", "router_logits", (blocks(e, w), t as u32, 1), 32 * w as u32, smem, args![probs, xp, rp, ei, hi, delta, x_out, nw, eps])?;
         }
         let decode = self.moe_decode_fits(x, moe);
         // Decode: the gate/up kernel routes for itself (every block, from the logits), one launch less.

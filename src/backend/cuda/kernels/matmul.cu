@@ -346,11 +346,11 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_scalar(act_t*
 // logits [T, E] (f32) = x [T, H] · router [E, H]ᵀ; one warp per output, 16-byte loads when H allows.
 // With nw (H % VEC == 0, H elements in dynamic shared memory) x is first normed as stage_input does it
 // for row t (delta, x_out: row t of them; blocks with blockIdx.x 0 store x_out), so the MoE block's
-// input norm needs no launch of its own. grid (ceil(E / 8), T), 256 threads.
+// input norm needs no launch of its own. grid (ceil(E / W), T), W warps (host: router_warps).
 extern "C" __global__ void router_logits(float* logits, const act_t* x, const act_t* router, int E, int H,
     const act_t* delta, act_t* x_out, const act_t* nw, float eps) {
     int lane = threadIdx.x & 31;
-    int e = blockIdx.x * 8 + (threadIdx.x >> 5);
+    int e = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     int t = blockIdx.y;
     if (e < E) prefetch_l2(router + (size_t)e * H, H * (int)sizeof(act_t));
     grid_dependency();
