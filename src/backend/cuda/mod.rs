@@ -808,15 +808,16 @@ impl CudaBackend {
             (Scratch::Up, p * inter * es), (Scratch::Act, p * inter * es), (Scratch::Y, p * h * es),
         ])?;
         let (xp, rp, (ei, hi, ii, ki, ti, pi)) = (x.mem.ptr, moe.router.mem.ptr, (e as i32, h as i32, inter as i32, k as i32, t as i32, p as i32));
-        // 1. Router logits in f32, then softmax / top-k / renormalisation per row (a warp a row).
-        // (One launch for both, a block per row, took 19.8 µs a layer against 12.7 for the two on
-        // Qwen3-30B-A3B decode: one SM computing 128 logits; RESULTS.md run 14.)
+        // 1. Router logits in f32, then softmax / top-k / renormalisation per row (a warp a row):
+        // in decode the gate/up expert kernel routes for itself (below), else moe_route does.
+        // (One launch for logits and routing, a block per row, took 19.8 µs a layer against 12.7
+        // for two on Qwen3-30B-A3B decode: one SM computing 128 logits; RESULTS.md run 14.)
         // With a fused norm the router stores the residual (norm.x_out) and norms x for itself.
         let FusedNorm { delta, x_out, w: nw, eps } = norm;
         // Choices of experts other ranks hold (expert parallelism) come out as id -1, weight 0.
         let (renorm, e0, held) = (moe.norm_topk_prob as i32, moe.first_expert as i32, moe.held as i32);
         // (The router's last block routing every row instead, with a grid-wide counter, measured
-        // 276 against 279 tok/s on Qwen3-30B-A3B decode: no gain, so two launches; RESULTS.md run 15.)
+        // 276 against 279 tok/s on Qwen3-30B-A3B decode: no gain; RESULTS.md run 15.)
         if t > GEMV_MAX_ROWS && nw == 0 {
             // Prefill: a GEMM (router_logits, a warp per logit, took 233 µs a layer for 2,048 rows of
             // Qwen3-30B-A3B: RESULTS.md run 16.1).
