@@ -137,6 +137,8 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
     const unsigned* table = tables + row_table[t];
     size_t kv_off = (size_t)kvh * HD + lane * ND;
     const int last = ctx - 1;
+    // Key j's cache slot (page table lookup).
+    auto slot_of = [&](int j) { return (size_t)table[j / block_size] * block_size + (j % block_size); };
     // Keys j0 .. j0 + AD_KB - 1 of the split into kf / vf (zeros past the split; with ROPE, `last`
     // is filled in from registers by the caller).
     float kf[AD_KB][ND], vf[AD_KB][ND];
@@ -145,9 +147,9 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
         for (int b = 0; b < AD_KB; b++) {
             int j = j0 + b;
             if (j < hi && !(ROPE && j == last)) {
-                size_t slot = (size_t)table[j / block_size] * block_size + (j % block_size);
-                load_nd<ND>(kc + slot * kv_dim + kv_off, kf[b]);
-                load_nd<ND>(vc + slot * kv_dim + kv_off, vf[b]);
+                size_t at = slot_of(j) * kv_dim + kv_off;
+                load_nd<ND>(kc + at, kf[b]);
+                load_nd<ND>(vc + at, vf[b]);
             } else {
 #pragma unroll
                 for (int i = 0; i < ND; i++) kf[b][i] = vf[b][i] = 0.f;
@@ -176,12 +178,9 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
             load_nd<ND>(r.v + src, v_new);
             norm_rope_head<ND>(k_new, r.k_norm, cs, r.eps);
             if (warp == 0 && blockIdx.x % chunks == 0) {
-                size_t slot = (size_t)table[last / block_size] * block_size + (last % block_size);
-#pragma unroll
-                for (int i = 0; i < ND; i++) {
-                    kc[slot * kv_dim + kv_off + i] = from_f(k_new[i]);
-                    vc[slot * kv_dim + kv_off + i] = from_f(v_new[i]);
-                }
+                size_t at = slot_of(last) * kv_dim + kv_off;
+                store_nd<ND>(kc + at, k_new);
+                store_nd<ND>(vc + at, v_new);
             }
         }
     }
