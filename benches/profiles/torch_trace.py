@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, "/tmp/q")
+sys.path.insert(0, os.environ.get("QWEN3RS_WHEEL_DIR", "/tmp/q"))  # another installed build: QWEN3RS_WHEEL_DIR
 import qwen3rs  # noqa: E402
 import torch  # noqa: E402
 from torch.autograd import DeviceType  # noqa: E402

@@ -267,7 +267,7 @@ pub struct CudaBackend {
     router_warps: usize,
     /// Grouped split-KV decode attention; `QWEN3RS_CUDA_SPLITKV=0` keeps one block per (head, row).
     split_kv: bool,
-    /// Least keys a decode-attention split takes (16; `QWEN3RS_CUDA_SPLIT_KEYS`).
+    /// Least keys a decode-attention split takes (8; `QWEN3RS_CUDA_SPLIT_KEYS`; 16 until run 18.3).
     split_keys: usize,
     /// Tiled prefill attention; `QWEN3RS_CUDA_TILED_ATTN=0` keeps one block per (head, row).
     tiled_attn: bool,
@@ -385,7 +385,7 @@ impl CudaBackend {
             graph_bad: Default::default(), replay_trace: trace.then(Default::default), fused: !env_off("QWEN3RS_CUDA_FUSED"),
             rope_attn: !env_off("QWEN3RS_CUDA_ROPE_ATTN"), fused_route: !env_off("QWEN3RS_CUDA_FUSED_ROUTE"),
             router_warps: env_count("QWEN3RS_CUDA_ROUTER_WARPS").unwrap_or(8).min(32),
-            split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"), split_keys: env_count("QWEN3RS_CUDA_SPLIT_KEYS").unwrap_or(16), tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"),
+            split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"), split_keys: env_count("QWEN3RS_CUDA_SPLIT_KEYS").unwrap_or(8), tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"),
             moe_cublas: (!env_off("QWEN3RS_CUDA_MOE_CUBLAS")).into(),
             prefill_chunk: env_count("QWEN3RS_CUDA_PREFILL_CHUNK").unwrap_or(2048) })
     }
@@ -719,7 +719,7 @@ impl CudaBackend {
     }
 
     /// KV splits of decode attention over `blocks` (heads, row) blocks for a longest context of
-    /// `longest` keys: at least `split_keys` (16) keys per split, and no more splits than fill the GPU
+    /// `longest` keys: at least `split_keys` (8) keys per split, and no more splits than fill the GPU
     /// about four blocks per SM deep; a power of two, so that the launch shape (part of a CUDA graph)
     /// changes only at a few context lengths. (Fewer splits at short contexts save the combine launch:
     /// `QWEN3RS_CUDA_SPLIT_KEYS` lets benches/kernel_sweep.py weigh that.)
