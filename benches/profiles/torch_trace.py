@@ -37,12 +37,17 @@ with profile(activities=[ProfilerActivity.CUDA]) as prof:
 kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
 if phase == "decode":
     # Decode steps only: every step launches the same kernels, so the period of the name sequence
-    # from the end is a step; keep the last n_new - 4 steps (the first ones may still differ).
+    # is a step. Searched from the end, past a tail that is not a whole step (a step launched ahead
+    # and left unused, the last step's argmax); keep n_new - 4 steps (the first ones may still differ).
     kernels.sort(key=lambda e: e.time_range.start)
     names = [e.name for e in kernels]
-    period = next(k for k in range(1, len(names) // 3 + 1) if names[-k:] == names[-2 * k:-k] == names[-3 * k:-2 * k])
-    steps = max(1, n_new - 4)
-    kernels = kernels[-steps * period:]
+
+    def periodic(k, o):
+        end = len(names) - o
+        return end >= 3 * k and names[end - k:end] == names[end - 2 * k:end - k] == names[end - 3 * k:end - 2 * k]
+    period, tail = next(((k, o) for o in range(0, 64) for k in range(1, (len(names) - o) // 3 + 1) if periodic(k, o)), (len(names), 0))
+    steps = max(1, min(n_new - 4, (len(names) - tail) // period))
+    kernels = kernels[len(names) - tail - steps * period:len(names) - tail]
 else:
     steps = 1
 kernels.sort(key=lambda e: e.time_range.start)
