@@ -182,8 +182,8 @@ def test_cuda_graph_replay_gives_the_eager_tokens(case, monkeypatch):
         out = [m.generate([3, 14, 15, 92, 65], max_new_tokens=40, **kw).token_ids]
         out += [x.token_ids for x in m.generate([[1, 2], [7] * 20, [9, 8, 7, 6]], max_new_tokens=24, **kw)]
         out.append(m.generate(list(range(1, 300)), max_new_tokens=20, **kw).token_ids)
-        # Context crosses 512 mid-generation: decode attention starts splitting the keys (a new
-        # launch shape, so the graph is recaptured).
+        # Context crosses 512 mid-generation: decode attention changes its number of key splits (a
+        # new launch shape, so the graph is recaptured).
         out.append(m.generate([(i * 37) % 1000 + 1 for i in range(500)], max_new_tokens=30, **kw).token_ids)
         out.append(m.generate([3, 14, 15, 92, 65], max_new_tokens=40, **kw).token_ids)
         sampled = dict(raw=True, temperature=0.9, top_p=0.95, seed=11, ignore_eos=True)

@@ -721,8 +721,9 @@ impl CudaBackend {
     /// KV splits of decode attention over `blocks` (heads, row) blocks for a longest context of
     /// `longest` keys: at least `split_keys` (8) keys per split, and no more splits than fill the GPU
     /// about four blocks per SM deep; a power of two, so that the launch shape (part of a CUDA graph)
-    /// changes only at a few context lengths. (Fewer splits at short contexts save the combine launch:
-    /// `QWEN3RS_CUDA_SPLIT_KEYS` lets benches/kernel_sweep.py weigh that.)
+    /// changes only at a few context lengths. (Fewer splits at short contexts save the combine launch
+    /// but give each warp a longer serial chain of keys: 8 keys beat 4, 16 and 64 on the benchmark's
+    /// contexts, RESULTS.md runs 17.1 and 18.3; `QWEN3RS_CUDA_SPLIT_KEYS` for benches/kernel_sweep.py.)
     fn decode_splits(&self, longest: usize, blocks: usize) -> usize {
         let fill = (4 * self.gpu.sms as usize / blocks.max(1)).max(1);
         let want = (longest / self.split_keys).min(fill).clamp(1, MAX_ATTN_SPLITS);
