@@ -352,7 +352,7 @@ extern "C" __global__ void router_logits(float* logits, const act_t* x, const ac
     int lane = threadIdx.x & 31;
     int e = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     int t = blockIdx.y;
-    if (e < E) prefetch_l2(router + (size_t)e * H, H * (int)sizeof(act_t));
+    if (e < E) prefetch_lines(router + (size_t)e * H, H * (int)sizeof(act_t));
     grid_dependency();
     size_t row = (size_t)t * H;
     const act_t* xr = nw ? stage_input<1, true>(x + row, 1, H, delta ? delta + row : nullptr, x_out ? x_out + row : nullptr, nw, eps)
