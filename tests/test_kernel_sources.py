@@ -70,5 +70,5 @@ def test_nothing_but_weight_prefetch_comes_before_the_wait():
         for s in filter(None, (s.strip() for s in before.split(";"))):
             # A prefetch, a lambda, a shared-memory declaration or an index computed from the launch
             # shape (no memory read).
-            ok = re.search(r"prefetch_(rows|l2)\(|^auto \w+ = \[&\]|^(extern )?__shared__ ", s) or re.fullmatch(r"int \w+ = [^\[]*", s)
+            ok = re.search(r"prefetch_(rows|lines)\(|^auto \w+ = \[&\]|^(extern )?__shared__ ", s) or re.fullmatch(r"int \w+ = [^\[]*", s)
             assert ok, f"{f}: {name}: {s!r} before grid_dependency()"

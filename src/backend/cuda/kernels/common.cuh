@@ -103,8 +103,8 @@ __device__ __forceinline__ void prefetch_lines(const void* p, int n) {
 
 // PREFETCH_L1 (unset: off): bytes at the start of the warp's first row pulled into the SM's L1 as well,
 // so that the product's first loads, issued after the wait and the input staging, hit there instead
-// of crossing to L2 or memory (for every matrix size). 4,096 is a warp's first step of row_dot (GV_UNROLL
-// 8 × 32 lanes × 16 bytes).
+// of crossing to L2 or memory (for every matrix size; the MoE gate/up kernel does it after routing).
+// 4,096 is a warp's first step of row_dot (GV_UNROLL 8 × 32 lanes × 16 bytes).
 template <class RowPtr>
 __device__ __forceinline__ void prefetch_rows(RowPtr row, int rows, int K) {
     const int row_bytes = K * (int)sizeof(act_t);

@@ -461,6 +461,14 @@ __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x,
         }
         chosen = route_ids;  // stage_input's barrier below makes it visible to every warp
     }
+#ifdef PREFETCH_L1  // (prefetch_rows in common.cuh) the warp's first expert rows, while the input is staged
+    if (logits) __syncthreads();  // route_ids visible to every warp now
+    if (warp_id_global() < P * N && chosen[warp_id_global() / N] >= 0) {
+        const size_t off = ((size_t)chosen[warp_id_global() / N] * N + warp_id_global() % N) * K;
+        prefetch_lines<true>(gate + off, min(K * (int)sizeof(act_t), PREFETCH_L1));
+        prefetch_lines<true>(up + off, min(K * (int)sizeof(act_t), PREFETCH_L1));
+    }
+#endif
     const act_t* xs = stage_input<GEMV_MAX_ROWS, XS>(x, P / k, K, nullptr, nullptr, nw, eps);
     if (!XS && logits) __syncthreads();  // (stage_input without staging has no barrier)
     for (int r = warp_id_global(); r < P * N; r += warps_global()) {
