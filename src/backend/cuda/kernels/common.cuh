@@ -123,17 +123,20 @@ __device__ __forceinline__ void prefetch_rows(RowPtr row, int rows, int K) {
 // 16-byte accesses: VEC elements of act_t as one uint4.
 #define VEC (16 / (int)sizeof(act_t))
 
-__device__ __forceinline__ void unpack_vec(const uint4& v, float* f) {
+// A vector V (uint4: VEC elements; uint2: half as many) of act_t as f32, and back.
+template <class V>
+__device__ __forceinline__ void unpack_vec(const V& v, float* f) {
     const act_t* e = reinterpret_cast<const act_t*>(&v);
 #pragma unroll
-    for (int j = 0; j < VEC; j++) f[j] = to_f(e[j]);
+    for (int j = 0; j < (int)(sizeof(V) / sizeof(act_t)); j++) f[j] = to_f(e[j]);
 }
 
-__device__ __forceinline__ uint4 pack_vec(const float* f) {
-    uint4 v;
+template <class V = uint4>
+__device__ __forceinline__ V pack_vec(const float* f) {
+    V v;
     act_t* e = reinterpret_cast<act_t*>(&v);
 #pragma unroll
-    for (int j = 0; j < VEC; j++) e[j] = from_f(f[j]);
+    for (int j = 0; j < (int)(sizeof(V) / sizeof(act_t)); j++) e[j] = from_f(f[j]);
     return v;
 }
 
@@ -142,15 +145,9 @@ template <int ND>
 __device__ __forceinline__ void load_nd(const act_t* p, float* f) {
     constexpr int BYTES = ND * (int)sizeof(act_t);
     if constexpr (BYTES == 16) {
-        uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
-        const act_t* e = reinterpret_cast<const act_t*>(&v);
-#pragma unroll
-        for (int i = 0; i < ND; i++) f[i] = to_f(e[i]);
+        unpack_vec(__ldg(reinterpret_cast<const uint4*>(p)), f);
     } else if constexpr (BYTES == 8) {
-        uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
-        const act_t* e = reinterpret_cast<const act_t*>(&v);
-#pragma unroll
-        for (int i = 0; i < ND; i++) f[i] = to_f(e[i]);
+        unpack_vec(__ldg(reinterpret_cast<const uint2*>(p)), f);
     } else {
 #pragma unroll
         for (int i = 0; i < ND; i++) f[i] = to_f(p[i]);
@@ -162,17 +159,9 @@ template <int ND>
 __device__ __forceinline__ void store_nd(act_t* p, const float* f) {
     constexpr int BYTES = ND * (int)sizeof(act_t);
     if constexpr (BYTES == 16) {
-        uint4 v;
-        act_t* e = reinterpret_cast<act_t*>(&v);
-#pragma unroll
-        for (int i = 0; i < ND; i++) e[i] = from_f(f[i]);
-        *reinterpret_cast<uint4*>(p) = v;
+        *reinterpret_cast<uint4*>(p) = pack_vec<uint4>(f);
     } else if constexpr (BYTES == 8) {
-        uint2 v;
-        act_t* e = reinterpret_cast<act_t*>(&v);
-#pragma unroll
-        for (int i = 0; i < ND; i++) e[i] = from_f(f[i]);
-        *reinterpret_cast<uint2*>(p) = v;
+        *reinterpret_cast<uint2*>(p) = pack_vec<uint2>(f);
     } else {
 #pragma unroll
         for (int i = 0; i < ND; i++) p[i] = from_f(f[i]);
