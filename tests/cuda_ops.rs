@@ -515,12 +515,11 @@ fn paged_attention_prefill_and_decode() {
     }
 }
 
-/// Decode rows at long contexts (the GPU splits the keys across blocks, then merges): sequences of
-/// 600, 3000 and 4 cached tokens (the last leaves most splits without keys) in scattered blocks,
-/// one new token each. Returns the attention output of the decode step [3, nh*hd].
-fn run_attention_long<B: Backend>(be: &B, s: AttnShape, r: &mut Rng) -> Vec<f32> {
+/// Decode rows of three sequences of `lens` cached tokens (the GPU splits the keys across blocks, then
+/// merges; a short one leaves most splits without keys) in scattered blocks, one new token each.
+/// Returns the attention output of the decode step [3, nh*hd].
+fn run_attention_long<B: Backend>(be: &B, s: AttnShape, lens: [usize; 3], r: &mut Rng) -> Vec<f32> {
     let (kvd, qd, bs) = (s.n_kv_heads * s.head_dim, s.n_heads * s.head_dim, 16usize);
-    let lens = [600usize, 3000, 4];
     let n_blocks: usize = lens.iter().map(|l| (l + 1).div_ceil(bs)).sum();
     let mut kv = be.alloc_kv(n_blocks, bs, kvd).unwrap();
     // Blocks handed out in reverse, interleaved between the sequences.
@@ -671,8 +670,34 @@ fn split_kv_decode_attention_long_contexts() {
         // plain per-head kernel.
         for (hd, nh, nkv) in [(128usize, 8usize, 2usize), (64, 4, 4), (128, 32, 2), (64, 8, 1), (128, 4, 2), (128, 6, 2)] {
             let s = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
-            let (gv, cv) = (run_attention_long(&g, s, &mut Rng(21)), run_attention_long(&c, s, &mut Rng(21)));
+            let lens = [600, 3000, 4];
+            let (gv, cv) = (run_attention_long(&g, s, lens, &mut Rng(21)), run_attention_long(&c, s, lens, &mut Rng(21)));
             check(&format!("split-KV attention hd={hd} nh={nh} nkv={nkv}"), dtype, &gv, &cv, bar);
+        }
+    }
+}
+
+#[test]
+fn split_kv_decode_attention_merged_in_clusters_or_combined() {
+    // Short contexts, where 2, 4, 8 or 16 splits merge inside the attention launch (a thread block
+    // cluster, sm_90+), against the CPU; and the same with clusters off (attention_combine).
+    for dtype in DTYPES {
+        let Some(g) = gpu(dtype) else { return };
+        let c = CpuBackend::new(dtype);
+        let (_, bar) = bars(dtype);
+        for cluster in [16, 0] {
+            g.set_attn_cluster(cluster);
+            for (hd, nh, nkv) in [(128usize, 16usize, 8usize), (128, 32, 2), (64, 8, 2)] {
+                let s = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
+                for ctx in [vec![20usize], vec![40, 3], vec![70], vec![200, 5, 0]] {
+                    let (gv, cv) = (run_rope_attention_steps(&g, s, &ctx, 3, &mut Rng(47)), run_rope_attention_steps(&c, s, &ctx, 3, &mut Rng(47)));
+                    check(&format!("clusters {cluster}: qk_norm_rope_attention hd={hd} nh={nh} nkv={nkv} ctx={ctx:?}"), dtype, &gv, &cv, bar);
+                }
+                for lens in [[100, 250, 4], [20, 9, 1]] {
+                    let (gv, cv) = (run_attention_long(&g, s, lens, &mut Rng(23)), run_attention_long(&c, s, lens, &mut Rng(23)));
+                    check(&format!("clusters {cluster}: split-KV attention hd={hd} nh={nh} nkv={nkv} lens={lens:?}"), dtype, &gv, &cv, bar);
+                }
+            }
         }
     }
 }

@@ -264,6 +264,16 @@ fn allow_smem(f: Func, name: &str, smem: u32) -> Result<()> {
     Ok(())
 }
 
+/// Clusters of more than 8 blocks (the portable limit; sm_90 takes 16) need the function's leave.
+fn allow_cluster(f: Func, name: &str, cluster: u32) -> Result<()> {
+    if cluster > 8 {
+        // SAFETY: `f` is a live function; allowing non-portable cluster sizes is always valid.
+        unsafe { drv::function::set_function_attribute(f.0, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1) }
+            .map_err(|e| drv_err(&format!("{name}: cluster size {cluster}"), e))?;
+    }
+    Ok(())
+}
+
 /// Kernel arguments for `Gpu::launch`: `args![a, b]` with each a local value of the exact type the
 /// kernel takes (u64 for pointers, i32 for int, f32 for float); (pointer, size) so a launch can
 /// also be hashed for graph replay.
@@ -508,13 +518,23 @@ impl Gpu {
     /// Launch `module::name` on the stream. `args` must match the kernel's parameters exactly.
     pub fn launch(&self, module: &'static str, name: &'static str, grid: (u32, u32, u32), block: u32, smem: u32,
         args: &[(*mut c_void, usize)]) -> Result<()> {
+        self.launch_cluster(module, name, grid, block, smem, 1, args)
+    }
+
+    /// `launch` with the grid's blocks in clusters of `cluster` consecutive z indices (sm_90+, at most
+    /// 16; grid.2 a multiple of it): a cluster's blocks run at once and share their shared memory.
+    #[allow(clippy::too_many_arguments)]
+    pub fn launch_cluster(&self, module: &'static str, name: &'static str, grid: (u32, u32, u32), block: u32, smem: u32,
+        cluster: u32, args: &[(*mut c_void, usize)]) -> Result<()> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
+        crate::ensure!(cluster >= 1 && grid.2 % cluster == 0 && (cluster == 1 || self.arch.0 >= 9), InvalidArgument,
+            "{name}: clusters of {cluster} blocks for a grid of {} (sm_{}{})", grid.2, self.arch.0, self.arch.1);
         let record = |h: u64| -> u64 {
             let mut h = hash_bytes(h, module.as_bytes());
             h = hash_bytes(h, name.as_bytes());
-            for v in [grid.0, grid.1, grid.2, block, smem] {
+            for v in [grid.0, grid.1, grid.2, block, smem, cluster] {
                 h = hash_bytes(h, &v.to_le_bytes());
             }
             for &(p, n) in args {
@@ -539,24 +559,37 @@ impl Gpu {
         self.bind()?;
         let f = self.function(module, name)?;
         allow_smem(f, name, smem)?;
-        if self.pdl_max_smem.is_none_or(|m| smem > m) {
+        allow_cluster(f, name, cluster)?;
+        let pdl = self.pdl_max_smem.is_some_and(|m| smem <= m);
+        if !pdl && cluster == 1 {
             // SAFETY: `args` points at values laid out as the kernel's parameters (see `args!`), and
             // every device pointer among them is a live allocation sized for this launch.
             return unsafe { drv::launch_kernel(f.0, grid, (block, 1, 1), smem, self.h.stream, args) }
                 .map_err(|e| drv_err(&format!("launching {name}"), e));
         }
-        // Programmatic dependent launch (sm_90+, up to PDL_MAX_SMEM): the kernel may start while the
-        // one before it on the stream is still finishing. Every kernel of kernels/ begins with `grid_dependency()`
-        // (common.cuh), which waits for its predecessor to complete before touching activations,
-        // so only prologues that read weights (an L2 prefetch) overlap the predecessor's tail, and
-        // the launch latency overlaps it too. Captured into CUDA graphs as programmatic edges.
-        // SAFETY: an all-zero CUlaunchAttribute is valid plain data; id and value are set below.
-        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
+        // SAFETY: an all-zero CUlaunchAttribute is valid plain data; ids and values are set below.
+        let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
+        let mut n = 0;
+        if pdl {
+            // Programmatic dependent launch (sm_90+, up to PDL_MAX_SMEM): the kernel may start while the
+            // one before it on the stream is still finishing. Every kernel of kernels/ begins with `grid_dependency()`
+            // (common.cuh), which waits for its predecessor to complete before touching activations,
+            // so only prologues that read weights (an L2 prefetch) overlap the predecessor's tail, and
+            // the launch latency overlaps it too. Captured into CUDA graphs as programmatic edges.
+            attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attrs[n].value.programmaticStreamSerializationAllowed = 1;
+            n += 1;
+        }
+        if cluster > 1 {
+            attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+            attrs[n].value.clusterDim.x = 1;
+            attrs[n].value.clusterDim.y = 1;
+            attrs[n].value.clusterDim.z = cluster;
+            n += 1;
+        }
         let config = sys::CUlaunchConfig { gridDimX: grid.0, gridDimY: grid.1, gridDimZ: grid.2, blockDimX: block, blockDimY: 1,
-            blockDimZ: 1, sharedMemBytes: smem, hStream: self.h.stream, attrs: &mut attr, numAttrs: 1 };
-        // SAFETY: as above; `config` and `attr` outlive the call.
+            blockDimZ: 1, sharedMemBytes: smem, hStream: self.h.stream, attrs: attrs.as_mut_ptr(), numAttrs: n as u32 };
+        // SAFETY: as above; `config` and `attrs` outlive the call.
         unsafe { sys::cuLaunchKernelEx(&config, f.0, args.as_mut_ptr(), std::ptr::null_mut()) }.result()
             .map_err(|e| drv_err(&format!("launching {name}"), e))
     }

@@ -56,6 +56,8 @@ const MAX_HEAD_DIM: usize = 256;
 const ATTN_TILE_ROWS: usize = 64;
 /// Most KV splits of decode attention (`AD_MAX_SPLITS` in attention.cu).
 const MAX_ATTN_SPLITS: usize = 128;
+/// Most blocks of a cluster on sm_90 (8 portable, 16 with the function's leave; attention.cu AD_MAX_CLUSTER).
+const MAX_ATTN_CLUSTER: usize = 16;
 /// Keys per shared-memory tile of the tensor-core prefill attention (FP_BK in attention_prefill.cu).
 const ATTN_PREFILL_KEYS: usize = 64;
 
@@ -269,6 +271,10 @@ pub struct CudaBackend {
     split_kv: bool,
     /// Least keys a decode-attention split takes (8; `QWEN3RS_CUDA_SPLIT_KEYS`; 16 until run 18.3).
     split_keys: usize,
+    /// Most decode-attention splits merged inside the attention launch, its splits one thread block
+    /// cluster (sm_90+: 16; `QWEN3RS_CUDA_ATTN_CLUSTER=N`, 0 = off); more splits than this, or none of
+    /// it, go through an `attention_combine` launch.
+    attn_cluster: std::sync::atomic::AtomicUsize,
     /// Tiled prefill attention; `QWEN3RS_CUDA_TILED_ATTN=0` keeps one block per (head, row).
     tiled_attn: bool,
     /// MoE prefill through cuBLAS grouped GEMMs; `QWEN3RS_CUDA_MOE_CUBLAS=0` keeps `grouped_gemm`.
@@ -287,6 +293,15 @@ fn env_off(name: &str) -> bool {
 /// A positive count from env `name`, if set to one.
 pub(crate) fn env_count(name: &str) -> Option<usize> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok()).filter(|&n: &usize| n > 0)
+}
+
+/// Decode-attention splits merged in one cluster by default: 16 from sm_90 (`QWEN3RS_CUDA_ATTN_CLUSTER`
+/// overrides; 0 or below sm_90: none).
+fn attn_cluster_default(arch: (i32, i32)) -> usize {
+    if arch.0 < 9 || env_off("QWEN3RS_CUDA_ATTN_CLUSTER") {
+        return 0;
+    }
+    env_count("QWEN3RS_CUDA_ATTN_CLUSTER").unwrap_or(MAX_ATTN_CLUSTER).min(MAX_ATTN_CLUSTER)
 }
 
 /// Whether decode steps use CUDA graphs: on unless `QWEN3RS_CUDA_GRAPHS` is 0/false/off.
@@ -379,13 +394,15 @@ impl CudaBackend {
         } else {
             None
         };
+        let attn_cluster = attn_cluster_default(gpu.arch);
         let trace = std::env::var_os("QWEN3RS_CUDA_TRACE").is_some() && !env_off("QWEN3RS_CUDA_TRACE");
         Ok(CudaBackend { gpu, ordinal, meta: Mutex::new(slots(N_META)), scratch: Mutex::new(slots(N_SCRATCH)), graphs, parity: 0.into(),
             pipeline: !env_off("QWEN3RS_CUDA_PIPELINE"),
             graph_bad: Default::default(), replay_trace: trace.then(Default::default), fused: !env_off("QWEN3RS_CUDA_FUSED"),
             rope_attn: !env_off("QWEN3RS_CUDA_ROPE_ATTN"), fused_route: !env_off("QWEN3RS_CUDA_FUSED_ROUTE"),
             router_warps: env_count("QWEN3RS_CUDA_ROUTER_WARPS").unwrap_or(8).min(32),
-            split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"), split_keys: env_count("QWEN3RS_CUDA_SPLIT_KEYS").unwrap_or(8), tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"),
+            split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"), split_keys: env_count("QWEN3RS_CUDA_SPLIT_KEYS").unwrap_or(8),
+            attn_cluster: attn_cluster.into(), tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"),
             moe_cublas: (!env_off("QWEN3RS_CUDA_MOE_CUBLAS")).into(),
             prefill_chunk: env_count("QWEN3RS_CUDA_PREFILL_CHUNK").unwrap_or(2048) })
     }
@@ -394,6 +411,13 @@ impl CudaBackend {
     /// as `QWEN3RS_CUDA_MOE_CUBLAS` chooses at construction: lets one test process check both.
     pub fn set_moe_cublas(&self, on: bool) {
         self.moe_cublas.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Most decode-attention splits merged in a thread block cluster (0: every split count goes
+    /// through `attention_combine`), capped at what the device takes: lets one test process check both.
+    pub fn set_attn_cluster(&self, max_splits: usize) {
+        let cap = if self.gpu.arch.0 >= 9 { MAX_ATTN_CLUSTER } else { 0 };
+        self.attn_cluster.store(max_splits.min(cap), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The device index this backend runs on.
@@ -721,9 +745,10 @@ impl CudaBackend {
     /// KV splits of decode attention over `blocks` (heads, row) blocks for a longest context of
     /// `longest` keys: at least `split_keys` (8) keys per split, and no more splits than fill the GPU
     /// about four blocks per SM deep; a power of two, so that the launch shape (part of a CUDA graph)
-    /// changes only at a few context lengths. (Fewer splits at short contexts save the combine launch
-    /// but give each warp a longer serial chain of keys: 8 keys beat 4, 16 and 64 on the benchmark's
-    /// contexts, RESULTS.md runs 17.1 and 18.3; `QWEN3RS_CUDA_SPLIT_KEYS` for benches/kernel_sweep.py.)
+    /// changes only at a few context lengths. (Fewer splits give each warp a longer serial chain of
+    /// keys: 8 keys beat 4, 16 and 64 on the benchmark's contexts, RESULTS.md runs 17.1 and 18.3, and
+    /// 16 again with the splits merged in clusters, run 19.4; `QWEN3RS_CUDA_SPLIT_KEYS` for
+    /// benches/kernel_sweep.py.)
     fn decode_splits(&self, longest: usize, blocks: usize) -> usize {
         let fill = (4 * self.gpu.sms as usize / blocks.max(1)).max(1);
         let want = (longest / self.split_keys).min(fill).clamp(1, MAX_ATTN_SPLITS);
@@ -904,14 +929,23 @@ impl CudaBackend {
         let scale = 1.0 / (hd as f32).sqrt();
         let group_blocks = nh / g;
         let splits = self.decode_splits(longest, group_blocks * t);
-        let [ml, acc] = self.scratch([(Scratch::AttnMl, t * nh * splits * 8), (Scratch::AttnAcc, t * nh * splits * hd * 4)])?;
+        // Up to attn_cluster splits are one cluster and merge in the launch (RESULTS.md run 19.2: +5 %
+        // on 0.6B, +2 % on 30B-A3B); more leave partial states in scratch for attention_combine.
+        let clustered = splits > 1 && splits <= self.attn_cluster.load(std::sync::atomic::Ordering::Relaxed);
+        let [ml, acc] = if splits == 1 || clustered {
+            [0, 0]
+        } else {
+            self.scratch([(Scratch::AttnMl, t * nh * splits * 8), (Scratch::AttnAcc, t * nh * splits * hd * 4)])?
+        };
         let grid = (group_blocks as u32, t as u32, splits as u32);
+        let cluster = if clustered { splits as u32 } else { 1 };
         match rope {
-            None => self.gpu.launch("attention", name, grid, 128, 0, args![o, ml, acc, qp, kc, vc, ctx, table_at, tables, nhi, nkv, bs, kvd, scale])?,
-            Some(RopeArgs { k, v, q_norm, k_norm, rope, positions, eps }) => self.gpu.launch("attention", name, grid, 128, 0,
+            None => self.gpu.launch_cluster("attention", name, grid, 128, 0, cluster,
+                args![o, ml, acc, qp, kc, vc, ctx, table_at, tables, nhi, nkv, bs, kvd, scale])?,
+            Some(RopeArgs { k, v, q_norm, k_norm, rope, positions, eps }) => self.gpu.launch_cluster("attention", name, grid, 128, 0, cluster,
                 args![o, ml, acc, qp, kc, vc, ctx, table_at, tables, nhi, nkv, bs, kvd, scale, k, v, q_norm, k_norm, rope, positions, eps])?,
         }
-        if splits > 1 {
+        if splits > 1 && !clustered {
             let si = splits as i32;
             self.gpu.launch("attention", "attention_combine", (nh as u32, t as u32, 1), 128, 0, args![o, ml, acc, nhi, hdi, si])?;
         }

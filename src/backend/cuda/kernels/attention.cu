@@ -93,10 +93,13 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attention(act_t* ou
 // from row_ctx so one launch shape serves every context length). Warp w takes keys lo + 4w ..
 // (AD_KB at a time, all their K and V loads issued before the first use), lane j holds head dims
 // j*ND .. j*ND+ND-1 (hd = 32 ND) with its q values in registers; online softmax per (warp, head); the
-// warps merge in shared memory. splits == 1: writes out; else the unnormalised partial state ml [T,
-// nh, splits, 2] = (max, sum of exp), acc [T, nh, splits, hd] for `attention_combine` (a split with no
-// keys writes l = 0). grid (nkv * group / G, T, splits), AD_WARPS warps.
+// warps merge in shared memory. splits == 1: writes out; launched with the splits as one cluster
+// (splits <= AD_MAX_CLUSTER), the blocks merge the splits through distributed shared memory and write
+// out; else the unnormalised partial state ml [T, nh, splits, 2] = (max, sum of exp), acc [T, nh,
+// splits, hd] for `attention_combine` (a split with no keys writes l = 0). grid (nkv * group / G, T,
+// splits), AD_WARPS warps.
 #define AD_WARPS 4
+#define AD_MAX_CLUSTER 16  // most splits merged in a cluster (mod.rs MAX_ATTN_CLUSTER)
 #ifndef AD_KB  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define AD_KB 4
 #endif
@@ -122,9 +125,13 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
     constexpr int HD = 32 * ND;
     __shared__ float wm[AD_WARPS][G], wl[AD_WARPS][G];
     __shared__ float wacc[AD_WARPS][G][HD];
+    __shared__ float cm[G], cl[G];  // clustered: this split's max and sum of exp a head
     int group = nh / nkv, chunks = group / G;
     int kvh = blockIdx.x / chunks, h0 = kvh * group + (blockIdx.x % chunks) * G;
     int t = blockIdx.y, s = blockIdx.z, splits = gridDim.z;
+    // All the splits in one cluster (launched so by the host): they merge through shared memory and
+    // write out; else they leave their partial states to attention_combine.
+    const bool clustered = splits > 1 && splits <= AD_MAX_CLUSTER && cluster_blocks() == (unsigned)splits;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     // With ROPE, what comes before grid_dependency() below is nothing the kernel ahead writes: the
     // row's context length, page table and position (host metadata, uploaded before the step's first
@@ -267,12 +274,44 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
         size_t row = (size_t)t * nh + h0 + g;
         if (splits == 1) {
             out[row * HD + d] = from_f(a / total);
+        } else if (clustered) {
+            if (d == 0) { cm[g] = mx; cl[g] = total; }
+            wacc[0][g][d] = a;  // (g, d) is this thread's alone
         } else {
             size_t idx = row * splits + s;
             if (d == 0) { part_ml[idx * 2] = mx; part_ml[idx * 2 + 1] = total; }
             part_acc[idx * HD + d] = a;
         }
     }
+    if (!clustered) return;
+    // The splits' merge, attention_combine's sums: block s of the cluster takes outputs s * 128 ..
+    // of the group's G * HD, reading every split's state from its block's shared memory.
+    cluster_sync();
+    for (int i = s * blockDim.x + threadIdx.x; i < G * HD; i += splits * blockDim.x) {
+        int g = i / HD, d = i % HD;
+        float mr[AD_MAX_CLUSTER], lr[AD_MAX_CLUSTER], ar[AD_MAX_CLUSTER];
+#pragma unroll
+        for (int r = 0; r < AD_MAX_CLUSTER; r++) {
+            bool in = r < splits;
+            mr[r] = in ? *cluster_ptr(&cm[g], r) : 0.f;
+            lr[r] = in ? *cluster_ptr(&cl[g], r) : 0.f;
+            ar[r] = in ? *cluster_ptr(&wacc[0][g][d], r) : 0.f;
+        }
+        float mx = -INFINITY;
+#pragma unroll
+        for (int r = 0; r < AD_MAX_CLUSTER; r++) if (lr[r] > 0.f) mx = fmaxf(mx, mr[r]);
+        float total = 0.f, a = 0.f;
+#pragma unroll
+        for (int r = 0; r < AD_MAX_CLUSTER; r++) {
+            if (lr[r] > 0.f) {  // a split that saw no key contributes nothing
+                float f = expf(mr[r] - mx);
+                total += lr[r] * f;
+                a += ar[r] * f;
+            }
+        }
+        out[((size_t)t * nh + h0 + g) * HD + d] = from_f(a / total);
+    }
+    cluster_sync();  // no block leaves while the others still read its shared memory
 }
 
 // attention_decode_g<G>_d<HD>: the step's keys already in the cache; attention_decode_rope_g<G>_d<HD>:

@@ -76,6 +76,42 @@ __device__ __forceinline__ void grid_dependency() {
 #endif
 }
 
+// Thread block clusters (sm_90+; gpu.rs `launch_cluster`): the blocks of a cluster run at once on one
+// GPC and read each other's shared memory. Without a cluster launch (or below sm_90) a block is a
+// cluster of one: cluster_blocks() is 1 and cluster_sync() a no-op.
+__device__ __forceinline__ unsigned cluster_blocks() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    unsigned n;
+    asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
+    return n;
+#else
+    return 1;
+#endif
+}
+
+// Every thread of every block of the cluster arrives; shared-memory writes before it are visible to
+// the cluster's reads after it.
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#else
+    __syncthreads();
+#endif
+}
+
+// `p` (in this block's shared memory) as a generic address of the same place in cluster block
+// `rank`'s shared memory: ordinary loads read it there.
+template <class T>
+__device__ __forceinline__ const T* cluster_ptr(const T* p, unsigned rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    unsigned long long r;
+    asm volatile("mapa.u64 %0, %1, %2;" : "=l"(r) : "l"(p), "r"(rank));
+    return reinterpret_cast<const T*>(r);
+#else
+    return p;
+#endif
+}
+
 __device__ __forceinline__ int warp_id_global() { return blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); }
 __device__ __forceinline__ int warps_global() { return gridDim.x * (blockDim.x >> 5); }
 
