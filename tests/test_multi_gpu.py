@@ -27,6 +27,15 @@ everywhere, and tests/cuda_tp.rs at the Rust level.
       bf16 is (measured on the CPU stand-in, same sharding and rounding points: 1.05–1.08 e), and
       ~√2 e from one GPU's bf16 (1.1–1.3 e). The bar grows with e because e grows with depth (dummy
       0.6B, 28 layers: e = 1.6e-2; 8B with 8 layers: 1.2e-2).
+      MoE models take 2.5 e for both: on the H200 pair the 8-layer dummy 30B-A3B (e = 2.1e-2) had its
+      sharded bf16 logits 1.73 e (experts by columns) / 0.58 e (whole experts) from one GPU's bf16 and
+      2.05 e / 1.80 e from its f32, while the sharded f32 logits equalled one GPU's to 1.7e-6 with the
+      same greedy tokens: rounding, not sharding. (All 48 layers, e = 5.0e-2: 1.14 e / 1.00 e and
+      1.23 e / 1.09 e; dense 8B, all 36 layers, e = 1.9e-2: 1.28 e and 1.04 e.) Each rank's MoE partial is rounded to bf16 before the
+      all-reduce and the bf16 sum rounds again, two roundings one GPU does not make; the next layer's
+      router sees them, and with 128 near-uniform random experts a near-tied 8th choice flips in some
+      rows, moving such a row by ~1e-1. (The CPU stand-in's 3-layer 30B-A3B had not shown it.) A wrong
+      shard moves every row by O(1), ~50 e.
       bf16 greedy tokens are *not* compared: random weights give logits of spread ~1 whose bf16
       values tie exactly or within one bf16 step (2^-6 at 2–4) at many steps, and a 30B-A3B routes
       128 experts whose 8th/9th router probabilities nearly tie somewhere in 48 layers. Measured on
@@ -163,7 +172,7 @@ def test_sharded_dummy_model_equals_one_gpu(name, ep, tmp_path):
     assert np.median(f32_err) <= 1e-4 and f32_err.max() <= (5e-2 if moe else 1e-4), (
         f"{name} f32: row error median {np.median(f32_err):.2e}, max {f32_err.max():.2e} (row {f32_err.argmax()}) vs one GPU")
     assert f32_two_tokens == f32_one_tokens, f"{name} f32: greedy tokens differ from one GPU: {f32_two_tokens} vs {f32_one_tokens}"
-    bar = max(BF16_BAR, 2 * e)
+    bar = max(BF16_BAR, (2.5 if moe else 2) * e)
     assert np.median(bf16_err) <= bar, f"{name} bf16: median row error {np.median(bf16_err):.2e} vs one GPU (bar {bar:.2e})"
-    bar = max(BF16_BAR, 1.5 * e)
+    bar = max(BF16_BAR, (2.5 if moe else 1.5) * e)
     assert np.median(bf16_vs_f32) <= bar, f"{name} bf16: median row error {np.median(bf16_vs_f32):.2e} vs one-GPU f32 (bar {bar:.2e})"
