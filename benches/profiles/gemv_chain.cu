@@ -1,0 +1,171 @@
+// gemv_chain.cu: our own decode products (kernels/matmul.cu, bf16) timed as sync_cost.cu times its bare
+// phases: PHASES launches back to back in a CUDA graph with programmatic dependent launch, as a decode
+// step runs them, each launch on fresh weights (no L2 reuse). Where a product costs more than a bare
+// phase of the same bytes (sync_cost.cu, RESULTS.md run 19.5), the variants below say which stage it is:
+// the input staging in shared memory (_xs against plain), the fused RMSNorm (gemv3 / gemv_swiglu with
+// and without a norm weight), the grid (the host's rows / 8 blocks against two blocks an SM).
+//
+//   nvcc -O3 -arch=sm_90 -o /tmp/gemv_chain benches/profiles/gemv_chain.cu && /tmp/gemv_chain
+//
+// The same bare phase as sync_cost.cu is included for a same-call reference. Prints µs a launch.
+#include <cstdio>
+#include <cstdlib>
+#include <cuda_runtime.h>
+
+#define Q_DTYPE 1
+#include "../../src/backend/cuda/kernels/common.cuh"
+#include "../../src/backend/cuda/kernels/matmul.cu"
+
+#define CHECK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("%s failed: %s (line %d)\n", #x, cudaGetErrorString(e), __LINE__); exit(1); } } while (0)
+
+constexpr int PHASES = 200, REPS = 10;
+
+// sync_cost.cu's bare phase (2 blocks an SM, 4 loads in flight a lane, one plain store a block).
+__global__ void __launch_bounds__(256) bare_phase(const uint4* w, size_t vecs, float* res) {
+    __shared__ float part[8];
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    size_t tid = blockIdx.x * (size_t)blockDim.x + threadIdx.x, nth = (size_t)gridDim.x * blockDim.x;
+    float s = res[(blockIdx.x + 1) % gridDim.x] * 1e-9f;
+    for (size_t i0 = tid; i0 < vecs; i0 += nth * 4) {
+        uint4 v[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) v[u] = i0 + u * nth < vecs ? __ldcs(w + i0 + u * nth) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int u = 0; u < 4; u++) s += __uint_as_float(v[u].x & 0x3f800000u) + __uint_as_float(v[u].w & 0x3f800000u);
+    }
+    s = warp_sum(s);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) res[blockIdx.x] = part[0] + part[1] + part[2] + part[3] + part[4] + part[5] + part[6] + part[7];
+}
+
+static cudaStream_t st;
+
+// Time `launch(p)` for p < PHASES captured into one graph: µs a launch.
+template <class F>
+double time_chain(F launch) {
+    cudaGraph_t g;
+    cudaGraphExec_t ge;
+    CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+    for (int p = 0; p < PHASES; p++) launch(p);
+    CHECK(cudaStreamEndCapture(st, &g));
+    CHECK(cudaGraphInstantiate(&ge, g, 0));
+    cudaEvent_t e0, e1;
+    CHECK(cudaEventCreate(&e0));
+    CHECK(cudaEventCreate(&e1));
+    CHECK(cudaGraphLaunch(ge, st));
+    CHECK(cudaEventRecord(e0, st));
+    for (int r = 0; r < REPS; r++) CHECK(cudaGraphLaunch(ge, st));
+    CHECK(cudaEventRecord(e1, st));
+    CHECK(cudaEventSynchronize(e1));
+    float ms = 0;
+    CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    CHECK(cudaGraphExecDestroy(ge));
+    CHECK(cudaGraphDestroy(g));
+    return ms * 1e3 / REPS / PHASES;
+}
+
+// A PDL launch of `kernel` as gpu.rs `launch` makes it.
+template <class... K, class... A>
+void launch_pdl(void (*kernel)(K...), int grid, size_t smem, A... args) {
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.gridDim = dim3(grid);
+    cfg.blockDim = dim3(256);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = st;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
+}
+
+// gpu.rs persistent_grid: resident blocks on the GPU, at most `useful`.
+template <class... K>
+int persistent_grid(void (*kernel)(K...), size_t smem, int useful, int sms) {
+    int per_sm = 0;
+    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 256, smem));
+    return per_sm * sms < useful ? per_sm * sms : useful;
+}
+
+int main() {
+    int sms = 0;
+    CHECK(cudaSetDevice(0));
+    CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    // Qwen3-0.6B's decode products: hidden 1024, q 2048, kv 1024, intermediate 3072.
+    const int H = 1024, Q = 2048, KV = 1024, I = 3072;
+    const size_t per_phase = (size_t)(Q + 2 * KV) * H * 2 + (size_t)2 * I * H * 2;  // the largest: gemv3 or gate + up
+    act_t* w;
+    CHECK(cudaMalloc(&w, per_phase * PHASES));
+    CHECK(cudaMemset(w, 0x3c, per_phase * PHASES));  // bf16 0x3c3c ~ 0.0115
+    act_t *x, *out, *o1, *o2, *delta, *x_out, *nw;
+    float* res;
+    CHECK(cudaMalloc(&x, 64 << 10));
+    CHECK(cudaMemset(x, 0x3c, 64 << 10));
+    CHECK(cudaMalloc(&delta, 64 << 10));
+    CHECK(cudaMemset(delta, 0x3c, 64 << 10));
+    CHECK(cudaMalloc(&nw, 64 << 10));
+    CHECK(cudaMemset(nw, 0x3c, 64 << 10));
+    CHECK(cudaMalloc(&out, 64 << 10));
+    CHECK(cudaMalloc(&o1, 64 << 10));
+    CHECK(cudaMalloc(&o2, 64 << 10));
+    CHECK(cudaMalloc(&x_out, 64 << 10));
+    CHECK(cudaMalloc(&res, 4096 * sizeof(float)));
+    CHECK(cudaMemset(res, 0, 4096 * sizeof(float)));
+    auto wp = [&](int p) { return w + (per_phase / 2) * p; };  // act_t elements a phase
+    const act_t* none = nullptr;
+    act_t* none_out = nullptr;
+    printf("%d SMs; Qwen3-0.6B decode shapes, bf16, T = 1; %d launches a graph, PDL; us a launch\n", sms, PHASES);
+    printf("%-44s %6s %8s %9s\n", "kernel", "grid", "MB", "us");
+    auto row = [&](const char* name, int grid, double mb, double us) { printf("%-44s %6d %8.1f %9.2f\n", name, grid, mb, us); };
+
+    for (double mb : {4.19, 8.39, 12.58}) {
+        size_t vecs = (size_t)(mb * 1e6) / 16;
+        int grid = 2 * sms;
+        double us = time_chain([&](int p) { launch_pdl(bare_phase, grid, 0, (const uint4*)wp(p), vecs, res); });
+        row("bare phase (sync_cost.cu)", grid, mb, us);
+    }
+    // o projection: x [1, 2048] -> [1, 1024]; down: x [1, 3072] -> [1, 1024].
+    for (int K : {Q, I}) {
+        double mb = (double)H * K * 2 / 1e6;
+        const char* what = K == Q ? "o proj" : "down";
+        for (int xs = 1; xs >= 0; xs--) {
+            auto kernel = xs ? gemv_t1_xs : gemv_t1;
+            size_t smem = xs ? K * 2 : 0;
+            CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 << 10));
+            int host_grid = persistent_grid(kernel, smem, H / 8, sms);
+            char name[64];
+            for (int grid : {host_grid, 2 * sms}) {
+                double us = time_chain([&](int p) { launch_pdl(kernel, grid, smem, out, (const act_t*)x, (const act_t*)wp(p), 1, H, K); });
+                snprintf(name, sizeof name, "%s gemv_t1%s%s", what, xs ? "_xs" : "", grid == host_grid ? " (host grid)" : "");
+                row(name, grid, mb, us);
+            }
+        }
+    }
+    // q/k/v: normed x [1, 1024] -> q 2048, k 1024, v 1024; with and without the fused add + norm.
+    for (int norm = 1; norm >= 0; norm--) {
+        size_t smem = H * 2;
+        int grid = persistent_grid(gemv3_t1_xs, smem, (Q + 2 * KV) / 8, sms);
+        double us = time_chain([&](int p) {
+            const act_t* w0 = wp(p);
+            launch_pdl(gemv3_t1_xs, grid, smem, out, w0, Q, o1, w0 + (size_t)Q * H, KV, o2, w0 + (size_t)(Q + KV) * H, KV, (const act_t*)x, 1, H,
+                norm ? (const act_t*)delta : none, norm ? x_out : none_out, norm ? (const act_t*)nw : none, 1e-6f);
+        });
+        row(norm ? "q/k/v gemv3_t1_xs, add + norm fused" : "q/k/v gemv3_t1_xs, no norm", grid, (double)(Q + 2 * KV) * H * 2 / 1e6, us);
+    }
+    // gate + up + SwiGLU: normed x [1, 1024] -> [1, 3072].
+    for (int norm = 1; norm >= 0; norm--) {
+        size_t smem = H * 2;
+        int grid = persistent_grid(gemv_swiglu_t1_xs, smem, I / 8, sms);
+        double us = time_chain([&](int p) {
+            const act_t* g = wp(p);
+            launch_pdl(gemv_swiglu_t1_xs, grid, smem, out, (const act_t*)x, g, g + (size_t)I * H, 1, I, H,
+                norm ? (const act_t*)delta : none, norm ? x_out : none_out, norm ? (const act_t*)nw : none, 1e-6f);
+        });
+        row(norm ? "gate/up gemv_swiglu_t1_xs, add + norm fused" : "gate/up gemv_swiglu_t1_xs, no norm", grid, (double)2 * I * H * 2 / 1e6, us);
+    }
+    return 0;
+}
