@@ -3,7 +3,9 @@
 // step runs them, each launch on fresh weights (no L2 reuse). Where a product costs more than a bare
 // phase of the same bytes (sync_cost.cu, RESULTS.md run 19.5), the variants below say which stage it is:
 // the input staging in shared memory (_xs against plain), the fused RMSNorm (gemv3 / gemv_swiglu with
-// and without a norm weight), the grid (the host's rows / 8 blocks against two blocks an SM).
+// and without a norm weight), the grid (the host's rows / 8 blocks against two blocks an SM). Also the
+// decode attention (`attention_decode_rope_g2_d128`, 129 keys) with its splits merged in a cluster, with
+// an attention_combine launch, and unsplit.
 //
 //   nvcc -O3 -arch=sm_90 -o /tmp/gemv_chain benches/profiles/gemv_chain.cu && /tmp/gemv_chain
 //
@@ -15,6 +17,7 @@
 #define Q_DTYPE 1
 #include "../../src/backend/cuda/kernels/common.cuh"
 #include "../../src/backend/cuda/kernels/matmul.cu"
+#include "../../src/backend/cuda/kernels/attention.cu"
 
 #define CHECK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("%s failed: %s (line %d)\n", #x, cudaGetErrorString(e), __LINE__); exit(1); } } while (0)
 
@@ -66,20 +69,30 @@ double time_chain(F launch) {
     return ms * 1e3 / REPS / PHASES;
 }
 
-// A PDL launch of `kernel` as gpu.rs `launch` makes it.
+// A PDL launch of `kernel` as gpu.rs `launch` makes it (blocks of `block` threads; `cluster` > 1:
+// clusters of that many blocks along z, as `launch_cluster`).
 template <class... K, class... A>
-void launch_pdl(void (*kernel)(K...), int grid, size_t smem, A... args) {
+void launch_pdl(void (*kernel)(K...), dim3 grid, size_t smem, int block, int cluster, A... args) {
     cudaLaunchConfig_t cfg = {};
-    cudaLaunchAttribute attr[1];
+    cudaLaunchAttribute attr[2];
     attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.gridDim = dim3(grid);
-    cfg.blockDim = dim3(256);
+    attr[1].id = cudaLaunchAttributeClusterDimension;
+    attr[1].val.clusterDim.x = 1;
+    attr[1].val.clusterDim.y = 1;
+    attr[1].val.clusterDim.z = cluster;
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(block);
     cfg.dynamicSmemBytes = smem;
     cfg.stream = st;
     cfg.attrs = attr;
-    cfg.numAttrs = 1;
+    cfg.numAttrs = cluster > 1 ? 2 : 1;
     CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
+}
+
+template <class... K, class... A>
+void launch_pdl(void (*kernel)(K...), int grid, size_t smem, A... args) {
+    launch_pdl(kernel, dim3(grid), smem, 256, 1, args...);
 }
 
 // gpu.rs persistent_grid: resident blocks on the GPU, at most `useful`.
@@ -166,6 +179,51 @@ int main() {
                 norm ? (const act_t*)delta : none, norm ? x_out : none_out, norm ? (const act_t*)nw : none, 1e-6f);
         });
         row(norm ? "gate/up gemv_swiglu_t1_xs, add + norm fused" : "gate/up gemv_swiglu_t1_xs, no norm", grid, (double)2 * I * H * 2 / 1e6, us);
+    }
+    // Decode attention, one row at position 128 (129 keys with its own), 16 heads over 8 KV heads of 128,
+    // paged blocks of 16 keys; each launch its own layer's cache (no L2 reuse).
+    {
+        const int NH = 16, NKV = 8, HD = 128, BS = 16, CTX = 129, NB = (CTX + BS - 1) / BS, KVD = NKV * HD;
+        const size_t layer = (size_t)NB * BS * KVD;
+        act_t *kc, *vc, *qn, *kn;
+        float *rope, *ml, *acc;
+        unsigned* meta;
+        CHECK(cudaMalloc(&kc, layer * 2 * PHASES));
+        CHECK(cudaMalloc(&vc, layer * 2 * PHASES));
+        CHECK(cudaMemset(kc, 0x3c, layer * 2 * PHASES));
+        CHECK(cudaMemset(vc, 0x3c, layer * 2 * PHASES));
+        CHECK(cudaMalloc(&qn, HD * 2));
+        CHECK(cudaMalloc(&kn, HD * 2));
+        CHECK(cudaMemset(qn, 0x3c, HD * 2));
+        CHECK(cudaMemset(kn, 0x3c, HD * 2));
+        CHECK(cudaMalloc(&rope, 256 * HD * sizeof(float)));
+        CHECK(cudaMemset(rope, 0, 256 * HD * sizeof(float)));
+        CHECK(cudaMalloc(&ml, 16 * NH * 2 * sizeof(float)));
+        CHECK(cudaMalloc(&acc, 16 * NH * HD * sizeof(float)));
+        // meta: row_ctx [1], row_table [1], positions [1], then the block table [NB].
+        unsigned host_meta[3 + NB] = {CTX, 0, CTX - 1};
+        for (int b = 0; b < NB; b++) host_meta[3 + b] = b;
+        CHECK(cudaMalloc(&meta, sizeof host_meta));
+        CHECK(cudaMemcpy(meta, host_meta, sizeof host_meta, cudaMemcpyHostToDevice));
+        CHECK(cudaFuncSetAttribute(attention_decode_rope_g2_d128, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+        const float scale = 0.08838835f;
+        for (int splits : {16, 8, 1}) {
+            for (int cluster = 1; cluster >= 0; cluster--) {
+                if (splits == 1 && !cluster) continue;
+                double us = time_chain([&](int p) {
+                    launch_pdl(attention_decode_rope_g2_d128, dim3(NH / 2, 1, splits), 0, 128, cluster && splits > 1 ? splits : 1, out, ml, acc,
+                        (const act_t*)x, kc + layer * p, vc + layer * p, (const unsigned*)meta, (const unsigned*)meta + 1, (const unsigned*)meta + 3,
+                        NH, NKV, BS, KVD, scale, (const act_t*)delta, (const act_t*)nw, (const act_t*)qn, (const act_t*)kn, (const float*)rope,
+                        (const unsigned*)meta + 2, 1e-6f);
+                    if (splits > 1 && !cluster)
+                        launch_pdl(attention_combine, dim3(NH), 0, 128, 1, out, (const float*)ml, (const float*)acc, NH, HD, splits);
+                });
+                char name[64];
+                snprintf(name, sizeof name, "attention rope g2 d128, %d splits%s", splits,
+                    splits == 1 ? "" : cluster ? " in a cluster" : " + combine launch");
+                row(name, NH / 2 * splits, (double)CTX * KVD * 4 / 1e6, us);
+            }
+        }
     }
     return 0;
 }
