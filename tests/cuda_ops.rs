@@ -518,7 +518,7 @@ fn paged_attention_prefill_and_decode() {
 /// Decode rows of three sequences of `lens` cached tokens (the GPU splits the keys across blocks, then
 /// merges; a short one leaves most splits without keys) in scattered blocks, one new token each.
 /// Returns the attention output of the decode step [3, nh*hd].
-fn run_attention_long<B: Backend>(be: &B, s: AttnShape, lens: [usize; 3], r: &mut Rng) -> Vec<f32> {
+fn run_split_decode_attention<B: Backend>(be: &B, s: AttnShape, lens: [usize; 3], r: &mut Rng) -> Vec<f32> {
     let (kvd, qd, bs) = (s.n_kv_heads * s.head_dim, s.n_heads * s.head_dim, 16usize);
     let n_blocks: usize = lens.iter().map(|l| (l + 1).div_ceil(bs)).sum();
     let mut kv = be.alloc_kv(n_blocks, bs, kvd).unwrap();
@@ -671,7 +671,7 @@ fn split_kv_decode_attention_long_contexts() {
         for (hd, nh, nkv) in [(128usize, 8usize, 2usize), (64, 4, 4), (128, 32, 2), (64, 8, 1), (128, 4, 2), (128, 6, 2)] {
             let s = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
             let lens = [600, 3000, 4];
-            let (gv, cv) = (run_attention_long(&g, s, lens, &mut Rng(21)), run_attention_long(&c, s, lens, &mut Rng(21)));
+            let (gv, cv) = (run_split_decode_attention(&g, s, lens, &mut Rng(21)), run_split_decode_attention(&c, s, lens, &mut Rng(21)));
             check(&format!("split-KV attention hd={hd} nh={nh} nkv={nkv}"), dtype, &gv, &cv, bar);
         }
     }
@@ -694,7 +694,7 @@ fn split_kv_decode_attention_merged_in_clusters_or_combined() {
                     check(&format!("clusters {cluster}: qk_norm_rope_attention hd={hd} nh={nh} nkv={nkv} ctx={ctx:?}"), dtype, &gv, &cv, bar);
                 }
                 for lens in [[100, 250, 4], [20, 9, 1]] {
-                    let (gv, cv) = (run_attention_long(&g, s, lens, &mut Rng(23)), run_attention_long(&c, s, lens, &mut Rng(23)));
+                    let (gv, cv) = (run_split_decode_attention(&g, s, lens, &mut Rng(23)), run_split_decode_attention(&c, s, lens, &mut Rng(23)));
                     check(&format!("clusters {cluster}: split-KV attention hd={hd} nh={nh} nkv={nkv} lens={lens:?}"), dtype, &gv, &cv, bar);
                 }
             }

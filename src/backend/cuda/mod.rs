@@ -748,7 +748,7 @@ impl CudaBackend {
     /// about four blocks per SM deep; a power of two, so that the launch shape (part of a CUDA graph)
     /// changes only at a few context lengths. (Fewer splits give each warp a longer serial chain of
     /// keys: 8 keys beat 4, 16 and 64 on the benchmark's contexts, RESULTS.md runs 17.1 and 18.3, and
-    /// 16 again with the splits merged in clusters, run 19.4; `QWEN3RS_CUDA_SPLIT_KEYS` for
+    /// beat 16 again with the splits merged in clusters, run 19.4; `QWEN3RS_CUDA_SPLIT_KEYS` for
     /// benches/kernel_sweep.py.)
     fn decode_splits(&self, longest: usize, blocks: usize) -> usize {
         let fill = (4 * self.gpu.sms as usize / blocks.max(1)).max(1);

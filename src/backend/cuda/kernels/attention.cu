@@ -284,8 +284,9 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
         }
     }
     if (!clustered) return;
-    // The splits' merge, attention_combine's sums: block s of the cluster takes outputs s * 128 ..
-    // of the group's G * HD, reading every split's state from its block's shared memory.
+    // The splits' merge, attention_combine's sums: block s of the cluster (its rank: the cluster spans
+    // z) takes outputs s * 128 .. of the group's G * HD, reading every split's state from its block's
+    // shared memory.
     cluster_sync();
     for (int i = s * blockDim.x + threadIdx.x; i < G * HD; i += splits * blockDim.x) {
         int g = i / HD, d = i % HD;

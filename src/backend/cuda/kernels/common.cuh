@@ -78,7 +78,7 @@ __device__ __forceinline__ void grid_dependency() {
 
 // Thread block clusters (sm_90+; gpu.rs `launch_cluster`): the blocks of a cluster run at once on one
 // GPC and read each other's shared memory. Without a cluster launch (or below sm_90) a block is a
-// cluster of one: cluster_blocks() is 1 and cluster_sync() a no-op.
+// cluster of one: cluster_blocks() is 1 and cluster_sync() is __syncthreads().
 __device__ __forceinline__ unsigned cluster_blocks() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     unsigned n;
