@@ -7,7 +7,8 @@ Each variant is a space-separated list of NAME=VALUE: names starting with QWEN3R
 switches (README, "GPU"), the others tunable kernel constants passed through QWEN3RS_CUDA_DEFINES
 (src/backend/cuda/compile.rs `TUNABLE`); "" is the build as it is; PYTHONPATH=DIR runs another build
 installed there (`pip install --no-deps --target DIR OTHER.whl`: two wheels A/B in one call). Every round runs every variant of
-every model once, interleaved (variants next to each other on the same machine state), each in its
+every model once, interleaved (variants next to each other on the same machine state; round r starts
+at variant r, so that none always runs first), each in its
 own process through `gpu_bench.py --one`. Prints per model and variant the best decode and prefill
 tok/s over the rounds and the ratio to the first variant; writes $OUT/kernel_sweep.json.
 """
@@ -57,7 +58,10 @@ def main():
     runs = {(m, v): [] for m in models for v in a.variants}
     for r in range(a.rounds):
         for m in models:
-            for v in a.variants:
+            # Each round starts at the next variant: the variant run first was the slower one on 32B in
+            # both calls of RESULTS.md runs 19.2 / 19.3 (thermal or clock state), so no variant always goes first.
+            k = r % len(a.variants)
+            for v in a.variants[k:] + a.variants[:k]:
                 res = run_one(m, v, a.seconds)
                 runs[(m, v)].append(res)
                 print(f"round {r} {m} [{v}]: decode {res.get('decode_tok_s', '-')} prefill {res.get('prefill_2048_tok_s', '-')}"
