@@ -126,27 +126,15 @@ __device__ __forceinline__ int warps_global() { return gridDim.x * (blockDim.x >
 #ifndef PREFETCH_MATRIX  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define PREFETCH_MATRIX (24u << 20)
 #endif
-// The calling warp prefetches bytes [0, n) at p into L2 (L1 false) or into this SM's L1 (and L2), a
-// 128-byte line per lane.
-template <bool L1 = false>
+// The calling warp prefetches bytes [0, n) at p into L2, a 128-byte line per lane.
 __device__ __forceinline__ void prefetch_lines(const void* p, int n) {
     const char* c = reinterpret_cast<const char*>(p);
-    for (int off = (threadIdx.x & 31) * 128; off < n; off += 32 * 128) {
-        if (L1) asm volatile("prefetch.global.L1 [%0];" :: "l"(c + off));
-        else asm volatile("prefetch.global.L2 [%0];" :: "l"(c + off));
-    }
+    for (int off = (threadIdx.x & 31) * 128; off < n; off += 32 * 128) asm volatile("prefetch.global.L2 [%0];" :: "l"(c + off));
 }
 
-// PREFETCH_L1 (unset: off): bytes at the start of the warp's first row pulled into the SM's L1 as well,
-// so that the product's first loads, issued after the wait and the input staging, hit there instead
-// of crossing to L2 or memory (for every matrix size; the MoE gate/up kernel does it after routing).
-// 4,096 is a warp's first step of row_dot (GV_UNROLL 8 × 32 lanes × 16 bytes).
 template <class RowPtr>
 __device__ __forceinline__ void prefetch_rows(RowPtr row, int rows, int K) {
     const int row_bytes = K * (int)sizeof(act_t);
-#ifdef PREFETCH_L1  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
-    if (warp_id_global() < rows) prefetch_lines<true>(row(warp_id_global()), min(row_bytes, PREFETCH_L1));
-#endif
     if ((size_t)rows * row_bytes > PREFETCH_MATRIX) return;
     int budget = PREFETCH_BYTES;
     for (int r = warp_id_global(); r < rows && budget > 0; r += warps_global()) {

@@ -461,22 +461,12 @@ __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x,
         }
         chosen = route_ids;  // stage_input's barrier below makes it visible to every warp
     }
-    // Row r of the P * N: where its weights start in gate / up (pair r / N's expert, row r % N).
-    auto expert_row = [&](int r) { return ((size_t)chosen[r / N] * N + r % N) * K; };
-#ifdef PREFETCH_L1  // (prefetch_rows in common.cuh) the warp's first expert rows, while the input is staged
-    if (logits) __syncthreads();  // route_ids visible to every warp now
-    if (warp_id_global() < P * N && chosen[warp_id_global() / N] >= 0) {
-        const size_t off = expert_row(warp_id_global());
-        prefetch_lines<true>(gate + off, min(K * (int)sizeof(act_t), PREFETCH_L1));
-        prefetch_lines<true>(up + off, min(K * (int)sizeof(act_t), PREFETCH_L1));
-    }
-#endif
     const act_t* xs = stage_input<GEMV_MAX_ROWS, XS>(x, P / k, K, nullptr, nullptr, nw, eps);
     if (!XS && logits) __syncthreads();  // (stage_input without staging has no barrier)
     for (int r = warp_id_global(); r < P * N; r += warps_global()) {
         int p = r / N, n = r % N;
         if (chosen[p] < 0) continue;  // another rank's expert (expert parallelism)
-        size_t off = expert_row(r);
+        size_t off = ((size_t)chosen[p] * N + n) * K;
         const act_t* xr = xs + (size_t)(p / k) * K;
         float g[1] = {0.f}, u[1] = {0.f};
         row_dot_pair<1, XS>(g, u, gate + off, up + off, xr, 1, K / VEC);
