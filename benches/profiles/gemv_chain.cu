@@ -9,39 +9,15 @@
 //
 //   nvcc -O3 -arch=sm_90 -o /tmp/gemv_chain benches/profiles/gemv_chain.cu && /tmp/gemv_chain
 //
-// The same bare phase as sync_cost.cu is included for a same-call reference. Prints µs a launch.
-#include <cstdio>
-#include <cstdlib>
-#include <cuda_runtime.h>
+// The bare phase of sync_cost.cu (phase.cuh) runs first, for a same-call reference. Prints µs a launch.
+#include "phase.cuh"
 
 #define Q_DTYPE 1
 #include "../../src/backend/cuda/kernels/common.cuh"
 #include "../../src/backend/cuda/kernels/matmul.cu"
 #include "../../src/backend/cuda/kernels/attention.cu"
 
-#define CHECK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("%s failed: %s (line %d)\n", #x, cudaGetErrorString(e), __LINE__); exit(1); } } while (0)
-
 constexpr int PHASES = 200, REPS = 10;
-
-// sync_cost.cu's bare phase (2 blocks an SM, 4 loads in flight a lane, one plain store a block).
-__global__ void __launch_bounds__(256) bare_phase(const uint4* w, size_t vecs, float* res) {
-    __shared__ float part[8];
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-    size_t tid = blockIdx.x * (size_t)blockDim.x + threadIdx.x, nth = (size_t)gridDim.x * blockDim.x;
-    float s = res[(blockIdx.x + 1) % gridDim.x] * 1e-9f;
-    for (size_t i0 = tid; i0 < vecs; i0 += nth * 4) {
-        uint4 v[4];
-#pragma unroll
-        for (int u = 0; u < 4; u++) v[u] = i0 + u * nth < vecs ? __ldcs(w + i0 + u * nth) : make_uint4(0, 0, 0, 0);
-#pragma unroll
-        for (int u = 0; u < 4; u++) s += __uint_as_float(v[u].x & 0x3f800000u) + __uint_as_float(v[u].w & 0x3f800000u);
-    }
-    s = warp_sum(s);
-    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
-    __syncthreads();
-    if (threadIdx.x == 0) res[blockIdx.x] = part[0] + part[1] + part[2] + part[3] + part[4] + part[5] + part[6] + part[7];
-}
 
 static cudaStream_t st;
 
@@ -126,8 +102,8 @@ int main() {
     CHECK(cudaMalloc(&o1, 64 << 10));
     CHECK(cudaMalloc(&o2, 64 << 10));
     CHECK(cudaMalloc(&x_out, 64 << 10));
-    CHECK(cudaMalloc(&res, 4096 * sizeof(float)));
-    CHECK(cudaMemset(res, 0, 4096 * sizeof(float)));
+    CHECK(cudaMalloc(&res, (size_t)PHASES * 2 * sms * sizeof(float)));  // phase.cuh: [phases, grid]
+    CHECK(cudaMemset(res, 0, (size_t)PHASES * 2 * sms * sizeof(float)));
     auto wp = [&](int p) { return w + (per_phase / 2) * p; };  // act_t elements a phase
     const act_t* none = nullptr;
     act_t* none_out = nullptr;
@@ -138,8 +114,8 @@ int main() {
     for (double mb : {4.19, 8.39, 12.58}) {
         size_t vecs = (size_t)(mb * 1e6) / 16;
         int grid = 2 * sms;
-        double us = time_chain([&](int p) { launch_pdl(bare_phase, grid, 0, (const uint4*)wp(p), vecs, res); });
-        row("bare phase (sync_cost.cu)", grid, mb, us);
+        double us = time_chain([&](int p) { launch_pdl(phase_kernel, grid, 0, (const uint4*)w, vecs, res, p, 1, 0); });
+        row("bare phase (phase.cuh, as sync_cost.cu)", grid, mb, us);
     }
     // o projection: x [1, 2048] -> [1, 1024]; down: x [1, 3072] -> [1, 1024].
     for (int K : {Q, I}) {

@@ -13,56 +13,9 @@
 //   barrier      one cooperative kernel, phases separated by a grid barrier (an atomic count)
 //   barrier+pf   the same, each block prefetching its next phase's weights to L2 before the barrier
 // Prints µs a phase for each, next to the weights' time at the copy bandwidth measured here.
-#include <cstdio>
-#include <cstdlib>
-#include <cuda_runtime.h>
+#include "phase.cuh"
 
-#define CHECK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("%s failed: %s (line %d)\n", #x, cudaGetErrorString(e), __LINE__); exit(1); } } while (0)
-
-constexpr int PHASES = 200, THREADS = 256, UNROLL = 4, REPS = 10;
-
-__device__ __forceinline__ void prefetch_share(const uint4* w, size_t vecs, size_t tid, size_t nth) {
-    for (size_t i = tid * 8; i < vecs; i += nth * 8) asm volatile("prefetch.global.L2 [%0];" :: "l"(w + i));
-}
-
-// One phase's work for this thread. The dependency: a value another block wrote in the phase before
-// (res[p - 1][next block]); then the weights; the block's sum goes to res[p][block] (no atomics: one
-// address taking every warp's atomic would serialise and be measured instead).
-__device__ __forceinline__ void phase_work(const uint4* w, size_t vecs, float* res, int p, size_t tid, size_t nth) {
-    __shared__ float part[THREADS / 32];
-    float s = p > 0 ? ((volatile float*)res)[(size_t)(p - 1) * gridDim.x + (blockIdx.x + 1) % gridDim.x] * 1e-9f : 0.f;
-    for (size_t i0 = tid; i0 < vecs; i0 += nth * UNROLL) {
-        uint4 v[UNROLL];
-#pragma unroll
-        for (int u = 0; u < UNROLL; u++) {
-            size_t i = i0 + u * nth;
-            v[u] = i < vecs ? __ldcs(w + i) : make_uint4(0, 0, 0, 0);
-        }
-#pragma unroll
-        for (int u = 0; u < UNROLL; u++) s += __uint_as_float(v[u].x & 0x3f800000u) + __uint_as_float(v[u].w & 0x3f800000u);
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float t = 0.f;
-        for (int i = 0; i < THREADS / 32; i++) t += part[i];
-        res[(size_t)p * gridDim.x + blockIdx.x] = t;
-    }
-    __syncthreads();
-}
-
-__global__ void __launch_bounds__(THREADS) phase_kernel(const uint4* w, size_t vecs, float* res, int p, int pdl, int pf) {
-    size_t tid = blockIdx.x * (size_t)blockDim.x + threadIdx.x, nth = (size_t)gridDim.x * blockDim.x;
-    const uint4* wp = w + (size_t)p * vecs;
-    if (pf) prefetch_share(wp, vecs, tid, nth);
-    if (pdl) {
-        asm volatile("griddepcontrol.wait;" ::: "memory");
-        asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-    }
-    phase_work(wp, vecs, res, p, tid, nth);
-}
+constexpr int PHASES = 200, REPS = 10;
 
 // Sense-free grid barrier: arrivals count up forever; a block waits until the count reaches its
 // round's multiple of the grid.
@@ -79,7 +32,7 @@ __device__ __forceinline__ void grid_barrier(unsigned* count, unsigned round) {
     __syncthreads();
 }
 
-__global__ void __launch_bounds__(THREADS) persistent_kernel(const uint4* w, size_t vecs, float* res, unsigned* count, int pf) {
+__global__ void __launch_bounds__(PHASE_THREADS) persistent_kernel(const uint4* w, size_t vecs, float* res, unsigned* count, int pf) {
     size_t tid = blockIdx.x * (size_t)blockDim.x + threadIdx.x, nth = (size_t)gridDim.x * blockDim.x;
     for (int p = 0; p < PHASES; p++) {
         const uint4* wp = w + (size_t)p * vecs;
@@ -97,7 +50,7 @@ int main(int argc, char** argv) {
     CHECK(cudaSetDevice(dev));
     CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     int per_sm = 0;
-    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, persistent_kernel, THREADS, 0));
+    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, persistent_kernel, PHASE_THREADS, 0));
     const int grid = sms * (per_sm < want_per_sm ? per_sm : want_per_sm);
     const size_t sizes[] = {0, 1u << 20, 4u << 20, 16u << 20};
     const size_t max_bytes = (16u << 20) * (size_t)PHASES;
@@ -123,7 +76,7 @@ int main(int argc, char** argv) {
     CHECK(cudaEventElapsedTime(&ms, e0, e1));
     const double copy_tbps = 5.0 * max_bytes / (ms * 1e-3) / 1e12;
     CHECK(cudaMemset(w, 0x3c, max_bytes));
-    printf("%d SMs, grid %d x %d threads, %d phases, copy %.2f TB/s\n", sms, grid, THREADS, PHASES, copy_tbps);
+    printf("%d SMs, grid %d x %d threads, %d phases, copy %.2f TB/s\n", sms, grid, PHASE_THREADS, PHASES, copy_tbps);
     printf("%-14s %12s %12s %12s %12s\n", "us a phase", "0 MB", "1 MB", "4 MB", "16 MB");
 
     const char* names[] = {"graph", "graph+pdl", "graph+pdl+pf", "barrier", "barrier+pf"};
@@ -142,7 +95,7 @@ int main(int argc, char** argv) {
                 attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
                 attr[0].val.programmaticStreamSerializationAllowed = 1;
                 cfg.gridDim = dim3(grid);
-                cfg.blockDim = dim3(THREADS);
+                cfg.blockDim = dim3(PHASE_THREADS);
                 cfg.stream = st;
                 cfg.attrs = attr;
                 cfg.numAttrs = pdl ? 1 : 0;
@@ -168,7 +121,7 @@ int main(int argc, char** argv) {
                 const uint4* wc = w;
                 void* args[] = {(void*)&wc, (void*)&vecs, (void*)&res, (void*)&count, (void*)&pf};
                 CHECK(cudaEventRecord(e0, st));
-                CHECK(cudaLaunchCooperativeKernel((void*)persistent_kernel, dim3(grid), dim3(THREADS), args, 0, st));
+                CHECK(cudaLaunchCooperativeKernel((void*)persistent_kernel, dim3(grid), dim3(PHASE_THREADS), args, 0, st));
                 CHECK(cudaEventRecord(e1, st));
                 CHECK(cudaEventSynchronize(e1));
                 CHECK(cudaEventElapsedTime(&ms, e0, e1));
