@@ -31,11 +31,11 @@ everywhere, and tests/cuda_tp.rs at the Rust level.
       sharded bf16 logits 1.73 e (experts by columns) / 0.58 e (whole experts) from one GPU's bf16 and
       2.05 e / 1.80 e from its f32, while the sharded f32 logits equalled one GPU's to 1.7e-6 with the
       same greedy tokens: rounding, not sharding. (All 48 layers, e = 5.0e-2: 1.14 e / 1.00 e and
-      1.23 e / 1.09 e; dense 8B, all 36 layers, e = 1.9e-2: 1.28 e and 1.04 e.) Each rank's MoE partial is rounded to bf16 before the
-      all-reduce and the bf16 sum rounds again, two roundings one GPU does not make; the next layer's
-      router sees them, and with 128 near-uniform random experts a near-tied 8th choice flips in some
-      rows, moving such a row by ~1e-1. (The CPU stand-in's 3-layer 30B-A3B had not shown it.) A wrong
-      shard moves every row by O(1), ~50 e.
+      1.23 e / 1.09 e; dense 8B, all 36 layers, e = 1.9e-2: 1.28 e and 1.04 e.) Each rank's MoE
+      partial is rounded to bf16 before the all-reduce and the bf16 sum rounds again, two roundings
+      one GPU does not make; the next layer's router sees them, and with 128 near-uniform random
+      experts a near-tied 8th choice flips in some rows, moving such a row by ~1e-1. (The CPU
+      stand-in's 3-layer 30B-A3B had not shown it.) A wrong shard moves every row by O(1), ~50 e.
       bf16 greedy tokens are *not* compared: random weights give logits of spread ~1 whose bf16
       values tie exactly or within one bf16 step (2^-6 at 2–4) at many steps, and a 30B-A3B routes
       128 experts whose 8th/9th router probabilities nearly tie somewhere in 48 layers. Measured on
