@@ -295,13 +295,19 @@ pub(crate) fn env_count(name: &str) -> Option<usize> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok()).filter(|&n: &usize| n > 0)
 }
 
-/// Decode-attention splits merged in one cluster by default: 16 from sm_90 (`QWEN3RS_CUDA_ATTN_CLUSTER`
-/// overrides; 0 or below sm_90: none).
+/// Most decode-attention splits a cluster of compute capability `arch` merges: 16 from sm_90, none
+/// below (no clusters).
+fn attn_cluster_cap(arch: (i32, i32)) -> usize {
+    if arch.0 >= 9 { MAX_ATTN_CLUSTER } else { 0 }
+}
+
+/// Decode-attention splits merged in one cluster by default: the device's cap
+/// (`QWEN3RS_CUDA_ATTN_CLUSTER=N` lowers it; 0: none).
 fn attn_cluster_default(arch: (i32, i32)) -> usize {
-    if arch.0 < 9 || env_off("QWEN3RS_CUDA_ATTN_CLUSTER") {
+    if env_off("QWEN3RS_CUDA_ATTN_CLUSTER") {
         return 0;
     }
-    env_count("QWEN3RS_CUDA_ATTN_CLUSTER").unwrap_or(MAX_ATTN_CLUSTER).min(MAX_ATTN_CLUSTER)
+    env_count("QWEN3RS_CUDA_ATTN_CLUSTER").unwrap_or(MAX_ATTN_CLUSTER).min(attn_cluster_cap(arch))
 }
 
 /// Whether decode steps use CUDA graphs: on unless `QWEN3RS_CUDA_GRAPHS` is 0/false/off.
@@ -416,8 +422,7 @@ impl CudaBackend {
     /// Most decode-attention splits merged in a thread block cluster (0: every split count goes
     /// through `attention_combine`), capped at what the device takes: lets one test process check both.
     pub fn set_attn_cluster(&self, max_splits: usize) {
-        let cap = if self.gpu.arch.0 >= 9 { MAX_ATTN_CLUSTER } else { 0 };
-        self.attn_cluster.store(max_splits.min(cap), std::sync::atomic::Ordering::Relaxed);
+        self.attn_cluster.store(max_splits.min(attn_cluster_cap(self.gpu.arch)), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The device index this backend runs on.
