@@ -59,16 +59,42 @@ def test_late_waits_leave_the_activations_alone():
         assert not used, f"{name}: reads {used} before its late grid_dependency()"
 
 
-def test_nothing_but_weight_prefetch_comes_before_the_wait():
-    # In each function that waits, the statements before grid_dependency() may only prefetch.
+# What a function may do before its wait (grid_dependency()): prefetch or load weights (the decode
+# products' first batch of weight loads, load_batch of a weight parameter, and their norm weight,
+# load_norm_weight), declare, and compute indices from the launch shape. No other memory read.
+BEFORE_WAIT = [
+    r"(if \([^\[]*\) )?prefetch_(rows|lines)\(.*",
+    r"auto \w+ = \[&\].*",  # a lambda (its body is checked where it is called)
+    r"(extern )?__shared__ .*",
+    r"(const )?(int|bool) \w+ = [^\[]*",  # no indexing: no memory read
+    r"(const )?(act_t\*|const act_t\*|int) \w+",  # a declaration
+    r"uint4 \w+\[GV_UNROLL\](, \w+\[GV_UNROLL\])*",
+    r"(if \(early\) )?load_batch\(\w+, (w|gate|up) \+ .*",
+    r"const NormW \w+ = load_norm_weight\(nw, \w+\)",
+    r"if \(early\)",
+]
+
+
+def statements_before_wait(b):
+    """The statements of function body b before its first grid_dependency(), lambda bodies left out."""
+    before = re.sub(r"//[^\n]*", "", b[1:b.index("grid_dependency();")])
+    while (m := re.search(r"\[&\][^{;]*\{", before)):
+        end = m.end() - 1 + len(body(before, m.end() - 1))
+        before = before[:m.end() - 1] + before[end:]
+    return [s.strip() for s in re.split(r"[;{}]", before) if s.strip()]
+
+
+def test_nothing_but_weights_come_before_the_wait():
     for _, name, b, f in definitions():
         if "grid_dependency();" not in b or name == "grid_dependency" or name in LATE_WAIT:
             continue
-        before = re.sub(r"//[^\n]*", "", b[1:b.index("grid_dependency();")])
-        while re.search(r"\{[^{}]*\}", before):  # lambda bodies: the lambda is one statement
-            before = re.sub(r"\{[^{}]*\}", "", before)
-        for s in filter(None, (s.strip() for s in before.split(";"))):
-            # A prefetch, a lambda, a shared-memory declaration or an index computed from the launch
-            # shape (no memory read).
-            ok = re.search(r"prefetch_(rows|lines)\(|^auto \w+ = \[&\]|^(extern )?__shared__ ", s) or re.fullmatch(r"int \w+ = [^\[]*", s)
-            assert ok, f"{f}: {name}: {s!r} before grid_dependency()"
+        for s in statements_before_wait(b):
+            s = " ".join(s.split())
+            assert any(re.fullmatch(p, s) for p in BEFORE_WAIT), f"{f}: {name}: {s!r} before grid_dependency()"
+
+
+def test_the_before_wait_check_catches_a_read():
+    """The check above refuses an activation read, also inside an if block."""
+    b = "{ const int n0 = warp_id_global(); if (early) { float v = x[n0]; } grid_dependency(); }"
+    bad = [s for s in statements_before_wait(b) if not any(re.fullmatch(p, " ".join(s.split())) for p in BEFORE_WAIT)]
+    assert bad == ["float v = x[n0]"], bad

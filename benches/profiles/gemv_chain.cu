@@ -5,7 +5,7 @@
 // the input staging in shared memory (_xs against plain), the fused RMSNorm (gemv3 / gemv_swiglu with
 // and without a norm weight), the grid (the host's rows / 8 blocks against two blocks an SM). Also the
 // decode attention (`attention_decode_rope_g2_d128`, 129 keys) with its splits merged in a cluster, with
-// an attention_combine launch, and unsplit.
+// an attention_combine launch, and unsplit. And the lm_head (gemv_t1_xs, 151,936 rows of 1,024).
 //
 //   nvcc -O3 -arch=sm_90 -o /tmp/gemv_chain benches/profiles/gemv_chain.cu && /tmp/gemv_chain
 //
@@ -21,13 +21,13 @@ constexpr int PHASES = 200, REPS = 10;
 
 static cudaStream_t st;
 
-// Time `launch(p)` for p < PHASES captured into one graph: µs a launch.
+// Time `launch(p)` for p < phases captured into one graph: µs a launch.
 template <class F>
-double time_chain(F launch) {
+double time_chain(F launch, int phases = PHASES) {
     cudaGraph_t g;
     cudaGraphExec_t ge;
     CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-    for (int p = 0; p < PHASES; p++) launch(p);
+    for (int p = 0; p < phases; p++) launch(p);
     CHECK(cudaStreamEndCapture(st, &g));
     CHECK(cudaGraphInstantiate(&ge, g, 0));
     cudaEvent_t e0, e1;
@@ -42,7 +42,7 @@ double time_chain(F launch) {
     CHECK(cudaEventElapsedTime(&ms, e0, e1));
     CHECK(cudaGraphExecDestroy(ge));
     CHECK(cudaGraphDestroy(g));
-    return ms * 1e3 / REPS / PHASES;
+    return ms * 1e3 / REPS / phases;
 }
 
 // A PDL launch of `kernel` as gpu.rs `launch` makes it (blocks of `block` threads; `cluster` > 1:
@@ -155,6 +155,20 @@ int main() {
                 norm ? (const act_t*)delta : none, norm ? x_out : none_out, norm ? (const act_t*)nw : none, 1e-6f);
         });
         row(norm ? "gate/up gemv_swiglu_t1_xs, add + norm fused" : "gate/up gemv_swiglu_t1_xs, no norm", grid, (double)2 * I * H * 2 / 1e6, us);
+    }
+    // The lm_head: x [1, 1024] -> [1, 151936], 311 MB, LM launches on their own weights.
+    {
+        const int V = 151936, LM = 12;
+        act_t *lw, *logits;
+        CHECK(cudaMalloc(&lw, (size_t)V * H * 2 * LM));
+        CHECK(cudaMemset(lw, 0x3c, (size_t)V * H * 2 * LM));
+        CHECK(cudaMalloc(&logits, (size_t)V * 2));
+        size_t smem = H * 2;
+        int grid = persistent_grid(gemv_t1_xs, smem, V / 8, sms);
+        double us = time_chain([&](int p) { launch_pdl(gemv_t1_xs, grid, smem, logits, (const act_t*)x, (const act_t*)(lw + (size_t)V * H * p), 1, V, H); }, LM);
+        row("lm_head gemv_t1_xs (host grid)", grid, (double)V * H * 2 / 1e6, us);
+        printf("%-44s %6s %8s %9.2f\n", "  its bandwidth, TB/s", "", "", (double)V * H * 2 / us / 1e6);
+        CHECK(cudaFree(lw));
     }
     // Decode attention, one row at position 128 (129 keys with its own), 16 heads over 8 KV heads of 128,
     // paged blocks of 16 keys; each launch its own layer's cache (no L2 reuse).

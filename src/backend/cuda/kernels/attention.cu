@@ -165,8 +165,14 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
     };
     const int first = lo + warp * AD_KB;
     load_keys(first);
-    const float* cs = ROPE ? r.rope + (size_t)r.positions[t] * HD : nullptr;
-    if (ROPE) grid_dependency();
+    // The QK-norm weights and the row's RoPE cos / sin too.
+    NormRope<ND> qnr, knr;
+    if (ROPE) {
+        const float* cs = r.rope + (size_t)r.positions[t] * HD;
+        qnr = load_norm_rope<ND>(r.q_norm, cs);
+        knr = load_norm_rope<ND>(r.k_norm, cs);
+        grid_dependency();
+    }
 
     float qr[G][ND];
 #pragma unroll
@@ -178,12 +184,12 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
     float k_new[ND], v_new[ND];
     if (ROPE) {
 #pragma unroll
-        for (int g = 0; g < G; g++) norm_rope_head<ND>(qr[g], r.q_norm, cs, r.eps);
+        for (int g = 0; g < G; g++) norm_rope_head<ND>(qr[g], qnr, r.eps);
         if (last >= lo && last < hi) {
             size_t src = ((size_t)t * nkv + kvh) * HD + lane * ND;
             load_nd<ND>(r.k + src, k_new);
             load_nd<ND>(r.v + src, v_new);
-            norm_rope_head<ND>(k_new, r.k_norm, cs, r.eps);
+            norm_rope_head<ND>(k_new, knr, r.eps);
             if (warp == 0 && blockIdx.x % chunks == 0) {
                 size_t at = slot_of(last) * kv_dim + kv_off;
                 store_nd<ND>(kc + at, k_new);

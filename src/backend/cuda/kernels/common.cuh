@@ -192,28 +192,45 @@ __device__ __forceinline__ void store_nd(act_t* p, const float* f) {
     }
 }
 
-// One head held by a warp, ND elements a lane (lane l: elements l*ND ..), in place: RMSNorm with w
-// (rounded), then RoPE rotating halves with the table row cs (cos | sin), rounded: the values
-// qk_norm_rope (norm.cu) writes, computed by one warp. An element's partner half a head away sits
-// in lane l ^ 16.
+// What norm_rope_head needs of a lane besides the head itself: its ND norm weights and the cos / sin
+// of its ND elements from the RoPE table row cs (cos | sin). All weights or host metadata: the decode
+// attention loads them before grid_dependency().
 template <int ND>
-__device__ __forceinline__ void norm_rope_head(float* x, const act_t* w, const float* cs, float eps) {
-    constexpr int HD = 32 * ND, HALF = HD / 2;
+struct NormRope {
+    float w[ND], c[ND], s[ND];
+};
+template <int ND>
+__device__ __forceinline__ NormRope<ND> load_norm_rope(const act_t* w, const float* cs) {
+    constexpr int HALF = 16 * ND;
+    const int lane = threadIdx.x & 31;
+    NormRope<ND> r;
+    load_nd<ND>(w + lane * ND, r.w);
+#pragma unroll
+    for (int i = 0; i < ND; i++) {
+        int i0 = (lane * ND + i) % HALF;
+        r.c[i] = cs[i0];
+        r.s[i] = cs[HALF + i0];
+    }
+    return r;
+}
+
+// One head held by a warp, ND elements a lane (lane l: elements l*ND ..), in place: RMSNorm with the
+// weight (rounded), then RoPE rotating halves, rounded (p: load_norm_rope): the values qk_norm_rope
+// (norm.cu) writes, computed by one warp. An element's partner half a head away sits in lane l ^ 16.
+template <int ND>
+__device__ __forceinline__ void norm_rope_head(float* x, const NormRope<ND>& p, float eps) {
+    constexpr int HD = 32 * ND;
     int lane = threadIdx.x & 31;
     float ss = 0.f;
 #pragma unroll
     for (int i = 0; i < ND; i++) ss += x[i] * x[i];
     float inv = 1.f / sqrtf(warp_sum(ss) / (float)HD + eps);
-    float wv[ND];
-    load_nd<ND>(w + lane * ND, wv);
 #pragma unroll
-    for (int i = 0; i < ND; i++) x[i] = rnd(wv[i] * (x[i] * inv));
+    for (int i = 0; i < ND; i++) x[i] = rnd(p.w[i] * (x[i] * inv));
 #pragma unroll
     for (int i = 0; i < ND; i++) {
-        float p = __shfl_xor_sync(0xffffffffu, x[i], 16);
-        int i0 = (lane * ND + i) % HALF;
-        float c = cs[i0], sn = cs[HALF + i0];
-        x[i] = rnd(lane < 16 ? x[i] * c - p * sn : x[i] * c + p * sn);
+        float o = __shfl_xor_sync(0xffffffffu, x[i], 16);
+        x[i] = rnd(lane < 16 ? x[i] * p.c[i] - o * p.s[i] : x[i] * p.c[i] + o * p.s[i]);
     }
 }
 

@@ -53,18 +53,28 @@ __device__ __forceinline__ float dot_vec(const uint4& w, const uint4& x) {
     return s0 + s1;
 }
 
-// Lane partial sums acc[t] += x row t · weight row (t < T <= TMAX; K = kv * VEC; x rows kv apart).
-template <int TMAX, bool XS>
-__device__ __forceinline__ void row_dot(float* acc, const act_t* wrow, const act_t* x, int T, int kv) {
+// A lane's batch of a weight row: its GV_UNROLL 16-byte loads from vector i0 on (zeros past kv).
+__device__ __forceinline__ void load_batch(uint4 (&v)[GV_UNROLL], const act_t* wrow, int i0, int kv) {
     const uint4* wr = reinterpret_cast<const uint4*>(wrow);
-    const uint4* xr = reinterpret_cast<const uint4*>(x);
-    for (int i0 = threadIdx.x & 31; i0 < kv; i0 += 32 * GV_UNROLL) {
-        uint4 wv[GV_UNROLL];
 #pragma unroll
-        for (int u = 0; u < GV_UNROLL; u++) {
-            int i = i0 + u * 32;
-            wv[u] = i < kv ? ld_weight(wr + i) : make_uint4(0u, 0u, 0u, 0u);
-        }
+    for (int u = 0; u < GV_UNROLL; u++) {
+        int i = i0 + u * 32;
+        v[u] = i < kv ? ld_weight(wr + i) : make_uint4(0u, 0u, 0u, 0u);
+    }
+}
+
+// The decode products issue their warp's first batch of weight loads (load_batch of its first row)
+// before grid_dependency(): weights are not written by the kernel ahead, so those loads are in flight
+// through the wait and the input's staging instead of starting after them (0.6B decode +3.8 %, 8B and
+// 32B +1.4-1.8 %, RESULTS.md run 20.2).
+
+// Lane partial sums acc[t] += x row t · weight row (t < T <= TMAX; K = kv * VEC; x rows kv apart).
+// wv: with `loaded`, the row's first batch, already issued (load_batch); else scratch.
+template <int TMAX, bool XS>
+__device__ __forceinline__ void row_dot(float* acc, const act_t* wrow, const act_t* x, int T, int kv, uint4 (&wv)[GV_UNROLL], bool loaded) {
+    const uint4* xr = reinterpret_cast<const uint4*>(x);
+    for (int i0 = threadIdx.x & 31; i0 < kv; i0 += 32 * GV_UNROLL, loaded = false) {
+        if (!loaded) load_batch(wv, wrow, i0, kv);
 #pragma unroll
         for (int u = 0; u < GV_UNROLL; u++) {
             int i = i0 + u * 32;
@@ -100,23 +110,20 @@ __device__ __forceinline__ void row_dot(float* acc, const act_t* wrow, const act
 #ifndef GV_PAIR_ROWS  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define GV_PAIR_ROWS 2
 #endif
+// av, bv: with `loaded`, the rows' first batches, already issued (load_batch, a's then b's).
 template <int TMAX, bool XS>
-__device__ __forceinline__ void row_dot_pair(float* a, float* b, const act_t* arow, const act_t* brow, const act_t* x, int T, int kv) {
+__device__ __forceinline__ void row_dot_pair(float* a, float* b, const act_t* arow, const act_t* brow, const act_t* x, int T, int kv,
+    uint4 (&av)[GV_UNROLL], uint4 (&bv)[GV_UNROLL], bool loaded) {
     if (GV_PAIR_ROWS == 1) {
-        row_dot<TMAX, XS>(a, arow, x, T, kv);
-        row_dot<TMAX, XS>(b, brow, x, T, kv);
+        row_dot<TMAX, XS>(a, arow, x, T, kv, av, loaded);
+        row_dot<TMAX, XS>(b, brow, x, T, kv, bv, loaded);
         return;
     }
-    const uint4* ar = reinterpret_cast<const uint4*>(arow);
-    const uint4* br = reinterpret_cast<const uint4*>(brow);
     const uint4* xr = reinterpret_cast<const uint4*>(x);
-    for (int i0 = threadIdx.x & 31; i0 < kv; i0 += 32 * GV_UNROLL) {
-        uint4 av[GV_UNROLL], bv[GV_UNROLL];
-#pragma unroll
-        for (int u = 0; u < GV_UNROLL; u++) {
-            int i = i0 + u * 32;
-            av[u] = i < kv ? ld_weight(ar + i) : make_uint4(0u, 0u, 0u, 0u);
-            bv[u] = i < kv ? ld_weight(br + i) : make_uint4(0u, 0u, 0u, 0u);
+    for (int i0 = threadIdx.x & 31; i0 < kv; i0 += 32 * GV_UNROLL, loaded = false) {
+        if (!loaded) {
+            load_batch(av, arow, i0, kv);
+            load_batch(bv, brow, i0, kv);
         }
 #pragma unroll
         for (int u = 0; u < GV_UNROLL; u++) {
@@ -167,14 +174,34 @@ __device__ __forceinline__ void rows_dot(float* a, const act_t* const* w, const 
     }
 }
 
+// A thread's share of an RMSNorm weight [K] for stage_input: vectors threadIdx.x + c * blockDim.x for
+// c < NW_REGS (with 256 threads all of them up to K = 4,096 in bf16, 2,048 in f32), loaded before
+// grid_dependency() (a weight), so that the norm's second pass needs no memory round trip after its
+// reduction (0.6B decode +3.1 %, RESULTS.md run 20.2); stage_input loads any further vectors itself.
+// Zeros without nw. (3 a thread made gemv3_t1_xs spill 16 bytes at ptxas's 64-register choice.)
+#define NW_REGS 2
+struct NormW {
+    uint4 v[NW_REGS];
+};
+__device__ __forceinline__ NormW load_norm_weight(const act_t* nw, int K) {
+    NormW r;
+#pragma unroll
+    for (int c = 0; c < NW_REGS; c++) {
+        int i = threadIdx.x + c * blockDim.x;
+        r.v[c] = nw && i < K / VEC ? __ldg(reinterpret_cast<const uint4*>(nw) + i) : make_uint4(0u, 0u, 0u, 0u);
+    }
+    return r;
+}
+
 // The rows of x a product reads: T rows of K, staged in shared memory (XS) or read from global memory.
 // With a norm (nw non-null; XS only) the block's input norm is fused in front of the product: the rows
 // are rms_norm(round(x + delta)) * nw rounded exactly as add_rms_norm (norm.cu) rounds them (delta may
 // be null), and block 0 also stores round(x + delta) to x_out (null: not stored), the residual stream
-// after the add. x_out is never x or delta: every block reads those. Visible to the block on return.
+// after the add. x_out is never x or delta: every block reads those. nwr: load_norm_weight(nw, K).
+// Visible to the block on return.
 template <int TMAX, bool XS>
 __device__ __forceinline__ const act_t* stage_input(const act_t* x, int T, int K, const act_t* delta = nullptr,
-    act_t* x_out = nullptr, const act_t* nw = nullptr, float eps = 0.f) {
+    act_t* x_out = nullptr, const act_t* nw = nullptr, float eps = 0.f, const NormW& nwr = NormW{}) {
     extern __shared__ uint4 x_shared[];
     if (!XS) return x;
     const uint4* src = reinterpret_cast<const uint4*>(x);
@@ -184,55 +211,68 @@ __device__ __forceinline__ const act_t* stage_input(const act_t* x, int T, int K
         __syncthreads();
         return reinterpret_cast<const act_t*>(x_shared);
     }
+    // A thread takes columns c = threadIdx.x, + blockDim.x, ... of every row.
     float ss[TMAX];
 #pragma unroll
     for (int t = 0; t < TMAX; t++) ss[t] = 0.f;
-    for (int i = threadIdx.x; i < T * kv; i += blockDim.x) {
-        uint4 a = __ldg(src + i);
-        act_t* ae = reinterpret_cast<act_t*>(&a);
-        if (delta) {
-            uint4 d = __ldg(reinterpret_cast<const uint4*>(delta) + i);
-            const act_t* de = reinterpret_cast<const act_t*>(&d);
+    for (int c = threadIdx.x; c < kv; c += blockDim.x) {
 #pragma unroll
-            for (int j = 0; j < VEC; j++) ae[j] = from_f(to_f(ae[j]) + to_f(de[j]));
+        for (int t = 0; t < TMAX; t++) {
+            if (t < T) {
+                const int i = t * kv + c;
+                uint4 a = __ldg(src + i);
+                act_t* ae = reinterpret_cast<act_t*>(&a);
+                if (delta) {
+                    uint4 d = __ldg(reinterpret_cast<const uint4*>(delta) + i);
+                    const act_t* de = reinterpret_cast<const act_t*>(&d);
+#pragma unroll
+                    for (int j = 0; j < VEC; j++) ae[j] = from_f(to_f(ae[j]) + to_f(de[j]));
+                }
+                if (x_out && blockIdx.x == 0) reinterpret_cast<uint4*>(x_out)[i] = a;
+                x_shared[i] = a;
+                float sq = 0.f;
+#pragma unroll
+                for (int j = 0; j < VEC; j++) sq += to_f(ae[j]) * to_f(ae[j]);
+                ss[t] += sq;
+            }
         }
-        if (x_out && blockIdx.x == 0) reinterpret_cast<uint4*>(x_out)[i] = a;
-        x_shared[i] = a;
-        float sq = 0.f;
-#pragma unroll
-        for (int j = 0; j < VEC; j++) sq += to_f(ae[j]) * to_f(ae[j]);
-        int row = i / kv;
-#pragma unroll
-        for (int t = 0; t < TMAX; t++) if (t == row) ss[t] += sq;
     }
     float inv[TMAX];
 #pragma unroll
     for (int t = 0; t < TMAX; t++) inv[t] = t < T ? 1.f / sqrtf(block_sum(ss[t]) / (float)K + eps) : 0.f;
-    // block_sum's barriers also publish x_shared.
-    const uint4* wv = reinterpret_cast<const uint4*>(nw);
-    for (int i = threadIdx.x; i < T * kv; i += blockDim.x) {
-        uint4 a = x_shared[i], w = __ldg(wv + i % kv);
-        act_t* ae = reinterpret_cast<act_t*>(&a);
+    // block_sum's barriers also publish x_shared. Column c of every row times its weight w.
+    auto scale_column = [&](int c, uint4 w) {
         const act_t* we = reinterpret_cast<const act_t*>(&w);
-        float r = 0.f;
-        int row = i / kv;
 #pragma unroll
-        for (int t = 0; t < TMAX; t++) if (t == row) r = inv[t];
+        for (int t = 0; t < TMAX; t++) {
+            if (t < T) {
+                uint4 a = x_shared[t * kv + c];
+                act_t* ae = reinterpret_cast<act_t*>(&a);
 #pragma unroll
-        for (int j = 0; j < VEC; j++) ae[j] = from_f(to_f(we[j]) * (to_f(ae[j]) * r));
-        x_shared[i] = a;
+                for (int j = 0; j < VEC; j++) ae[j] = from_f(to_f(we[j]) * (to_f(ae[j]) * inv[t]));
+                x_shared[t * kv + c] = a;
+            }
+        }
+    };
+    const uint4* nwv = reinterpret_cast<const uint4*>(nw);
+#pragma unroll
+    for (int r = 0; r < NW_REGS; r++) {
+        const int c = threadIdx.x + r * blockDim.x;
+        if (c < kv) scale_column(c, nwr.v[r]);
     }
+    for (int c = threadIdx.x + NW_REGS * blockDim.x; c < kv; c += blockDim.x) scale_column(c, __ldg(nwv + c));
     __syncthreads();
     return reinterpret_cast<const act_t*>(x_shared);
 }
 
-// out[t * N + n] = x row t · weight row `wrow` for t < T, by the calling warp.
+// out[t * N + n] = x row t · weight row `wrow` for t < T, by the calling warp (wv, loaded: row_dot's).
 template <int TMAX, bool XS>
-__device__ __forceinline__ void gemv_one(act_t* out, const act_t* wrow, const act_t* xs, int T, int N, int n, int K) {
+__device__ __forceinline__ void gemv_one(act_t* out, const act_t* wrow, const act_t* xs, int T, int N, int n, int K,
+    uint4 (&wv)[GV_UNROLL], bool loaded) {
     float acc[TMAX];
 #pragma unroll
     for (int t = 0; t < TMAX; t++) acc[t] = 0.f;
-    row_dot<TMAX, XS>(acc, wrow, xs, T, K / VEC);
+    row_dot<TMAX, XS>(acc, wrow, xs, T, K / VEC, wv, loaded);
 #pragma unroll
     for (int t = 0; t < TMAX; t++) {
         if (t < T) {
@@ -246,9 +286,13 @@ __device__ __forceinline__ void gemv_one(act_t* out, const act_t* wrow, const ac
 template <int TMAX, bool XS>
 __device__ __forceinline__ void gemv_rows(act_t* out, const act_t* x, const act_t* w, int T, int N, int K) {
     prefetch_rows([&](int n) { return w + (size_t)n * K; }, N, K);
+    const int n0 = warp_id_global();
+    uint4 wv[GV_UNROLL];
+    const bool early = n0 < N;
+    if (early) load_batch(wv, w + (size_t)n0 * K, threadIdx.x & 31, K / VEC);
     grid_dependency();
     const act_t* xs = stage_input<TMAX, XS>(x, T, K);
-    for (int n = warp_id_global(); n < N; n += warps_global()) gemv_one<TMAX, XS>(out, w + (size_t)n * K, xs, T, N, n, K);
+    for (int n = n0; n < N; n += warps_global()) gemv_one<TMAX, XS>(out, w + (size_t)n * K, xs, T, N, n, K, wv, early && n == n0);
 }
 
 // Three products of one input in one launch (the q, k, v projections): outI [T, NI] = x · wIᵀ, rows
@@ -264,12 +308,21 @@ __device__ __forceinline__ void gemv3_rows(act_t* o0, const act_t* w0, int N0, a
         return r;
     };
     prefetch_rows([&](int r) { act_t* o; const act_t* w; int N; int n = pick(r, o, w, N); return w + (size_t)n * K; }, N0 + N1 + N2, K);
+    const int r0 = warp_id_global();
+    uint4 wv[GV_UNROLL];
+    const bool early = r0 < N0 + N1 + N2;
+    if (early) {
+        act_t* o; const act_t* w; int N;
+        int n = pick(r0, o, w, N);
+        load_batch(wv, w + (size_t)n * K, threadIdx.x & 31, K / VEC);
+    }
+    const NormW nwr = load_norm_weight(nw, K);
     grid_dependency();
-    const act_t* xs = stage_input<TMAX, XS>(x, T, K, delta, x_out, nw, eps);
-    for (int r = warp_id_global(); r < N0 + N1 + N2; r += warps_global()) {
+    const act_t* xs = stage_input<TMAX, XS>(x, T, K, delta, x_out, nw, eps, nwr);
+    for (int r = r0; r < N0 + N1 + N2; r += warps_global()) {
         act_t* o; const act_t* w; int N;
         int n = pick(r, o, w, N);
-        gemv_one<TMAX, XS>(o, w + (size_t)n * K, xs, T, N, n, K);
+        gemv_one<TMAX, XS>(o, w + (size_t)n * K, xs, T, N, n, K, wv, early && r == r0);
     }
 }
 
@@ -280,14 +333,21 @@ __device__ __forceinline__ void gemv_swiglu_rows(act_t* out, const act_t* x, con
     int T, int N, int K, const act_t* delta, act_t* x_out, const act_t* nw, float eps) {
     prefetch_rows([&](int n) { return gate + (size_t)n * K; }, N, K);
     prefetch_rows([&](int n) { return up + (size_t)n * K; }, N, K);
+    const int lane = threadIdx.x & 31, n0 = warp_id_global();
+    uint4 gv[GV_UNROLL], uv[GV_UNROLL];
+    const bool early = n0 < N;
+    if (early) {
+        load_batch(gv, gate + (size_t)n0 * K, lane, K / VEC);
+        load_batch(uv, up + (size_t)n0 * K, lane, K / VEC);
+    }
+    const NormW nwr = load_norm_weight(nw, K);
     grid_dependency();
-    const act_t* xs = stage_input<TMAX, XS>(x, T, K, delta, x_out, nw, eps);
-    int lane = threadIdx.x & 31;
-    for (int n = warp_id_global(); n < N; n += warps_global()) {
+    const act_t* xs = stage_input<TMAX, XS>(x, T, K, delta, x_out, nw, eps, nwr);
+    for (int n = n0; n < N; n += warps_global()) {
         float g[TMAX], u[TMAX];
 #pragma unroll
         for (int t = 0; t < TMAX; t++) g[t] = u[t] = 0.f;
-        row_dot_pair<TMAX, XS>(g, u, gate + (size_t)n * K, up + (size_t)n * K, xs, T, K / VEC);
+        row_dot_pair<TMAX, XS>(g, u, gate + (size_t)n * K, up + (size_t)n * K, xs, T, K / VEC, gv, uv, early && n == n0);
 #pragma unroll
         for (int t = 0; t < TMAX; t++) {
             if (t < T) {
@@ -353,17 +413,19 @@ extern "C" __global__ void router_logits(float* logits, const act_t* x, const ac
     int e = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     int t = blockIdx.y;
     if (e < E) prefetch_lines(router + (size_t)e * H, H * (int)sizeof(act_t));
+    const NormW nwr = load_norm_weight(nw, H);
     grid_dependency();
     size_t row = (size_t)t * H;
-    const act_t* xr = nw ? stage_input<1, true>(x + row, 1, H, delta ? delta + row : nullptr, x_out ? x_out + row : nullptr, nw, eps)
+    const act_t* xr = nw ? stage_input<1, true>(x + row, 1, H, delta ? delta + row : nullptr, x_out ? x_out + row : nullptr, nw, eps, nwr)
                          : x + row;
     if (e >= E) return;
     const act_t* wr = router + (size_t)e * H;
     float s = 0.f;
     if (H % VEC == 0) {
         float acc[1] = {0.f};
-        if (nw) row_dot<1, true>(acc, wr, xr, 1, H / VEC);
-        else row_dot<1, false>(acc, wr, xr, 1, H / VEC);
+        uint4 wv[GV_UNROLL];
+        if (nw) row_dot<1, true>(acc, wr, xr, 1, H / VEC, wv, false);
+        else row_dot<1, false>(acc, wr, xr, 1, H / VEC, wv, false);
         s = acc[0];
     } else {
         for (int k = lane; k < H; k += 32) s += to_f(xr[k]) * to_f(wr[k]);
@@ -444,6 +506,7 @@ __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x,
     __shared__ float route_p[GEMV_MAX_ROWS][ROUTE_MAX_E];
     __shared__ int route_ids[GEMV_MAX_ROWS * MAX_TOP_K];
     __shared__ float route_w[GEMV_MAX_ROWS * MAX_TOP_K];
+    const NormW nwr = load_norm_weight(nw, K);
     grid_dependency();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int* chosen = ids;
@@ -461,7 +524,7 @@ __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x,
         }
         chosen = route_ids;  // stage_input's barrier below makes it visible to every warp
     }
-    const act_t* xs = stage_input<GEMV_MAX_ROWS, XS>(x, P / k, K, nullptr, nullptr, nw, eps);
+    const act_t* xs = stage_input<GEMV_MAX_ROWS, XS>(x, P / k, K, nullptr, nullptr, nw, eps, nwr);
     if (!XS && logits) __syncthreads();  // (stage_input without staging has no barrier)
     for (int r = warp_id_global(); r < P * N; r += warps_global()) {
         int p = r / N, n = r % N;
@@ -469,7 +532,8 @@ __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x,
         size_t off = ((size_t)chosen[p] * N + n) * K;
         const act_t* xr = xs + (size_t)(p / k) * K;
         float g[1] = {0.f}, u[1] = {0.f};
-        row_dot_pair<1, XS>(g, u, gate + off, up + off, xr, 1, K / VEC);
+        uint4 gv[GV_UNROLL], uv[GV_UNROLL];
+        row_dot_pair<1, XS>(g, u, gate + off, up + off, xr, 1, K / VEC, gv, uv, false);
         float gs = warp_sum(g[0]), us = warp_sum(u[0]);
         if (lane == 0) act[(size_t)p * N + n] = from_f(rnd(silu(rnd(gs))) * rnd(us));
     }

@@ -126,7 +126,7 @@ __device__ __forceinline__ void qk_norm_rope_warp(act_t* q, act_t* k, const act_
     act_t* v = h < nh ? q + ((size_t)t * nh + h) * HD : k + ((size_t)t * nkv + (h - nh)) * HD;
     float x[ND];
     load_nd<ND>(v + lane * ND, x);
-    norm_rope_head<ND>(x, h < nh ? q_norm : k_norm, rope + (size_t)positions[t] * HD, eps);
+    norm_rope_head<ND>(x, load_norm_rope<ND>(h < nh ? q_norm : k_norm, rope + (size_t)positions[t] * HD), eps);
     store_nd<ND>(v + lane * ND, x);
     if (kc != nullptr && h >= nh) {
         size_t off = (size_t)(h - nh) * HD + lane * ND;
