@@ -157,9 +157,9 @@ int main() {
         row(norm ? "gate/up gemv_swiglu_t1_xs, add + norm fused" : "gate/up gemv_swiglu_t1_xs, no norm", grid, (double)2 * I * H * 2 / 1e6, us);
     }
     // The lm_head: x [1, 1024] -> [1, 151936], 311 MB, LM launches on their own weights.
+    const int V = 151936, LM = 12;
+    act_t *lw, *logits;
     {
-        const int V = 151936, LM = 12;
-        act_t *lw, *logits;
         CHECK(cudaMalloc(&lw, (size_t)V * H * 2 * LM));
         CHECK(cudaMemset(lw, 0x3c, (size_t)V * H * 2 * LM));
         CHECK(cudaMalloc(&logits, (size_t)V * 2));
@@ -168,7 +168,6 @@ int main() {
         double us = time_chain([&](int p) { launch_pdl(gemv_t1_xs, grid, smem, logits, (const act_t*)x, (const act_t*)(lw + (size_t)V * H * p), 1, V, H); }, LM);
         row("lm_head gemv_t1_xs (host grid)", grid, (double)V * H * 2 / 1e6, us);
         printf("%-44s %6s %8s %9.2f\n", "  its bandwidth, TB/s", "", "", (double)V * H * 2 / us / 1e6);
-        CHECK(cudaFree(lw));
     }
     // Decode attention, one row at position 128 (129 keys with its own), 16 heads over 8 KV heads of 128,
     // paged blocks of 16 keys; each launch its own layer's cache (no L2 reuse).
@@ -214,6 +213,39 @@ int main() {
                 row(name, NH / 2 * splits, (double)CTX * KVD * 4 / 1e6, us);
             }
         }
+        // A whole 0.6B decode step's body as the model launches it: per layer q/k/v with the input
+        // norm, attention (16 splits in a cluster), o, gate/up with the post-attention norm, down;
+        // 28 layers on their own weights and caches, then the lm_head. Against the sum of the kernels
+        // timed alone above: what neighbours cost each other.
+        const int LAYERS = 28;
+        act_t *q, *k, *v, *att, *o_out, *act, *resid, *resid2, *down;
+        for (act_t** b : {&q, &k, &v, &att, &o_out, &act, &resid, &resid2, &down}) {
+            CHECK(cudaMalloc(b, 64 << 10));
+            CHECK(cudaMemset(*b, 0x3c, 64 << 10));
+        }
+        CHECK(cudaFuncSetAttribute(gemv_t1_xs, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 << 10));
+        const int g_qkv = persistent_grid(gemv3_t1_xs, H * 2, (Q + 2 * KV) / 8, sms), g_o = persistent_grid(gemv_t1_xs, Q * 2, H / 8, sms);
+        const int g_mlp = persistent_grid(gemv_swiglu_t1_xs, H * 2, I / 8, sms), g_down = persistent_grid(gemv_t1_xs, I * 2, H / 8, sms);
+        const int g_lm = persistent_grid(gemv_t1_xs, H * 2, V / 8, sms);
+        double us = time_chain([&](int l) {
+            if (l == LAYERS) {
+                launch_pdl(gemv_t1_xs, g_lm, H * 2, logits, (const act_t*)resid, (const act_t*)lw, 1, V, H);
+                return;
+            }
+            const act_t* a = wp(l);  // q/k/v, then gate/up
+            const act_t* b = wp(l + LAYERS);  // o, then down
+            launch_pdl(gemv3_t1_xs, g_qkv, H * 2, q, a, Q, k, a + (size_t)Q * H, KV, v, a + (size_t)(Q + KV) * H, KV, (const act_t*)resid, 1, H,
+                (const act_t*)down, resid2, (const act_t*)nw, 1e-6f);
+            launch_pdl(attention_decode_rope_g2_d128, dim3(NH / 2, 1, 16), 0, 128, 16, att, ml, acc, (const act_t*)q, kc + layer * l, vc + layer * l,
+                (const unsigned*)meta, (const unsigned*)meta + 1, (const unsigned*)meta + 3, NH, NKV, BS, KVD, scale, (const act_t*)k, (const act_t*)v,
+                (const act_t*)qn, (const act_t*)kn, (const float*)rope, (const unsigned*)meta + 2, 1e-6f);
+            launch_pdl(gemv_t1_xs, g_o, Q * 2, o_out, (const act_t*)att, b, 1, H, Q);
+            launch_pdl(gemv_swiglu_t1_xs, g_mlp, H * 2, act, (const act_t*)resid2, a + (size_t)(Q + 2 * KV) * H, a + (size_t)(Q + 2 * KV + I) * H, 1, I, H,
+                (const act_t*)o_out, resid, (const act_t*)nw, 1e-6f);
+            launch_pdl(gemv_t1_xs, g_down, I * 2, down, (const act_t*)act, b + (size_t)H * Q, 1, H, I);
+        }, LAYERS + 1);
+        printf("%-44s %6s %8s %9.1f\n", "0.6B step body: 28 layers + lm_head, us", "", "", us * (LAYERS + 1));
+        printf("%-44s %6s %8s %9.1f\n", "  as tok/s (no embed, argmax, host)", "", "", 1e6 / (us * (LAYERS + 1)));
     }
     return 0;
 }

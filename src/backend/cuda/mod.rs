@@ -748,17 +748,18 @@ impl CudaBackend {
         Ok((name, (grid, 1, 1), smem))
     }
 
-    /// KV splits of decode attention over `blocks` (heads, row) blocks for a longest context of
-    /// `longest` keys: at least `split_keys` (8) keys per split, and no more splits than fill the GPU
-    /// about four blocks per SM deep; a power of two, so that the launch shape (part of a CUDA graph)
-    /// changes only at a few context lengths. (Fewer splits give each warp a longer serial chain of
-    /// keys: 8 keys beat 4, 16 and 64 on the benchmark's contexts, RESULTS.md runs 17.1 and 18.3, and
-    /// beat 16 again with the splits merged in clusters, run 19.4; `QWEN3RS_CUDA_SPLIT_KEYS` for
-    /// benches/kernel_sweep.py.)
-    fn decode_splits(&self, longest: usize, blocks: usize) -> usize {
-        let fill = (4 * self.gpu.sms as usize / blocks.max(1)).max(1);
-        let want = (longest / self.split_keys).min(fill).clamp(1, MAX_ATTN_SPLITS);
-        1 << want.ilog2()
+    /// KV splits of decode attention `kernel` over `blocks` (heads, row) blocks for a longest context
+    /// of `longest` keys: at least `split_keys` (8) keys per split, and no more splits than the GPU
+    /// holds at once (the kernel's occupancy: a second wave would double the time); a power of two
+    /// below that, so that the launch shape (part of a CUDA graph) changes only at a few context
+    /// lengths. (Fewer splits give each warp a longer serial chain of keys: 8 keys beat 4, 16 and 64
+    /// on the benchmark's contexts, RESULTS.md runs 17.1 and 18.3, and beat 16 again with the splits
+    /// merged in clusters, run 19.4; `QWEN3RS_CUDA_SPLIT_KEYS` for benches/kernel_sweep.py.)
+    fn decode_splits(&self, kernel: &'static str, longest: usize, blocks: usize) -> Result<usize> {
+        let resident = self.gpu.persistent_grid("attention", kernel, 128, 0, usize::MAX)? as usize;
+        let fill = (resident / blocks.max(1)).clamp(1, MAX_ATTN_SPLITS);
+        let want = (longest / self.split_keys).clamp(1, fill);
+        Ok(if want == fill { fill } else { 1 << want.ilog2() })
     }
 
     /// Whether a product of t rows of k goes to the fused decode GEMV kernels.
@@ -934,7 +935,7 @@ impl CudaBackend {
         let (nhi, nkv, hdi, bs, kvd) = (nh as i32, shape.n_kv_heads as i32, hd as i32, kv.block_size as i32, kv.kv_dim as i32);
         let scale = 1.0 / (hd as f32).sqrt();
         let group_blocks = nh / g;
-        let splits = self.decode_splits(longest, group_blocks * t);
+        let splits = self.decode_splits(name, longest, group_blocks * t)?;
         // Up to attn_cluster splits are one cluster and merge in the launch (RESULTS.md run 19.2: +5 %
         // on 0.6B, +2 % on 30B-A3B); more leave partial states in scratch for attention_combine.
         let clustered = splits > 1 && splits <= self.attn_cluster.load(std::sync::atomic::Ordering::Relaxed);

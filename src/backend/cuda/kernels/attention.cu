@@ -146,25 +146,32 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
     const int last = ctx - 1;
     // Key j's cache slot (page table lookup).
     auto slot_of = [&](int j) { return (size_t)table[j / block_size] * block_size + (j % block_size); };
-    // Keys j0 .. j0 + AD_KB - 1 of the split into kf / vf (zeros past the split; with ROPE, `last`
-    // is filled in from registers by the caller).
-    float kf[AD_KB][ND], vf[AD_KB][ND];
-    auto load_keys = [&](int j0) {
+    // A warp's keys come in batches of AD_KB, software-pipelined: while a batch is computed, the next
+    // batch's K / V loads are in flight (kept as loaded, `kr` / `vr`, converted when their turn comes)
+    // and the page-table lookups of the batch after it (`at`). A long split is then paced by its loads,
+    // not by load, compute, load, ... in series.
+    // The lane's offsets of keys j0 .. j0 + AD_KB - 1 in the cache: -1 past the split and, with ROPE,
+    // for `last` (the caller fills it in from registers).
+    auto offsets = [&](long long (&at)[AD_KB], int j0) {
 #pragma unroll
         for (int b = 0; b < AD_KB; b++) {
             int j = j0 + b;
-            if (j < hi && !(ROPE && j == last)) {
-                size_t at = slot_of(j) * kv_dim + kv_off;
-                load_nd<ND>(kc + at, kf[b]);
-                load_nd<ND>(vc + at, vf[b]);
-            } else {
-#pragma unroll
-                for (int i = 0; i < ND; i++) kf[b][i] = vf[b][i] = 0.f;
-            }
+            at[b] = j < hi && !(ROPE && j == last) ? (long long)(slot_of(j) * kv_dim + kv_off) : -1;
         }
     };
-    const int first = lo + warp * AD_KB;
-    load_keys(first);
+    RawND<ND> kr[AD_KB], vr[AD_KB];
+    auto issue = [&](const long long (&at)[AD_KB]) {
+#pragma unroll
+        for (int b = 0; b < AD_KB; b++) {
+            kr[b] = at[b] >= 0 ? load_raw<ND>(kc + at[b]) : RawND<ND>{};
+            vr[b] = at[b] >= 0 ? load_raw<ND>(vc + at[b]) : RawND<ND>{};
+        }
+    };
+    const int first = lo + warp * AD_KB, stride = AD_WARPS * AD_KB;
+    long long at[AD_KB];
+    offsets(at, first);
+    issue(at);
+    offsets(at, first + stride);
     // The QK-norm weights and the row's RoPE cos / sin too.
     NormRope<ND> qnr, knr;
     if (ROPE) {
@@ -208,8 +215,17 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
 #pragma unroll
         for (int i = 0; i < ND; i++) acc[g][i] = 0.f;
     }
-    for (int j0 = first; j0 < hi; j0 += AD_WARPS * AD_KB) {
-        if (j0 != first) load_keys(j0);
+    for (int j0 = first; j0 < hi; j0 += stride) {
+        float kf[AD_KB][ND], vf[AD_KB][ND];
+#pragma unroll
+        for (int b = 0; b < AD_KB; b++) {
+            unpack_raw(kr[b], kf[b]);
+            unpack_raw(vr[b], vf[b]);
+        }
+        if (j0 + stride < hi) {
+            issue(at);
+            offsets(at, j0 + 2 * stride);
+        }
         if (ROPE && last >= j0 && last < j0 + AD_KB) {
 #pragma unroll
             for (int b = 0; b < AD_KB; b++) {

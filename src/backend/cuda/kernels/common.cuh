@@ -178,6 +178,32 @@ __device__ __forceinline__ void load_nd(const act_t* p, float* f) {
     }
 }
 
+// ND elements of act_t as loaded, not yet converted (a load in flight stays in flight until its
+// values are used: a conversion right after it would wait there), in one load where the width allows.
+template <int ND>
+struct alignas(ND * sizeof(act_t) < 16 ? ND * sizeof(act_t) : 16) RawND {
+    act_t e[ND];
+};
+template <int ND>
+__device__ __forceinline__ RawND<ND> load_raw(const act_t* p) {
+    constexpr int BYTES = ND * (int)sizeof(act_t);
+    RawND<ND> r;
+    if constexpr (BYTES == 16) {
+        *reinterpret_cast<uint4*>(r.e) = __ldg(reinterpret_cast<const uint4*>(p));
+    } else if constexpr (BYTES == 8) {
+        *reinterpret_cast<uint2*>(r.e) = __ldg(reinterpret_cast<const uint2*>(p));
+    } else {
+#pragma unroll
+        for (int i = 0; i < ND; i++) r.e[i] = p[i];
+    }
+    return r;
+}
+template <int ND>
+__device__ __forceinline__ void unpack_raw(const RawND<ND>& r, float* f) {
+#pragma unroll
+    for (int i = 0; i < ND; i++) f[i] = to_f(r.e[i]);
+}
+
 // ND f32 values to p (aligned to ND elements) as act_t, in one store where the width allows.
 template <int ND>
 __device__ __forceinline__ void store_nd(act_t* p, const float* f) {
