@@ -255,6 +255,10 @@ pub struct CudaBackend {
     graph_bad: std::sync::atomic::AtomicBool,
     /// `QWEN3RS_CUDA_TRACE=1`: host time of each graph replay's parts, reported every 100 replays.
     replay_trace: Option<Mutex<ReplayTrace>>,
+    /// `QWEN3RS_CUDA_REPLAYS=N` (profiling; 1): each decode-step graph is launched N times. A repeat
+    /// recomputes the same step (same inputs, cache slot and logits: the tokens do not change), so
+    /// each adds the graph's own GPU time and nothing of the host's (benches/profiles/replay_trace.py).
+    replays: usize,
     /// Fused decode kernels (q/k/v, gate·up·SwiGLU, QK-norm + RoPE + KV append, MoE experts);
     /// `QWEN3RS_CUDA_FUSED=0` runs the unfused ops.
     fused: bool,
@@ -404,7 +408,8 @@ impl CudaBackend {
         let trace = std::env::var_os("QWEN3RS_CUDA_TRACE").is_some() && !env_off("QWEN3RS_CUDA_TRACE");
         Ok(CudaBackend { gpu, ordinal, meta: Mutex::new(slots(N_META)), scratch: Mutex::new(slots(N_SCRATCH)), graphs, parity: 0.into(),
             pipeline: !env_off("QWEN3RS_CUDA_PIPELINE"),
-            graph_bad: Default::default(), replay_trace: trace.then(Default::default), fused: !env_off("QWEN3RS_CUDA_FUSED"),
+            graph_bad: Default::default(), replay_trace: trace.then(Default::default), replays: env_count("QWEN3RS_CUDA_REPLAYS").unwrap_or(1),
+            fused: !env_off("QWEN3RS_CUDA_FUSED"),
             rope_attn: !env_off("QWEN3RS_CUDA_ROPE_ATTN"), fused_route: !env_off("QWEN3RS_CUDA_FUSED_ROUTE"),
             router_warps: env_count("QWEN3RS_CUDA_ROUTER_WARPS").unwrap_or(8).min(32),
             split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"), split_keys: env_count("QWEN3RS_CUDA_SPLIT_KEYS").unwrap_or(8),
@@ -1160,6 +1165,9 @@ impl Backend for CudaBackend {
                     }
                 };
                 let t2 = std::time::Instant::now();
+                for _ in 1..self.replays {
+                    self.gpu.launch_graph(&graph)?;
+                }
                 self.launch_step(&graphs, &graph, p)?;
                 graphs.by_rows.insert((rows, p), GraphState::Ready(graph, hash));
                 if let Some(trace) = &self.replay_trace {

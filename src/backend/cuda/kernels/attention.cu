@@ -116,6 +116,28 @@ struct RopeIn {
     float eps;
 };
 
+// Online-softmax states s < N (running max m[s], sum of exponentials l[s], accumulator element a[s])
+// merged: mx = the max over the states that saw a key (l > 0: the others contribute nothing), total =
+// Σ l·e^(m − mx), returned Σ a·e^(m − mx). The decode attention's merge of its warps and its cluster
+// merge of the splits; attention_combine does the same sums with a warp across the splits.
+template <int N>
+__device__ __forceinline__ float merge_states(const float (&m)[N], const float (&l)[N], const float (&a)[N], float& mx, float& total) {
+    mx = -INFINITY;
+#pragma unroll
+    for (int s = 0; s < N; s++) if (l[s] > 0.f) mx = fmaxf(mx, m[s]);
+    total = 0.f;
+    float acc = 0.f;
+#pragma unroll
+    for (int s = 0; s < N; s++) {
+        if (l[s] > 0.f) {
+            float f = expf(m[s] - mx);
+            total += l[s] * f;
+            acc += a[s] * f;
+        }
+    }
+    return acc;
+}
+
 template <int G, int ND, bool ROPE>
 __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml, float* part_acc, const act_t* q,
     act_t* kc, act_t* vc, const unsigned* row_ctx, const unsigned* row_table, const unsigned* tables,
@@ -283,16 +305,14 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
     __syncthreads();
     for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
         int g = i / HD, d = i % HD;
-        float mx = -INFINITY;
-        for (int w = 0; w < AD_WARPS; w++) if (wl[w][g] > 0.f) mx = fmaxf(mx, wm[w][g]);
-        float total = 0.f, a = 0.f;
+        float mw[AD_WARPS], lw[AD_WARPS], aw[AD_WARPS], mx, total;
+#pragma unroll
         for (int w = 0; w < AD_WARPS; w++) {
-            if (wl[w][g] > 0.f) {  // a warp that saw no key contributes nothing
-                float f = expf(wm[w][g] - mx);
-                total += wl[w][g] * f;
-                a += wacc[w][g][d] * f;
-            }
+            mw[w] = wm[w][g];
+            lw[w] = wl[w][g];
+            aw[w] = wacc[w][g][d];
         }
+        const float a = merge_states(mw, lw, aw, mx, total);
         size_t row = (size_t)t * nh + h0 + g;
         if (splits == 1) {
             out[row * HD + d] = from_f(a / total);
@@ -320,18 +340,8 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
             lr[r] = in ? *cluster_ptr(&cl[g], r) : 0.f;
             ar[r] = in ? *cluster_ptr(&wacc[0][g][d], r) : 0.f;
         }
-        float mx = -INFINITY;
-#pragma unroll
-        for (int r = 0; r < AD_MAX_CLUSTER; r++) if (lr[r] > 0.f) mx = fmaxf(mx, mr[r]);
-        float total = 0.f, a = 0.f;
-#pragma unroll
-        for (int r = 0; r < AD_MAX_CLUSTER; r++) {
-            if (lr[r] > 0.f) {  // a split that saw no key contributes nothing
-                float f = expf(mr[r] - mx);
-                total += lr[r] * f;
-                a += ar[r] * f;
-            }
-        }
+        float mx, total;
+        const float a = merge_states(mr, lr, ar, mx, total);  // splits past `splits`: l = 0, left out
         out[((size_t)t * nh + h0 + g) * HD + d] = from_f(a / total);
     }
     cluster_sync();  // no block leaves while the others still read its shared memory
