@@ -54,6 +54,10 @@ __device__ __forceinline__ float dot_vec(const uint4& w, const uint4& x) {
 }
 
 // A lane's batch of a weight row: its GV_UNROLL 16-byte loads from vector i0 on (zeros past kv).
+// The decode products issue their warp's first batch (of its first row) before grid_dependency():
+// weights are not written by the kernel ahead, so those loads are in flight through the wait and the
+// input's staging instead of starting after them (0.6B decode +3.8 %, 8B and 32B +1.4-1.8 %, RESULTS.md
+// run 20.2); row_dot / row_dot_pair take it as `loaded`.
 __device__ __forceinline__ void load_batch(uint4 (&v)[GV_UNROLL], const act_t* wrow, int i0, int kv) {
     const uint4* wr = reinterpret_cast<const uint4*>(wrow);
 #pragma unroll
@@ -62,11 +66,6 @@ __device__ __forceinline__ void load_batch(uint4 (&v)[GV_UNROLL], const act_t* w
         v[u] = i < kv ? ld_weight(wr + i) : make_uint4(0u, 0u, 0u, 0u);
     }
 }
-
-// The decode products issue their warp's first batch of weight loads (load_batch of its first row)
-// before grid_dependency(): weights are not written by the kernel ahead, so those loads are in flight
-// through the wait and the input's staging instead of starting after them (0.6B decode +3.8 %, 8B and
-// 32B +1.4-1.8 %, RESULTS.md run 20.2).
 
 // Lane partial sums acc[t] += x row t · weight row (t < T <= TMAX; K = kv * VEC; x rows kv apart).
 // wv: with `loaded`, the row's first batch, already issued (load_batch); else scratch.
@@ -200,8 +199,8 @@ __device__ __forceinline__ NormW load_norm_weight(const act_t* nw, int K) {
 // after the add. x_out is never x or delta: every block reads those. nwr: load_norm_weight(nw, K).
 // Visible to the block on return.
 template <int TMAX, bool XS>
-__device__ __forceinline__ const act_t* stage_input(const act_t* x, int T, int K, const act_t* delta = nullptr,
-    act_t* x_out = nullptr, const act_t* nw = nullptr, float eps = 0.f, const NormW& nwr = NormW{}) {
+__device__ __forceinline__ const act_t* stage_input(const act_t* x, int T, int K, const act_t* delta, act_t* x_out,
+    const act_t* nw, float eps, const NormW& nwr) {
     extern __shared__ uint4 x_shared[];
     if (!XS) return x;
     const uint4* src = reinterpret_cast<const uint4*>(x);
@@ -263,6 +262,12 @@ __device__ __forceinline__ const act_t* stage_input(const act_t* x, int T, int K
     for (int c = threadIdx.x + NW_REGS * blockDim.x; c < kv; c += blockDim.x) scale_column(c, __ldg(nwv + c));
     __syncthreads();
     return reinterpret_cast<const act_t*>(x_shared);
+}
+
+// stage_input without a norm.
+template <int TMAX, bool XS>
+__device__ __forceinline__ const act_t* stage_input(const act_t* x, int T, int K) {
+    return stage_input<TMAX, XS>(x, T, K, nullptr, nullptr, nullptr, 0.f, NormW{});
 }
 
 // out[t * N + n] = x row t · weight row `wrow` for t < T, by the calling warp (wv, loaded: row_dot's).
