@@ -8,9 +8,12 @@
 // an attention_combine launch, and unsplit. And the lm_head (gemv_t1_xs, 151,936 rows of 1,024).
 //
 //   nvcc -O3 -arch=sm_90 -o /tmp/gemv_chain benches/profiles/gemv_chain.cu && /tmp/gemv_chain
+//   /tmp/gemv_chain moe     (Qwen3-30B-A3B's decode layer instead: moe_30b below)
 //
 // The bare phase of sync_cost.cu (phase.cuh) runs first, for a same-call reference. Prints µs a launch.
 #include "phase.cuh"
+
+#include <string>
 
 #define Q_DTYPE 1
 #include "../../src/backend/cuda/kernels/common.cuh"
@@ -79,11 +82,15 @@ int persistent_grid(void (*kernel)(K...), size_t smem, int useful, int sms) {
     return per_sm * sms < useful ? per_sm * sms : useful;
 }
 
-int main() {
-    int sms = 0;
-    CHECK(cudaSetDevice(0));
-    CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-    CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+static void row(const char* name, int grid, double mb, double us) { printf("%-44s %6d %8.1f %9.2f\n", name, grid, mb, us); }
+
+// The bare phase (phase.cuh) of `mb` MB on `grid` blocks reading w, `phases` launches: µs a launch.
+static double bare_phase(const uint4* w, double mb, int grid, float* res, int phases = PHASES) {
+    size_t vecs = (size_t)(mb * 1e6) / 16;
+    return time_chain([&](int p) { launch_pdl(phase_kernel, grid, 0, w, vecs, res, p, 1, 0); }, phases);
+}
+
+static void dense_0_6b(int sms) {
     // Qwen3-0.6B's decode products: hidden 1024, q 2048, kv 1024, intermediate 3072.
     const int H = 1024, Q = 2048, KV = 1024, I = 3072;
     const size_t per_phase = (size_t)(Q + 2 * KV) * H * 2 + (size_t)2 * I * H * 2;  // the largest: gemv3 or gate + up
@@ -109,14 +116,7 @@ int main() {
     act_t* none_out = nullptr;
     printf("%d SMs; Qwen3-0.6B decode shapes, bf16, T = 1; %d launches a graph, PDL; us a launch\n", sms, PHASES);
     printf("%-44s %6s %8s %9s\n", "kernel", "grid", "MB", "us");
-    auto row = [&](const char* name, int grid, double mb, double us) { printf("%-44s %6d %8.1f %9.2f\n", name, grid, mb, us); };
-
-    for (double mb : {4.19, 8.39, 12.58}) {
-        size_t vecs = (size_t)(mb * 1e6) / 16;
-        int grid = 2 * sms;
-        double us = time_chain([&](int p) { launch_pdl(phase_kernel, grid, 0, (const uint4*)w, vecs, res, p, 1, 0); });
-        row("bare phase (phase.cuh, as sync_cost.cu)", grid, mb, us);
-    }
+    for (double mb : {4.19, 8.39, 12.58}) row("bare phase (phase.cuh, as sync_cost.cu)", 2 * sms, mb, bare_phase((const uint4*)w, mb, 2 * sms, res));
     // o projection: x [1, 2048] -> [1, 1024]; down: x [1, 3072] -> [1, 1024].
     for (int K : {Q, I}) {
         double mb = (double)H * K * 2 / 1e6;
@@ -247,5 +247,121 @@ int main() {
         printf("%-44s %6s %8s %9.1f\n", "0.6B step body: 28 layers + lm_head, us", "", "", us * (LAYERS + 1));
         printf("%-44s %6s %8s %9.1f\n", "  as tok/s (no embed, argmax, host)", "", "", 1e6 / (us * (LAYERS + 1)));
     }
+}
+
+// Qwen3-30B-A3B's decode layer (hidden 2048; q 32 heads, k/v 4 heads of 128; 128 experts of 768, top 8)
+// as the host launches it with T = 1: q/k/v with the input norm, attention (129 keys, 16 splits in a
+// cluster), o, router_logits with the post-attention norm (it stores the residual), the experts' gate/up
+// routing for themselves from the logits (moe_gemv_swiglu_xs, norming the stored residual again), their
+// down projection with the weighted combine (moe_down_combine_xs). Each kernel alone, then 48 layers and
+// the lm_head as one step. LW layers have their own weights and launches cycle through them: a layer
+// reads ~110 MB, so nothing is left in L2 when its weights come round again. (All weights equal: every
+// row routes to experts 0-7.)
+static void moe_30b(int sms) {
+    const int H = 2048, Q = 4096, KV = 512, E = 128, TOPK = 8, I = 768, V = 151936, NH = 32, NKV = 4, HD = 128;
+    const int LW = 12, LAYERS = 48, ALONE = 48;
+    const size_t qkv_e = (size_t)(Q + 2 * KV) * H, o_e = (size_t)H * Q, r_e = (size_t)E * H, x_e = (size_t)E * I * H;
+    const size_t layer_e = qkv_e + o_e + r_e + 3 * x_e;
+    act_t* wl;
+    CHECK(cudaMalloc(&wl, layer_e * 2 * LW));
+    CHECK(cudaMemset(wl, 0x3c, layer_e * 2 * LW));
+    auto qkv_w = [&](int l) { return (const act_t*)wl + layer_e * (l % LW); };
+    auto o_w = [&](int l) { return qkv_w(l) + qkv_e; };
+    auto router_w = [&](int l) { return o_w(l) + o_e; };
+    auto gate_w = [&](int l) { return router_w(l) + r_e; };
+    auto up_w = [&](int l) { return gate_w(l) + x_e; };
+    auto down_w = [&](int l) { return up_w(l) + x_e; };
+    act_t *resid, *resid2, *moe_out, *q, *k, *v, *att, *o_out, *act, *nw, *lw, *logits;
+    for (act_t** b : {&resid, &resid2, &moe_out, &q, &k, &v, &att, &o_out, &act, &nw}) {
+        CHECK(cudaMalloc(b, 64 << 10));
+        CHECK(cudaMemset(*b, 0x3c, 64 << 10));
+    }
+    CHECK(cudaMalloc(&lw, (size_t)V * H * 2));
+    CHECK(cudaMemset(lw, 0x3c, (size_t)V * H * 2));
+    CHECK(cudaMalloc(&logits, (size_t)V * 2));
+    float *probs, *weights, *res, *ml, *acc, *rope;
+    int* ids;
+    CHECK(cudaMalloc(&probs, E * sizeof(float)));
+    CHECK(cudaMalloc(&weights, TOPK * sizeof(float)));
+    CHECK(cudaMalloc(&ids, TOPK * sizeof(int)));
+    CHECK(cudaMalloc(&res, (size_t)PHASES * 2 * sms * sizeof(float)));
+    CHECK(cudaMemset(res, 0, (size_t)PHASES * 2 * sms * sizeof(float)));
+    CHECK(cudaMalloc(&ml, 16 * NH * 2 * sizeof(float)));
+    CHECK(cudaMalloc(&acc, 16 * NH * HD * sizeof(float)));
+    CHECK(cudaMalloc(&rope, 256 * HD * sizeof(float)));
+    CHECK(cudaMemset(rope, 0, 256 * HD * sizeof(float)));
+    // The KV cache of each weight layer: 129 keys in paged blocks of 16; meta as in dense_0_6b.
+    const int BS = 16, CTX = 129, NB = (CTX + BS - 1) / BS, KVD = NKV * HD;
+    const size_t cache = (size_t)NB * BS * KVD;
+    act_t *kc, *vc;
+    CHECK(cudaMalloc(&kc, cache * 2 * LW));
+    CHECK(cudaMalloc(&vc, cache * 2 * LW));
+    CHECK(cudaMemset(kc, 0x3c, cache * 2 * LW));
+    CHECK(cudaMemset(vc, 0x3c, cache * 2 * LW));
+    unsigned host_meta[3 + NB] = {CTX, 0, CTX - 1};
+    for (int b = 0; b < NB; b++) host_meta[3 + b] = b;
+    unsigned* meta;
+    CHECK(cudaMalloc(&meta, sizeof host_meta));
+    CHECK(cudaMemcpy(meta, host_meta, sizeof host_meta, cudaMemcpyHostToDevice));
+    CHECK(cudaFuncSetAttribute(attention_decode_rope_g2_d128, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    const float scale = 0.08838835f, eps = 1e-6f;
+
+    const int g_qkv = persistent_grid(gemv3_t1_xs, H * 2, (Q + 2 * KV) / 8, sms), g_o = persistent_grid(gemv_t1_xs, Q * 2, H / 8, sms);
+    const int g_up = persistent_grid(moe_gemv_swiglu_xs, H * 2, TOPK * I / 8, sms);
+    const int g_down = persistent_grid(moe_down_combine_xs, TOPK * I * 2, H * 2 / 8, sms), g_lm = persistent_grid(gemv_t1_xs, H * 2, V / 8, sms);
+    auto qkv = [&](int l) {
+        launch_pdl(gemv3_t1_xs, g_qkv, H * 2, q, qkv_w(l), Q, k, qkv_w(l) + (size_t)Q * H, KV, v, qkv_w(l) + (size_t)(Q + KV) * H, KV,
+            (const act_t*)resid, 1, H, (const act_t*)moe_out, resid2, (const act_t*)nw, eps);
+    };
+    auto attention = [&](int l) {
+        launch_pdl(attention_decode_rope_g2_d128, dim3(NKV * (NH / NKV / 2), 1, 16), 0, 128, 16, att, ml, acc, (const act_t*)q,
+            kc + cache * (l % LW), vc + cache * (l % LW), (const unsigned*)meta, (const unsigned*)meta + 1, (const unsigned*)meta + 3, NH, NKV,
+            BS, KVD, scale, (const act_t*)k, (const act_t*)v, (const act_t*)nw, (const act_t*)nw, (const float*)rope, (const unsigned*)meta + 2, eps);
+    };
+    auto o_proj = [&](int l) { launch_pdl(gemv_t1_xs, g_o, Q * 2, o_out, (const act_t*)att, o_w(l), 1, H, Q); };
+    auto router = [&](int l) {
+        launch_pdl(router_logits, dim3(E / 8), H * 2, 256, 1, probs, (const act_t*)resid2, router_w(l), E, H, (const act_t*)o_out, resid,
+            (const act_t*)nw, eps);
+    };
+    auto experts_up = [&](int l) {
+        launch_pdl(moe_gemv_swiglu_xs, g_up, H * 2, act, (const act_t*)resid, gate_w(l), up_w(l), ids, weights, (const float*)probs, E, 1, 0, E,
+            TOPK, TOPK, I, H, (const act_t*)nw, eps);
+    };
+    auto experts_down = [&](int l) {
+        launch_pdl(moe_down_combine_xs, g_down, TOPK * I * 2, moe_out, (const act_t*)act, down_w(l), (const int*)ids, (const float*)weights, 1,
+            TOPK, H, I);
+    };
+    printf("%d SMs; Qwen3-30B-A3B decode layer, bf16, T = 1; %d launches a graph, PDL, %d weight layers; us a launch\n", sms, ALONE, LW);
+    printf("%-44s %6s %8s %9s\n", "kernel", "grid", "MB", "us");
+    for (double mb : {16.8, 21.0, 25.2, 50.3}) row("bare phase (phase.cuh)", 2 * sms, mb, bare_phase((const uint4*)wl, mb, 2 * sms, res, ALONE));
+    row("q/k/v gemv3_t1_xs, add + norm fused", g_qkv, qkv_e * 2 / 1e6, time_chain(qkv, ALONE));
+    row("attention rope g2 d128, 16 splits in a cluster", NKV * 4 * 16, (double)CTX * KVD * 4 / 1e6, time_chain(attention, ALONE));
+    row("o proj gemv_t1_xs", g_o, o_e * 2 / 1e6, time_chain(o_proj, ALONE));
+    row("router_logits, add + norm fused", E / 8, r_e * 2 / 1e6, time_chain(router, ALONE));
+    row("experts gate/up moe_gemv_swiglu_xs, routing", g_up, (double)TOPK * 2 * I * H * 2 / 1e6, time_chain(experts_up, ALONE));
+    row("experts down moe_down_combine_xs", g_down, (double)TOPK * I * H * 2 / 1e6, time_chain(experts_down, ALONE));
+    double us = time_chain([&](int l) {
+        if (l == LAYERS) {
+            launch_pdl(gemv_t1_xs, g_lm, H * 2, logits, (const act_t*)resid, (const act_t*)lw, 1, V, H);
+            return;
+        }
+        qkv(l);
+        attention(l);
+        o_proj(l);
+        router(l);
+        experts_up(l);
+        experts_down(l);
+    }, LAYERS + 1);
+    printf("%-44s %6s %8s %9.1f\n", "30B-A3B step body: 48 layers + lm_head, us", "", "", us * (LAYERS + 1));
+    printf("%-44s %6s %8s %9.1f\n", "  as tok/s (no embed, argmax, host)", "", "", 1e6 / (us * (LAYERS + 1)));
+}
+
+int main(int argc, char** argv) {
+    int sms = 0;
+    CHECK(cudaSetDevice(0));
+    CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    if (argc > 1 && std::string(argv[1]) == "moe") moe_30b(sms);
+    else dense_0_6b(sms);
     return 0;
 }
