@@ -71,13 +71,14 @@ BEFORE_WAIT = [
     r"uint4 \w+\[GV_UNROLL\](, \w+\[GV_UNROLL\])*",
     r"(if \(early\) )?load_batch\(\w+, (w|gate|up) \+ .*",
     r"const NormW \w+ = load_norm_weight\(nw, \w+\)",
+    r"const uint4\* wn = wn_on \? stage_norm_weight\(nw, K\) : nullptr",  # GV_WARP_NORM
     r"if \(early\)",
 ]
 
 
 def statements_before_wait(b):
     """The statements of function body b before its first grid_dependency(), lambda bodies left out."""
-    before = re.sub(r"//[^\n]*", "", b[1:b.index("grid_dependency();")])
+    before = re.sub(r"//[^\n]*|^\s*#[^\n]*", "", b[1:b.index("grid_dependency();")], flags=re.M)  # comments, #if lines
     while (m := re.search(r"\[&\][^{;]*\{", before)):
         end = m.end() - 1 + len(body(before, m.end() - 1))
         before = before[:m.end() - 1] + before[end:]
