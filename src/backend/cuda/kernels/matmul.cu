@@ -451,7 +451,8 @@ __device__ __forceinline__ void gemv_swiglu_rows(act_t* out, const act_t* x, con
 #if GV_WARP_NORM
     if (wn_on) {
         float inv;
-        gemv_swiglu_warp_norm<XS>(out, stage_raw(x, K, delta, x_out, eps, inv), gate, up, N, K, gv, uv, early, wn, inv);
+        const act_t* xs = stage_raw(x, K, delta, x_out, eps, inv);
+        gemv_swiglu_warp_norm<XS>(out, xs, gate, up, N, K, gv, uv, early, wn, inv);
         return;
     }
 #endif
