@@ -64,7 +64,7 @@ def test_late_waits_leave_the_activations_alone():
 # load_norm_weight), declare, and compute indices from the launch shape. No other memory read.
 BEFORE_WAIT = [
     r"(if \([^\[]*\) )?prefetch_(rows|lines)\(.*",
-    r"auto \w+ = \[&\].*",  # a lambda (its body is checked where it is called)
+    r"auto \w+ = \[&\].*",  # a lambda (its body is not checked: those here compute addresses)
     r"(extern )?__shared__ .*",
     r"(const )?(int|bool) \w+ = [^\[]*",  # no indexing: no memory read
     r"(const )?(act_t\*|const act_t\*|int) \w+",  # a declaration
