@@ -8,12 +8,13 @@
 // an attention_combine launch, and unsplit. And the lm_head (gemv_t1_xs, 151,936 rows of 1,024).
 //
 //   nvcc -O3 -arch=sm_90 -o /tmp/gemv_chain benches/profiles/gemv_chain.cu && /tmp/gemv_chain
-//   /tmp/gemv_chain moe     (Qwen3-30B-A3B's decode layer instead: moe_30b below)
+//   /tmp/gemv_chain moe     (Qwen3-30B-A3B's decode layer instead: moe_30b below; 60 GB, ~1 min)
 //
 // The bare phase of sync_cost.cu (phase.cuh) runs first, for a same-call reference. Prints µs a launch.
 #include "phase.cuh"
 
 #include <string>
+#include <vector>
 
 #define Q_DTYPE 1
 #include "../../src/backend/cuda/kernels/common.cuh"
@@ -254,12 +255,13 @@ static void dense_0_6b(int sms) {
 // cluster), o, router_logits with the post-attention norm (it stores the residual), the experts' gate/up
 // routing for themselves from the logits (moe_gemv_swiglu_xs, norming the stored residual again), their
 // down projection with the weighted combine (moe_down_combine_xs). Each kernel alone, then 48 layers and
-// the lm_head as one step. LW layers have their own weights and launches cycle through them: a layer
-// reads ~110 MB, so nothing is left in L2 when its weights come round again. (All weights equal: every
-// row routes to experts 0-7.)
+// the lm_head as one step. Every layer has its own weights, all 128 experts (60 GB in all, as the model).
+// The routing: fixed (all weights equal, so the router picks experts 0-7 everywhere: few pages, warm
+// TLBs) or random (the experts read logits drawn at random for each launch instead of the router's: as a
+// real step, other experts, and other pages, each token).
 static void moe_30b(int sms) {
     const int H = 2048, Q = 4096, KV = 512, E = 128, TOPK = 8, I = 768, V = 151936, NH = 32, NKV = 4, HD = 128;
-    const int LW = 12, LAYERS = 48, ALONE = 48;
+    const int LW = 48, LAYERS = 48, ALONE = 48;
     const size_t qkv_e = (size_t)(Q + 2 * KV) * H, o_e = (size_t)H * Q, r_e = (size_t)E * H, x_e = (size_t)E * I * H;
     const size_t layer_e = qkv_e + o_e + r_e + 3 * x_e;
     act_t* wl;
@@ -279,9 +281,20 @@ static void moe_30b(int sms) {
     CHECK(cudaMalloc(&lw, (size_t)V * H * 2));
     CHECK(cudaMemset(lw, 0x3c, (size_t)V * H * 2));
     CHECK(cudaMalloc(&logits, (size_t)V * 2));
-    float *probs, *weights, *res, *ml, *acc, *rope;
+    float *probs, *weights, *res, *ml, *acc, *rope, *random_logits;
     int* ids;
     CHECK(cudaMalloc(&probs, E * sizeof(float)));
+    {  // [ALONE][E] logits of a fixed pseudo-random draw
+        std::vector<float> host((size_t)ALONE * E);
+        unsigned state = 12345u;
+        for (float& f : host) {
+            state = state * 1664525u + 1013904223u;
+            f = (float)(state >> 8) / (float)(1u << 24) * 4.f;
+        }
+        CHECK(cudaMalloc(&random_logits, host.size() * sizeof(float)));
+        CHECK(cudaMemcpy(random_logits, host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice));
+    }
+    bool random_routing = false;
     CHECK(cudaMalloc(&weights, TOPK * sizeof(float)));
     CHECK(cudaMalloc(&ids, TOPK * sizeof(int)));
     CHECK(cudaMalloc(&res, (size_t)PHASES * 2 * sms * sizeof(float)));
@@ -324,7 +337,8 @@ static void moe_30b(int sms) {
             (const act_t*)nw, eps);
     };
     auto experts_up = [&](int l) {
-        launch_pdl(moe_gemv_swiglu_xs, g_up, H * 2, act, (const act_t*)resid, gate_w(l), up_w(l), ids, weights, (const float*)probs, E, 1, 0, E,
+        const float* route = random_routing ? random_logits + (size_t)(l % ALONE) * E : probs;
+        launch_pdl(moe_gemv_swiglu_xs, g_up, H * 2, act, (const act_t*)resid, gate_w(l), up_w(l), ids, weights, route, E, 1, 0, E,
             TOPK, TOPK, I, H, (const act_t*)nw, eps);
     };
     auto experts_down = [&](int l) {
@@ -338,9 +352,16 @@ static void moe_30b(int sms) {
     row("attention rope g2 d128, 16 splits in a cluster", NKV * 4 * 16, (double)CTX * KVD * 4 / 1e6, time_chain(attention, ALONE));
     row("o proj gemv_t1_xs", g_o, o_e * 2 / 1e6, time_chain(o_proj, ALONE));
     row("router_logits, add + norm fused", E / 8, r_e * 2 / 1e6, time_chain(router, ALONE));
-    row("experts gate/up moe_gemv_swiglu_xs, routing", g_up, (double)TOPK * 2 * I * H * 2 / 1e6, time_chain(experts_up, ALONE));
-    row("experts down moe_down_combine_xs", g_down, (double)TOPK * I * H * 2 / 1e6, time_chain(experts_down, ALONE));
-    double us = time_chain([&](int l) {
+    const double up_mb = (double)TOPK * 2 * I * H * 2 / 1e6, down_mb = (double)TOPK * I * H * 2 / 1e6;
+    row("experts gate/up moe_gemv_swiglu_xs, fixed", g_up, up_mb, time_chain(experts_up, ALONE));
+    // down alone: its ids come from a gate/up launch; timed as the pair minus gate/up alone.
+    auto pair = [&](int l) { experts_up(l); experts_down(l); };
+    row("experts down moe_down_combine_xs, fixed", g_down, down_mb, time_chain(pair, ALONE) - time_chain(experts_up, ALONE));
+    random_routing = true;
+    row("experts gate/up, random routing", g_up, up_mb, time_chain(experts_up, ALONE));
+    row("experts down, random routing", g_down, down_mb, time_chain(pair, ALONE) - time_chain(experts_up, ALONE));
+    random_routing = false;
+    auto step = [&](int l) {
         if (l == LAYERS) {
             launch_pdl(gemv_t1_xs, g_lm, H * 2, logits, (const act_t*)resid, (const act_t*)lw, 1, V, H);
             return;
@@ -351,9 +372,13 @@ static void moe_30b(int sms) {
         router(l);
         experts_up(l);
         experts_down(l);
-    }, LAYERS + 1);
-    printf("%-44s %6s %8s %9.1f\n", "30B-A3B step body: 48 layers + lm_head, us", "", "", us * (LAYERS + 1));
-    printf("%-44s %6s %8s %9.1f\n", "  as tok/s (no embed, argmax, host)", "", "", 1e6 / (us * (LAYERS + 1)));
+    };
+    for (bool random : {false, true}) {
+        random_routing = random;
+        double us = time_chain(step, LAYERS + 1) * (LAYERS + 1);
+        printf("%-44s %6s %8s %9.1f\n", random ? "step body, random routing, us" : "30B-A3B step body: 48 layers + lm_head, us", "", "", us);
+        printf("%-44s %6s %8s %9.1f\n", "  as tok/s (no embed, argmax, host)", "", "", 1e6 / us);
+    }
 }
 
 int main(int argc, char** argv) {
