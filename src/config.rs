@@ -163,10 +163,10 @@ impl Qwen3Config {
             ensure!(v > 0, Config, "config.json field {name} must be > 0, got {v}");
         }
         let n_kv = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
-        ensure!(n_kv > 0 && raw.num_attention_heads % n_kv == 0, Config,
+        ensure!(n_kv > 0 && raw.num_attention_heads.is_multiple_of(n_kv), Config,
             "num_attention_heads ({}) must be a multiple of num_key_value_heads ({n_kv})", raw.num_attention_heads);
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads);
-        ensure!(head_dim > 0 && head_dim % 2 == 0, Config, "head_dim must be even and > 0, got {head_dim}");
+        ensure!(head_dim > 0 && head_dim.is_multiple_of(2), Config, "head_dim must be even and > 0, got {head_dim}");
         ensure!(raw.rms_norm_eps.is_finite() && raw.rms_norm_eps > 0.0, Config, "rms_norm_eps must be > 0, got {}", raw.rms_norm_eps);
         let (rope_theta, rope_scaling) = parse_rope(&raw)?;
         let is_moe = architecture == MOE;
@@ -209,7 +209,7 @@ impl Qwen3Config {
 
     /// Whether decoder layer `i` uses the sparse MoE block (transformers' Qwen3MoeDecoderLayer rule).
     pub fn is_moe_layer(&self, i: usize) -> bool {
-        self.num_experts > 0 && !self.mlp_only_layers.contains(&i) && (i + 1) % self.decoder_sparse_step == 0
+        self.num_experts > 0 && !self.mlp_only_layers.contains(&i) && (i + 1).is_multiple_of(self.decoder_sparse_step)
     }
 
     pub fn q_dim(&self) -> usize {

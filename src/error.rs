@@ -81,5 +81,6 @@ macro_rules! bail {
 /// Return early with `Error::$kind(format!(...))` unless `cond` holds.
 #[macro_export]
 macro_rules! ensure {
-    ($cond:expr, $kind:ident, $($arg:tt)*) => { if !$cond { $crate::bail!($kind, $($arg)*); } };
+    // (A NaN fails a comparison, so `ensure!(x > 0.0, ..)` refuses it: the condition is taken whole.)
+    ($cond:expr, $kind:ident, $($arg:tt)*) => {{ let ok: bool = $cond; if !ok { $crate::bail!($kind, $($arg)*); } }};
 }

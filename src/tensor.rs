@@ -115,7 +115,7 @@ impl HostTensor {
     /// files) is copied instead, since kernels read typed slices.
     pub fn from_map(map: &Arc<Mmap>, start: usize, len: usize, dtype: DType, shape: Vec<usize>) -> Result<Self> {
         ensure!(start + len <= map.len(), Weights, "tensor bytes {start}..{} lie past the end of the file ({} bytes)", start + len, map.len());
-        let aligned = (map.as_ptr() as usize + start) % dtype.size() == 0;
+        let aligned = (map.as_ptr() as usize + start).is_multiple_of(dtype.size());
         if aligned {
             Ok(HostTensor { dtype, shape, bytes: Bytes::Mapped { map: map.clone(), start, len } })
         } else {

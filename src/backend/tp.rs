@@ -102,7 +102,7 @@ impl<B: Collective> TensorParallel<B> {
         ensure!(n >= 1, InvalidArgument, "tensor_parallel must be >= 1");
         let c = config;
         let divides = |what: &str, v: usize| -> Result<()> {
-            ensure!(v % n == 0, InvalidArgument, "tensor_parallel={n} does not divide {what} ({v})");
+            ensure!(v.is_multiple_of(n), InvalidArgument, "tensor_parallel={n} does not divide {what} ({v})");
             Ok(())
         };
         divides("num_attention_heads", c.num_attention_heads)?;
@@ -117,7 +117,7 @@ impl<B: Collective> TensorParallel<B> {
                 "expert_parallel=True: tensor_parallel={n} does not divide num_experts ({e}); each rank holds num_experts / tensor_parallel whole experts"),
         }
         let nkv = c.num_key_value_heads;
-        ensure!(nkv % n == 0 || n % nkv == 0, InvalidArgument,
+        ensure!(nkv.is_multiple_of(n) || n.is_multiple_of(nkv), InvalidArgument,
             "tensor_parallel={n} must divide num_key_value_heads ({nkv}) or be a multiple of it");
         let group = B::group(&ranks)?;
         let heads = HeadPlan { n, n_heads: c.num_attention_heads, n_kv_heads: nkv, head_dim: c.head_dim };

@@ -26,7 +26,7 @@ impl AddedMatcher {
             }
         }
         for group in &mut by_first {
-            group.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+            group.sort_by_key(|b| std::cmp::Reverse(b.0.len()));
             group.dedup_by(|a, b| a.0 == b.0);
         }
         let firsts = (0..=255u8).filter(|&b| !by_first[b as usize].is_empty()).collect();

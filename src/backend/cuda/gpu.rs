@@ -529,7 +529,7 @@ impl Gpu {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
-        crate::ensure!(cluster >= 1 && grid.2 % cluster == 0 && (cluster == 1 || self.arch.0 >= 9), InvalidArgument,
+        crate::ensure!(cluster >= 1 && grid.2.is_multiple_of(cluster) && (cluster == 1 || self.arch.0 >= 9), InvalidArgument,
             "{name}: clusters of {cluster} blocks for a grid of {} (sm_{}{})", grid.2, self.arch.0, self.arch.1);
         let record = |h: u64| -> u64 {
             let mut h = hash_bytes(h, module.as_bytes());

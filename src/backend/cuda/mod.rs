@@ -769,7 +769,7 @@ impl CudaBackend {
 
     /// Whether a product of t rows of k goes to the fused decode GEMV kernels.
     fn fused_gemv(&self, t: usize, k: usize) -> bool {
-        self.fused && (1..=GEMV_MAX_ROWS).contains(&t) && k % self.vec() == 0
+        self.fused && (1..=GEMV_MAX_ROWS).contains(&t) && k.is_multiple_of(self.vec())
     }
 
     /// out [T, N] = x [T, K] · w [N, K]ᵀ on raw pointers.
@@ -779,7 +779,7 @@ impl CudaBackend {
         }
         if t <= GEMV_MAX_ROWS {
             let (ti, ni, ki) = (t as i32, n as i32, k as i32);
-            if k % self.vec() == 0 {
+            if k.is_multiple_of(self.vec()) {
                 let (name, grid, smem) = self.gemv_plan(&GEMV, t, t * k, n)?;
                 return self.gpu.launch("matmul", name, grid, 256, smem, args![out, x, w, ti, ni, ki]);
             }
@@ -996,7 +996,7 @@ impl CudaBackend {
 
     /// Whether a MoE layer over x takes the decode path (expert GEMVs over the chosen experts only).
     fn moe_decode_fits(&self, x: &CudaBuf, moe: &CudaMoe) -> bool {
-        self.fused_gemv(x.rows, x.cols) && moe.inter % self.vec() == 0
+        self.fused_gemv(x.rows, x.cols) && moe.inter.is_multiple_of(self.vec())
     }
 }
 
@@ -1245,7 +1245,7 @@ impl Backend for CudaBackend {
         check_shape("add_rms_norm", (h.rows, h.cols), (x_out.rows, x_out.cols))?;
         let (xo, x, d, o, wp) = (x_out.mem.ptr, input.x.mem.ptr, input.delta.map_or(0, |d| d.mem.ptr), h.mem.ptr, input.norm.mem.ptr);
         let (c, eps) = (x_out.cols as i32, input.eps);
-        let (name, threads) = if x_out.cols % self.vec() == 0 && x_out.cols <= NORM_VEC_THREADS as usize * self.vec() * NORM_VEC_MAX {
+        let (name, threads) = if x_out.cols.is_multiple_of(self.vec()) && x_out.cols <= NORM_VEC_THREADS as usize * self.vec() * NORM_VEC_MAX {
             ("add_rms_norm_vec", NORM_VEC_THREADS)
         } else {
             ("add_rms_norm", NORM_THREADS)
