@@ -79,7 +79,7 @@ __device__ __forceinline__ void load_batch(uint4 (&v)[GV_UNROLL], const act_t* w
 #endif
 #define WN_MAX_KV 256
 
-// x vector xv normed for the products (WN): each element rnd(w * (x * inv)), w the norm weight vector.
+// x vector xv normed: each element rnd(w * (x * inv)), w the norm weight vector (stage_input, and WN).
 __device__ __forceinline__ uint4 norm_vec(uint4 xv, uint4 w, float inv) {
     act_t* xe = reinterpret_cast<act_t*>(&xv);
     const act_t* we = reinterpret_cast<const act_t*>(&w);
@@ -218,6 +218,28 @@ __device__ __forceinline__ NormW load_norm_weight(const act_t* nw, int K) {
     return r;
 }
 
+// Vector i of round(x + delta), the residual stream after the add (delta null: x's own vector).
+__device__ __forceinline__ uint4 residual_vec(const act_t* x, const act_t* delta, int i) {
+    uint4 a = __ldg(reinterpret_cast<const uint4*>(x) + i);
+    if (delta) {
+        act_t* ae = reinterpret_cast<act_t*>(&a);
+        uint4 d = __ldg(reinterpret_cast<const uint4*>(delta) + i);
+        const act_t* de = reinterpret_cast<const act_t*>(&d);
+#pragma unroll
+        for (int j = 0; j < VEC; j++) ae[j] = from_f(to_f(ae[j]) + to_f(de[j]));
+    }
+    return a;
+}
+
+// The sum of the squares of a vector's elements.
+__device__ __forceinline__ float sum_sq(const uint4& a) {
+    const act_t* ae = reinterpret_cast<const act_t*>(&a);
+    float sq = 0.f;
+#pragma unroll
+    for (int j = 0; j < VEC; j++) sq += to_f(ae[j]) * to_f(ae[j]);
+    return sq;
+}
+
 // The rows of x a product reads: T rows of K, staged in shared memory (XS) or read from global memory.
 // With a norm (nw non-null; XS only) the block's input norm is fused in front of the product: the rows
 // are rms_norm(round(x + delta)) * nw rounded exactly as add_rms_norm (norm.cu) rounds them (delta may
@@ -245,20 +267,10 @@ __device__ __forceinline__ const act_t* stage_input(const act_t* x, int T, int K
         for (int t = 0; t < TMAX; t++) {
             if (t < T) {
                 const int i = t * kv + c;
-                uint4 a = __ldg(src + i);
-                act_t* ae = reinterpret_cast<act_t*>(&a);
-                if (delta) {
-                    uint4 d = __ldg(reinterpret_cast<const uint4*>(delta) + i);
-                    const act_t* de = reinterpret_cast<const act_t*>(&d);
-#pragma unroll
-                    for (int j = 0; j < VEC; j++) ae[j] = from_f(to_f(ae[j]) + to_f(de[j]));
-                }
+                const uint4 a = residual_vec(x, delta, i);
                 if (x_out && blockIdx.x == 0) reinterpret_cast<uint4*>(x_out)[i] = a;
                 x_shared[i] = a;
-                float sq = 0.f;
-#pragma unroll
-                for (int j = 0; j < VEC; j++) sq += to_f(ae[j]) * to_f(ae[j]);
-                ss[t] += sq;
+                ss[t] += sum_sq(a);
             }
         }
     }
@@ -267,16 +279,9 @@ __device__ __forceinline__ const act_t* stage_input(const act_t* x, int T, int K
     for (int t = 0; t < TMAX; t++) inv[t] = t < T ? 1.f / sqrtf(block_sum(ss[t]) / (float)K + eps) : 0.f;
     // block_sum's barriers also publish x_shared. Column c of every row times its weight w.
     auto scale_column = [&](int c, uint4 w) {
-        const act_t* we = reinterpret_cast<const act_t*>(&w);
 #pragma unroll
         for (int t = 0; t < TMAX; t++) {
-            if (t < T) {
-                uint4 a = x_shared[t * kv + c];
-                act_t* ae = reinterpret_cast<act_t*>(&a);
-#pragma unroll
-                for (int j = 0; j < VEC; j++) ae[j] = from_f(to_f(we[j]) * (to_f(ae[j]) * inv[t]));
-                x_shared[t * kv + c] = a;
-            }
+            if (t < T) x_shared[t * kv + c] = norm_vec(x_shared[t * kv + c], w, inv[t]);
         }
     };
     const uint4* nwv = reinterpret_cast<const uint4*>(nw);
@@ -311,25 +316,13 @@ __device__ __forceinline__ const act_t* stage_raw(const act_t* x, int K, const a
     extern __shared__ uint4 x_shared[];
     const int kv = K / VEC;
     for (int i = threadIdx.x; i < kv; i += blockDim.x) {
-        uint4 a = __ldg(reinterpret_cast<const uint4*>(x) + i);
-        if (delta) {
-            act_t* ae = reinterpret_cast<act_t*>(&a);
-            uint4 d = __ldg(reinterpret_cast<const uint4*>(delta) + i);
-            const act_t* de = reinterpret_cast<const act_t*>(&d);
-#pragma unroll
-            for (int j = 0; j < VEC; j++) ae[j] = from_f(to_f(ae[j]) + to_f(de[j]));
-        }
+        const uint4 a = residual_vec(x, delta, i);
         if (x_out && blockIdx.x == 0) reinterpret_cast<uint4*>(x_out)[i] = a;
         x_shared[i] = a;
     }
     __syncthreads();
     float ss = 0.f;
-    for (int i = threadIdx.x & 31; i < kv; i += 32) {
-        uint4 a = x_shared[i];
-        const act_t* ae = reinterpret_cast<const act_t*>(&a);
-#pragma unroll
-        for (int j = 0; j < VEC; j++) ss += to_f(ae[j]) * to_f(ae[j]);
-    }
+    for (int i = threadIdx.x & 31; i < kv; i += 32) ss += sum_sq(x_shared[i]);
     inv = 1.f / sqrtf(warp_sum(ss) / (float)K + eps);
     return reinterpret_cast<const act_t*>(x_shared);
 }
