@@ -574,7 +574,7 @@ impl Gpu {
             // Programmatic dependent launch (sm_90+, up to PDL_MAX_SMEM): the kernel may start while the
             // one before it on the stream is still finishing. Every kernel of kernels/ begins with `grid_dependency()`
             // (common.cuh), which waits for its predecessor to complete before touching activations,
-            // so only prologues that read weights (an L2 prefetch) overlap the predecessor's tail, and
+            // so only prologues that read weights (L2 prefetches, first weight loads) overlap the predecessor's tail, and
             // the launch latency overlaps it too. Captured into CUDA graphs as programmatic edges.
             attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
             attrs[n].value.programmaticStreamSerializationAllowed = 1;

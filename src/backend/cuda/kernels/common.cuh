@@ -68,7 +68,8 @@ __device__ float block_sum(float v) {
 // of it on the stream is still running. Every kernel calls grid_dependency() before it reads or
 // writes any activation, cache or scratch buffer: it waits until the kernel ahead has completed and
 // its writes are visible, then lets the kernel behind start its own prologue. Before it a kernel may
-// only read weights (prefetch_rows). No-op without PDL or below sm_90.
+// only read weights (prefetch_rows, load_batch, load_norm_weight) and host metadata (the decode
+// attention; tests/test_kernel_sources.py checks both). No-op without PDL or below sm_90.
 __device__ __forceinline__ void grid_dependency() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
