@@ -71,7 +71,6 @@ BEFORE_WAIT = [
     r"uint4 \w+\[GV_UNROLL\](, \w+\[GV_UNROLL\])*",
     r"(if \(early\) )?load_batch\(\w+, (w|gate|up) \+ .*",
     r"const NormW \w+ = load_norm_weight\(nw, \w+\)",
-    r"const uint4\* wn = wn_on \? stage_norm_weight\(nw, K\) : nullptr",  # GV_WARP_NORM
     r"if \(early\)",
 ]
 

@@ -67,19 +67,7 @@ __device__ __forceinline__ void load_batch(uint4 (&v)[GV_UNROLL], const act_t* w
     }
 }
 
-// GV_WARP_NORM 1 (prepared, not yet measured; off: none of it is compiled): the single-row (T = 1) q/k/v
-// and gate/up kernels norm their input without the block's reduction. x + delta is staged raw (one
-// barrier), each warp sums its squares itself from shared memory (a warp reduction, no barrier), and
-// the products norm each x vector as they read it: rnd(w * (x * inv)), the value stage_input stores,
-// with the norm weight staged in shared memory before grid_dependency(). For rows of up to
-// WN_MAX_KV vectors (K <= 2,048 in bf16: Qwen3-0.6B, -1.7B, -30B-A3B); the sum of squares is added in
-// another order than the block's, so the last bit of 1 / rms may differ from add_rms_norm's.
-#ifndef GV_WARP_NORM  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
-#define GV_WARP_NORM 0
-#endif
-#define WN_MAX_KV 256
-
-// x vector xv normed: each element rnd(w * (x * inv)), w the norm weight vector (stage_input, and WN).
+// x vector xv normed: each element rnd(w * (x * inv)), w the norm weight vector (stage_input).
 __device__ __forceinline__ uint4 norm_vec(uint4 xv, uint4 w, float inv) {
     act_t* xe = reinterpret_cast<act_t*>(&xv);
     const act_t* we = reinterpret_cast<const act_t*>(&w);
@@ -89,11 +77,9 @@ __device__ __forceinline__ uint4 norm_vec(uint4 xv, uint4 w, float inv) {
 }
 
 // Lane partial sums acc[t] += x row t · weight row (t < T <= TMAX; K = kv * VEC; x rows kv apart).
-// wv: with `loaded`, the row's first batch, already issued (load_batch); else scratch. WN (TMAX 1):
-// x is raw and normed here with the weight vectors wn and 1 / rms `inv` (GV_WARP_NORM).
-template <int TMAX, bool XS, bool WN = false>
-__device__ __forceinline__ void row_dot(float* acc, const act_t* wrow, const act_t* x, int T, int kv, uint4 (&wv)[GV_UNROLL], bool loaded,
-    const uint4* wn = nullptr, float inv = 0.f) {
+// wv: with `loaded`, the row's first batch, already issued (load_batch); else scratch.
+template <int TMAX, bool XS>
+__device__ __forceinline__ void row_dot(float* acc, const act_t* wrow, const act_t* x, int T, int kv, uint4 (&wv)[GV_UNROLL], bool loaded) {
     const uint4* xr = reinterpret_cast<const uint4*>(x);
     for (int i0 = threadIdx.x & 31; i0 < kv; i0 += 32 * GV_UNROLL, loaded = false) {
         if (!loaded) load_batch(wv, wrow, i0, kv);
@@ -108,8 +94,7 @@ __device__ __forceinline__ void row_dot(float* acc, const act_t* wrow, const act
 #pragma unroll
                 for (int t = 0; t < TMAX; t++) {
                     if (t < T) {
-                        uint4 xv = ld_x<XS>(xr + (size_t)t * kv + i);
-                        if (WN) xv = norm_vec(xv, wn[i], inv);
+                        const uint4 xv = ld_x<XS>(xr + (size_t)t * kv + i);
                         const act_t* xe = reinterpret_cast<const act_t*>(&xv);
                         float s0 = 0.f, s1 = 0.f;  // two chains: half the FMA latency
 #pragma unroll
@@ -133,14 +118,13 @@ __device__ __forceinline__ void row_dot(float* acc, const act_t* wrow, const act
 #ifndef GV_PAIR_ROWS  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define GV_PAIR_ROWS 2
 #endif
-// av, bv: with `loaded`, the rows' first batches, already issued (load_batch, a's then b's). WN, wn,
-// inv: as row_dot's.
-template <int TMAX, bool XS, bool WN = false>
+// av, bv: with `loaded`, the rows' first batches, already issued (load_batch, a's then b's).
+template <int TMAX, bool XS>
 __device__ __forceinline__ void row_dot_pair(float* a, float* b, const act_t* arow, const act_t* brow, const act_t* x, int T, int kv,
-    uint4 (&av)[GV_UNROLL], uint4 (&bv)[GV_UNROLL], bool loaded, const uint4* wn = nullptr, float inv = 0.f) {
+    uint4 (&av)[GV_UNROLL], uint4 (&bv)[GV_UNROLL], bool loaded) {
     if (GV_PAIR_ROWS == 1) {
-        row_dot<TMAX, XS, WN>(a, arow, x, T, kv, av, loaded, wn, inv);
-        row_dot<TMAX, XS, WN>(b, brow, x, T, kv, bv, loaded, wn, inv);
+        row_dot<TMAX, XS>(a, arow, x, T, kv, av, loaded);
+        row_dot<TMAX, XS>(b, brow, x, T, kv, bv, loaded);
         return;
     }
     const uint4* xr = reinterpret_cast<const uint4*>(x);
@@ -156,8 +140,7 @@ __device__ __forceinline__ void row_dot_pair(float* a, float* b, const act_t* ar
 #pragma unroll
                 for (int t = 0; t < TMAX; t++) {
                     if (t < T) {
-                        uint4 xv = ld_x<XS>(xr + (size_t)t * kv + i);
-                        if (WN) xv = norm_vec(xv, wn[i], inv);
+                        const uint4 xv = ld_x<XS>(xr + (size_t)t * kv + i);
                         a[t] += dot_vec(av[u], xv);
                         b[t] += dot_vec(bv[u], xv);
                     }
@@ -301,42 +284,14 @@ __device__ __forceinline__ const act_t* stage_input(const act_t* x, int T, int K
     return stage_input<TMAX, XS>(x, T, K, nullptr, nullptr, nullptr, 0.f, NormW{});
 }
 
-#if GV_WARP_NORM
-// GV_WARP_NORM: the norm weight [K] into shared memory (before grid_dependency(): a weight); visible
-// after stage_raw's barrier.
-__device__ __forceinline__ const uint4* stage_norm_weight(const act_t* nw, int K) {
-    __shared__ uint4 nw_shared[WN_MAX_KV];
-    for (int i = threadIdx.x; i < K / VEC; i += blockDim.x) nw_shared[i] = __ldg(reinterpret_cast<const uint4*>(nw) + i);
-    return nw_shared;
-}
-
-// GV_WARP_NORM: one row x + delta, rounded, into shared memory (block 0 also stores it to x_out), and
-// (inv) the calling warp's 1 / rms of it from its own pass over the staged row.
-__device__ __forceinline__ const act_t* stage_raw(const act_t* x, int K, const act_t* delta, act_t* x_out, float eps, float& inv) {
-    extern __shared__ uint4 x_shared[];
-    const int kv = K / VEC;
-    for (int i = threadIdx.x; i < kv; i += blockDim.x) {
-        const uint4 a = residual_vec(x, delta, i);
-        if (x_out && blockIdx.x == 0) reinterpret_cast<uint4*>(x_out)[i] = a;
-        x_shared[i] = a;
-    }
-    __syncthreads();
-    float ss = 0.f;
-    for (int i = threadIdx.x & 31; i < kv; i += 32) ss += sum_sq(x_shared[i]);
-    inv = 1.f / sqrtf(warp_sum(ss) / (float)K + eps);
-    return reinterpret_cast<const act_t*>(x_shared);
-}
-#endif
-
-// out[t * N + n] = x row t · weight row `wrow` for t < T, by the calling warp (wv, loaded, WN, wn, inv:
-// row_dot's).
-template <int TMAX, bool XS, bool WN = false>
+// out[t * N + n] = x row t · weight row `wrow` for t < T, by the calling warp (wv, loaded: row_dot's).
+template <int TMAX, bool XS>
 __device__ __forceinline__ void gemv_one(act_t* out, const act_t* wrow, const act_t* xs, int T, int N, int n, int K,
-    uint4 (&wv)[GV_UNROLL], bool loaded, const uint4* wn = nullptr, float inv = 0.f) {
+    uint4 (&wv)[GV_UNROLL], bool loaded) {
     float acc[TMAX];
 #pragma unroll
     for (int t = 0; t < TMAX; t++) acc[t] = 0.f;
-    row_dot<TMAX, XS, WN>(acc, wrow, xs, T, K / VEC, wv, loaded, wn, inv);
+    row_dot<TMAX, XS>(acc, wrow, xs, T, K / VEC, wv, loaded);
 #pragma unroll
     for (int t = 0; t < TMAX; t++) {
         if (t < T) {
@@ -380,24 +335,8 @@ __device__ __forceinline__ void gemv3_rows(act_t* o0, const act_t* w0, int N0, a
         int n = pick(r0, o, w, N);
         load_batch(wv, w + (size_t)n * K, threadIdx.x & 31, K / VEC);
     }
-#if GV_WARP_NORM
-    const bool wn_on = TMAX == 1 && XS && nw && K / VEC <= WN_MAX_KV;
-    const uint4* wn = wn_on ? stage_norm_weight(nw, K) : nullptr;
-#endif
     const NormW nwr = load_norm_weight(nw, K);
     grid_dependency();
-#if GV_WARP_NORM
-    if (wn_on) {
-        float inv;
-        const act_t* xs = stage_raw(x, K, delta, x_out, eps, inv);
-        for (int r = r0; r < N0 + N1 + N2; r += warps_global()) {
-            act_t* o; const act_t* w; int N;
-            int n = pick(r, o, w, N);
-            gemv_one<TMAX, XS, true>(o, w + (size_t)n * K, xs, T, N, n, K, wv, early && r == r0, wn, inv);
-        }
-        return;
-    }
-#endif
     const act_t* xs = stage_input<TMAX, XS>(x, T, K, delta, x_out, nw, eps, nwr);
     for (int r = r0; r < N0 + N1 + N2; r += warps_global()) {
         act_t* o; const act_t* w; int N;
@@ -406,20 +345,6 @@ __device__ __forceinline__ void gemv3_rows(act_t* o0, const act_t* w0, int N0, a
     }
 }
 
-#if GV_WARP_NORM
-// GV_WARP_NORM: gemv_swiglu_rows' loop for one raw row xs, normed in the products (row_dot's wn, inv).
-template <bool XS>
-__device__ __forceinline__ void gemv_swiglu_warp_norm(act_t* out, const act_t* xs, const act_t* gate, const act_t* up, int N, int K,
-    uint4 (&gv)[GV_UNROLL], uint4 (&uv)[GV_UNROLL], bool early, const uint4* wn, float inv) {
-    const int n0 = warp_id_global();
-    for (int n = n0; n < N; n += warps_global()) {
-        float g[1] = {0.f}, u[1] = {0.f};
-        row_dot_pair<1, XS, true>(g, u, gate + (size_t)n * K, up + (size_t)n * K, xs, 1, K / VEC, gv, uv, early && n == n0, wn, inv);
-        float gs = warp_sum(g[0]), us = warp_sum(u[0]);
-        if ((threadIdx.x & 31) == 0) out[n] = from_f(rnd(silu(rnd(gs))) * rnd(us));
-    }
-}
-#endif
 
 // The dense MLP's first half: out [T, N] = round(round(silu(round(x·gateᵀ))) * round(x·upᵀ)), rounding
 // exactly where matmul, matmul, swiglu would; with nw, of the normed input (stage_input).
@@ -435,20 +360,8 @@ __device__ __forceinline__ void gemv_swiglu_rows(act_t* out, const act_t* x, con
         load_batch(gv, gate + (size_t)n0 * K, lane, K / VEC);
         load_batch(uv, up + (size_t)n0 * K, lane, K / VEC);
     }
-#if GV_WARP_NORM
-    const bool wn_on = TMAX == 1 && XS && nw && K / VEC <= WN_MAX_KV;
-    const uint4* wn = wn_on ? stage_norm_weight(nw, K) : nullptr;
-#endif
     const NormW nwr = load_norm_weight(nw, K);
     grid_dependency();
-#if GV_WARP_NORM
-    if (wn_on) {
-        float inv;
-        const act_t* xs = stage_raw(x, K, delta, x_out, eps, inv);
-        gemv_swiglu_warp_norm<XS>(out, xs, gate, up, N, K, gv, uv, early, wn, inv);
-        return;
-    }
-#endif
     const act_t* xs = stage_input<TMAX, XS>(x, T, K, delta, x_out, nw, eps, nwr);
     for (int n = n0; n < N; n += warps_global()) {
         float g[TMAX], u[TMAX];
