@@ -350,6 +350,12 @@ impl PyModel {
         &self.config_json
     }
 
+    /// Decode steps launched before the host read the last step's tokens (CUDA graphs, greedy),
+    /// and of those the ones whose results were never read: (launched, discarded).
+    fn steps_ahead(&self) -> PyResult<(u64, u64)> {
+        self.read(|e| e.steps_ahead().into())
+    }
+
     #[getter]
     fn device(&self) -> PyResult<String> {
         self.read(|e| e.device_name())

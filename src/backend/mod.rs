@@ -294,6 +294,30 @@ pub trait Backend: Send + Sync + Sized + 'static {
         Ok(false)
     }
 
+    /// Launch the prepared decode step of `rows` rows (`prepare_decode_step`) now, before the ids it
+    /// feeds are known on the host: input row r takes the id that the last `queue_argmax` chooses for
+    /// its row r, on the device. So the next step is queued while the host still waits for this
+    /// one's tokens, and the device does not idle between steps. Returns false (nothing launched)
+    /// when no step of `rows` rows is prepared; the default launches nothing.
+    fn launch_ahead(&self, rows: usize) -> Result<bool> {
+        let _ = rows;
+        Ok(false)
+    }
+
+    /// `argmax_rows` in two halves: queue the choice behind the work queued so far, without waiting
+    /// (false: this backend can't; use `argmax_rows`), then `take_argmax` waits for the ids. Between
+    /// the two, `launch_ahead` may queue the next step, which reads the ids on the device.
+    fn queue_argmax(&self, logits: &Self::Buf, rows: usize, limit: usize) -> Result<bool> {
+        let _ = (logits, rows, limit);
+        Ok(false)
+    }
+
+    /// The ids of the last `queue_argmax` (of `rows` rows), once the device has chosen them.
+    fn take_argmax(&self, rows: usize) -> Result<Vec<u32>> {
+        let _ = rows;
+        crate::bail!(Device, "take_argmax without a queued argmax")
+    }
+
     /// Greedy choice per row of `logits` [R, V]: the index of the largest value, NaN counting as
     /// -inf and ties going to the lowest index (as the sampler's greedy mode). A GPU backend does
     /// this on the device and copies back R ids instead of R × V logits.

@@ -140,6 +140,12 @@ pub struct Engine<B: Backend> {
     /// The decode step the backend has prepared (`prepare_decode_step`), as `decode_rows`: valid
     /// for the next step of the same `run` if it feeds exactly these.
     prepared: Option<Vec<(usize, usize)>>,
+    /// The decode step already launched (`Backend::launch_ahead`), as `decode_rows`: fed on the
+    /// device with the tokens the last step chose. The next step is this one if it feeds exactly
+    /// these rows; if not (a sequence stopped), its results are never read.
+    ahead: Option<Vec<(usize, usize)>>,
+    /// Decode steps launched ahead, and of those the ones never read (a sequence stopped first).
+    pub steps_ahead: [u64; 2],
 }
 
 impl<B: Backend> Engine<B> {
@@ -148,7 +154,7 @@ impl<B: Backend> Engine<B> {
         let c = &model.config;
         let cache = KvCache::new(&model.backend, c.num_hidden_layers, c.kv_dim(), model.max_seq_len, max_seqs)?;
         Ok(Engine { model, tokenizer, cache, scratch: None, decode_scratch: None, sessions: HashMap::new(), next_session: 1, max_seqs,
-            prepared: None })
+            prepared: None, ahead: None, steps_ahead: [0; 2] })
     }
 
     /// Start a conversation whose cache is kept between requests (pass its id in `GenRequest::session`).
@@ -355,13 +361,14 @@ impl<B: Backend> Engine<B> {
     }
 
     fn run(&mut self, seqs: &mut [Sequence], budget_text: &[u32], on_delta: &mut EventSink) -> Result<()> {
-        // A prepared step names sequences by their index in `seqs`: it never outlives one run.
-        self.prepared = None;
+        // A prepared or launched step names sequences by their index in `seqs`: it never outlives one run.
+        (self.prepared, self.ahead) = (None, None);
         let mut result = Ok(());
         while result.is_ok() && seqs.iter().any(|s| s.finish.is_none()) {
             result = self.step(seqs, budget_text, on_delta);
         }
-        self.prepared = None;
+        self.steps_ahead[1] += u64::from(self.ahead.is_some());
+        (self.prepared, self.ahead) = (None, None);
         result
     }
 
@@ -402,10 +409,13 @@ impl<B: Backend> Engine<B> {
         // 3. Forward, then advance every fed sequence. A decode step (one token per sequence) goes
         //    through `decode_step`, so a GPU backend can replay it as one CUDA graph.
         //    Its host part may have run already, during the previous step (`prepare_next`).
-        let prepared = self.prepared.take();
+        let (prepared, ahead) = (self.prepared.take(), self.ahead.take());
         if prefilling {
             self.model.forward(&batch, &mut self.cache, s, &logit_rows)?;
+        } else if ahead.is_some() && ahead == Some(decode_rows(seqs, &chosen)) {
+            // Launched during the last step, fed the tokens it chose on the device (all greedy).
         } else {
+            self.steps_ahead[1] += u64::from(ahead.is_some());
             let ids = (prepared == Some(decode_rows(seqs, &chosen))).then_some(&tokens[..]);
             let (model, cache) = (&self.model, &mut self.cache);
             model.backend.decode_step(tokens.len(), ids, &mut || model.forward(&batch, cache, s, &logit_rows))?;
@@ -420,21 +430,32 @@ impl<B: Backend> Engine<B> {
         if logit_rows.is_empty() {
             return Ok(());
         }
-        if !prefilling {
-            self.prepare_next(seqs, &chosen)?;
-        }
-        let s = if prefilling { &self.scratch } else { &self.decode_scratch }.as_ref().expect("fitted above");
         // 4. Choose one token for each sequence that produced logits; check its stop conditions.
         //    When every one is plain greedy (no penalties, no logprobs, nothing forced) the backend
-        //    picks the argmax itself and only R ids come back, not R × V logits.
+        //    picks the argmax itself and only R ids come back, not R × V logits; and then the next
+        //    decode step, prepared meanwhile, may be launched before they come back (fed on the
+        //    device), so that the device does not wait for the host between steps.
         let vocab = self.model.config.vocab_size;
         // Ids past the tokenizer's vocabulary are padding rows of the embedding: never sampled.
         let usable = self.tokenizer.as_ref().map_or(vocab, |t| t.vocab_size().min(vocab));
         let all_greedy = sampling.iter().all(|&i| seqs[i].request.sampling.is_plain_greedy() && seqs[i].forced.is_empty());
-        let (logits, greedy) = if all_greedy {
-            (vec![], self.model.backend.argmax_rows(&s.logits, logit_rows.len(), usable)?)
-        } else {
-            (self.model.backend.download(&s.logits)?, vec![])
+        let rows = logit_rows.len();
+        let queued = all_greedy && {
+            let s = if prefilling { &self.scratch } else { &self.decode_scratch }.as_ref().expect("fitted above");
+            self.model.backend.queue_argmax(&s.logits, rows, usable)?
+        };
+        if !prefilling {
+            self.prepare_next(seqs, &chosen)?;
+            if queued && self.prepared.is_some() && self.model.backend.launch_ahead(rows)? {
+                self.ahead = self.prepared.take();
+                self.steps_ahead[0] += 1;
+            }
+        }
+        let s = if prefilling { &self.scratch } else { &self.decode_scratch }.as_ref().expect("fitted above");
+        let (logits, greedy) = match (all_greedy, queued) {
+            (true, true) => (vec![], self.model.backend.take_argmax(rows)?),
+            (true, false) => (vec![], self.model.backend.argmax_rows(&s.logits, rows, usable)?),
+            (false, _) => (self.model.backend.download(&s.logits)?, vec![]),
         };
         let mut deltas = vec![];
         for (r, &i) in sampling.iter().enumerate() {
@@ -542,6 +563,11 @@ macro_rules! with_engine {
 impl AnyEngine {
     pub fn config(&self) -> &crate::config::Qwen3Config {
         with_engine!(self, e => &e.model.config)
+    }
+
+    /// Decode steps launched ahead so far, and of those the ones never read (`Engine::steps_ahead`).
+    pub fn steps_ahead(&self) -> [u64; 2] {
+        with_engine!(self, e => e.steps_ahead)
     }
 
     pub fn device_name(&self) -> String {

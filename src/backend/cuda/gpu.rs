@@ -417,6 +417,17 @@ impl Gpu {
             .map_err(|e| drv_err("copying metadata to the GPU", e))
     }
 
+    /// Queue a copy of `bytes` bytes from device address `src` into pinned `dst` (read it after an
+    /// event recorded behind the copy has passed).
+    pub fn copy_to_pinned(&self, dst: &mut PinnedMem, src: u64, bytes: usize) -> Result<()> {
+        crate::ensure!(bytes <= dst.bytes, InvalidArgument, "copy of {bytes} bytes into a {}-byte pinned buffer", dst.bytes);
+        self.bind()?;
+        // SAFETY: `dst` is live page-locked memory of at least `bytes`; the caller passes a device
+        // range of at least `bytes`; ordered on our stream.
+        unsafe { sys::cuMemcpyDtoHAsync_v2(dst.ptr as *mut c_void, src, bytes, self.h.stream) }.result()
+            .map_err(|e| drv_err("copying from the GPU", e))
+    }
+
     /// Start capturing everything queued on the stream into a graph (relaxed mode: allocation calls
     /// made meanwhile by this thread are allowed and not captured).
     pub fn begin_capture(&self) -> Result<()> {

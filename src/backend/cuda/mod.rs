@@ -213,6 +213,18 @@ struct RopeArgs {
     eps: f32,
 }
 
+/// A staged input id meaning "the id the last queued argmax chooses for this row" (elementwise.cu).
+const FROM_DEVICE: u32 = u32::MAX;
+
+/// The greedy choice `queue_argmax` queued: its keys are copied into `host` (pinned), and `done`
+/// passes once they are there.
+struct Argmax {
+    host: Option<PinnedMem>,
+    done: gpu::Event,
+    /// Rows queued and not taken yet.
+    queued: Option<usize>,
+}
+
 /// Least capacity of the block-table slot under graphs: 1024 blocks (16k tokens at block size 16)
 /// before it has to grow (which drops the graph once).
 const GRAPH_TABLES_MIN_BYTES: usize = 4096;
@@ -251,6 +263,12 @@ pub struct CudaBackend {
     /// Decode steps prepared while the previous one runs (`prepare_decode_step`);
     /// `QWEN3RS_CUDA_PIPELINE=0` does each step's dry pass just before its launch.
     pipeline: bool,
+    /// Prepared decode steps launched before the host has the ids they feed (`launch_ahead`);
+    /// `QWEN3RS_CUDA_AHEAD=0` launches each step after the last one's tokens are read. Off with
+    /// `QWEN3RS_CUDA_REPLAYS` (a step launched ahead is launched once).
+    ahead: bool,
+    /// The last queued greedy choice (`queue_argmax`).
+    argmax: Mutex<Argmax>,
     /// Set when a graph-mode forward did something a graph can't replay.
     graph_bad: std::sync::atomic::AtomicBool,
     /// `QWEN3RS_CUDA_TRACE=1`: host time of each graph replay's parts, reported every 100 replays.
@@ -406,9 +424,12 @@ impl CudaBackend {
         };
         let attn_cluster = attn_cluster_default(gpu.arch);
         let trace = std::env::var_os("QWEN3RS_CUDA_TRACE").is_some() && !env_off("QWEN3RS_CUDA_TRACE");
+        let replays = env_count("QWEN3RS_CUDA_REPLAYS").unwrap_or(1);
+        let argmax = Argmax { host: None, done: gpu.event()?, queued: None };
         Ok(CudaBackend { gpu, ordinal, meta: Mutex::new(slots(N_META)), scratch: Mutex::new(slots(N_SCRATCH)), graphs, parity: 0.into(),
-            pipeline: !env_off("QWEN3RS_CUDA_PIPELINE"),
-            graph_bad: Default::default(), replay_trace: trace.then(Default::default), replays: env_count("QWEN3RS_CUDA_REPLAYS").unwrap_or(1),
+            pipeline: !env_off("QWEN3RS_CUDA_PIPELINE"), ahead: !env_off("QWEN3RS_CUDA_AHEAD") && replays == 1,
+            argmax: Mutex::new(argmax),
+            graph_bad: Default::default(), replay_trace: trace.then(Default::default), replays,
             fused: !env_off("QWEN3RS_CUDA_FUSED"),
             rope_attn: !env_off("QWEN3RS_CUDA_ROPE_ATTN"), fused_route: !env_off("QWEN3RS_CUDA_FUSED_ROUTE"),
             router_warps: env_count("QWEN3RS_CUDA_ROUTER_WARPS").unwrap_or(8).min(32),
@@ -1236,8 +1257,11 @@ impl Backend for CudaBackend {
             bail!(InvalidArgument, "token id {bad} is out of range for a vocabulary of {vocab}");
         }
         let ids_d = self.meta(Meta::Ids, bytemuck::cast_slice(ids))?;
+        // Where a step launched ahead finds the ids it is fed (FROM_DEVICE in its staged ids): a
+        // decode batch's; the argmax of a longer one never feeds a step.
+        let chosen = if ids.len() <= GEMV_MAX_ROWS { self.scratch([(Scratch::ArgmaxKeys, ids.len() * 8)])?[0] } else { 0 };
         let (o, t, hi, vi) = (out.mem.ptr, table.mem.ptr, h as i32, vocab as i32);
-        self.gpu.launch("elementwise", "embed", (blocks(h, 256), ids.len() as u32, 1), 256, 0, args![o, t, ids_d, hi, vi])
+        self.gpu.launch("elementwise", "embed", (blocks(h, 256), ids.len() as u32, 1), 256, 0, args![o, t, ids_d, chosen, hi, vi])
     }
 
     fn add_rms_norm(&self, x_out: &mut CudaBuf, h: &mut CudaBuf, input: &BlockInput<Self>) -> Result<()> {
@@ -1449,6 +1473,11 @@ impl Backend for CudaBackend {
     }
 
     fn argmax_rows(&self, logits: &CudaBuf, rows: usize, limit: usize) -> Result<Vec<u32>> {
+        self.queue_argmax(logits, rows, limit)?;
+        self.take_argmax(rows)
+    }
+
+    fn queue_argmax(&self, logits: &CudaBuf, rows: usize, limit: usize) -> Result<bool> {
         let r = logits.rows;
         ensure!(rows == r, InvalidArgument, "argmax_rows: buffer has {r} rows, caller expects {rows}");
         let [keys] = self.scratch([(Scratch::ArgmaxKeys, r * 8)])?;
@@ -1457,7 +1486,38 @@ impl Backend for CudaBackend {
         // About 4 elements a thread: 149 blocks for Qwen3's vocabulary.
         let grid = (blocks(l as usize, 256 * 4).min(1024), r as u32, 1);
         self.gpu.launch("elementwise", "argmax_rows", grid, 256, 0, args![keys, xp, c, l])?;
+        let mut a = lock(&self.argmax)?;
+        if a.host.as_ref().is_none_or(|h| h.bytes < r * 8) {
+            self.gpu.sync()?; // no copy may still be writing the old buffer
+            a.host = Some(self.gpu.alloc_pinned((r * 8).next_power_of_two().max(256))?);
+        }
+        let host = a.host.as_mut().expect("allocated above");
+        self.gpu.copy_to_pinned(host, keys, r * 8)?;
+        self.gpu.record(&a.done)?;
+        a.queued = Some(r);
+        Ok(true)
+    }
+
+    fn take_argmax(&self, rows: usize) -> Result<Vec<u32>> {
+        let mut a = lock(&self.argmax)?;
+        ensure!(a.queued.take() == Some(rows), Device, "take_argmax of {rows} rows: no argmax of {rows} rows queued");
+        a.done.wait()?;
+        let host = a.host.as_ref().expect("a queued argmax has its buffer");
         // The low half of a key is the complement of the index (argmax_key in elementwise.cu).
-        Ok(self.download_typed::<u64>(r, keys)?.into_iter().map(|k| if k == 0 { 0 } else { u32::MAX - k as u32 }).collect())
+        let index = |k: u64| if k == 0 { 0 } else { u32::MAX - k as u32 };
+        Ok(host.as_slice()[..rows * 8].chunks_exact(8).map(|c| index(bytemuck::pod_read_unaligned(c))).collect())
+    }
+
+    fn launch_ahead(&self, rows: usize) -> Result<bool> {
+        let Some(graphs) = self.graphs.as_ref().filter(|_| self.ahead) else { return Ok(false) };
+        let mut graphs = lock(graphs)?;
+        let p = self.parity.load(std::sync::atomic::Ordering::Relaxed);
+        if graphs.prepared.take() != Some(rows) {
+            return Ok(false);
+        }
+        let Some(GraphState::Ready(graph, _)) = graphs.by_rows.get(&(rows, p)) else { return Ok(false) };
+        self.set_staged_ids(p, &vec![FROM_DEVICE; rows])?;
+        self.launch_step(&graphs, graph, p)?;
+        Ok(true)
     }
 }

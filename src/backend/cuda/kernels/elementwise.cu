@@ -1,10 +1,30 @@
 // elementwise.cu: row copies and pointwise ops (embedding, gather, SwiGLU) and greedy argmax.
 
+// The argmax of a row as one u64 that atomicMax can reduce: the value's bits made order-preserving
+// as an unsigned int above the complement of the index, so the larger value wins and equal values go
+// to the lower index; NaN counts as -inf and -0 as +0 (as the host sampler, which compares floats).
+__device__ __forceinline__ unsigned long long argmax_key(float v, int j) {
+    if (isnan(v)) v = -INFINITY;
+    if (v == 0.f) v = 0.f;
+    unsigned b = __float_as_uint(v);
+    unsigned o = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    return ((unsigned long long)o << 32) | (0xffffffffu - (unsigned)j);
+}
+
+// The index of an argmax key (0 for a row with no key: none of its values counted).
+__device__ __forceinline__ unsigned key_index(unsigned long long key) {
+    return key ? 0xffffffffu - (unsigned)key : 0u;
+}
+
 // out[t, :] = table[ids[t], :]   out [T, h], table [vocab, h]; grid (ceil(h/256), T).
-extern "C" __global__ void embed(act_t* out, const act_t* table, const unsigned* ids, int h, int vocab) {
+// ids[t] FROM_DEVICE: the id argmax_rows chose for its row t (keys `chosen`), the step before's token
+// when the host launched this one before reading it (decoding ahead, CudaBackend::launch_ahead).
+#define FROM_DEVICE 0xffffffffu
+extern "C" __global__ void embed(act_t* out, const act_t* table, const unsigned* ids, const unsigned long long* chosen, int h, int vocab) {
     grid_dependency();
     int t = blockIdx.y;
     unsigned id = ids[t];
+    if (id == FROM_DEVICE && chosen) id = key_index(chosen[t]);
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= h) return;
     out[(size_t)t * h + i] = id < (unsigned)vocab ? table[(size_t)id * h + i] : from_f(0.f);
@@ -43,17 +63,6 @@ extern "C" __global__ void swiglu(act_t* out, const act_t* gate, const act_t* up
     } else {
         for (long long j = i; j < n; j++) out[j] = from_f(rnd(silu(to_f(gate[j]))) * to_f(up[j]));
     }
-}
-
-// The argmax of a row as one u64 that atomicMax can reduce: the value's bits made order-preserving
-// as an unsigned int above the complement of the index, so the larger value wins and equal values go
-// to the lower index; NaN counts as -inf and -0 as +0 (as the host sampler, which compares floats).
-__device__ __forceinline__ unsigned long long argmax_key(float v, int j) {
-    if (isnan(v)) v = -INFINITY;
-    if (v == 0.f) v = 0.f;
-    unsigned b = __float_as_uint(v);
-    unsigned o = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-    return ((unsigned long long)o << 32) | (0xffffffffu - (unsigned)j);
 }
 
 // keys[r] = max_{j < limit} argmax_key(x[r, j], j), rows `cols` apart; keys must be zero before (the
