@@ -86,3 +86,22 @@ gaps.sort(reverse=True)
 print(f"idle stretches: {len(gaps)}, sum {sum(g[0] for g in gaps) / steps:.1f} us a step; longest:")
 for g, a, b in gaps[:6]:
     print(f"  {g:8.1f} us after {a[:40]} before {b[:40]}")
+if phase == "decode" and steps > 2:
+    # The gaps every step has: position i of the step's launch sequence, the median over the steps of
+    # the idle time just before it (none while something before it still runs). Sums to the idle a
+    # step has on its own, without the profiler's occasional long host stalls.
+    per_step = len(kernels) // steps
+    med = []
+    for i in range(per_step):
+        g = []
+        for s in range(steps):
+            j = s * per_step + i
+            if j == 0:
+                continue
+            end = max(e.time_range.end for e in kernels[max(0, j - 8):j])
+            g.append(max(0.0, kernels[j].time_range.start - end))
+        g.sort()
+        med.append((g[len(g) // 2] if g else 0.0, i))
+    print(f"median gaps a step: sum {sum(m for m, _ in med):.1f} us; largest (position: before / after):")
+    for m, i in sorted(med, reverse=True)[:int(os.environ.get("TRACE_GAPS", "12"))]:
+        print(f"  {m:6.2f} us at {i:4d}: after {kernels[i - 1].name[:34] if i else '-'} before {kernels[i].name[:34]}")
