@@ -900,6 +900,15 @@ fn argmax_rows_on_device() {
         let x = r.uniform(3 * 37, 1.0);
         let (gb, cb) = (g.upload_buf(3, 37, &x).unwrap(), c.upload_buf(3, 37, &x).unwrap());
         assert_eq!(g.argmax_rows(&gb, 3, 37).unwrap(), c.argmax_rows(&cb, 3, 37).unwrap());
+        // More rows than the device state was first made for (it grows), each launch clearing what
+        // the next one needs: the same rows twice give the same ids.
+        let (rows, cols) = (45usize, 4099usize);
+        let x = r.uniform(rows * cols, 1.0);
+        let (gb, cb) = (g.upload_buf(rows, cols, &x).unwrap(), c.upload_buf(rows, cols, &x).unwrap());
+        let want = c.argmax_rows(&cb, rows, cols).unwrap();
+        for _ in 0..2 {
+            assert_eq!(g.argmax_rows(&gb, rows, cols).unwrap(), want);
+        }
     }
 }
 

@@ -406,6 +406,22 @@ impl Gpu {
         Ok(m)
     }
 
+    /// Page-locked host memory of `bytes` (zeroed) that kernels can write: returns it and its device
+    /// address (stores through it reach the host over the bus; read them after an event behind the kernel).
+    pub fn alloc_mapped(&self, bytes: usize) -> Result<(PinnedMem, u64)> {
+        self.bind()?;
+        let mut p: *mut c_void = std::ptr::null_mut();
+        // SAFETY: the context is bound; `p` is a valid out-pointer; the result is owned by PinnedMem.
+        unsafe { sys::cuMemHostAlloc(&mut p, bytes.max(1), sys::CU_MEMHOSTALLOC_DEVICEMAP) }.result()
+            .map_err(|e| drv_err("allocating mapped host memory", e))?;
+        let mut m = PinnedMem { ptr: p as *mut u8, bytes, ctx: self.ctx.clone() };
+        m.as_mut_slice().fill(0);
+        let mut dev: sys::CUdeviceptr = 0;
+        // SAFETY: `p` is live mapped host memory of this context; `dev` is a valid out-pointer.
+        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dev, p, 0) }.result().map_err(|e| drv_err("mapping host memory", e))?;
+        Ok((m, dev))
+    }
+
     /// Queue a copy of `bytes` bytes from pinned `src` to device address `dst` (captured in a graph
     /// as a copy node that reads `src` when the graph runs).
     pub fn copy_from_pinned(&self, dst: u64, src: &PinnedMem, bytes: usize) -> Result<()> {
@@ -415,17 +431,6 @@ impl Gpu {
         // range of at least `bytes`; ordered on our stream.
         unsafe { sys::cuMemcpyHtoDAsync_v2(dst, src.ptr as *const c_void, bytes, self.h.stream) }.result()
             .map_err(|e| drv_err("copying metadata to the GPU", e))
-    }
-
-    /// Queue a copy of `bytes` bytes from device address `src` into pinned `dst` (read it after an
-    /// event recorded behind the copy has passed).
-    pub fn copy_to_pinned(&self, dst: &mut PinnedMem, src: u64, bytes: usize) -> Result<()> {
-        crate::ensure!(bytes <= dst.bytes, InvalidArgument, "copy of {bytes} bytes into a {}-byte pinned buffer", dst.bytes);
-        self.bind()?;
-        // SAFETY: `dst` is live page-locked memory of at least `bytes`; the caller passes a device
-        // range of at least `bytes`; ordered on our stream.
-        unsafe { sys::cuMemcpyDtoHAsync_v2(dst.ptr as *mut c_void, src, bytes, self.h.stream) }.result()
-            .map_err(|e| drv_err("copying from the GPU", e))
     }
 
     /// Start capturing everything queued on the stream into a graph (relaxed mode: allocation calls

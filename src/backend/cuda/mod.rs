@@ -166,23 +166,43 @@ enum Scratch {
     Up,          // [P, I]
     Act,         // [P, I]
     Y,           // [P, H]
-    ArgmaxKeys,  // [R] u64
     AttnMl,      // [T, nh, splits, 2] f32
     AttnAcc,     // [T, nh, splits, hd] f32
     Xs,          // [P, H] rows of x in expert order
 }
-const N_SCRATCH: usize = 16;
+const N_SCRATCH: usize = 15;
 
 /// A grow-only device buffer that remembers what was last uploaded into it.
 #[derive(Default)]
 struct Slot {
     mem: Option<DevMem>,
     host: Vec<u8>,
-    /// Graph modes: the staging copy the graph's copy node reads (as large as `mem` was when it was
-    /// made), one per graph parity (`Graphs`).
-    pinned: [Option<PinnedMem>; 2],
-    /// Graph modes: bytes written in the current forward (None: not yet written in it).
+    /// Graph modes (metadata): bytes written in the current forward (None: not yet written in it).
     written: Option<usize>,
+}
+
+/// Graph modes' metadata: every kind's bytes at a fixed offset of one pinned staging buffer per graph
+/// parity (`Graphs`), and one device buffer that a single copy node, before the step's first kernel,
+/// fills from the parity's staging (one copy a step: six copy nodes between the first layer's kernels
+/// cost ~20 µs a step, RESULTS.md run 21.3).
+#[derive(Default)]
+struct MetaArena {
+    /// Bytes reserved per kind (grow-only); a kind's offset is the sum of those before it.
+    cap: [usize; N_META],
+    pinned: [Option<PinnedMem>; 2],
+    mem: Option<DevMem>,
+    /// The current forward has noted (and under a capture recorded) its copy.
+    copied: bool,
+}
+
+impl MetaArena {
+    fn offset(&self, kind: usize) -> usize {
+        self.cap[..kind].iter().sum()
+    }
+
+    fn total(&self) -> usize {
+        self.cap.iter().sum()
+    }
 }
 
 /// Chunks per block of `dummy_fill` (must match DF_THREADS in elementwise.cu).
@@ -216,13 +236,27 @@ struct RopeArgs {
 /// A staged input id meaning "the id the last queued argmax chooses for this row" (elementwise.cu).
 const FROM_DEVICE: u32 = u32::MAX;
 
-/// The greedy choice `queue_argmax` queued: its keys are copied into `host` (pinned), and `done`
-/// passes once they are there.
+/// The greedy choice: `argmax_rows` (elementwise.cu) state for up to `cap` rows, and the last
+/// `queue_argmax`'s event.
 struct Argmax {
-    host: Option<PinnedMem>,
+    /// keys [cap] u64, chosen [cap] u64, counts [cap] u32: zero between launches (the kernel clears
+    /// what it used), chosen the last launch's keys.
+    dev: Option<DevMem>,
+    /// The chosen keys again, in mapped host memory [cap] u64, and its device address.
+    host: Option<(PinnedMem, u64)>,
+    cap: usize,
+    /// Passed once the last queued launch has stored its keys.
     done: gpu::Event,
     /// Rows queued and not taken yet.
     queued: Option<usize>,
+}
+
+impl Argmax {
+    /// Device addresses of (keys, counts, chosen) and the host copy.
+    fn ptrs(&self) -> (u64, u64, u64, u64) {
+        let d = self.dev.as_ref().map_or(0, |m| m.ptr);
+        (d, d + 16 * self.cap as u64, d + 8 * self.cap as u64, self.host.as_ref().map_or(0, |h| h.1))
+    }
 }
 
 /// Least capacity of the block-table slot under graphs: 1024 blocks (16k tokens at block size 16)
@@ -255,6 +289,8 @@ pub struct CudaBackend {
     gpu: Gpu,
     ordinal: usize,
     meta: Mutex<Vec<Slot>>,
+    /// Graph modes' metadata staging (locked after `meta`).
+    staging: Mutex<MetaArena>,
     scratch: Mutex<Vec<Slot>>,
     /// Decode graphs (None: graphs off).
     graphs: Option<Mutex<Graphs>>,
@@ -425,8 +461,8 @@ impl CudaBackend {
         let attn_cluster = attn_cluster_default(gpu.arch);
         let trace = std::env::var_os("QWEN3RS_CUDA_TRACE").is_some() && !env_off("QWEN3RS_CUDA_TRACE");
         let replays = env_count("QWEN3RS_CUDA_REPLAYS").unwrap_or(1);
-        let argmax = Argmax { host: None, done: gpu.event()?, queued: None };
-        Ok(CudaBackend { gpu, ordinal, meta: Mutex::new(slots(N_META)), scratch: Mutex::new(slots(N_SCRATCH)), graphs, parity: 0.into(),
+        let argmax = Argmax { dev: None, host: None, cap: 0, done: gpu.event()?, queued: None };
+        Ok(CudaBackend { gpu, ordinal, meta: Mutex::new(slots(N_META)), staging: Default::default(), scratch: Mutex::new(slots(N_SCRATCH)), graphs, parity: 0.into(),
             pipeline: !env_off("QWEN3RS_CUDA_PIPELINE"), ahead: !env_off("QWEN3RS_CUDA_AHEAD") && replays == 1,
             argmax: Mutex::new(argmax),
             graph_bad: Default::default(), replay_trace: trace.then(Default::default), replays,
@@ -519,52 +555,82 @@ impl CudaBackend {
         Ok(ptr)
     }
 
-    /// `meta` under a graph: the bytes go to the slot's pinned staging buffer, and (Capture) a copy
-    /// node from there to the device slot is recorded. One content per kind per forward (every
-    /// layer's attention shares the batch layout); a second, different one marks the step bad.
-    /// The block-table copy moves the whole slot, so longer tables fit the same graph.
+    /// `meta` under a graph: the bytes go to the kind's place in the parity's pinned staging, and the
+    /// forward's first call notes (Capture: records) one copy of the whole staging to the device. One
+    /// content per kind per forward (every layer's attention shares the batch layout); a second,
+    /// different one marks the step bad. The copy moves every kind's whole place, so longer block
+    /// tables fit the same graph.
     fn meta_graph(&self, kind: Meta, bytes: &[u8], mode: Mode) -> Result<u64> {
         let mut slots = lock(&self.meta)?;
-        let slot = &mut slots[kind as usize];
-        let par = self.parity.load(std::sync::atomic::Ordering::Relaxed);
-        if let (Some(n), Some(pinned), Some(mem)) = (slot.written, slot.pinned[par].as_ref(), slot.mem.as_ref()) {
-            if pinned.as_slice()[..n.min(pinned.bytes)] != *bytes {
+        let mut arena = lock(&self.staging)?;
+        let (k, par) = (kind as usize, self.parity.load(std::sync::atomic::Ordering::Relaxed));
+        let slot = &mut slots[k];
+        if let (Some(n), Some(pinned), Some(mem)) = (slot.written, arena.pinned[par].as_ref(), arena.mem.as_ref()) {
+            let off = arena.offset(k);
+            if pinned.as_slice()[off..off + n] != *bytes {
                 self.graph_bad.store(true, std::sync::atomic::Ordering::Relaxed);
             }
-            return Ok(mem.ptr);
+            return Ok(mem.ptr + off as u64);
         }
-        let tables = matches!(kind, Meta::Tables);
-        let want = if tables { (bytes.len() * 2).max(GRAPH_TABLES_MIN_BYTES) } else { bytes.len() };
-        if slot.pinned[par].as_ref().is_none_or(|p| p.bytes < bytes.len()) || slot.mem.as_ref().is_none_or(|m| m.bytes < want) {
+        if arena.cap[k] < bytes.len() || arena.mem.is_none() {
             // Growing under a capture would free memory mid-capture: refuse, the caller falls back.
             if mode == Mode::Capture {
                 self.graph_bad.store(true, std::sync::atomic::Ordering::Relaxed);
-                crate::bail!(Device, "metadata slot grew during a CUDA graph capture");
+                crate::bail!(Device, "metadata staging grew during a CUDA graph capture");
             }
-            self.gpu.sync()?; // nothing may still read the old staging buffer
-            slot.pinned[par] = None;
-            let ptr = self.grow(slot, want)?;
-            let cap = slot.mem.as_ref().map_or(0, |m| m.bytes);
-            slot.pinned[par] = Some(self.gpu.alloc_pinned(cap)?);
-            let _ = ptr;
+            let want = if matches!(kind, Meta::Tables) { (bytes.len() * 2).max(GRAPH_TABLES_MIN_BYTES) } else { bytes.len() };
+            self.grow_staging(&mut arena, k, want.max(64).next_power_of_two())?;
         }
-        let (pinned, mem) = (slot.pinned[par].as_mut().expect("allocated above"), slot.mem.as_ref().expect("grown above"));
-        pinned.as_mut_slice()[..bytes.len()].copy_from_slice(bytes);
-        let copy = if tables { pinned.bytes } else { bytes.len() };
-        // The copy node's shape is part of what a replay must match.
-        self.gpu.note(|h| {
-            let mut h = gpu::hash_bytes(h, &[kind as u8]);
-            for v in [mem.ptr, pinned.addr(), copy as u64] {
-                h = gpu::hash_bytes(h, &v.to_le_bytes());
+        let (off, total) = (arena.offset(k), arena.total());
+        let copied = std::mem::replace(&mut arena.copied, true);
+        let MetaArena { pinned, mem, .. } = &mut *arena;
+        let (pinned, mem) = (pinned[par].as_mut().expect("allocated above"), mem.as_ref().expect("allocated above"));
+        pinned.as_mut_slice()[off..off + bytes.len()].copy_from_slice(bytes);
+        if !copied {
+            // The copy node's shape is part of what a replay must match.
+            self.gpu.note(|h| [mem.ptr, pinned.addr(), total as u64].iter().fold(h, |h, v| gpu::hash_bytes(h, &v.to_le_bytes())))?;
+            if mode == Mode::Capture {
+                self.gpu.copy_from_pinned(mem.ptr, pinned, total)?;
             }
-            h
-        })?;
-        if mode == Mode::Capture && copy > 0 {
-            self.gpu.copy_from_pinned(mem.ptr, pinned, copy)?;
         }
         slot.written = Some(bytes.len());
-        slot.host.clear(); // the eager path's "unchanged" shortcut no longer holds
-        Ok(mem.ptr)
+        Ok(mem.ptr + off as u64)
+    }
+
+    /// Make kind `k`'s place in the staging `cap` bytes: new buffers, every kind's bytes moved over.
+    fn grow_staging(&self, arena: &mut MetaArena, k: usize, cap: usize) -> Result<()> {
+        self.gpu.sync()?; // nothing may still read the old buffers
+        let old: Vec<(usize, usize)> = (0..N_META).map(|i| (arena.offset(i), arena.cap[i])).collect();
+        arena.cap[k] = arena.cap[k].max(cap);
+        let total = arena.total();
+        arena.mem = None;
+        arena.mem = Some(self.gpu.alloc(total)?);
+        for p in 0..2 {
+            let mut staged = self.gpu.alloc_pinned(total)?;
+            if let Some(before) = arena.pinned[p].take() {
+                for (i, &(from, n)) in old.iter().enumerate() {
+                    let to = arena.offset(i);
+                    staged.as_mut_slice()[to..to + n].copy_from_slice(&before.as_slice()[from..from + n]);
+                }
+            }
+            arena.pinned[p] = Some(staged);
+        }
+        Ok(())
+    }
+
+    /// The argmax state, with room for `rows` rows (at least 32: a decode step's pointers never move).
+    fn argmax_state(&self, rows: usize) -> Result<std::sync::MutexGuard<'_, Argmax>> {
+        let mut a = lock(&self.argmax)?;
+        if a.cap < rows {
+            ensure!(self.gpu.note(|h| h)? != Mode::Capture, Device, "argmax buffers grew during a CUDA graph capture");
+            self.gpu.sync()?; // no launch may still use the old buffers
+            let cap = rows.max(32).next_power_of_two();
+            (a.dev, a.host) = (None, None);
+            a.dev = Some(self.gpu.alloc_zeroed(20 * cap)?);
+            a.host = Some(self.gpu.alloc_mapped(8 * cap)?);
+            a.cap = cap;
+        }
+        Ok(a)
     }
 
     /// Launch a decode step's graph of parity `p`, mark its end, and make the other parity next.
@@ -577,11 +643,12 @@ impl CudaBackend {
 
     /// Overwrite the input ids in parity `p`'s staging (a prepared step's, whose dry pass had none).
     fn set_staged_ids(&self, p: usize, ids: &[u32]) -> Result<()> {
-        let mut slots = lock(&self.meta)?;
+        let mut arena = lock(&self.staging)?;
         let bytes: &[u8] = bytemuck::cast_slice(ids);
-        let staged = slots[Meta::Ids as usize].pinned[p].as_mut().filter(|s| s.bytes >= bytes.len());
+        let (off, fits) = (arena.offset(Meta::Ids as usize), arena.cap[Meta::Ids as usize] >= bytes.len());
+        let staged = arena.pinned[p].as_mut().filter(|_| fits);
         let staged = staged.ok_or_else(|| Error::Device("a prepared decode step has no staging for its ids".into()))?;
-        staged.as_mut_slice()[..bytes.len()].copy_from_slice(bytes);
+        staged.as_mut_slice()[off..off + bytes.len()].copy_from_slice(bytes);
         Ok(())
     }
 
@@ -589,8 +656,8 @@ impl CudaBackend {
     fn reset_graph_meta(&self) -> Result<()> {
         for slot in lock(&self.meta)?.iter_mut() {
             slot.written = None;
-            slot.host.clear();
         }
+        lock(&self.staging)?.copied = false;
         self.graph_bad.store(false, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
@@ -1259,7 +1326,7 @@ impl Backend for CudaBackend {
         let ids_d = self.meta(Meta::Ids, bytemuck::cast_slice(ids))?;
         // Where a step launched ahead finds the ids it is fed (FROM_DEVICE in its staged ids): a
         // decode batch's; the argmax of a longer one never feeds a step.
-        let chosen = if ids.len() <= GEMV_MAX_ROWS { self.scratch([(Scratch::ArgmaxKeys, ids.len() * 8)])?[0] } else { 0 };
+        let chosen = if ids.len() <= GEMV_MAX_ROWS { self.argmax_state(ids.len())?.ptrs().2 } else { 0 };
         let (o, t, hi, vi) = (out.mem.ptr, table.mem.ptr, h as i32, vocab as i32);
         self.gpu.launch("elementwise", "embed", (blocks(h, 256), ids.len() as u32, 1), 256, 0, args![o, t, ids_d, chosen, hi, vi])
     }
@@ -1480,19 +1547,12 @@ impl Backend for CudaBackend {
     fn queue_argmax(&self, logits: &CudaBuf, rows: usize, limit: usize) -> Result<bool> {
         let r = logits.rows;
         ensure!(rows == r, InvalidArgument, "argmax_rows: buffer has {r} rows, caller expects {rows}");
-        let [keys] = self.scratch([(Scratch::ArgmaxKeys, r * 8)])?;
+        let mut a = self.argmax_state(r)?;
+        let (keys, counts, chosen, host) = a.ptrs();
         let (xp, c, l) = (logits.mem.ptr, logits.cols as i32, limit.min(logits.cols) as i32);
-        self.gpu.memset_zero(keys, r * 8)?;
         // About 4 elements a thread: 149 blocks for Qwen3's vocabulary.
         let grid = (blocks(l as usize, 256 * 4).min(1024), r as u32, 1);
-        self.gpu.launch("elementwise", "argmax_rows", grid, 256, 0, args![keys, xp, c, l])?;
-        let mut a = lock(&self.argmax)?;
-        if a.host.as_ref().is_none_or(|h| h.bytes < r * 8) {
-            self.gpu.sync()?; // no copy may still be writing the old buffer
-            a.host = Some(self.gpu.alloc_pinned((r * 8).next_power_of_two().max(256))?);
-        }
-        let host = a.host.as_mut().expect("allocated above");
-        self.gpu.copy_to_pinned(host, keys, r * 8)?;
+        self.gpu.launch("elementwise", "argmax_rows", grid, 256, 0, args![keys, counts, chosen, host, xp, c, l])?;
         self.gpu.record(&a.done)?;
         a.queued = Some(r);
         Ok(true)
@@ -1502,7 +1562,7 @@ impl Backend for CudaBackend {
         let mut a = lock(&self.argmax)?;
         ensure!(a.queued.take() == Some(rows), Device, "take_argmax of {rows} rows: no argmax of {rows} rows queued");
         a.done.wait()?;
-        let host = a.host.as_ref().expect("a queued argmax has its buffer");
+        let host = &a.host.as_ref().expect("a queued argmax has its buffers").0;
         // The low half of a key is the complement of the index (argmax_key in elementwise.cu).
         let index = |k: u64| if k == 0 { 0 } else { u32::MAX - k as u32 };
         Ok(host.as_slice()[..rows * 8].chunks_exact(8).map(|c| index(bytemuck::pod_read_unaligned(c))).collect())

@@ -65,16 +65,21 @@ extern "C" __global__ void swiglu(act_t* out, const act_t* gate, const act_t* up
     }
 }
 
-// keys[r] = max_{j < limit} argmax_key(x[r, j], j), rows `cols` apart; keys must be zero before (the
-// host clears them). grid (blocks, rows), 256 threads: a thread takes elements j, j + S, ... (S the
-// threads of a row), ARGMAX_UNROLL loads in flight, then one atomicMax per warp. (A block per row
-// with one load in flight per thread took 61 us for Qwen3's 151,936 logits: RESULTS.md run 14.)
+// chosen[r] = max_{j < limit} argmax_key(x[r, j], j), rows `cols` apart, also stored to host[r] (mapped
+// host memory; null: not). grid (blocks, rows), 256 threads: a thread takes elements j, j + S, ... (S
+// the threads of a row), ARGMAX_UNROLL loads in flight, then one atomicMax per warp into keys[r]; the
+// row's last block to finish (counts[r]) moves keys[r] to chosen[r] and clears keys[r] and counts[r]
+// for the next launch (both zero before the first). So one launch, no clearing and no copy around it.
+// (A block per row with one load in flight per thread took 61 us for Qwen3's 151,936 logits: RESULTS.md run 14.)
 #ifndef ARGMAX_UNROLL  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define ARGMAX_UNROLL 4
 #endif
-extern "C" __global__ void argmax_rows(unsigned long long* keys, const act_t* x, int cols, int limit) {
+extern "C" __global__ void argmax_rows(unsigned long long* keys, unsigned* counts, unsigned long long* chosen,
+    unsigned long long* host, const act_t* x, int cols, int limit) {
+    __shared__ bool last;
     grid_dependency();
-    const act_t* row = x + (size_t)blockIdx.y * cols;
+    const int r = blockIdx.y;
+    const act_t* row = x + (size_t)r * cols;
     const int stride = gridDim.x * blockDim.x;
     unsigned long long best = 0;
     for (int j0 = blockIdx.x * blockDim.x + threadIdx.x; j0 < limit; j0 += ARGMAX_UNROLL * stride) {
@@ -92,7 +97,22 @@ extern "C" __global__ void argmax_rows(unsigned long long* keys, const act_t* x,
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) best = max(best, __shfl_xor_sync(0xffffffffu, best, o));
-    if ((threadIdx.x & 31) == 0 && best) atomicMax(keys + blockIdx.y, best);
+    if ((threadIdx.x & 31) == 0 && best) {
+        atomicMax(keys + r, best);
+        __threadfence();  // before this block counts itself done
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(counts + r, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (last && threadIdx.x == 0) {
+        const unsigned long long k = atomicExch(keys + r, 0ull);
+        counts[r] = 0;
+        chosen[r] = k;
+        if (host) {
+            host[r] = k;
+            __threadfence_system();
+        }
+    }
 }
 
 // Dummy weights on the device: the same splitmix64 chains as model/dummy.rs, so the values are
