@@ -225,17 +225,10 @@ impl<B: Backend> Model<B> {
             }
             std::mem::swap(&mut s.x, &mut s.x_next);
         }
-        // 6. x += last FFN; final norm of the wanted rows; lm_head (tied or not) → logits [R, V]. When
-        //    every row wants logits, in order (decode), the norm goes with the product (one launch on a GPU).
-        let input = BlockInput { x: &s.x, delta: Some(&s.ffn_out), norm: &self.final_norm, eps };
-        let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        if logit_rows.iter().enumerate().all(|(i, &r)| r as usize == i) && logit_rows.len() == s.rows {
-            be.norm_matmul_many(&mut s.x_next, &mut s.h, &input, &mut [&mut s.logits], &[lm_head])?;
-        } else {
-            be.add_rms_norm(&mut s.x_next, &mut s.h, &input)?;
-            be.gather_rows(&mut s.last, &s.h, logit_rows)?;
-            be.matmul(&mut s.logits, &s.last, lm_head)?;
-        }
+        // 6. x += last FFN; final norm of the wanted rows; lm_head (tied or not) → logits [R, V].
+        be.add_rms_norm(&mut s.x_next, &mut s.h, &BlockInput { x: &s.x, delta: Some(&s.ffn_out), norm: &self.final_norm, eps })?;
+        be.gather_rows(&mut s.last, &s.h, logit_rows)?;
+        be.matmul(&mut s.logits, &s.last, self.lm_head.as_ref().unwrap_or(&self.embed))?;
         Ok(())
     }
 }

@@ -879,19 +879,19 @@ impl CudaBackend {
 
     /// Whether three products of x go to the fused decode GEMV (`gemv3`).
     fn gemv3_fits(&self, outs: &[&mut CudaBuf], x: &CudaBuf, ws: &[&CudaWeight]) -> bool {
-        (1..=3).contains(&outs.len()) && ws.len() == outs.len() && self.fused_gemv(x.rows, x.cols)
+        outs.len() == 3 && ws.len() == 3 && self.fused_gemv(x.rows, x.cols)
             && outs.iter().zip(ws).all(|(o, w)| w.dtype == self.gpu.dtype && w.shape.len() == 2 && w.shape[1] == x.cols
                 && o.rows == x.rows && o.cols == w.shape[0])
     }
 
-    /// outs[i] = x · ws[i]ᵀ in one launch (q, k, v; or one product, the lm_head), x normed first with
-    /// `norm` (gemv3_rows in matmul.cu; products not given have no rows).
+    /// outs[i] = x · ws[i]ᵀ in one launch (q, k, v), x normed first with `norm` (gemv3_rows in matmul.cu).
     fn gemv3(&self, outs: &mut [&mut CudaBuf], x: &CudaBuf, ws: &[&CudaWeight], norm: FusedNorm) -> Result<()> {
         let (t, k) = (x.rows, x.cols);
-        let part = |i: usize| outs.get(i).zip(ws.get(i)).map_or((0, 0, 0), |(o, w)| (o.mem.ptr, w.mem.ptr, w.shape[0]));
-        let [(o0, w0, n0), (o1, w1, n1), (o2, w2, n2)] = [part(0), part(1), part(2)];
-        let (name, grid, smem) = self.gemv_plan(&GEMV3, t, t * k, n0 + n1 + n2)?;
-        let (n0, n1, n2) = (n0 as i32, n1 as i32, n2 as i32);
+        let ns = [ws[0].shape[0], ws[1].shape[0], ws[2].shape[0]];
+        let (name, grid, smem) = self.gemv_plan(&GEMV3, t, t * k, ns.iter().sum())?;
+        let (o0, o1, o2) = (outs[0].mem.ptr, outs[1].mem.ptr, outs[2].mem.ptr);
+        let (w0, w1, w2) = (ws[0].mem.ptr, ws[1].mem.ptr, ws[2].mem.ptr);
+        let (n0, n1, n2) = (ns[0] as i32, ns[1] as i32, ns[2] as i32);
         let (xp, ti, ki) = (x.mem.ptr, t as i32, k as i32);
         let FusedNorm { delta, x_out, w, eps } = norm;
         self.gpu.launch("matmul", name, grid, 256, smem, args![o0, w0, n0, o1, w1, n1, o2, w2, n2, xp, ti, ki, delta, x_out, w, eps])
