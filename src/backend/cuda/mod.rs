@@ -7,7 +7,8 @@
 //!
 //! Metadata (token ids, positions, slot mapping, block tables, row lists) is uploaded into
 //! per-kind device buffers that only grow; an upload is skipped when the host content equals the
-//! last one, so the 2 × n_layers attention calls of a forward upload the batch layout once.
+//! last one, so the 2 × n_layers attention calls of a forward upload the batch layout once. Under a
+//! CUDA graph (decode) it goes to one pinned staging arena instead, moved by one copy node a step.
 //! MoE routing, expert grouping and the weighted combine run on the device: nothing goes back to
 //! the host inside a forward pass. Scratch for MoE lives in grow-only buffers too.
 
