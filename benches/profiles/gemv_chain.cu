@@ -357,6 +357,29 @@ static void moe_30b(int sms) {
     // down alone: its ids come from a gate/up launch; timed as the pair minus gate/up alone.
     auto pair = [&](int l) { experts_up(l); experts_down(l); };
     row("experts down moe_down_combine_xs, fixed", g_down, down_mb, time_chain(pair, ALONE) - time_chain(experts_up, ALONE));
+    // Where gate/up's time over the bare phase goes: the same kernel without its in-kernel routing
+    // (logits null: the ids the launches above stored), without its norm (nw null), without both; and
+    // the dense gemv_swiglu_t1_xs over the same bytes (the 8 experts' 6,144 gate/up row pairs read as one
+    // [6144, 2048] pair of matrices), which has neither the routing nor an expert's rows per warp.
+    for (int v = 1; v < 4; v++) {
+        const bool route = !(v & 2), norm = !(v & 1);
+        auto variant = [&](int l) {
+            launch_pdl(moe_gemv_swiglu_xs, g_up, H * 2, act, (const act_t*)resid, gate_w(l), up_w(l), ids, weights,
+                route ? (const float*)probs : nullptr, E, 1, 0, E, TOPK, TOPK, I, H, norm ? (const act_t*)nw : nullptr, eps);
+        };
+        const char* names[] = {"", "  gate/up without its norm", "  gate/up without its routing", "  gate/up without routing or norm"};
+        row(names[v], g_up, up_mb, time_chain(variant, ALONE));
+    }
+    const int g_dense = persistent_grid(gemv_swiglu_t1_xs, H * 2, TOPK * I / 8, sms);
+    auto dense_up = [&](int l) {
+        launch_pdl(gemv_swiglu_t1_xs, g_dense, H * 2, act, (const act_t*)resid, gate_w(l), up_w(l), 1, TOPK * I, H, (const act_t*)nullptr,
+            (act_t*)nullptr, (const act_t*)nullptr, eps);
+    };
+    row("  dense gemv_swiglu_t1_xs, same bytes", g_dense, up_mb, time_chain(dense_up, ALONE));
+    // The same for down: the dense gemv_t1_xs over the 8 experts' rows ([16384, 768] read as one matrix).
+    const int g_dense_down = persistent_grid(gemv_t1_xs, I * 2, TOPK * H / 8, sms);
+    auto dense_down = [&](int l) { launch_pdl(gemv_t1_xs, g_dense_down, I * 2, moe_out, (const act_t*)act, down_w(l), 1, TOPK * H, I); };
+    row("  dense gemv_t1_xs (down's bytes, rows of 768)", g_dense_down, down_mb, time_chain(dense_down, ALONE));
     random_routing = true;
     row("experts gate/up, random routing", g_up, up_mb, time_chain(experts_up, ALONE));
     row("experts down, random routing", g_down, down_mb, time_chain(pair, ALONE) - time_chain(experts_up, ALONE));
