@@ -291,6 +291,11 @@ impl<B: Backend> Engine<B> {
     /// dry pass over it): the same sequences one position on, their tokens not sampled yet. Not
     /// when a sequence may not take another token (max_new_tokens, max_seq_len, a full cache); a
     /// sequence that stops on the token sampled now just leaves the preparation unused.
+    /// The logits of the last prefill or decode step (their scratch is fitted by then).
+    fn step_logits(&self, prefilling: bool) -> &B::Buf {
+        &if prefilling { &self.scratch } else { &self.decode_scratch }.as_ref().expect("a step fitted it").logits
+    }
+
     fn prepare_next(&mut self, seqs: &mut [Sequence], chosen: &[(usize, usize)]) -> Result<()> {
         for &(i, _) in chosen {
             let s = &mut seqs[i];
@@ -440,10 +445,7 @@ impl<B: Backend> Engine<B> {
         let usable = self.tokenizer.as_ref().map_or(vocab, |t| t.vocab_size().min(vocab));
         let all_greedy = sampling.iter().all(|&i| seqs[i].request.sampling.is_plain_greedy() && seqs[i].forced.is_empty());
         let rows = logit_rows.len();
-        let queued = all_greedy && {
-            let s = if prefilling { &self.scratch } else { &self.decode_scratch }.as_ref().expect("fitted above");
-            self.model.backend.queue_argmax(&s.logits, rows, usable)?
-        };
+        let queued = all_greedy && self.model.backend.queue_argmax(self.step_logits(prefilling), rows, usable)?;
         if !prefilling {
             self.prepare_next(seqs, &chosen)?;
             if queued && self.prepared.is_some() && self.model.backend.launch_ahead(rows)? {
@@ -451,11 +453,10 @@ impl<B: Backend> Engine<B> {
                 self.steps_ahead[0] += 1;
             }
         }
-        let s = if prefilling { &self.scratch } else { &self.decode_scratch }.as_ref().expect("fitted above");
         let (logits, greedy) = match (all_greedy, queued) {
             (true, true) => (vec![], self.model.backend.take_argmax(rows)?),
-            (true, false) => (vec![], self.model.backend.argmax_rows(&s.logits, rows, usable)?),
-            (false, _) => (self.model.backend.download(&s.logits)?, vec![]),
+            (true, false) => (vec![], self.model.backend.argmax_rows(self.step_logits(prefilling), rows, usable)?),
+            (false, _) => (self.model.backend.download(self.step_logits(prefilling))?, vec![]),
         };
         let mut deltas = vec![];
         for (r, &i) in sampling.iter().enumerate() {
