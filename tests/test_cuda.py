@@ -174,9 +174,12 @@ def test_cuda_graph_replay_gives_the_eager_tokens(case, monkeypatch):
     recaptured, not replayed with a stale launch shape). Replays are prepared a step ahead (the
     host's dry pass overlaps the previous step): also sampled tokens (the prepared step gets its ids
     late), stop tokens that end a sequence with a step prepared for it, and a batch whose sequences
-    end at different steps (a prepared step of three rows, then steps of two and one)."""
-    def run(flag):
+    end at different steps (a prepared step of three rows, then steps of two and one). With
+    QWEN3RS_CUDA_GRAPH_CACHE the graphs of earlier launch shapes are kept and replayed when a shape
+    comes back (each request starts at a short context again): the same tokens too."""
+    def run(flag, cache="0"):
         monkeypatch.setenv("QWEN3RS_CUDA_GRAPHS", flag)
+        monkeypatch.setenv("QWEN3RS_CUDA_GRAPH_CACHE", cache)
         m = qwen3rs.load(FIXTURES / case, device="cuda", dtype="bfloat16", progress=False)
         kw = dict(raw=True, temperature=0.0, ignore_eos=True)
         out = [m.generate([3, 14, 15, 92, 65], max_new_tokens=40, **kw).token_ids]
@@ -194,9 +197,10 @@ def test_cuda_graph_replay_gives_the_eager_tokens(case, monkeypatch):
                                                 stop_token_ids=stop, **kw)]
         out += ends + [m.generate([1, 2, 3], max_new_tokens=10, **kw).token_ids]
         return out
-    eager, graphed = run("0"), run("1")
+    eager, graphed, cached = run("0"), run("1"), run("1", cache="8")
     assert len(eager[-5]) < 40, "the stop token ends the request early"
     assert graphed == eager
+    assert cached == eager
 
 
 @pytest.mark.gpu

@@ -270,10 +270,42 @@ const GRAPH_TABLES_MIN_BYTES: usize = 4096;
 struct Graphs {
     /// By (rows, parity).
     by_rows: HashMap<(usize, usize), GraphState>,
+    /// By (rows, parity): graphs captured for other launch shapes than the current one (a decode step's
+    /// shape changes with its context length: the attention's KV splits), most recently used first,
+    /// and the hash of their launches; `CudaBackend::graph_cache` of them at most.
+    spare: HashMap<(usize, usize), Vec<(Graph, u64)>>,
     /// A prepared next step (its rows; its parity is the current one).
     prepared: Option<usize>,
     /// Recorded after each launch of a parity's graph: once passed, its staging may be rewritten.
     done: [gpu::Event; 2],
+}
+
+impl Graphs {
+    /// Keep the graph of (rows, parity) `key` whose launches hash to `hash`, at most `cap` of them.
+    fn stash(&mut self, key: (usize, usize), graph: Graph, hash: u64, cap: usize) {
+        let kept = self.spare.entry(key).or_default();
+        kept.insert(0, (graph, hash));
+        kept.truncate(cap);
+    }
+
+    /// The kept graph of `key` whose launches hash to `hash`, if any: it replays what a capture of
+    /// the step would record now (the hash covers every launch's kernel, shape and argument bytes
+    /// and the metadata copy).
+    fn take_spare(&mut self, key: (usize, usize), hash: u64) -> Option<(Graph, u64)> {
+        let kept = self.spare.get_mut(&key)?;
+        let i = kept.iter().position(|&(_, h)| h == hash)?;
+        Some(kept.remove(i))
+    }
+
+    /// Make `key`'s kept graph of `hash` (if any) its current one, keeping the current one (if any).
+    fn swap_in(&mut self, key: (usize, usize), hash: u64, cap: usize) -> bool {
+        let Some(found) = self.take_spare(key, hash) else { return false };
+        if let Some(GraphState::Ready(graph, old)) = self.by_rows.remove(&key) {
+            self.stash(key, graph, old, cap);
+        }
+        self.by_rows.insert(key, GraphState::Ready(found.0, found.1));
+        true
+    }
 }
 
 /// What `decode_step` knows about one batch size and parity.
@@ -306,6 +338,10 @@ pub struct CudaBackend {
     ahead: bool,
     /// The last queued greedy choice (`queue_argmax`).
     argmax: Mutex<Argmax>,
+    /// Decode graphs kept per batch size and parity for launch shapes other than the current one
+    /// (`QWEN3RS_CUDA_GRAPH_CACHE=N`; 0, the default until measured on a GPU: a shape change drops
+    /// the graph, and the step after next captures it again).
+    graph_cache: usize,
     /// Set when a graph-mode forward did something a graph can't replay.
     graph_bad: std::sync::atomic::AtomicBool,
     /// `QWEN3RS_CUDA_TRACE=1`: host time of each graph replay's parts, reported every 100 replays.
@@ -455,7 +491,7 @@ impl CudaBackend {
         })?;
         let slots = |n| (0..n).map(|_| Slot::default()).collect::<Vec<_>>();
         let graphs = if graphs_enabled() {
-            Some(Mutex::new(Graphs { by_rows: HashMap::new(), prepared: None, done: [gpu.event()?, gpu.event()?] }))
+            Some(Mutex::new(Graphs { by_rows: HashMap::new(), spare: HashMap::new(), prepared: None, done: [gpu.event()?, gpu.event()?] }))
         } else {
             None
         };
@@ -465,7 +501,7 @@ impl CudaBackend {
         let argmax = Argmax { dev: None, host: None, cap: 0, done: gpu.event()?, queued: None };
         Ok(CudaBackend { gpu, ordinal, meta: Mutex::new(slots(N_META)), staging: Default::default(), scratch: Mutex::new(slots(N_SCRATCH)), graphs, parity: 0.into(),
             pipeline: !env_off("QWEN3RS_CUDA_PIPELINE"), ahead: !env_off("QWEN3RS_CUDA_AHEAD") && replays == 1,
-            argmax: Mutex::new(argmax),
+            argmax: Mutex::new(argmax), graph_cache: env_count("QWEN3RS_CUDA_GRAPH_CACHE").unwrap_or(0),
             graph_bad: Default::default(), replay_trace: trace.then(Default::default), replays,
             fused: !env_off("QWEN3RS_CUDA_FUSED"),
             rope_attn: !env_off("QWEN3RS_CUDA_ROPE_ATTN"), fused_route: !env_off("QWEN3RS_CUDA_FUSED_ROUTE"),
@@ -1196,8 +1232,12 @@ impl Backend for CudaBackend {
                 // A dry pass (no launches) grows the metadata slots and fills their staging, so
                 // the capture itself allocates nothing.
                 self.gpu.sync()?;
-                let (r, _, bad) = self.run_in_mode(Mode::Replay, body)?;
+                let (r, got, bad) = self.run_in_mode(Mode::Replay, body)?;
                 r?;
+                if !bad && graphs.swap_in((rows, p), got, self.graph_cache) {
+                    let Some(GraphState::Ready(graph, _)) = graphs.by_rows.get(&(rows, p)) else { bail!(Device, "decode graph lost") };
+                    return self.launch_step(&graphs, graph, p);
+                }
                 // Whatever goes wrong below, nothing of the step has run (a dry pass and a capture
                 // launch nothing): give up graphs for this batch size, say why once, run eagerly.
                 let captured: std::result::Result<(Graph, u64), String> = if bad {
@@ -1229,7 +1269,7 @@ impl Backend for CudaBackend {
                     }
                 }
             }
-            Some(GraphState::Ready(graph, hash)) => {
+            Some(GraphState::Ready(mut graph, mut hash)) => {
                 let t0 = std::time::Instant::now();
                 let t1 = match prepared.filter(|_| was_prepared) {
                     // prepare_decode_step did the dry pass while the previous step ran; only the
@@ -1245,10 +1285,20 @@ impl Backend for CudaBackend {
                         let (r, got, bad) = self.run_in_mode(Mode::Replay, body)?;
                         r?;
                         if bad || got != hash {
-                            // Something moved (scratch reallocated, a slot grew): recapture next step.
-                            drop(graph);
-                            graphs.by_rows.insert((rows, p), GraphState::Warm);
-                            return body();
+                            // Another launch shape (the attention's KV splits follow the context) or
+                            // something moved (scratch reallocated, a slot grew): the graph kept for
+                            // these launches, else run eagerly and capture on the next step.
+                            match (!bad).then(|| graphs.take_spare((rows, p), got)).flatten() {
+                                Some((kept, h)) => {
+                                    graphs.stash((rows, p), std::mem::replace(&mut graph, kept), hash, self.graph_cache);
+                                    hash = h;
+                                }
+                                None => {
+                                    graphs.stash((rows, p), graph, hash, self.graph_cache);
+                                    graphs.by_rows.insert((rows, p), GraphState::Warm);
+                                    return body();
+                                }
+                            }
                         }
                         t1
                     }
@@ -1278,8 +1328,9 @@ impl Backend for CudaBackend {
         graphs.done[p].wait()?;
         let (r, got, bad) = self.run_in_mode(Mode::Replay, body)?;
         r?;
-        // A mismatch: the step itself finds it again and recaptures.
-        if !bad && got == hash {
+        // Another launch shape: the graph kept for it, if any; else the step itself finds the
+        // mismatch again and captures.
+        if !bad && (got == hash || graphs.swap_in((rows, p), got, self.graph_cache)) {
             graphs.prepared = Some(rows);
         }
         Ok(graphs.prepared.is_some())
