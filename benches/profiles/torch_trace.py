@@ -89,7 +89,8 @@ for g, a, b in gaps[:6]:
 if phase == "decode" and steps > 2:
     # The gaps every step has: position i of the step's launch sequence, the median over the steps of
     # the idle time just before it (none while something before it still runs). Sums to the idle a
-    # step has on its own, without the profiler's occasional long host stalls.
+    # step has on its own, without the few long stretches (a decode graph captured again when the
+    # launch shape changes with the context, and the eager step before it).
     per_step = len(kernels) // steps
     med = []
     for i in range(per_step):
