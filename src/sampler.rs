@@ -287,6 +287,32 @@ impl Sampler {
         }
     }
 
+    /// Whether this sampler's next draw needs only the row's `k` best scaled logits: `Some((k, 1 /
+    /// temperature))` for top-k sampling (k up to 64, below the `vocab`) without penalties. Then
+    /// `sample_top` of `top_scaled(row, k, 1 / temperature)` draws what `sample(row)` draws: the same
+    /// token, log-probabilities and random stream. So a GPU need not send the whole row back.
+    pub fn wants_top(&self, vocab: usize) -> Option<(usize, f32)> {
+        let p = &self.params;
+        let plain = p.presence_penalty == 0.0 && p.frequency_penalty == 0.0 && p.repetition_penalty == 1.0;
+        (!p.is_greedy() && plain && (1..=SCAN_TOP_N).contains(&p.top_k) && p.top_k < vocab).then(|| (p.top_k, 1.0 / p.temperature))
+    }
+
+    /// `sample` of a row given as its best scaled logits (`top_scaled` with `wants_top`'s k and scale).
+    pub fn sample_top(&mut self, top: &[(f32, u32)]) -> Result<Sampled> {
+        let max = top.first().map_or(f32::NEG_INFINITY, |c| c.0);
+        if max == f32::NEG_INFINITY {
+            bail!(InvalidArgument, "every logit is -inf or NaN: nothing can be sampled");
+        }
+        // filter's candidates: those of the k best at or above min_p's floor, -inf never.
+        let floor = if self.params.min_p > 0.0 { max + self.params.min_p.ln() } else { f32::NEG_INFINITY }.max(f32::MIN);
+        self.candidates.clear();
+        self.candidates.extend(top.iter().copied().filter(|&(l, _)| l >= floor));
+        if self.params.top_p < 1.0 {
+            self.apply_top_p(max);
+        }
+        Ok(self.draw_from_candidates(max))
+    }
+
     fn load(&mut self, logits: &[f32]) {
         self.work.clear();
         self.work.extend(logits.iter().map(|&l| sanitize(l)));
@@ -404,17 +430,17 @@ impl Sampler {
         let total: f64 = self.candidates.iter().map(|&(l, _)| exp_neg(l - max) as f64).sum();
         let target = uniform(&mut self.rng) * total;
         let mut cumulative = 0.0;
-        let mut token = None;
-        for &(l, id) in &self.candidates {
-            cumulative += exp_neg(l - max) as f64;
+        let mut chosen = None;
+        for &c in &self.candidates {
+            cumulative += exp_neg(c.0 - max) as f64;
             if cumulative > target {
-                token = Some(id);
+                chosen = Some(c);
                 break;
             }
         }
         // Rounding left the target at the very top: take the last candidate with positive weight.
-        let fallback = || self.candidates.iter().rev().find(|c| exp_neg(c.0 - max) > 0.0).or(self.candidates.last());
-        let token = token.or_else(|| fallback().map(|c| c.1)).unwrap_or(0);
+        let fallback = || self.candidates.iter().rev().find(|c| exp_neg(c.0 - max) > 0.0).or(self.candidates.last()).copied();
+        let (token_l, token) = chosen.or_else(fallback).unwrap_or((max, 0));
         let log_z = total.ln();
         let n = self.params.logprobs.min(self.candidates.len());
         if n > 0 && n < self.candidates.len() {
@@ -422,7 +448,7 @@ impl Sampler {
         }
         self.candidates[..n].sort_unstable_by(rank);
         let top_logprobs = self.candidates[..n].iter().map(|&(l, id)| (id, logprob(l, max, log_z))).collect();
-        Sampled { token, logprob: logprob(self.work[token as usize], max, log_z), top_logprobs }
+        Sampled { token, logprob: logprob(token_l, max, log_z), top_logprobs }
     }
 
     /// weights = exp(work - max); returns their sum, accumulated block by block exactly as
@@ -517,6 +543,31 @@ fn scan_top_n(work: &[f32], n: usize, floor: f32, out: &mut Vec<(f32, u32)>) {
         }
         out.insert(pos, (l, i as u32));
     }
+}
+
+/// The `k` best of `logits` scaled by `inv_t` as `Sampler::sample` scales them (NaN as -inf, capped
+/// at f32::MAX), best first, equal values by lower id, -inf left out: what `Sampler::sample_top` takes.
+pub fn top_scaled(logits: &[f32], k: usize, inv_t: f32) -> Vec<(f32, u32)> {
+    let mut out = Vec::with_capacity(k + 1);
+    if k == 0 {
+        return out;
+    }
+    let mut floor = f32::MIN; // scan_top_n's test, with the scaling folded in
+    for (i, &l) in logits.iter().enumerate() {
+        let l = (sanitize(l) * inv_t).min(f32::MAX);
+        if l < floor || (out.len() == k && l <= floor) {
+            continue;
+        }
+        let pos = out.partition_point(|c: &(f32, u32)| c.0 >= l);
+        if out.len() == k {
+            out.pop();
+        }
+        out.insert(pos, (l, i as u32));
+        if out.len() == k {
+            floor = out[k - 1].0;
+        }
+    }
+    out
 }
 
 /// Most likely first; equal logits by lower id, so every selection is deterministic.

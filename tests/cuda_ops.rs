@@ -913,6 +913,41 @@ fn argmax_rows_on_device() {
 }
 
 #[test]
+fn top_rows_on_device_equal_the_rows_read_back() {
+    // Top-k sampling's candidates (`top_rows`): selected on the device against the same rows read back
+    // and selected on the host (sampler::top_scaled), value for value and id for id: ties, -0 and +0,
+    // NaN, ±inf, per-row k and temperature, a row with fewer finite values than k, a short row and a
+    // long one, all columns or fewer (`limit`).
+    for dtype in DTYPES {
+        let Some(g) = gpu(dtype) else { return };
+        g.set_device_top(true);
+        let mut r = Rng(12);
+        for (rows, cols) in [(3usize, 151_936usize), (2, 1000), (1, 300_000)] {
+            let mut x: Vec<f32> = r.uniform(rows * cols, 8.0).iter().map(|v| (v * 2.0).round() / 2.0).collect();
+            (x[5], x[77], x[cols - 1], x[9], x[10]) = (f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 0.0);
+            if rows > 1 {
+                x[cols + 3] = 100.0;
+            }
+            if rows > 2 {
+                for v in &mut x[2 * cols..3 * cols] {
+                    *v = f32::NEG_INFINITY; // row 2: three finite values only
+                }
+                (x[2 * cols + 7], x[2 * cols + 8], x[2 * cols + 900]) = (-0.0, 0.0, -3.0);
+            }
+            let buf = g.upload_buf(rows, cols, &x).unwrap();
+            let want: Vec<(usize, f32)> = [(20, 1.0 / 0.6), (64, 1.0), (5, 3.0)].into_iter().take(rows).collect();
+            for limit in [cols, cols - 100] {
+                let dev = g.top_rows(&buf, rows, limit, &want).unwrap();
+                let host = qwen3rs::backend::top_rows_on_host(&g, &buf, rows, limit, &want).unwrap();
+                let bits = |v: &Vec<Vec<(f32, u32)>>| v.iter().map(|row| row.iter().map(|&(l, i)| (l.to_bits(), i)).collect::<Vec<_>>()).collect::<Vec<_>>();
+                assert_eq!(bits(&dev), bits(&host), "{} rows {rows} cols {cols} limit {limit}", dtype.name());
+                assert!(dev.iter().zip(&want).all(|(row, w)| row.len() <= w.0));
+            }
+        }
+    }
+}
+
+#[test]
 fn out_of_memory_is_an_error_and_the_backend_stays_usable() {
     let Some(g) = gpu(DType::BF16) else { return };
     // 1 TiB of KV cache: more than any GPU has.

@@ -318,6 +318,14 @@ pub trait Backend: Send + Sync + Sized + 'static {
         crate::bail!(Device, "take_argmax without a queued argmax")
     }
 
+    /// Per row r of `logits` [R, V], over its first `limit` columns: the `want[r].0` best values
+    /// scaled by `want[r].1` as the sampler scales them, best first (`sampler::top_scaled`), for
+    /// `Sampler::sample_top`. A GPU backend may select them on the device and copy back k per row
+    /// instead of V; the default reads the rows back.
+    fn top_rows(&self, logits: &Self::Buf, rows: usize, limit: usize, want: &[(usize, f32)]) -> Result<Vec<Vec<(f32, u32)>>> {
+        top_rows_on_host(self, logits, rows, limit, want)
+    }
+
     /// Greedy choice per row of `logits` [R, V]: the index of the largest value, NaN counting as
     /// -inf and ties going to the lowest index (as the sampler's greedy mode). A GPU backend does
     /// this on the device and copies back R ids instead of R × V logits.
@@ -328,6 +336,14 @@ pub trait Backend: Send + Sync + Sized + 'static {
         let cols = values.len().checked_div(rows).unwrap_or(0);
         Ok(values.chunks(cols.max(1)).take(rows).map(|row| argmax(&row[..limit.min(row.len())])).collect())
     }
+}
+
+/// `Backend::top_rows` from the rows read back to the host.
+pub fn top_rows_on_host<B: Backend>(b: &B, logits: &B::Buf, rows: usize, limit: usize, want: &[(usize, f32)]) -> Result<Vec<Vec<(f32, u32)>>> {
+    let values = b.download(logits)?;
+    let cols = values.len().checked_div(rows).unwrap_or(0);
+    crate::ensure!(want.len() == rows && cols > 0, InvalidArgument, "top_rows: {} wants for {rows} rows of {cols}", want.len());
+    Ok(want.iter().enumerate().map(|(r, &(k, inv_t))| crate::sampler::top_scaled(&values[r * cols..r * cols + limit.min(cols)], k, inv_t)).collect())
 }
 
 /// Index of the largest value; NaN counts as -inf, ties go to the lowest index.

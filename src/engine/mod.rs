@@ -453,10 +453,16 @@ impl<B: Backend> Engine<B> {
                 self.steps_ahead[0] += 1;
             }
         }
-        let (logits, greedy) = match (all_greedy, queued) {
-            (true, true) => (vec![], self.model.backend.take_argmax(rows)?),
-            (true, false) => (vec![], self.model.backend.argmax_rows(self.step_logits(prefilling), rows, usable)?),
-            (false, _) => (self.model.backend.download(self.step_logits(prefilling))?, vec![]),
+        // Top-k sampling without penalties needs only each row's k best scaled logits (a forced
+        // row needs none: any stand-in).
+        let wants: Option<Vec<(usize, f32)>> =
+            sampling.iter().map(|&i| if seqs[i].forced.is_empty() { seqs[i].sampler.wants_top(usable) } else { Some((1, 1.0)) }).collect();
+        let be = &self.model.backend;
+        let (logits, greedy, tops) = match (all_greedy, queued, wants) {
+            (true, true, _) => (vec![], be.take_argmax(rows)?, vec![]),
+            (true, false, _) => (vec![], be.argmax_rows(self.step_logits(prefilling), rows, usable)?, vec![]),
+            (false, _, Some(wants)) => (vec![], vec![], be.top_rows(self.step_logits(prefilling), rows, usable, &wants)?),
+            (false, _, None) => (be.download(self.step_logits(prefilling))?, vec![], vec![]),
         };
         let mut deltas = vec![];
         for (r, &i) in sampling.iter().enumerate() {
@@ -471,7 +477,10 @@ impl<B: Backend> Engine<B> {
                     if all_greedy {
                         greedy[r]
                     } else {
-                        let sampled = seq.sampler.sample(&logits[r * vocab..r * vocab + usable], &seq.generated)?;
+                        let sampled = match tops.get(r) {
+                            Some(top) => seq.sampler.sample_top(top)?,
+                            None => seq.sampler.sample(&logits[r * vocab..r * vocab + usable], &seq.generated)?,
+                        };
                         if seq.request.sampling.logprobs > 0 {
                             seq.logprobs.push((sampled.logprob, sampled.top_logprobs));
                         }

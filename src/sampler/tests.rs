@@ -371,3 +371,50 @@ fn scan_top_n_equals_a_full_sort() {
     }
 }
 
+
+#[test]
+fn top_scaled_is_the_scaled_rows_best_in_rank_order() {
+    // Ties (quantised values), -0 and +0, NaN, ±inf; against a full sort of the scaled row.
+    let mut l: Vec<f32> = logits(5000, 21, 6.0).iter().map(|v| (v * 2.0).round() / 2.0).collect();
+    (l[3], l[17], l[40], l[41], l[99]) = (f32::NAN, f32::INFINITY, -0.0, 0.0, f32::NEG_INFINITY);
+    for (k, inv_t) in [(1, 1.0), (20, 1.0 / 0.6), (64, 1.0 / 0.7), (7, 3.0)] {
+        let scaled: Vec<f32> = l.iter().map(|&v| (sanitize(v) * inv_t).min(f32::MAX)).collect();
+        let mut order: Vec<usize> = (0..l.len()).filter(|&i| scaled[i] > f32::NEG_INFINITY).collect();
+        order.sort_by(|&a, &b| scaled[b].partial_cmp(&scaled[a]).unwrap().then(a.cmp(&b)));
+        let want: Vec<(f32, u32)> = order.iter().take(k).map(|&i| (scaled[i], i as u32)).collect();
+        assert_eq!(top_scaled(&l, k, inv_t), want, "k {k}");
+    }
+    assert!(top_scaled(&l, 0, 1.0).is_empty());
+    assert!(top_scaled(&[f32::NAN, f32::NEG_INFINITY], 4, 1.0).is_empty());
+}
+
+#[test]
+fn sampling_from_the_top_equals_sampling_from_the_row() {
+    // For every top-k sampler without penalties, sample_top(top_scaled(row)) draws what sample(row)
+    // draws, step after step (the same random stream), logprobs included; the rows have ties.
+    let mut rows: Vec<Vec<f32>> = (0..6).map(|s| logits(4099, 30 + s, 8.0).iter().map(|v| (v * 4.0).round() / 4.0).collect()).collect();
+    for (i, row) in rows.iter_mut().enumerate().skip(3) {
+        row[100 * i] = 12.0; // peaked rows, where min_p and top_p cut inside the top k
+        row[100 * i + 1] = 9.5;
+    }
+    let cases = [(0.6, 20, 0.95, 0.0, 0), (0.7, 20, 0.8, 0.0, 3), (1.0, 64, 1.0, 0.05, 5), (1.3, 1, 1.0, 0.0, 1), (0.2, 7, 0.5, 0.1, 2)];
+    for (t, k, top_p, min_p, lp) in cases {
+        let p = SamplingParams { logprobs: lp, ..params(t, k, top_p, min_p) };
+        let (mut full, mut top) = (Sampler::new(p.clone(), &[1, 2]).unwrap(), Sampler::new(p.clone(), &[1, 2]).unwrap());
+        let (want_k, inv_t) = top.wants_top(4099).expect("a top-k sampler without penalties");
+        assert_eq!((want_k, inv_t), (k, 1.0 / t));
+        for row in rows.iter().cycle().take(30) {
+            let a = full.sample(row, &[]).unwrap();
+            let b = top.sample_top(&top_scaled(row, want_k, inv_t)).unwrap();
+            assert_eq!(a, b, "{p:?}");
+        }
+    }
+    // Not for greedy, penalties, no top-k, or a top-k past 64 or the vocabulary.
+    for p in [params(0.0, 20, 1.0, 0.0), SamplingParams { repetition_penalty: 1.1, ..params(0.6, 20, 0.95, 0.0) },
+              params(0.6, 0, 0.95, 0.0), params(0.6, 65, 0.95, 0.0), params(0.6, 100, 1.0, 0.0)] {
+        assert_eq!(Sampler::new(p.clone(), &[]).unwrap().wants_top(100), None, "{p:?}");
+    }
+    // A row with nothing to sample is the same error both ways.
+    let mut s = Sampler::new(params(0.6, 20, 0.95, 0.0), &[]).unwrap();
+    assert!(s.sample_top(&top_scaled(&[f32::NAN; 8], 20, 1.0)).is_err());
+}

@@ -149,8 +149,9 @@ enum Meta {
     Tables,
     Rows,
     Tiles,
+    TopScale,
 }
-const N_META: usize = 8;
+const N_META: usize = 9;
 
 /// Kinds of scratch buffer (index into `CudaBackend::scratch`).
 #[derive(Clone, Copy)]
@@ -170,8 +171,10 @@ enum Scratch {
     AttnMl,      // [T, nh, splits, 2] f32
     AttnAcc,     // [T, nh, splits, hd] f32
     Xs,          // [P, H] rows of x in expert order
+    TopPart,     // [R, blocks, k] u64 (top_rows)
+    TopOut,      // [R, k] u64
 }
-const N_SCRATCH: usize = 15;
+const N_SCRATCH: usize = 17;
 
 /// A grow-only device buffer that remembers what was last uploaded into it.
 #[derive(Default)]
@@ -233,6 +236,11 @@ struct RopeArgs {
     positions: u64,
     eps: f32,
 }
+
+/// Most values a row `top_rows` selects on the device, and a thread's share of a row (TOP_MAX and
+/// TOP_PER_THREAD in elementwise.cu).
+const TOP_MAX: usize = 64;
+const TOP_PER_THREAD: usize = 16;
 
 /// A staged input id meaning "the id the last queued argmax chooses for this row" (elementwise.cu).
 const FROM_DEVICE: u32 = u32::MAX;
@@ -342,6 +350,11 @@ pub struct CudaBackend {
     /// (`QWEN3RS_CUDA_GRAPH_CACHE=N`; 0, the default until measured on a GPU: a shape change drops
     /// the graph, and the step after next captures it again).
     graph_cache: usize,
+    /// Top-k sampling's candidates selected on the device (`top_rows`; `QWEN3RS_CUDA_DEVICE_TOP=1`,
+    /// off until measured on a GPU: the rows are read back and selected on the host), and the
+    /// kernel's per-row block counters (zero between launches) with their capacity in rows.
+    device_top: std::sync::atomic::AtomicBool,
+    top_counts: Mutex<Option<(DevMem, usize)>>,
     /// Set when a graph-mode forward did something a graph can't replay.
     graph_bad: std::sync::atomic::AtomicBool,
     /// `QWEN3RS_CUDA_TRACE=1`: host time of each graph replay's parts, reported every 100 replays.
@@ -502,6 +515,7 @@ impl CudaBackend {
         Ok(CudaBackend { gpu, ordinal, meta: Mutex::new(slots(N_META)), staging: Default::default(), scratch: Mutex::new(slots(N_SCRATCH)), graphs, parity: 0.into(),
             pipeline: !env_off("QWEN3RS_CUDA_PIPELINE"), ahead: !env_off("QWEN3RS_CUDA_AHEAD") && replays == 1,
             argmax: Mutex::new(argmax), graph_cache: env_count("QWEN3RS_CUDA_GRAPH_CACHE").unwrap_or(0),
+            device_top: std::env::var("QWEN3RS_CUDA_DEVICE_TOP").is_ok_and(|v| v.trim() == "1").into(), top_counts: Mutex::new(None),
             graph_bad: Default::default(), replay_trace: trace.then(Default::default), replays,
             fused: !env_off("QWEN3RS_CUDA_FUSED"),
             rope_attn: !env_off("QWEN3RS_CUDA_ROPE_ATTN"), fused_route: !env_off("QWEN3RS_CUDA_FUSED_ROUTE"),
@@ -516,6 +530,12 @@ impl CudaBackend {
     /// as `QWEN3RS_CUDA_MOE_CUBLAS` chooses at construction: lets one test process check both.
     pub fn set_moe_cublas(&self, on: bool) {
         self.moe_cublas.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Top-k sampling's candidates selected on the device (`true`) or from the rows read back, as
+    /// `QWEN3RS_CUDA_DEVICE_TOP` chooses at construction: lets one test process check both.
+    pub fn set_device_top(&self, on: bool) {
+        self.device_top.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Most decode-attention splits merged in a thread block cluster (0: every split count goes
@@ -1618,6 +1638,37 @@ impl Backend for CudaBackend {
         // The low half of a key is the complement of the index (argmax_key in elementwise.cu).
         let index = |k: u64| if k == 0 { 0 } else { u32::MAX - k as u32 };
         Ok(host.as_slice()[..rows * 8].chunks_exact(8).map(|c| index(bytemuck::pod_read_unaligned(c))).collect())
+    }
+
+    fn top_rows(&self, logits: &CudaBuf, rows: usize, limit: usize, want: &[(usize, f32)]) -> Result<Vec<Vec<(f32, u32)>>> {
+        let (limit, k) = (limit.min(logits.cols), want.iter().map(|w| w.0).max().unwrap_or(0));
+        let nb = limit.div_ceil(256 * TOP_PER_THREAD);
+        if !self.device_top.load(std::sync::atomic::Ordering::Relaxed) || k == 0 || k > TOP_MAX || nb * k > 256 * TOP_PER_THREAD || want.len() != rows || logits.rows != rows {
+            return super::top_rows_on_host(self, logits, rows, limit, want);
+        }
+        let scales: Vec<f32> = want.iter().map(|w| w.1).collect();
+        let inv_t = self.meta(Meta::TopScale, bytemuck::cast_slice(&scales))?;
+        let [part, out] = self.scratch([(Scratch::TopPart, rows * nb * k * 8), (Scratch::TopOut, rows * k * 8)])?;
+        let counts = {
+            let mut c = lock(&self.top_counts)?;
+            if c.as_ref().is_none_or(|(_, cap)| *cap < rows) {
+                self.gpu.sync()?; // no launch may still count in the old buffer
+                *c = Some((self.gpu.alloc_zeroed(4 * rows.max(32))?, rows.max(32)));
+            }
+            c.as_ref().map_or(0, |(m, _)| m.ptr)
+        };
+        let (xp, ci, li, ki) = (logits.mem.ptr, logits.cols as i32, limit as i32, k as i32);
+        self.gpu.launch("elementwise", "top_rows", (nb as u32, rows as u32, 1), 256, 0, args![out, part, counts, xp, inv_t, ci, li, ki])?;
+        let keys: Vec<u64> = self.download_typed(rows * k, out)?;
+        // A key (top_key): the value's bits made order-preserving, above 2^31 - 1 - index, above a zero's sign.
+        let decode = |key: u64| {
+            let (o, low) = ((key >> 32) as u32, key as u32);
+            let v = f32::from_bits(if o & 0x8000_0000 != 0 { o & 0x7fff_ffff } else { !o });
+            (if low & 1 == 1 { -0.0 } else { v }, 0x7fff_ffff - (low >> 1))
+        };
+        Ok(want.iter().enumerate().map(|(r, &(kr, _))| {
+            keys[r * k..r * k + kr].iter().filter(|&&key| key != 0).map(|&key| decode(key)).filter(|c| c.0 > f32::NEG_INFINITY).collect()
+        }).collect())
     }
 
     fn launch_ahead(&self, rows: usize) -> Result<bool> {

@@ -115,6 +115,79 @@ extern "C" __global__ void argmax_rows(unsigned long long* keys, unsigned* count
     }
 }
 
+// Top-k for sampling (CudaBackend::top_rows; the host's sampler::top_scaled): per row r, the k <= TOP_MAX
+// best of s_j = min(sanitize(x[r, j]) * inv_t[r], FLT_MAX) over j < limit (sanitize: NaN as -inf, capped
+// at FLT_MAX; a plain IEEE product as on the host) as top_key(s_j, j) keys, best first, 0 past the
+// row's elements. grid (blocks, rows), 256 threads; block b holds the row's elements b * 256 + t + u *
+// blocks * 256 (u < TOP_PER_THREAD: the host sizes the grid so) in registers and takes k rounds of a
+// block-wide max, each below the last, into part[r][b][..]; the row's last block to finish (counts[r])
+// runs the same rounds over the blocks' parts into out[r][..] and clears counts[r] for the next launch.
+#define TOP_MAX 64
+#define TOP_PER_THREAD 16
+
+// A value (not NaN) and its index j < 2^31 as one u64 ordered as the host ranks them: larger values
+// first, -0 equal to +0, then lower indices; the low bit keeps a zero's sign (the host reports -0).
+__device__ __forceinline__ unsigned long long top_key(float v, int j) {
+    const unsigned neg_zero = v == 0.f && signbit(v);
+    const unsigned b = __float_as_uint(v == 0.f ? 0.f : v);
+    const unsigned o = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    return ((unsigned long long)o << 32) | ((0x7fffffffu - (unsigned)j) << 1) | neg_zero;
+}
+
+// The k best of the block's keys (TOP_PER_THREAD a thread in `mine`, 0 for none), best first, into dst.
+__device__ __forceinline__ void block_top(const unsigned long long (&mine)[TOP_PER_THREAD], unsigned long long* dst, int k) {
+    __shared__ unsigned long long warp_best[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    unsigned long long below = ~0ull;  // keys are distinct (each holds its index): strictly below the last taken
+    for (int i = 0; i < k; i++) {
+        unsigned long long best = 0;
+#pragma unroll
+        for (int u = 0; u < TOP_PER_THREAD; u++) best = mine[u] < below ? max(best, mine[u]) : best;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) best = max(best, __shfl_xor_sync(0xffffffffu, best, o));
+        if (lane == 0) warp_best[warp] = best;
+        __syncthreads();
+        best = 0;
+        for (int w = 0; w < warps; w++) best = max(best, warp_best[w]);
+        if (threadIdx.x == 0) dst[i] = best;
+        below = best;
+        __syncthreads();  // before warp_best is written again
+    }
+}
+
+extern "C" __global__ void top_rows(unsigned long long* out, unsigned long long* part, unsigned* counts, const act_t* x,
+    const float* inv_t, int cols, int limit, int k) {
+    __shared__ bool last;
+    grid_dependency();
+    const int r = blockIdx.y, nb = gridDim.x;
+    const act_t* row = x + (size_t)r * cols;
+    const float it = inv_t[r];
+    unsigned long long mine[TOP_PER_THREAD];
+#pragma unroll
+    for (int u = 0; u < TOP_PER_THREAD; u++) {
+        const int j = blockIdx.x * blockDim.x + threadIdx.x + u * nb * blockDim.x;
+        float v = j < limit ? to_f(row[j]) : 0.f;
+        v = isnan(v) ? -INFINITY : fminf(v, 3.402823466e38f);
+        mine[u] = j < limit ? top_key(fminf(v * it, 3.402823466e38f), j) : 0ull;
+    }
+    unsigned long long* parts = part + (size_t)r * nb * k;
+    block_top(mine, parts + (size_t)blockIdx.x * k, k);
+    if (threadIdx.x == 0) {
+        __threadfence();  // this block's part before its count
+        last = atomicAdd(counts + r, 1u) == nb - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+#pragma unroll
+    for (int u = 0; u < TOP_PER_THREAD; u++) {
+        const int i = threadIdx.x + u * blockDim.x;
+        mine[u] = i < nb * k ? __ldcg(parts + i) : 0ull;
+    }
+    block_top(mine, out + (size_t)r * k, k);
+    if (threadIdx.x == 0) counts[r] = 0;
+}
+
 // Dummy weights on the device: the same splitmix64 chains as model/dummy.rs, so the values are
 // bit-identical to the host's. Element j of chunk c (DUMMY_CHUNK elements) is the (j+1)-th state of
 // the chain started at splitmix64(key ^ c * 0x2545F4914F6CDD1D), mapped to
