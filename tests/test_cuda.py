@@ -139,13 +139,17 @@ def test_out_of_memory_is_an_exception_and_the_process_stays_usable():
 
 @pytest.mark.gpu
 @GPU
-def test_sampling_features_unchanged_on_gpu():
-    """Sampling, penalties, logprobs-free greedy, stop ids and batching: same tokens as the CPU in f32."""
+@pytest.mark.parametrize("device_top", ["0", "1"])
+def test_sampling_features_unchanged_on_gpu(device_top, monkeypatch):
+    """Sampling, penalties, logprobs-free greedy, stop ids and batching: same tokens as the CPU in f32;
+    top-k sampling's candidates selected on the device too (QWEN3RS_CUDA_DEVICE_TOP=1)."""
+    monkeypatch.setenv("QWEN3RS_CUDA_DEVICE_TOP", device_top)
     g = qwen3rs.load(FIXTURES / CASE, device="cuda", dtype="float32", progress=False)
     c = qwen3rs.load(FIXTURES / CASE, device="cpu", dtype="float32", progress=False)
     prompt = [3, 14, 15, 92, 65]
     for kw in [dict(temperature=0.0), dict(temperature=0.8, top_k=20, top_p=0.9, seed=3),
-               dict(temperature=0.0, repetition_penalty=1.3), dict(temperature=1.0, min_p=0.05, presence_penalty=0.5, seed=1)]:
+               dict(temperature=0.0, repetition_penalty=1.3), dict(temperature=1.0, min_p=0.05, presence_penalty=0.5, seed=1),
+               dict(temperature=0.6, top_k=20, top_p=0.95, seed=5, logprobs=3), dict(temperature=1.2, top_k=64, min_p=0.02, seed=8)]:
         a = g.generate(prompt, raw=True, max_new_tokens=16, ignore_eos=True, **kw)
         b = c.generate(prompt, raw=True, max_new_tokens=16, ignore_eos=True, **kw)
         assert a.token_ids == b.token_ids, kw
