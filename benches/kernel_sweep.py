@@ -9,7 +9,7 @@ switches (README, "GPU"), the others tunable kernel constants passed through QWE
 installed there (`pip install --no-deps --target DIR OTHER.whl`: two wheels A/B in one call). Every round runs every variant of
 every model once, interleaved (variants next to each other on the same machine state; round r starts
 at variant r, so that none always runs first), each in its
-own process through `gpu_bench.py --one`. Prints per model and variant the best decode and prefill
+own process through `gpu_bench.py --one`. Prints per model and variant the best decode, sampled decode and prefill
 tok/s over the rounds and the ratio to the first variant; writes $OUT/kernel_sweep.json.
 """
 
@@ -73,14 +73,17 @@ def main():
         vals = [x[key] for x in runs[(m, v)] if isinstance(x.get(key), (int, float))]
         return max(vals) if vals else None
 
-    print(f"\n{'model':<15} {'variant':<44} {'decode':>8} {'ratio':>6} {'prefill2k':>10} {'ratio':>6}")
+    keys = ["decode_tok_s", "decode_sampled_tok_s", "prefill_2048_tok_s"]
+    print(f"\n{'model':<15} {'variant':<40} {'decode':>8} {'ratio':>6} {'sampled':>8} {'ratio':>6} {'prefill2k':>10} {'ratio':>6}")
     for m in models:
-        base_d, base_p = best(m, a.variants[0], "decode_tok_s"), best(m, a.variants[0], "prefill_2048_tok_s")
+        base = [best(m, a.variants[0], key) for key in keys]
         for v in a.variants:
-            d, p = best(m, v, "decode_tok_s"), best(m, v, "prefill_2048_tok_s")
-            rd = f"{d / base_d:.3f}" if d and base_d else "-"
-            rp = f"{p / base_p:.3f}" if p and base_p else "-"
-            print(f"{m:<15} {(v or '(as built)')[:44]:<44} {d or 0:>8.1f} {rd:>6} {p or 0:>10.0f} {rp:>6}")
+            cells = ""
+            for key, b in zip(keys, base):
+                x = best(m, v, key)
+                width = 10 if key.startswith("prefill") else 8
+                cells += f" {x or 0:>{width}.1f} {f'{x / b:.3f}' if x and b else '-':>6}"
+            print(f"{m:<15} {(v or '(as built)')[:40]:<40}{cells}")
 
 
 if __name__ == "__main__":
