@@ -475,7 +475,7 @@ impl Sampler {
         self.candidates.clear();
         let work = &self.work;
         if n > 0 && n <= SCAN_TOP_N {
-            scan_top_n(work, n, floor, &mut self.candidates);
+            scan_top_n(work.iter().copied(), n, floor, &mut self.candidates);
             return;
         }
         let eligible = |&(l, _): &(f32, u32)| l > f32::NEG_INFINITY && l >= floor;
@@ -529,12 +529,13 @@ impl Sampler {
     }
 }
 
-/// The `n` best (logit, id) pairs with logit ≥ `floor` and > -inf, in rank order, by one scan.
-/// Scanning ids in increasing order and inserting after equal logits keeps ties by lower id.
-fn scan_top_n(work: &[f32], n: usize, floor: f32, out: &mut Vec<(f32, u32)>) {
-    let floor = floor.max(f32::MIN);
-    for (i, &l) in work.iter().enumerate() {
-        if l < floor || (out.len() == n && l <= out[n - 1].0) {
+/// The `n` (> 0) best (value, id) pairs of `values` with value ≥ `floor` and > -inf, in rank order,
+/// by one scan. Scanning ids in increasing order and inserting after equal values keeps ties by lower id.
+fn scan_top_n(values: impl Iterator<Item = f32>, n: usize, floor: f32, out: &mut Vec<(f32, u32)>) {
+    // Below `least` nothing gets in: the floor, then (once n are in) the n-th best so far.
+    let mut least = floor.max(f32::MIN);
+    for (i, l) in values.enumerate() {
+        if l < least || (out.len() == n && l <= least) {
             continue;
         }
         let pos = out.partition_point(|c| c.0 >= l);
@@ -542,6 +543,9 @@ fn scan_top_n(work: &[f32], n: usize, floor: f32, out: &mut Vec<(f32, u32)>) {
             out.pop();
         }
         out.insert(pos, (l, i as u32));
+        if out.len() == n {
+            least = out[n - 1].0;
+        }
     }
 }
 
@@ -549,23 +553,8 @@ fn scan_top_n(work: &[f32], n: usize, floor: f32, out: &mut Vec<(f32, u32)>) {
 /// at f32::MAX), best first, equal values by lower id, -inf left out: what `Sampler::sample_top` takes.
 pub fn top_scaled(logits: &[f32], k: usize, inv_t: f32) -> Vec<(f32, u32)> {
     let mut out = Vec::with_capacity(k + 1);
-    if k == 0 {
-        return out;
-    }
-    let mut floor = f32::MIN; // scan_top_n's test, with the scaling folded in
-    for (i, &l) in logits.iter().enumerate() {
-        let l = (sanitize(l) * inv_t).min(f32::MAX);
-        if l < floor || (out.len() == k && l <= floor) {
-            continue;
-        }
-        let pos = out.partition_point(|c: &(f32, u32)| c.0 >= l);
-        if out.len() == k {
-            out.pop();
-        }
-        out.insert(pos, (l, i as u32));
-        if out.len() == k {
-            floor = out[k - 1].0;
-        }
+    if k > 0 {
+        scan_top_n(logits.iter().map(|&l| (sanitize(l) * inv_t).min(f32::MAX)), k, f32::NEG_INFINITY, &mut out);
     }
     out
 }

@@ -365,7 +365,7 @@ fn scan_top_n_equals_a_full_sort() {
     order.sort_by(|&a, &b| l[b].partial_cmp(&l[a]).unwrap().then(a.cmp(&b)));
     for (n, floor) in [(1, f32::NEG_INFINITY), (20, f32::NEG_INFINITY), (64, 3.5), (64, f32::NEG_INFINITY)] {
         let mut out = Vec::new();
-        scan_top_n(&l, n, floor, &mut out);
+        scan_top_n(l.iter().copied(), n, floor, &mut out);
         let want: Vec<u32> = order.iter().filter(|&&i| l[i] >= floor).take(n).map(|&i| i as u32).collect();
         assert_eq!(out.iter().map(|c| c.1).collect::<Vec<_>>(), want, "n {n} floor {floor}");
     }
