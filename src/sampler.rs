@@ -23,7 +23,10 @@
 //! polynomial rather than a libm call (~1 ns instead of ~7 ns per token id). Measured at the
 //! full vocab (opt-level 3, loaded 2-core box): greedy + 5 logprobs ≈ 0.6 ms, Qwen's top_k 20 /
 //! top_p 0.95 ≈ 0.4 ms; top_p without top_k over *flat* logits (nucleus of ~8k ids) ≈ 6 ms, the
-//! worst case, since peaked real distributions stop after the first 64-id chunk.
+//! worst case, since peaked real distributions stop after the first 64-id chunk. Top-k sampling
+//! without penalties (Qwen3's defaults) needs only the row's k best scaled logits: `wants_top` says
+//! so, `top_scaled` (or a GPU, `Backend::top_rows`) selects them, and `sample_top` draws from them
+//! exactly what `sample` draws from the whole row.
 
 use crate::error::Result;
 use crate::{bail, ensure};
