@@ -453,16 +453,19 @@ impl<B: Backend> Engine<B> {
                 self.steps_ahead[0] += 1;
             }
         }
-        // Top-k sampling without penalties needs only each row's k best scaled logits (a forced
-        // row needs none: any stand-in).
-        let wants: Option<Vec<(usize, f32)>> =
-            sampling.iter().map(|&i| if seqs[i].forced.is_empty() { seqs[i].sampler.wants_top(usable) } else { Some((1, 1.0)) }).collect();
         let be = &self.model.backend;
-        let (logits, greedy, tops) = match (all_greedy, queued, wants) {
-            (true, true, _) => (vec![], be.take_argmax(rows)?, vec![]),
-            (true, false, _) => (vec![], be.argmax_rows(self.step_logits(prefilling), rows, usable)?, vec![]),
-            (false, _, Some(wants)) => (vec![], vec![], be.top_rows(self.step_logits(prefilling), rows, usable, &wants)?),
-            (false, _, None) => (be.download(self.step_logits(prefilling))?, vec![], vec![]),
+        let (logits, greedy, tops) = if all_greedy {
+            let ids = if queued { be.take_argmax(rows)? } else { be.argmax_rows(self.step_logits(prefilling), rows, usable)? };
+            (vec![], ids, vec![])
+        } else {
+            // Top-k sampling without penalties needs only each row's k best scaled logits (a forced
+            // row needs none: any stand-in).
+            let wants: Option<Vec<(usize, f32)>> =
+                sampling.iter().map(|&i| if seqs[i].forced.is_empty() { seqs[i].sampler.wants_top(usable) } else { Some((1, 1.0)) }).collect();
+            match wants {
+                Some(wants) => (vec![], vec![], be.top_rows(self.step_logits(prefilling), rows, usable, &wants)?),
+                None => (be.download(self.step_logits(prefilling))?, vec![], vec![]),
+            }
         };
         let mut deltas = vec![];
         for (r, &i) in sampling.iter().enumerate() {

@@ -246,10 +246,11 @@ const TOP_PER_THREAD: usize = 16;
 const FROM_DEVICE: u32 = u32::MAX;
 
 /// The greedy choice: `argmax_rows` (elementwise.cu) state for up to `cap` rows, and the last
-/// `queue_argmax`'s event.
+/// `queue_argmax`'s event. Its per-row block counters also serve `top_rows` (stream order keeps the
+/// two kernels apart, and each leaves them zero).
 struct Argmax {
-    /// keys [cap] u64, chosen [cap] u64, counts [cap] u32: zero between launches (the kernel clears
-    /// what it used), chosen the last launch's keys.
+    /// keys [cap] u64, chosen [cap] u64, counts [cap] u32: zero between launches (the kernels clear
+    /// what they used), chosen the last argmax launch's keys.
     dev: Option<DevMem>,
     /// The chosen keys again, in mapped host memory [cap] u64, and its device address.
     host: Option<(PinnedMem, u64)>,
@@ -351,10 +352,8 @@ pub struct CudaBackend {
     /// the graph, and the step after next captures it again).
     graph_cache: usize,
     /// Top-k sampling's candidates selected on the device (`top_rows`; `QWEN3RS_CUDA_DEVICE_TOP=1`,
-    /// off until measured on a GPU: the rows are read back and selected on the host), and the
-    /// kernel's per-row block counters (zero between launches) with their capacity in rows.
+    /// off until measured on a GPU: the rows are read back and selected on the host).
     device_top: std::sync::atomic::AtomicBool,
-    top_counts: Mutex<Option<(DevMem, usize)>>,
     /// Set when a graph-mode forward did something a graph can't replay.
     graph_bad: std::sync::atomic::AtomicBool,
     /// `QWEN3RS_CUDA_TRACE=1`: host time of each graph replay's parts, reported every 100 replays.
@@ -515,7 +514,7 @@ impl CudaBackend {
         Ok(CudaBackend { gpu, ordinal, meta: Mutex::new(slots(N_META)), staging: Default::default(), scratch: Mutex::new(slots(N_SCRATCH)), graphs, parity: 0.into(),
             pipeline: !env_off("QWEN3RS_CUDA_PIPELINE"), ahead: !env_off("QWEN3RS_CUDA_AHEAD") && replays == 1,
             argmax: Mutex::new(argmax), graph_cache: env_count("QWEN3RS_CUDA_GRAPH_CACHE").unwrap_or(0),
-            device_top: std::env::var("QWEN3RS_CUDA_DEVICE_TOP").is_ok_and(|v| v.trim() == "1").into(), top_counts: Mutex::new(None),
+            device_top: std::env::var("QWEN3RS_CUDA_DEVICE_TOP").is_ok_and(|v| v.trim() == "1").into(),
             graph_bad: Default::default(), replay_trace: trace.then(Default::default), replays,
             fused: !env_off("QWEN3RS_CUDA_FUSED"),
             rope_attn: !env_off("QWEN3RS_CUDA_ROPE_ATTN"), fused_route: !env_off("QWEN3RS_CUDA_FUSED_ROUTE"),
@@ -1649,14 +1648,7 @@ impl Backend for CudaBackend {
         let scales: Vec<f32> = want.iter().map(|w| w.1).collect();
         let inv_t = self.meta(Meta::TopScale, bytemuck::cast_slice(&scales))?;
         let [part, out] = self.scratch([(Scratch::TopPart, rows * nb * k * 8), (Scratch::TopOut, rows * k * 8)])?;
-        let counts = {
-            let mut c = lock(&self.top_counts)?;
-            if c.as_ref().is_none_or(|(_, cap)| *cap < rows) {
-                self.gpu.sync()?; // no launch may still count in the old buffer
-                *c = Some((self.gpu.alloc_zeroed(4 * rows.max(32))?, rows.max(32)));
-            }
-            c.as_ref().map_or(0, |(m, _)| m.ptr)
-        };
+        let counts = self.argmax_state(rows)?.ptrs().1;
         let (xp, ci, li, ki) = (logits.mem.ptr, logits.cols as i32, limit as i32, k as i32);
         self.gpu.launch("elementwise", "top_rows", (nb as u32, rows as u32, 1), 256, 0, args![out, part, counts, xp, inv_t, ci, li, ki])?;
         let keys: Vec<u64> = self.download_typed(rows * k, out)?;

@@ -345,7 +345,6 @@ __device__ __forceinline__ void gemv3_rows(act_t* o0, const act_t* w0, int N0, a
     }
 }
 
-
 // The dense MLP's first half: out [T, N] = round(round(silu(round(x·gateᵀ))) * round(x·upᵀ)), rounding
 // exactly where matmul, matmul, swiglu would; with nw, of the normed input (stage_input).
 template <int TMAX, bool XS>
