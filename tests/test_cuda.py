@@ -178,9 +178,9 @@ def test_cuda_graph_replay_gives_the_eager_tokens(case, monkeypatch):
     recaptured, not replayed with a stale launch shape). Replays are prepared a step ahead (the
     host's dry pass overlaps the previous step): also sampled tokens (the prepared step gets its ids
     late), stop tokens that end a sequence with a step prepared for it, and a batch whose sequences
-    end at different steps (a prepared step of three rows, then steps of two and one). With
-    QWEN3RS_CUDA_GRAPH_CACHE the graphs of earlier launch shapes are kept and replayed when a shape
-    comes back (each request starts at a short context again): the same tokens too."""
+    end at different steps (a prepared step of three rows, then steps of two and one). The graphs
+    of earlier launch shapes are kept and replayed when a shape comes back (each request starts at a
+    short context again; QWEN3RS_CUDA_GRAPH_CACHE, 8 by default): the same tokens with and without."""
     def run(flag, cache="0"):
         monkeypatch.setenv("QWEN3RS_CUDA_GRAPHS", flag)
         monkeypatch.setenv("QWEN3RS_CUDA_GRAPH_CACHE", cache)
