@@ -744,6 +744,23 @@ fn moe_routing_and_experts() {
                 check(&format!("moe E={e} k={k} T={t} norm={norm}"), dtype, &run_moe(&g, &x, t, &moe), &run_moe(&c, &x, t, &moe), bar);
             }
         }
+        // Ties: experts 2j and 2j + 1 have the same router row, so equal probabilities; with an odd k
+        // the last choice splits a pair, and it must go to the lower id as on the CPU (a tie going the
+        // other way routes through another expert: far past the bar). Decode batches only (the router
+        // kernel's logits of equal rows are equal; prefill's cuBLAS GEMM promises no such thing); 300
+        // experts: moe_route's choice.
+        for (e, k) in [(16usize, 3usize), (128, 7), (300, 5)] {
+            let (h, inter) = (64, 32);
+            let rows: Vec<f32> = r.uniform(e / 2 * h, 0.5).chunks(h).flat_map(|row| [row, row]).flatten().copied().collect();
+            let experts = (0..e)
+                .map(|_| [tensor(&r.uniform(inter * h, 0.2), &[inter, h]), tensor(&r.uniform(inter * h, 0.2), &[inter, h]), tensor(&r.uniform(h * inter, 0.2), &[h, inter])])
+                .collect();
+            let moe = MoeHost { router: tensor(&rows, &[e, h]), experts, first_expert: 0, top_k: k, norm_topk_prob: true };
+            for t in [1usize, 2, 8] {
+                let x = r.uniform(t * h, 1.0);
+                check(&format!("moe tied E={e} k={k} T={t}"), dtype, &run_moe(&g, &x, t, &moe), &run_moe(&c, &x, t, &moe), bar);
+            }
+        }
     }
 }
 

@@ -253,7 +253,7 @@ static void dense_0_6b(int sms) {
 // Qwen3-30B-A3B's decode layer (hidden 2048; q 32 heads, k/v 4 heads of 128; 128 experts of 768, top 8)
 // as the host launches it with T = 1: q/k/v with the input norm, attention (129 keys, 16 splits in a
 // cluster), o, router_logits with the post-attention norm (it stores the residual), the experts' gate/up
-// routing for themselves from the logits (moe_gemv_swiglu_xs, norming the stored residual again), their
+// routing for themselves from the logits (moe_gemv_swiglu_xs, reading the rows the router normed), their
 // down projection with the weighted combine (moe_down_combine_xs). Each kernel alone, then 48 layers and
 // the lm_head as one step. Every layer has its own weights, all 128 experts (60 GB in all, as the model).
 // The routing: fixed (all weights equal, so the router picks experts 0-7 everywhere: few pages, warm
@@ -274,7 +274,8 @@ static void moe_30b(int sms) {
     auto up_w = [&](int l) { return gate_w(l) + x_e; };
     auto down_w = [&](int l) { return up_w(l) + x_e; };
     act_t *resid, *resid2, *moe_out, *q, *k, *v, *att, *o_out, *act, *nw, *lw, *logits;
-    for (act_t** b : {&resid, &resid2, &moe_out, &q, &k, &v, &att, &o_out, &act, &nw}) {
+    act_t* xn;  // the normed input router_logits stores for the experts
+    for (act_t** b : {&resid, &resid2, &moe_out, &q, &k, &v, &att, &o_out, &act, &nw, &xn}) {
         CHECK(cudaMalloc(b, 64 << 10));
         CHECK(cudaMemset(*b, 0x3c, 64 << 10));
     }
@@ -334,12 +335,12 @@ static void moe_30b(int sms) {
     auto o_proj = [&](int l) { launch_pdl(gemv_t1_xs, g_o, Q * 2, o_out, (const act_t*)att, o_w(l), 1, H, Q); };
     auto router = [&](int l) {
         launch_pdl(router_logits, dim3(E / 8), H * 2, 256, 1, probs, (const act_t*)resid2, router_w(l), E, H, (const act_t*)o_out, resid,
-            (const act_t*)nw, eps);
+            (const act_t*)nw, eps, xn);
     };
     auto experts_up = [&](int l) {
         const float* route = random_routing ? random_logits + (size_t)(l % ALONE) * E : probs;
-        launch_pdl(moe_gemv_swiglu_xs, g_up, H * 2, act, (const act_t*)resid, gate_w(l), up_w(l), ids, weights, route, E, 1, 0, E,
-            TOPK, TOPK, I, H, (const act_t*)nw, eps);
+        launch_pdl(moe_gemv_swiglu_xs, g_up, H * 2, act, (const act_t*)xn, gate_w(l), up_w(l), ids, weights, route, E, 1, 0, E,
+            TOPK, TOPK, I, H, (const act_t*)nullptr, eps);
     };
     auto experts_down = [&](int l) {
         launch_pdl(moe_down_combine_xs, g_down, TOPK * I * 2, moe_out, (const act_t*)act, down_w(l), (const int*)ids, (const float*)weights, 1,
@@ -358,16 +359,17 @@ static void moe_30b(int sms) {
     auto pair = [&](int l) { experts_up(l); experts_down(l); };
     row("experts down moe_down_combine_xs, fixed", g_down, down_mb, time_chain(pair, ALONE) - time_chain(experts_up, ALONE));
     // Where gate/up's time over the bare phase goes: the same kernel without its in-kernel routing
-    // (logits null: the ids the launches above stored), without its norm (nw null), without both; and
-    // the dense gemv_swiglu_t1_xs over the same bytes (the 8 experts' 6,144 gate/up row pairs read as one
-    // [6144, 2048] pair of matrices), which has neither the routing nor an expert's rows per warp.
+    // (logits null: the ids the launches above stored), norming the residual itself (as before run
+    // 22.3, when the router did not store the normed rows), both; and the dense gemv_swiglu_t1_xs over
+    // the same bytes (the 8 experts' 6,144 gate/up row pairs read as one [6144, 2048] pair of
+    // matrices), which has neither the routing nor an expert's rows per warp.
     for (int v = 1; v < 4; v++) {
-        const bool route = !(v & 2), norm = !(v & 1);
+        const bool route = !(v & 2), norm = v & 1;
         auto variant = [&](int l) {
-            launch_pdl(moe_gemv_swiglu_xs, g_up, H * 2, act, (const act_t*)resid, gate_w(l), up_w(l), ids, weights,
+            launch_pdl(moe_gemv_swiglu_xs, g_up, H * 2, act, (const act_t*)(norm ? resid : xn), gate_w(l), up_w(l), ids, weights,
                 route ? (const float*)probs : nullptr, E, 1, 0, E, TOPK, TOPK, I, H, norm ? (const act_t*)nw : nullptr, eps);
         };
-        const char* names[] = {"", "  gate/up without its norm", "  gate/up without its routing", "  gate/up without routing or norm"};
+        const char* names[] = {"", "  gate/up norming the residual itself", "  gate/up without its routing", "  gate/up without routing, norming"};
         row(names[v], g_up, up_mb, time_chain(variant, ALONE));
     }
     const int g_dense = persistent_grid(gemv_swiglu_t1_xs, H * 2, TOPK * I / 8, sms);

@@ -173,8 +173,9 @@ enum Scratch {
     Xs,          // [P, H] rows of x in expert order
     TopPart,     // [R, blocks, k] u64 (top_rows)
     TopOut,      // [R, k] u64
+    MoeIn,       // [T, H] the MoE block's normed input (decode: router_logits stores it for the experts)
 }
-const N_SCRATCH: usize = 17;
+const N_SCRATCH: usize = 18;
 
 /// A grow-only device buffer that remembers what was last uploaded into it.
 #[derive(Default)]
@@ -983,11 +984,11 @@ impl CudaBackend {
         let p = t * k;
         let max_tiles = p.div_ceil(MOE_TILE_ROWS) + moe.held;
         let es = self.esize();
-        let [probs, ids, weights, sorted, pair_pos, tile_e, tile_row0, tile_rows, g, u, act, y] = self.scratch([
+        let [probs, ids, weights, sorted, pair_pos, tile_e, tile_row0, tile_rows, g, u, act, y, x_normed] = self.scratch([
             (Scratch::RouterProbs, t * e * 4), (Scratch::TopIds, p * 4), (Scratch::TopWeights, p * 4),
             (Scratch::SortedSrc, p * 4), (Scratch::PairPos, p * 4), (Scratch::TileE, max_tiles.max(3 * (moe.held + 1)) * 4),
             (Scratch::TileRow0, max_tiles * 4), (Scratch::TileRows, max_tiles * 4), (Scratch::Gate, p * inter * es),
-            (Scratch::Up, p * inter * es), (Scratch::Act, p * inter * es), (Scratch::Y, p * h * es),
+            (Scratch::Up, p * inter * es), (Scratch::Act, p * inter * es), (Scratch::Y, p * h * es), (Scratch::MoeIn, t * h * es),
         ])?;
         let (xp, rp, (ei, hi, ii, ki, ti, pi)) = (x.mem.ptr, moe.router.mem.ptr, (e as i32, h as i32, inter as i32, k as i32, t as i32, p as i32));
         // 1. Router logits in f32, then softmax / top-k / renormalisation per row (a warp a row):
@@ -1000,6 +1001,9 @@ impl CudaBackend {
         let (renorm, e0, held) = (moe.norm_topk_prob as i32, moe.first_expert as i32, moe.held as i32);
         // (The router's last block routing every row instead, with a grid-wide counter, measured
         // 276 against 279 tok/s on Qwen3-30B-A3B decode: no gain; RESULTS.md run 15.)
+        let decode = self.moe_decode_fits(x, moe);
+        // Decode with a fused norm: the router also stores the normed rows, and the experts read them.
+        let x_normed = if decode && nw != 0 { x_normed } else { 0 };
         if t > GEMV_MAX_ROWS && nw == 0 {
             // Prefill: a GEMM (router_logits, a warp per logit, took 233 µs a layer for 2,048 rows of
             // Qwen3-30B-A3B: RESULTS.md run 16.1).
@@ -1007,21 +1011,23 @@ impl CudaBackend {
         } else {
             let smem = if nw != 0 { (h * es) as u32 } else { 0 };
             let w = self.router_warps;
-            self.gpu.launch("matmul", "router_logits", (blocks(e, w), t as u32, 1), 32 * w as u32, smem, args![probs, xp, rp, ei, hi, delta, x_out, nw, eps])?;
+            self.gpu.launch("matmul", "router_logits", (blocks(e, w), t as u32, 1), 32 * w as u32, smem,
+                args![probs, xp, rp, ei, hi, delta, x_out, nw, eps, x_normed])?;
         }
-        let decode = self.moe_decode_fits(x, moe);
         // Decode: the gate/up kernel routes for itself (every block, from the logits), one launch less.
         let self_routed = decode && self.fused_route && e <= ROUTE_MAX_E;
         if !self_routed {
-            self.gpu.launch("moe", "moe_route", (blocks(t, 4), 1, 1), 128, 0, args![probs, ids, weights, ti, ei, ki, renorm, e0, held])?;
+            let smem = (4 * (e + k) * 4) as u32;
+            ensure!(smem <= 48 << 10, InvalidArgument, "{e} experts: the MoE router takes at most 3,000");
+            self.gpu.launch("moe", "moe_route", (blocks(t, 4), 1, 1), 128, smem, args![probs, ids, weights, ti, ei, ki, renorm, e0, held])?;
         }
         if decode {
             // Decode: GEMVs over the rows of the chosen experts only (no sort, every warp busy):
             // gate·up·SwiGLU per (pair, expert row), then the down projection with the weighted
-            // combine in it, MOE_DOWN_WARPS warps per output element. Gate/up norm the stored residual.
+            // combine in it, MOE_DOWN_WARPS warps per output element. Gate/up read the rows the router normed.
             let (gp, upp, dp) = (moe.gate.ptr, moe.up.ptr, moe.down.ptr);
             let (name, grid, smem) = self.gemv_plan(&MOE_GEMV_SWIGLU, 1, t * h, p * inter)?;
-            let xin = if nw != 0 { x_out } else { xp };
+            let (xin, nw) = if x_normed != 0 { (x_normed, 0) } else { (xp, nw) };
             let logits = if self_routed { probs } else { 0u64 };
             self.gpu.launch("matmul", name, grid, 256, smem,
                 args![act, xin, gp, upp, ids, weights, logits, ei, renorm, e0, held, ki, pi, ii, hi, nw, eps])?;

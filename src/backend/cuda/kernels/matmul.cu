@@ -425,9 +425,12 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_scalar(act_t*
 // logits [T, E] (f32) = x [T, H] · router [E, H]ᵀ; one warp per output, 16-byte loads when H allows.
 // With nw (H % VEC == 0, H elements in dynamic shared memory) x is first normed as stage_input does it
 // for row t (delta, x_out: row t of them; blocks with blockIdx.x 0 store x_out), so the MoE block's
-// input norm needs no launch of its own. grid (ceil(E / W), T), W warps (host: router_warps).
+// input norm needs no launch of its own; those blocks also store the normed rows to xn_out (null: not
+// stored), which the experts' gate/up then read as they are instead of norming x_out again (each of
+// their blocks would: 1.7 µs of the Qwen3-30B-A3B decode gate/up kernel, RESULTS.md run 22.1).
+// grid (ceil(E / W), T), W warps (host: router_warps).
 extern "C" __global__ void router_logits(float* logits, const act_t* x, const act_t* router, int E, int H,
-    const act_t* delta, act_t* x_out, const act_t* nw, float eps) {
+    const act_t* delta, act_t* x_out, const act_t* nw, float eps, act_t* xn_out) {
     int lane = threadIdx.x & 31;
     int e = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     int t = blockIdx.y;
@@ -437,6 +440,10 @@ extern "C" __global__ void router_logits(float* logits, const act_t* x, const ac
     size_t row = (size_t)t * H;
     const act_t* xr = nw ? stage_input<1, true>(x + row, 1, H, delta ? delta + row : nullptr, x_out ? x_out + row : nullptr, nw, eps, nwr)
                          : x + row;
+    if (nw && xn_out && blockIdx.x == 0) {
+        for (int c = threadIdx.x; c < H / VEC; c += blockDim.x)
+            reinterpret_cast<uint4*>(xn_out + row)[c] = reinterpret_cast<const uint4*>(xr)[c];
+    }
     if (e >= E) return;
     const act_t* wr = router + (size_t)e * H;
     float s = 0.f;
@@ -513,34 +520,29 @@ extern "C" __global__ void __launch_bounds__(256) grouped_gemm(act_t* out, const
 
 // The experts' first half for decode: act [P, N] = swiglu(x[p / k] · gate[e]ᵀ, x[p / k] · up[e]ᵀ)
 // rounded as grouped_gemm, grouped_gemm, swiglu. x is [T, K] with T = P / k; with nw (XS only) the rows
-// of x are first normed as stage_input does (x is then the residual router_logits stored).
+// of x are first normed as stage_input does (x is then the residual router_logits stored; the decode
+// path passes the rows router_logits normed, xn_out, and no nw).
 // Routing: with `logits` (router_logits' [T, E] f32, E <= ROUTE_MAX_E) every block routes the T rows
-// itself (route_row, a warp a row, into shared memory: no moe_route launch) and block 0 also stores
-// ids / weights [P] for moe_down_combine; without, ids come from moe_route.
-#define ROUTE_MAX_E 256
+// itself (route_rows, into shared memory: no moe_route launch) and block 0 also stores ids / weights
+// [P] for moe_down_combine; without, ids come from moe_route.
 template <bool XS>
 __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x, const act_t* gate, const act_t* up,
     int* ids, float* weights, const float* logits, int E, int norm_topk, int e0, int held,
     int k, int P, int N, int K, const act_t* nw, float eps) {
-    __shared__ float route_p[GEMV_MAX_ROWS][ROUTE_MAX_E];
-    __shared__ int route_ids[GEMV_MAX_ROWS * MAX_TOP_K];
-    __shared__ float route_w[GEMV_MAX_ROWS * MAX_TOP_K];
+    __shared__ __align__(16) float route_p[GEMV_MAX_ROWS][ROUTE_MAX_E];
+    __shared__ int route_sel[GEMV_MAX_ROWS * MAX_TOP_K], route_ids[GEMV_MAX_ROWS * MAX_TOP_K];
     const NormW nwr = load_norm_weight(nw, K);
     grid_dependency();
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31;
     const int* chosen = ids;
     if (logits) {
-        const int t = warp;
-        if (t < P / k) {
-            for (int e = lane; e < E; e += 32) route_p[t][e] = logits[(size_t)t * E + e];
-            __syncwarp();
-            route_row(route_p[t], route_ids + t * k, route_w + t * k, E, k, norm_topk, e0, held);
-            __syncwarp();
-            if (blockIdx.x == 0 && lane < k) {
-                ids[t * k + lane] = route_ids[t * k + lane];
-                weights[t * k + lane] = route_w[t * k + lane];
-            }
-        }
+        // x's rows into L1 while the block routes (stage_input reads them next).
+        const int x_bytes = P / k * K * (int)sizeof(act_t);
+        for (int off = threadIdx.x * 128; off < x_bytes; off += blockDim.x * 128)
+            asm volatile("prefetch.global.L1 [%0];" :: "l"(reinterpret_cast<const char*>(x) + off));
+        const bool store = blockIdx.x == 0;
+        route_rows(logits, P / k, &route_p[0][0], ROUTE_MAX_E, route_sel, route_ids, nullptr, store ? ids : nullptr,
+            store ? weights : nullptr, E, k, norm_topk, e0, held);
         chosen = route_ids;  // stage_input's barrier below makes it visible to every warp
     }
     const act_t* xs = stage_input<GEMV_MAX_ROWS, XS>(x, P / k, K, nullptr, nullptr, nw, eps, nwr);
