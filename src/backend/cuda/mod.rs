@@ -991,11 +991,12 @@ impl CudaBackend {
             (Scratch::Up, p * inter * es), (Scratch::Act, p * inter * es), (Scratch::Y, p * h * es), (Scratch::MoeIn, t * h * es),
         ])?;
         let (xp, rp, (ei, hi, ii, ki, ti, pi)) = (x.mem.ptr, moe.router.mem.ptr, (e as i32, h as i32, inter as i32, k as i32, t as i32, p as i32));
-        // 1. Router logits in f32, then softmax / top-k / renormalisation per row (a warp a row):
+        // 1. Router logits in f32, then softmax / top-k / renormalisation per row (route_rows, a block):
         // in decode the gate/up expert kernel routes for itself (below), else moe_route does.
         // (One launch for logits and routing, a block per row, took 19.8 µs a layer against 12.7
         // for two on Qwen3-30B-A3B decode: one SM computing 128 logits; RESULTS.md run 14.)
-        // With a fused norm the router stores the residual (norm.x_out) and norms x for itself.
+        // With a fused norm the router stores the residual (norm.x_out), norms x for itself and, in
+        // decode, stores the normed rows for the experts.
         let FusedNorm { delta, x_out, w: nw, eps } = norm;
         // Choices of experts other ranks hold (expert parallelism) come out as id -1, weight 0.
         let (renorm, e0, held) = (moe.norm_topk_prob as i32, moe.first_expert as i32, moe.held as i32);
