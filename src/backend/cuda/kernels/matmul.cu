@@ -576,17 +576,9 @@ template <bool XS>
 __device__ __forceinline__ void moe_down_combine_rows(act_t* out, const act_t* act, const act_t* w, const int* ids,
     const float* weights, int T, int k, int N, int K) {
     __shared__ float ys[2][MD_OUTS][MAX_TOP_K];  // by pass parity: one barrier a pass keeps reads and writes apart
-    grid_dependency();  // the expert ids come from the kernels ahead: nothing to prefetch before
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, j = warp % MD_WPO, mine = warp / MD_WPO;
-    // The rows of all the warp's passes into L2 now, before the activations are staged: the memory
-    // system gets the bytes of every pass at once instead of a pass at a time after the staging.
-    for (int o = blockIdx.x * MD_OUTS + mine; o < T * N; o += gridDim.x * MD_OUTS) {
-        const int t = o / N, n = o % N;
-        for (int s = j; s < k; s += MD_WPO) {
-            if (weights[t * k + s] != 0.f) prefetch_lines(w + ((size_t)ids[t * k + s] * N + n) * K, K * (int)sizeof(act_t));
-        }
-    }
+    grid_dependency();  // the expert ids come from the kernels ahead: nothing to prefetch
     const act_t* xs = stage_input<1, XS>(act, T * k, K);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, j = warp % MD_WPO, mine = warp / MD_WPO;
     int pass = 0;
     for (int o0 = blockIdx.x * MD_OUTS; o0 < T * N; o0 += gridDim.x * MD_OUTS, pass ^= 1) {  // block-uniform
         const int o = o0 + mine, t = o / N, n = o % N;
