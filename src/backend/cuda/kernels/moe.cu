@@ -81,8 +81,8 @@ extern "C" __global__ void moe_combine(act_t* out, const act_t* y, const int* pa
 // shared memory 4 * (E + k) * 4 bytes (E a multiple of 4 for 16-byte rows, else any).
 extern "C" __global__ void moe_route(const float* logits, int* ids, float* weights, int T, int E, int k, int norm, int e0, int held) {
     extern __shared__ float4 route_shared[];
-    float* p = reinterpret_cast<float*>(route_shared);
     grid_dependency();
+    float* p = reinterpret_cast<float*>(route_shared);
     const int t0 = blockIdx.x * 4, rows = min(4, T - t0);
     route_rows(logits + (size_t)t0 * E, rows, p, E, reinterpret_cast<int*>(p + 4 * E), ids + (size_t)t0 * k, weights + (size_t)t0 * k,
         nullptr, nullptr, E, k, norm, e0, held);
