@@ -761,6 +761,13 @@ fn moe_routing_and_experts() {
                 check(&format!("moe tied E={e} k={k} T={t}"), dtype, &run_moe(&g, &x, t, &moe), &run_moe(&c, &x, t, &moe), bar);
             }
         }
+        // More experts than moe_route's shared memory holds: an error that names the count.
+        let (e, h, inter) = (3100usize, 8usize, 8usize);
+        let experts = (0..e).map(|_| [tensor(&[0.1; 64], &[inter, h]), tensor(&[0.1; 64], &[inter, h]), tensor(&[0.1; 64], &[h, inter])]).collect();
+        let m = g.upload_moe(MoeHost { router: tensor(&r.uniform(e * h, 0.5), &[e, h]), experts, first_expert: 0, top_k: 8, norm_topk_prob: true }).unwrap();
+        let (xb, mut out) = (g.upload_buf(1, h, &r.uniform(h, 1.0)).unwrap(), g.alloc(1, h).unwrap());
+        let err = g.moe(&mut out, &xb, &m).unwrap_err().to_string();
+        assert!(err.contains("3100 experts") && err.contains("at most 3064"), "{err}");
     }
 }
 

@@ -1018,8 +1018,10 @@ impl CudaBackend {
         // Decode: the gate/up kernel routes for itself (every block, from the logits), one launch less.
         let self_routed = decode && self.fused_route && e <= ROUTE_MAX_E;
         if !self_routed {
+            // moe_route's shared memory: 4 rows of E probabilities and k choices, within the 48 KB default.
+            let most = (48 << 10) / 16 - k;
+            ensure!(e <= most, InvalidArgument, "{e} experts with top-k {k}: the MoE router takes at most {most}");
             let smem = (4 * (e + k) * 4) as u32;
-            ensure!(smem <= 48 << 10, InvalidArgument, "{e} experts: the MoE router takes at most 3,000");
             self.gpu.launch("moe", "moe_route", (blocks(t, 4), 1, 1), 128, smem, args![probs, ids, weights, ti, ei, ki, renorm, e0, held])?;
         }
         if decode {

@@ -268,9 +268,10 @@ __device__ __forceinline__ float silu(float x) { return x / (1.f + expf(-x)); }
 // logits [rows, E] f32 (global memory); p (shared, rows of `stride` floats, 16-byte aligned) gets each
 // row's softmax; sel (shared, [rows, k]) the choices in rank order. ids/weights [rows, k] out: the k
 // most probable experts of the row sorted by expert id, and their (renormalised) probabilities
-// (weights null: not stored); where ids2 is not null the same go to ids2/weights2 too. Ties go to the lower expert id; NaN is never chosen (a NaN
-// or infinite logit makes every probability NaN: every id -1). Expert parallelism: a device holding
-// experts [e0, e0 + held) keeps only its own choices, as local ids; the others become id -1, weight 0.
+// (weights null: not stored); where ids2 is not null the same go to ids2/weights2 too. Ties go to the
+// lower expert id; NaN is never chosen (a NaN or infinite logit makes every probability NaN: every id
+// -1). Expert parallelism: a device holding experts [e0, e0 + held) keeps only its own choices, as
+// local ids; the others become id -1, weight 0.
 // 1. warp r: row r's softmax, in the lanes' order (lane l sums experts l, l + 32, ...).
 // 2. every thread, (row, expert) pairs: the expert's rank is how many of its row's experts come
 //    before it (larger, or equal with a lower id); ranks below k are chosen. Block-wide, in parallel:
