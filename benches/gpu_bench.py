@@ -118,8 +118,8 @@ def run_model(name, contexts, deadline):
     r["decode_tok_s"] = sorted(runs)[1]
     r["decode_runs"] = runs
     log(name, "decode", r["decode_tok_s"])
-    # Decode as a chat user gets it by default (Qwen3's thinking-mode sampling: the logits go to the
-    # host's sampler every step, so no step is launched ahead): one run.
+    # Decode as a chat user gets it by default (Qwen3's thinking-mode sampling: every step the host's
+    # sampler draws from each row's k best logits, so no step is launched ahead): one run.
     sampled = dict(raw=True, temperature=0.6, top_k=20, top_p=0.95, seed=1, ignore_eos=True)
     r["decode_sampled_tok_s"] = m.generate(prompt, max_new_tokens=129, **sampled).timings["decode_tok_s"]
     log(name, "decode sampled", r["decode_sampled_tok_s"])

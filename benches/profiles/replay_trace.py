@@ -7,8 +7,9 @@ twice (QWEN3RS_CUDA_REPLAYS=2: the repeat recomputes the same step, same inputs,
 so it adds the graph's own GPU time and nothing of the host's; the tokens must come out the same).
 graph = the difference a step; outside = the rest of a step (argmax, the token read, the host's turn,
 the next launch). That assumes the repeat costs what the step does: for a MoE model it reads the same
-experts again, warm in the TLBs (RESULTS.md run 20.6), so there the split is an upper bound on outside. QWEN3RS_CUDA_TRACE=1 also prints the host's own time per replay every 100 steps (wait,
-dry pass, launch; RESULTS.md run 14). Imports qwen3rs from /tmp/q (gpu_check.sh installs it there).
+experts again, warm in the TLBs (RESULTS.md run 20.6), so there the split is an upper bound on outside.
+QWEN3RS_CUDA_TRACE=1 also prints the host's own time per replay every 100 steps (wait, dry pass,
+launch; RESULTS.md run 14). Imports qwen3rs from /tmp/q (gpu_check.sh installs it there).
 """
 import os
 import sys

@@ -287,15 +287,15 @@ impl<B: Backend> Engine<B> {
         Ok(seqs.into_iter().map(Self::output).collect())
     }
 
-    /// While a decode step runs on the device, do the host's part of the next one (the backend's
-    /// dry pass over it): the same sequences one position on, their tokens not sampled yet. Not
-    /// when a sequence may not take another token (max_new_tokens, max_seq_len, a full cache); a
-    /// sequence that stops on the token sampled now just leaves the preparation unused.
     /// The logits of the last prefill or decode step (their scratch is fitted by then).
     fn step_logits(&self, prefilling: bool) -> &B::Buf {
         &if prefilling { &self.scratch } else { &self.decode_scratch }.as_ref().expect("a step fitted it").logits
     }
 
+    /// While a decode step runs on the device, do the host's part of the next one (the backend's
+    /// dry pass over it): the same sequences one position on, their tokens not sampled yet. Not
+    /// when a sequence may not take another token (max_new_tokens, max_seq_len, a full cache); a
+    /// sequence that stops on the token sampled now just leaves the preparation unused.
     fn prepare_next(&mut self, seqs: &mut [Sequence], chosen: &[(usize, usize)]) -> Result<()> {
         for &(i, _) in chosen {
             let s = &mut seqs[i];

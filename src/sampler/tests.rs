@@ -371,7 +371,6 @@ fn scan_top_n_equals_a_full_sort() {
     }
 }
 
-
 #[test]
 fn top_scaled_is_the_scaled_rows_best_in_rank_order() {
     // Ties (quantised values), -0 and +0, NaN, ±inf; against a full sort of the scaled row.

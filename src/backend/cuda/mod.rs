@@ -988,7 +988,8 @@ impl CudaBackend {
             (Scratch::RouterProbs, t * e * 4), (Scratch::TopIds, p * 4), (Scratch::TopWeights, p * 4),
             (Scratch::SortedSrc, p * 4), (Scratch::PairPos, p * 4), (Scratch::TileE, max_tiles.max(3 * (moe.held + 1)) * 4),
             (Scratch::TileRow0, max_tiles * 4), (Scratch::TileRows, max_tiles * 4), (Scratch::Gate, p * inter * es),
-            (Scratch::Up, p * inter * es), (Scratch::Act, p * inter * es), (Scratch::Y, p * h * es), (Scratch::MoeIn, t * h * es),
+            (Scratch::Up, p * inter * es), (Scratch::Act, p * inter * es), (Scratch::Y, p * h * es),
+            (Scratch::MoeIn, if norm.w != 0 { t * h * es } else { 0 }),
         ])?;
         let (xp, rp, (ei, hi, ii, ki, ti, pi)) = (x.mem.ptr, moe.router.mem.ptr, (e as i32, h as i32, inter as i32, k as i32, t as i32, p as i32));
         // 1. Router logits in f32, then softmax / top-k / renormalisation per row (route_rows, a block):
@@ -1003,8 +1004,9 @@ impl CudaBackend {
         // (The router's last block routing every row instead, with a grid-wide counter, measured
         // 276 against 279 tok/s on Qwen3-30B-A3B decode: no gain; RESULTS.md run 15.)
         let decode = self.moe_decode_fits(x, moe);
-        // Decode with a fused norm: the router also stores the normed rows, and the experts read them.
-        let x_normed = if decode && nw != 0 { x_normed } else { 0 };
+        // With a fused norm (decode only, checked above) the router also stores the normed rows, and
+        // the experts read them.
+        let x_normed = if nw != 0 { x_normed } else { 0 };
         if t > GEMV_MAX_ROWS && nw == 0 {
             // Prefill: a GEMM (router_logits, a warp per logit, took 233 µs a layer for 2,048 rows of
             // Qwen3-30B-A3B: RESULTS.md run 16.1).
