@@ -17,6 +17,15 @@ fn every_kernel_compiles_for_sm90() {
     assert_eq!(done.len(), 3 * cuda::compile::SOURCES.len(), "{done:?}");
     eprintln!("compiled {} kernel modules for sm_90: {done:?}", done.len());
 
+    // expert_gemm's wgmma kernel is there for sm_90 (compiled as sm_90a) in bf16 and f16, and left
+    // out in f32 and below sm_90 (the host never launches it there).
+    let has_expert_gemm = |dtype, arch| {
+        let bin = cuda::compile::cubin("expert_gemm", dtype, arch, 0, false).unwrap_or_else(|e| panic!("{e}"));
+        bin.windows(b".text.expert_gemm".len()).any(|w| w == b".text.expert_gemm")
+    };
+    assert!(has_expert_gemm(DType::BF16, (9, 0)) && has_expert_gemm(DType::F16, (9, 0)));
+    assert!(!has_expert_gemm(DType::F32, (9, 0)) && !has_expert_gemm(DType::BF16, (8, 9)));
+
     // QWEN3RS_CUDA_DEFINES reaches the compiler: another unroll gives another cubin, the default
     // value the same one. (One test: the variable is process-wide.)
     let matmul = || cuda::compile::cubin("matmul", DType::BF16, (9, 0), 0, false).unwrap_or_else(|e| panic!("{e}"));

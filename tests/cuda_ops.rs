@@ -761,13 +761,57 @@ fn moe_routing_and_experts() {
                 check(&format!("moe tied E={e} k={k} T={t}"), dtype, &run_moe(&g, &x, t, &moe), &run_moe(&c, &x, t, &moe), bar);
             }
         }
-        // More experts than moe_route's shared memory holds: an error that names the count.
-        let (e, h, inter) = (3100usize, 8usize, 8usize);
+        // More experts than the backend routes (moe_route's shared memory is sized for 1,024): an
+        // error at upload that names the count and the limit.
+        let (e, h, inter) = (1025usize, 8usize, 8usize);
         let experts = (0..e).map(|_| [tensor(&[0.1; 64], &[inter, h]), tensor(&[0.1; 64], &[inter, h]), tensor(&[0.1; 64], &[h, inter])]).collect();
-        let m = g.upload_moe(MoeHost { router: tensor(&r.uniform(e * h, 0.5), &[e, h]), experts, first_expert: 0, top_k: 8, norm_topk_prob: true }).unwrap();
-        let (xb, mut out) = (g.upload_buf(1, h, &r.uniform(h, 1.0)).unwrap(), g.alloc(1, h).unwrap());
-        let err = g.moe(&mut out, &xb, &m).unwrap_err().to_string();
-        assert!(err.contains("3100 experts") && err.contains("at most 3064"), "{err}");
+        let err = g.upload_moe(MoeHost { router: tensor(&r.uniform(e * h, 0.5), &[e, h]), experts, first_expert: 0, top_k: 8, norm_topk_prob: true })
+            .map(|_| ()).unwrap_err().to_string();
+        assert!(err.contains("1..=1024 experts, got 1025"), "{err}");
+    }
+}
+
+#[test]
+fn moe_prefill_experts_on_tensor_cores() {
+    // expert_gemm (wgmma, sm_90a; bf16 and f16): prefill's experts against the CPU, with the cuBLAS
+    // path as a second opinion. T = 9 with 8 experts: tiles of a few rows (only the 32-row piece);
+    // T = 100 and 700: tiles of 64-row pieces plus a 32-row one. A router that sends most rows to
+    // expert 0 (its row is large along x's first column, which is positive): a segment of most of
+    // the T rows, so several 256-row tiles and a short last one. Expert parallelism: a block of the
+    // experts (the others' choices left out of the sort, their slots skipped in the combine).
+    for dtype in [DType::BF16, DType::F16] {
+        let Some(g) = gpu(dtype) else { return };
+        if !g.expert_gemm_fits(256, 128) {
+            eprintln!("SKIP moe_prefill_experts_on_tensor_cores: expert_gemm needs compute capability 9.0");
+            return;
+        }
+        let c = CpuBackend::new(dtype);
+        let (_, bar) = bars(dtype);
+        let mut r = Rng(11);
+        for (e, k, h, inter, skew, held) in [(8usize, 2usize, 256usize, 128usize, false, 0..8), (8, 2, 256, 128, true, 0..8),
+            (16, 8, 512, 768, false, 0..16), (16, 5, 256, 1536, true, 0..16), (8, 3, 384, 192, false, 2..6)] {
+            let mut router = r.uniform(e * h, 0.5);
+            if skew {
+                router[0] = 8.0;
+            }
+            let experts = held.clone()
+                .map(|_| [tensor(&r.uniform(inter * h, 0.2), &[inter, h]), tensor(&r.uniform(inter * h, 0.2), &[inter, h]), tensor(&r.uniform(h * inter, 0.2), &[h, inter])])
+                .collect();
+            let moe = MoeHost { router: tensor(&router, &[e, h]), experts, first_expert: held.start, top_k: k, norm_topk_prob: true };
+            for t in [9usize, 100, 700] {
+                let mut x = r.uniform(t * h, 1.0);
+                x.iter_mut().step_by(h).for_each(|v| *v = v.abs() + 0.5);
+                let what = format!("moe E={e} k={k} H={h} I={inter} T={t} skew={skew} held={held:?}");
+                let want = run_moe(&c, &x, t, &moe);
+                g.set_moe_wgmma(true);
+                let got = run_moe(&g, &x, t, &moe);
+                g.set_moe_wgmma(false);
+                let cublas = run_moe(&g, &x, t, &moe);
+                g.set_moe_wgmma(true);
+                check(&format!("{what} expert_gemm"), dtype, &got, &want, bar);
+                check(&format!("{what} cuBLAS"), dtype, &cublas, &want, bar);
+            }
+        }
     }
 }
 

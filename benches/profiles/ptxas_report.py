@@ -1,6 +1,6 @@
 """Registers, spills and shared memory of every kernel as ptxas builds it, without a GPU (issue 6 tuning):
 NVRTC compiles the kernel sources as src/backend/cuda/compile.rs does, with `--ptxas-options=-v`.
-    CUDA_HOME=.../nvidia/cu13 python3 benches/profiles/ptxas_report.py [--dtype bf16] [--arch 90] [--match moe_] [DEFINE=VALUE ...]
+    CUDA_HOME=.../nvidia/cu13 python3 benches/profiles/ptxas_report.py [--dtype bf16] [--arch 90a] [--match moe_] [DEFINE=VALUE ...]
 DEFINE=VALUE are what QWEN3RS_CUDA_DEFINES would set (a kernel's registers decide how many of its blocks
 fit on an SM: 65,536 registers / (threads × registers))."""
 import argparse
@@ -11,7 +11,7 @@ import re
 import sys
 
 KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src", "backend", "cuda", "kernels")
-MODULES = ["elementwise", "norm", "attention", "attention_prefill", "matmul", "moe"]
+MODULES = ["elementwise", "norm", "attention", "attention_prefill", "matmul", "moe", "expert_gemm"]
 
 
 def nvrtc():
@@ -44,7 +44,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("defines", nargs="*")
     ap.add_argument("--dtype", default="bf16", choices=["f32", "bf16", "f16"])
-    ap.add_argument("--arch", default="90")
+    ap.add_argument("--arch", default="90a")
     ap.add_argument("--match", default="", help="only kernels whose name contains this")
     a = ap.parse_args()
     lib, include = nvrtc()

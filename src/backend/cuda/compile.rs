@@ -21,13 +21,14 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("attention_prefill", include_str!("kernels/attention_prefill.cu")),
     ("matmul", include_str!("kernels/matmul.cu")),
     ("moe", include_str!("kernels/moe.cu")),
+    ("expert_gemm", include_str!("kernels/expert_gemm.cu")),
 ];
 
 /// Kernel constants a tuning run may set without rebuilding the wheel, through
 /// `QWEN3RS_CUDA_DEFINES="GV_UNROLL=4 PREFETCH_BYTES=4096"` (space- or comma-separated): only these
 /// (none has a copy on the host that would have to agree), only positive integers. Each is
 /// `#ifndef`-guarded where the kernels define it; the values are part of the cubin cache key.
-pub const TUNABLE: &[&str] = &["GV_UNROLL", "GV_PAIR_ROWS", "GV_MIN_BLOCKS", "RD_UNROLL", "MD_SLOTS", "PREFETCH_BYTES", "PREFETCH_MATRIX", "AD_KB", "ARGMAX_UNROLL"];
+pub const TUNABLE: &[&str] = &["GV_UNROLL", "GV_PAIR_ROWS", "GV_MIN_BLOCKS", "RD_UNROLL", "MD_SLOTS", "PREFETCH_BYTES", "PREFETCH_MATRIX", "AD_KB", "ARGMAX_UNROLL", "EG_MAX_STAGES", "EG_MMA_SERIAL"];
 
 /// The `-D` options `QWEN3RS_CUDA_DEFINES` asks for (none when unset), or an error naming the bad entry.
 pub fn tuning_defines() -> Result<Vec<String>> {
@@ -127,6 +128,14 @@ fn nvrtc_compile(name: &str, source: &str, options: &[String]) -> Result<Vec<u8>
     }
 }
 
+/// NVRTC's name for compute capability `arch`: sm_90a on Hopper (its wgmma instructions, which
+/// expert_gemm.cu uses; an sm_90a cubin runs only on compute capability 9.0, the device it is built
+/// for), sm_XY elsewhere.
+fn arch_name(arch: (i32, i32)) -> String {
+    let suffix = if arch == (9, 0) { "a" } else { "" };
+    format!("sm_{}{}{suffix}", arch.0, arch.1)
+}
+
 /// The cubin of module `name` for `dtype` on compute capability `arch`, from the disk cache or
 /// freshly compiled. `driver_version` is part of the cache key (0 when no driver is involved).
 pub fn cubin(name: &str, dtype: DType, arch: (i32, i32), driver_version: i32, use_cache: bool) -> Result<Vec<u8>> {
@@ -136,7 +145,7 @@ pub fn cubin(name: &str, dtype: DType, arch: (i32, i32), driver_version: i32, us
     let include = libs::find_include_dir()?;
     let source = format!("{COMMON}\n#line 1 \"{name}.cu\"\n{body}");
     // What changes the code (the include path doesn't): the cache key.
-    let mut code = vec![format!("--gpu-architecture=sm_{}{}", arch.0, arch.1), format!("-DQ_DTYPE={}", dtype_code(dtype))];
+    let mut code = vec![format!("--gpu-architecture={}", arch_name(arch)), format!("-DQ_DTYPE={}", dtype_code(dtype))];
     code.extend(defines);
     let mut options = code.clone();
     options.extend([format!("-I{}", include.display()), "--std=c++17".to_string(), "-lineinfo".to_string()]);

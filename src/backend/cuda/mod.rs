@@ -48,6 +48,11 @@ const MOE_DOWN_COMBINE: [&str; 2] = ["moe_down_combine", "moe_down_combine_xs"];
 const MOE_DOWN_WARPS: usize = 2;
 /// Rows per MoE expert tile (must match GG_TM in matmul.cu).
 const MOE_TILE_ROWS: usize = 16;
+/// Rows of one expert a tile of expert_gemm takes at most (EG_MAX_ROWS in expert_gemm.cu).
+const EXPERT_TILE_ROWS: usize = 256;
+/// expert_gemm's dynamic shared memory: all an sm_90 block may have (EG_SMEM in expert_gemm.cu; it
+/// fits as many stages as the tile's rows allow).
+const EXPERT_GEMM_SMEM: u32 = 227 * 1024;
 const MAX_TOP_K: usize = 32;
 /// Most experts the decode expert kernel routes over itself (ROUTE_MAX_E in matmul.cu).
 const ROUTE_MAX_E: usize = 256;
@@ -385,6 +390,8 @@ pub struct CudaBackend {
     attn_cluster: std::sync::atomic::AtomicUsize,
     /// Tiled prefill attention; `QWEN3RS_CUDA_TILED_ATTN=0` keeps one block per (head, row).
     tiled_attn: bool,
+    /// MoE prefill through expert_gemm (wgmma) where it runs; `QWEN3RS_CUDA_MOE_WGMMA=0` keeps cuBLAS.
+    moe_wgmma: std::sync::atomic::AtomicBool,
     /// MoE prefill through cuBLAS grouped GEMMs; `QWEN3RS_CUDA_MOE_CUBLAS=0` keeps `grouped_gemm`.
     /// Turned off for the process's backend after the first cuBLAS refusal.
     moe_cublas: std::sync::atomic::AtomicBool,
@@ -522,7 +529,7 @@ impl CudaBackend {
             router_warps: env_count("QWEN3RS_CUDA_ROUTER_WARPS").unwrap_or(8).min(32),
             split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"), split_keys: env_count("QWEN3RS_CUDA_SPLIT_KEYS").unwrap_or(8),
             attn_cluster: attn_cluster.into(), tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"),
-            moe_cublas: (!env_off("QWEN3RS_CUDA_MOE_CUBLAS")).into(),
+            moe_cublas: (!env_off("QWEN3RS_CUDA_MOE_CUBLAS")).into(), moe_wgmma: (!env_off("QWEN3RS_CUDA_MOE_WGMMA")).into(),
             prefill_chunk: env_count("QWEN3RS_CUDA_PREFILL_CHUNK").unwrap_or(2048) })
     }
 
@@ -530,6 +537,18 @@ impl CudaBackend {
     /// as `QWEN3RS_CUDA_MOE_CUBLAS` chooses at construction: lets one test process check both.
     pub fn set_moe_cublas(&self, on: bool) {
         self.moe_cublas.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// MoE prefill through expert_gemm where it runs (`true`, the default) or not, as
+    /// `QWEN3RS_CUDA_MOE_WGMMA` chooses at construction: lets one test process check both.
+    pub fn set_moe_wgmma(&self, on: bool) {
+        self.moe_wgmma.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether expert_gemm runs the experts of a prefill batch with rows of `hidden` and experts
+    /// of `inter` rows: Hopper (sm_90a's wgmma), bf16 or f16, hidden a multiple of 128 and inter of 64.
+    pub fn expert_gemm_fits(&self, hidden: usize, inter: usize) -> bool {
+        self.gpu.arch == (9, 0) && self.gpu.dtype != DType::F32 && hidden.is_multiple_of(128) && inter.is_multiple_of(64)
     }
 
     /// Top-k sampling's candidates selected on the device (`true`) or from the rows read back, as
@@ -750,6 +769,31 @@ impl CudaBackend {
         let (chunk0, c, hw) = (first as u64, spec.center, spec.half_width);
         self.gpu.launch("elementwise", "dummy_fill", (blocks(last - first, DUMMY_THREADS), jobs as u32, 1), DUMMY_THREADS as u32, 0,
             args![out, keys, key, cols, row0, rows, col0, ncols, chunk0, c, hw])
+    }
+
+    /// The experts of a prefill batch on Hopper's tensor cores (expert_gemm.cu): sort the pairs into
+    /// tiles of at most EXPERT_TILE_ROWS rows of one expert, then gate·up·SwiGLU and down, one
+    /// expert_gemm launch each, reading x through the sort (no gather) and the tiles on the device
+    /// (no host sync), and the weighted combine.
+    fn moe_expert_gemm(&self, out: &mut CudaBuf, x: &CudaBuf, moe: &CudaMoe, bufs: [u64; 9]) -> Result<()> {
+        let [ids, weights, sorted, pair_pos, tile_e, tile_row0, tile_rows, act, y] = bufs;
+        let (t, h, k, inter) = (x.rows, x.cols, moe.top_k, moe.inter);
+        let p = t * k;
+        // Tile slots (moe_sort marks those past the last -1; their blocks return at once), within
+        // moe_impl's tile scratch (sized for MOE_TILE_ROWS-row tiles) and the grid's 65,535 rows.
+        let tiles = p.div_ceil(EXPERT_TILE_ROWS) + moe.held;
+        ensure!(tiles <= 65_535, InvalidArgument, "moe: {t} rows with top-k {k} make {tiles} expert tiles, more than a grid takes");
+        let (pi, ki, held, tm, mt) = (p as i32, k as i32, moe.held as i32, EXPERT_TILE_ROWS as i32, tiles as i32);
+        self.gpu.launch("moe", "moe_sort", (1, 1, 1), 1024, (2 * moe.held * 4) as u32,
+            args![ids, pi, ki, held, tm, mt, sorted, pair_pos, tile_e, tile_row0, tile_rows])?;
+        let (xp, hi, ii, null) = (x.mem.ptr, h as i32, inter as i32, 0u64);
+        let (gp, up, dp) = (moe.gate.ptr, moe.up.ptr, moe.down.ptr);
+        self.gpu.launch("expert_gemm", "expert_gemm", (blocks(inter, 64), tiles as u32, 1), 256, EXPERT_GEMM_SMEM,
+            args![act, xp, sorted, gp, up, tile_e, tile_row0, tile_rows, ii, hi])?;
+        self.gpu.launch("expert_gemm", "expert_gemm", (blocks(h, 128), tiles as u32, 1), 256, EXPERT_GEMM_SMEM,
+            args![y, act, null, dp, null, tile_e, tile_row0, tile_rows, hi, ii])?;
+        let o = out.mem.ptr;
+        self.gpu.launch("moe", "moe_combine", (self.vec_blocks(h), t as u32, 1), 256, 0, args![o, y, pair_pos, weights, ki, hi])
     }
 
     /// The experts of a prefill batch through cuBLAS: sort the (row, expert) pairs into one segment
@@ -984,11 +1028,14 @@ impl CudaBackend {
         let p = t * k;
         let max_tiles = p.div_ceil(MOE_TILE_ROWS) + moe.held;
         let es = self.esize();
+        // Prefill's experts on expert_gemm (SwiGLU in its epilogue: no gate/up scratch).
+        let on_wgmma = !self.moe_decode_fits(x, moe) && self.moe_wgmma.load(std::sync::atomic::Ordering::Relaxed) && self.expert_gemm_fits(h, inter);
+        let gate_up = if on_wgmma { 0 } else { p * inter * es };
         let [probs, ids, weights, sorted, pair_pos, tile_e, tile_row0, tile_rows, g, u, act, y, x_normed] = self.scratch([
             (Scratch::RouterProbs, t * e * 4), (Scratch::TopIds, p * 4), (Scratch::TopWeights, p * 4),
             (Scratch::SortedSrc, p * 4), (Scratch::PairPos, p * 4), (Scratch::TileE, max_tiles.max(3 * (moe.held + 1)) * 4),
-            (Scratch::TileRow0, max_tiles * 4), (Scratch::TileRows, max_tiles * 4), (Scratch::Gate, p * inter * es),
-            (Scratch::Up, p * inter * es), (Scratch::Act, p * inter * es), (Scratch::Y, p * h * es),
+            (Scratch::TileRow0, max_tiles * 4), (Scratch::TileRows, max_tiles * 4), (Scratch::Gate, gate_up),
+            (Scratch::Up, gate_up), (Scratch::Act, p * inter * es), (Scratch::Y, p * h * es),
             (Scratch::MoeIn, if norm.w != 0 { t * h * es } else { 0 }),
         ])?;
         let (xp, rp, (ei, hi, ii, ki, ti, pi)) = (x.mem.ptr, moe.router.mem.ptr, (e as i32, h as i32, inter as i32, k as i32, t as i32, p as i32));
@@ -1020,9 +1067,8 @@ impl CudaBackend {
         // Decode: the gate/up kernel routes for itself (every block, from the logits), one launch less.
         let self_routed = decode && self.fused_route && e <= ROUTE_MAX_E;
         if !self_routed {
-            // moe_route's shared memory: 4 rows of E probabilities and k choices, within the 48 KB default.
-            let most = (48 << 10) / 16 - k;
-            ensure!(e <= most, InvalidArgument, "{e} experts with top-k {k}: the MoE router takes at most {most}");
+            // moe_route's shared memory: 4 rows of E probabilities and k choices, within the 48 KB
+            // default for the at most 1,024 experts check_moe admits.
             let smem = (4 * (e + k) * 4) as u32;
             self.gpu.launch("moe", "moe_route", (blocks(t, 4), 1, 1), 128, smem, args![probs, ids, weights, ti, ei, ki, renorm, e0, held])?;
         }
@@ -1039,6 +1085,9 @@ impl CudaBackend {
             let (name, grid, smem) = self.gemv_plan(&MOE_DOWN_COMBINE, 1, p * inter, t * h * MOE_DOWN_WARPS)?;
             let o = out.mem.ptr;
             return self.gpu.launch("matmul", name, grid, 256, smem, args![o, act, dp, ids, weights, ti, ki, hi, ii]);
+        }
+        if on_wgmma {
+            return self.moe_expert_gemm(out, x, moe, [ids, weights, sorted, pair_pos, tile_e, tile_row0, tile_rows, act, y]);
         }
         if self.moe_cublas.load(std::sync::atomic::Ordering::Relaxed) && self.gpu.note(|h| h)? == Mode::Eager {
             match self.moe_grouped_cublas(out, x, moe, [ids, weights, sorted, pair_pos, tile_e, tile_row0, tile_rows, g, u, act, y]) {

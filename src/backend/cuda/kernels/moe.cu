@@ -1,5 +1,5 @@
 // moe.cu: MoE routing on the device. `moe_route`: softmax, top-k, renormalisation per row (f32);
-// `moe_sort`: group the (row, choice) pairs by expert into tiles for `grouped_gemm`;
+// `moe_sort`: group the (row, choice) pairs by expert into tiles for `grouped_gemm` / `expert_gemm`;
 // `moe_combine`: weighted sum of each row's expert outputs, in ascending expert order as the CPU
 // (prefill; decode adds them up inside its down projection, moe_down_combine in matmul.cu).
 // Expert parallelism: a device holding experts [e0, e0 + held) of E routes over all E, then keeps

@@ -1,0 +1,220 @@
+// expert_gemm.cu: MoE prefill's expert products on Hopper's tensor cores (wgmma, sm_90a; bf16/f16).
+// A block takes one tile of moe_sort (up to EG_MAX_ROWS rows routed to one expert, tm = EG_MAX_ROWS)
+// and 128 weight rows: gate and up (64 rows each, SwiGLU in the epilogue, out = act) or 128 rows of
+// the down projection (out = y). Both operands stream through shared memory with cp.async, K-major
+// in 128-byte swizzled rows, as many stages as fit; the weight rows are wgmma's M (two warpgroups of 64),
+// the tile's rows its N, in pieces of 64 and a last piece of 32 (a tile's rows rounded up to 32).
+// Each weight byte is read once from memory per tile, and a tile's blocks run side by side, so the
+// expert's weights come from HBM about once a layer (prefill of Qwen3-30B-A3B is as much weight
+// reading, 1.2 GB a layer, as arithmetic). Rows read from `x` through `src` (gate/up: the sorted
+// pair's token row; no gather kernel), or in place (down: act, already in sorted order).
+// Rounding as the cuBLAS path: f32 accumulation, gate and up rounded before SwiGLU, outputs rounded.
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) && Q_DTYPE != 0
+
+#define EG_BK 64                                  // K a stage: one 128-byte swizzled row
+#define EG_MAX_ROWS 256                           // a tile's rows at most (mod.rs EXPERT_TILE_ROWS)
+#define EG_A_BYTES (128 * EG_BK * 2)              // 128 weight rows a stage
+#define EG_SMEM (227 * 1024)                      // dynamic shared memory (mod.rs EXPERT_GEMM_SMEM)
+#ifndef EG_MAX_STAGES  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
+#define EG_MAX_STAGES 8                           // stages at most (a stage holds 128 + the tile's rows)
+#endif
+// Each warpgroup's wgmma groups left in flight at the end of a step: 1, or 0 with EG_MMA_SERIAL
+// (then loads can run a stage further ahead).
+#ifdef EG_MMA_SERIAL  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
+#define EG_MMA_PENDING 0
+#else
+#define EG_MMA_PENDING 1
+#endif
+
+#if Q_DTYPE == 1
+#define EG_AB "bf16"
+#else
+#define EG_AB "f16"
+#endif
+
+// Wait until at most n of this thread's cp.async groups are pending (n is an immediate in PTX).
+__device__ __forceinline__ void eg_cp_wait(int n) {
+    switch (n) {
+    case 0: asm volatile("cp.async.wait_group 0;" ::: "memory"); break;
+    case 1: asm volatile("cp.async.wait_group 1;" ::: "memory"); break;
+    case 2: asm volatile("cp.async.wait_group 2;" ::: "memory"); break;
+    case 3: asm volatile("cp.async.wait_group 3;" ::: "memory"); break;
+    case 4: asm volatile("cp.async.wait_group 4;" ::: "memory"); break;
+    case 5: asm volatile("cp.async.wait_group 5;" ::: "memory"); break;
+    case 6: asm volatile("cp.async.wait_group 6;" ::: "memory"); break;
+    default: asm volatile("cp.async.wait_group 7;" ::: "memory"); break;  // more stages: waits for more
+    }
+}
+
+__device__ __forceinline__ void eg_cp16(unsigned dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+
+// A shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1,024 bytes apart.
+__device__ __forceinline__ unsigned long long eg_desc(unsigned addr) {
+    return (unsigned long long)((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
+}
+
+// d[64 × 64] += A[64 × 16] · B[16 × 64] (A, B: descriptors).
+__device__ __forceinline__ void eg_mma64(float* d, unsigned long long a, unsigned long long b) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." EG_AB "." EG_AB " "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+        "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, 1, 1, 1, 0, 0;"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(a), "l"(b));
+}
+
+// d[64 × 32] += A[64 × 16] · B[16 × 32].
+__device__ __forceinline__ void eg_mma32(float* d, unsigned long long a, unsigned long long b) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32." EG_AB "." EG_AB " "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, 1, 1, 1, 0, 0;"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(a), "l"(b));
+}
+
+// One stage (64 of K) of a warpgroup's product: 64 weight rows × NP * 32 tile rows, in pieces of 64
+// rows and a last of 32 when NP is odd; back to back, with no branch between them (ptxas then issues
+// them as one batch). Descriptors step 32 bytes along K (+2) and 64 rows along the tile (+512).
+template <int NP>
+__device__ __forceinline__ void eg_stage(float* acc, unsigned long long da, unsigned long long db) {
+#pragma unroll
+    for (int ks = 0; ks < EG_BK / 16; ks++) {
+#pragma unroll
+        for (int j = 0; j < NP / 2; j++) eg_mma64(acc + 32 * j, da + 2 * ks, db + 2 * ks + 512 * j);
+        if (NP & 1) eg_mma32(acc + 32 * (NP / 2), da + 2 * ks, db + 2 * ks + 512 * (NP / 2));
+    }
+}
+
+// Keeps the compiler from moving accumulator reads or writes across a wgmma wait.
+__device__ __forceinline__ void eg_fence_acc(float* d) {
+#pragma unroll
+    for (int i = 0; i < 128; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// out rows row0 .. row0 + rows of tile blockIdx.y (moe_sort's tiles; tile_e -1: none):
+//   w1 set (gate/up):  out[r, n] = rnd(silu(rnd(x_r · w0[e, n]))) · rnd(x_r · w1[e, n]), n in blockIdx.x * 64 + [0, 64);
+//   w1 null (down):    out[r, n] = x_r · w0[e, n],                                       n in blockIdx.x * 128 + [0, 128);
+// x_r = x[src[r]] (src set) or x[r]; w0/w1 [E, N, K]; out [., N]. K % 64 == 0; N % 64 (gate/up) or
+// % 128 (down) == 0. 256 threads, dynamic shared memory EXPERT_GEMM_SMEM.
+extern "C" __global__ void __launch_bounds__(256, 1) expert_gemm(act_t* out, const act_t* x, const int* src,
+    const act_t* w0, const act_t* w1, const int* tile_e, const int* tile_row0, const int* tile_rows, int N, int K) {
+    extern __shared__ __align__(1024) unsigned char eg_smem[];
+    grid_dependency();
+    const int tile = blockIdx.y, e = tile_e[tile];
+    if (e < 0) return;
+    const int row0 = tile_row0[tile], rows = tile_rows[tile];
+    const bool swiglu = w1 != nullptr;
+    const int n0 = blockIdx.x * (swiglu ? 64 : 128);
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int nt = (rows + 31) & ~31;  // rows rounded up to 32
+    const unsigned base = (static_cast<unsigned>(__cvta_generic_to_shared(eg_smem)) + 1023) & ~1023u;
+    unsigned char* base_ptr = eg_smem + (base - static_cast<unsigned>(__cvta_generic_to_shared(eg_smem)));
+
+    // This thread's copies a stage: 16-byte chunk c of shared rows tid / 8 + 32 q (A: 4 rows,
+    // B: nt / 32 rows); the swizzled chunk is the same for all of them.
+    const int c = tid & 7, r0 = tid >> 3;
+    const unsigned sw = r0 * 128 + ((c ^ (r0 & 7)) << 4);
+    const size_t wstride = (size_t)N * K;
+    const act_t* a_src[4];
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        int r = r0 + 32 * q;
+        a_src[q] = (swiglu && r >= 64) ? w1 + e * wstride + (size_t)(n0 + r - 64) * K : w0 + e * wstride + (size_t)(n0 + r) * K;
+        a_src[q] += c * 8;
+    }
+    const act_t* b_src[8];
+#pragma unroll
+    for (int q = 0; q < 8; q++) {
+        int r = min(r0 + 32 * q, rows - 1);  // rows past the tile repeat its last (their columns are dropped)
+        int xr = src ? src[row0 + r] : row0 + r;
+        b_src[q] = x + (size_t)xr * K + c * 8;
+    }
+    // As many stages as fit (a stage: 128 weight rows and the tile's nt rows, 64 wide; at most
+    // EG_MAX_STAGES): 4 for a tile of 256 rows, 6 for 160, 8 for 96 or fewer. Loads run `ahead`
+    // stages ahead of the wgmma: stage kt + ahead goes where kt - 1 - EG_MMA_PENDING was, which both
+    // warpgroups are done with once past the barrier of step kt (each waited for it in step kt - 1).
+    const int stage_bytes = EG_A_BYTES + nt * 128;
+    const int stages = max(3, min(EG_MAX_STAGES, (EG_SMEM - 1024) / stage_bytes)), ahead = stages - 1 - EG_MMA_PENDING;
+    auto load = [&](int slot, int kt) {
+        const unsigned a = base + slot * stage_bytes, b = a + EG_A_BYTES;
+        const int k0 = kt * EG_BK;
+#pragma unroll
+        for (int q = 0; q < 4; q++) eg_cp16(a + sw + q * 32 * 128, a_src[q] + k0);
+#pragma unroll
+        for (int q = 0; q < 8; q++)
+            if (32 * q < nt) eg_cp16(b + sw + q * 32 * 128, b_src[q] + k0);
+    };
+
+    float acc[128];
+#pragma unroll
+    for (int i = 0; i < 128; i++) acc[i] = 0.f;
+    const int KT = K / EG_BK;
+    const unsigned long long desc0 = eg_desc(base);  // stage offsets add to it (base + 227 KB stays in its 14 bits)
+    for (int s = 0; s < ahead; s++) {
+        if (s < KT) load(s, s);
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    }
+    for (int kt = 0, slot = 0; kt < KT; kt++, slot = slot + 1 == stages ? 0 : slot + 1) {
+        eg_cp_wait(ahead - 1);  // stage kt landed (one group a step, empty ones included)
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // cp.async writes, seen by wgmma
+        __syncthreads();  // every thread's copies of stage kt landed; both warpgroups past their wait
+        if (kt + ahead < KT) load((kt + ahead) % stages, kt + ahead);
+        asm volatile("cp.async.commit_group;" ::: "memory");
+        const unsigned long long da = desc0 + ((slot * stage_bytes + wg * 64 * 128) >> 4), db = desc0 + ((slot * stage_bytes + EG_A_BYTES) >> 4);
+        eg_fence_acc(acc);
+        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+        switch (nt >> 5) {
+        case 1: eg_stage<1>(acc, da, db); break;
+        case 2: eg_stage<2>(acc, da, db); break;
+        case 3: eg_stage<3>(acc, da, db); break;
+        case 4: eg_stage<4>(acc, da, db); break;
+        case 5: eg_stage<5>(acc, da, db); break;
+        case 6: eg_stage<6>(acc, da, db); break;
+        case 7: eg_stage<7>(acc, da, db); break;
+        default: eg_stage<8>(acc, da, db); break;
+        }
+        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(EG_MMA_PENDING) : "memory");
+        eg_fence_acc(acc);
+    }
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+    eg_fence_acc(acc);
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+    __syncthreads();  // the stages are free: the epilogue stages the output tile there
+
+    // The 128 × nt tile staged as act_t, [tile row][weight row] (rows padded by 16 bytes against bank
+    // conflicts), then written out a 16-byte vector at a time by the whole block (the SwiGLU among
+    // them: gate's weight rows are columns 0-63, up's 64-127). Accumulator i of a thread is weight row
+    // 64 * wg + 16 * warp + lane / 4 (+ 8 for bit 1 of i % 32), tile row 64 * (i / 32) + 8 * (i % 32 / 4)
+    // + 2 * (lane % 4) + i % 2: fixed offsets from one address, all 128 stored (rows past nt too,
+    // there is room: one straight run of stores).
+    const int pitch = 128 + 8;
+    act_t* st = reinterpret_cast<act_t*>(base_ptr);
+    act_t* mine = st + 2 * (lane & 3) * pitch + 64 * wg + 16 * warp + (lane >> 2);
+#pragma unroll
+    for (int i = 0; i < 128; i++) mine[(64 * (i >> 5) + 8 * ((i & 31) >> 2) + (i & 1)) * pitch + 8 * ((i >> 1) & 1)] = from_f(acc[i]);
+    __syncthreads();
+    const int chunks = swiglu ? 8 : 16;  // 16-byte vectors of output a row
+    for (int i = tid; i < rows * chunks; i += 256) {
+        const int r = i / chunks, ch = i % chunks;
+        uint4 v = *reinterpret_cast<const uint4*>(st + r * pitch + ch * 8);
+        if (swiglu) {
+            float g[VEC], u[VEC];
+            unpack_vec(v, g);
+            unpack_vec(*reinterpret_cast<const uint4*>(st + r * pitch + 64 + ch * 8), u);
+#pragma unroll
+            for (int k = 0; k < VEC; k++) g[k] = rnd(silu(g[k])) * u[k];  // as the swiglu kernel
+            v = pack_vec(g);
+        }
+        *reinterpret_cast<uint4*>(out + (size_t)(row0 + r) * N + n0 + ch * 8) = v;
+    }
+}
+
+#endif
