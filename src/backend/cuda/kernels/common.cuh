@@ -339,3 +339,55 @@ __device__ __forceinline__ void route_rows(const float* logits, int rows, float*
         weights2[warp * k + pos] = w;
     }
 }
+
+// Hopper's warpgroup MMA (wgmma; sm_90a builds, bf16/f16: expert_gemm.cu).
+// Operands in shared memory are described by 64-bit descriptors, kept in 128-byte
+// swizzled rows (16-byte chunk c of row r at r * 128 + ((c ^ (r % 8)) * 16) from a 1,024-aligned base).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) && Q_DTYPE != 0
+#if Q_DTYPE == 1
+#define WG_AB "bf16"
+#else
+#define WG_AB "f16"
+#endif
+
+__device__ __forceinline__ void wg_cp16(unsigned dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+
+// A K-major operand: rows of 64 elements (128 bytes, swizzled), 8-row groups 1,024 bytes apart. Its
+// start address steps 32 bytes a k16 step; a descriptor plus (bytes >> 4) is the one bytes further
+// (shared addresses stay below 2^18, inside the field).
+__device__ __forceinline__ unsigned long long wg_desc(unsigned addr) {
+    return (unsigned long long)((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
+}
+
+// d[64 × 64] += A[64 × 16] · B[16 × 64], A and B K-major in shared memory.
+__device__ __forceinline__ void wg_mma64(float* d, unsigned long long a, unsigned long long b) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." WG_AB "." WG_AB " "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+        "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, 1, 1, 1, 0, 0;"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(a), "l"(b));
+}
+
+// d[64 × 32] += A[64 × 16] · B[16 × 32], as wg_mma64.
+__device__ __forceinline__ void wg_mma32(float* d, unsigned long long a, unsigned long long b) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32." WG_AB "." WG_AB " "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, 1, 1, 1, 0, 0;"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(a), "l"(b));
+}
+
+// Keeps the compiler from moving reads or writes of N accumulators across a wgmma wait.
+template <int N>
+__device__ __forceinline__ void wg_fence_acc(float* d) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
+#endif

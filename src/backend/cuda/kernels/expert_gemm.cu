@@ -27,12 +27,6 @@
 #define EG_MMA_PENDING 1
 #endif
 
-#if Q_DTYPE == 1
-#define EG_AB "bf16"
-#else
-#define EG_AB "f16"
-#endif
-
 // Wait until at most n of this thread's cp.async groups are pending (n is an immediate in PTX).
 __device__ __forceinline__ void eg_cp_wait(int n) {
     switch (n) {
@@ -47,38 +41,6 @@ __device__ __forceinline__ void eg_cp_wait(int n) {
     }
 }
 
-__device__ __forceinline__ void eg_cp16(unsigned dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
-}
-
-// A shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1,024 bytes apart.
-__device__ __forceinline__ unsigned long long eg_desc(unsigned addr) {
-    return (unsigned long long)((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
-}
-
-// d[64 × 64] += A[64 × 16] · B[16 × 64] (A, B: descriptors).
-__device__ __forceinline__ void eg_mma64(float* d, unsigned long long a, unsigned long long b) {
-    asm volatile(
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32." EG_AB "." EG_AB " "
-        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
-        "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, 1, 1, 1, 0, 0;"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(a), "l"(b));
-}
-
-// d[64 × 32] += A[64 × 16] · B[16 × 32].
-__device__ __forceinline__ void eg_mma32(float* d, unsigned long long a, unsigned long long b) {
-    asm volatile(
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32." EG_AB "." EG_AB " "
-        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, 1, 1, 1, 0, 0;"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-        : "l"(a), "l"(b));
-}
-
 // One stage (64 of K) of a warpgroup's product: 64 weight rows × NP * 32 tile rows, in pieces of 64
 // rows and a last of 32 when NP is odd; back to back, with no branch between them (ptxas then issues
 // them as one batch). Descriptors step 32 bytes along K (+2) and 64 rows along the tile (+512).
@@ -87,15 +49,9 @@ __device__ __forceinline__ void eg_stage(float* acc, unsigned long long da, unsi
 #pragma unroll
     for (int ks = 0; ks < EG_BK / 16; ks++) {
 #pragma unroll
-        for (int j = 0; j < NP / 2; j++) eg_mma64(acc + 32 * j, da + 2 * ks, db + 2 * ks + 512 * j);
-        if (NP & 1) eg_mma32(acc + 32 * (NP / 2), da + 2 * ks, db + 2 * ks + 512 * (NP / 2));
+        for (int j = 0; j < NP / 2; j++) wg_mma64(acc + 32 * j, da + 2 * ks, db + 2 * ks + 512 * j);
+        if (NP & 1) wg_mma32(acc + 32 * (NP / 2), da + 2 * ks, db + 2 * ks + 512 * (NP / 2));
     }
-}
-
-// Keeps the compiler from moving accumulator reads or writes across a wgmma wait.
-__device__ __forceinline__ void eg_fence_acc(float* d) {
-#pragma unroll
-    for (int i = 0; i < 128; i++) asm volatile("" : "+f"(d[i])::"memory");
 }
 
 // out rows row0 .. row0 + rows of tile blockIdx.y (moe_sort's tiles; tile_e -1: none):
@@ -146,17 +102,17 @@ extern "C" __global__ void __launch_bounds__(256, 1) expert_gemm(act_t* out, con
         const unsigned a = base + slot * stage_bytes, b = a + EG_A_BYTES;
         const int k0 = kt * EG_BK;
 #pragma unroll
-        for (int q = 0; q < 4; q++) eg_cp16(a + sw + q * 32 * 128, a_src[q] + k0);
+        for (int q = 0; q < 4; q++) wg_cp16(a + sw + q * 32 * 128, a_src[q] + k0);
 #pragma unroll
         for (int q = 0; q < 8; q++)
-            if (32 * q < nt) eg_cp16(b + sw + q * 32 * 128, b_src[q] + k0);
+            if (32 * q < nt) wg_cp16(b + sw + q * 32 * 128, b_src[q] + k0);
     };
 
     float acc[128];
 #pragma unroll
     for (int i = 0; i < 128; i++) acc[i] = 0.f;
     const int KT = K / EG_BK;
-    const unsigned long long desc0 = eg_desc(base);  // stage offsets add to it (base + 227 KB stays in its 14 bits)
+    const unsigned long long desc0 = wg_desc(base);  // stage offsets add to it (base + 227 KB stays in its 14 bits)
     for (int s = 0; s < ahead; s++) {
         if (s < KT) load(s, s);
         asm volatile("cp.async.commit_group;" ::: "memory");
@@ -168,7 +124,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) expert_gemm(act_t* out, con
         if (kt + ahead < KT) load((kt + ahead) % stages, kt + ahead);
         asm volatile("cp.async.commit_group;" ::: "memory");
         const unsigned long long da = desc0 + ((slot * stage_bytes + wg * 64 * 128) >> 4), db = desc0 + ((slot * stage_bytes + EG_A_BYTES) >> 4);
-        eg_fence_acc(acc);
+        wg_fence_acc<128>(acc);
         asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
         switch (nt >> 5) {
         case 1: eg_stage<1>(acc, da, db); break;
@@ -182,10 +138,10 @@ extern "C" __global__ void __launch_bounds__(256, 1) expert_gemm(act_t* out, con
         }
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(EG_MMA_PENDING) : "memory");
-        eg_fence_acc(acc);
+        wg_fence_acc<128>(acc);
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-    eg_fence_acc(acc);
+    wg_fence_acc<128>(acc);
     asm volatile("cp.async.wait_group 0;" ::: "memory");
     __syncthreads();  // the stages are free: the epilogue stages the output tile there
 
