@@ -3,14 +3,14 @@
 # its wheel into /tmp/qv/NAME and run its cuda_ops (all tests, or those matching $1); then
 # benches/kernel_sweep.py over the builds that passed, interleaved (SWEEP_MODELS, default
 # Qwen3-30B-A3B; SWEEP_ROUNDS, default 3; SWEEP_EXTRA: more variants as NAME:SETTINGS, space-separated,
-# e.g. "expert-gemm-128:QWEN3RS_CUDA_EXPERT_TILE=128" runs that build with that setting too). The first
-# build (alphabetically) is the sweep's base.
+# e.g. "expert-gemm-128:QWEN3RS_CUDA_EXPERT_TILE=128" runs that build with that setting too). The
+# sweep's base (ratio 1) is the build named main, else the first alphabetically.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/qwen3rs-gpu-out}; mkdir -p "$OUT"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} QWEN3RS_CACHE_DIR=/tmp/qwen3rs-cache PYTHONUNBUFFERED=1
 variants=()
-for dir in .gpu/v/*/; do
+for dir in $(ls -d .gpu/v/main/ 2>/dev/null) $(ls -d .gpu/v/*/ | grep -v '/main/$'); do
   name=$(basename "$dir")
   python3 -m pip install --no-deps -q --target "/tmp/qv/$name" "$dir"/qwen3rs-*.whl > "$OUT/pip_$name.log" 2>&1
   "$dir/cuda_ops" --test-threads=1 ${1:-} > "$OUT/ops_$name.txt" 2>&1
