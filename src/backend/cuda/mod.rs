@@ -522,7 +522,7 @@ impl CudaBackend {
         Ok(CudaBackend { gpu, ordinal, meta: Mutex::new(slots(N_META)), staging: Default::default(), scratch: Mutex::new(slots(N_SCRATCH)), graphs, parity: 0.into(),
             pipeline: !env_off("QWEN3RS_CUDA_PIPELINE"), ahead: !env_off("QWEN3RS_CUDA_AHEAD") && replays == 1,
             argmax: Mutex::new(argmax), graph_cache: std::env::var("QWEN3RS_CUDA_GRAPH_CACHE").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(8),
-            device_top: (!std::env::var("QWEN3RS_CUDA_DEVICE_TOP").is_ok_and(|v| v.trim() == "0")).into(),
+            device_top: (!env_off("QWEN3RS_CUDA_DEVICE_TOP")).into(),
             graph_bad: Default::default(), replay_trace: trace.then(Default::default), replays,
             fused: !env_off("QWEN3RS_CUDA_FUSED"),
             rope_attn: !env_off("QWEN3RS_CUDA_ROPE_ATTN"), fused_route: !env_off("QWEN3RS_CUDA_FUSED_ROUTE"),
@@ -771,6 +771,16 @@ impl CudaBackend {
             args![out, keys, key, cols, row0, rows, col0, ncols, chunk0, c, hw])
     }
 
+    /// moe_sort (moe.cu): the `p` pairs of `ids` [p] (top_k a row) grouped by the experts held here,
+    /// into tiles of at most `tile_rows_max` rows in `max_tiles` slots. `out`: sorted_src, pair_pos,
+    /// tile_e, tile_row0, tile_rows.
+    fn moe_sort(&self, moe: &CudaMoe, ids: u64, p: usize, tile_rows_max: usize, max_tiles: usize, out: [u64; 5]) -> Result<()> {
+        let [sorted, pair_pos, tile_e, tile_row0, tile_rows] = out;
+        let (pi, ki, held, tm, mt) = (p as i32, moe.top_k as i32, moe.held as i32, tile_rows_max as i32, max_tiles as i32);
+        self.gpu.launch("moe", "moe_sort", (1, 1, 1), 1024, (2 * moe.held * 4) as u32,
+            args![ids, pi, ki, held, tm, mt, sorted, pair_pos, tile_e, tile_row0, tile_rows])
+    }
+
     /// The experts of a prefill batch on Hopper's tensor cores (expert_gemm.cu): sort the pairs into
     /// tiles of at most EXPERT_TILE_ROWS rows of one expert, then gate·up·SwiGLU and down, one
     /// expert_gemm launch each, reading x through the sort (no gather) and the tiles on the device
@@ -783,10 +793,8 @@ impl CudaBackend {
         // moe_impl's tile scratch (sized for MOE_TILE_ROWS-row tiles) and the grid's 65,535 rows.
         let tiles = p.div_ceil(EXPERT_TILE_ROWS) + moe.held;
         ensure!(tiles <= 65_535, InvalidArgument, "moe: {t} rows with top-k {k} make {tiles} expert tiles, more than a grid takes");
-        let (pi, ki, held, tm, mt) = (p as i32, k as i32, moe.held as i32, EXPERT_TILE_ROWS as i32, tiles as i32);
-        self.gpu.launch("moe", "moe_sort", (1, 1, 1), 1024, (2 * moe.held * 4) as u32,
-            args![ids, pi, ki, held, tm, mt, sorted, pair_pos, tile_e, tile_row0, tile_rows])?;
-        let (xp, hi, ii, null) = (x.mem.ptr, h as i32, inter as i32, 0u64);
+        self.moe_sort(moe, ids, p, EXPERT_TILE_ROWS, tiles, [sorted, pair_pos, tile_e, tile_row0, tile_rows])?;
+        let (ki, xp, hi, ii, null) = (k as i32, x.mem.ptr, h as i32, inter as i32, 0u64);
         let (gp, up, dp) = (moe.gate.ptr, moe.up.ptr, moe.down.ptr);
         self.gpu.launch("expert_gemm", "expert_gemm", (blocks(inter, 64), tiles as u32, 1), 256, EXPERT_GEMM_SMEM,
             args![act, xp, sorted, gp, up, tile_e, tile_row0, tile_rows, ii, hi])?;
@@ -807,10 +815,8 @@ impl CudaBackend {
         let es = self.esize() as u64;
         // One tile per expert held (tile rows = P): at most E tiles, then -1. The three tile arrays
         // side by side in `tiles` (sized for it by moe_impl), so that one read brings them back.
-        let (pi, ki, ei, tm, mt) = (p as i32, k as i32, e as i32, p as i32, (e + 1) as i32);
         let (tile_row0, tile_rows) = (tiles + 4 * (e as u64 + 1), tiles + 8 * (e as u64 + 1));
-        self.gpu.launch("moe", "moe_sort", (1, 1, 1), 1024, (2 * e * 4) as u32,
-            args![ids, pi, ki, ei, tm, mt, sorted, pair_pos, tiles, tile_row0, tile_rows])?;
+        self.moe_sort(moe, ids, p, p, e + 1, [sorted, pair_pos, tiles, tile_row0, tile_rows])?;
         let all: Vec<i32> = self.download_typed(3 * (e + 1), tiles)?;
         let (te, rest) = all.split_at(e + 1);
         let (r0, nr) = rest.split_at(e + 1);
@@ -820,7 +826,7 @@ impl CudaBackend {
         // possibly none, and then this rank's part of the output is zero).
         let pl = segs.iter().map(|s| s.2).sum::<u64>() as usize;
         ensure!(segs.iter().all(|s| (s.0 as usize) < e) && pl <= p, Device, "MoE sort produced inconsistent segments");
-        let (o, hi) = (out.mem.ptr, h as i32);
+        let (o, hi, ki) = (out.mem.ptr, h as i32, k as i32);
         if pl == 0 {
             let null = 0u64;
             return self.gpu.launch("moe", "moe_combine", (self.vec_blocks(h), t as u32, 1), 256, 0, args![o, y, null, weights, ki, hi]);
@@ -1028,8 +1034,9 @@ impl CudaBackend {
         let p = t * k;
         let max_tiles = p.div_ceil(MOE_TILE_ROWS) + moe.held;
         let es = self.esize();
+        let decode = self.moe_decode_fits(x, moe);
         // Prefill's experts on expert_gemm (SwiGLU in its epilogue: no gate/up scratch).
-        let on_wgmma = !self.moe_decode_fits(x, moe) && self.moe_wgmma.load(std::sync::atomic::Ordering::Relaxed) && self.expert_gemm_fits(h, inter);
+        let on_wgmma = !decode && self.moe_wgmma.load(std::sync::atomic::Ordering::Relaxed) && self.expert_gemm_fits(h, inter);
         let gate_up = if on_wgmma { 0 } else { p * inter * es };
         let [probs, ids, weights, sorted, pair_pos, tile_e, tile_row0, tile_rows, g, u, act, y, x_normed] = self.scratch([
             (Scratch::RouterProbs, t * e * 4), (Scratch::TopIds, p * 4), (Scratch::TopWeights, p * 4),
@@ -1050,7 +1057,6 @@ impl CudaBackend {
         let (renorm, e0, held) = (moe.norm_topk_prob as i32, moe.first_expert as i32, moe.held as i32);
         // (The router's last block routing every row instead, with a grid-wide counter, measured
         // 276 against 279 tok/s on Qwen3-30B-A3B decode: no gain; RESULTS.md run 15.)
-        let decode = self.moe_decode_fits(x, moe);
         // With a fused norm (decode only, checked above) the router also stores the normed rows, and
         // the experts read them.
         let x_normed = if nw != 0 { x_normed } else { 0 };
@@ -1102,9 +1108,7 @@ impl CudaBackend {
             }
         }
         // 2. Group the (row, expert) pairs by expert (of those held here) into tiles.
-        let (tm, mt) = (MOE_TILE_ROWS as i32, max_tiles as i32);
-        self.gpu.launch("moe", "moe_sort", (1, 1, 1), 1024, (2 * moe.held * 4) as u32,
-            args![ids, pi, ki, held, tm, mt, sorted, pair_pos, tile_e, tile_row0, tile_rows])?;
+        self.moe_sort(moe, ids, p, MOE_TILE_ROWS, max_tiles, [sorted, pair_pos, tile_e, tile_row0, tile_rows])?;
         // 3. Experts: gate and up over the gathered rows, SwiGLU, down.
         let (gp, up, dp, null) = (moe.gate.ptr, moe.up.ptr, moe.down.ptr, 0u64);
         let grid_i = (blocks(inter, 64), max_tiles as u32, 1);
