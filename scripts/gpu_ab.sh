@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine, after scripts/gpu_bundle_branches.sh here: for each build in .gpu/v/NAME, install
-# its wheel into /tmp/qv/NAME and run its cuda_ops (all tests, or those matching $1); then
+# its wheel into /tmp/qv/NAME and run its cuda_ops (all tests, or those matching any of the arguments); then
 # benches/kernel_sweep.py over the builds that passed, interleaved (SWEEP_MODELS, default
 # Qwen3-30B-A3B; SWEEP_ROUNDS, default 3; SWEEP_EXTRA: more variants as NAME:SETTINGS, space-separated,
 # e.g. "expert-gemm-128:QWEN3RS_CUDA_EXPERT_TILE=128" runs that build with that setting too). The
@@ -13,7 +13,7 @@ variants=()
 for dir in $(ls -d .gpu/v/main/ 2>/dev/null) $(ls -d .gpu/v/*/ | grep -v '/main/$'); do
   name=$(basename "$dir")
   python3 -m pip install --no-deps -q --target "/tmp/qv/$name" "$dir"/qwen3rs-*.whl > "$OUT/pip_$name.log" 2>&1
-  "$dir/cuda_ops" --test-threads=1 ${1:-} > "$OUT/ops_$name.txt" 2>&1
+  "$dir/cuda_ops" --test-threads=1 "$@" > "$OUT/ops_$name.txt" 2>&1
   rc=$?
   echo "cuda_ops $name rc=$rc $(grep 'test result' "$OUT/ops_$name.txt")"
   grep -E "panicked" -A2 "$OUT/ops_$name.txt" | head -6
