@@ -48,11 +48,10 @@ const MOE_DOWN_COMBINE: [&str; 2] = ["moe_down_combine", "moe_down_combine_xs"];
 const MOE_DOWN_WARPS: usize = 2;
 /// Rows per MoE expert tile (must match GG_TM in matmul.cu).
 const MOE_TILE_ROWS: usize = 16;
-/// Rows of one expert a tile of expert_gemm takes at most (EG_MAX_ROWS in expert_gemm.cu).
-const EXPERT_TILE_ROWS: usize = 256;
-/// expert_gemm's dynamic shared memory: all an sm_90 block may have (EG_SMEM in expert_gemm.cu; it
-/// fits as many stages as the tile's rows allow).
-const EXPERT_GEMM_SMEM: u32 = 227 * 1024;
+/// expert_gemm's builds: (most rows of one expert a tile takes, kernel, dynamic shared memory; EG_SMEM
+/// in expert_gemm.cu, as many stages as the tile's rows allow). `QWEN3RS_CUDA_EXPERT_TILE=128` takes
+/// the second (two blocks an SM); the first is the default.
+const EXPERT_TILES: [(usize, &str, u32); 2] = [(256, "expert_gemm_256", 227 * 1024), (128, "expert_gemm_128", 112 * 1024)];
 const MAX_TOP_K: usize = 32;
 /// Most experts the decode expert kernel routes over itself (ROUTE_MAX_E in matmul.cu).
 const ROUTE_MAX_E: usize = 256;
@@ -392,6 +391,8 @@ pub struct CudaBackend {
     tiled_attn: bool,
     /// MoE prefill through expert_gemm (wgmma) where it runs; `QWEN3RS_CUDA_MOE_WGMMA=0` keeps cuBLAS.
     moe_wgmma: std::sync::atomic::AtomicBool,
+    /// expert_gemm's build, an index into EXPERT_TILES: `QWEN3RS_CUDA_EXPERT_TILE` (256 or 128 rows).
+    expert_tile: std::sync::atomic::AtomicUsize,
     /// MoE prefill through cuBLAS grouped GEMMs; `QWEN3RS_CUDA_MOE_CUBLAS=0` keeps `grouped_gemm`.
     /// Turned off for the process's backend after the first cuBLAS refusal.
     moe_cublas: std::sync::atomic::AtomicBool,
@@ -530,6 +531,7 @@ impl CudaBackend {
             split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"), split_keys: env_count("QWEN3RS_CUDA_SPLIT_KEYS").unwrap_or(8),
             attn_cluster: attn_cluster.into(), tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"),
             moe_cublas: (!env_off("QWEN3RS_CUDA_MOE_CUBLAS")).into(), moe_wgmma: (!env_off("QWEN3RS_CUDA_MOE_WGMMA")).into(),
+            expert_tile: EXPERT_TILES.iter().position(|t| Some(t.0) == env_count("QWEN3RS_CUDA_EXPERT_TILE")).unwrap_or(0).into(),
             prefill_chunk: env_count("QWEN3RS_CUDA_PREFILL_CHUNK").unwrap_or(2048) })
     }
 
@@ -543,6 +545,15 @@ impl CudaBackend {
     /// `QWEN3RS_CUDA_MOE_WGMMA` chooses at construction: lets one test process check both.
     pub fn set_moe_wgmma(&self, on: bool) {
         self.moe_wgmma.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// expert_gemm's build by its most rows a tile (256 or 128), as `QWEN3RS_CUDA_EXPERT_TILE` chooses
+    /// at construction: lets one test process check both.
+    pub fn set_expert_tile(&self, rows: usize) -> Result<()> {
+        let i = EXPERT_TILES.iter().position(|t| t.0 == rows);
+        let i = i.ok_or_else(|| Error::InvalidArgument(format!("expert_gemm tiles take 256 or 128 rows, not {rows}")))?;
+        self.expert_tile.store(i, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// Whether expert_gemm runs the experts of a prefill batch with rows of `hidden` and experts
@@ -782,7 +793,7 @@ impl CudaBackend {
     }
 
     /// The experts of a prefill batch on Hopper's tensor cores (expert_gemm.cu): sort the pairs into
-    /// tiles of at most EXPERT_TILE_ROWS rows of one expert, then gate·up·SwiGLU and down, one
+    /// tiles of at most 256 (or 128) rows of one expert, then gate·up·SwiGLU and down, one
     /// expert_gemm launch each, reading x through the sort (no gather) and the tiles on the device
     /// (no host sync), and the weighted combine.
     fn moe_expert_gemm(&self, out: &mut CudaBuf, x: &CudaBuf, moe: &CudaMoe, bufs: [u64; 9]) -> Result<()> {
@@ -791,14 +802,15 @@ impl CudaBackend {
         let p = t * k;
         // Tile slots (moe_sort marks those past the last -1; their blocks return at once), within
         // moe_impl's tile scratch (sized for MOE_TILE_ROWS-row tiles) and the grid's 65,535 rows.
-        let tiles = p.div_ceil(EXPERT_TILE_ROWS) + moe.held;
+        let (tile_rows_max, kernel, smem) = EXPERT_TILES[self.expert_tile.load(std::sync::atomic::Ordering::Relaxed)];
+        let tiles = p.div_ceil(tile_rows_max) + moe.held;
         ensure!(tiles <= 65_535, InvalidArgument, "moe: {t} rows with top-k {k} make {tiles} expert tiles, more than a grid takes");
-        self.moe_sort(moe, ids, p, EXPERT_TILE_ROWS, tiles, [sorted, pair_pos, tile_e, tile_row0, tile_rows])?;
+        self.moe_sort(moe, ids, p, tile_rows_max, tiles, [sorted, pair_pos, tile_e, tile_row0, tile_rows])?;
         let (ki, xp, hi, ii, null) = (k as i32, x.mem.ptr, h as i32, inter as i32, 0u64);
         let (gp, up, dp) = (moe.gate.ptr, moe.up.ptr, moe.down.ptr);
-        self.gpu.launch("expert_gemm", "expert_gemm", (blocks(inter, 64), tiles as u32, 1), 256, EXPERT_GEMM_SMEM,
+        self.gpu.launch("expert_gemm", kernel, (blocks(inter, 64), tiles as u32, 1), 256, smem,
             args![act, xp, sorted, gp, up, tile_e, tile_row0, tile_rows, ii, hi])?;
-        self.gpu.launch("expert_gemm", "expert_gemm", (blocks(h, 128), tiles as u32, 1), 256, EXPERT_GEMM_SMEM,
+        self.gpu.launch("expert_gemm", kernel, (blocks(h, 128), tiles as u32, 1), 256, smem,
             args![y, act, null, dp, null, tile_e, tile_row0, tile_rows, hi, ii])?;
         let o = out.mem.ptr;
         self.gpu.launch("moe", "moe_combine", (self.vec_blocks(h), t as u32, 1), 256, 0, args![o, y, pair_pos, weights, ki, hi])

@@ -1,5 +1,5 @@
 // expert_gemm.cu: MoE prefill's expert products on Hopper's tensor cores (wgmma, sm_90a; bf16/f16).
-// A block takes one tile of moe_sort (up to EG_MAX_ROWS rows routed to one expert, tm = EG_MAX_ROWS)
+// A block takes one tile of moe_sort (up to 256 or 128 rows routed to one expert, by the kernel's build)
 // and 128 weight rows: gate and up (64 rows each, SwiGLU in the epilogue, out = act) or 128 rows of
 // the down projection (out = y). Both operands stream through shared memory with cp.async, K-major
 // in 128-byte swizzled rows, as many stages as fit; the weight rows are wgmma's M (two warpgroups of 64),
@@ -13,9 +13,11 @@
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) && Q_DTYPE != 0
 
 #define EG_BK 64                                  // K a stage: one 128-byte swizzled row
-#define EG_MAX_ROWS 256                           // a tile's rows at most (mod.rs EXPERT_TILE_ROWS)
 #define EG_A_BYTES (128 * EG_BK * 2)              // 128 weight rows a stage
-#define EG_SMEM (227 * 1024)                      // dynamic shared memory (mod.rs EXPERT_GEMM_SMEM)
+// Two builds of the kernel (mod.rs EXPERT_TILES): expert_gemm_256 takes tiles of up to 256 rows, one
+// block an SM with 227 KB of shared memory; expert_gemm_128 tiles of up to 128, two blocks an SM
+// (half the accumulators and registers, 112 KB each).
+#define EG_SMEM(MAXR) ((MAXR) == 256 ? 227 * 1024 : 112 * 1024)
 #ifndef EG_MAX_STAGES  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define EG_MAX_STAGES 8                           // stages at most (a stage holds 128 + the tile's rows)
 #endif
@@ -54,15 +56,37 @@ __device__ __forceinline__ void eg_stage(float* acc, unsigned long long da, unsi
     }
 }
 
+// eg_stage for the tile's np = nt / 32 (at most MAXR / 32) pieces of 32 rows.
+template <int MAXR>
+__device__ __forceinline__ void eg_stage_n(int np, float* acc, unsigned long long da, unsigned long long db) {
+    switch (np) {
+    case 1: eg_stage<1>(acc, da, db); return;
+    case 2: eg_stage<2>(acc, da, db); return;
+    case 3: eg_stage<3>(acc, da, db); return;
+    }
+    if constexpr (MAXR == 128) {
+        eg_stage<4>(acc, da, db);
+    } else {
+        switch (np) {
+        case 4: eg_stage<4>(acc, da, db); return;
+        case 5: eg_stage<5>(acc, da, db); return;
+        case 6: eg_stage<6>(acc, da, db); return;
+        case 7: eg_stage<7>(acc, da, db); return;
+        default: eg_stage<8>(acc, da, db); return;
+        }
+    }
+}
+
 // out rows row0 .. row0 + rows of tile blockIdx.y (moe_sort's tiles; tile_e -1: none):
 //   w1 set (gate/up):  out[r, n] = rnd(silu(rnd(x_r · w0[e, n]))) · rnd(x_r · w1[e, n]), n in blockIdx.x * 64 + [0, 64);
 //   w1 null (down):    out[r, n] = x_r · w0[e, n],                                       n in blockIdx.x * 128 + [0, 128);
 // x_r = x[src[r]] (src set) or x[r]; w0/w1 [E, N, K]; out [., N]. K % 64 == 0; N % 64 (gate/up) or
-// % 128 (down) == 0. 256 threads, dynamic shared memory EXPERT_GEMM_SMEM.
-extern "C" __global__ void __launch_bounds__(256, 1) expert_gemm(act_t* out, const act_t* x, const int* src,
+// % 128 (down) == 0. Tiles of at most MAXR rows; 256 threads, dynamic shared memory EG_SMEM(MAXR).
+template <int MAXR>
+__device__ __forceinline__ void expert_gemm_impl(act_t* out, const act_t* x, const int* src,
     const act_t* w0, const act_t* w1, const int* tile_e, const int* tile_row0, const int* tile_rows, int N, int K) {
+    constexpr int ACC = MAXR / 2;  // accumulators a thread: 64 weight rows × MAXR tile rows / 128
     extern __shared__ __align__(1024) unsigned char eg_smem[];
-    grid_dependency();
     const int tile = blockIdx.y, e = tile_e[tile];
     if (e < 0) return;
     const int row0 = tile_row0[tile], rows = tile_rows[tile];
@@ -85,9 +109,9 @@ extern "C" __global__ void __launch_bounds__(256, 1) expert_gemm(act_t* out, con
         a_src[q] = (swiglu && r >= 64) ? w1 + e * wstride + (size_t)(n0 + r - 64) * K : w0 + e * wstride + (size_t)(n0 + r) * K;
         a_src[q] += c * 8;
     }
-    const act_t* b_src[8];
+    const act_t* b_src[MAXR / 32];
 #pragma unroll
-    for (int q = 0; q < 8; q++) {
+    for (int q = 0; q < MAXR / 32; q++) {
         int r = min(r0 + 32 * q, rows - 1);  // rows past the tile repeat its last (their columns are dropped)
         int xr = src ? src[row0 + r] : row0 + r;
         b_src[q] = x + (size_t)xr * K + c * 8;
@@ -97,20 +121,20 @@ extern "C" __global__ void __launch_bounds__(256, 1) expert_gemm(act_t* out, con
     // stages ahead of the wgmma: stage kt + ahead goes where kt - 1 - EG_MMA_PENDING was, which both
     // warpgroups are done with once past the barrier of step kt (each waited for it in step kt - 1).
     const int stage_bytes = EG_A_BYTES + nt * 128;
-    const int stages = max(3, min(EG_MAX_STAGES, (EG_SMEM - 1024) / stage_bytes)), ahead = stages - 1 - EG_MMA_PENDING;
+    const int stages = max(2 + EG_MMA_PENDING, min(EG_MAX_STAGES, (EG_SMEM(MAXR) - 1024) / stage_bytes)), ahead = stages - 1 - EG_MMA_PENDING;
     auto load = [&](int slot, int kt) {
         const unsigned a = base + slot * stage_bytes, b = a + EG_A_BYTES;
         const int k0 = kt * EG_BK;
 #pragma unroll
         for (int q = 0; q < 4; q++) wg_cp16(a + sw + q * 32 * 128, a_src[q] + k0);
 #pragma unroll
-        for (int q = 0; q < 8; q++)
+        for (int q = 0; q < MAXR / 32; q++)
             if (32 * q < nt) wg_cp16(b + sw + q * 32 * 128, b_src[q] + k0);
     };
 
-    float acc[128];
+    float acc[ACC];
 #pragma unroll
-    for (int i = 0; i < 128; i++) acc[i] = 0.f;
+    for (int i = 0; i < ACC; i++) acc[i] = 0.f;
     const int KT = K / EG_BK;
     const unsigned long long desc0 = wg_desc(base);  // stage offsets add to it (base + 227 KB stays in its 14 bits)
     for (int s = 0; s < ahead; s++) {
@@ -124,24 +148,15 @@ extern "C" __global__ void __launch_bounds__(256, 1) expert_gemm(act_t* out, con
         if (kt + ahead < KT) load((kt + ahead) % stages, kt + ahead);
         asm volatile("cp.async.commit_group;" ::: "memory");
         const unsigned long long da = desc0 + ((slot * stage_bytes + wg * 64 * 128) >> 4), db = desc0 + ((slot * stage_bytes + EG_A_BYTES) >> 4);
-        wg_fence_acc<128>(acc);
+        wg_fence_acc<ACC>(acc);
         asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-        switch (nt >> 5) {
-        case 1: eg_stage<1>(acc, da, db); break;
-        case 2: eg_stage<2>(acc, da, db); break;
-        case 3: eg_stage<3>(acc, da, db); break;
-        case 4: eg_stage<4>(acc, da, db); break;
-        case 5: eg_stage<5>(acc, da, db); break;
-        case 6: eg_stage<6>(acc, da, db); break;
-        case 7: eg_stage<7>(acc, da, db); break;
-        default: eg_stage<8>(acc, da, db); break;
-        }
+        eg_stage_n<MAXR>(nt >> 5, acc, da, db);
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(EG_MMA_PENDING) : "memory");
-        wg_fence_acc<128>(acc);
+        wg_fence_acc<ACC>(acc);
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-    wg_fence_acc<128>(acc);
+    wg_fence_acc<ACC>(acc);
     asm volatile("cp.async.wait_group 0;" ::: "memory");
     __syncthreads();  // the stages are free: the epilogue stages the output tile there
 
@@ -155,7 +170,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) expert_gemm(act_t* out, con
     act_t* st = reinterpret_cast<act_t*>(base_ptr);
     act_t* mine = st + 2 * (lane & 3) * pitch + 64 * wg + 16 * warp + (lane >> 2);
 #pragma unroll
-    for (int i = 0; i < 128; i++) mine[(64 * (i >> 5) + 8 * ((i & 31) >> 2) + (i & 1)) * pitch + 8 * ((i >> 1) & 1)] = from_f(acc[i]);
+    for (int i = 0; i < ACC; i++) mine[(64 * (i >> 5) + 8 * ((i & 31) >> 2) + (i & 1)) * pitch + 8 * ((i >> 1) & 1)] = from_f(acc[i]);
     __syncthreads();
     const int chunks = swiglu ? 8 : 16;  // 16-byte vectors of output a row
     for (int i = tid; i < rows * chunks; i += 256) {
@@ -172,5 +187,11 @@ extern "C" __global__ void __launch_bounds__(256, 1) expert_gemm(act_t* out, con
         *reinterpret_cast<uint4*>(out + (size_t)(row0 + r) * N + n0 + ch * 8) = v;
     }
 }
+
+#define EG_ARGS act_t* out, const act_t* x, const int* src, const act_t* w0, const act_t* w1, const int* tile_e, \
+    const int* tile_row0, const int* tile_rows, int N, int K
+#define EG_PASS out, x, src, w0, w1, tile_e, tile_row0, tile_rows, N, K
+extern "C" __global__ void __launch_bounds__(256, 1) expert_gemm_256(EG_ARGS) { grid_dependency(); expert_gemm_impl<256>(EG_PASS); }
+extern "C" __global__ void __launch_bounds__(256, 2) expert_gemm_128(EG_ARGS) { grid_dependency(); expert_gemm_impl<128>(EG_PASS); }
 
 #endif
