@@ -640,7 +640,8 @@ fn run_attention_batch<B: Backend>(be: &B, s: AttnShape, seqs: &[(usize, usize)]
 
 #[test]
 fn tensor_core_prefill_attention() {
-    // bf16 / f16 with head_dim 16, 32, 64 or 128 take attention_prefill.cu (tensor cores); f32 and
+    // bf16 / f16 with head_dim 16, 32, 64 or 128 take attention_prefill.cu (tensor cores; head_dim 128
+    // on sm_90 attention_prefill_wg_128, wgmma, or with it switched off mma.sync); f32 and
     // other head dims the tiled kernel. Prompts of odd lengths, several per batch, with cached prefixes
     // (chunked prefill: keys from earlier steps, not a multiple of a page or a key tile); GQA
     // groups 1, 2, 4 and 8.
@@ -654,8 +655,13 @@ fn tensor_core_prefill_attention() {
             (128, 16, 2, 16, true), (64, 4, 4, 8, false), (128, 4, 1, 32, false), (32, 4, 2, 16, false), (16, 4, 2, 16, false), (96, 4, 2, 16, false)] {
             let s = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
             let batch: &[(usize, usize)] = if big { &seqs } else { &small };
-            let (gv, cv) = (run_attention_batch(&g, s, batch, bs, &mut Rng(41)), run_attention_batch(&c, s, batch, bs, &mut Rng(41)));
-            check(&format!("prefill attention hd={hd} nh={nh} nkv={nkv} bs={bs} T={}", gv.len() / (nh * hd)), dtype, &gv, &cv, bar);
+            let cv = run_attention_batch(&c, s, batch, bs, &mut Rng(41));
+            // Head_dim 128 on sm_90: the wgmma kernel (the default), then the mma.sync one.
+            for wgmma in [true, false] {
+                g.set_attn_wgmma(wgmma);
+                let gv = run_attention_batch(&g, s, batch, bs, &mut Rng(41));
+                check(&format!("prefill attention hd={hd} nh={nh} nkv={nkv} bs={bs} T={} wgmma={wgmma}", gv.len() / (nh * hd)), dtype, &gv, &cv, bar);
+            }
         }
     }
 }

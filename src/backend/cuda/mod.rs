@@ -66,6 +66,8 @@ const MAX_ATTN_SPLITS: usize = 128;
 const MAX_ATTN_CLUSTER: usize = 16;
 /// Keys per shared-memory tile of the tensor-core prefill attention (FP_BK in attention_prefill.cu).
 const ATTN_PREFILL_KEYS: usize = 64;
+/// attention_prefill_wg_128's dynamic shared memory (FW_SMEM in attention_prefill.cu, + 1 KB to align).
+const ATTN_WG_SMEM: u32 = 80 * 1024 + 1024;
 
 /// Whether a CUDA GPU is usable: driver, NVRTC, cuBLAS and headers found, driver new enough, and
 /// at least one device. Checked once per process; never panics.
@@ -392,6 +394,8 @@ pub struct CudaBackend {
     tiled_attn: bool,
     /// MoE prefill through expert_gemm (wgmma) where it runs; `QWEN3RS_CUDA_MOE_WGMMA=0` keeps cuBLAS.
     moe_wgmma: std::sync::atomic::AtomicBool,
+    /// Prefill attention of head_dim 128 on wgmma (sm_90); `QWEN3RS_CUDA_ATTN_WGMMA=0` keeps mma.sync.
+    attn_wgmma: std::sync::atomic::AtomicBool,
     /// MoE prefill through cuBLAS grouped GEMMs; `QWEN3RS_CUDA_MOE_CUBLAS=0` keeps `grouped_gemm`.
     /// Turned off for the process's backend after the first cuBLAS refusal.
     moe_cublas: std::sync::atomic::AtomicBool,
@@ -530,6 +534,7 @@ impl CudaBackend {
             split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"), split_keys: env_count("QWEN3RS_CUDA_SPLIT_KEYS").unwrap_or(8),
             attn_cluster: attn_cluster.into(), tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"),
             moe_cublas: (!env_off("QWEN3RS_CUDA_MOE_CUBLAS")).into(), moe_wgmma: (!env_off("QWEN3RS_CUDA_MOE_WGMMA")).into(),
+            attn_wgmma: (!env_off("QWEN3RS_CUDA_ATTN_WGMMA")).into(),
             prefill_chunk: env_count("QWEN3RS_CUDA_PREFILL_CHUNK").unwrap_or(2048) })
     }
 
@@ -543,6 +548,12 @@ impl CudaBackend {
     /// `QWEN3RS_CUDA_MOE_WGMMA` chooses at construction: lets one test process check both.
     pub fn set_moe_wgmma(&self, on: bool) {
         self.moe_wgmma.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Prefill attention of head_dim 128 on wgmma where it runs (`true`, the default, sm_90) or on
+    /// mma.sync, as `QWEN3RS_CUDA_ATTN_WGMMA` chooses at construction: lets one test process check both.
+    pub fn set_attn_wgmma(&self, on: bool) {
+        self.attn_wgmma.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether expert_gemm runs the experts of a prefill batch with rows of `hidden` and experts
@@ -1638,7 +1649,12 @@ impl Backend for CudaBackend {
                 _ => None,
             };
             if let Some(kernel) = fa_kernel.filter(|_| self.esize() == 2 && [o, qp, kc, vc].iter().all(|p| p % 16 == 0)) {
-                let smem = ((ATTN_TILE_ROWS + 2 * ATTN_PREFILL_KEYS) * (hd + 8) * 2) as u32;
+                let mut smem = ((ATTN_TILE_ROWS + 2 * ATTN_PREFILL_KEYS) * (hd + 8) * 2) as u32;
+                // Head_dim 128 on Hopper: the warpgroup-MMA kernel (same arguments and tiles).
+                let mut kernel = kernel;
+                if hd == 128 && self.gpu.arch == (9, 0) && self.attn_wgmma.load(std::sync::atomic::Ordering::Relaxed) {
+                    (kernel, smem) = ("attention_prefill_wg_128", ATTN_WG_SMEM);
+                }
                 return self.gpu.launch("attention_prefill", kernel, (nh as u32, (tiles.len() / 2) as u32, 1), 128, smem,
                     args![o, qp, kc, vc, ctx, table_at, tables, tiles_d, nhi, nkv, hdi, bs, kvd, scale]);
             }
