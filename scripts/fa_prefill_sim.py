@@ -284,8 +284,10 @@ def kernel_block(HD, dtype, bx, by, grid_y, out, q, kc, vc, row_ctx, row_table, 
 
 # ---- a batch as the host builds it (batch_meta and the tiles list of `fn attention`) ----
 
-def run_case(HD, nh, nkv, seqs, dtype, rng, block_size=16):
-    """seqs: list of (start_pos, n_new). Returns relative error vs. f64 causal attention."""
+def run_case(HD, nh, nkv, seqs, dtype, rng, block_size=16, kernel=None):
+    """seqs: list of (start_pos, n_new). Returns relative error vs. f64 causal attention. `kernel`:
+    the block emulation (kernel_block's arguments; fa_wgmma_sim.py passes its own)."""
+    kernel = kernel or kernel_block
     kv_dim = nkv * HD
     # Paged cache with blocks handed out shuffled.
     n_blocks = sum((sp + n + block_size - 1) // block_size for sp, n in seqs) + 3
@@ -314,7 +316,7 @@ def run_case(HD, nh, nkv, seqs, dtype, rng, block_size=16):
     grid_y = len(tiles) // 2
     for by in range(grid_y):
         for bx in range(nh):
-            kernel_block(HD, dtype, bx, by, grid_y, out, q, kc, vc, row_ctx, row_table, tables, tiles, nh, nkv, block_size, kv_dim, scale)
+            kernel(HD, dtype, bx, by, grid_y, out, q, kc, vc, row_ctx, row_table, tables, tiles, nh, nkv, block_size, kv_dim, scale)
     assert not np.isnan(out).any(), "output rows missing or NaN"
     # Reference: f64 softmax(q·k * scale) · v per row over its sequence's keys.
     ref = np.empty(T * nh * HD)

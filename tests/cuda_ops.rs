@@ -640,7 +640,8 @@ fn run_attention_batch<B: Backend>(be: &B, s: AttnShape, seqs: &[(usize, usize)]
 
 #[test]
 fn tensor_core_prefill_attention() {
-    // bf16 / f16 with head_dim 16, 32, 64 or 128 take attention_prefill.cu (tensor cores); f32 and
+    // bf16 / f16 with head_dim 16, 32, 64 or 128 take attention_prefill.cu (tensor cores; head_dim 128
+    // on sm_90 attention_prefill_wg_128, wgmma, or with it switched off mma.sync); f32 and
     // other head dims the tiled kernel. Prompts of odd lengths, several per batch, with cached prefixes
     // (chunked prefill: keys from earlier steps, not a multiple of a page or a key tile); GQA
     // groups 1, 2, 4 and 8.
@@ -654,8 +655,13 @@ fn tensor_core_prefill_attention() {
             (128, 16, 2, 16, true), (64, 4, 4, 8, false), (128, 4, 1, 32, false), (32, 4, 2, 16, false), (16, 4, 2, 16, false), (96, 4, 2, 16, false)] {
             let s = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
             let batch: &[(usize, usize)] = if big { &seqs } else { &small };
-            let (gv, cv) = (run_attention_batch(&g, s, batch, bs, &mut Rng(41)), run_attention_batch(&c, s, batch, bs, &mut Rng(41)));
-            check(&format!("prefill attention hd={hd} nh={nh} nkv={nkv} bs={bs} T={}", gv.len() / (nh * hd)), dtype, &gv, &cv, bar);
+            let cv = run_attention_batch(&c, s, batch, bs, &mut Rng(41));
+            // Head_dim 128 on sm_90: the wgmma kernel (the default), then the mma.sync one.
+            for wgmma in [true, false] {
+                g.set_attn_wgmma(wgmma);
+                let gv = run_attention_batch(&g, s, batch, bs, &mut Rng(41));
+                check(&format!("prefill attention hd={hd} nh={nh} nkv={nkv} bs={bs} T={} wgmma={wgmma}", gv.len() / (nh * hd)), dtype, &gv, &cv, bar);
+            }
         }
     }
 }
@@ -765,7 +771,7 @@ fn moe_routing_and_experts() {
         // error at upload that names the count and the limit.
         let (e, h, inter) = (1025usize, 8usize, 8usize);
         let experts = (0..e).map(|_| [tensor(&[0.1; 64], &[inter, h]), tensor(&[0.1; 64], &[inter, h]), tensor(&[0.1; 64], &[h, inter])]).collect();
-        assert!(g.set_expert_tile(100).unwrap_err().to_string().contains("256 or 128 rows, not 100"));
+        assert!(g.set_expert_tile(100).unwrap_err().to_string().contains("128, 256 or 64 rows, not 100"));
         let err = g.upload_moe(MoeHost { router: tensor(&r.uniform(e * h, 0.5), &[e, h]), experts, first_expert: 0, top_k: 8, norm_topk_prob: true })
             .map(|_| ()).unwrap_err().to_string();
         assert!(err.contains("1..=1024 experts, got 1025"), "{err}");
@@ -804,11 +810,11 @@ fn moe_prefill_experts_on_tensor_cores() {
                 x.iter_mut().step_by(h).for_each(|v| *v = v.abs() + 0.5);
                 let what = format!("moe E={e} k={k} H={h} I={inter} T={t} skew={skew} held={held:?}");
                 let want = run_moe(&c, &x, t, &moe);
-                for rows in [256, 128] {
+                for rows in [128, 256, 64] {
                     g.set_expert_tile(rows).unwrap();
                     check(&format!("{what} expert_gemm_{rows}"), dtype, &run_moe(&g, &x, t, &moe), &want, bar);
                 }
-                g.set_expert_tile(256).unwrap();
+                g.set_expert_tile(128).unwrap();
                 g.set_moe_wgmma(false);
                 let cublas = run_moe(&g, &x, t, &moe);
                 g.set_moe_wgmma(true);

@@ -11,7 +11,7 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
-@pytest.mark.parametrize("script", ["fa_prefill_sim.py", "expert_gemm_sim.py"])
+@pytest.mark.parametrize("script", ["fa_prefill_sim.py", "expert_gemm_sim.py", "fa_wgmma_sim.py"])
 def test_kernel_emulation_matches_the_reference(script):
     r = subprocess.run([sys.executable, str(SCRIPTS / script), "--quick"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "all cases match" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]

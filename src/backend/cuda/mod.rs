@@ -49,9 +49,10 @@ const MOE_DOWN_WARPS: usize = 2;
 /// Rows per MoE expert tile (must match GG_TM in matmul.cu).
 const MOE_TILE_ROWS: usize = 16;
 /// expert_gemm's builds: (most rows of one expert a tile takes, kernel, dynamic shared memory; EG_SMEM
-/// in expert_gemm.cu, as many stages as the tile's rows allow). `QWEN3RS_CUDA_EXPERT_TILE=128` takes
-/// the second (two blocks an SM); the first is the default.
-const EXPERT_TILES: [(usize, &str, u32); 2] = [(256, "expert_gemm_256", 227 * 1024), (128, "expert_gemm_128", 112 * 1024)];
+/// in expert_gemm.cu, as many stages as the tile's rows allow). The first is the default (two blocks an
+/// SM); `QWEN3RS_CUDA_EXPERT_TILE=256` or `64` takes another (one or three blocks an SM).
+const EXPERT_TILES: [(usize, &str, u32); 3] =
+    [(128, "expert_gemm_128", 112 * 1024), (256, "expert_gemm_256", 227 * 1024), (64, "expert_gemm_64", 75 * 1024)];
 const MAX_TOP_K: usize = 32;
 /// Most experts the decode expert kernel routes over itself (ROUTE_MAX_E in matmul.cu).
 const ROUTE_MAX_E: usize = 256;
@@ -65,6 +66,8 @@ const MAX_ATTN_SPLITS: usize = 128;
 const MAX_ATTN_CLUSTER: usize = 16;
 /// Keys per shared-memory tile of the tensor-core prefill attention (FP_BK in attention_prefill.cu).
 const ATTN_PREFILL_KEYS: usize = 64;
+/// attention_prefill_wg_128's dynamic shared memory (FW_SMEM in attention_prefill.cu, + 1 KB to align).
+const ATTN_WG_SMEM: u32 = 80 * 1024 + 1024;
 
 /// Whether a CUDA GPU is usable: driver, NVRTC, cuBLAS and headers found, driver new enough, and
 /// at least one device. Checked once per process; never panics.
@@ -391,8 +394,10 @@ pub struct CudaBackend {
     tiled_attn: bool,
     /// MoE prefill through expert_gemm (wgmma) where it runs; `QWEN3RS_CUDA_MOE_WGMMA=0` keeps cuBLAS.
     moe_wgmma: std::sync::atomic::AtomicBool,
-    /// expert_gemm's build, an index into EXPERT_TILES: `QWEN3RS_CUDA_EXPERT_TILE` (256 or 128 rows).
+    /// expert_gemm's build, an index into EXPERT_TILES: `QWEN3RS_CUDA_EXPERT_TILE` (128, 256 or 64 rows).
     expert_tile: std::sync::atomic::AtomicUsize,
+    /// Prefill attention of head_dim 128 on wgmma (sm_90); `QWEN3RS_CUDA_ATTN_WGMMA=0` keeps mma.sync.
+    attn_wgmma: std::sync::atomic::AtomicBool,
     /// MoE prefill through cuBLAS grouped GEMMs; `QWEN3RS_CUDA_MOE_CUBLAS=0` keeps `grouped_gemm`.
     /// Turned off for the process's backend after the first cuBLAS refusal.
     moe_cublas: std::sync::atomic::AtomicBool,
@@ -532,6 +537,7 @@ impl CudaBackend {
             attn_cluster: attn_cluster.into(), tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"),
             moe_cublas: (!env_off("QWEN3RS_CUDA_MOE_CUBLAS")).into(), moe_wgmma: (!env_off("QWEN3RS_CUDA_MOE_WGMMA")).into(),
             expert_tile: EXPERT_TILES.iter().position(|t| Some(t.0) == env_count("QWEN3RS_CUDA_EXPERT_TILE")).unwrap_or(0).into(),
+            attn_wgmma: (!env_off("QWEN3RS_CUDA_ATTN_WGMMA")).into(),
             prefill_chunk: env_count("QWEN3RS_CUDA_PREFILL_CHUNK").unwrap_or(2048) })
     }
 
@@ -547,13 +553,19 @@ impl CudaBackend {
         self.moe_wgmma.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// expert_gemm's build by its most rows a tile (256 or 128), as `QWEN3RS_CUDA_EXPERT_TILE` chooses
+    /// expert_gemm's build by its most rows a tile (128, 256 or 64), as `QWEN3RS_CUDA_EXPERT_TILE` chooses
     /// at construction: lets one test process check both.
     pub fn set_expert_tile(&self, rows: usize) -> Result<()> {
         let i = EXPERT_TILES.iter().position(|t| t.0 == rows);
-        let i = i.ok_or_else(|| Error::InvalidArgument(format!("expert_gemm tiles take 256 or 128 rows, not {rows}")))?;
+        let i = i.ok_or_else(|| Error::InvalidArgument(format!("expert_gemm tiles take 128, 256 or 64 rows, not {rows}")))?;
         self.expert_tile.store(i, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Prefill attention of head_dim 128 on wgmma where it runs (`true`, the default, sm_90) or on
+    /// mma.sync, as `QWEN3RS_CUDA_ATTN_WGMMA` chooses at construction: lets one test process check both.
+    pub fn set_attn_wgmma(&self, on: bool) {
+        self.attn_wgmma.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether expert_gemm runs the experts of a prefill batch with rows of `hidden` and experts
@@ -793,7 +805,7 @@ impl CudaBackend {
     }
 
     /// The experts of a prefill batch on Hopper's tensor cores (expert_gemm.cu): sort the pairs into
-    /// tiles of at most 256 (or 128) rows of one expert, then gate·up·SwiGLU and down, one
+    /// tiles of at most 128 (or 256, or 64) rows of one expert, then gate·up·SwiGLU and down, one
     /// expert_gemm launch each, reading x through the sort (no gather) and the tiles on the device
     /// (no host sync), and the weighted combine.
     fn moe_expert_gemm(&self, out: &mut CudaBuf, x: &CudaBuf, moe: &CudaMoe, bufs: [u64; 9]) -> Result<()> {
@@ -1650,7 +1662,12 @@ impl Backend for CudaBackend {
                 _ => None,
             };
             if let Some(kernel) = fa_kernel.filter(|_| self.esize() == 2 && [o, qp, kc, vc].iter().all(|p| p % 16 == 0)) {
-                let smem = ((ATTN_TILE_ROWS + 2 * ATTN_PREFILL_KEYS) * (hd + 8) * 2) as u32;
+                let mut smem = ((ATTN_TILE_ROWS + 2 * ATTN_PREFILL_KEYS) * (hd + 8) * 2) as u32;
+                // Head_dim 128 on Hopper: the warpgroup-MMA kernel (same arguments and tiles).
+                let mut kernel = kernel;
+                if hd == 128 && self.gpu.arch == (9, 0) && self.attn_wgmma.load(std::sync::atomic::Ordering::Relaxed) {
+                    (kernel, smem) = ("attention_prefill_wg_128", ATTN_WG_SMEM);
+                }
                 return self.gpu.launch("attention_prefill", kernel, (nh as u32, (tiles.len() / 2) as u32, 1), 128, smem,
                     args![o, qp, kc, vc, ctx, table_at, tables, tiles_d, nhi, nkv, hdi, bs, kvd, scale]);
             }

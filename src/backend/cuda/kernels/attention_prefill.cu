@@ -305,4 +305,214 @@ extern "C" __global__ void __launch_bounds__(FP_THREADS, 4) attention_prefill_32
 extern "C" __global__ void __launch_bounds__(FP_THREADS, 4) attention_prefill_64(FP_ARGS) { grid_dependency(); attention_prefill_impl<64>(FP_PASS); }
 extern "C" __global__ void __launch_bounds__(FP_THREADS) attention_prefill_128(FP_ARGS) { grid_dependency(); attention_prefill_impl<128>(FP_PASS); }
 
+
+// ---- head_dim 128 on Hopper's warpgroup MMA (sm_90a): attention_prefill_wg_128 ----
+// Same inputs, tiles and semantics as attention_prefill_128 (FP_BQ = 64 query rows a block, keys
+// FP_BK = 64 at a time, P rounded to act_t for P·V), one warpgroup a block. S = Q·Kᵀ is wgmma
+// m64n64k16 with Q and K from shared memory (K-major); O += P·V is wgmma m64n128k16 with P from
+// registers (the S accumulator layout is the A-fragment layout, as for mma.sync above) and V from
+// shared memory read N-major (imm-trans-b): V is stored [key][dim] like K. No ldmatrix: the tensor
+// cores read Q, K and V from shared memory themselves, half the shared-memory reads of the mma.sync
+// kernel's ldmatrix traffic a FLOP.
+// Shared memory, each operand in 64-dim halves of 64 rows × 128 bytes, swizzled (common.cuh):
+// Q [2][64][64] at 0, K [2 buffers][2][64][64] at 16 KB, V likewise at 48 KB: 80 KB (+1 KB to align),
+// two blocks an SM. V's descriptor (N-major, 128-byte swizzle): the next 64 dims are the other half
+// (leading byte offset 8 KB), the next 8 keys 1,024 bytes on (stride byte offset); a k16 step is 16
+// keys, 2,048 bytes.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FW_SMEM (80 * 1024)
+
+// d[64 × 128] += A[64 × 16] (registers: this thread's fragment of P) · B[16 × 128] (V, N-major).
+__device__ __forceinline__ void fw_mma_pv(float* d, const unsigned (&a)[4], unsigned long long b) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32." WG_AB "." WG_AB " "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+        "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+        "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
+        "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, 1, 1, 1, 1;"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+}
+
+// 16-byte copies of one 64-row, 128-dim tile into its two swizzled halves at `dst`: thread tid copies
+// chunk tid % 16 of rows tid / 16 + 8 i; row_src(r) is the row's first element, or null for zeros
+// (then `any`, a valid address, is named and nothing read).
+template <typename RowSrc>
+__device__ __forceinline__ void fw_load_tile(unsigned dst, int tid, const act_t* any, RowSrc row_src) {
+    const int c = tid & 15, half = c >> 3, cc = c & 7;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        const int r = (tid >> 4) + 8 * i;
+        const act_t* src = row_src(r);
+        fp_cp_async16(dst + half * 8192 + r * 128 + ((cc ^ (r & 7)) << 4), (src ? src : any) + c * 8, src != nullptr);
+    }
+}
+
+__device__ __forceinline__ void fw_attention(act_t* out, const act_t* q, const act_t* kc, const act_t* vc,
+    const unsigned* row_ctx, const unsigned* row_table, const unsigned* tables, const int* tiles,
+    int nh, int nkv, int block_size, int kv_dim, float scale) {
+    constexpr int HD = 128;
+    extern __shared__ __align__(1024) unsigned char fw_smem[];
+    __shared__ unsigned slots[2][FP_BK];  // cache slot of each key of a K/V tile (~0u: past the context)
+    const unsigned raw = fp_smem_addr(fw_smem), base = (raw + 1023) & ~1023u;
+    const unsigned qs = base, ks = base + 16 * 1024, vs = base + 48 * 1024;  // + buffer * 16 KB
+
+    const int h = blockIdx.x;
+    const int tile = gridDim.y - 1 - blockIdx.y;  // a sequence's last tiles see the most keys: start them first
+    const int row0 = tiles[2 * tile], nrows = tiles[2 * tile + 1];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t4 = lane & 3;
+    const size_t kv_off = (size_t)(h / (nh / nkv)) * HD;
+    const unsigned* table = tables + row_table[row0];
+    const int ctx_last = (int)row_ctx[row0 + nrows - 1];  // rows are consecutive positions: the last sees most
+    const int ctx_first = (int)row_ctx[row0];             // and the first fewest
+    const int n_kt = (ctx_last + FP_BK - 1) / FP_BK;
+
+    auto find_slots = [&](int kt) {
+        if (tid < FP_BK) {
+            int key = kt * FP_BK + tid;
+            slots[kt & 1][tid] = key < ctx_last ? table[key / block_size] * block_size + key % block_size : ~0u;
+        }
+    };
+    auto load_kv = [&](int kt) {
+        const unsigned* sl = slots[kt & 1];
+        const unsigned buf = (kt & 1) * 16 * 1024;
+        fw_load_tile(ks + buf, tid, kc, [&](int r) { return sl[r] == ~0u ? nullptr : kc + (size_t)sl[r] * kv_dim + kv_off; });
+        fw_load_tile(vs + buf, tid, vc, [&](int r) { return sl[r] == ~0u ? nullptr : vc + (size_t)sl[r] * kv_dim + kv_off; });
+    };
+    fw_load_tile(qs, tid, q, [&](int r) { return r < nrows ? q + ((size_t)(row0 + r) * nh + h) * HD : nullptr; });
+    find_slots(0);
+    __syncthreads();
+    load_kv(0);
+    fp_cp_async_commit();
+    if (n_kt > 1) find_slots(1);
+
+    // This thread's two rows g and g + 8 of its warp's 16; rows past the tile take the last row's
+    // context (finite scores; never written).
+    const int ra = warp * 16 + g, rb = ra + 8;
+    const int ctx_a = ra < nrows ? (int)row_ctx[row0 + ra] : ctx_last;
+    const int ctx_b = rb < nrows ? (int)row_ctx[row0 + rb] : ctx_last;
+    const float sl2 = scale * 1.4426950408889634f;  // exp(x * scale) = 2^(x * sl2)
+    const unsigned long long dq = wg_desc(qs);
+    // V: N-major, the other 64 dims 8 KB on (leading byte offset), 8 keys 1,024 bytes on.
+    const unsigned long long dv = (unsigned long long)((vs & 0x3FFFF) >> 4) | ((unsigned long long)(8192 >> 4) << 16)
+                                  | ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
+
+    float o[64];  // O[row][dim]: o[4 j + c] is row (c < 2 ? g : g + 8), dim 8 j + 2 t4 + (c & 1)
+#pragma unroll
+    for (int i = 0; i < 64; i++) o[i] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY};  // running max (log2 units) of rows g, g + 8
+    float l[2] = {0.f, 0.f};              // running sum of this thread's columns; quad-reduced at the end
+
+    for (int kt = 0; kt < n_kt; kt++) {
+        const int k0 = kt * FP_BK;
+        fp_cp_async_wait_all();
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // cp.async writes, seen by wgmma
+        __syncthreads();  // tile kt (and Q) landed for all; slots of kt + 1 visible; tile kt - 1 read by none
+        if (kt + 1 < n_kt) {
+            load_kv(kt + 1);
+            fp_cp_async_commit();
+        }
+        // S = Q · K(kt)ᵀ: s[4 j + c] is row (c < 2 ? g : g + 8), key k0 + 8 j + 2 t4 + (c & 1).
+        float s[32];
+#pragma unroll
+        for (int i = 0; i < 32; i++) s[i] = 0.f;
+        const unsigned long long dk = wg_desc(ks + (kt & 1) * 16 * 1024);
+        wg_fence_acc<32>(s);
+        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            const unsigned long long step = (kk >> 2) * (8192 >> 4) + (kk & 3) * 2;  // half, then 32 bytes a k16 step
+            wg_mma64(s, dq + step, dk + step);
+        }
+        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+        wg_fence_acc<32>(s);
+        // Slots of tile kt + 2 into the buffer tile kt's copies read (issued before this step's barrier).
+        if (kt + 2 < n_kt) find_slots(kt + 2);
+        if (k0 + FP_BK > ctx_first) {  // some row's context ends inside this tile
+#pragma unroll
+            for (int i = 0; i < 32; i++) {
+                const int key = k0 + (i >> 2) * 8 + t4 * 2 + (i & 1);
+                if (key >= ((i & 2) ? ctx_b : ctx_a)) s[i] = -INFINITY;
+            }
+        }
+        // Online softmax, as attention_prefill_impl.
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < 8; j++) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            mx = fmaxf(m[r], mx * sl2);
+            const float corr = fp_exp2(m[r] - mx);
+            m[r] = mx;
+            float sum = 0.f;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                s[4 * j + 2 * r] = fp_exp2(fmaf(s[4 * j + 2 * r], sl2, -mx));
+                s[4 * j + 2 * r + 1] = fp_exp2(fmaf(s[4 * j + 2 * r + 1], sl2, -mx));
+                sum += s[4 * j + 2 * r] + s[4 * j + 2 * r + 1];
+            }
+            l[r] = l[r] * corr + sum;
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+                o[4 * j + 2 * r] *= corr;
+                o[4 * j + 2 * r + 1] *= corr;
+            }
+        }
+        // O += P · V(kt), a k16 step (16 keys: S blocks 2 kk and 2 kk + 1) at a time; P packed first,
+        // so that the four wgmma issue as one batch.
+        unsigned pa[FP_BK / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < FP_BK / 16; kk++) {
+            pa[kk][0] = fp_pack(s[8 * kk], s[8 * kk + 1]);
+            pa[kk][1] = fp_pack(s[8 * kk + 2], s[8 * kk + 3]);
+            pa[kk][2] = fp_pack(s[8 * kk + 4], s[8 * kk + 5]);
+            pa[kk][3] = fp_pack(s[8 * kk + 6], s[8 * kk + 7]);
+        }
+        const unsigned long long dvk = dv + (((kt & 1) * 16 * 1024) >> 4);
+        wg_fence_acc<64>(o);
+        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+        for (int kk = 0; kk < FP_BK / 16; kk++) fw_mma_pv(o, pa[kk], dvk + kk * (2048 >> 4));
+        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+        wg_fence_acc<64>(o);
+    }
+
+    // O / l rounded to act_t, staged [row][HD + FP_PAD] over the K buffers, then 16-byte stores.
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        l[r] = 1.f / l[r];
+    }
+    __syncthreads();  // no thread reads K(n_kt - 1) any more
+    act_t* st = reinterpret_cast<act_t*>(fw_smem + (ks - raw));
+    constexpr int SROW = HD + FP_PAD;
+#pragma unroll
+    for (int j = 0; j < 16; j++) {
+        *reinterpret_cast<unsigned*>(st + ra * SROW + j * 8 + t4 * 2) = fp_pack(o[4 * j] * l[0], o[4 * j + 1] * l[0]);
+        *reinterpret_cast<unsigned*>(st + rb * SROW + j * 8 + t4 * 2) = fp_pack(o[4 * j + 2] * l[1], o[4 * j + 3] * l[1]);
+    }
+    __syncthreads();
+    for (int i = tid; i < nrows * (HD / 8); i += FP_THREADS) {
+        const int r = i / (HD / 8), c = i % (HD / 8);
+        *reinterpret_cast<uint4*>(out + ((size_t)(row0 + r) * nh + h) * HD + c * 8) = *reinterpret_cast<const uint4*>(st + r * SROW + c * 8);
+    }
+}
+
+// grid (nh, n_tiles), FP_THREADS (one warpgroup), dynamic shared memory FW_SMEM + 1,024.
+extern "C" __global__ void __launch_bounds__(FP_THREADS, 2) attention_prefill_wg_128(FP_ARGS) { grid_dependency(); fw_attention(FP_PASS); }
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
 #endif  // Q_DTYPE != 0

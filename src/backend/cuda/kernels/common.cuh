@@ -340,7 +340,7 @@ __device__ __forceinline__ void route_rows(const float* logits, int rows, float*
     }
 }
 
-// Hopper's warpgroup MMA (wgmma; sm_90a builds, bf16/f16: expert_gemm.cu).
+// Hopper's warpgroup MMA (wgmma; sm_90a builds, bf16/f16: expert_gemm.cu, attention_prefill.cu).
 // Operands in shared memory are described by 64-bit descriptors, kept in 128-byte
 // swizzled rows (16-byte chunk c of row r at r * 128 + ((c ^ (r % 8)) * 16) from a 1,024-aligned base).
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) && Q_DTYPE != 0
