@@ -50,9 +50,8 @@ const MOE_DOWN_WARPS: usize = 2;
 const MOE_TILE_ROWS: usize = 16;
 /// expert_gemm's builds: (most rows of one expert a tile takes, kernel, dynamic shared memory; EG_SMEM
 /// in expert_gemm.cu, as many stages as the tile's rows allow). The first is the default (two blocks an
-/// SM); `QWEN3RS_CUDA_EXPERT_TILE=256` or `64` takes another (one or three blocks an SM).
-const EXPERT_TILES: [(usize, &str, u32); 3] =
-    [(128, "expert_gemm_128", 112 * 1024), (256, "expert_gemm_256", 227 * 1024), (64, "expert_gemm_64", 75 * 1024)];
+/// SM); `QWEN3RS_CUDA_EXPERT_TILE=256` takes the second (one block an SM: 0.933 the speed, run 24.2).
+const EXPERT_TILES: [(usize, &str, u32); 2] = [(128, "expert_gemm_128", 112 * 1024), (256, "expert_gemm_256", 227 * 1024)];
 const MAX_TOP_K: usize = 32;
 /// Most experts the decode expert kernel routes over itself (ROUTE_MAX_E in matmul.cu).
 const ROUTE_MAX_E: usize = 256;
@@ -394,7 +393,7 @@ pub struct CudaBackend {
     tiled_attn: bool,
     /// MoE prefill through expert_gemm (wgmma) where it runs; `QWEN3RS_CUDA_MOE_WGMMA=0` keeps cuBLAS.
     moe_wgmma: std::sync::atomic::AtomicBool,
-    /// expert_gemm's build, an index into EXPERT_TILES: `QWEN3RS_CUDA_EXPERT_TILE` (128, 256 or 64 rows).
+    /// expert_gemm's build, an index into EXPERT_TILES: `QWEN3RS_CUDA_EXPERT_TILE` (128 or 256 rows).
     expert_tile: std::sync::atomic::AtomicUsize,
     /// Prefill attention of head_dim 128 on wgmma (sm_90); `QWEN3RS_CUDA_ATTN_WGMMA=0` keeps mma.sync.
     attn_wgmma: std::sync::atomic::AtomicBool,
@@ -553,11 +552,11 @@ impl CudaBackend {
         self.moe_wgmma.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// expert_gemm's build by its most rows a tile (128, 256 or 64), as `QWEN3RS_CUDA_EXPERT_TILE` chooses
+    /// expert_gemm's build by its most rows a tile (128 or 256), as `QWEN3RS_CUDA_EXPERT_TILE` chooses
     /// at construction: lets one test process check both.
     pub fn set_expert_tile(&self, rows: usize) -> Result<()> {
         let i = EXPERT_TILES.iter().position(|t| t.0 == rows);
-        let i = i.ok_or_else(|| Error::InvalidArgument(format!("expert_gemm tiles take 128, 256 or 64 rows, not {rows}")))?;
+        let i = i.ok_or_else(|| Error::InvalidArgument(format!("expert_gemm tiles take 128 or 256 rows, not {rows}")))?;
         self.expert_tile.store(i, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
@@ -805,7 +804,7 @@ impl CudaBackend {
     }
 
     /// The experts of a prefill batch on Hopper's tensor cores (expert_gemm.cu): sort the pairs into
-    /// tiles of at most 128 (or 256, or 64) rows of one expert, then gate·up·SwiGLU and down, one
+    /// tiles of at most 128 (or 256) rows of one expert, then gate·up·SwiGLU and down, one
     /// expert_gemm launch each, reading x through the sort (no gather) and the tiles on the device
     /// (no host sync), and the weighted combine.
     fn moe_expert_gemm(&self, out: &mut CudaBuf, x: &CudaBuf, moe: &CudaMoe, bufs: [u64; 9]) -> Result<()> {

@@ -1,5 +1,5 @@
 // expert_gemm.cu: MoE prefill's expert products on Hopper's tensor cores (wgmma, sm_90a; bf16/f16).
-// A block takes one tile of moe_sort (up to 256, 128 or 64 rows routed to one expert, by the kernel's build)
+// A block takes one tile of moe_sort (up to 128 or 256 rows routed to one expert, by the kernel's build)
 // and 128 weight rows: gate and up (64 rows each, SwiGLU in the epilogue, out = act) or 128 rows of
 // the down projection (out = y). Both operands stream through shared memory with cp.async, K-major
 // in 128-byte swizzled rows, as many stages as fit; the weight rows are wgmma's M (two warpgroups of 64),
@@ -14,10 +14,11 @@
 
 #define EG_BK 64                                  // K a stage: one 128-byte swizzled row
 #define EG_A_BYTES (128 * EG_BK * 2)              // 128 weight rows a stage
-// Three builds of the kernel (mod.rs EXPERT_TILES): expert_gemm_256 takes tiles of up to 256 rows, one
-// block an SM with 227 KB of shared memory; expert_gemm_128 tiles of up to 128, two blocks an SM
-// (half the accumulators and registers, 112 KB each); expert_gemm_64 tiles of up to 64, three (75 KB).
-#define EG_SMEM(MAXR) ((MAXR) == 256 ? 227 * 1024 : (MAXR) == 128 ? 112 * 1024 : 75 * 1024)
+// Two builds of the kernel (mod.rs EXPERT_TILES): expert_gemm_128 takes tiles of up to 128 rows, two
+// blocks an SM (112 KB of shared memory each), the default; expert_gemm_256 tiles of up to 256, one block
+// an SM with 227 KB, twice the accumulators and registers (30B-A3B prefill 2k 0.933 of _128's; tiles of
+// 64 rows, three blocks an SM, 0.920: RESULTS.md run 24.2).
+#define EG_SMEM(MAXR) ((MAXR) == 256 ? 227 * 1024 : 112 * 1024)
 #ifndef EG_MAX_STAGES  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define EG_MAX_STAGES 8                           // stages at most (a stage holds 128 + the tile's rows)
 #endif
@@ -59,11 +60,6 @@ __device__ __forceinline__ void eg_stage(float* acc, unsigned long long da, unsi
 // eg_stage for the tile's np = nt / 32 (at most MAXR / 32) pieces of 32 rows.
 template <int MAXR>
 __device__ __forceinline__ void eg_stage_n(int np, float* acc, unsigned long long da, unsigned long long db) {
-    if constexpr (MAXR == 64) {
-        if (np == 1) eg_stage<1>(acc, da, db);
-        else eg_stage<2>(acc, da, db);
-        return;
-    }
     switch (np) {
     case 1: eg_stage<1>(acc, da, db); return;
     case 2: eg_stage<2>(acc, da, db); return;
@@ -198,6 +194,5 @@ __device__ __forceinline__ void expert_gemm_impl(act_t* out, const act_t* x, con
 #define EG_PASS out, x, src, w0, w1, tile_e, tile_row0, tile_rows, N, K
 extern "C" __global__ void __launch_bounds__(256, 1) expert_gemm_256(EG_ARGS) { grid_dependency(); expert_gemm_impl<256>(EG_PASS); }
 extern "C" __global__ void __launch_bounds__(256, 2) expert_gemm_128(EG_ARGS) { grid_dependency(); expert_gemm_impl<128>(EG_PASS); }
-extern "C" __global__ void __launch_bounds__(256, 3) expert_gemm_64(EG_ARGS) { grid_dependency(); expert_gemm_impl<64>(EG_PASS); }
 
 #endif
