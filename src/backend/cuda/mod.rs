@@ -53,6 +53,10 @@ const MOE_TILE_ROWS: usize = 16;
 /// SM); `QWEN3RS_CUDA_EXPERT_TILE=256` takes the second (one block an SM: 0.933 the speed, run 24.2).
 const EXPERT_TILES: [(usize, &str, u32); 2] = [(128, "expert_gemm_128", 112 * 1024), (256, "expert_gemm_256", 227 * 1024)];
 const MAX_TOP_K: usize = 32;
+/// Decode's L2 prefetch: most MB a hint brings in (the H200's L2 is 50 MB, and the product running
+/// beside it streams its own weights through) and the warps that issue it.
+const L2_PREFETCH_MB: usize = 24;
+const L2_PREFETCH_BLOCKS: usize = 16;
 /// Most experts the decode expert kernel routes over itself (ROUTE_MAX_E in matmul.cu).
 const ROUTE_MAX_E: usize = 256;
 const MAX_HEAD_DIM: usize = 256;
@@ -403,6 +407,10 @@ pub struct CudaBackend {
     /// Prompt tokens per prefill pass: 2,048 (a 2k prompt in one pass); `QWEN3RS_CUDA_PREFILL_CHUNK`
     /// overrides (512 was the first value).
     prefill_chunk: usize,
+    /// Decode's L2 prefetch (`prefetch`): bytes at most a hint brings in (0: off;
+    /// `QWEN3RS_CUDA_L2_PREFETCH_MB`, `QWEN3RS_CUDA_L2_PREFETCH=0`) and the warps that issue it
+    /// (`QWEN3RS_CUDA_L2_PREFETCH_BLOCKS`).
+    l2_prefetch: (u64, u32),
 }
 
 /// Whether env `name` is set to 0/false/off/no (a switch back to an older kernel path, for bisecting).
@@ -537,7 +545,9 @@ impl CudaBackend {
             moe_cublas: (!env_off("QWEN3RS_CUDA_MOE_CUBLAS")).into(), moe_wgmma: (!env_off("QWEN3RS_CUDA_MOE_WGMMA")).into(),
             expert_tile: EXPERT_TILES.iter().position(|t| Some(t.0) == env_count("QWEN3RS_CUDA_EXPERT_TILE")).unwrap_or(0).into(),
             attn_wgmma: (!env_off("QWEN3RS_CUDA_ATTN_WGMMA")).into(),
-            prefill_chunk: env_count("QWEN3RS_CUDA_PREFILL_CHUNK").unwrap_or(2048) })
+            prefill_chunk: env_count("QWEN3RS_CUDA_PREFILL_CHUNK").unwrap_or(2048),
+            l2_prefetch: (if env_off("QWEN3RS_CUDA_L2_PREFETCH") { 0 } else { (env_count("QWEN3RS_CUDA_L2_PREFETCH_MB").unwrap_or(L2_PREFETCH_MB) as u64) << 20 },
+                env_count("QWEN3RS_CUDA_L2_PREFETCH_BLOCKS").unwrap_or(L2_PREFETCH_BLOCKS) as u32) })
     }
 
     /// MoE prefill through cuBLAS grouped GEMMs (`true`, the default) or the `grouped_gemm` kernel,
@@ -1058,6 +1068,12 @@ impl CudaBackend {
         let max_tiles = p.div_ceil(MOE_TILE_ROWS) + moe.held;
         let es = self.esize();
         let decode = self.moe_decode_fits(x, moe);
+        // A prefetch asked for beside this op (the next layer's weights) goes beside its last
+        // kernel, the down projection, in decode: the experts' reads before it would evict it.
+        let prefetch = self.gpu.take_prefetch()?;
+        if !decode {
+            self.gpu.put_prefetch(prefetch)?;
+        }
         // Prefill's experts on expert_gemm (SwiGLU in its epilogue: no gate/up scratch).
         let on_wgmma = !decode && self.moe_wgmma.load(std::sync::atomic::Ordering::Relaxed) && self.expert_gemm_fits(h, inter);
         let gate_up = if on_wgmma { 0 } else { p * inter * es };
@@ -1113,6 +1129,7 @@ impl CudaBackend {
                 args![act, xin, gp, upp, ids, weights, logits, ei, renorm, e0, held, ki, pi, ii, hi, nw, eps])?;
             let (name, grid, smem) = self.gemv_plan(&MOE_DOWN_COMBINE, 1, p * inter, t * h * MOE_DOWN_WARPS)?;
             let o = out.mem.ptr;
+            self.gpu.put_prefetch(prefetch)?;
             return self.gpu.launch("matmul", name, grid, 256, smem, args![o, act, dp, ids, weights, ti, ki, hi, ii]);
         }
         if on_wgmma {
@@ -1690,6 +1707,23 @@ impl Backend for CudaBackend {
 
     fn moe(&self, out: &mut CudaBuf, x: &CudaBuf, moe: &CudaMoe) -> Result<()> {
         self.moe_impl(out, x, moe, FusedNorm::NONE)
+    }
+
+    /// In a decode step, the first bytes of each of `ws` into L2 on the side stream, beside the next
+    /// kernel (Gpu::prefetch_l2; a MoE layer holds it back for its down projection): all of them, or
+    /// when they exceed L2_PREFETCH_MB, a share of it in proportion to their sizes (gate and up are
+    /// read row for row together).
+    fn prefetch(&self, ws: &[&CudaWeight], rows: usize) -> Result<()> {
+        let (budget, blocks) = self.l2_prefetch;
+        if budget == 0 || rows == 0 || rows > GEMV_MAX_ROWS {
+            return Ok(());
+        }
+        let total: u64 = ws.iter().map(|w| w.mem.bytes as u64).sum();
+        let ranges: Vec<(u64, u64)> = ws.iter()
+            .map(|w| (w.mem.ptr, if total <= budget { w.mem.bytes as u64 } else { (budget as u128 * w.mem.bytes as u128 / total as u128) as u64 }))
+            .filter(|r| r.1 > 0)
+            .collect();
+        self.gpu.prefetch_l2(&ranges, blocks)
     }
 
     fn gather_rows(&self, out: &mut CudaBuf, x: &CudaBuf, rows: &[u32]) -> Result<()> {

@@ -261,3 +261,43 @@ extern "C" __global__ void __launch_bounds__(DF_THREADS) dummy_fill(act_t* out, 
         advance(row, col, step_r, step_c, cols);
     }
 }
+
+// Decode's weights brought into L2 ahead of the product that reads them (CudaBackend::prefetch): the
+// first bytes of up to four ranges, in order, PF_CHUNK bytes a thread (a block is one warp), as
+// Hopper's bulk L2 prefetch (cp.async.bulk.prefetch.L2: one instruction a chunk, nothing comes back)
+// or below sm_90 one prefetch.global.L2 a 128-byte line. It runs on a second stream beside the
+// kernel ahead of that product, whose own loads leave HBM idle much of the time (a decode product of
+// a few MB is bound by its latency, not by the bandwidth). Reads only weights: nothing to wait for.
+#ifndef PF_CHUNK  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
+#define PF_CHUNK 32768
+#endif
+__device__ __forceinline__ void l2_prefetch_span(const char* p, unsigned long long n) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    n &= ~15ull;  // whole 16-byte units (the allocations are 256-byte aligned and chunks are too)
+    if (n) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(p), "r"((unsigned)n) : "memory");
+#else
+    for (unsigned long long off = 0; off < n; off += 128) asm volatile("prefetch.global.L2 [%0];" :: "l"(p + off));
+#endif
+}
+
+extern "C" __global__ void l2_prefetch(const char* p0, unsigned long long n0, const char* p1, unsigned long long n1,
+    const char* p2, unsigned long long n2, const char* p3, unsigned long long n3) {
+    grid_dependency();  // launched without a programmatic edge (its own stream): returns at once
+    const char* p[4] = {p0, p1, p2, p3};
+    const unsigned long long n[4] = {n0, n1, n2, n3}, total = n0 + n1 + n2 + n3;
+    const unsigned long long step = (unsigned long long)gridDim.x * blockDim.x * PF_CHUNK;
+    for (unsigned long long off = (unsigned long long)(blockIdx.x * blockDim.x + threadIdx.x) * PF_CHUNK; off < total; off += step) {
+        // Chunk [off, off + PF_CHUNK) of the ranges laid end to end: the part in each range it meets.
+        unsigned long long at = off, left = min((unsigned long long)PF_CHUNK, total - off);
+        for (int r = 0; r < 4 && left; r++) {
+            if (at >= n[r]) {
+                at -= n[r];
+                continue;
+            }
+            const unsigned long long len = min(left, n[r] - at);
+            l2_prefetch_span(p[r] + at, len);
+            left -= len;
+            at = 0;
+        }
+    }
+}
