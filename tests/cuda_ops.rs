@@ -287,13 +287,14 @@ fn matmul_gemv_and_cublas() {
 }
 
 /// Decode's L2 prefetch (`Backend::prefetch`, a kernel on a second stream) of weights of odd byte
-/// sizes (chunks that straddle one weight's end and the next one's start), over L2_PREFETCH_MB (shares)
+/// sizes (chunks that straddle one weight's end and the next one's start), over its 24 MB (shares)
 /// and for a prefill batch (nothing): the products that read them after are exact; five weights are
 /// refused by name.
 #[test]
 fn l2_prefetch_beside_the_products() {
     for dtype in [DType::BF16, DType::F32] {
         let Some(g) = gpu(dtype) else { return };
+        g.set_l2_prefetch(24);
         let c = CpuBackend::new(dtype);
         let (_, bar) = bars(dtype);
         let mut r = Rng(17);
@@ -372,6 +373,7 @@ fn products_fused_with_the_block_input_norm() {
     // take add_rms_norm and the plain products instead. x_out is the residual after the add.
     for dtype in DTYPES {
         let Some(g) = gpu(dtype) else { return };
+        g.set_l2_prefetch(24);
         let c = CpuBackend::new(dtype);
         let (_, bar) = bars(dtype);
         let mut r = Rng(17);

@@ -53,10 +53,6 @@ const MOE_TILE_ROWS: usize = 16;
 /// SM); `QWEN3RS_CUDA_EXPERT_TILE=256` takes the second (one block an SM: 0.933 the speed, run 24.2).
 const EXPERT_TILES: [(usize, &str, u32); 2] = [(128, "expert_gemm_128", 112 * 1024), (256, "expert_gemm_256", 227 * 1024)];
 const MAX_TOP_K: usize = 32;
-/// Decode's L2 prefetch: most MB a hint brings in (the H200's L2 is 50 MB, and the product running
-/// beside it streams its own weights through) and the warps that issue it.
-const L2_PREFETCH_MB: usize = 24;
-const L2_PREFETCH_BLOCKS: usize = 16;
 /// Most experts the decode expert kernel routes over itself (ROUTE_MAX_E in matmul.cu).
 const ROUTE_MAX_E: usize = 256;
 const MAX_HEAD_DIM: usize = 256;
@@ -407,10 +403,11 @@ pub struct CudaBackend {
     /// Prompt tokens per prefill pass: 2,048 (a 2k prompt in one pass); `QWEN3RS_CUDA_PREFILL_CHUNK`
     /// overrides (512 was the first value).
     prefill_chunk: usize,
-    /// Decode's L2 prefetch (`prefetch`): bytes at most a hint brings in (0: off;
-    /// `QWEN3RS_CUDA_L2_PREFETCH_MB`, `QWEN3RS_CUDA_L2_PREFETCH=0`) and the warps that issue it
-    /// (`QWEN3RS_CUDA_L2_PREFETCH_BLOCKS`).
-    l2_prefetch: (u64, u32),
+    /// Decode's L2 prefetch (`prefetch`): bytes at most a hint brings in, 0 (the default: it lost,
+    /// RESULTS.md run 24.3) turns it off; `QWEN3RS_CUDA_L2_PREFETCH_MB`.
+    l2_prefetch: std::sync::atomic::AtomicU64,
+    /// The warps that issue it: `QWEN3RS_CUDA_L2_PREFETCH_BLOCKS`, 16.
+    l2_prefetch_blocks: u32,
 }
 
 /// Whether env `name` is set to 0/false/off/no (a switch back to an older kernel path, for bisecting).
@@ -546,8 +543,8 @@ impl CudaBackend {
             expert_tile: EXPERT_TILES.iter().position(|t| Some(t.0) == env_count("QWEN3RS_CUDA_EXPERT_TILE")).unwrap_or(0).into(),
             attn_wgmma: (!env_off("QWEN3RS_CUDA_ATTN_WGMMA")).into(),
             prefill_chunk: env_count("QWEN3RS_CUDA_PREFILL_CHUNK").unwrap_or(2048),
-            l2_prefetch: (if env_off("QWEN3RS_CUDA_L2_PREFETCH") { 0 } else { (env_count("QWEN3RS_CUDA_L2_PREFETCH_MB").unwrap_or(L2_PREFETCH_MB) as u64) << 20 },
-                env_count("QWEN3RS_CUDA_L2_PREFETCH_BLOCKS").unwrap_or(L2_PREFETCH_BLOCKS) as u32) })
+            l2_prefetch: ((env_count("QWEN3RS_CUDA_L2_PREFETCH_MB").unwrap_or(0) as u64) << 20).into(),
+            l2_prefetch_blocks: env_count("QWEN3RS_CUDA_L2_PREFETCH_BLOCKS").unwrap_or(16) as u32 })
     }
 
     /// MoE prefill through cuBLAS grouped GEMMs (`true`, the default) or the `grouped_gemm` kernel,
@@ -575,6 +572,12 @@ impl CudaBackend {
     /// mma.sync, as `QWEN3RS_CUDA_ATTN_WGMMA` chooses at construction: lets one test process check both.
     pub fn set_attn_wgmma(&self, on: bool) {
         self.attn_wgmma.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Decode's L2 prefetch of the next weights: at most `mb` MB a hint (0: off), as
+    /// `QWEN3RS_CUDA_L2_PREFETCH_MB` chooses at construction: lets one test process check it.
+    pub fn set_l2_prefetch(&self, mb: u64) {
+        self.l2_prefetch.store(mb << 20, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether expert_gemm runs the experts of a prefill batch with rows of `hidden` and experts
@@ -1711,10 +1714,10 @@ impl Backend for CudaBackend {
 
     /// In a decode step, the first bytes of each of `ws` into L2 on the side stream, beside the next
     /// kernel (Gpu::prefetch_l2; a MoE layer holds it back for its down projection): all of them, or
-    /// when they exceed L2_PREFETCH_MB, a share of it in proportion to their sizes (gate and up are
-    /// read row for row together).
+    /// when they exceed the budget (`set_l2_prefetch`), a share of it in proportion to their sizes
+    /// (gate and up are read row for row together). Off by default.
     fn prefetch(&self, ws: &[&CudaWeight], rows: usize) -> Result<()> {
-        let (budget, blocks) = self.l2_prefetch;
+        let (budget, blocks) = (self.l2_prefetch.load(std::sync::atomic::Ordering::Relaxed), self.l2_prefetch_blocks);
         if budget == 0 || rows == 0 || rows > GEMV_MAX_ROWS {
             return Ok(());
         }

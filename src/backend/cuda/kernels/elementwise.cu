@@ -273,8 +273,10 @@ extern "C" __global__ void __launch_bounds__(DF_THREADS) dummy_fill(act_t* out, 
 #endif
 __device__ __forceinline__ void l2_prefetch_span(const char* p, unsigned long long n) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    n &= ~15ull;  // whole 16-byte units (the allocations are 256-byte aligned and chunks are too)
-    if (n) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(p), "r"((unsigned)n) : "memory");
+    // The whole 16-byte units inside [p, p + n): the bulk prefetch takes 16-byte aligned addresses
+    // and sizes (a span starts unaligned where the range before it had an odd size).
+    const unsigned long long a = ((unsigned long long)p + 15) & ~15ull, b = ((unsigned long long)p + n) & ~15ull;
+    if (b > a) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(a), "r"((unsigned)(b - a)) : "memory");
 #else
     for (unsigned long long off = 0; off < n; off += 128) asm volatile("prefetch.global.L2 [%0];" :: "l"(p + off));
 #endif
