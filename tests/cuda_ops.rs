@@ -286,37 +286,6 @@ fn matmul_gemv_and_cublas() {
     }
 }
 
-/// Decode's L2 prefetch (`Backend::prefetch`, a kernel on a second stream) of weights of odd byte
-/// sizes (chunks that straddle one weight's end and the next one's start), over its 24 MB (shares)
-/// and for a prefill batch (nothing): the products that read them after are exact; five weights are
-/// refused by name.
-#[test]
-fn l2_prefetch_beside_the_products() {
-    for dtype in [DType::BF16, DType::F32] {
-        let Some(g) = gpu(dtype) else { return };
-        g.set_l2_prefetch(24);
-        let c = CpuBackend::new(dtype);
-        let (_, bar) = bars(dtype);
-        let mut r = Rng(17);
-        let shapes = [(3usize, 37usize), (1001, 515), (7, 4096), (16384, 1024)];
-        let hosts: Vec<HostTensor> = shapes.iter().map(|&(n, k)| tensor(&r.uniform(n * k, 0.1), &[n, k])).collect();
-        let ws: Vec<_> = hosts.iter().map(|h| g.upload(h.clone()).unwrap()).collect();
-        for rows in [1usize, 9] {
-            for (i, (&(n, k), h)) in shapes.iter().zip(&hosts).enumerate() {
-                g.prefetch(&ws.iter().skip(i).collect::<Vec<_>>(), rows).unwrap();
-                let x = r.uniform(k, 1.0);
-                let (mut out, xb) = (g.alloc(1, n).unwrap(), g.upload_buf(1, k, &x).unwrap());
-                g.matmul(&mut out, &xb, &ws[i]).unwrap();
-                check(&format!("matmul after a prefetch N={n} K={k} rows={rows}"), dtype, &g.download(&out).unwrap(), &run_matmul(&c, &x, 1, h), bar);
-            }
-        }
-        let extra = g.upload(tensor(&[0.5; 8], &[8])).unwrap();
-        let five: Vec<_> = ws.iter().chain([&extra]).collect();
-        let err = g.prefetch(&five, 1).unwrap_err().to_string();
-        assert!(err.contains("l2_prefetch takes at most 4 ranges, got 5"), "{err}");
-    }
-}
-
 fn run_matmul3<B: Backend>(be: &B, x: &[f32], t: usize, ws: &[HostTensor; 3]) -> Vec<f32> {
     let k = ws[0].shape[1];
     let xb = be.upload_buf(t, k, x).unwrap();
@@ -373,7 +342,6 @@ fn products_fused_with_the_block_input_norm() {
     // take add_rms_norm and the plain products instead. x_out is the residual after the add.
     for dtype in DTYPES {
         let Some(g) = gpu(dtype) else { return };
-        g.set_l2_prefetch(24);
         let c = CpuBackend::new(dtype);
         let (_, bar) = bars(dtype);
         let mut r = Rng(17);

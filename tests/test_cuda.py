@@ -209,29 +209,6 @@ def test_cuda_graph_replay_gives_the_eager_tokens(case, monkeypatch):
 
 @pytest.mark.gpu
 @GPU
-@pytest.mark.parametrize("case", [CASE, MOE])
-def test_l2_prefetch_changes_no_token(case, monkeypatch):
-    """Decode's L2 prefetch (the next weights brought in on a second stream, forked and joined inside
-    each decode graph; off unless QWEN3RS_CUDA_L2_PREFETCH_MB is set) changes no token and no logit,
-    eager or graphed, and the graphs with it are still captured (steps launched ahead of the host)."""
-    def run(flag, graphs="1"):
-        monkeypatch.setenv("QWEN3RS_CUDA_L2_PREFETCH_MB", flag)
-        monkeypatch.setenv("QWEN3RS_CUDA_GRAPHS", graphs)
-        m = qwen3rs.load(FIXTURES / case, device="cuda", dtype="bfloat16", progress=False)
-        kw = dict(raw=True, temperature=0.0, ignore_eos=True)
-        out = [m.generate([3, 14, 15, 92, 65], max_new_tokens=40, **kw).token_ids]
-        out += [x.token_ids for x in m.generate([[1, 2], [7] * 20, [9, 8, 7, 6]], max_new_tokens=24, **kw)]
-        return out, np.asarray(m.logits([3, 14, 15])), m._native.steps_ahead()[0]
-
-    (off, logits_off, _), (on, logits_on, ahead) = run("0"), run("24")
-    eager, logits_eager, _ = run("24", graphs="0")
-    assert on == off == eager
-    assert np.array_equal(logits_on, logits_off) and np.array_equal(logits_eager, logits_off)
-    assert ahead > 30, ahead
-
-
-@pytest.mark.gpu
-@GPU
 def test_steps_launched_ahead_give_the_tokens_of_steps_launched_in_turn(monkeypatch):
     """Greedy decode steps are launched before the host has read the last step's tokens (fed them on
     the device; the default under graphs). They give exactly the tokens of steps launched after the

@@ -266,13 +266,6 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn moe(&self, out: &mut Self::Buf, x: &Self::Buf, moe: &Self::Moe) -> Result<()>;
     /// out[i] = x[rows[i]].
     fn gather_rows(&self, out: &mut Self::Buf, x: &Self::Buf, rows: &[u32]) -> Result<()>;
-    /// A hint, in a forward of `rows` rows: the op after the next one reads `ws` (in that order).
-    /// A GPU backend may start bringing them into its cache now, beside the next op. The default
-    /// does nothing.
-    fn prefetch(&self, ws: &[&Self::Weight], rows: usize) -> Result<()> {
-        let _ = (ws, rows);
-        Ok(())
-    }
 
     /// Most prompt tokens one generation step feeds (the engine's chunked prefill). A GPU takes
     /// longer chunks: bigger GEMMs, and more rows per expert in a MoE layer.

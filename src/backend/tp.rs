@@ -383,9 +383,4 @@ impl<B: Collective> Backend for TensorParallel<B> {
         per_rank!(self, |b, r| b.gather_rows(&mut out.parts[r], &x.parts[r], rows));
         Ok(())
     }
-
-    fn prefetch(&self, ws: &[&Self::Weight], rows: usize) -> Result<()> {
-        per_rank!(self, |b, r| b.prefetch(&ws.iter().map(|w| &w.parts[r]).collect::<Vec<_>>(), rows));
-        Ok(())
-    }
 }

@@ -200,8 +200,6 @@ impl<B: Backend> Model<B> {
         let shape = self.attn_shape();
         crate::ensure!(batch.rows() == s.rows && logit_rows.len() == s.logit_rows, InvalidArgument,
             "scratch is sized for {} rows / {} logit rows, batch has {} / {}", s.rows, s.logit_rows, batch.rows(), logit_rows.len());
-        // Each `prefetch` hint names the weights of the op after the next (Backend::prefetch).
-        let (rows, lm_head) = (batch.rows(), self.lm_head.as_ref().unwrap_or(&self.embed));
         // 1. Token embeddings → residual stream x [T, H].
         be.embed(&mut s.x, &self.embed, batch.tokens)?;
         for (i, layer) in self.layers.iter().enumerate() {
@@ -212,38 +210,25 @@ impl<B: Backend> Model<B> {
                 &[&layer.q_proj, &layer.k_proj, &layer.v_proj])?;
             std::mem::swap(&mut s.x, &mut s.x_next);
             // 3. Attention: per-head QK-norm + RoPE, cache append, causal GQA, output projection.
-            be.prefetch(&[&layer.o_proj], rows)?;
             be.qk_norm_rope_attention(&mut s.attn, &mut s.q, &mut s.k, &s.v, &layer.q_norm, &layer.k_norm, eps, &self.rope,
                 &mut cache.layers[i], batch, shape)?;
-            if let Ffn::Dense { gate, up, .. } = &layer.ffn {
-                be.prefetch(&[gate, up], rows)?;
-            }
             be.matmul(&mut s.attn_out, &s.attn, &layer.o_proj)?;
             // 4. x += attention; h = post-attention norm(x); 5. feed-forward: SwiGLU MLP or routed
-            //    experts → ffn_out. (A MoE layer's experts are known only once routed.)
+            //    experts → ffn_out.
             let input = BlockInput { x: &s.x, delta: Some(&s.attn_out), norm: &layer.post_norm, eps };
-            let next: Vec<&B::Weight> = match self.layers.get(i + 1) {
-                Some(l) => vec![&l.q_proj, &l.k_proj, &l.v_proj],
-                None => vec![lm_head],
-            };
             match &layer.ffn {
                 Ffn::Dense { gate, up, down } => {
-                    be.prefetch(&[down], rows)?;
                     be.norm_matmul_swiglu(&mut s.x_next, &mut s.h, &input, &mut s.act, &mut s.gate, &mut s.up, gate, up)?;
-                    be.prefetch(&next, rows)?;
                     be.matmul(&mut s.ffn_out, &s.act, down)?;
                 }
-                Ffn::Moe(moe) => {
-                    be.prefetch(&next, rows)?;
-                    be.norm_moe(&mut s.x_next, &mut s.h, &input, &mut s.ffn_out, moe)?;
-                }
+                Ffn::Moe(moe) => be.norm_moe(&mut s.x_next, &mut s.h, &input, &mut s.ffn_out, moe)?,
             }
             std::mem::swap(&mut s.x, &mut s.x_next);
         }
         // 6. x += last FFN; final norm of the wanted rows; lm_head (tied or not) → logits [R, V].
         be.add_rms_norm(&mut s.x_next, &mut s.h, &BlockInput { x: &s.x, delta: Some(&s.ffn_out), norm: &self.final_norm, eps })?;
         be.gather_rows(&mut s.last, &s.h, logit_rows)?;
-        be.matmul(&mut s.logits, &s.last, lm_head)?;
+        be.matmul(&mut s.logits, &s.last, self.lm_head.as_ref().unwrap_or(&self.embed))?;
         Ok(())
     }
 }

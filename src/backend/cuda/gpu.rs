@@ -227,30 +227,7 @@ pub struct Gpu {
     /// Device arrays of matrix pointers for `grouped_gemm` (grow-only; each upload is ordered on
     /// the stream after the GEMMs that read the previous contents).
     ptr_arrays: Mutex<Option<DevMem>>,
-    /// The second stream `prefetch_l2` forks onto (made at its first use).
-    side: Mutex<Option<Side>>,
-    /// The prefetch `prefetch_l2` asked for, forked at the next launch.
-    prefetch: Mutex<Option<Prefetch>>,
 }
-
-/// An L2 prefetch asked for (`Gpu::prefetch_l2`): up to four (address, bytes) ranges and the warps.
-#[derive(Clone, Copy)]
-pub struct Prefetch {
-    ranges: [(u64, u64); 4],
-    blocks: u32,
-}
-
-/// A second stream for work beside the main one that nothing on it waits for (L2 prefetches), and
-/// the events that fork it from the main stream and join it back.
-struct Side {
-    stream: sys::CUstream,
-    fork: Event,
-    join: Event,
-    /// Work queued on it since the last join.
-    pending: bool,
-}
-// SAFETY: as `Handles`.
-unsafe impl Send for Side {}
 
 impl Drop for Gpu {
     fn drop(&mut self) {
@@ -259,10 +236,6 @@ impl Drop for Gpu {
         // stream's work is done; modules are unloaded after that.
         unsafe {
             let _ = drv::stream::synchronize(self.h.stream);
-            if let Ok(Some(side)) = self.side.get_mut().map(|s| s.take()) {
-                let _ = drv::stream::synchronize(side.stream);
-                let _ = drv::stream::destroy(side.stream);
-            }
             let _ = blas::destroy_handle(self.h.blas);
             let _ = drv::stream::destroy(self.h.stream);
             if let Ok(mods) = self.modules.get_mut() {
@@ -336,8 +309,7 @@ impl Gpu {
             let blocks_per_sm = super::env_count("QWEN3RS_CUDA_BLOCKS_PER_SM").map(|n| n as u32);
             let gpu = Gpu { ctx, h: Handles { stream, blas }, dtype, arch, name, sms, driver, pdl_max_smem, blocks_per_sm,
                 modules: Mutex::new(HashMap::new()), funcs: Mutex::new(HashMap::new()), occupancy: Mutex::new(HashMap::new()),
-                mode: Mutex::new(ModeState { mode: Mode::Eager, hash: HASH_START }), ptr_arrays: Mutex::new(None),
-                side: Mutex::new(None), prefetch: Mutex::new(None) };
+                mode: Mutex::new(ModeState { mode: Mode::Eager, hash: HASH_START }), ptr_arrays: Mutex::new(None) };
             // SAFETY: both handles are live; cuBLAS then orders its work on our stream.
             unsafe { blas::set_stream(gpu.h.blas, gpu.h.stream as _) }.map_err(|e| blas_err("cublasSetStream", e))?;
             Ok(gpu)
@@ -403,82 +375,8 @@ impl Gpu {
     }
 
     pub fn sync(&self) -> Result<()> {
-        self.join_side()?;
         // SAFETY: the stream is live.
         unsafe { drv::stream::synchronize(self.h.stream) }.map_err(|e| drv_err("running GPU kernels", e))
-    }
-
-    /// Bring the first bytes of `ranges` (device address, bytes; at most four) into L2 on the side
-    /// stream, beside the next kernel launched: forked then, after the work queued before it (so the
-    /// prefetch starts when that is done), and joined back by `join_side`. In a capture, a branch of
-    /// the graph that nothing waits for until the join. `blocks` warps issue it (elementwise.cu
-    /// `l2_prefetch`). An op may hold it back for a later kernel of its own (`take_prefetch`).
-    pub fn prefetch_l2(&self, ranges: &[(u64, u64)], blocks: u32) -> Result<()> {
-        crate::ensure!(ranges.len() <= 4, InvalidArgument, "l2_prefetch takes at most 4 ranges, got {}", ranges.len());
-        let mut req = Prefetch { ranges: [(0, 0); 4], blocks };
-        req.ranges[..ranges.len()].copy_from_slice(ranges);
-        self.fork_pending()?;
-        self.put_prefetch(Some(req))
-    }
-
-    /// The prefetch asked for and not yet forked, taken back (to be put back before a later kernel).
-    pub fn take_prefetch(&self) -> Result<Option<Prefetch>> {
-        Ok(self.prefetch.lock().map_err(|_| Error::Device("prefetch poisoned".into()))?.take())
-    }
-
-    /// Make `req` the prefetch forked beside the next kernel launched.
-    pub fn put_prefetch(&self, req: Option<Prefetch>) -> Result<()> {
-        *self.prefetch.lock().map_err(|_| Error::Device("prefetch poisoned".into()))? = req;
-        Ok(())
-    }
-
-    /// Fork the pending prefetch, if any, onto the side stream.
-    fn fork_pending(&self) -> Result<()> {
-        let Some(Prefetch { ranges: a, blocks }) = self.take_prefetch()? else { return Ok(()) };
-        let record = |h: u64| {
-            let h = hash_bytes(h, b"l2_prefetch");
-            hash_bytes(h, bytemuck::cast_slice(&[a[0].0, a[0].1, a[1].0, a[1].1, a[2].0, a[2].1, a[3].0, a[3].1, blocks as u64]))
-        };
-        if self.note(record)? == Mode::Replay {
-            self.bind()?;
-            self.function("elementwise", "l2_prefetch")?;
-            return Ok(());
-        }
-        self.bind()?;
-        let f = self.function("elementwise", "l2_prefetch")?;
-        let mut side = self.side.lock().map_err(|_| Error::Device("side stream poisoned".into()))?;
-        if side.is_none() {
-            let stream = drv::stream::create(drv::stream::StreamKind::NonBlocking).map_err(|e| drv_err("creating a stream", e))?;
-            *side = Some(Side { stream, fork: self.event()?, join: self.event()?, pending: false });
-        }
-        let side = side.as_mut().expect("made above");
-        // SAFETY: both streams and the event are live objects of this context.
-        unsafe {
-            sys::cuEventRecord(side.fork.ev, self.h.stream).result().map_err(|e| drv_err("forking the side stream", e))?;
-            sys::cuStreamWaitEvent(side.stream, side.fork.ev, 0).result().map_err(|e| drv_err("forking the side stream", e))?;
-        }
-        side.pending = true;
-        let [(p0, n0), (p1, n1), (p2, n2), (p3, n3)] = a;
-        let mut args = [&p0, &n0, &p1, &n1, &p2, &n2, &p3, &n3].map(|v| v as *const u64 as *mut c_void);
-        // SAFETY: the arguments are the kernel's eight (pointer, u64) parameters; it only prefetches
-        // (reads nothing back), and the ranges are live weights (the caller's).
-        unsafe { drv::launch_kernel(f.0, (blocks.max(1), 1, 1), (32, 1, 1), 0, side.stream, &mut args) }
-            .map_err(|e| drv_err("launching l2_prefetch", e))
-    }
-
-    /// Make the main stream wait for the side stream's work (`prefetch_l2`): before a capture ends
-    /// (a graph's branches must join) and before the host waits for the GPU.
-    pub fn join_side(&self) -> Result<()> {
-        self.fork_pending()?;
-        let mut side = self.side.lock().map_err(|_| Error::Device("side stream poisoned".into()))?;
-        let Some(side) = side.as_mut().filter(|s| s.pending) else { return Ok(()) };
-        self.bind()?;
-        side.pending = false;
-        // SAFETY: both streams and the event are live objects of this context.
-        unsafe {
-            sys::cuEventRecord(side.join.ev, side.stream).result().map_err(|e| drv_err("joining the side stream", e))?;
-            sys::cuStreamWaitEvent(self.h.stream, side.join.ev, 0).result().map_err(|e| drv_err("joining the side stream", e))
-        }
     }
 
     /// The current mode; in Capture and Replay, fold one operation into the hash first.
@@ -547,12 +445,10 @@ impl Gpu {
     /// End the capture begun by `begin_capture` and instantiate the graph. Always ends the capture,
     /// so the stream is usable again even when this errors.
     pub fn end_capture(&self) -> Result<Graph> {
-        let joined = self.join_side(); // the side stream's branches (prefetch_l2) join first
         self.bind()?;
         let mut graph: sys::CUgraph = std::ptr::null_mut();
         // SAFETY: the stream is capturing (begin_capture); `graph` is a valid out-pointer.
         unsafe { sys::cuStreamEndCapture(self.h.stream, &mut graph) }.result().map_err(|e| drv_err("ending a CUDA graph capture", e))?;
-        joined?;
         crate::ensure!(!graph.is_null(), Device, "CUDA graph capture returned no graph");
         let mut exec: sys::CUgraphExec = std::ptr::null_mut();
         // SAFETY: `graph` is the graph just captured; `exec` is a valid out-pointer.
@@ -649,7 +545,6 @@ impl Gpu {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
-        self.fork_pending()?;
         crate::ensure!(cluster >= 1 && grid.2.is_multiple_of(cluster) && (cluster == 1 || self.arch.0 >= 9), InvalidArgument,
             "{name}: clusters of {cluster} blocks for a grid of {} (sm_{}{})", grid.2, self.arch.0, self.arch.1);
         let record = |h: u64| -> u64 {

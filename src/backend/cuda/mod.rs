@@ -403,11 +403,6 @@ pub struct CudaBackend {
     /// Prompt tokens per prefill pass: 2,048 (a 2k prompt in one pass); `QWEN3RS_CUDA_PREFILL_CHUNK`
     /// overrides (512 was the first value).
     prefill_chunk: usize,
-    /// Decode's L2 prefetch (`prefetch`): bytes at most a hint brings in, 0 (the default: it lost,
-    /// RESULTS.md run 24.3) turns it off; `QWEN3RS_CUDA_L2_PREFETCH_MB`.
-    l2_prefetch: std::sync::atomic::AtomicU64,
-    /// The warps that issue it: `QWEN3RS_CUDA_L2_PREFETCH_BLOCKS`, 16.
-    l2_prefetch_blocks: u32,
 }
 
 /// Whether env `name` is set to 0/false/off/no (a switch back to an older kernel path, for bisecting).
@@ -542,9 +537,7 @@ impl CudaBackend {
             moe_cublas: (!env_off("QWEN3RS_CUDA_MOE_CUBLAS")).into(), moe_wgmma: (!env_off("QWEN3RS_CUDA_MOE_WGMMA")).into(),
             expert_tile: EXPERT_TILES.iter().position(|t| Some(t.0) == env_count("QWEN3RS_CUDA_EXPERT_TILE")).unwrap_or(0).into(),
             attn_wgmma: (!env_off("QWEN3RS_CUDA_ATTN_WGMMA")).into(),
-            prefill_chunk: env_count("QWEN3RS_CUDA_PREFILL_CHUNK").unwrap_or(2048),
-            l2_prefetch: ((env_count("QWEN3RS_CUDA_L2_PREFETCH_MB").unwrap_or(0) as u64) << 20).into(),
-            l2_prefetch_blocks: env_count("QWEN3RS_CUDA_L2_PREFETCH_BLOCKS").unwrap_or(16) as u32 })
+            prefill_chunk: env_count("QWEN3RS_CUDA_PREFILL_CHUNK").unwrap_or(2048) })
     }
 
     /// MoE prefill through cuBLAS grouped GEMMs (`true`, the default) or the `grouped_gemm` kernel,
@@ -572,12 +565,6 @@ impl CudaBackend {
     /// mma.sync, as `QWEN3RS_CUDA_ATTN_WGMMA` chooses at construction: lets one test process check both.
     pub fn set_attn_wgmma(&self, on: bool) {
         self.attn_wgmma.store(on, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Decode's L2 prefetch of the next weights: at most `mb` MB a hint (0: off), as
-    /// `QWEN3RS_CUDA_L2_PREFETCH_MB` chooses at construction: lets one test process check it.
-    pub fn set_l2_prefetch(&self, mb: u64) {
-        self.l2_prefetch.store(mb << 20, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether expert_gemm runs the experts of a prefill batch with rows of `hidden` and experts
@@ -1071,12 +1058,6 @@ impl CudaBackend {
         let max_tiles = p.div_ceil(MOE_TILE_ROWS) + moe.held;
         let es = self.esize();
         let decode = self.moe_decode_fits(x, moe);
-        // A prefetch asked for beside this op (the next layer's weights) goes beside its last
-        // kernel, the down projection, in decode: the experts' reads before it would evict it.
-        let prefetch = self.gpu.take_prefetch()?;
-        if !decode {
-            self.gpu.put_prefetch(prefetch)?;
-        }
         // Prefill's experts on expert_gemm (SwiGLU in its epilogue: no gate/up scratch).
         let on_wgmma = !decode && self.moe_wgmma.load(std::sync::atomic::Ordering::Relaxed) && self.expert_gemm_fits(h, inter);
         let gate_up = if on_wgmma { 0 } else { p * inter * es };
@@ -1132,7 +1113,6 @@ impl CudaBackend {
                 args![act, xin, gp, upp, ids, weights, logits, ei, renorm, e0, held, ki, pi, ii, hi, nw, eps])?;
             let (name, grid, smem) = self.gemv_plan(&MOE_DOWN_COMBINE, 1, p * inter, t * h * MOE_DOWN_WARPS)?;
             let o = out.mem.ptr;
-            self.gpu.put_prefetch(prefetch)?;
             return self.gpu.launch("matmul", name, grid, 256, smem, args![o, act, dp, ids, weights, ti, ki, hi, ii]);
         }
         if on_wgmma {
@@ -1710,23 +1690,6 @@ impl Backend for CudaBackend {
 
     fn moe(&self, out: &mut CudaBuf, x: &CudaBuf, moe: &CudaMoe) -> Result<()> {
         self.moe_impl(out, x, moe, FusedNorm::NONE)
-    }
-
-    /// In a decode step, the first bytes of each of `ws` into L2 on the side stream, beside the next
-    /// kernel (Gpu::prefetch_l2; a MoE layer holds it back for its down projection): all of them, or
-    /// when they exceed the budget (`set_l2_prefetch`), a share of it in proportion to their sizes
-    /// (gate and up are read row for row together). Off by default.
-    fn prefetch(&self, ws: &[&CudaWeight], rows: usize) -> Result<()> {
-        let (budget, blocks) = (self.l2_prefetch.load(std::sync::atomic::Ordering::Relaxed), self.l2_prefetch_blocks);
-        if budget == 0 || rows == 0 || rows > GEMV_MAX_ROWS {
-            return Ok(());
-        }
-        let total: u64 = ws.iter().map(|w| w.mem.bytes as u64).sum();
-        let ranges: Vec<(u64, u64)> = ws.iter()
-            .map(|w| (w.mem.ptr, if total <= budget { w.mem.bytes as u64 } else { (budget as u128 * w.mem.bytes as u128 / total as u128) as u64 }))
-            .filter(|r| r.1 > 0)
-            .collect();
-        self.gpu.prefetch_l2(&ranges, blocks)
     }
 
     fn gather_rows(&self, out: &mut CudaBuf, x: &CudaBuf, rows: &[u32]) -> Result<()> {

@@ -30,17 +30,8 @@ __device__ __forceinline__ uint4 ld_x(const uint4* p) { return XS ? *p : __ldg(p
 
 // A 16-byte weight load that bypasses L1 (read once: caching it there only costs; 1.06-1.37x the
 // bandwidth of __ldg on the Qwen3 decode shapes, benches/gemv_variants.py `vp_ld1_*`, RESULTS.md run 15).
-// GV_EVICT_FIRST: also marked first to leave L2 (so the weights l2_prefetch brought in for the next
-// product stay), for sweeps.
 __device__ __forceinline__ uint4 ld_weight(const uint4* p) {
-#if defined(GV_EVICT_FIRST) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    uint4 r;
-    unsigned long long pol;
-    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
-    asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], %5;"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p), "l"(pol));
-    return r;
-#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
     uint4 r;
     asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
     return r;
