@@ -286,39 +286,6 @@ fn matmul_gemv_and_cublas() {
     }
 }
 
-/// The o projection (`matmul_o`): gemv_staged, its weight rows copied into shared memory before its
-/// wait, where it takes the product (T <= 8 with x within 32 KB; rows a block from the SM count, capped
-/// by 100 KB: 1,024 blocks for 32B's shape, more than are resident at once), else `matmul`. Against the
-/// CPU and against gemv (staging off).
-#[test]
-fn o_projection_staged_in_shared_memory() {
-    for dtype in DTYPES {
-        let Some(g) = gpu(dtype) else { return };
-        let c = CpuBackend::new(dtype);
-        let (_, bar) = bars(dtype);
-        let mut r = Rng(29);
-        for (n, k) in [(72usize, 64usize), (37, 1032), (1024, 2048), (2048, 4096), (5120, 8192), (5003, 256)] {
-            let w = tensor(&r.uniform(n * k, (3.0 / k as f32).sqrt()), &[n, k]);
-            let wd = g.upload(w.clone()).unwrap();
-            for t in [1usize, 3, 8] {
-                let x = r.uniform(t * k, 1.0);
-                let xb = g.upload_buf(t, k, &x).unwrap();
-                let run = |staged: bool| {
-                    g.set_staged_o(staged);
-                    let mut out = g.alloc(t, n).unwrap();
-                    g.matmul_o(&mut out, &xb, &wd).unwrap();
-                    g.download(&out).unwrap()
-                };
-                let (staged, plain) = (run(true), run(false));
-                let what = format!("matmul_o T={t} N={n} K={k}");
-                check(&what, dtype, &staged, &run_matmul(&c, &x, t, &w), bar);
-                check(&format!("{what} against gemv"), dtype, &staged, &plain, bar);
-            }
-        }
-        g.set_staged_o(true);
-    }
-}
-
 fn run_matmul3<B: Backend>(be: &B, x: &[f32], t: usize, ws: &[HostTensor; 3]) -> Vec<f32> {
     let k = ws[0].shape[1];
     let xb = be.upload_buf(t, k, x).unwrap();

@@ -61,8 +61,7 @@ def test_late_waits_leave_the_activations_alone():
 
 # What a function may do before its wait (grid_dependency()): prefetch or load weights (the decode
 # products' first batch of weight loads, load_batch of a weight parameter, and their norm weight,
-# load_norm_weight; gemv_staged's rows into shared memory, stage_weight_rows), declare, and compute
-# indices from the launch shape. No other memory read.
+# load_norm_weight), declare, and compute indices from the launch shape. No other memory read.
 BEFORE_WAIT = [
     r"(if \([^\[]*\) )?prefetch_(rows|lines)\(.*",
     r"auto \w+ = \[&\].*",  # a lambda (its body is not checked: those here compute addresses)
@@ -72,7 +71,6 @@ BEFORE_WAIT = [
     r"uint4 \w+\[GV_UNROLL\](, \w+\[GV_UNROLL\])*",
     r"(if \(early\) )?load_batch\(\w+, (w|gate|up) \+ .*",
     r"const NormW \w+ = load_norm_weight\(nw, \w+\)",
-    r"stage_weight_rows\(\w+, w \+ .*",  # weights copied into shared memory (gemv_staged)
     r"if \(early\)",
 ]
 

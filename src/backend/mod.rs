@@ -266,11 +266,6 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn moe(&self, out: &mut Self::Buf, x: &Self::Buf, moe: &Self::Moe) -> Result<()>;
     /// out[i] = x[rows[i]].
     fn gather_rows(&self, out: &mut Self::Buf, x: &Self::Buf, rows: &[u32]) -> Result<()>;
-    /// The attention's output projection: `matmul` right after the attention op. A GPU backend may
-    /// start reading `w` while the attention still runs. The default is `matmul`.
-    fn matmul_o(&self, out: &mut Self::Buf, x: &Self::Buf, w: &Self::Weight) -> Result<()> {
-        self.matmul(out, x, w)
-    }
 
     /// Most prompt tokens one generation step feeds (the engine's chunked prefill). A GPU takes
     /// longer chunks: bigger GEMMs, and more rows per expert in a MoE layer.

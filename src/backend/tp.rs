@@ -342,14 +342,6 @@ impl<B: Collective> Backend for TensorParallel<B> {
         Ok(())
     }
 
-    fn matmul_o(&self, out: &mut Self::Buf, x: &Self::Buf, w: &Self::Weight) -> Result<()> {
-        per_rank!(self, |b, r| b.matmul_o(&mut out.parts[r], &x.parts[r], &w.parts[r]));
-        if w.split == Split::Rows {
-            self.all_reduce(out)?;
-        }
-        Ok(())
-    }
-
     fn qk_norm_rope(&self, q: &mut Self::Buf, k: &mut Self::Buf, q_norm: &Self::Weight, k_norm: &Self::Weight, eps: f32,
         rope: &Self::Weight, positions: &[u32], _shape: AttnShape) -> Result<()> {
         let shape = self.heads.rank_shape();

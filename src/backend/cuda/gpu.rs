@@ -542,20 +542,6 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn launch_cluster(&self, module: &'static str, name: &'static str, grid: (u32, u32, u32), block: u32, smem: u32,
         cluster: u32, args: &[(*mut c_void, usize)]) -> Result<()> {
-        self.launch_ex(module, name, grid, block, smem, cluster, false, args)
-    }
-
-    /// `launch` under programmatic dependent launch whatever its shared memory (PDL_MAX_SMEM keeps
-    /// big-smem kernels off it): for a kernel whose blocks should start early because the one ahead
-    /// leaves SMs free (gemv_staged after the attention).
-    pub fn launch_early(&self, module: &'static str, name: &'static str, grid: (u32, u32, u32), block: u32, smem: u32,
-        args: &[(*mut c_void, usize)]) -> Result<()> {
-        self.launch_ex(module, name, grid, block, smem, 1, true, args)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn launch_ex(&self, module: &'static str, name: &'static str, grid: (u32, u32, u32), block: u32, smem: u32,
-        cluster: u32, early: bool, args: &[(*mut c_void, usize)]) -> Result<()> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
@@ -590,7 +576,7 @@ impl Gpu {
         let f = self.function(module, name)?;
         allow_smem(f, name, smem)?;
         allow_cluster(f, name, cluster)?;
-        let pdl = self.pdl_max_smem.is_some_and(|m| early || smem <= m);
+        let pdl = self.pdl_max_smem.is_some_and(|m| smem <= m);
         if !pdl && cluster == 1 {
             // SAFETY: `args` points at values laid out as the kernel's parameters (see `args!`), and
             // every device pointer among them is a live allocation sized for this launch.

@@ -35,10 +35,6 @@ pub const GEMV_MAX_ROWS: usize = 8;
 /// 256-thread blocks resident per SM and covers one row of Qwen3-32B's down projection (K = 25,600),
 /// which ran at 0.65 of the bandwidth with x from L1 (RESULTS.md run 11).
 const GEMV_SMEM_X: usize = 56 * 1024;
-/// gemv_staged (the o projection's weights in shared memory, copied during the attention): its
-/// dynamic shared memory at most (two blocks an SM), and most bytes of x it stages beside them.
-const STAGED_SMEM: usize = 100 * 1024;
-const STAGED_X: usize = 32 * 1024;
 
 /// Kernel names of the decode-GEMV families in matmul.cu: [T = 1, T = 1 with x in shared memory,
 /// T <= GEMV_MAX_ROWS, the same with x in shared memory]. MoE experts see one x row per pair, so
@@ -376,8 +372,6 @@ pub struct CudaBackend {
     /// Fused decode kernels (q/k/v, gate·up·SwiGLU, QK-norm + RoPE + KV append, MoE experts);
     /// `QWEN3RS_CUDA_FUSED=0` runs the unfused ops.
     fused: bool,
-    /// The o projection as gemv_staged (`matmul_o`); `QWEN3RS_CUDA_STAGED_O=0` keeps gemv.
-    staged_o: std::sync::atomic::AtomicBool,
     /// Decode attention that does QK-norm, RoPE and the KV append itself (`_rope` kernels);
     /// `QWEN3RS_CUDA_ROPE_ATTN=0` launches qk_norm_rope_append before it.
     rope_attn: bool,
@@ -535,7 +529,7 @@ impl CudaBackend {
             argmax: Mutex::new(argmax), graph_cache: std::env::var("QWEN3RS_CUDA_GRAPH_CACHE").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(8),
             device_top: (!env_off("QWEN3RS_CUDA_DEVICE_TOP")).into(),
             graph_bad: Default::default(), replay_trace: trace.then(Default::default), replays,
-            fused: !env_off("QWEN3RS_CUDA_FUSED"), staged_o: (!env_off("QWEN3RS_CUDA_STAGED_O")).into(),
+            fused: !env_off("QWEN3RS_CUDA_FUSED"),
             rope_attn: !env_off("QWEN3RS_CUDA_ROPE_ATTN"), fused_route: !env_off("QWEN3RS_CUDA_FUSED_ROUTE"),
             router_warps: env_count("QWEN3RS_CUDA_ROUTER_WARPS").unwrap_or(8).min(32),
             split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"), split_keys: env_count("QWEN3RS_CUDA_SPLIT_KEYS").unwrap_or(8),
@@ -571,12 +565,6 @@ impl CudaBackend {
     /// mma.sync, as `QWEN3RS_CUDA_ATTN_WGMMA` chooses at construction: lets one test process check both.
     pub fn set_attn_wgmma(&self, on: bool) {
         self.attn_wgmma.store(on, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// The o projection through gemv_staged (`true`, the default) or gemv, as `QWEN3RS_CUDA_STAGED_O`
-    /// chooses at construction: lets one test process check both.
-    pub fn set_staged_o(&self, on: bool) {
-        self.staged_o.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether expert_gemm runs the experts of a prefill batch with rows of `hidden` and experts
@@ -1017,27 +1005,6 @@ impl CudaBackend {
         } else {
             self.gpu.gemm(out, x, w, t, n, k)
         }
-    }
-
-    /// `matmul`'s checks: a 2-D weight of this backend taking x's rows, out [x.rows, w.shape[0]].
-    fn check_matmul(&self, out: &CudaBuf, x: &CudaBuf, w: &CudaWeight) -> Result<()> {
-        self.check_weight(w, "matmul")?;
-        ensure!(w.shape.len() == 2 && w.shape[1] == x.cols, InvalidArgument,
-            "matmul: weight {:?} does not take rows of {}", w.shape, x.cols);
-        check_shape("matmul", (out.rows, out.cols), (x.rows, w.shape[0]))?;
-        Ok(())
-    }
-
-    /// gemv_staged's launch for out [t, n] = x [t, k] · wᵀ, if it takes it: (kernel, grid, shared
-    /// memory, rows a block). Rows a block: as few as spread the matrix over two blocks an SM (each
-    /// SM copying its share), at most what fits STAGED_SMEM beside x.
-    fn staged_plan(&self, t: usize, n: usize, k: usize) -> Option<(&'static str, (u32, u32, u32), u32, usize)> {
-        let (row, xb) = (k * self.esize(), t * k * self.esize());
-        if !self.staged_o.load(std::sync::atomic::Ordering::Relaxed) || !self.fused_gemv(t, k) || xb > STAGED_X || n == 0 {
-            return None;
-        }
-        let r = n.div_ceil(2 * self.gpu.sms as usize).min((STAGED_SMEM - xb) / row);
-        (r > 0).then(|| ((if t > 1 { "gemv_staged_t8" } else { "gemv_staged_t1" }), (n.div_ceil(r) as u32, 1, 1), (r * row + xb) as u32, r))
     }
 
     /// Whether three products of x go to the fused decode GEMV (`gemv3`).
@@ -1568,18 +1535,11 @@ impl Backend for CudaBackend {
     }
 
     fn matmul(&self, out: &mut CudaBuf, x: &CudaBuf, w: &CudaWeight) -> Result<()> {
-        self.check_matmul(out, x, w)?;
+        self.check_weight(w, "matmul")?;
+        ensure!(w.shape.len() == 2 && w.shape[1] == x.cols, InvalidArgument,
+            "matmul: weight {:?} does not take rows of {}", w.shape, x.cols);
+        check_shape("matmul", (out.rows, out.cols), (x.rows, w.shape[0]))?;
         self.matmul_raw(out.mem.ptr, x.mem.ptr, w.mem.ptr, x.rows, w.shape[0], x.cols)
-    }
-
-    /// gemv_staged where it takes the product (decode: its weights copied into shared memory while
-    /// the attention runs, launched early whatever its shared memory), else `matmul`.
-    fn matmul_o(&self, out: &mut CudaBuf, x: &CudaBuf, w: &CudaWeight) -> Result<()> {
-        self.check_matmul(out, x, w)?;
-        let (t, n, k) = (x.rows, w.shape[0], x.cols);
-        let Some((name, grid, smem, r)) = self.staged_plan(t, n, k) else { return self.matmul(out, x, w) };
-        let (o, xp, wp, (ti, ni, ki, ri)) = (out.mem.ptr, x.mem.ptr, w.mem.ptr, (t as i32, n as i32, k as i32, r as i32));
-        self.gpu.launch_early("matmul", name, grid, 256, smem, args![o, xp, wp, ti, ni, ki, ri])
     }
 
     fn matmul_many(&self, outs: &mut [&mut CudaBuf], x: &CudaBuf, ws: &[&CudaWeight]) -> Result<()> {

@@ -340,22 +340,6 @@ __device__ __forceinline__ void route_rows(const float* logits, int rows, float*
     }
 }
 
-// A 16-byte copy from global to shared memory (shared address `dst`) that does not hold the thread up
-// (cp.async, sm_80+; L1 bypassed); waited for with cp.async.wait_group. Below sm_80 an ordinary copy.
-__device__ __forceinline__ void cp_async16(unsigned dst, const void* src) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
-#else
-    *reinterpret_cast<uint4*>(__cvta_shared_to_generic(dst)) = __ldg(reinterpret_cast<const uint4*>(src));
-#endif
-}
-
-__device__ __forceinline__ void cp_async_wait_all() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_all;" ::: "memory");
-#endif
-}
-
 // Hopper's warpgroup MMA (wgmma; sm_90a builds, bf16/f16: expert_gemm.cu, attention_prefill.cu).
 // Operands in shared memory are described by 64-bit descriptors, kept in 128-byte
 // swizzled rows (16-byte chunk c of row r at r * 128 + ((c ^ (r % 8)) * 16) from a 1,024-aligned base).
@@ -365,6 +349,10 @@ __device__ __forceinline__ void cp_async_wait_all() {
 #else
 #define WG_AB "f16"
 #endif
+
+__device__ __forceinline__ void wg_cp16(unsigned dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
 
 // A K-major operand: rows of 64 elements (128 bytes, swizzled), 8-row groups 1,024 bytes apart. Its
 // start address steps 32 bytes a k16 step; a descriptor plus (bytes >> 4) is the one bytes further

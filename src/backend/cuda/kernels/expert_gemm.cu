@@ -127,10 +127,10 @@ __device__ __forceinline__ void expert_gemm_impl(act_t* out, const act_t* x, con
         const unsigned a = base + slot * stage_bytes, b = a + EG_A_BYTES;
         const int k0 = kt * EG_BK;
 #pragma unroll
-        for (int q = 0; q < 4; q++) cp_async16(a + sw + q * 32 * 128, a_src[q] + k0);
+        for (int q = 0; q < 4; q++) wg_cp16(a + sw + q * 32 * 128, a_src[q] + k0);
 #pragma unroll
         for (int q = 0; q < MAXR / 32; q++)
-            if (32 * q < nt) cp_async16(b + sw + q * 32 * 128, b_src[q] + k0);
+            if (32 * q < nt) wg_cp16(b + sw + q * 32 * 128, b_src[q] + k0);
     };
 
     float acc[ACC];

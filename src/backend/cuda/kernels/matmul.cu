@@ -395,57 +395,6 @@ GEMV_FAMILY(_t1_xs, 1, true)
 GEMV_FAMILY(_t8, GEMV_MAX_ROWS, false)
 GEMV_FAMILY(_t8_xs, GEMV_MAX_ROWS, true)
 
-// Copy n 16-byte vectors of weights from w into shared memory dst, without waiting (cp_async16; the
-// caller waits with cp_async_wait_all).
-__device__ __forceinline__ void stage_weight_rows(uint4* dst, const act_t* w, int n) {
-    const unsigned base = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-    const uint4* src = reinterpret_cast<const uint4*>(w);
-    for (int i = threadIdx.x; i < n; i += blockDim.x) cp_async16(base + 16u * i, src + i);
-}
-
-// The decode product after the attention (the o projection), which leaves most SMs and HBM idle for
-// several µs: block b takes weight rows [b * R, b * R + R) (its last block fewer), and copies them into
-// shared memory before its grid_dependency(), so under PDL the copy runs beside the attention; then x
-// is staged after them and each warp takes rows warp, warp + 8, ... from shared memory. A lane sums
-// its vectors in row_dot's order: the same bits as gemv. Dynamic shared memory R * K + T * K elements.
-template <int TMAX>
-__device__ __forceinline__ void gemv_staged_rows(act_t* out, const act_t* x, const act_t* w, int T, int N, int K, int R) {
-    extern __shared__ uint4 gs_smem[];
-    const int kv = K / VEC, n0 = blockIdx.x * R, rows = min(R, N - n0);
-    stage_weight_rows(gs_smem, w + (size_t)n0 * K, rows * kv);
-    grid_dependency();
-    uint4* xs = gs_smem + R * kv;
-    for (int i = threadIdx.x; i < T * kv; i += blockDim.x) xs[i] = __ldg(reinterpret_cast<const uint4*>(x) + i);
-    cp_async_wait_all();
-    __syncthreads();
-    const int lane = threadIdx.x & 31;
-    for (int r = threadIdx.x >> 5; r < rows; r += blockDim.x >> 5) {
-        float acc[TMAX];
-#pragma unroll
-        for (int t = 0; t < TMAX; t++) acc[t] = 0.f;
-        for (int i = lane; i < kv; i += 32) {
-            const uint4 wv = gs_smem[r * kv + i];
-#pragma unroll
-            for (int t = 0; t < TMAX; t++)
-                if (t < T) acc[t] += dot_vec(wv, xs[t * kv + i]);
-        }
-#pragma unroll
-        for (int t = 0; t < TMAX; t++) {
-            if (t < T) {
-                float s = warp_sum(acc[t]);
-                if (lane == 0) out[(size_t)t * N + n0 + r] = from_f(s);
-            }
-        }
-    }
-}
-
-extern "C" __global__ void GV_BOUNDS gemv_staged_t1(act_t* out, const act_t* x, const act_t* w, int T, int N, int K, int R) {
-    gemv_staged_rows<1>(out, x, w, T, N, K, R);
-}
-extern "C" __global__ void GV_BOUNDS gemv_staged_t8(act_t* out, const act_t* x, const act_t* w, int T, int N, int K, int R) {
-    gemv_staged_rows<GEMV_MAX_ROWS>(out, x, w, T, N, K, R);
-}
-
 #define GEMV_WARPS 8
 
 // Any K (element loads). grid ceil(N / GEMV_WARPS).
