@@ -17,14 +17,27 @@
 //!   per (head, row) with a per-warp online softmax (no split-KV yet); MoE experts run as tiled
 //!   grouped GEMMs over expert-sorted rows (tiles of 16 rows, no host sync). Metadata uploads are
 //!   skipped when unchanged.
-//! - CUDA, issue 6 (speed; figures in benches/RESULTS.md, each step switchable by an env var read
-//!   at load for bisecting): decode steps as CUDA graphs, one per batch size, metadata through
-//!   pinned staging and replays checked by a hash of every launch; persistent decode GEMVs (a warp
-//!   per weight row, 8 loads in flight per lane, x staged in shared memory) with q/k/v and
-//!   gate·up·SwiGLU fused; QK-norm + RoPE + KV append in one kernel; MoE decode reading only the
-//!   chosen experts; split-KV decode attention reading each K/V row once per query-head group;
-//!   tensor-core (mma.sync) flash attention for prefill; MoE prefill through cuBLAS grouped GEMMs;
-//!   dummy weights drawn on the device. Not yet: a device sampler for non-greedy.
+//! - CUDA, issue 6 (speed; figures and every measurement in benches/RESULTS.md by run number; each
+//!   step switchable by an env var read at load, for bisecting). Kept:
+//!   - decode: each step one CUDA graph per batch size (kept per launch shape, replays checked by a
+//!     hash of every launch), kernels chained by programmatic dependent launch (PDL), greedy steps
+//!     launched before the host has read the last token (ids fed on the device), top-k candidates
+//!     chosen on the device; persistent GEMVs (a warp per weight row, 8 16-byte L1-bypassing loads in
+//!     flight a lane, the first batch issued before the wait, x staged in shared memory) with q/k/v,
+//!     gate·up·SwiGLU and the block's add + RMSNorm fused in; QK-norm + RoPE + KV append + split-KV
+//!     attention in one launch, splits merged in a thread-block cluster; MoE decode reading only the
+//!     chosen experts, routed inside the gate/up kernel, down with the weighted combine.
+//!   - prefill: attention of head_dim 128 on wgmma on sm_90a (else mma.sync flash attention); MoE
+//!     experts on wgmma (`expert_gemm`, 128-row tiles, two blocks an SM, no host sync; else cuBLAS
+//!     grouped GEMMs); dense products on cuBLAS; dummy weights drawn on the device.
+//! - Dropped after measuring (runs in RESULTS.md): one persistent kernel a decode step (a grid barrier
+//!   costs more than a PDL boundary, 19.5); decode products on tensor cores (tiles 18.1, per-row mma
+//!   18.2: the products are bound by per-launch latency, not instructions); a warp-level fused norm
+//!   (21.1); the MoE down projection prefetching its rows (22.4, 23.1); expert tiles of 256 or 64 rows
+//!   (24.2); moe_sort keeping pair ids in registers (24.1, +0.2 %); the next weights brought into L2 by
+//!   a kernel on a second stream (24.3, −35 % on 0.6B) and the o projection's weights copied into shared
+//!   memory during the attention (24.5, −8 %): work put beside the decode kernels costs more than the
+//!   idle time it means to fill. Refuted code stays on its git branch, named in RESULTS.md.
 
 pub mod error;
 pub mod backend;
