@@ -47,5 +47,9 @@ fn main() {
         total += pool.install(|| buf.par_chunks(per).map(sum).sum::<f32>());
         best = best.min(t.elapsed().as_secs_f64());
     }
-    println!("{{\"threads\": {threads}, \"bytes\": {}, \"best_s\": {best:.6}, \"gb_s\": {:.2}, \"check\": {total}}}", n * 4, (n * 4) as f64 / best / 1e9);
+    println!(
+        "{{\"threads\": {threads}, \"bytes\": {}, \"best_s\": {best:.6}, \"gb_s\": {:.2}, \"check\": {total}}}",
+        n * 4,
+        (n * 4) as f64 / best / 1e9
+    );
 }

@@ -37,8 +37,12 @@ fn main() {
                     best = best.min(st.elapsed().as_secs_f64());
                 }
                 let flops = 2.0 * (t * n * k * used) as f64;
-                println!("{kind:5} {:11} t={t:3} bf16_acts={bf16_acts:5}: {:6.1} GB/s of weights, {:6.1} GFLOP/s",
-                    isa.name(), (bytes * used / mats) as f64 / best / 1e9, flops / best / 1e9);
+                println!(
+                    "{kind:5} {:11} t={t:3} bf16_acts={bf16_acts:5}: {:6.1} GB/s of weights, {:6.1} GFLOP/s",
+                    isa.name(),
+                    (bytes * used / mats) as f64 / best / 1e9,
+                    flops / best / 1e9
+                );
             }
         }
     }

@@ -3,5 +3,11 @@
 # e.g. `pip install -e ".[test]"`). GPU tests skip where no GPU is usable.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Rust formatting (rustfmt.toml), where rustfmt is installed (rustup's default profile has it).
+if cargo fmt --version > /dev/null 2>&1; then
+  cargo fmt --check || { echo "Rust sources are not formatted: run cargo fmt" >&2; exit 1; }
+else
+  echo "rustfmt not installed: Rust formatting not checked"
+fi
 cargo test --release --quiet
 python -m pytest tests -q

@@ -35,10 +35,7 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate")
-            .field("bos_token", &self.bos_token)
-            .field("eos_token", &self.eos_token)
-            .finish_non_exhaustive()
+        f.debug_struct("ChatTemplate").field("bos_token", &self.bos_token).field("eos_token", &self.eos_token).finish_non_exhaustive()
     }
 }
 
@@ -60,11 +57,7 @@ impl ChatTemplate {
     pub fn new(source: &str, bos_token: Option<String>, eos_token: Option<String>) -> Result<Self> {
         let mut env = Environment::new();
         // transformers: ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).
-        let syntax = minijinja::syntax::SyntaxConfig::builder()
-            .trim_blocks(true)
-            .lstrip_blocks(true)
-            .build()
-            .map_err(template_error)?;
+        let syntax = minijinja::syntax::SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build().map_err(template_error)?;
         env.set_syntax(syntax);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.set_formatter(python_formatter);
@@ -139,8 +132,7 @@ fn read_tokenizer_config(dir: &Path) -> Result<Option<Json>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let value = serde_json::from_str(&text)
-        .map_err(|e| Error::Tokenizer(format!("{}: invalid JSON: {e}", path.display())))?;
+    let value = serde_json::from_str(&text).map_err(|e| Error::Tokenizer(format!("{}: invalid JSON: {e}", path.display())))?;
     Ok(Some(value))
 }
 
@@ -150,9 +142,7 @@ fn template_from_config_field(field: &Json) -> Result<String> {
     if let Some(s) = field.as_str() {
         return Ok(s.to_owned());
     }
-    let named = field.as_array().and_then(|list| {
-        list.iter().find(|t| t.get("name").and_then(Json::as_str) == Some("default"))
-    });
+    let named = field.as_array().and_then(|list| list.iter().find(|t| t.get("name").and_then(Json::as_str) == Some("default")));
     match named.and_then(|t| t.get("template")).and_then(Json::as_str) {
         Some(s) => Ok(s.to_owned()),
         None => bail!(Tokenizer, "tokenizer_config.json: chat_template must be a string or a list with a \"default\" entry"),
@@ -178,14 +168,12 @@ fn validate_messages(messages: &Json) -> Result<()> {
         let Some(obj) = message.as_object() else {
             bail!(InvalidArgument, "messages[{i}] must be an object with \"role\" and \"content\", got {}", json_kind(message));
         };
-        ensure!(obj.get("role").is_some_and(Json::is_string), InvalidArgument,
-            "messages[{i}] needs a string \"role\"");
+        ensure!(obj.get("role").is_some_and(Json::is_string), InvalidArgument, "messages[{i}] needs a string \"role\"");
         match obj.get("content") {
             Some(Json::String(_) | Json::Null | Json::Array(_)) => {}
             None if obj.contains_key("tool_calls") => {}
             None => bail!(InvalidArgument, "messages[{i}] needs a \"content\""),
-            Some(other) => bail!(InvalidArgument,
-                "messages[{i}].content must be a string, null or a list, got {}", json_kind(other)),
+            Some(other) => bail!(InvalidArgument, "messages[{i}].content must be a string, null or a list, got {}", json_kind(other)),
         }
     }
     Ok(())
@@ -216,11 +204,7 @@ fn raise_exception(message: String) -> std::result::Result<Value, minijinja::Err
 }
 
 /// Print values the way Jinja2 (Python) does where minijinja differs: None, True, False.
-fn python_formatter(
-    out: &mut minijinja::Output,
-    state: &mut minijinja::State,
-    value: &Value,
-) -> std::result::Result<(), minijinja::Error> {
+fn python_formatter(out: &mut minijinja::Output, state: &mut minijinja::State, value: &Value) -> std::result::Result<(), minijinja::Error> {
     let python = match value.kind() {
         ValueKind::None => "None",
         ValueKind::Bool if value.is_true() => "True",
@@ -257,8 +241,7 @@ fn tojson(value: &Value, args: Rest<Value>, kwargs: Kwargs) -> std::result::Resu
         options.sort_keys = v.is_true();
     }
     kwargs.assert_all_used()?;
-    let json = serde_json::to_value(value)
-        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let json = serde_json::to_value(value).map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
     Ok(pyjson::dumps(&json, &options))
 }
 

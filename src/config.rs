@@ -147,8 +147,11 @@ impl Qwen3Config {
                 other => bail!(Config, "config.json names no architecture (architectures is empty, model_type {other:?})"),
             },
         };
-        ensure!(architecture == DENSE || architecture == MOE, Config,
-            "unsupported architecture {architecture:?}: qwen3rs runs {DENSE} and {MOE}");
+        ensure!(
+            architecture == DENSE || architecture == MOE,
+            Config,
+            "unsupported architecture {architecture:?}: qwen3rs runs {DENSE} and {MOE}"
+        );
         ensure!(raw.hidden_act == "silu", Config, "unsupported hidden_act {:?}: Qwen3 uses \"silu\"", raw.hidden_act);
         ensure!(!raw.attention_bias, Config, "attention_bias = true is not supported (no Qwen3 checkpoint uses it)");
         ensure!(!raw.use_sliding_window, Config, "use_sliding_window = true is not supported");
@@ -163,8 +166,12 @@ impl Qwen3Config {
             ensure!(v > 0, Config, "config.json field {name} must be > 0, got {v}");
         }
         let n_kv = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
-        ensure!(n_kv > 0 && raw.num_attention_heads.is_multiple_of(n_kv), Config,
-            "num_attention_heads ({}) must be a multiple of num_key_value_heads ({n_kv})", raw.num_attention_heads);
+        ensure!(
+            n_kv > 0 && raw.num_attention_heads.is_multiple_of(n_kv),
+            Config,
+            "num_attention_heads ({}) must be a multiple of num_key_value_heads ({n_kv})",
+            raw.num_attention_heads
+        );
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads);
         ensure!(head_dim > 0 && head_dim.is_multiple_of(2), Config, "head_dim must be even and > 0, got {head_dim}");
         ensure!(raw.rms_norm_eps.is_finite() && raw.rms_norm_eps > 0.0, Config, "rms_norm_eps must be > 0, got {}", raw.rms_norm_eps);
@@ -172,8 +179,13 @@ impl Qwen3Config {
         let is_moe = architecture == MOE;
         if is_moe {
             ensure!(raw.num_experts > 0, Config, "{MOE} needs num_experts > 0");
-            ensure!(raw.num_experts_per_tok > 0 && raw.num_experts_per_tok <= raw.num_experts, Config,
-                "num_experts_per_tok must be in 1..={}, got {}", raw.num_experts, raw.num_experts_per_tok);
+            ensure!(
+                raw.num_experts_per_tok > 0 && raw.num_experts_per_tok <= raw.num_experts,
+                Config,
+                "num_experts_per_tok must be in 1..={}, got {}",
+                raw.num_experts,
+                raw.num_experts_per_tok
+            );
             ensure!(raw.moe_intermediate_size > 0, Config, "{MOE} needs moe_intermediate_size > 0");
             ensure!(raw.decoder_sparse_step > 0, Config, "decoder_sparse_step must be > 0");
         }

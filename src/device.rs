@@ -1,8 +1,9 @@
 //! Device selection: parse "auto" | "cpu" | "cuda" | "cuda:N" and build the engine on that backend.
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::tp::{MoeSplit, TensorParallel};
 use crate::backend::cuda::{self, CudaBackend};
+use crate::backend::tp::{MoeSplit, TensorParallel};
+use crate::bail;
 use crate::config::Qwen3Config;
 use crate::engine::{AnyEngine, Engine};
 use crate::error::Result;
@@ -10,7 +11,6 @@ use crate::model::Model;
 use crate::tensor::DType;
 use crate::tokenizer::Tokenizer;
 use crate::weights::TensorSource;
-use crate::bail;
 
 /// Where a model runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,7 +24,13 @@ impl Device {
     pub fn parse(spec: &str) -> Result<Device> {
         let spec = spec.trim().to_ascii_lowercase();
         Ok(match spec.as_str() {
-            "auto" => if cuda_available() { Device::Cuda(0) } else { Device::Cpu },
+            "auto" => {
+                if cuda_available() {
+                    Device::Cuda(0)
+                } else {
+                    Device::Cpu
+                }
+            }
             "cpu" => Device::Cpu,
             "cuda" | "gpu" => Device::Cuda(0),
             s if s.starts_with("cuda:") => match s[5..].parse::<usize>() {
@@ -49,7 +55,11 @@ pub fn cuda_unavailable_reason() -> Option<String> {
 
 /// How many CUDA GPUs can be used (0 where `cuda_available()` is false). Never raises.
 pub fn cuda_device_count() -> usize {
-    if cuda_available() { cuda::device_count().unwrap_or(0) } else { 0 }
+    if cuda_available() {
+        cuda::device_count().unwrap_or(0)
+    } else {
+        0
+    }
 }
 
 /// Everything `load` needs besides the weights.
@@ -74,8 +84,13 @@ pub struct LoadOptions {
 }
 
 /// Build an engine for `config` with weights from `src` on the requested device.
-pub fn load_engine(config: Qwen3Config, src: &dyn TensorSource, tokenizer: Option<Tokenizer>, opts: &LoadOptions,
-    progress: &mut dyn FnMut(usize, usize)) -> Result<AnyEngine> {
+pub fn load_engine(
+    config: Qwen3Config,
+    src: &dyn TensorSource,
+    tokenizer: Option<Tokenizer>,
+    opts: &LoadOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<AnyEngine> {
     let dtype = opts.dtype.unwrap_or_else(|| src.stored_dtype());
     let max_seq_len = opts.max_seq_len.unwrap_or(config.max_position_embeddings.min(32768));
     crate::ensure!(max_seq_len >= 1, InvalidArgument, "max_seq_len must be >= 1, got {max_seq_len}");
@@ -84,8 +99,11 @@ pub fn load_engine(config: Qwen3Config, src: &dyn TensorSource, tokenizer: Optio
     crate::ensure!(tp >= 1, InvalidArgument, "tensor_parallel must be >= 1, got {tp}");
     // One device holding every expert is what expert_parallel=False gives already: asking for it
     // with tensor_parallel=1 is a mistake worth reporting.
-    crate::ensure!(!opts.expert_parallel || tp >= 2, InvalidArgument,
-        "expert_parallel=True spreads the experts over tensor_parallel >= 2 devices, got tensor_parallel={tp}");
+    crate::ensure!(
+        !opts.expert_parallel || tp >= 2,
+        InvalidArgument,
+        "expert_parallel=True spreads the experts over tensor_parallel >= 2 devices, got tensor_parallel={tp}"
+    );
     let moe_split = if opts.expert_parallel { MoeSplit::Experts } else { MoeSplit::Columns };
     let cpu_opts = crate::backend::cpu::CpuOptions { num_threads: opts.num_threads, quant: opts.quantize };
     // The same model + engine on whichever backend the arm builds.

@@ -39,12 +39,12 @@
 //!   memory during the attention (24.5, −8 %): work put beside the decode kernels costs more than the
 //!   idle time it means to fill. Refuted code stays on its git branch, named in RESULTS.md.
 
-pub mod error;
 pub mod backend;
 pub mod chat;
 pub mod config;
 pub mod device;
 pub mod engine;
+pub mod error;
 pub mod model;
 pub mod sampler;
 pub mod tensor;

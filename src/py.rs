@@ -34,11 +34,9 @@ pub(crate) fn to_py(err: Error) -> PyErr {
         Error::Internal(_) => "Qwen3Error",
     };
     let message = err.to_string();
-    Python::attach(|py| {
-        match py.import("qwen3rs.errors").and_then(|m| m.getattr(class)) {
-            Ok(cls) => PyErr::from_type(cls.cast_into().expect("exception class"), message),
-            Err(e) => e,
-        }
+    Python::attach(|py| match py.import("qwen3rs.errors").and_then(|m| m.getattr(class)) {
+        Ok(cls) => PyErr::from_type(cls.cast_into().expect("exception class"), message),
+        Err(e) => e,
     })
 }
 
@@ -46,9 +44,7 @@ pub(crate) fn to_py(err: Error) -> PyErr {
 
 /// Text from Python; a str that isn't valid Unicode (a lone surrogate) is a TokenizerError.
 fn text_arg(text: &Bound<'_, pyo3::types::PyString>) -> PyResult<String> {
-    text.extract::<String>().map_err(|_| {
-        to_py(Error::Tokenizer("text is not valid Unicode (it contains a lone surrogate)".into()))
-    })
+    text.extract::<String>().map_err(|_| to_py(Error::Tokenizer("text is not valid Unicode (it contains a lone surrogate)".into())))
 }
 
 /// Token ids from Python ints: negative or too-large values are an error naming the value.
@@ -111,10 +107,18 @@ impl PyTokenizer {
     /// Render a conversation with the checkpoint's own chat template, as transformers'
     /// `apply_chat_template(..., tokenize=False)` does. `enable_thinking=None` = the template's default.
     #[pyo3(signature = (messages, tools=None, add_generation_prompt=true, enable_thinking=None))]
-    fn apply_chat_template(&self, py: Python<'_>, messages: &Bound<'_, PyAny>, tools: Option<&Bound<'_, PyAny>>,
-        add_generation_prompt: bool, enable_thinking: Option<bool>) -> PyResult<String> {
+    fn apply_chat_template(
+        &self,
+        py: Python<'_>,
+        messages: &Bound<'_, PyAny>,
+        tools: Option<&Bound<'_, PyAny>>,
+        add_generation_prompt: bool,
+        enable_thinking: Option<bool>,
+    ) -> PyResult<String> {
         let Some(template) = &self.template else {
-            return Err(to_py(Error::Tokenizer("this tokenizer has no chat template (no tokenizer_config.json chat_template or chat_template.jinja)".into())));
+            return Err(to_py(Error::Tokenizer(
+                "this tokenizer has no chat template (no tokenizer_config.json chat_template or chat_template.jinja)".into(),
+            )));
         };
         let messages = to_json(py, messages, "messages")?;
         let tools = tools.filter(|t| !t.is_none()).map(|t| to_json(py, t, "tools")).transpose()?;
@@ -195,8 +199,14 @@ impl PyModel {
     }
 }
 
-fn load_options(device: &str, dtype: &str, max_seq_len: Option<usize>, max_batch: usize, (tensor_parallel, expert_parallel): (usize, bool),
-    cpu: (Option<usize>, Option<&str>)) -> Result<LoadOptions> {
+fn load_options(
+    device: &str,
+    dtype: &str,
+    max_seq_len: Option<usize>,
+    max_batch: usize,
+    (tensor_parallel, expert_parallel): (usize, bool),
+    cpu: (Option<usize>, Option<&str>),
+) -> Result<LoadOptions> {
     Ok(LoadOptions {
         num_threads: cpu.0,
         quantize: crate::backend::cpu::Quant::parse(cpu.1.unwrap_or("none"))?,
@@ -222,20 +232,28 @@ fn progress_fn(callback: Option<Py<PyAny>>) -> impl FnMut(usize, usize) + Send {
     }
 }
 
-fn build(py: Python<'_>, config_json: String, src: impl TensorSource + Send, opts: LoadOptions, tokenizer_dir: Option<PathBuf>,
-    progress: Option<Py<PyAny>>) -> PyResult<PyModel> {
+fn build(
+    py: Python<'_>,
+    config_json: String,
+    src: impl TensorSource + Send,
+    opts: LoadOptions,
+    tokenizer_dir: Option<PathBuf>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<PyModel> {
     let config = Qwen3Config::from_json(&config_json).map_err(to_py)?;
     let mut progress = progress_fn(progress);
-    py.detach(|| catch_panic(|| {
-        let (tokenizer, generation) = match &tokenizer_dir {
-            Some(dir) if dir.join("tokenizer.json").is_file() => (Some(PyTokenizer::load_dir(dir)?), GenerationConfig::from_dir(dir)?),
-            Some(dir) => (None, GenerationConfig::from_dir(dir)?),
-            None => (None, GenerationConfig::default()),
-        };
-        let template = tokenizer.as_ref().and_then(|t| t.template.clone());
-        let engine = load_engine(config, &src, tokenizer.map(|t| t.inner), &opts, &mut progress)?;
-        Ok(PyModel { engine: Arc::new(Mutex::new(engine)), config_json, generation, template })
-    }))
+    py.detach(|| {
+        catch_panic(|| {
+            let (tokenizer, generation) = match &tokenizer_dir {
+                Some(dir) if dir.join("tokenizer.json").is_file() => (Some(PyTokenizer::load_dir(dir)?), GenerationConfig::from_dir(dir)?),
+                Some(dir) => (None, GenerationConfig::from_dir(dir)?),
+                None => (None, GenerationConfig::default()),
+            };
+            let template = tokenizer.as_ref().and_then(|t| t.template.clone());
+            let engine = load_engine(config, &src, tokenizer.map(|t| t.inner), &opts, &mut progress)?;
+            Ok(PyModel { engine: Arc::new(Mutex::new(engine)), config_json, generation, template })
+        })
+    })
     .map_err(to_py)
 }
 
@@ -244,11 +262,21 @@ fn build(py: Python<'_>, config_json: String, src: impl TensorSource + Send, opt
 #[pyo3(signature = (path, device="cpu", dtype="auto", max_seq_len=None, max_batch=8, tensor_parallel=1, progress=None, num_threads=None,
     quantize=None, expert_parallel=false))]
 #[allow(clippy::too_many_arguments)]
-fn load_checkpoint(py: Python<'_>, path: PathBuf, device: &str, dtype: &str, max_seq_len: Option<usize>, max_batch: usize,
-    tensor_parallel: usize, progress: Option<Py<PyAny>>, num_threads: Option<usize>, quantize: Option<&str>, expert_parallel: bool)
-    -> PyResult<PyModel> {
-    let opts = load_options(device, dtype, max_seq_len, max_batch, (tensor_parallel, expert_parallel), (num_threads, quantize))
-        .map_err(to_py)?;
+fn load_checkpoint(
+    py: Python<'_>,
+    path: PathBuf,
+    device: &str,
+    dtype: &str,
+    max_seq_len: Option<usize>,
+    max_batch: usize,
+    tensor_parallel: usize,
+    progress: Option<Py<PyAny>>,
+    num_threads: Option<usize>,
+    quantize: Option<&str>,
+    expert_parallel: bool,
+) -> PyResult<PyModel> {
+    let opts =
+        load_options(device, dtype, max_seq_len, max_batch, (tensor_parallel, expert_parallel), (num_threads, quantize)).map_err(to_py)?;
     if !path.is_dir() {
         return Err(to_py(Error::NotFound { path, what: "checkpoint folder".into() }));
     }
@@ -268,11 +296,23 @@ fn load_checkpoint(py: Python<'_>, path: PathBuf, device: &str, dtype: &str, max
 #[pyo3(signature = (config_json, device="cpu", dtype="auto", max_seq_len=None, max_batch=8, seed=0, tokenizer_dir=None,
     tensor_parallel=1, progress=None, num_threads=None, quantize=None, expert_parallel=false))]
 #[allow(clippy::too_many_arguments)]
-fn load_dummy(py: Python<'_>, config_json: String, device: &str, dtype: &str, max_seq_len: Option<usize>, max_batch: usize,
-    seed: u64, tokenizer_dir: Option<PathBuf>, tensor_parallel: usize, progress: Option<Py<PyAny>>, num_threads: Option<usize>,
-    quantize: Option<&str>, expert_parallel: bool) -> PyResult<PyModel> {
-    let opts = load_options(device, dtype, max_seq_len, max_batch, (tensor_parallel, expert_parallel), (num_threads, quantize))
-        .map_err(to_py)?;
+fn load_dummy(
+    py: Python<'_>,
+    config_json: String,
+    device: &str,
+    dtype: &str,
+    max_seq_len: Option<usize>,
+    max_batch: usize,
+    seed: u64,
+    tokenizer_dir: Option<PathBuf>,
+    tensor_parallel: usize,
+    progress: Option<Py<PyAny>>,
+    num_threads: Option<usize>,
+    quantize: Option<&str>,
+    expert_parallel: bool,
+) -> PyResult<PyModel> {
+    let opts =
+        load_options(device, dtype, max_seq_len, max_batch, (tensor_parallel, expert_parallel), (num_threads, quantize)).map_err(to_py)?;
     build(py, config_json, DummyWeights { seed }, opts, tokenizer_dir, progress)
 }
 
@@ -416,11 +456,30 @@ impl PyModel {
         top_k=None, top_p=None, min_p=None, presence_penalty=None, frequency_penalty=None, repetition_penalty=None,
         seed=None, logprobs=None, stop=vec![], stop_token_ids=vec![], session=None, stream=false))]
     #[allow(clippy::too_many_arguments)]
-    fn generate<'py>(&self, py: Python<'py>, prompts: Vec<Vec<i64>>, max_new_tokens: usize, chat: bool, thinking: bool,
-        thinking_budget: Option<usize>, temperature: Option<f32>, top_k: Option<usize>, top_p: Option<f32>, min_p: Option<f32>,
-        presence_penalty: Option<f32>, frequency_penalty: Option<f32>, repetition_penalty: Option<f32>, seed: Option<u64>,
-        logprobs: Option<usize>, stop: Vec<String>, stop_token_ids: Vec<i64>, session: Option<u64>, stream: bool) -> PyResult<Py<PyAny>> {
-        let overrides = SamplingOverrides { temperature, top_k, top_p, min_p, presence_penalty, frequency_penalty, repetition_penalty, seed, logprobs };
+    fn generate<'py>(
+        &self,
+        py: Python<'py>,
+        prompts: Vec<Vec<i64>>,
+        max_new_tokens: usize,
+        chat: bool,
+        thinking: bool,
+        thinking_budget: Option<usize>,
+        temperature: Option<f32>,
+        top_k: Option<usize>,
+        top_p: Option<f32>,
+        min_p: Option<f32>,
+        presence_penalty: Option<f32>,
+        frequency_penalty: Option<f32>,
+        repetition_penalty: Option<f32>,
+        seed: Option<u64>,
+        logprobs: Option<usize>,
+        stop: Vec<String>,
+        stop_token_ids: Vec<i64>,
+        session: Option<u64>,
+        stream: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let overrides =
+            SamplingOverrides { temperature, top_k, top_p, min_p, presence_penalty, frequency_penalty, repetition_penalty, seed, logprobs };
         // Raw completion follows generation_config.json (thinking-mode values) like transformers does.
         let sampling = SamplingParams::for_mode(!chat || thinking, &self.generation, &overrides).map_err(to_py)?;
         let stop_token_ids = to_ids(stop_token_ids, "stop_token_ids")?;

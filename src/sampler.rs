@@ -79,15 +79,22 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
-        ensure!(self.temperature.is_finite() && self.temperature >= 0.0, InvalidArgument,
-            "temperature must be a finite number >= 0, got {}", self.temperature);
+        ensure!(
+            self.temperature.is_finite() && self.temperature >= 0.0,
+            InvalidArgument,
+            "temperature must be a finite number >= 0, got {}",
+            self.temperature
+        );
         ensure!(self.top_p > 0.0 && self.top_p <= 1.0, InvalidArgument, "top_p must be in (0, 1], got {}", self.top_p);
         ensure!((0.0..=1.0).contains(&self.min_p), InvalidArgument, "min_p must be in [0, 1], got {}", self.min_p);
-        ensure!(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0, InvalidArgument,
-            "repetition_penalty must be a finite number > 0, got {}", self.repetition_penalty);
+        ensure!(
+            self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0,
+            InvalidArgument,
+            "repetition_penalty must be a finite number > 0, got {}",
+            self.repetition_penalty
+        );
         for (name, value) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
-            ensure!((-MAX_ABS_PENALTY..=MAX_ABS_PENALTY).contains(&value), InvalidArgument,
-                "{name} must be in [-2, 2], got {value}");
+            ensure!((-MAX_ABS_PENALTY..=MAX_ABS_PENALTY).contains(&value), InvalidArgument, "{name} must be in [-2, 2], got {value}");
         }
         Ok(())
     }
@@ -100,8 +107,11 @@ impl SamplingParams {
     /// Greedy with nothing that needs the whole logit row on the host (penalties, logprobs):
     /// the token is then just the argmax, which a backend can take on the device.
     pub fn is_plain_greedy(&self) -> bool {
-        self.is_greedy() && self.presence_penalty == 0.0 && self.frequency_penalty == 0.0
-            && self.repetition_penalty == 1.0 && self.logprobs == 0
+        self.is_greedy()
+            && self.presence_penalty == 0.0
+            && self.frequency_penalty == 0.0
+            && self.repetition_penalty == 1.0
+            && self.logprobs == 0
     }
 
     /// The parameters for one request: the mode's defaults, then every value the caller set.
@@ -597,8 +607,8 @@ fn exp_neg(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     const MIN_X: f32 = -87.0; // 2^k stays a normal f32 for k ≥ -126
-    // 1.5·2^23: adding it rounds to an integer, which then sits in the low mantissa bits (this
-    // avoids float→int casts, whose saturating semantics keep the loop from vectorising).
+                              // 1.5·2^23: adding it rounds to an integer, which then sits in the low mantissa bits (this
+                              // avoids float→int casts, whose saturating semantics keep the loop from vectorising).
     const ROUND: f32 = 12_582_912.0;
     let clamped = if x < MIN_X { MIN_X } else { x };
     let shifted = clamped * LOG2E + ROUND;
@@ -607,7 +617,11 @@ fn exp_neg(x: f32) -> f32 {
     let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     let k_int = shifted.to_bits().wrapping_sub(ROUND.to_bits()); // k as two's complement
     let scale = f32::from_bits(k_int.wrapping_add(127) << 23);
-    if x < MIN_X { 0.0 } else { p * scale }
+    if x < MIN_X {
+        0.0
+    } else {
+        p * scale
+    }
 }
 
 /// NaN → -inf (never chosen); +inf → the largest finite value (so max-subtraction stays finite).

@@ -73,14 +73,23 @@ impl Window {
 
     /// The part's shape: `shape` itself when the window is all of it, else [rows, cols].
     pub fn part_shape(&self, shape: &[usize]) -> Vec<usize> {
-        if *self == Window::full(shape) { shape.to_vec() } else { vec![self.rows.len(), self.cols.len()] }
+        if *self == Window::full(shape) {
+            shape.to_vec()
+        } else {
+            vec![self.rows.len(), self.cols.len()]
+        }
     }
 
     /// An error unless the window lies inside a tensor of `shape`.
     pub fn check(&self, shape: &[usize]) -> Result<()> {
         let (rows, cols) = matrix_dims(shape);
-        ensure!(self.rows.start <= self.rows.end && self.rows.end <= rows && self.cols.start <= self.cols.end && self.cols.end <= cols,
-            InvalidArgument, "window rows {:?} × columns {:?} is not inside a tensor of shape {shape:?}", self.rows, self.cols);
+        ensure!(
+            self.rows.start <= self.rows.end && self.rows.end <= rows && self.cols.start <= self.cols.end && self.cols.end <= cols,
+            InvalidArgument,
+            "window rows {:?} × columns {:?} is not inside a tensor of shape {shape:?}",
+            self.rows,
+            self.cols
+        );
         Ok(())
     }
 }
@@ -114,7 +123,13 @@ impl HostTensor {
     /// A view of `len` bytes at `start` of a memory map. Misaligned data (possible with hand-written
     /// files) is copied instead, since kernels read typed slices.
     pub fn from_map(map: &Arc<Mmap>, start: usize, len: usize, dtype: DType, shape: Vec<usize>) -> Result<Self> {
-        ensure!(start + len <= map.len(), Weights, "tensor bytes {start}..{} lie past the end of the file ({} bytes)", start + len, map.len());
+        ensure!(
+            start + len <= map.len(),
+            Weights,
+            "tensor bytes {start}..{} lie past the end of the file ({} bytes)",
+            start + len,
+            map.len()
+        );
         let aligned = (map.as_ptr() as usize + start).is_multiple_of(dtype.size());
         if aligned {
             Ok(HostTensor { dtype, shape, bytes: Bytes::Mapped { map: map.clone(), start, len } })

@@ -112,8 +112,7 @@ impl TensorSource for SafetensorsWeights {
         let Some(e) = self.entries.get(name) else {
             bail!(Weights, "tensor {name} is missing from the checkpoint");
         };
-        ensure!(e.shape == shape, Weights, "tensor {name} has shape {:?}, expected {shape:?} ({})",
-            e.shape, self.paths[e.file].display());
+        ensure!(e.shape == shape, Weights, "tensor {name} has shape {:?}, expected {shape:?} ({})", e.shape, self.paths[e.file].display());
         HostTensor::from_map(&self.maps[e.file], e.start, e.len, e.dtype, e.shape.clone())
     }
 
@@ -130,8 +129,8 @@ impl TensorSource for SafetensorsWeights {
 /// The shard files named by a `model.safetensors.index.json`, in a stable order.
 fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::Weights(format!("{}: invalid JSON: {e}", index.display())))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::Weights(format!("{}: invalid JSON: {e}", index.display())))?;
     let Some(map) = json.get("weight_map").and_then(|m| m.as_object()) else {
         bail!(Weights, "{}: no \"weight_map\" object", index.display());
     };
@@ -139,8 +138,12 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
     let mut names: Vec<&str> = Vec::new();
     for (tensor, file) in map {
         let Some(file) = file.as_str() else { bail!(Weights, "{}: weight_map[{tensor:?}] is not a file name", index.display()) };
-        ensure!(!file.contains('/') && !file.contains('\\') && file != ".." , Weights,
-            "{}: weight_map[{tensor:?}] = {file:?} is not a file in the checkpoint folder", index.display());
+        ensure!(
+            !file.contains('/') && !file.contains('\\') && file != "..",
+            Weights,
+            "{}: weight_map[{tensor:?}] = {file:?} is not a file in the checkpoint folder",
+            index.display()
+        );
         if !names.contains(&file) {
             names.push(file);
         }

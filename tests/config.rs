@@ -27,8 +27,14 @@ fn config_error(r: Result<Qwen3Config, Error>) -> String {
 #[test]
 fn every_official_config_parses() {
     for (name, layers, moe) in [
-        ("Qwen3-0.6B", 28, false), ("Qwen3-1.7B", 28, false), ("Qwen3-4B", 36, false), ("Qwen3-8B", 36, false),
-        ("Qwen3-14B", 40, false), ("Qwen3-32B", 64, false), ("Qwen3-30B-A3B", 48, true), ("Qwen3-235B-A22B", 94, true),
+        ("Qwen3-0.6B", 28, false),
+        ("Qwen3-1.7B", 28, false),
+        ("Qwen3-4B", 36, false),
+        ("Qwen3-8B", 36, false),
+        ("Qwen3-14B", 40, false),
+        ("Qwen3-32B", 64, false),
+        ("Qwen3-30B-A3B", 48, true),
+        ("Qwen3-235B-A22B", 94, true),
     ] {
         let c = official(name);
         assert_eq!(c.num_hidden_layers, layers, "{name}");
@@ -54,7 +60,10 @@ fn moe_layer_placement_follows_sparse_step_and_mlp_only_layers() {
 
 #[test]
 fn rope_scaling_spellings() {
-    let yarn = |key: &str| with("Qwen3-8B", |v| v["rope_scaling"] = serde_json::json!({key: "yarn", "factor": 4.0, "original_max_position_embeddings": 32768})).unwrap();
+    let yarn = |key: &str| {
+        with("Qwen3-8B", |v| v["rope_scaling"] = serde_json::json!({key: "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}))
+            .unwrap()
+    };
     for c in [yarn("rope_type"), yarn("type")] {
         match c.rope_scaling {
             // transformers replaces the factor by max_position_embeddings / original (40960 / 32768).
@@ -82,13 +91,19 @@ fn rope_scaling_spellings() {
 
 #[test]
 fn rejections_name_the_problem() {
-    assert!(config_error(with("Qwen3-8B", |v| v["architectures"] = serde_json::json!(["MistralForCausalLM"]))).contains("MistralForCausalLM"));
-    assert!(config_error(with("Qwen3-8B", |v| { v.as_object_mut().unwrap().remove("hidden_size"); })).contains("hidden_size"));
+    assert!(
+        config_error(with("Qwen3-8B", |v| v["architectures"] = serde_json::json!(["MistralForCausalLM"]))).contains("MistralForCausalLM")
+    );
+    assert!(config_error(with("Qwen3-8B", |v| {
+        v.as_object_mut().unwrap().remove("hidden_size");
+    }))
+    .contains("hidden_size"));
     assert!(config_error(with("Qwen3-8B", |v| v["num_key_value_heads"] = 5.into())).contains("num_key_value_heads"));
     assert!(config_error(with("Qwen3-8B", |v| v["head_dim"] = 7.into())).contains("head_dim"));
     assert!(config_error(with("Qwen3-8B", |v| v["rms_norm_eps"] = (-1.0).into())).contains("rms_norm_eps"));
     assert!(config_error(with("Qwen3-8B", |v| v["rope_scaling"] = serde_json::json!({"rope_type": "yarn"}))).contains("factor"));
-    assert!(config_error(with("Qwen3-8B", |v| v["rope_scaling"] = serde_json::json!({"rope_type": "dynamic", "factor": 2.0}))).contains("dynamic"));
+    assert!(config_error(with("Qwen3-8B", |v| v["rope_scaling"] = serde_json::json!({"rope_type": "dynamic", "factor": 2.0})))
+        .contains("dynamic"));
     assert!(config_error(with("Qwen3-8B", |v| v["hidden_act"] = "gelu".into())).contains("gelu"));
     assert!(config_error(with("Qwen3-30B-A3B", |v| v["num_experts_per_tok"] = 500.into())).contains("num_experts_per_tok"));
     assert!(config_error(with("Qwen3-8B", |v| v["vocab_size"] = 0.into())).contains("vocab_size"));

@@ -98,7 +98,15 @@ enum Fed<'a> {
 }
 
 /// x_out and the products of one fused block input: x (+ d) normed with w, then `fed`.
-fn run_block_input<B: Backend>(be: &B, x: &[f32], d: Option<&[f32]>, t: usize, k: usize, w: &HostTensor, fed: &Fed) -> (Vec<f32>, Vec<f32>) {
+fn run_block_input<B: Backend>(
+    be: &B,
+    x: &[f32],
+    d: Option<&[f32]>,
+    t: usize,
+    k: usize,
+    w: &HostTensor,
+    fed: &Fed,
+) -> (Vec<f32>, Vec<f32>) {
     let xb = be.upload_buf(t, k, x).unwrap();
     let delta = d.map(|d| be.upload_buf(t, k, d).unwrap());
     let nw = be.upload(w.clone()).unwrap();
@@ -120,7 +128,13 @@ fn run_block_input<B: Backend>(be: &B, x: &[f32], d: Option<&[f32]>, t: usize, k
             be.download(&out).unwrap()
         }
         Fed::Moe(moe) => {
-            let copy = MoeHost { router: moe.router.clone(), experts: moe.experts.clone(), first_expert: moe.first_expert, top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob };
+            let copy = MoeHost {
+                router: moe.router.clone(),
+                experts: moe.experts.clone(),
+                first_expert: moe.first_expert,
+                top_k: moe.top_k,
+                norm_topk_prob: moe.norm_topk_prob,
+            };
             let m = be.upload_moe(copy).unwrap();
             let mut out = be.alloc(t, k).unwrap();
             be.norm_moe(&mut x_out, &mut h, &input, &mut out, &m).unwrap();
@@ -140,7 +154,16 @@ fn run_matmul<B: Backend>(be: &B, x: &[f32], t: usize, w: &HostTensor) -> Vec<f3
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run_qk<B: Backend>(be: &B, q: &[f32], k: &[f32], qn: &HostTensor, kn: &HostTensor, rope: &HostTensor, pos: &[u32], s: AttnShape) -> (Vec<f32>, Vec<f32>) {
+fn run_qk<B: Backend>(
+    be: &B,
+    q: &[f32],
+    k: &[f32],
+    qn: &HostTensor,
+    kn: &HostTensor,
+    rope: &HostTensor,
+    pos: &[u32],
+    s: AttnShape,
+) -> (Vec<f32>, Vec<f32>) {
     let t = pos.len();
     let mut qb = be.upload_buf(t, s.n_heads * s.head_dim, q).unwrap();
     let mut kb = be.upload_buf(t, s.n_kv_heads * s.head_dim, k).unwrap();
@@ -165,7 +188,13 @@ fn run_gather<B: Backend>(be: &B, x: &[f32], t: usize, c: usize, rows: &[u32]) -
 
 fn run_moe<B: Backend>(be: &B, x: &[f32], t: usize, moe: &MoeHost) -> Vec<f32> {
     let h = moe.router.shape[1];
-    let copy = MoeHost { router: moe.router.clone(), experts: moe.experts.clone(), first_expert: moe.first_expert, top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob };
+    let copy = MoeHost {
+        router: moe.router.clone(),
+        experts: moe.experts.clone(),
+        first_expert: moe.first_expert,
+        top_k: moe.top_k,
+        norm_topk_prob: moe.norm_topk_prob,
+    };
     let m = be.upload_moe(copy).unwrap();
     let xb = be.upload_buf(t, h, x).unwrap();
     let mut out = be.alloc(t, h).unwrap();
@@ -185,14 +214,19 @@ fn run_attention<B: Backend>(be: &B, s: AttnShape, data: &[Vec<f32>; 5]) -> Vec<
     // Step 1: B positions 0..20.
     let tok1 = vec![0u32; 20];
     let pos1: Vec<u32> = (0..20).collect();
-    let b1 = BatchInfo { tokens: &tok1, positions: &pos1, seqs: vec![SeqSlot { rows: 0..20, start_pos: 0, blocks: &blocks_b }], block_size: bs };
+    let b1 =
+        BatchInfo { tokens: &tok1, positions: &pos1, seqs: vec![SeqSlot { rows: 0..20, start_pos: 0, blocks: &blocks_b }], block_size: bs };
     let (k1, v1) = (be.upload_buf(20, kvd, &data[0]).unwrap(), be.upload_buf(20, kvd, &data[1]).unwrap());
     be.kv_append(&mut kv, &k1, &v1, &b1).unwrap();
     // Step 2: A rows 0..7 at positions 0..7, B row 7 at position 20.
     let tok2 = vec![0u32; 8];
     let pos2: Vec<u32> = (0..7).chain([20]).collect();
-    let b2 = BatchInfo { tokens: &tok2, positions: &pos2, block_size: bs,
-        seqs: vec![SeqSlot { rows: 0..7, start_pos: 0, blocks: &blocks_a }, SeqSlot { rows: 7..8, start_pos: 20, blocks: &blocks_b }] };
+    let b2 = BatchInfo {
+        tokens: &tok2,
+        positions: &pos2,
+        block_size: bs,
+        seqs: vec![SeqSlot { rows: 0..7, start_pos: 0, blocks: &blocks_a }, SeqSlot { rows: 7..8, start_pos: 20, blocks: &blocks_b }],
+    };
     let (k2, v2) = (be.upload_buf(8, kvd, &data[2]).unwrap(), be.upload_buf(8, kvd, &data[3]).unwrap());
     be.kv_append(&mut kv, &k2, &v2, &b2).unwrap();
     let q = be.upload_buf(8, qd, &data[4]).unwrap();
@@ -327,8 +361,13 @@ fn fused_decode_products() {
             let (gw, uw) = (tensor(&r.uniform(n * k, s), &[n, k]), tensor(&r.uniform(n * k, s), &[n, k]));
             for t in [1usize, 5, 8, 9] {
                 let x = r.uniform(t * k, 1.0);
-                check(&format!("matmul_swiglu T={t} N={n} K={k}"), dtype, &run_matmul_swiglu(&g, &x, t, &gw, &uw),
-                    &run_matmul_swiglu(&c, &x, t, &gw, &uw), bar);
+                check(
+                    &format!("matmul_swiglu T={t} N={n} K={k}"),
+                    dtype,
+                    &run_matmul_swiglu(&g, &x, t, &gw, &uw),
+                    &run_matmul_swiglu(&c, &x, t, &gw, &uw),
+                    bar,
+                );
             }
         }
     }
@@ -346,16 +385,36 @@ fn products_fused_with_the_block_input_norm() {
         let (_, bar) = bars(dtype);
         let mut r = Rng(17);
         let mut cases: Vec<(usize, Fed, &str)> = vec![];
-        let qkv: Vec<(usize, [HostTensor; 3])> = [([256usize, 72, 72], 1024usize), ([100, 37, 5], 72), ([64, 16, 16], 37), ([600, 64, 64], 4096)]
-            .into_iter().map(|(ns, k)| (k, ns.map(|n| tensor(&r.uniform(n * k, (3.0 / k as f32).sqrt()), &[n, k])))).collect();
-        let mlp: Vec<(usize, HostTensor, HostTensor)> = [(300usize, 1024usize), (1001, 72), (40, 37)].into_iter()
-            .map(|(n, k)| (k, tensor(&r.uniform(n * k, (3.0 / k as f32).sqrt()), &[n, k]), tensor(&r.uniform(n * k, (3.0 / k as f32).sqrt()), &[n, k])))
+        let qkv: Vec<(usize, [HostTensor; 3])> =
+            [([256usize, 72, 72], 1024usize), ([100, 37, 5], 72), ([64, 16, 16], 37), ([600, 64, 64], 4096)]
+                .into_iter()
+                .map(|(ns, k)| (k, ns.map(|n| tensor(&r.uniform(n * k, (3.0 / k as f32).sqrt()), &[n, k]))))
+                .collect();
+        let mlp: Vec<(usize, HostTensor, HostTensor)> = [(300usize, 1024usize), (1001, 72), (40, 37)]
+            .into_iter()
+            .map(|(n, k)| {
+                (
+                    k,
+                    tensor(&r.uniform(n * k, (3.0 / k as f32).sqrt()), &[n, k]),
+                    tensor(&r.uniform(n * k, (3.0 / k as f32).sqrt()), &[n, k]),
+                )
+            })
             .collect();
-        let moes: Vec<(usize, MoeHost)> = [(16usize, 4usize, 96usize, 40usize), (8, 2, 100, 48), (128, 8, 128, 64)].into_iter().map(|(e, k, h, inter)| {
-            let experts = (0..e).map(|_| [tensor(&r.uniform(inter * h, 0.2), &[inter, h]), tensor(&r.uniform(inter * h, 0.2), &[inter, h]),
-                tensor(&r.uniform(h * inter, 0.2), &[h, inter])]).collect();
-            (h, MoeHost { router: tensor(&r.uniform(e * h, 0.5), &[e, h]), experts, first_expert: 0, top_k: k, norm_topk_prob: true })
-        }).collect();
+        let moes: Vec<(usize, MoeHost)> = [(16usize, 4usize, 96usize, 40usize), (8, 2, 100, 48), (128, 8, 128, 64)]
+            .into_iter()
+            .map(|(e, k, h, inter)| {
+                let experts = (0..e)
+                    .map(|_| {
+                        [
+                            tensor(&r.uniform(inter * h, 0.2), &[inter, h]),
+                            tensor(&r.uniform(inter * h, 0.2), &[inter, h]),
+                            tensor(&r.uniform(h * inter, 0.2), &[h, inter]),
+                        ]
+                    })
+                    .collect();
+                (h, MoeHost { router: tensor(&r.uniform(e * h, 0.5), &[e, h]), experts, first_expert: 0, top_k: k, norm_topk_prob: true })
+            })
+            .collect();
         cases.extend(qkv.iter().map(|(k, ws)| (*k, Fed::Qkv(ws), "q/k/v")));
         cases.extend(mlp.iter().map(|(k, gw, uw)| (*k, Fed::Swiglu(gw, uw), "gate·up·swiglu")));
         cases.extend(moes.iter().map(|(h, m)| (*h, Fed::Moe(m), "moe")));
@@ -411,13 +470,18 @@ fn run_qk_append<B: Backend>(be: &B, s: AttnShape, r: &mut Rng) -> Vec<f32> {
     // The cached prefix of sequence A (plain append).
     let tok = vec![0u32; 6];
     let pos: Vec<u32> = (0..6).collect();
-    let b = BatchInfo { tokens: &tok, positions: &pos, block_size: bs, seqs: vec![SeqSlot { rows: 0..6, start_pos: 0, blocks: &tables[0] }] };
+    let b =
+        BatchInfo { tokens: &tok, positions: &pos, block_size: bs, seqs: vec![SeqSlot { rows: 0..6, start_pos: 0, blocks: &tables[0] }] };
     let (k, v) = (be.upload_buf(6, kvd, &r.uniform(6 * kvd, 1.0)).unwrap(), be.upload_buf(6, kvd, &r.uniform(6 * kvd, 1.0)).unwrap());
     be.kv_append(&mut kv, &k, &v, &b).unwrap();
     let tok = vec![0u32; 5];
     let pos: Vec<u32> = (6..9).chain(0..2).collect();
-    let b = BatchInfo { tokens: &tok, positions: &pos, block_size: bs,
-        seqs: vec![SeqSlot { rows: 0..3, start_pos: 6, blocks: &tables[0] }, SeqSlot { rows: 3..5, start_pos: 0, blocks: &tables[1] }] };
+    let b = BatchInfo {
+        tokens: &tok,
+        positions: &pos,
+        block_size: bs,
+        seqs: vec![SeqSlot { rows: 0..3, start_pos: 6, blocks: &tables[0] }, SeqSlot { rows: 3..5, start_pos: 0, blocks: &tables[1] }],
+    };
     let mut q = be.upload_buf(5, qd, &r.uniform(5 * qd, 2.0)).unwrap();
     let mut k = be.upload_buf(5, kvd, &r.uniform(5 * kvd, 2.0)).unwrap();
     let v = be.upload_buf(5, kvd, &r.uniform(5 * kvd, 1.0)).unwrap();
@@ -440,11 +504,26 @@ fn run_rope_attention_steps<B: Backend>(be: &B, s: AttnShape, ctx: &[usize], ste
     let per_seq: Vec<usize> = ctx.iter().map(|c| (c + steps).div_ceil(bs)).collect();
     let total: usize = per_seq.iter().sum();
     let mut next = total as u32;
-    let tables: Vec<Vec<u32>> = per_seq.iter().map(|&n| (0..n).map(|_| { next -= 1; next }).collect()).collect();
+    let tables: Vec<Vec<u32>> = per_seq
+        .iter()
+        .map(|&n| {
+            (0..n)
+                .map(|_| {
+                    next -= 1;
+                    next
+                })
+                .collect()
+        })
+        .collect();
     let mut kv = be.alloc_kv(total, bs, kvd).unwrap();
     for (i, &c) in ctx.iter().enumerate().filter(|(_, &c)| c > 0) {
         let (tok, pos) = (vec![0u32; c], (0..c as u32).collect::<Vec<_>>());
-        let b = BatchInfo { tokens: &tok, positions: &pos, block_size: bs, seqs: vec![SeqSlot { rows: 0..c, start_pos: 0, blocks: &tables[i] }] };
+        let b = BatchInfo {
+            tokens: &tok,
+            positions: &pos,
+            block_size: bs,
+            seqs: vec![SeqSlot { rows: 0..c, start_pos: 0, blocks: &tables[i] }],
+        };
         let (k, v) = (be.upload_buf(c, kvd, &r.uniform(c * kvd, 1.0)).unwrap(), be.upload_buf(c, kvd, &r.uniform(c * kvd, 1.0)).unwrap());
         be.kv_append(&mut kv, &k, &v, &b).unwrap();
     }
@@ -478,7 +557,8 @@ fn decode_attention_with_qk_norm_rope_and_append() {
         for (hd, nh, nkv) in [(128usize, 16usize, 8usize), (128, 32, 4), (64, 8, 8), (64, 8, 2), (128, 16, 2)] {
             let s = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
             for ctx in [vec![0usize], vec![5], vec![37, 0, 200], vec![1500, 3], vec![2100, 17, 64, 9, 1, 300, 33, 700]] {
-                let (gv, cv) = (run_rope_attention_steps(&g, s, &ctx, 3, &mut Rng(43)), run_rope_attention_steps(&c, s, &ctx, 3, &mut Rng(43)));
+                let (gv, cv) =
+                    (run_rope_attention_steps(&g, s, &ctx, 3, &mut Rng(43)), run_rope_attention_steps(&c, s, &ctx, 3, &mut Rng(43)));
                 check(&format!("qk_norm_rope_attention hd={hd} nh={nh} nkv={nkv} ctx={ctx:?}"), dtype, &gv, &cv, bar);
             }
         }
@@ -509,7 +589,13 @@ fn paged_attention_prefill_and_decode() {
         for (hd, nh, nkv) in [(128usize, 8usize, 2usize), (64, 4, 4), (128, 16, 8), (128, 64, 4), (64, 6, 2)] {
             let s = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
             let kvd = nkv * hd;
-            let data = [r.uniform(20 * kvd, 1.0), r.uniform(20 * kvd, 1.0), r.uniform(8 * kvd, 1.0), r.uniform(8 * kvd, 1.0), r.uniform(8 * nh * hd, 1.0)];
+            let data = [
+                r.uniform(20 * kvd, 1.0),
+                r.uniform(20 * kvd, 1.0),
+                r.uniform(8 * kvd, 1.0),
+                r.uniform(8 * kvd, 1.0),
+                r.uniform(8 * nh * hd, 1.0),
+            ];
             check(&format!("attention hd={hd} nh={nh} nkv={nkv}"), dtype, &run_attention(&g, s, &data), &run_attention(&c, s, &data), bar);
         }
     }
@@ -528,8 +614,14 @@ fn run_split_decode_attention<B: Backend>(be: &B, s: AttnShape, lens: [usize; 3]
     for (i, &len) in lens.iter().enumerate() {
         let tok = vec![0u32; len];
         let pos: Vec<u32> = (0..len as u32).collect();
-        let b = BatchInfo { tokens: &tok, positions: &pos, seqs: vec![SeqSlot { rows: 0..len, start_pos: 0, blocks: &tables[i] }], block_size: bs };
-        let (k, v) = (be.upload_buf(len, kvd, &r.uniform(len * kvd, 1.0)).unwrap(), be.upload_buf(len, kvd, &r.uniform(len * kvd, 1.0)).unwrap());
+        let b = BatchInfo {
+            tokens: &tok,
+            positions: &pos,
+            seqs: vec![SeqSlot { rows: 0..len, start_pos: 0, blocks: &tables[i] }],
+            block_size: bs,
+        };
+        let (k, v) =
+            (be.upload_buf(len, kvd, &r.uniform(len * kvd, 1.0)).unwrap(), be.upload_buf(len, kvd, &r.uniform(len * kvd, 1.0)).unwrap());
         be.kv_append(&mut kv, &k, &v, &b).unwrap();
     }
     let tok = vec![0u32; 3];
@@ -554,19 +646,28 @@ fn run_attention_prefill<B: Backend>(be: &B, s: AttnShape, r: &mut Rng) -> Vec<f
     // Step 1: the cached prefixes (A 40 tokens, C 5).
     let tok = vec![0u32; 45];
     let pos: Vec<u32> = (0..40).chain(0..5).collect();
-    let b = BatchInfo { tokens: &tok, positions: &pos, block_size: bs,
-        seqs: vec![SeqSlot { rows: 0..40, start_pos: 0, blocks: &tables[0] }, SeqSlot { rows: 40..45, start_pos: 0, blocks: &tables[2] }] };
+    let b = BatchInfo {
+        tokens: &tok,
+        positions: &pos,
+        block_size: bs,
+        seqs: vec![SeqSlot { rows: 0..40, start_pos: 0, blocks: &tables[0] }, SeqSlot { rows: 40..45, start_pos: 0, blocks: &tables[2] }],
+    };
     let (k, v) = (be.upload_buf(45, kvd, &r.uniform(45 * kvd, 1.0)).unwrap(), be.upload_buf(45, kvd, &r.uniform(45 * kvd, 1.0)).unwrap());
     be.kv_append(&mut kv, &k, &v, &b).unwrap();
     // Step 2: A rows 0..70 (positions 40..110), B rows 70..103 (0..33), C row 103 (position 5).
     let t = 104;
     let tok = vec![0u32; t];
     let pos: Vec<u32> = (40..110).chain(0..33).chain([5]).collect();
-    let b = BatchInfo { tokens: &tok, positions: &pos, block_size: bs, seqs: vec![
-        SeqSlot { rows: 0..70, start_pos: 40, blocks: &tables[0] },
-        SeqSlot { rows: 70..103, start_pos: 0, blocks: &tables[1] },
-        SeqSlot { rows: 103..104, start_pos: 5, blocks: &tables[2] },
-    ] };
+    let b = BatchInfo {
+        tokens: &tok,
+        positions: &pos,
+        block_size: bs,
+        seqs: vec![
+            SeqSlot { rows: 0..70, start_pos: 40, blocks: &tables[0] },
+            SeqSlot { rows: 70..103, start_pos: 0, blocks: &tables[1] },
+            SeqSlot { rows: 103..104, start_pos: 5, blocks: &tables[2] },
+        ],
+    };
     let (k, v) = (be.upload_buf(t, kvd, &r.uniform(t * kvd, 1.0)).unwrap(), be.upload_buf(t, kvd, &r.uniform(t * kvd, 1.0)).unwrap());
     be.kv_append(&mut kv, &k, &v, &b).unwrap();
     let q = be.upload_buf(t, qd, &r.uniform(t * qd, 3.0)).unwrap();
@@ -608,10 +709,13 @@ fn run_attention_batch<B: Backend>(be: &B, s: AttnShape, seqs: &[(usize, usize)]
         let tok = vec![0u32; t];
         let pos: Vec<u32> = parts.iter().flat_map(|&(_, p0, n)| (p0..p0 + n).map(|p| p as u32)).collect();
         let mut row = 0;
-        let slots = parts.iter().map(|&(i, p0, n)| {
-            row += n;
-            SeqSlot { rows: row - n..row, start_pos: p0, blocks: &tables[i] }
-        }).collect();
+        let slots = parts
+            .iter()
+            .map(|&(i, p0, n)| {
+                row += n;
+                SeqSlot { rows: row - n..row, start_pos: p0, blocks: &tables[i] }
+            })
+            .collect();
         let b = BatchInfo { tokens: &tok, positions: &pos, seqs: slots, block_size: bs };
         let (k, v) = (be.upload_buf(t, kvd, &r.uniform(t * kvd, 1.0)).unwrap(), be.upload_buf(t, kvd, &r.uniform(t * kvd, 1.0)).unwrap());
         be.kv_append(kv, &k, &v, &b).unwrap();
@@ -626,10 +730,14 @@ fn run_attention_batch<B: Backend>(be: &B, s: AttnShape, seqs: &[(usize, usize)]
     let tok = vec![0u32; t];
     let pos: Vec<u32> = seqs.iter().flat_map(|&(c, n)| (c..c + n).map(|p| p as u32)).collect();
     let mut row = 0;
-    let slots = seqs.iter().enumerate().map(|(i, &(c, n))| {
-        row += n;
-        SeqSlot { rows: row - n..row, start_pos: c, blocks: &tables[i] }
-    }).collect();
+    let slots = seqs
+        .iter()
+        .enumerate()
+        .map(|(i, &(c, n))| {
+            row += n;
+            SeqSlot { rows: row - n..row, start_pos: c, blocks: &tables[i] }
+        })
+        .collect();
     let b = BatchInfo { tokens: &tok, positions: &pos, seqs: slots, block_size: bs };
     // Sharper scores than uniform(1) give: a few keys dominate, as in a trained model.
     let q = be.upload_buf(t, qd, &r.uniform(t * qd, 3.0)).unwrap();
@@ -651,8 +759,17 @@ fn tensor_core_prefill_attention() {
         let Some(g) = gpu(dtype) else { return };
         let c = CpuBackend::new(dtype);
         let (_, bar) = bars(dtype);
-        for (hd, nh, nkv, bs, big) in [(128usize, 8usize, 8usize, 16usize, true), (128, 8, 4, 16, false), (64, 8, 2, 16, true),
-            (128, 16, 2, 16, true), (64, 4, 4, 8, false), (128, 4, 1, 32, false), (32, 4, 2, 16, false), (16, 4, 2, 16, false), (96, 4, 2, 16, false)] {
+        for (hd, nh, nkv, bs, big) in [
+            (128usize, 8usize, 8usize, 16usize, true),
+            (128, 8, 4, 16, false),
+            (64, 8, 2, 16, true),
+            (128, 16, 2, 16, true),
+            (64, 4, 4, 8, false),
+            (128, 4, 1, 32, false),
+            (32, 4, 2, 16, false),
+            (16, 4, 2, 16, false),
+            (96, 4, 2, 16, false),
+        ] {
             let s = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
             let batch: &[(usize, usize)] = if big { &seqs } else { &small };
             let cv = run_attention_batch(&c, s, batch, bs, &mut Rng(41));
@@ -660,7 +777,13 @@ fn tensor_core_prefill_attention() {
             for wgmma in [true, false] {
                 g.set_attn_wgmma(wgmma);
                 let gv = run_attention_batch(&g, s, batch, bs, &mut Rng(41));
-                check(&format!("prefill attention hd={hd} nh={nh} nkv={nkv} bs={bs} T={} wgmma={wgmma}", gv.len() / (nh * hd)), dtype, &gv, &cv, bar);
+                check(
+                    &format!("prefill attention hd={hd} nh={nh} nkv={nkv} bs={bs} T={} wgmma={wgmma}", gv.len() / (nh * hd)),
+                    dtype,
+                    &gv,
+                    &cv,
+                    bar,
+                );
             }
         }
     }
@@ -696,11 +819,19 @@ fn split_kv_decode_attention_merged_in_clusters_or_combined() {
             for (hd, nh, nkv) in [(128usize, 16usize, 8usize), (128, 32, 2), (64, 8, 2)] {
                 let s = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
                 for ctx in [vec![20usize], vec![40, 3], vec![70], vec![200, 5, 0]] {
-                    let (gv, cv) = (run_rope_attention_steps(&g, s, &ctx, 3, &mut Rng(47)), run_rope_attention_steps(&c, s, &ctx, 3, &mut Rng(47)));
-                    check(&format!("clusters {cluster}: qk_norm_rope_attention hd={hd} nh={nh} nkv={nkv} ctx={ctx:?}"), dtype, &gv, &cv, bar);
+                    let (gv, cv) =
+                        (run_rope_attention_steps(&g, s, &ctx, 3, &mut Rng(47)), run_rope_attention_steps(&c, s, &ctx, 3, &mut Rng(47)));
+                    check(
+                        &format!("clusters {cluster}: qk_norm_rope_attention hd={hd} nh={nh} nkv={nkv} ctx={ctx:?}"),
+                        dtype,
+                        &gv,
+                        &cv,
+                        bar,
+                    );
                 }
                 for lens in [[100, 250, 4], [20, 9, 1]] {
-                    let (gv, cv) = (run_split_decode_attention(&g, s, lens, &mut Rng(23)), run_split_decode_attention(&c, s, lens, &mut Rng(23)));
+                    let (gv, cv) =
+                        (run_split_decode_attention(&g, s, lens, &mut Rng(23)), run_split_decode_attention(&c, s, lens, &mut Rng(23)));
                     check(&format!("clusters {cluster}: split-KV attention hd={hd} nh={nh} nkv={nkv} lens={lens:?}"), dtype, &gv, &cv, bar);
                 }
             }
@@ -729,19 +860,31 @@ fn moe_routing_and_experts() {
         let c = CpuBackend::new(dtype);
         let (_, bar) = bars(dtype);
         let mut r = Rng(7);
-        for (e, k, h, inter, norm) in [(8usize, 2usize, 64usize, 48usize, true), (16, 4, 96, 40, false), (128, 8, 128, 64, true),
+        for (e, k, h, inter, norm) in [
+            (8usize, 2usize, 64usize, 48usize, true),
+            (16, 4, 96, 40, false),
+            (128, 8, 128, 64, true),
             // H not a multiple of 8: element loads in the router, the unfused expert path.
             (8, 2, 100, 48, false),
             // T = 7: x (7 × 4352) and the activations (14 × 2200) past 56 KB, read from global memory.
             (4, 2, 4352, 2200, true),
             // Odd k, and k = 9 (moe_down_combine: a second round of slots for one of an output's warps).
-            (12, 3, 256, 96, true), (24, 9, 136, 72, false),
+            (12, 3, 256, 96, true),
+            (24, 9, 136, 72, false),
             // The expert rows of Qwen3-30B-A3B (768) and, with an odd k, Qwen3-235B-A22B (1536).
-            (16, 8, 512, 768, true), (16, 5, 256, 1536, true),
+            (16, 8, 512, 768, true),
+            (16, 5, 256, 1536, true),
             // More experts than the decode kernel routes over itself (ROUTE_MAX_E): moe_route first.
-            (300, 4, 64, 32, false)] {
+            (300, 4, 64, 32, false),
+        ] {
             let experts = (0..e)
-                .map(|_| [tensor(&r.uniform(inter * h, 0.2), &[inter, h]), tensor(&r.uniform(inter * h, 0.2), &[inter, h]), tensor(&r.uniform(h * inter, 0.2), &[h, inter])])
+                .map(|_| {
+                    [
+                        tensor(&r.uniform(inter * h, 0.2), &[inter, h]),
+                        tensor(&r.uniform(inter * h, 0.2), &[inter, h]),
+                        tensor(&r.uniform(h * inter, 0.2), &[h, inter]),
+                    ]
+                })
                 .collect();
             let moe = MoeHost { router: tensor(&r.uniform(e * h, 0.5), &[e, h]), experts, first_expert: 0, top_k: k, norm_topk_prob: norm };
             // T = 33 and 200: prefill (cuBLAS router and grouped GEMMs), E = 128 with experts left empty.
@@ -759,7 +902,13 @@ fn moe_routing_and_experts() {
             let (h, inter) = (64, 32);
             let rows: Vec<f32> = r.uniform(e / 2 * h, 0.5).chunks(h).flat_map(|row| [row, row]).flatten().copied().collect();
             let experts = (0..e)
-                .map(|_| [tensor(&r.uniform(inter * h, 0.2), &[inter, h]), tensor(&r.uniform(inter * h, 0.2), &[inter, h]), tensor(&r.uniform(h * inter, 0.2), &[h, inter])])
+                .map(|_| {
+                    [
+                        tensor(&r.uniform(inter * h, 0.2), &[inter, h]),
+                        tensor(&r.uniform(inter * h, 0.2), &[inter, h]),
+                        tensor(&r.uniform(h * inter, 0.2), &[h, inter]),
+                    ]
+                })
                 .collect();
             let moe = MoeHost { router: tensor(&rows, &[e, h]), experts, first_expert: 0, top_k: k, norm_topk_prob: true };
             for t in [1usize, 2, 8] {
@@ -770,10 +919,20 @@ fn moe_routing_and_experts() {
         // More experts than the backend routes (moe_route's shared memory is sized for 1,024): an
         // error at upload that names the count and the limit.
         let (e, h, inter) = (1025usize, 8usize, 8usize);
-        let experts = (0..e).map(|_| [tensor(&[0.1; 64], &[inter, h]), tensor(&[0.1; 64], &[inter, h]), tensor(&[0.1; 64], &[h, inter])]).collect();
+        let experts =
+            (0..e).map(|_| [tensor(&[0.1; 64], &[inter, h]), tensor(&[0.1; 64], &[inter, h]), tensor(&[0.1; 64], &[h, inter])]).collect();
         assert!(g.set_expert_tile(100).unwrap_err().to_string().contains("128 or 256 rows, not 100"));
-        let err = g.upload_moe(MoeHost { router: tensor(&r.uniform(e * h, 0.5), &[e, h]), experts, first_expert: 0, top_k: 8, norm_topk_prob: true })
-            .map(|_| ()).unwrap_err().to_string();
+        let err = g
+            .upload_moe(MoeHost {
+                router: tensor(&r.uniform(e * h, 0.5), &[e, h]),
+                experts,
+                first_expert: 0,
+                top_k: 8,
+                norm_topk_prob: true,
+            })
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("1..=1024 experts, got 1025"), "{err}");
     }
 }
@@ -795,14 +954,26 @@ fn moe_prefill_experts_on_tensor_cores() {
         let c = CpuBackend::new(dtype);
         let (_, bar) = bars(dtype);
         let mut r = Rng(11);
-        for (e, k, h, inter, skew, held) in [(8usize, 2usize, 256usize, 128usize, false, 0..8), (8, 2, 256, 128, true, 0..8),
-            (16, 8, 512, 768, false, 0..16), (16, 5, 256, 1536, true, 0..16), (8, 3, 384, 192, false, 2..6)] {
+        for (e, k, h, inter, skew, held) in [
+            (8usize, 2usize, 256usize, 128usize, false, 0..8),
+            (8, 2, 256, 128, true, 0..8),
+            (16, 8, 512, 768, false, 0..16),
+            (16, 5, 256, 1536, true, 0..16),
+            (8, 3, 384, 192, false, 2..6),
+        ] {
             let mut router = r.uniform(e * h, 0.5);
             if skew {
                 router[0] = 8.0;
             }
-            let experts = held.clone()
-                .map(|_| [tensor(&r.uniform(inter * h, 0.2), &[inter, h]), tensor(&r.uniform(inter * h, 0.2), &[inter, h]), tensor(&r.uniform(h * inter, 0.2), &[h, inter])])
+            let experts = held
+                .clone()
+                .map(|_| {
+                    [
+                        tensor(&r.uniform(inter * h, 0.2), &[inter, h]),
+                        tensor(&r.uniform(inter * h, 0.2), &[inter, h]),
+                        tensor(&r.uniform(h * inter, 0.2), &[h, inter]),
+                    ]
+                })
                 .collect();
             let moe = MoeHost { router: tensor(&router, &[e, h]), experts, first_expert: held.start, top_k: k, norm_topk_prob: true };
             for t in [9usize, 100, 700] {
@@ -853,8 +1024,15 @@ fn dummy_weights_drawn_on_device_equal_the_host() {
         let spec = |name: &str, shape: &[usize]| DummySpec::new(5, name, shape);
         let make = || MoeDummy {
             router: spec("router", &[e, h]),
-            experts: (0..e).map(|x| [spec(&format!("g{x}"), &[inter, h]), spec(&format!("u{x}"), &[inter, h]), spec(&format!("d{x}"), &[h, inter])]).collect(),
-            hidden: h, inter, part: 0..inter, held: 0..e, top_k: k, norm_topk_prob: true,
+            experts: (0..e)
+                .map(|x| [spec(&format!("g{x}"), &[inter, h]), spec(&format!("u{x}"), &[inter, h]), spec(&format!("d{x}"), &[h, inter])])
+                .collect(),
+            hidden: h,
+            inter,
+            part: 0..inter,
+            held: 0..e,
+            top_k: k,
+            norm_topk_prob: true,
         };
         let (gm, cm) = (g.dummy_moe(make()).unwrap(), c.dummy_moe(make()).unwrap());
         let mut r = Rng(11);
@@ -890,7 +1068,8 @@ fn dummy_shards_drawn_on_device_equal_the_host_slice() {
             let (rows, cols) = (shape[0], shape[1]);
             let spec = DummySpec::new(9 + i as u64, &format!("s{i}"), shape);
             let whole = spec.host_tensor(shape);
-            let mut windows = vec![Window { rows: 1..rows - 1, cols: 2..cols - 3 }, Window { rows: rows / 2..rows / 2 + 1, cols: cols / 3..cols }];
+            let mut windows =
+                vec![Window { rows: 1..rows - 1, cols: 2..cols - 3 }, Window { rows: rows / 2..rows / 2 + 1, cols: cols / 3..cols }];
             for n in 1..=4 {
                 for r in 0..n {
                     windows.push(Window { rows: r * rows / n..(r + 1) * rows / n, cols: 0..cols });
@@ -916,16 +1095,30 @@ fn dummy_shards_drawn_on_device_equal_the_host_slice() {
         let spec = |name: &str, shape: &[usize]| DummySpec::new(6, name, shape);
         let make = |part: std::ops::Range<usize>| MoeDummy {
             router: spec("router", &[e, h]),
-            experts: (0..e).map(|x| [spec(&format!("g{x}"), &[inter, h]), spec(&format!("u{x}"), &[inter, h]), spec(&format!("d{x}"), &[h, inter])]).collect(),
-            hidden: h, inter, part, held: 0..e, top_k: k, norm_topk_prob: true,
+            experts: (0..e)
+                .map(|x| [spec(&format!("g{x}"), &[inter, h]), spec(&format!("u{x}"), &[inter, h]), spec(&format!("d{x}"), &[h, inter])])
+                .collect(),
+            hidden: h,
+            inter,
+            part,
+            held: 0..e,
+            top_k: k,
+            norm_topk_prob: true,
         };
         let mut r = Rng(12);
         for (n, rank) in [(2usize, 0usize), (2, 1), (3, 1), (8, 7)] {
             let moe = make(rank * inter / n..(rank + 1) * inter / n);
             let (gate_up, down) = moe.windows();
-            let experts = moe.experts.iter()
-                .map(|[gs, us, ds]| [gs.host_window(&[inter, h], &gate_up).unwrap(), us.host_window(&[inter, h], &gate_up).unwrap(),
-                    ds.host_window(&[h, inter], &down).unwrap()])
+            let experts = moe
+                .experts
+                .iter()
+                .map(|[gs, us, ds]| {
+                    [
+                        gs.host_window(&[inter, h], &gate_up).unwrap(),
+                        us.host_window(&[inter, h], &gate_up).unwrap(),
+                        ds.host_window(&[h, inter], &down).unwrap(),
+                    ]
+                })
                 .collect();
             let host = MoeHost { router: moe.router.host_tensor(&[e, h]), experts, first_expert: 0, top_k: k, norm_topk_prob: true };
             let (drawn, uploaded) = (g.dummy_moe(moe).unwrap(), g.upload_moe(host).unwrap());
@@ -1016,7 +1209,9 @@ fn top_rows_on_device_equal_the_rows_read_back() {
             for limit in [cols, cols - 100] {
                 let dev = g.top_rows(&buf, rows, limit, &want).unwrap();
                 let host = qwen3rs::backend::top_rows_on_host(&g, &buf, rows, limit, &want).unwrap();
-                let bits = |v: &Vec<Vec<(f32, u32)>>| v.iter().map(|row| row.iter().map(|&(l, i)| (l.to_bits(), i)).collect::<Vec<_>>()).collect::<Vec<_>>();
+                let bits = |v: &Vec<Vec<(f32, u32)>>| {
+                    v.iter().map(|row| row.iter().map(|&(l, i)| (l.to_bits(), i)).collect::<Vec<_>>()).collect::<Vec<_>>()
+                };
                 assert_eq!(bits(&dev), bits(&host), "{} rows {rows} cols {cols} limit {limit}", dtype.name());
                 assert!(dev.iter().zip(&want).all(|(row, w)| row.len() <= w.0));
             }

@@ -9,8 +9,8 @@
 mod common;
 
 use common::AsHostTensors;
-use qwen3rs::backend::cuda::{self, CudaBackend};
 use qwen3rs::backend::cpu::CpuBackend;
+use qwen3rs::backend::cuda::{self, CudaBackend};
 use qwen3rs::backend::tp::{MoeSplit, TensorParallel};
 use qwen3rs::backend::{Backend, MoeHost};
 use qwen3rs::config::Qwen3Config;
@@ -94,7 +94,9 @@ fn dummy_shards_drawn_on_each_gpu_equal_the_host_shards() {
         let config = Qwen3Config::from_file(&dir.join(file)).unwrap();
         let one = dummy_logits(CudaBackend::new(0, DType::F32).unwrap(), &config, &DummyWeights { seed: 3 }, &ids);
         for (n, split) in sizes(gpus, &config) {
-            let tp = || TensorParallel::with_moe_split((0..n).map(|i| CudaBackend::new(i, DType::F32).unwrap()).collect(), &config, split).unwrap();
+            let tp = || {
+                TensorParallel::with_moe_split((0..n).map(|i| CudaBackend::new(i, DType::F32).unwrap()).collect(), &config, split).unwrap()
+            };
             let drawn = dummy_logits(tp(), &config, &DummyWeights { seed: 3 }, &ids);
             let sliced = dummy_logits(tp(), &config, &AsHostTensors(DummyWeights { seed: 3 }), &ids);
             let (same, vs_one) = (rel_err(&drawn, &sliced), rel_err(&drawn, &one));
@@ -108,7 +110,8 @@ fn dummy_shards_drawn_on_each_gpu_equal_the_host_shards() {
 /// The experts `held` of a random MoE layer of `e` experts (bf16-valued dummy tensors), whole.
 fn moe_block(e: usize, k: usize, h: usize, inter: usize, held: Range<usize>) -> MoeHost {
     let t = |name: String, shape: &[usize]| DummySpec::new(21, &name, shape).host_tensor(shape);
-    let experts = held.clone().map(|x| [t(format!("g{x}"), &[inter, h]), t(format!("u{x}"), &[inter, h]), t(format!("d{x}"), &[h, inter])]).collect();
+    let experts =
+        held.clone().map(|x| [t(format!("g{x}"), &[inter, h]), t(format!("u{x}"), &[inter, h]), t(format!("d{x}"), &[h, inter])]).collect();
     MoeHost { router: t("router".into(), &[e, h]), experts, first_expert: held.start, top_k: k, norm_topk_prob: true }
 }
 
@@ -157,7 +160,9 @@ fn expert_blocks_on_a_gpu_equal_the_cpu() {
                         sum.iter_mut().zip(&got).for_each(|(s, v)| *s += v);
                     }
                     let err = rel_err(&sum, &whole);
-                    eprintln!("expert blocks E={e} k={k} T={t} n={n} cublas={cublas}: sum of ranks {err:.2e} from the whole layer (bar 1e-5)");
+                    eprintln!(
+                        "expert blocks E={e} k={k} T={t} n={n} cublas={cublas}: sum of ranks {err:.2e} from the whole layer (bar 1e-5)"
+                    );
                     assert!(err <= 1e-5, "E={e} k={k} T={t} n={n} cublas={cublas}: sum of ranks {err:.2e} from the whole layer");
                 }
             }

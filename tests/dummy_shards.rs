@@ -49,7 +49,10 @@ fn windows(rows: usize, cols: usize) -> Vec<Window> {
             out.push(Window { rows: 0..rows, cols: r * cols / n..(r + 1) * cols / n });
         }
     }
-    out.push(Window { rows: 1.min(rows)..rows.saturating_sub(1).max(1.min(rows)), cols: 2.min(cols)..cols.saturating_sub(3).max(2.min(cols)) });
+    out.push(Window {
+        rows: 1.min(rows)..rows.saturating_sub(1).max(1.min(rows)),
+        cols: 2.min(cols)..cols.saturating_sub(3).max(2.min(cols)),
+    });
     out.push(Window { rows: rows / 2..rows / 2 + 1, cols: cols / 3..cols });
     out.push(Window { rows: 0..rows, cols: cols - 1..cols });
     out.retain(|w| w.numel() > 0);
@@ -86,7 +89,8 @@ fn dummy_shard_equals_the_slice_of_the_whole_tensor() {
             assert!(bits(&part) == bits(&want), "{shape:?} {w:?}: shard differs from the slice");
             // And element by element against the plain walk (checks `HostTensor::window` too).
             let flat = sequential(&spec, rows * cols);
-            let direct: Vec<u16> = w.rows.clone().flat_map(|r| w.cols.clone().map(move |c| (r, c))).map(|(r, c)| flat[r * cols + c].to_bits()).collect();
+            let direct: Vec<u16> =
+                w.rows.clone().flat_map(|r| w.cols.clone().map(move |c| (r, c))).map(|(r, c)| flat[r * cols + c].to_bits()).collect();
             assert!(bits(&part) == direct, "{shape:?} {w:?}: shard differs from the walk");
             checked += 1;
         }
@@ -110,7 +114,9 @@ fn moe_dummy(part: std::ops::Range<usize>, held: std::ops::Range<usize>) -> MoeD
     let spec = |name: &str, shape: &[usize]| DummySpec::new(5, name, shape);
     MoeDummy {
         router: spec("router", &[e, h]),
-        experts: (0..e).map(|x| [spec(&format!("g{x}"), &[inter, h]), spec(&format!("u{x}"), &[inter, h]), spec(&format!("d{x}"), &[h, inter])]).collect(),
+        experts: (0..e)
+            .map(|x| [spec(&format!("g{x}"), &[inter, h]), spec(&format!("u{x}"), &[inter, h]), spec(&format!("d{x}"), &[h, inter])])
+            .collect(),
         hidden: h,
         inter,
         part,
@@ -132,7 +138,11 @@ fn run_moe(be: &CpuBackend, moe: &<CpuBackend as Backend>::Moe) -> Vec<f32> {
 /// Rank r of n's (columns, experts) of the 4 × 344 layer: every expert's 1/n of the columns, or
 /// (expert parallelism) 1/n of the experts whole.
 fn shard(n: usize, r: usize, whole_experts: bool) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
-    if whole_experts { (0..344, r * 4 / n..(r + 1) * 4 / n) } else { (r * 344 / n..(r + 1) * 344 / n, 0..4) }
+    if whole_experts {
+        (0..344, r * 4 / n..(r + 1) * 4 / n)
+    } else {
+        (r * 344 / n..(r + 1) * 344 / n, 0..4)
+    }
 }
 
 #[test]
@@ -142,14 +152,23 @@ fn dummy_moe_part_equals_the_slices_of_the_whole_experts() {
         let (part, held) = shard(n, r, whole_experts);
         let moe = moe_dummy(part.clone(), held.clone());
         let (gate_up, down) = moe.windows();
-        let experts = moe.experts[held.clone()].iter()
-            .map(|[g, u, d]| [g.host_tensor(&[344, 200]).window(&gate_up).unwrap(), u.host_tensor(&[344, 200]).window(&gate_up).unwrap(),
-                d.host_tensor(&[200, 344]).window(&down).unwrap()])
+        let experts = moe.experts[held.clone()]
+            .iter()
+            .map(|[g, u, d]| {
+                [
+                    g.host_tensor(&[344, 200]).window(&gate_up).unwrap(),
+                    u.host_tensor(&[344, 200]).window(&gate_up).unwrap(),
+                    d.host_tensor(&[200, 344]).window(&down).unwrap(),
+                ]
+            })
             .collect();
         let host = MoeHost { router: moe.router.host_tensor(&[4, 200]), experts, first_expert: held.start, top_k: 2, norm_topk_prob: true };
         let (drawn, sliced) = (be.dummy_moe(moe).unwrap(), be.upload_moe(host).unwrap());
         let (a, b) = (run_moe(&be, &drawn), run_moe(&be, &sliced));
-        assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()), "tp={n} rank {r}: expert columns {part:?} of experts {held:?} differ");
+        assert!(
+            a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "tp={n} rank {r}: expert columns {part:?} of experts {held:?} differ"
+        );
     }
 }
 
@@ -162,10 +181,12 @@ fn moe_shards_sum_to_the_whole_layer() {
     let whole = run_moe(&be, &be.dummy_moe(moe_dummy(0..344, 0..4)).unwrap());
     for n in [2usize, 4] {
         for whole_experts in [false, true] {
-            let parts: Vec<Vec<f32>> = (0..n).map(|r| {
-                let (part, held) = shard(n, r, whole_experts);
-                run_moe(&be, &be.dummy_moe(moe_dummy(part, held)).unwrap())
-            }).collect();
+            let parts: Vec<Vec<f32>> = (0..n)
+                .map(|r| {
+                    let (part, held) = shard(n, r, whole_experts);
+                    run_moe(&be, &be.dummy_moe(moe_dummy(part, held)).unwrap())
+                })
+                .collect();
             let sum: Vec<f32> = (0..whole.len()).map(|i| parts.iter().map(|p| p[i]).sum()).collect();
             let err = rel_err(&sum, &whole);
             assert!(err <= 1e-6, "n={n} whole_experts={whole_experts}: sum of ranks is {err:.2e} from the whole layer");
@@ -199,10 +220,14 @@ fn tensor_parallel_dummy_model_equals_the_sliced_host_model() {
     let one = logits(CpuBackend::new(DType::F32), &DummyWeights { seed: 3 }, &ids);
     for split in [MoeSplit::Columns, MoeSplit::Experts] {
         for n in [2usize, 4] {
-            let tp = || TensorParallel::with_moe_split((0..n).map(|_| CpuBackend::new(DType::F32)).collect(), &odd_config(), split).unwrap();
+            let tp =
+                || TensorParallel::with_moe_split((0..n).map(|_| CpuBackend::new(DType::F32)).collect(), &odd_config(), split).unwrap();
             let drawn = logits(tp(), &DummyWeights { seed: 3 }, &ids);
             let sliced = logits(tp(), &AsHostTensors(DummyWeights { seed: 3 }), &ids);
-            assert!(drawn.iter().zip(&sliced).all(|(a, b)| a.to_bits() == b.to_bits()), "tp={n} {split:?}: drawn shards differ from sliced ones");
+            assert!(
+                drawn.iter().zip(&sliced).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "tp={n} {split:?}: drawn shards differ from sliced ones"
+            );
             let err = rel_err(&drawn, &one);
             assert!(err <= 1e-5, "tp={n} {split:?}: {err} vs one device");
         }

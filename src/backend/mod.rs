@@ -5,12 +5,12 @@
 //! so no code outside this folder needs a `#[cfg]`.
 
 pub mod cpu;
-pub mod tp;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(not(feature = "cuda"))]
 #[path = "cuda_stub.rs"]
 pub mod cuda;
+pub mod tp;
 
 use crate::error::Result;
 use crate::model::dummy::DummySpec;
@@ -165,9 +165,12 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn dummy_moe(&self, moe: MoeDummy) -> Result<Self::Moe> {
         let (h, i) = (moe.hidden, moe.inter);
         let (gate_up, down) = moe.windows();
-        let held = moe.experts.get(moe.held.clone()).ok_or_else(|| crate::Error::InvalidArgument(format!(
-            "MoE experts {:?} held of {}", moe.held, moe.experts.len())))?;
-        let experts = held.iter()
+        let held = moe
+            .experts
+            .get(moe.held.clone())
+            .ok_or_else(|| crate::Error::InvalidArgument(format!("MoE experts {:?} held of {}", moe.held, moe.experts.len())))?;
+        let experts = held
+            .iter()
             .map(|[g, u, d]| Ok([g.host_window(&[i, h], &gate_up)?, u.host_window(&[i, h], &gate_up)?, d.host_window(&[h, i], &down)?]))
             .collect::<Result<Vec<_>>>()?;
         let router = moe.router.host_tensor(&[moe.experts.len(), h]);
@@ -198,20 +201,42 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// siblings), whose every block reads x while one of them writes x_out.
     fn add_rms_norm(&self, x_out: &mut Self::Buf, h: &mut Self::Buf, input: &BlockInput<Self>) -> Result<()>;
     /// `add_rms_norm`, then outs[i] = h · ws[i]ᵀ (`matmul_many`: the q, k, v projections).
-    fn norm_matmul_many(&self, x_out: &mut Self::Buf, h: &mut Self::Buf, input: &BlockInput<Self>, outs: &mut [&mut Self::Buf],
-        ws: &[&Self::Weight]) -> Result<()> {
+    fn norm_matmul_many(
+        &self,
+        x_out: &mut Self::Buf,
+        h: &mut Self::Buf,
+        input: &BlockInput<Self>,
+        outs: &mut [&mut Self::Buf],
+        ws: &[&Self::Weight],
+    ) -> Result<()> {
         self.add_rms_norm(x_out, h, input)?;
         self.matmul_many(outs, h, ws)
     }
     /// `add_rms_norm`, then out = `matmul_swiglu` of h (the dense MLP's first half).
     #[allow(clippy::too_many_arguments)]
-    fn norm_matmul_swiglu(&self, x_out: &mut Self::Buf, h: &mut Self::Buf, input: &BlockInput<Self>, out: &mut Self::Buf,
-        g: &mut Self::Buf, u: &mut Self::Buf, gate: &Self::Weight, up: &Self::Weight) -> Result<()> {
+    fn norm_matmul_swiglu(
+        &self,
+        x_out: &mut Self::Buf,
+        h: &mut Self::Buf,
+        input: &BlockInput<Self>,
+        out: &mut Self::Buf,
+        g: &mut Self::Buf,
+        u: &mut Self::Buf,
+        gate: &Self::Weight,
+        up: &Self::Weight,
+    ) -> Result<()> {
         self.add_rms_norm(x_out, h, input)?;
         self.matmul_swiglu(out, g, u, h, gate, up)
     }
     /// `add_rms_norm`, then out = `moe` of h.
-    fn norm_moe(&self, x_out: &mut Self::Buf, h: &mut Self::Buf, input: &BlockInput<Self>, out: &mut Self::Buf, moe: &Self::Moe) -> Result<()> {
+    fn norm_moe(
+        &self,
+        x_out: &mut Self::Buf,
+        h: &mut Self::Buf,
+        input: &BlockInput<Self>,
+        out: &mut Self::Buf,
+        moe: &Self::Moe,
+    ) -> Result<()> {
         self.add_rms_norm(x_out, h, input)?;
         self.moe(out, h, moe)
     }
@@ -230,8 +255,15 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// what this does by default, through the scratch buffers `g` and `u` [T, I]). A GPU backend
     /// fuses the three for decode.
     #[allow(clippy::too_many_arguments)]
-    fn matmul_swiglu(&self, out: &mut Self::Buf, g: &mut Self::Buf, u: &mut Self::Buf, x: &Self::Buf, gate: &Self::Weight,
-        up: &Self::Weight) -> Result<()> {
+    fn matmul_swiglu(
+        &self,
+        out: &mut Self::Buf,
+        g: &mut Self::Buf,
+        u: &mut Self::Buf,
+        x: &Self::Buf,
+        gate: &Self::Weight,
+        up: &Self::Weight,
+    ) -> Result<()> {
         self.matmul(g, x, gate)?;
         self.matmul(u, x, up)?;
         self.swiglu(out, g, u)
@@ -239,20 +271,52 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// Per head: RMSNorm over head_dim with q_norm / k_norm, then RoPE (rotate halves) at `positions`.
     /// `rope` is [max_pos, head_dim]: cos in the first half of each row, sin in the second.
     #[allow(clippy::too_many_arguments)]
-    fn qk_norm_rope(&self, q: &mut Self::Buf, k: &mut Self::Buf, q_norm: &Self::Weight, k_norm: &Self::Weight,
-        eps: f32, rope: &Self::Weight, positions: &[u32], shape: AttnShape) -> Result<()>;
+    fn qk_norm_rope(
+        &self,
+        q: &mut Self::Buf,
+        k: &mut Self::Buf,
+        q_norm: &Self::Weight,
+        k_norm: &Self::Weight,
+        eps: f32,
+        rope: &Self::Weight,
+        positions: &[u32],
+        shape: AttnShape,
+    ) -> Result<()>;
     /// `qk_norm_rope`, then `kv_append` of the rotated k and of v: one launch on a GPU.
     #[allow(clippy::too_many_arguments)]
-    fn qk_norm_rope_append(&self, q: &mut Self::Buf, k: &mut Self::Buf, v: &Self::Buf, q_norm: &Self::Weight, k_norm: &Self::Weight,
-        eps: f32, rope: &Self::Weight, kv: &mut Self::KvLayer, batch: &BatchInfo, shape: AttnShape) -> Result<()> {
+    fn qk_norm_rope_append(
+        &self,
+        q: &mut Self::Buf,
+        k: &mut Self::Buf,
+        v: &Self::Buf,
+        q_norm: &Self::Weight,
+        k_norm: &Self::Weight,
+        eps: f32,
+        rope: &Self::Weight,
+        kv: &mut Self::KvLayer,
+        batch: &BatchInfo,
+        shape: AttnShape,
+    ) -> Result<()> {
         self.qk_norm_rope(q, k, q_norm, k_norm, eps, rope, batch.positions, shape)?;
         self.kv_append(kv, k, v, batch)
     }
     /// `qk_norm_rope_append`, then `attention` into `out`: for a decode step a GPU does both in the
     /// attention kernel (q and the step's k are then left as the products wrote them).
     #[allow(clippy::too_many_arguments)]
-    fn qk_norm_rope_attention(&self, out: &mut Self::Buf, q: &mut Self::Buf, k: &mut Self::Buf, v: &Self::Buf, q_norm: &Self::Weight,
-        k_norm: &Self::Weight, eps: f32, rope: &Self::Weight, kv: &mut Self::KvLayer, batch: &BatchInfo, shape: AttnShape) -> Result<()> {
+    fn qk_norm_rope_attention(
+        &self,
+        out: &mut Self::Buf,
+        q: &mut Self::Buf,
+        k: &mut Self::Buf,
+        v: &Self::Buf,
+        q_norm: &Self::Weight,
+        k_norm: &Self::Weight,
+        eps: f32,
+        rope: &Self::Weight,
+        kv: &mut Self::KvLayer,
+        batch: &BatchInfo,
+        shape: AttnShape,
+    ) -> Result<()> {
         self.qk_norm_rope_append(q, k, v, q_norm, k_norm, eps, rope, kv, batch, shape)?;
         self.attention(out, q, kv, batch, shape)
     }
@@ -339,11 +403,21 @@ pub trait Backend: Send + Sync + Sized + 'static {
 }
 
 /// `Backend::top_rows` from the rows read back to the host.
-pub fn top_rows_on_host<B: Backend>(b: &B, logits: &B::Buf, rows: usize, limit: usize, want: &[(usize, f32)]) -> Result<Vec<Vec<(f32, u32)>>> {
+pub fn top_rows_on_host<B: Backend>(
+    b: &B,
+    logits: &B::Buf,
+    rows: usize,
+    limit: usize,
+    want: &[(usize, f32)],
+) -> Result<Vec<Vec<(f32, u32)>>> {
     let values = b.download(logits)?;
     let cols = values.len().checked_div(rows).unwrap_or(0);
     crate::ensure!(want.len() == rows && cols > 0, InvalidArgument, "top_rows: {} wants for {rows} rows of {cols}", want.len());
-    Ok(want.iter().enumerate().map(|(r, &(k, inv_t))| crate::sampler::top_scaled(&values[r * cols..r * cols + limit.min(cols)], k, inv_t)).collect())
+    Ok(want
+        .iter()
+        .enumerate()
+        .map(|(r, &(k, inv_t))| crate::sampler::top_scaled(&values[r * cols..r * cols + limit.min(cols)], k, inv_t))
+        .collect())
 }
 
 /// Index of the largest value; NaN counts as -inf, ties go to the lowest index.

@@ -8,12 +8,12 @@
 //! each op to every rank in turn (asynchronous on GPUs) and calls the backend's `Collective`.
 
 use super::{expert_windows, AttnShape, Backend, BatchInfo, BlockInput, MoeDummy, MoeHost, Split};
-use std::ops::Range;
-use crate::model::dummy::DummySpec;
 use crate::config::Qwen3Config;
 use crate::error::Result;
+use crate::model::dummy::DummySpec;
 use crate::tensor::{matrix_dims, DType, HostTensor, Window};
 use crate::{bail, ensure};
+use std::ops::Range;
 
 /// What a backend needs to be one rank of a tensor-parallel group.
 pub trait Collective: Backend {
@@ -44,7 +44,11 @@ impl HeadPlan {
 
     /// First KV head of rank r (a rank holds `kv_per_rank` consecutive heads).
     fn kv_start(&self, r: usize) -> usize {
-        if self.n_kv_heads >= self.n { r * self.n_kv_heads / self.n } else { r / (self.n / self.n_kv_heads) }
+        if self.n_kv_heads >= self.n {
+            r * self.n_kv_heads / self.n
+        } else {
+            r / (self.n / self.n_kv_heads)
+        }
     }
 
     fn rank_shape(&self) -> AttnShape {
@@ -117,8 +121,11 @@ impl<B: Collective> TensorParallel<B> {
                 "expert_parallel=True: tensor_parallel={n} does not divide num_experts ({e}); each rank holds num_experts / tensor_parallel whole experts"),
         }
         let nkv = c.num_key_value_heads;
-        ensure!(nkv.is_multiple_of(n) || n.is_multiple_of(nkv), InvalidArgument,
-            "tensor_parallel={n} must divide num_key_value_heads ({nkv}) or be a multiple of it");
+        ensure!(
+            nkv.is_multiple_of(n) || n.is_multiple_of(nkv),
+            InvalidArgument,
+            "tensor_parallel={n} must divide num_key_value_heads ({nkv}) or be a multiple of it"
+        );
         let group = B::group(&ranks)?;
         let heads = HeadPlan { n, n_heads: c.num_attention_heads, n_kv_heads: nkv, head_dim: c.head_dim };
         Ok(TensorParallel { ranks, group, heads, moe_split })
@@ -237,8 +244,14 @@ impl<B: Collective> Backend for TensorParallel<B> {
     /// only the bytes of what it holds: under expert parallelism, only its own experts.
     fn upload_moe(&self, moe: MoeHost) -> Result<Self::Moe> {
         let e = moe.experts.len();
-        ensure!(moe.first_expert == 0 && e == moe.router.shape[0], InvalidArgument,
-            "tensor parallelism splits whole MoE layers, got experts {}..{} of {}", moe.first_expert, moe.first_expert + e, moe.router.shape[0]);
+        ensure!(
+            moe.first_expert == 0 && e == moe.router.shape[0],
+            InvalidArgument,
+            "tensor parallelism splits whole MoE layers, got experts {}..{} of {}",
+            moe.first_expert,
+            moe.first_expert + e,
+            moe.router.shape[0]
+        );
         let (h, inter) = (moe.router.shape[1], moe.experts.first().map_or(0, |x| x[0].shape[0]));
         self.each(|b, r| {
             let (held, part) = self.moe_shard(e, inter, r);
@@ -247,16 +260,27 @@ impl<B: Collective> Backend for TensorParallel<B> {
                 .iter()
                 .map(|[g, u, d]| Ok([g.window(&gate_up)?, u.window(&gate_up)?, d.window(&down)?]))
                 .collect::<Result<Vec<_>>>()?;
-            b.upload_moe(MoeHost { router: moe.router.clone(), experts, first_expert: held.start, top_k: moe.top_k,
-                norm_topk_prob: moe.norm_topk_prob })
+            b.upload_moe(MoeHost {
+                router: moe.router.clone(),
+                experts,
+                first_expert: held.start,
+                top_k: moe.top_k,
+                norm_topk_prob: moe.norm_topk_prob,
+            })
         })
     }
 
     /// As `upload_moe`, each rank drawing only what it holds.
     fn dummy_moe(&self, moe: MoeDummy) -> Result<Self::Moe> {
         let e = moe.experts.len();
-        ensure!(moe.part == (0..moe.inter) && moe.held == (0..e), InvalidArgument,
-            "tensor parallelism splits whole MoE layers, got columns {:?} of {} and experts {:?} of {e}", moe.part, moe.inter, moe.held);
+        ensure!(
+            moe.part == (0..moe.inter) && moe.held == (0..e),
+            InvalidArgument,
+            "tensor parallelism splits whole MoE layers, got columns {:?} of {} and experts {:?} of {e}",
+            moe.part,
+            moe.inter,
+            moe.held
+        );
         self.each(|b, r| {
             let (held, part) = self.moe_shard(e, moe.inter, r);
             b.dummy_moe(MoeDummy { held, part, ..moe.clone() })
@@ -313,23 +337,62 @@ impl<B: Collective> Backend for TensorParallel<B> {
 
     // The fused block inputs run per rank (so each GPU fuses them): their products are split by
     // columns or KV heads, which need no all-reduce; the MoE block's partial sums get one.
-    fn norm_matmul_many(&self, x_out: &mut Self::Buf, h: &mut Self::Buf, input: &BlockInput<Self>, outs: &mut [&mut Self::Buf],
-        ws: &[&Self::Weight]) -> Result<()> {
+    fn norm_matmul_many(
+        &self,
+        x_out: &mut Self::Buf,
+        h: &mut Self::Buf,
+        input: &BlockInput<Self>,
+        outs: &mut [&mut Self::Buf],
+        ws: &[&Self::Weight],
+    ) -> Result<()> {
         ensure!(ws.iter().all(|w| w.split != Split::Rows), InvalidArgument, "norm_matmul_many: a row-split weight needs an all-reduce");
-        per_rank!(self, |b, r| b.norm_matmul_many(&mut x_out.parts[r], &mut h.parts[r], &rank_input(input, r),
-            &mut outs.iter_mut().map(|o| &mut o.parts[r]).collect::<Vec<_>>(), &ws.iter().map(|w| &w.parts[r]).collect::<Vec<_>>()));
+        per_rank!(self, |b, r| b.norm_matmul_many(
+            &mut x_out.parts[r],
+            &mut h.parts[r],
+            &rank_input(input, r),
+            &mut outs.iter_mut().map(|o| &mut o.parts[r]).collect::<Vec<_>>(),
+            &ws.iter().map(|w| &w.parts[r]).collect::<Vec<_>>()
+        ));
         Ok(())
     }
 
-    fn norm_matmul_swiglu(&self, x_out: &mut Self::Buf, h: &mut Self::Buf, input: &BlockInput<Self>, out: &mut Self::Buf,
-        g: &mut Self::Buf, u: &mut Self::Buf, gate: &Self::Weight, up: &Self::Weight) -> Result<()> {
-        ensure!(gate.split != Split::Rows && up.split != Split::Rows, InvalidArgument, "norm_matmul_swiglu: a row-split weight needs an all-reduce");
-        per_rank!(self, |b, r| b.norm_matmul_swiglu(&mut x_out.parts[r], &mut h.parts[r], &rank_input(input, r), &mut out.parts[r],
-            &mut g.parts[r], &mut u.parts[r], &gate.parts[r], &up.parts[r]));
+    fn norm_matmul_swiglu(
+        &self,
+        x_out: &mut Self::Buf,
+        h: &mut Self::Buf,
+        input: &BlockInput<Self>,
+        out: &mut Self::Buf,
+        g: &mut Self::Buf,
+        u: &mut Self::Buf,
+        gate: &Self::Weight,
+        up: &Self::Weight,
+    ) -> Result<()> {
+        ensure!(
+            gate.split != Split::Rows && up.split != Split::Rows,
+            InvalidArgument,
+            "norm_matmul_swiglu: a row-split weight needs an all-reduce"
+        );
+        per_rank!(self, |b, r| b.norm_matmul_swiglu(
+            &mut x_out.parts[r],
+            &mut h.parts[r],
+            &rank_input(input, r),
+            &mut out.parts[r],
+            &mut g.parts[r],
+            &mut u.parts[r],
+            &gate.parts[r],
+            &up.parts[r]
+        ));
         Ok(())
     }
 
-    fn norm_moe(&self, x_out: &mut Self::Buf, h: &mut Self::Buf, input: &BlockInput<Self>, out: &mut Self::Buf, moe: &Self::Moe) -> Result<()> {
+    fn norm_moe(
+        &self,
+        x_out: &mut Self::Buf,
+        h: &mut Self::Buf,
+        input: &BlockInput<Self>,
+        out: &mut Self::Buf,
+        moe: &Self::Moe,
+    ) -> Result<()> {
         per_rank!(self, |b, r| b.norm_moe(&mut x_out.parts[r], &mut h.parts[r], &rank_input(input, r), &mut out.parts[r], &moe[r]));
         self.all_reduce(out)
     }
@@ -342,19 +405,59 @@ impl<B: Collective> Backend for TensorParallel<B> {
         Ok(())
     }
 
-    fn qk_norm_rope(&self, q: &mut Self::Buf, k: &mut Self::Buf, q_norm: &Self::Weight, k_norm: &Self::Weight, eps: f32,
-        rope: &Self::Weight, positions: &[u32], _shape: AttnShape) -> Result<()> {
+    fn qk_norm_rope(
+        &self,
+        q: &mut Self::Buf,
+        k: &mut Self::Buf,
+        q_norm: &Self::Weight,
+        k_norm: &Self::Weight,
+        eps: f32,
+        rope: &Self::Weight,
+        positions: &[u32],
+        _shape: AttnShape,
+    ) -> Result<()> {
         let shape = self.heads.rank_shape();
-        per_rank!(self, |b, r| b.qk_norm_rope(&mut q.parts[r], &mut k.parts[r], &q_norm.parts[r], &k_norm.parts[r], eps,
-            &rope.parts[r], positions, shape));
+        per_rank!(self, |b, r| b.qk_norm_rope(
+            &mut q.parts[r],
+            &mut k.parts[r],
+            &q_norm.parts[r],
+            &k_norm.parts[r],
+            eps,
+            &rope.parts[r],
+            positions,
+            shape
+        ));
         Ok(())
     }
 
-    fn qk_norm_rope_attention(&self, out: &mut Self::Buf, q: &mut Self::Buf, k: &mut Self::Buf, v: &Self::Buf, q_norm: &Self::Weight,
-        k_norm: &Self::Weight, eps: f32, rope: &Self::Weight, kv: &mut Self::KvLayer, batch: &BatchInfo, _shape: AttnShape) -> Result<()> {
+    fn qk_norm_rope_attention(
+        &self,
+        out: &mut Self::Buf,
+        q: &mut Self::Buf,
+        k: &mut Self::Buf,
+        v: &Self::Buf,
+        q_norm: &Self::Weight,
+        k_norm: &Self::Weight,
+        eps: f32,
+        rope: &Self::Weight,
+        kv: &mut Self::KvLayer,
+        batch: &BatchInfo,
+        _shape: AttnShape,
+    ) -> Result<()> {
         let shape = self.heads.rank_shape();
-        per_rank!(self, |b, r| b.qk_norm_rope_attention(&mut out.parts[r], &mut q.parts[r], &mut k.parts[r], &v.parts[r],
-            &q_norm.parts[r], &k_norm.parts[r], eps, &rope.parts[r], &mut kv[r], batch, shape));
+        per_rank!(self, |b, r| b.qk_norm_rope_attention(
+            &mut out.parts[r],
+            &mut q.parts[r],
+            &mut k.parts[r],
+            &v.parts[r],
+            &q_norm.parts[r],
+            &k_norm.parts[r],
+            eps,
+            &rope.parts[r],
+            &mut kv[r],
+            batch,
+            shape
+        ));
         Ok(())
     }
 

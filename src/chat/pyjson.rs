@@ -206,8 +206,7 @@ mod tests {
     #[test]
     fn string_escapes() {
         let v = json!("q\"b\\n\n r\r t\t b\u{08} f\u{0c} x\u{01} \u{7f} <>&' é 中 😀");
-        assert_eq!(dumps(&v, &DumpOptions::default()),
-            "\"q\\\"b\\\\n\\n r\\r t\\t b\\b f\\f x\\u0001 \u{7f} <>&' é 中 😀\"");
+        assert_eq!(dumps(&v, &DumpOptions::default()), "\"q\\\"b\\\\n\\n r\\r t\\t b\\b f\\f x\\u0001 \u{7f} <>&' é 中 😀\"");
         let ascii = DumpOptions { ensure_ascii: true, ..Default::default() };
         assert_eq!(dumps(&json!("é中😀"), &ascii), r#""\u00e9\u4e2d\ud83d\ude00""#);
     }
@@ -216,10 +215,23 @@ mod tests {
     fn floats_like_python_repr() {
         // (value, repr(value)) pairs taken from CPython.
         let cases = [
-            (1.0, "1.0"), (0.1, "0.1"), (-2.5, "-2.5"), (100.0, "100.0"), (1e15, "1000000000000000.0"),
-            (1e16, "1e+16"), (1.5e16, "1.5e+16"), (0.0001, "0.0001"), (0.00001, "1e-05"),
-            (1.25e-7, "1.25e-07"), (1e100, "1e+100"), (123456.789, "123456.789"), (0.0, "0.0"),
-            (-0.0, "-0.0"), (f64::NAN, "NaN"), (f64::INFINITY, "Infinity"), (f64::NEG_INFINITY, "-Infinity"),
+            (1.0, "1.0"),
+            (0.1, "0.1"),
+            (-2.5, "-2.5"),
+            (100.0, "100.0"),
+            (1e15, "1000000000000000.0"),
+            (1e16, "1e+16"),
+            (1.5e16, "1.5e+16"),
+            (0.0001, "0.0001"),
+            (0.00001, "1e-05"),
+            (1.25e-7, "1.25e-07"),
+            (1e100, "1e+100"),
+            (123456.789, "123456.789"),
+            (0.0, "0.0"),
+            (-0.0, "-0.0"),
+            (f64::NAN, "NaN"),
+            (f64::INFINITY, "Infinity"),
+            (f64::NEG_INFINITY, "-Infinity"),
         ];
         for (f, want) in cases {
             assert_eq!(python_float_repr(f), want, "{f}");

@@ -24,8 +24,7 @@ fn renders_every_fixture_exactly_like_transformers() {
         let case: Json = serde_json::from_str(line).unwrap();
         let tools = case.get("tools").filter(|t| !t.is_null());
         let rendered = template
-            .render(&case["messages"], tools, case["add_generation_prompt"].as_bool().unwrap(),
-                case["enable_thinking"].as_bool())
+            .render(&case["messages"], tools, case["add_generation_prompt"].as_bool().unwrap(), case["enable_thinking"].as_bool())
             .unwrap_or_else(|e| panic!("line {}: {e}", line_no + 1));
         assert_eq!(rendered, case["text"].as_str().unwrap(), "line {}", line_no + 1);
         checked += 1;
@@ -40,8 +39,10 @@ fn jsonl_field_and_jinja_file_give_the_same_template() {
     let from_field = ChatTemplate::new(config["chat_template"].as_str().unwrap(), None, Some("<|im_end|>".into())).unwrap();
     let messages = json!([{"role": "system", "content": "S"}, {"role": "user", "content": "hi"},
         {"role": "assistant", "content": "<think>\nr\n</think>\n\nanswer"}, {"role": "user", "content": "again"}]);
-    assert_eq!(from_field.render(&messages, None, true, Some(false)).unwrap(),
-        qwen3_template().render(&messages, None, true, Some(false)).unwrap());
+    assert_eq!(
+        from_field.render(&messages, None, true, Some(false)).unwrap(),
+        qwen3_template().render(&messages, None, true, Some(false)).unwrap()
+    );
     assert_eq!(qwen3_template().eos_token(), Some("<|im_end|>"));
     assert_eq!(qwen3_template().bos_token(), None);
 }
@@ -65,13 +66,20 @@ fn tojson_matches_python_json_dumps() {
     // Expected strings are CPython's json.dumps(x, ensure_ascii=False[, ...]) for the same input.
     let t = ChatTemplate::new(
         "{{ messages[0].content | tojson }}|{{ tools | tojson }}|{{ tools | tojson(indent=2) }}|{{ tools | tojson(sort_keys=true) }}",
-        None, None).unwrap();
+        None,
+        None,
+    )
+    .unwrap();
     let tools = json!({"b": "é<&>'\"", "a": [1, 2.0, null, true]});
     let out = t.render(&json!([{"role": "user", "content": "x\ny"}]), Some(&tools), false, None).unwrap();
-    assert_eq!(out, concat!(
-        r#""x\ny"|{"b": "é<&>'\"", "a": [1, 2.0, null, true]}|"#,
-        "{\n  \"b\": \"é<&>'\\\"\",\n  \"a\": [\n    1,\n    2.0,\n    null,\n    true\n  ]\n}|",
-        r#"{"a": [1, 2.0, null, true], "b": "é<&>'\""}"#));
+    assert_eq!(
+        out,
+        concat!(
+            r#""x\ny"|{"b": "é<&>'\"", "a": [1, 2.0, null, true]}|"#,
+            "{\n  \"b\": \"é<&>'\\\"\",\n  \"a\": [\n    1,\n    2.0,\n    null,\n    true\n  ]\n}|",
+            r#"{"a": [1, 2.0, null, true], "b": "é<&>'\""}"#
+        )
+    );
 }
 
 #[test]
@@ -95,7 +103,8 @@ fn template_errors_are_tokenizer_errors() {
         Err(Error::Tokenizer(m)) => assert!(m.contains("syntax error"), "{m}"),
         other => panic!("expected a syntax error, got {other:?}"),
     }
-    let t = ChatTemplate::new("{% if messages|length == 0 %}{{ raise_exception('Need at least one message!') }}{% endif %}ok", None, None).unwrap();
+    let t = ChatTemplate::new("{% if messages|length == 0 %}{{ raise_exception('Need at least one message!') }}{% endif %}ok", None, None)
+        .unwrap();
     match t.render(&json!([]), None, false, None) {
         Err(Error::Tokenizer(m)) => assert_eq!(m, "Need at least one message!"),
         other => panic!("expected the template's exception, got {other:?}"),
@@ -168,7 +177,10 @@ fn split_thinking_inverts_the_template_history_rendering() {
 fn budget_text_closes_the_think_block() {
     let generated = format!("<think>\nlong reasoning{BUDGET_EXHAUSTED_TEXT}Final.");
     let (thinking, content) = split_thinking(&generated, true);
-    assert_eq!(thinking, "long reasoning\n\nConsidering the limited time by the user, I have to give the solution based on the thinking directly now.");
+    assert_eq!(
+        thinking,
+        "long reasoning\n\nConsidering the limited time by the user, I have to give the solution based on the thinking directly now."
+    );
     assert_eq!(content, "Final.");
 }
 
@@ -178,10 +190,13 @@ fn parse_tool_calls_cases() {
     let text = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {\"tz\": \"CET\", \"n\": [1, 2]}}\n</tool_call>";
     let (content, calls) = parse_tool_calls(text);
     assert_eq!(content, "Let me check.");
-    assert_eq!(calls, vec![
-        ToolCall { name: "get_weather".into(), arguments: json!({"city": "Paris"}) },
-        ToolCall { name: "get_time".into(), arguments: json!({"tz": "CET", "n": [1, 2]}) },
-    ]);
+    assert_eq!(
+        calls,
+        vec![
+            ToolCall { name: "get_weather".into(), arguments: json!({"city": "Paris"}) },
+            ToolCall { name: "get_time".into(), arguments: json!({"tz": "CET", "n": [1, 2]}) },
+        ]
+    );
 
     // Only a call: empty content; missing arguments → {}.
     let (content, calls) = parse_tool_calls("<tool_call>\n{\"name\": \"now\"}\n</tool_call>");
@@ -212,8 +227,16 @@ fn invalid_tool_calls_stay_in_content() {
 
 #[test]
 fn parsing_never_panics_on_odd_text() {
-    for text in ["</think><think>", "<think>", "</think>", "<tool_call></tool_call>", "<tool_call>", "</tool_call><tool_call>",
-        "é</think>中", "<tool_call>\u{0}</tool_call>"] {
+    for text in [
+        "</think><think>",
+        "<think>",
+        "</think>",
+        "<tool_call></tool_call>",
+        "<tool_call>",
+        "</tool_call><tool_call>",
+        "é</think>中",
+        "<tool_call>\u{0}</tool_call>",
+    ] {
         for on in [true, false] {
             let _ = split_thinking(text, on);
         }

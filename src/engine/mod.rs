@@ -6,12 +6,12 @@ pub mod output;
 
 use crate::backend::{Backend, BatchInfo, SeqSlot};
 use crate::chat::BUDGET_EXHAUSTED_TEXT;
+use crate::ensure;
 use crate::error::Result;
 use crate::model::kv_cache::{KvCache, SeqCache, BLOCK_SIZE};
 use crate::model::{Model, Scratch};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
-use crate::ensure;
 use output::{Delta, TextTracker};
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
@@ -153,8 +153,19 @@ impl<B: Backend> Engine<B> {
     pub fn new(model: Model<B>, tokenizer: Option<Tokenizer>, max_seqs: usize) -> Result<Self> {
         let c = &model.config;
         let cache = KvCache::new(&model.backend, c.num_hidden_layers, c.kv_dim(), model.max_seq_len, max_seqs)?;
-        Ok(Engine { model, tokenizer, cache, scratch: None, decode_scratch: None, sessions: HashMap::new(), next_session: 1, max_seqs,
-            prepared: None, ahead: None, steps_ahead: [0; 2] })
+        Ok(Engine {
+            model,
+            tokenizer,
+            cache,
+            scratch: None,
+            decode_scratch: None,
+            sessions: HashMap::new(),
+            next_session: 1,
+            max_seqs,
+            prepared: None,
+            ahead: None,
+            steps_ahead: [0; 2],
+        })
     }
 
     /// Start a conversation whose cache is kept between requests (pass its id in `GenRequest::session`).
@@ -183,8 +194,13 @@ impl<B: Backend> Engine<B> {
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
             crate::bail!(InvalidArgument, "token id {bad} in {what} is out of range for a vocabulary of {vocab}");
         }
-        ensure!(ids.len() <= self.model.max_seq_len, InvalidArgument,
-            "{what} has {} tokens, more than max_seq_len = {}", ids.len(), self.model.max_seq_len);
+        ensure!(
+            ids.len() <= self.model.max_seq_len,
+            InvalidArgument,
+            "{what} has {} tokens, more than max_seq_len = {}",
+            ids.len(),
+            self.model.max_seq_len
+        );
         Ok(())
     }
 
@@ -233,9 +249,14 @@ impl<B: Backend> Engine<B> {
         self.check_ids(&r.prompt, &what)?;
         ensure!(r.max_new_tokens >= 1, InvalidArgument, "max_new_tokens must be >= 1, got {}", r.max_new_tokens);
         let need = r.prompt.len().saturating_add(r.max_new_tokens);
-        ensure!(need <= self.model.max_seq_len, InvalidArgument,
+        ensure!(
+            need <= self.model.max_seq_len,
+            InvalidArgument,
             "{what} ({} tokens) + max_new_tokens ({}) = {need} exceeds max_seq_len = {}",
-            r.prompt.len(), r.max_new_tokens, self.model.max_seq_len);
+            r.prompt.len(),
+            r.max_new_tokens,
+            self.model.max_seq_len
+        );
         ensure!(r.stop.is_empty() || self.tokenizer.is_some(), InvalidArgument, "stop strings need a tokenizer; this checkpoint has none");
         if let Some(id) = r.session {
             ensure!(self.sessions.contains_key(&id), InvalidArgument, "session {id} is closed or unknown");
@@ -272,11 +293,27 @@ impl<B: Backend> Engine<B> {
             let text = self.tokenizer.as_ref().map(|t| TextTracker::new(t, request.stop.clone(), request.thinking));
             let (cache, fed) = self.take_session_prefix(&request);
             // A zero budget closes the think block before the model writes anything.
-            let forced = if request.thinking && request.thinking_budget == Some(0) { budget_text.iter().copied().collect() } else { VecDeque::new() };
+            let forced = if request.thinking && request.thinking_budget == Some(0) {
+                budget_text.iter().copied().collect()
+            } else {
+                VecDeque::new()
+            };
             seqs.push(Sequence {
-                request, cache, cached: fed, sampler, fed, text,
-                generated: vec![], forced, thought: 0, thinking_tokens: 0, logprobs: vec![],
-                finish: None, started: now, first_token_at: None, finished_at: None,
+                request,
+                cache,
+                cached: fed,
+                sampler,
+                fed,
+                text,
+                generated: vec![],
+                forced,
+                thought: 0,
+                thinking_tokens: 0,
+                logprobs: vec![],
+                finish: None,
+                started: now,
+                first_token_at: None,
+                finished_at: None,
             });
         }
         let result = self.run(&mut seqs, &budget_text, on_delta);
@@ -460,8 +497,10 @@ impl<B: Backend> Engine<B> {
         } else {
             // Top-k sampling without penalties needs only each row's k best scaled logits (a forced
             // row needs none: any stand-in).
-            let wants: Option<Vec<(usize, f32)>> =
-                sampling.iter().map(|&i| if seqs[i].forced.is_empty() { seqs[i].sampler.wants_top(usable) } else { Some((1, 1.0)) }).collect();
+            let wants: Option<Vec<(usize, f32)>> = sampling
+                .iter()
+                .map(|&i| if seqs[i].forced.is_empty() { seqs[i].sampler.wants_top(usable) } else { Some((1, 1.0)) })
+                .collect();
             match wants {
                 Some(wants) => (vec![], vec![], be.top_rows(self.step_logits(prefilling), rows, usable, &wants)?),
                 None => (be.download(self.step_logits(prefilling))?, vec![], vec![]),

@@ -51,11 +51,7 @@ pub struct DummySpec {
 impl DummySpec {
     pub fn new(seed: u64, name: &str, shape: &[usize]) -> Self {
         // Norm weights around 1; matrices uniform with std 1/sqrt(fan_in), so activations stay O(1).
-        let (center, half_width) = if shape.len() == 1 {
-            (1.0f32, 0.1f32)
-        } else {
-            (0.0, (3.0f32 / shape[shape.len() - 1] as f32).sqrt())
-        };
+        let (center, half_width) = if shape.len() == 1 { (1.0f32, 0.1f32) } else { (0.0, (3.0f32 / shape[shape.len() - 1] as f32).sqrt()) };
         DummySpec { stream: splitmix64(seed ^ name_hash(name)), center, half_width }
     }
 
@@ -160,7 +156,11 @@ impl Walk {
 
     /// One past the flat index of the window's last element (`start` when it is empty).
     pub fn end(&self) -> u64 {
-        if self.numel() == 0 { self.start() } else { (self.row0 + self.rows - 1) * self.cols + self.col0 + self.ncols }
+        if self.numel() == 0 {
+            self.start()
+        } else {
+            (self.row0 + self.rows - 1) * self.cols + self.col0 + self.ncols
+        }
     }
 
     /// Chunks `first..last` the window touches.
@@ -175,11 +175,8 @@ impl Walk {
     pub fn count_before(&self, p: u64) -> usize {
         let (row, col) = (p / self.cols, p % self.cols);
         let full_rows = row.saturating_sub(self.row0).min(self.rows);
-        let in_row = if (self.row0..self.row0 + self.rows).contains(&row) {
-            col.clamp(self.col0, self.col0 + self.ncols) - self.col0
-        } else {
-            0
-        };
+        let in_row =
+            if (self.row0..self.row0 + self.rows).contains(&row) { col.clamp(self.col0, self.col0 + self.ncols) - self.col0 } else { 0 };
         (full_rows * self.ncols + in_row) as usize
     }
 }

@@ -2,8 +2,8 @@
 //! block table. Many sequences share one pool, so batching and chat sessions need no copies.
 
 use crate::backend::Backend;
-use crate::error::Result;
 use crate::ensure;
+use crate::error::Result;
 
 /// Tokens per cache block.
 pub const BLOCK_SIZE: usize = 16;
@@ -38,8 +38,12 @@ impl<B: Backend> KvCache<B> {
 
     /// Make room for `seq` to hold `new_len` tokens.
     pub fn reserve(&mut self, seq: &mut SeqCache, new_len: usize) -> Result<()> {
-        ensure!(new_len <= self.max_seq_len, InvalidArgument,
-            "sequence of {new_len} tokens does not fit max_seq_len = {} (load the model with a larger max_seq_len)", self.max_seq_len);
+        ensure!(
+            new_len <= self.max_seq_len,
+            InvalidArgument,
+            "sequence of {new_len} tokens does not fit max_seq_len = {} (load the model with a larger max_seq_len)",
+            self.max_seq_len
+        );
         let needed = new_len.div_ceil(BLOCK_SIZE);
         while seq.blocks.len() < needed {
             let Some(b) = self.free.pop() else {

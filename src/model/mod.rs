@@ -55,14 +55,14 @@ pub struct Scratch<B: Backend> {
     h: B::Buf,        // [T, H] normed input of the current block
     attn_out: B::Buf, // [T, H] attention block's output, added to x by the next norm
     ffn_out: B::Buf,  // [T, H] feed-forward block's output, added to x by the next norm
-    q: B::Buf,      // [T, n_heads*hd]
-    k: B::Buf,      // [T, n_kv*hd]
-    v: B::Buf,      // [T, n_kv*hd]
-    attn: B::Buf,   // [T, n_heads*hd]
-    gate: B::Buf,   // [T, I]  (dense layers)
-    up: B::Buf,     // [T, I]
-    act: B::Buf,    // [T, I]
-    last: B::Buf,   // [R, H] rows whose logits are wanted
+    q: B::Buf,        // [T, n_heads*hd]
+    k: B::Buf,        // [T, n_kv*hd]
+    v: B::Buf,        // [T, n_kv*hd]
+    attn: B::Buf,     // [T, n_heads*hd]
+    gate: B::Buf,     // [T, I]  (dense layers)
+    up: B::Buf,       // [T, I]
+    act: B::Buf,      // [T, I]
+    last: B::Buf,     // [R, H] rows whose logits are wanted
     /// [R, V] logits of the wanted rows.
     pub logits: B::Buf,
 }
@@ -110,8 +110,13 @@ fn layer_name(i: usize, rest: &str) -> String {
 impl<B: Backend> Model<B> {
     /// Build the model from `src`, checking every tensor's presence and shape.
     /// `progress(done, total)` is called after each layer.
-    pub fn load(backend: B, config: Qwen3Config, src: &dyn TensorSource, max_seq_len: usize,
-        progress: &mut dyn FnMut(usize, usize)) -> Result<Self> {
+    pub fn load(
+        backend: B,
+        config: Qwen3Config,
+        src: &dyn TensorSource,
+        max_seq_len: usize,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
         crate::ensure!(max_seq_len > 0, InvalidArgument, "max_seq_len must be > 0");
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
@@ -144,8 +149,16 @@ impl<B: Backend> Model<B> {
                         [spec(&en("gate"), &[mi, h]), spec(&en("up"), &[mi, h]), spec(&en("down"), &[h, mi])]
                     })
                     .collect();
-                Ffn::Moe(backend.dummy_moe(MoeDummy { router: spec("mlp.gate.weight", &[e, h]), experts, hidden: h, inter: mi,
-                    part: 0..mi, held: 0..e, top_k: c.num_experts_per_tok, norm_topk_prob: c.norm_topk_prob })?)
+                Ffn::Moe(backend.dummy_moe(MoeDummy {
+                    router: spec("mlp.gate.weight", &[e, h]),
+                    experts,
+                    hidden: h,
+                    inter: mi,
+                    part: 0..mi,
+                    held: 0..e,
+                    top_k: c.num_experts_per_tok,
+                    norm_topk_prob: c.norm_topk_prob,
+                })?)
             } else if c.is_moe_layer(i) {
                 let (e, mi) = (c.num_experts, c.moe_intermediate_size);
                 let experts = (0..e)
@@ -155,7 +168,13 @@ impl<B: Backend> Model<B> {
                     })
                     .collect::<Result<Vec<_>>>()?;
                 let router = src.tensor(&ln("mlp.gate.weight"), &[e, h])?;
-                Ffn::Moe(backend.upload_moe(MoeHost { router, experts, first_expert: 0, top_k: c.num_experts_per_tok, norm_topk_prob: c.norm_topk_prob })?)
+                Ffn::Moe(backend.upload_moe(MoeHost {
+                    router,
+                    experts,
+                    first_expert: 0,
+                    top_k: c.num_experts_per_tok,
+                    norm_topk_prob: c.norm_topk_prob,
+                })?)
             } else {
                 let inter = c.intermediate_size;
                 Ffn::Dense {
@@ -198,20 +217,43 @@ impl<B: Backend> Model<B> {
     fn forward_steps(&self, batch: &BatchInfo, cache: &mut KvCache<B>, s: &mut Scratch<B>, logit_rows: &[u32]) -> Result<()> {
         let (be, eps) = (&self.backend, self.config.rms_norm_eps);
         let shape = self.attn_shape();
-        crate::ensure!(batch.rows() == s.rows && logit_rows.len() == s.logit_rows, InvalidArgument,
-            "scratch is sized for {} rows / {} logit rows, batch has {} / {}", s.rows, s.logit_rows, batch.rows(), logit_rows.len());
+        crate::ensure!(
+            batch.rows() == s.rows && logit_rows.len() == s.logit_rows,
+            InvalidArgument,
+            "scratch is sized for {} rows / {} logit rows, batch has {} / {}",
+            s.rows,
+            s.logit_rows,
+            batch.rows(),
+            logit_rows.len()
+        );
         // 1. Token embeddings → residual stream x [T, H].
         be.embed(&mut s.x, &self.embed, batch.tokens)?;
         for (i, layer) in self.layers.iter().enumerate() {
             // 2. x += the previous layer's FFN output; h = norm(x); q, k, v = h · W. (Each add writes
             //    x_next, then the two swap: see Backend::add_rms_norm.)
             let input = BlockInput { x: &s.x, delta: (i > 0).then_some(&s.ffn_out), norm: &layer.input_norm, eps };
-            be.norm_matmul_many(&mut s.x_next, &mut s.h, &input, &mut [&mut s.q, &mut s.k, &mut s.v],
-                &[&layer.q_proj, &layer.k_proj, &layer.v_proj])?;
+            be.norm_matmul_many(
+                &mut s.x_next,
+                &mut s.h,
+                &input,
+                &mut [&mut s.q, &mut s.k, &mut s.v],
+                &[&layer.q_proj, &layer.k_proj, &layer.v_proj],
+            )?;
             std::mem::swap(&mut s.x, &mut s.x_next);
             // 3. Attention: per-head QK-norm + RoPE, cache append, causal GQA, output projection.
-            be.qk_norm_rope_attention(&mut s.attn, &mut s.q, &mut s.k, &s.v, &layer.q_norm, &layer.k_norm, eps, &self.rope,
-                &mut cache.layers[i], batch, shape)?;
+            be.qk_norm_rope_attention(
+                &mut s.attn,
+                &mut s.q,
+                &mut s.k,
+                &s.v,
+                &layer.q_norm,
+                &layer.k_norm,
+                eps,
+                &self.rope,
+                &mut cache.layers[i],
+                batch,
+                shape,
+            )?;
             be.matmul(&mut s.attn_out, &s.attn, &layer.o_proj)?;
             // 4. x += attention; h = post-attention norm(x); 5. feed-forward: SwiGLU MLP or routed
             //    experts → ffn_out.

@@ -15,7 +15,16 @@ pub fn inv_freq(cfg: &Qwen3Config) -> (Vec<f32>, f32) {
     match &cfg.rope_scaling {
         RopeScaling::None => (plain, 1.0),
         RopeScaling::Linear { factor } => (plain.iter().map(|f| f / *factor as f32).collect(), 1.0),
-        RopeScaling::Yarn { factor, original_max_position_embeddings, beta_fast, beta_slow, attention_factor, mscale, mscale_all_dim, truncate } => {
+        RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings,
+            beta_fast,
+            beta_slow,
+            attention_factor,
+            mscale,
+            mscale_all_dim,
+            truncate,
+        } => {
             let (factor, original) = (*factor, *original_max_position_embeddings as f64);
             let get_mscale = |scale: f64, m: f64| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
             let attn = match (attention_factor, mscale, mscale_all_dim) {

@@ -221,14 +221,7 @@ fn penalties_follow_the_vllm_formulas() {
     let p = SamplingParams { repetition_penalty: 1.5, presence_penalty: 0.25, frequency_penalty: 0.125, ..Default::default() };
     // Repetition (prompt ∪ generated = {0,1,2,3}, once each): 2/1.5, -1·1.5, 0.5/1.5, 3/1.5.
     // Then generated only: minus 0.125·count + 0.25 for tokens 1 (×1), 2 (×3), 3 (×1).
-    let want = [
-        2.0 / 1.5,
-        -1.5 - (0.125 + 0.25),
-        0.5 / 1.5 - (0.375 + 0.25),
-        3.0 / 1.5 - (0.125 + 0.25),
-        -2.0,
-        1.0,
-    ];
+    let want = [2.0 / 1.5, -1.5 - (0.125 + 0.25), 0.5 / 1.5 - (0.375 + 0.25), 3.0 / 1.5 - (0.125 + 0.25), -2.0, 1.0];
     assert_close(&all_logprobs(p.clone(), &prompt, &l, &generated), &log_softmax(&want));
 
     // Temperature applies after penalties.
@@ -310,8 +303,10 @@ fn invalid_values_are_rejected_naming_parameter_and_value() {
         other => panic!("{other:?}"),
     }
     // Edges that are valid.
-    for p in [SamplingParams { top_p: 1.0, min_p: 1.0, presence_penalty: -2.0, frequency_penalty: 2.0, ..base.clone() },
-        SamplingParams { temperature: 100.0, top_k: 1, repetition_penalty: 0.01, ..base.clone() }] {
+    for p in [
+        SamplingParams { top_p: 1.0, min_p: 1.0, presence_penalty: -2.0, frequency_penalty: 2.0, ..base.clone() },
+        SamplingParams { temperature: 100.0, top_k: 1, repetition_penalty: 0.01, ..base.clone() },
+    ] {
         assert!(Sampler::new(p, &[]).is_ok());
     }
 }
@@ -409,8 +404,13 @@ fn sampling_from_the_top_equals_sampling_from_the_row() {
         }
     }
     // Not for greedy, penalties, no top-k, or a top-k past 64 or the vocabulary.
-    for p in [params(0.0, 20, 1.0, 0.0), SamplingParams { repetition_penalty: 1.1, ..params(0.6, 20, 0.95, 0.0) },
-              params(0.6, 0, 0.95, 0.0), params(0.6, 65, 0.95, 0.0), params(0.6, 100, 1.0, 0.0)] {
+    for p in [
+        params(0.0, 20, 1.0, 0.0),
+        SamplingParams { repetition_penalty: 1.1, ..params(0.6, 20, 0.95, 0.0) },
+        params(0.6, 0, 0.95, 0.0),
+        params(0.6, 65, 0.95, 0.0),
+        params(0.6, 100, 1.0, 0.0),
+    ] {
         assert_eq!(Sampler::new(p.clone(), &[]).unwrap().wants_top(100), None, "{p:?}");
     }
     // A row with nothing to sample is the same error both ways.

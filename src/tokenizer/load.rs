@@ -120,11 +120,7 @@ pub fn check(raw: &RawTokenizer) -> Result<Options> {
         None if raw.post_processor.is_null() => {}
         // The byte-level post-processor only adjusts offsets; ids are unchanged.
         Some("ByteLevel") => {}
-        _ => bail!(
-            Tokenizer,
-            "tokenizer.json: post_processor {} is not supported (only ByteLevel or null)",
-            short(&raw.post_processor)
-        ),
+        _ => bail!(Tokenizer, "tokenizer.json: post_processor {} is not supported (only ByteLevel or null)", short(&raw.post_processor)),
     }
     if type_of(&raw.decoder) != Some("ByteLevel") {
         bail!(Tokenizer, "tokenizer.json: decoder {} is not supported (only ByteLevel)", short(&raw.decoder));

@@ -193,9 +193,11 @@ fn build(raw: load::RawTokenizer, options: load::Options) -> Result<Inner> {
         }
     }
     let vocab_id = |s: &str, rank: usize| {
-        model.vocab.get(s).copied().ok_or_else(|| {
-            Error::Tokenizer(format!("tokenizer.json: model.merges[{rank}] uses {s:?}, which is not in model.vocab"))
-        })
+        model
+            .vocab
+            .get(s)
+            .copied()
+            .ok_or_else(|| Error::Tokenizer(format!("tokenizer.json: model.merges[{rank}] uses {s:?}, which is not in model.vocab")))
     };
     let mut pairs = FxHashMap::default();
     pairs.reserve(model.merges.len());
@@ -218,8 +220,7 @@ fn build(raw: load::RawTokenizer, options: load::Options) -> Result<Inner> {
         id_strings[id as usize] = Some(token.as_str().into());
         id_bytes[id as usize] = Some(decode_bytes(token));
     }
-    let whole =
-        model.vocab.iter().filter_map(|(t, &id)| Some((bytelevel::token_bytes(t)?.into_boxed_slice(), id))).collect();
+    let whole = model.vocab.iter().filter_map(|(t, &id)| Some((bytelevel::token_bytes(t)?.into_boxed_slice(), id))).collect();
     let verdict = (0..n).map(|_| AtomicU8::new(UNKNOWN)).collect();
 
     let mut token_ids = model.vocab;

@@ -302,8 +302,17 @@ macro_rules! by_tile_shape {
 
 /// out[:, j0..j0+rows] for weight rows `w` (rows × k, first row is global row j0).
 #[allow(clippy::too_many_arguments)]
-fn gemm_block<W: TileElem>(isa: Isa, out: SharedMut, n_total: usize, j0: usize, w: &[W], k: usize, x: Acts, t: usize,
-    scale: Option<&[f32]>) {
+fn gemm_block<W: TileElem>(
+    isa: Isa,
+    out: SharedMut,
+    n_total: usize,
+    j0: usize,
+    w: &[W],
+    k: usize,
+    x: Acts,
+    t: usize,
+    scale: Option<&[f32]>,
+) {
     let rows = w.len() / k;
     let wr = |j: usize| &w[j * k..(j + 1) * k];
     for i0 in (0..t).step_by(NR) {
@@ -363,8 +372,7 @@ fn matmul_typed<W: TileElem>(isa: Isa, out: &mut [f32], x: Acts, w: &[W], t: usi
 /// widened exactly), then runs every activation row over them 8 at a time.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-fn matmul_panels<W: simd::WeightElem>(out: &mut [f32], xb: &[bf16], w: &[W], t: usize, n: usize, k: usize,
-    scale: Option<&[f32]>) {
+fn matmul_panels<W: simd::WeightElem>(out: &mut [f32], xb: &[bf16], w: &[W], t: usize, n: usize, k: usize, scale: Option<&[f32]>) {
     use simd::panel::{kernel, pack, ACT_ROWS, ROWS};
     let kp = k / 2;
     let xu: &[u32] = bytemuck::cast_slice(xb);
@@ -561,8 +569,17 @@ struct AttnTask<'a> {
 
 /// The scalar reference: causal attention of one query head over one sequence's cached keys/values.
 #[allow(clippy::too_many_arguments)]
-pub fn attend_head_reference<T: Elem>(out: &mut [f32], q: &[f32], k: &[T], v: &[T], ctx: usize, blocks: &[u32],
-    block_size: usize, kv_dim: usize, kv_off: usize) {
+pub fn attend_head_reference<T: Elem>(
+    out: &mut [f32],
+    q: &[f32],
+    k: &[T],
+    v: &[T],
+    ctx: usize,
+    blocks: &[u32],
+    block_size: usize,
+    kv_dim: usize,
+    kv_off: usize,
+) {
     let hd = q.len();
     let scale = 1.0 / (hd as f32).sqrt();
     let slot = |j: usize| (blocks[j / block_size] as usize * block_size + j % block_size) * kv_dim + kv_off;
@@ -580,7 +597,15 @@ pub fn attend_head_reference<T: Elem>(out: &mut [f32], q: &[f32], k: &[T], v: &[
 type PvFn<T> = fn(Isa, &mut [f32], &[f32], &[T], &[usize]);
 
 /// Scores of 1 or 4 keys against every query of a task (queries in tiles of up to 4).
-fn score_keys<T: TileElem, const M: usize>(isa: Isa, keys: [&[T]; M], queries: &[&[f32]], scores: &mut [f32], ctx: usize, j0: usize, scale: f32) {
+fn score_keys<T: TileElem, const M: usize>(
+    isa: Isa,
+    keys: [&[T]; M],
+    queries: &[&[f32]],
+    scores: &mut [f32],
+    ctx: usize,
+    j0: usize,
+    scale: f32,
+) {
     for (c, qs) in queries.chunks(4).enumerate() {
         macro_rules! go {
             ($n:literal) => {{
@@ -605,8 +630,19 @@ fn score_keys<T: TileElem, const M: usize>(isa: Isa, keys: [&[T]; M], queries: &
 /// One task: scores of all its queries against the keys they see (4 keys per tile, each key read once
 /// for all queries), a softmax per query over its causal prefix, then Σ p·v per query.
 #[allow(clippy::too_many_arguments)]
-fn attend_task<T: Elem + TileElem>(isa: Isa, task: AttnTask, q: &[f32], q_cols: usize, out: SharedMut, k: &[T], v: &[T],
-    kv: (usize, usize), group: usize, hd: usize, pv: PvFn<T>) {
+fn attend_task<T: Elem + TileElem>(
+    isa: Isa,
+    task: AttnTask,
+    q: &[f32],
+    q_cols: usize,
+    out: SharedMut,
+    k: &[T],
+    v: &[T],
+    kv: (usize, usize),
+    group: usize,
+    hd: usize,
+    pv: PvFn<T>,
+) {
     let (block_size, kv_dim) = kv;
     let seq = task.seq;
     let first_ctx = seq.start_pos + (task.row0 - seq.rows.start) + 1;
@@ -707,24 +743,27 @@ impl Backend for CpuBackend {
     fn upload_moe(&self, moe: MoeHost) -> Result<CpuMoe> {
         let (e, first, held) = (moe.router.shape[0], moe.first_expert, moe.experts.len());
         ensure!(held > 0 && first + held <= e, InvalidArgument, "MoE experts {first}..{} held of a router over {e}", first + held);
-        let experts = moe
-            .experts
-            .into_iter()
-            .map(|[g, u, d]| Ok([self.upload(g)?, self.upload(u)?, self.upload(d)?]))
-            .collect::<Result<Vec<_>>>()?;
+        let experts =
+            moe.experts.into_iter().map(|[g, u, d]| Ok([self.upload(g)?, self.upload(u)?, self.upload(d)?])).collect::<Result<Vec<_>>>()?;
         // The router stays unquantised: int8 noise there flips near-tied expert choices.
         let router = match self.dtype {
             DType::F32 => moe.router,
             d => moe.router.to_dtype(d),
         };
-        Ok(CpuMoe { router: CpuWeight::Host(router), experts, first_expert: first, top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob, scratch: Default::default() })
+        Ok(CpuMoe {
+            router: CpuWeight::Host(router),
+            experts,
+            first_expert: first,
+            top_k: moe.top_k,
+            norm_topk_prob: moe.norm_topk_prob,
+            scratch: Default::default(),
+        })
     }
 
     fn alloc(&self, rows: usize, cols: usize) -> Result<CpuBuf> {
         let len = rows.checked_mul(cols).ok_or_else(|| crate::Error::InvalidArgument("buffer size overflows".into()))?;
         let mut data = Vec::new();
-        data.try_reserve_exact(len)
-            .map_err(|_| crate::Error::OutOfMemory(format!("cannot allocate a [{rows}, {cols}] f32 buffer")))?;
+        data.try_reserve_exact(len).map_err(|_| crate::Error::OutOfMemory(format!("cannot allocate a [{rows}, {cols}] f32 buffer")))?;
         data.resize(len, 0.0);
         Ok(CpuBuf { data, rows, cols })
     }
@@ -797,8 +836,17 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn qk_norm_rope(&self, q: &mut CpuBuf, k: &mut CpuBuf, q_norm: &CpuWeight, k_norm: &CpuWeight, eps: f32,
-        rope: &CpuWeight, positions: &[u32], shape: AttnShape) -> Result<()> {
+    fn qk_norm_rope(
+        &self,
+        q: &mut CpuBuf,
+        k: &mut CpuBuf,
+        q_norm: &CpuWeight,
+        k_norm: &CpuWeight,
+        eps: f32,
+        rope: &CpuWeight,
+        positions: &[u32],
+        shape: AttnShape,
+    ) -> Result<()> {
         let hd = shape.head_dim;
         let rope = rope.host("rope")?;
         let table = match rope.elems() {
@@ -843,9 +891,11 @@ impl Backend for CpuBackend {
         for seq in &batch.seqs {
             for (i, row) in seq.rows.clone().enumerate() {
                 let pos = seq.start_pos + i;
-                let block = *seq.blocks.get(pos / kv.block_size).ok_or_else(|| {
-                    crate::Error::InvalidArgument(format!("position {pos} has no cache block"))
-                })? as usize;
+                let block = *seq
+                    .blocks
+                    .get(pos / kv.block_size)
+                    .ok_or_else(|| crate::Error::InvalidArgument(format!("position {pos} has no cache block")))?
+                    as usize;
                 ensure!(block < kv.n_blocks, InvalidArgument, "cache block {block} out of range");
                 let at = (block * kv.block_size + pos % kv.block_size) * d;
                 kv.k.write(at, k.row(row));
@@ -882,8 +932,12 @@ impl Backend for CpuBackend {
             (0..n_tasks).into_par_iter().for_each(|i| {
                 let task = task_at(i);
                 match (&kv.k, &kv.v) {
-                    (KvData::F32(k), KvData::F32(v)) => attend_task(isa, task, &q.data, q_cols, out_ptr, k, v, (bs, d), group, hd, simd::pv_f32),
-                    (KvData::BF16(k), KvData::BF16(v)) => attend_task(isa, task, &q.data, q_cols, out_ptr, k, v, (bs, d), group, hd, simd::pv_bf16),
+                    (KvData::F32(k), KvData::F32(v)) => {
+                        attend_task(isa, task, &q.data, q_cols, out_ptr, k, v, (bs, d), group, hd, simd::pv_f32)
+                    }
+                    (KvData::BF16(k), KvData::BF16(v)) => {
+                        attend_task(isa, task, &q.data, q_cols, out_ptr, k, v, (bs, d), group, hd, simd::pv_bf16)
+                    }
                     (KvData::F16(k), KvData::F16(v)) => attend_task(isa, task, &q.data, q_cols, out_ptr, k, v, (bs, d), group, hd, pv_f16),
                     _ => unreachable!("K and V are created with one dtype"),
                 }
@@ -907,7 +961,10 @@ impl Backend for CpuBackend {
                 let bf = dtype == DType::BF16;
                 const CHUNK: usize = 1 << 14;
                 self.pool.install(|| {
-                    out.data.par_chunks_mut(CHUNK).zip(gate.data.par_chunks(CHUNK)).zip(up.data.par_chunks(CHUNK))
+                    out.data
+                        .par_chunks_mut(CHUNK)
+                        .zip(gate.data.par_chunks(CHUNK))
+                        .zip(up.data.par_chunks(CHUNK))
                         .for_each(|((o, g), u)| simd::swiglu(isa, o, g, u, bf))
                 });
             }

@@ -350,8 +350,15 @@ pub mod panel {
     /// points at N rows of `out_stride` f32 with `cols` writable columns from column 0.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     #[allow(clippy::needless_range_loop)] // indices pick registers of a fixed-size tile
-    pub unsafe fn kernel<const N: usize>(panel: &[u32], x: [&[u32]; N], kp: usize, out: *mut f32, out_stride: usize,
-        cols: usize, scale: Option<&[f32]>) {
+    pub unsafe fn kernel<const N: usize>(
+        panel: &[u32],
+        x: [&[u32]; N],
+        kp: usize,
+        out: *mut f32,
+        out_stride: usize,
+        cols: usize,
+        scale: Option<&[f32]>,
+    ) {
         let mut acc = [[_mm512_setzero_ps(); N]; 2];
         let pp = panel.as_ptr();
         for p in 0..kp {
@@ -500,9 +507,15 @@ macro_rules! neon_tile {
 }
 
 tile_elem!(f32, tile512_f32, tile256_f32, dot_f32);
-tile_elem!(bf16, tile512_bf16, tile256_bf16, dot_bf16, fn as_bf16(w: &[bf16]) -> Option<&[bf16]> {
-    Some(w)
-});
+tile_elem!(
+    bf16,
+    tile512_bf16,
+    tile256_bf16,
+    dot_bf16,
+    fn as_bf16(w: &[bf16]) -> Option<&[bf16]> {
+        Some(w)
+    }
+);
 tile_elem!(i8, tile512_i8, tile256_i8, none);
 
 /// bf16 weights × bf16 activations (exact products, f32 sums); needs `Isa::Avx512Bf16`, else it

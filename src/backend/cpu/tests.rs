@@ -70,8 +70,12 @@ fn matmul_every_isa_matches_reference() {
                         pool.install(|| matmul_with(isa, bf16_acts, &mut got, &x, &w, t));
                         let bound = abs_bound(&x, &w, t);
                         for i in 0..t * n {
-                            assert!((got[i] - want[i]).abs() <= 2e-6 * bound[i] + 1e-30,
-                                "{isa:?} {kind} bf16_acts={bf16_acts} k={k} n={n} t={t} [{i}]: {} vs {}", got[i], want[i]);
+                            assert!(
+                                (got[i] - want[i]).abs() <= 2e-6 * bound[i] + 1e-30,
+                                "{isa:?} {kind} bf16_acts={bf16_acts} k={k} n={n} t={t} [{i}]: {} vs {}",
+                                got[i],
+                                want[i]
+                            );
                         }
                     }
                 }
@@ -97,8 +101,21 @@ fn int8_quantisation_error_is_within_half_a_step() {
 #[test]
 fn round_bf16_is_bit_exact() {
     let mut rng = Rng(11);
-    let mut special = vec![0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, f32::MAX, f32::MIN_POSITIVE, 1e-40, -1e-40,
-        f32::from_bits(0x3F80_8000), f32::from_bits(0x3F81_8000), f32::from_bits(0x7F7F_FFFF), f32::from_bits(0x7FC0_0001)];
+    let mut special = vec![
+        0.0,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        f32::MAX,
+        f32::MIN_POSITIVE,
+        1e-40,
+        -1e-40,
+        f32::from_bits(0x3F80_8000),
+        f32::from_bits(0x3F81_8000),
+        f32::from_bits(0x7F7F_FFFF),
+        f32::from_bits(0x7FC0_0001),
+    ];
     special.extend(rng.vec(1000).iter().map(|v| v * 1e3));
     special.extend((0..2000u32).map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761))));
     for isa in Isa::available() {
@@ -223,8 +240,12 @@ fn attention_matches_reference() {
                         let mut want = vec![0f32; hd];
                         let off = (h / (nh / nkv)) * hd;
                         match (&kv.k, &kv.v) {
-                            (KvData::F32(kk), KvData::F32(vv)) => attend_head_reference(&mut want, qh, kk, vv, ctx, seq.blocks, bs, kvd, off),
-                            (KvData::BF16(kk), KvData::BF16(vv)) => attend_head_reference(&mut want, qh, kk, vv, ctx, seq.blocks, bs, kvd, off),
+                            (KvData::F32(kk), KvData::F32(vv)) => {
+                                attend_head_reference(&mut want, qh, kk, vv, ctx, seq.blocks, bs, kvd, off)
+                            }
+                            (KvData::BF16(kk), KvData::BF16(vv)) => {
+                                attend_head_reference(&mut want, qh, kk, vv, ctx, seq.blocks, bs, kvd, off)
+                            }
                             _ => unreachable!(),
                         }
                         if dtype == DType::BF16 {

@@ -28,7 +28,19 @@ pub const SOURCES: &[(&str, &str)] = &[
 /// `QWEN3RS_CUDA_DEFINES="GV_UNROLL=4 PREFETCH_BYTES=4096"` (space- or comma-separated): only these
 /// (none has a copy on the host that would have to agree), only positive integers. Each is
 /// `#ifndef`-guarded where the kernels define it; the values are part of the cubin cache key.
-pub const TUNABLE: &[&str] = &["GV_UNROLL", "GV_PAIR_ROWS", "GV_MIN_BLOCKS", "RD_UNROLL", "MD_SLOTS", "PREFETCH_BYTES", "PREFETCH_MATRIX", "AD_KB", "ARGMAX_UNROLL", "EG_MAX_STAGES", "EG_MMA_SERIAL"];
+pub const TUNABLE: &[&str] = &[
+    "GV_UNROLL",
+    "GV_PAIR_ROWS",
+    "GV_MIN_BLOCKS",
+    "RD_UNROLL",
+    "MD_SLOTS",
+    "PREFETCH_BYTES",
+    "PREFETCH_MATRIX",
+    "AD_KB",
+    "ARGMAX_UNROLL",
+    "EG_MAX_STAGES",
+    "EG_MMA_SERIAL",
+];
 
 /// The `-D` options `QWEN3RS_CUDA_DEFINES` asks for (none when unset), or an error naming the bad entry.
 pub fn tuning_defines() -> Result<Vec<String>> {
@@ -37,10 +49,17 @@ pub fn tuning_defines() -> Result<Vec<String>> {
         .filter(|t| !t.is_empty())
         .map(|t| {
             let (name, value) = t.split_once('=').unwrap_or((t, ""));
-            crate::ensure!(TUNABLE.contains(&name), InvalidArgument,
-                "QWEN3RS_CUDA_DEFINES: {name:?} is not a tunable kernel constant (one of {})", TUNABLE.join(", "));
-            crate::ensure!(value.bytes().all(|b| b.is_ascii_digit()) && value.parse::<u32>().is_ok_and(|v| v > 0), InvalidArgument,
-                "QWEN3RS_CUDA_DEFINES: {name}={value:?} is not a positive integer");
+            crate::ensure!(
+                TUNABLE.contains(&name),
+                InvalidArgument,
+                "QWEN3RS_CUDA_DEFINES: {name:?} is not a tunable kernel constant (one of {})",
+                TUNABLE.join(", ")
+            );
+            crate::ensure!(
+                value.bytes().all(|b| b.is_ascii_digit()) && value.parse::<u32>().is_ok_and(|v| v > 0),
+                InvalidArgument,
+                "QWEN3RS_CUDA_DEFINES: {name}={value:?} is not a positive integer"
+            );
             Ok(format!("-D{name}={value}"))
         })
         .collect()
@@ -165,9 +184,7 @@ pub fn cubin(name: &str, dtype: DType, arch: (i32, i32), driver_version: i32, us
     if let Some(path) = path.filter(|_| use_cache) {
         if let Some(dir) = path.parent() {
             let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-            let _ = std::fs::create_dir_all(dir)
-                .and_then(|_| std::fs::write(&tmp, &cubin))
-                .and_then(|_| std::fs::rename(&tmp, &path));
+            let _ = std::fs::create_dir_all(dir).and_then(|_| std::fs::write(&tmp, &cubin)).and_then(|_| std::fs::rename(&tmp, &path));
         }
     }
     Ok(cubin)

@@ -83,9 +83,13 @@ pub fn driver_version() -> Result<i32> {
 /// How many CUDA devices the driver sees (errors when the libraries or driver are unusable).
 pub fn device_count() -> Result<usize> {
     let v = driver_version()?;
-    crate::ensure!(v >= 13000, Device,
+    crate::ensure!(
+        v >= 13000,
+        Device,
         "the NVIDIA driver supports CUDA {}.{}, but qwen3rs is built for CUDA 13: update the driver to r580 or newer",
-        v / 1000, (v % 1000) / 10);
+        v / 1000,
+        (v % 1000) / 10
+    );
     no_panic("CUDA driver", || Ok(drv::device::get_count().map_err(|e| drv_err("counting CUDA devices", e))? as usize))
 }
 
@@ -258,8 +262,14 @@ const PDL_MAX_SMEM: u32 = 16 * 1024;
 fn allow_smem(f: Func, name: &str, smem: u32) -> Result<()> {
     if smem + f.1 > 48 * 1024 {
         // SAFETY: `f` is a live function; raising its dynamic shared-memory limit is always valid.
-        unsafe { drv::function::set_function_attribute(f.0, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32) }
-            .map_err(|e| drv_err(&format!("{name}: shared memory"), e))?;
+        unsafe {
+            drv::function::set_function_attribute(
+                f.0,
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+        }
+        .map_err(|e| drv_err(&format!("{name}: shared memory"), e))?;
     }
     Ok(())
 }
@@ -268,8 +278,10 @@ fn allow_smem(f: Func, name: &str, smem: u32) -> Result<()> {
 fn allow_cluster(f: Func, name: &str, cluster: u32) -> Result<()> {
     if cluster > 8 {
         // SAFETY: `f` is a live function; allowing non-portable cluster sizes is always valid.
-        unsafe { drv::function::set_function_attribute(f.0, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1) }
-            .map_err(|e| drv_err(&format!("{name}: cluster size {cluster}"), e))?;
+        unsafe {
+            drv::function::set_function_attribute(f.0, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1)
+        }
+        .map_err(|e| drv_err(&format!("{name}: cluster size {cluster}"), e))?;
     }
     Ok(())
 }
@@ -293,8 +305,10 @@ impl Gpu {
             let ctx = CudaContext::new(ordinal).map_err(|e| drv_err(&format!("creating a context on cuda:{ordinal}"), e))?;
             let arch = ctx.compute_capability().map_err(|e| drv_err("reading the compute capability", e))?;
             let name = ctx.name().unwrap_or_else(|_| "CUDA GPU".into());
-            let sms = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-                .map_err(|e| drv_err("reading the multiprocessor count", e))?.max(1) as u32;
+            let sms = ctx
+                .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                .map_err(|e| drv_err("reading the multiprocessor count", e))?
+                .max(1) as u32;
             let stream = drv::stream::create(drv::stream::StreamKind::NonBlocking).map_err(|e| drv_err("creating a stream", e))?;
             let blas = match blas::create_handle() {
                 Ok(h) => h,
@@ -307,9 +321,22 @@ impl Gpu {
             let pdl_max_smem = (arch.0 >= 9 && !super::env_off("QWEN3RS_CUDA_PDL"))
                 .then(|| std::env::var("QWEN3RS_CUDA_PDL_MAX_SMEM").ok().and_then(|v| v.parse().ok()).unwrap_or(PDL_MAX_SMEM));
             let blocks_per_sm = super::env_count("QWEN3RS_CUDA_BLOCKS_PER_SM").map(|n| n as u32);
-            let gpu = Gpu { ctx, h: Handles { stream, blas }, dtype, arch, name, sms, driver, pdl_max_smem, blocks_per_sm,
-                modules: Mutex::new(HashMap::new()), funcs: Mutex::new(HashMap::new()), occupancy: Mutex::new(HashMap::new()),
-                mode: Mutex::new(ModeState { mode: Mode::Eager, hash: HASH_START }), ptr_arrays: Mutex::new(None) };
+            let gpu = Gpu {
+                ctx,
+                h: Handles { stream, blas },
+                dtype,
+                arch,
+                name,
+                sms,
+                driver,
+                pdl_max_smem,
+                blocks_per_sm,
+                modules: Mutex::new(HashMap::new()),
+                funcs: Mutex::new(HashMap::new()),
+                occupancy: Mutex::new(HashMap::new()),
+                mode: Mutex::new(ModeState { mode: Mode::Eager, hash: HASH_START }),
+                ptr_arrays: Mutex::new(None),
+            };
             // SAFETY: both handles are live; cuBLAS then orders its work on our stream.
             unsafe { blas::set_stream(gpu.h.blas, gpu.h.stream as _) }.map_err(|e| blas_err("cublasSetStream", e))?;
             Ok(gpu)
@@ -332,7 +359,8 @@ impl Gpu {
             0
         } else {
             // SAFETY: the context is bound; the allocation is owned by the returned DevMem.
-            unsafe { drv::malloc_sync(bytes) }.map_err(|e| drv_err(&format!("allocating {:.1} MiB on {}", bytes as f64 / (1 << 20) as f64, self.name), e))?
+            unsafe { drv::malloc_sync(bytes) }
+                .map_err(|e| drv_err(&format!("allocating {:.1} MiB on {}", bytes as f64 / (1 << 20) as f64, self.name), e))?
         };
         Ok(DevMem { ptr, bytes, ctx: self.ctx.clone() })
     }
@@ -348,7 +376,13 @@ impl Gpu {
     /// Copy host bytes to `dst + offset` (ordered on the stream; pageable sources are staged
     /// before this returns, so `src` may be dropped right after).
     pub fn upload(&self, dst: &DevMem, offset: usize, src: &[u8]) -> Result<()> {
-        crate::ensure!(offset + src.len() <= dst.bytes, InvalidArgument, "upload of {} bytes at {offset} overflows a {}-byte buffer", src.len(), dst.bytes);
+        crate::ensure!(
+            offset + src.len() <= dst.bytes,
+            InvalidArgument,
+            "upload of {} bytes at {offset} overflows a {}-byte buffer",
+            src.len(),
+            dst.bytes
+        );
         if src.is_empty() {
             return Ok(());
         }
@@ -412,7 +446,8 @@ impl Gpu {
         self.bind()?;
         let mut p: *mut c_void = std::ptr::null_mut();
         // SAFETY: the context is bound; `p` is a valid out-pointer; the result is owned by PinnedMem.
-        unsafe { sys::cuMemHostAlloc(&mut p, bytes.max(1), sys::CU_MEMHOSTALLOC_DEVICEMAP) }.result()
+        unsafe { sys::cuMemHostAlloc(&mut p, bytes.max(1), sys::CU_MEMHOSTALLOC_DEVICEMAP) }
+            .result()
             .map_err(|e| drv_err("allocating mapped host memory", e))?;
         let mut m = PinnedMem { ptr: p as *mut u8, bytes, ctx: self.ctx.clone() };
         m.as_mut_slice().fill(0);
@@ -429,7 +464,8 @@ impl Gpu {
         self.bind()?;
         // SAFETY: `src` is live page-locked memory of at least `bytes`; the caller passes a device
         // range of at least `bytes`; ordered on our stream.
-        unsafe { sys::cuMemcpyHtoDAsync_v2(dst, src.ptr as *const c_void, bytes, self.h.stream) }.result()
+        unsafe { sys::cuMemcpyHtoDAsync_v2(dst, src.ptr as *const c_void, bytes, self.h.stream) }
+            .result()
             .map_err(|e| drv_err("copying metadata to the GPU", e))
     }
 
@@ -438,7 +474,8 @@ impl Gpu {
     pub fn begin_capture(&self) -> Result<()> {
         self.bind()?;
         // SAFETY: the stream is live and not already capturing.
-        unsafe { sys::cuStreamBeginCapture_v2(self.h.stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED) }.result()
+        unsafe { sys::cuStreamBeginCapture_v2(self.h.stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED) }
+            .result()
             .map_err(|e| drv_err("starting a CUDA graph capture", e))
     }
 
@@ -465,7 +502,8 @@ impl Gpu {
         self.bind()?;
         let mut ev: sys::CUevent = std::ptr::null_mut();
         // SAFETY: the context is bound; `ev` is a valid out-pointer, owned by the Event.
-        unsafe { sys::cuEventCreate(&mut ev, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32) }.result()
+        unsafe { sys::cuEventCreate(&mut ev, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32) }
+            .result()
             .map_err(|e| drv_err("creating a CUDA event", e))?;
         Ok(Event { ev, ctx: self.ctx.clone() })
     }
@@ -501,8 +539,9 @@ impl Gpu {
         // SAFETY: `m` is a loaded module of this context.
         let f = unsafe { drv::module::get_function(m, cname) }.map_err(|e| drv_err(&format!("finding kernel {name}"), e))?;
         // SAFETY: `f` is a live function; reading an attribute has no effect.
-        let static_smem = unsafe { drv::function::get_function_attribute(f, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES) }
-            .map_err(|e| drv_err(&format!("{name}: shared memory"), e))?;
+        let static_smem =
+            unsafe { drv::function::get_function_attribute(f, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES) }
+                .map_err(|e| drv_err(&format!("{name}: shared memory"), e))?;
         let func = Func(f, static_smem.max(0) as u32);
         self.funcs.lock().map_err(|_| Error::Device("kernel table poisoned".into()))?.insert((module, name), func);
         Ok(func)
@@ -522,7 +561,8 @@ impl Gpu {
                 allow_smem(f, name, smem)?;
                 // SAFETY: `f` is a live function of this context.
                 let v = unsafe { drv::occupancy::max_active_block_per_multiprocessor(f.0, block as i32, smem as usize) }
-                    .map_err(|e| drv_err(&format!("{name}: occupancy"), e))?.max(1) as u32;
+                    .map_err(|e| drv_err(&format!("{name}: occupancy"), e))?
+                    .max(1) as u32;
                 self.occupancy.lock().map_err(|_| Error::Device("occupancy table poisoned".into()))?.insert(key, v);
                 v
             }
@@ -532,21 +572,42 @@ impl Gpu {
     }
 
     /// Launch `module::name` on the stream. `args` must match the kernel's parameters exactly.
-    pub fn launch(&self, module: &'static str, name: &'static str, grid: (u32, u32, u32), block: u32, smem: u32,
-        args: &[(*mut c_void, usize)]) -> Result<()> {
+    pub fn launch(
+        &self,
+        module: &'static str,
+        name: &'static str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &[(*mut c_void, usize)],
+    ) -> Result<()> {
         self.launch_cluster(module, name, grid, block, smem, 1, args)
     }
 
     /// `launch` with the grid's blocks in clusters of `cluster` consecutive z indices (sm_90+, at most
     /// 16; grid.2 a multiple of it): a cluster's blocks run at once and share their shared memory.
     #[allow(clippy::too_many_arguments)]
-    pub fn launch_cluster(&self, module: &'static str, name: &'static str, grid: (u32, u32, u32), block: u32, smem: u32,
-        cluster: u32, args: &[(*mut c_void, usize)]) -> Result<()> {
+    pub fn launch_cluster(
+        &self,
+        module: &'static str,
+        name: &'static str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        cluster: u32,
+        args: &[(*mut c_void, usize)],
+    ) -> Result<()> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
-        crate::ensure!(cluster >= 1 && grid.2.is_multiple_of(cluster) && (cluster == 1 || self.arch.0 >= 9), InvalidArgument,
-            "{name}: clusters of {cluster} blocks for a grid of {} (sm_{}{})", grid.2, self.arch.0, self.arch.1);
+        crate::ensure!(
+            cluster >= 1 && grid.2.is_multiple_of(cluster) && (cluster == 1 || self.arch.0 >= 9),
+            InvalidArgument,
+            "{name}: clusters of {cluster} blocks for a grid of {} (sm_{}{})",
+            grid.2,
+            self.arch.0,
+            self.arch.1
+        );
         let record = |h: u64| -> u64 {
             let mut h = hash_bytes(h, module.as_bytes());
             h = hash_bytes(h, name.as_bytes());
@@ -603,10 +664,21 @@ impl Gpu {
             attrs[n].value.clusterDim.z = cluster;
             n += 1;
         }
-        let config = sys::CUlaunchConfig { gridDimX: grid.0, gridDimY: grid.1, gridDimZ: grid.2, blockDimX: block, blockDimY: 1,
-            blockDimZ: 1, sharedMemBytes: smem, hStream: self.h.stream, attrs: attrs.as_mut_ptr(), numAttrs: n as u32 };
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: smem,
+            hStream: self.h.stream,
+            attrs: attrs.as_mut_ptr(),
+            numAttrs: n as u32,
+        };
         // SAFETY: as above; `config` and `attrs` outlive the call.
-        unsafe { sys::cuLaunchKernelEx(&config, f.0, args.as_mut_ptr(), std::ptr::null_mut()) }.result()
+        unsafe { sys::cuLaunchKernelEx(&config, f.0, args.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
             .map_err(|e| drv_err(&format!("launching {name}"), e))
     }
 
@@ -643,10 +715,28 @@ impl Gpu {
         // caller's contract); the host arrays have g entries; alpha/beta are host f32 (the handle's
         // default pointer mode) matching the f32 compute type.
         let status = unsafe {
-            blas_sys::cublasGemmGroupedBatchedEx(self.h.blas, ta.as_ptr(), tb.as_ptr(), ms.as_ptr(), ns.as_ptr(), ks.as_ptr(),
-                alpha.as_ptr() as *const c_void, a as *const *const c_void, ty, ks.as_ptr(),
-                b as *const *const c_void, ty, ks.as_ptr(), beta.as_ptr() as *const c_void,
-                c as *const *mut c_void, ty, ms.as_ptr(), g as i32, sizes.as_ptr(), blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F)
+            blas_sys::cublasGemmGroupedBatchedEx(
+                self.h.blas,
+                ta.as_ptr(),
+                tb.as_ptr(),
+                ms.as_ptr(),
+                ns.as_ptr(),
+                ks.as_ptr(),
+                alpha.as_ptr() as *const c_void,
+                a as *const *const c_void,
+                ty,
+                ks.as_ptr(),
+                b as *const *const c_void,
+                ty,
+                ks.as_ptr(),
+                beta.as_ptr() as *const c_void,
+                c as *const *mut c_void,
+                ty,
+                ms.as_ptr(),
+                g as i32,
+                sizes.as_ptr(),
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            )
         };
         status.result().map_err(|e| blas_err("cuBLAS grouped GEMM", e))
     }
@@ -684,11 +774,27 @@ impl Gpu {
         // SAFETY: the pointers are live device buffers of the stated shapes; alpha/beta are host f32
         // (the handle's default pointer mode) matching the f32 compute type.
         unsafe {
-            blas::gemm_ex(self.h.blas, blas_sys::cublasOperation_t::CUBLAS_OP_T, blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                n as i32, t as i32, k as i32, &alpha as *const f32 as *const c_void, w as *const c_void, ty, k as i32,
-                x as *const c_void, ty, k as i32, &beta as *const f32 as *const c_void, out as *mut c_void,
-                if out_f32 { blas_sys::cudaDataType::CUDA_R_32F } else { ty }, n as i32,
-                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT)
+            blas::gemm_ex(
+                self.h.blas,
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                t as i32,
+                k as i32,
+                &alpha as *const f32 as *const c_void,
+                w as *const c_void,
+                ty,
+                k as i32,
+                x as *const c_void,
+                ty,
+                k as i32,
+                &beta as *const f32 as *const c_void,
+                out as *mut c_void,
+                if out_f32 { blas_sys::cudaDataType::CUDA_R_32F } else { ty },
+                n as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
         }
         .map_err(|e| blas_err("cuBLAS GEMM", e))
     }

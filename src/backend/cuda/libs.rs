@@ -25,12 +25,8 @@ pub fn add_search_dirs(lib_dirs: Vec<PathBuf>, include_dirs: Vec<PathBuf>) {
 }
 
 fn cuda_roots() -> Vec<PathBuf> {
-    let mut roots: Vec<PathBuf> = ["CUDA_HOME", "CUDA_PATH", "CUDA_ROOT"]
-        .iter()
-        .filter_map(std::env::var_os)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .collect();
+    let mut roots: Vec<PathBuf> =
+        ["CUDA_HOME", "CUDA_PATH", "CUDA_ROOT"].iter().filter_map(std::env::var_os).filter(|v| !v.is_empty()).map(PathBuf::from).collect();
     roots.push(PathBuf::from("/usr/local/cuda"));
     roots
 }
@@ -97,7 +93,8 @@ pub struct Found {
     pub cublas: String,
 }
 
-const INSTALL_HINT: &str = "install the CUDA 13 toolkit (and set CUDA_HOME), or `pip install nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cublas` (CUDA 13)";
+const INSTALL_HINT: &str =
+    "install the CUDA 13 toolkit (and set CUDA_HOME), or `pip install nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cublas` (CUDA 13)";
 
 fn find_nvrtc() -> Result<String> {
     let nvrtc = load_one(&["libnvrtc.so.13", "libnvrtc.so"])
@@ -105,10 +102,8 @@ fn find_nvrtc() -> Result<String> {
     // NVRTC dlopens its builtins by soname at the first compile; load them from NVRTC's folder.
     if let Some(dir) = Path::new(&nvrtc).parent().filter(|d| !d.as_os_str().is_empty()) {
         if let Ok(entries) = std::fs::read_dir(dir) {
-            let mut names: Vec<String> = entries
-                .filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .filter(|n| n.starts_with("libnvrtc-builtins.so."))
-                .collect();
+            let mut names: Vec<String> =
+                entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.starts_with("libnvrtc-builtins.so.")).collect();
             names.sort();
             for n in names {
                 // SAFETY: as in `load_one`.
@@ -136,7 +131,8 @@ pub fn find_nccl() -> Result<(String, &'static Library)> {
         .map_err(Error::Device)?;
     static LIB: OnceLock<std::result::Result<Library, String>> = OnceLock::new();
     // SAFETY: the library was just loaded successfully from this path; loading it again only adds a reference.
-    let lib = LIB.get_or_init(|| unsafe { Library::new(&path) }.map_err(|e| e.to_string())).as_ref().map_err(|e| Error::Device(e.clone()))?;
+    let lib =
+        LIB.get_or_init(|| unsafe { Library::new(&path) }.map_err(|e| e.to_string())).as_ref().map_err(|e| Error::Device(e.clone()))?;
     Ok((path, lib))
 }
 
@@ -152,7 +148,8 @@ pub fn ensure_libs() -> Result<Found> {
     FOUND
         .get_or_init(|| {
             let driver = load_one(&["libcuda.so.1", "libcuda.so"]).ok_or_else(|| {
-                "the NVIDIA driver library libcuda.so.1 was not found: no NVIDIA driver is installed (or it is not on the library path)".to_string()
+                "the NVIDIA driver library libcuda.so.1 was not found: no NVIDIA driver is installed (or it is not on the library path)"
+                    .to_string()
             })?;
             let nvrtc = ensure_nvrtc().map_err(|e| e.to_string())?;
             // libcublas needs libcublasLt: load it first so cublas's own dependency resolves to it.

@@ -17,12 +17,12 @@ mod gpu;
 pub mod libs;
 mod nccl;
 
+use super::MoeDummy;
 use super::{AttnShape, Backend, BatchInfo, BlockInput, MoeHost};
 use crate::error::{Error, Result};
+use crate::model::dummy::{DummySpec, Walk};
 use crate::tensor::{DType, HostTensor, Window};
 use crate::{bail, ensure};
-use crate::model::dummy::{DummySpec, Walk};
-use super::MoeDummy;
 use gpu::{args, DevMem, Gpu, Graph, Mode, PinnedMem};
 use half::{bf16, f16};
 use std::collections::HashMap;
@@ -418,7 +418,11 @@ pub(crate) fn env_count(name: &str) -> Option<usize> {
 /// Most decode-attention splits a cluster of compute capability `arch` merges: 16 from sm_90, none
 /// below (no clusters).
 fn attn_cluster_cap(arch: (i32, i32)) -> usize {
-    if arch.0 >= 9 { MAX_ATTN_CLUSTER } else { 0 }
+    if arch.0 >= 9 {
+        MAX_ATTN_CLUSTER
+    } else {
+        0
+    }
 }
 
 /// Decode-attention splits merged in one cluster by default: the device's cap
@@ -469,8 +473,18 @@ fn decode_attention_kernel(s: AttnShape, g_max: usize, rope: bool) -> Option<(&'
             ["attention_decode_g1_d128", "attention_decode_g2_d128", "attention_decode_g4_d128", "attention_decode_g8_d128"],
         ],
         [
-            ["attention_decode_rope_g1_d64", "attention_decode_rope_g2_d64", "attention_decode_rope_g4_d64", "attention_decode_rope_g8_d64"],
-            ["attention_decode_rope_g1_d128", "attention_decode_rope_g2_d128", "attention_decode_rope_g4_d128", "attention_decode_rope_g8_d128"],
+            [
+                "attention_decode_rope_g1_d64",
+                "attention_decode_rope_g2_d64",
+                "attention_decode_rope_g4_d64",
+                "attention_decode_rope_g8_d64",
+            ],
+            [
+                "attention_decode_rope_g1_d128",
+                "attention_decode_rope_g2_d128",
+                "attention_decode_rope_g4_d128",
+                "attention_decode_rope_g8_d128",
+            ],
         ],
     ];
     let group = s.n_heads / s.n_kv_heads;
@@ -496,8 +510,13 @@ impl ReplayTrace {
         }
         if self.n == 100 {
             let us = |d: std::time::Duration| d.as_secs_f64() * 1e6 / self.n as f64;
-            eprintln!("qwen3rs trace: graph replay host time per step over {} steps: wait {:.0} us, dry pass {:.0} us, launch {:.0} us",
-                self.n, us(self.sum[0]), us(self.sum[1]), us(self.sum[2]));
+            eprintln!(
+                "qwen3rs trace: graph replay host time per step over {} steps: wait {:.0} us, dry pass {:.0} us, launch {:.0} us",
+                self.n,
+                us(self.sum[0]),
+                us(self.sum[1]),
+                us(self.sum[2])
+            );
             *self = ReplayTrace::default();
         }
     }
@@ -524,20 +543,36 @@ impl CudaBackend {
         let trace = std::env::var_os("QWEN3RS_CUDA_TRACE").is_some() && !env_off("QWEN3RS_CUDA_TRACE");
         let replays = env_count("QWEN3RS_CUDA_REPLAYS").unwrap_or(1);
         let argmax = Argmax { dev: None, host: None, cap: 0, done: gpu.event()?, queued: None };
-        Ok(CudaBackend { gpu, ordinal, meta: Mutex::new(slots(N_META)), staging: Default::default(), scratch: Mutex::new(slots(N_SCRATCH)), graphs, parity: 0.into(),
-            pipeline: !env_off("QWEN3RS_CUDA_PIPELINE"), ahead: !env_off("QWEN3RS_CUDA_AHEAD") && replays == 1,
-            argmax: Mutex::new(argmax), graph_cache: std::env::var("QWEN3RS_CUDA_GRAPH_CACHE").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(8),
+        Ok(CudaBackend {
+            gpu,
+            ordinal,
+            meta: Mutex::new(slots(N_META)),
+            staging: Default::default(),
+            scratch: Mutex::new(slots(N_SCRATCH)),
+            graphs,
+            parity: 0.into(),
+            pipeline: !env_off("QWEN3RS_CUDA_PIPELINE"),
+            ahead: !env_off("QWEN3RS_CUDA_AHEAD") && replays == 1,
+            argmax: Mutex::new(argmax),
+            graph_cache: std::env::var("QWEN3RS_CUDA_GRAPH_CACHE").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(8),
             device_top: (!env_off("QWEN3RS_CUDA_DEVICE_TOP")).into(),
-            graph_bad: Default::default(), replay_trace: trace.then(Default::default), replays,
+            graph_bad: Default::default(),
+            replay_trace: trace.then(Default::default),
+            replays,
             fused: !env_off("QWEN3RS_CUDA_FUSED"),
-            rope_attn: !env_off("QWEN3RS_CUDA_ROPE_ATTN"), fused_route: !env_off("QWEN3RS_CUDA_FUSED_ROUTE"),
+            rope_attn: !env_off("QWEN3RS_CUDA_ROPE_ATTN"),
+            fused_route: !env_off("QWEN3RS_CUDA_FUSED_ROUTE"),
             router_warps: env_count("QWEN3RS_CUDA_ROUTER_WARPS").unwrap_or(8).min(32),
-            split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"), split_keys: env_count("QWEN3RS_CUDA_SPLIT_KEYS").unwrap_or(8),
-            attn_cluster: attn_cluster.into(), tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"),
-            moe_cublas: (!env_off("QWEN3RS_CUDA_MOE_CUBLAS")).into(), moe_wgmma: (!env_off("QWEN3RS_CUDA_MOE_WGMMA")).into(),
+            split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"),
+            split_keys: env_count("QWEN3RS_CUDA_SPLIT_KEYS").unwrap_or(8),
+            attn_cluster: attn_cluster.into(),
+            tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"),
+            moe_cublas: (!env_off("QWEN3RS_CUDA_MOE_CUBLAS")).into(),
+            moe_wgmma: (!env_off("QWEN3RS_CUDA_MOE_WGMMA")).into(),
             expert_tile: EXPERT_TILES.iter().position(|t| Some(t.0) == env_count("QWEN3RS_CUDA_EXPERT_TILE")).unwrap_or(0).into(),
             attn_wgmma: (!env_off("QWEN3RS_CUDA_ATTN_WGMMA")).into(),
-            prefill_chunk: env_count("QWEN3RS_CUDA_PREFILL_CHUNK").unwrap_or(2048) })
+            prefill_chunk: env_count("QWEN3RS_CUDA_PREFILL_CHUNK").unwrap_or(2048),
+        })
     }
 
     /// MoE prefill through cuBLAS grouped GEMMs (`true`, the default) or the `grouped_gemm` kernel,
@@ -789,8 +824,14 @@ impl CudaBackend {
         }
         let Walk { cols, row0, rows, col0, ncols } = walk;
         let (chunk0, c, hw) = (first as u64, spec.center, spec.half_width);
-        self.gpu.launch("elementwise", "dummy_fill", (blocks(last - first, DUMMY_THREADS), jobs as u32, 1), DUMMY_THREADS as u32, 0,
-            args![out, keys, key, cols, row0, rows, col0, ncols, chunk0, c, hw])
+        self.gpu.launch(
+            "elementwise",
+            "dummy_fill",
+            (blocks(last - first, DUMMY_THREADS), jobs as u32, 1),
+            DUMMY_THREADS as u32,
+            0,
+            args![out, keys, key, cols, row0, rows, col0, ncols, chunk0, c, hw],
+        )
     }
 
     /// moe_sort (moe.cu): the `p` pairs of `ids` [p] (top_k a row) grouped by the experts held here,
@@ -799,8 +840,14 @@ impl CudaBackend {
     fn moe_sort(&self, moe: &CudaMoe, ids: u64, p: usize, tile_rows_max: usize, max_tiles: usize, out: [u64; 5]) -> Result<()> {
         let [sorted, pair_pos, tile_e, tile_row0, tile_rows] = out;
         let (pi, ki, held, tm, mt) = (p as i32, moe.top_k as i32, moe.held as i32, tile_rows_max as i32, max_tiles as i32);
-        self.gpu.launch("moe", "moe_sort", (1, 1, 1), 1024, (2 * moe.held * 4) as u32,
-            args![ids, pi, ki, held, tm, mt, sorted, pair_pos, tile_e, tile_row0, tile_rows])
+        self.gpu.launch(
+            "moe",
+            "moe_sort",
+            (1, 1, 1),
+            1024,
+            (2 * moe.held * 4) as u32,
+            args![ids, pi, ki, held, tm, mt, sorted, pair_pos, tile_e, tile_row0, tile_rows],
+        )
     }
 
     /// The experts of a prefill batch on Hopper's tensor cores (expert_gemm.cu): sort the pairs into
@@ -819,10 +866,22 @@ impl CudaBackend {
         self.moe_sort(moe, ids, p, tile_rows_max, tiles, [sorted, pair_pos, tile_e, tile_row0, tile_rows])?;
         let (ki, xp, hi, ii, null) = (k as i32, x.mem.ptr, h as i32, inter as i32, 0u64);
         let (gp, up, dp) = (moe.gate.ptr, moe.up.ptr, moe.down.ptr);
-        self.gpu.launch("expert_gemm", kernel, (blocks(inter, 64), tiles as u32, 1), 256, smem,
-            args![act, xp, sorted, gp, up, tile_e, tile_row0, tile_rows, ii, hi])?;
-        self.gpu.launch("expert_gemm", kernel, (blocks(h, 128), tiles as u32, 1), 256, smem,
-            args![y, act, null, dp, null, tile_e, tile_row0, tile_rows, hi, ii])?;
+        self.gpu.launch(
+            "expert_gemm",
+            kernel,
+            (blocks(inter, 64), tiles as u32, 1),
+            256,
+            smem,
+            args![act, xp, sorted, gp, up, tile_e, tile_row0, tile_rows, ii, hi],
+        )?;
+        self.gpu.launch(
+            "expert_gemm",
+            kernel,
+            (blocks(h, 128), tiles as u32, 1),
+            256,
+            smem,
+            args![y, act, null, dp, null, tile_e, tile_row0, tile_rows, hi, ii],
+        )?;
         let o = out.mem.ptr;
         self.gpu.launch("moe", "moe_combine", (self.vec_blocks(h), t as u32, 1), 256, 0, args![o, y, pair_pos, weights, ki, hi])
     }
@@ -843,8 +902,8 @@ impl CudaBackend {
         let all: Vec<i32> = self.download_typed(3 * (e + 1), tiles)?;
         let (te, rest) = all.split_at(e + 1);
         let (r0, nr) = rest.split_at(e + 1);
-        let segs: Vec<(u64, u64, u64)> = te.iter().zip(r0).zip(nr).take_while(|((&x, _), _)| x >= 0)
-            .map(|((&x, &r), &n)| (x as u64, r as u64, n as u64)).collect();
+        let segs: Vec<(u64, u64, u64)> =
+            te.iter().zip(r0).zip(nr).take_while(|((&x, _), _)| x >= 0).map(|((&x, &r), &n)| (x as u64, r as u64, n as u64)).collect();
         // The pairs routed to experts held here (all P on one device; under expert parallelism
         // possibly none, and then this rank's part of the output is zero).
         let pl = segs.iter().map(|s| s.2).sum::<u64>() as usize;
@@ -904,8 +963,10 @@ impl CudaBackend {
             for (i, row) in seq.rows.clone().enumerate() {
                 ensure!(row < t, InvalidArgument, "sequence row {row} is outside a batch of {t} rows");
                 let pos = seq.start_pos + i;
-                let block = *seq.blocks.get(pos / kv.block_size)
-                    .ok_or_else(|| Error::InvalidArgument(format!("position {pos} has no cache block")))? as usize;
+                let block =
+                    *seq.blocks
+                        .get(pos / kv.block_size)
+                        .ok_or_else(|| Error::InvalidArgument(format!("position {pos} has no cache block")))? as usize;
                 ensure!(block < kv.n_blocks, InvalidArgument, "cache block {block} out of range");
                 slots[row] = (block * kv.block_size + pos % kv.block_size) as u64;
                 ctx[row] = (pos + 1) as u32;
@@ -931,7 +992,13 @@ impl CudaBackend {
     }
 
     fn check_weight(&self, w: &CudaWeight, what: &str) -> Result<()> {
-        ensure!(w.dtype == self.gpu.dtype, InvalidArgument, "{what}: weight is {}, backend computes in {}", w.dtype.name(), self.gpu.dtype.name());
+        ensure!(
+            w.dtype == self.gpu.dtype,
+            InvalidArgument,
+            "{what}: weight is {}, backend computes in {}",
+            w.dtype.name(),
+            self.gpu.dtype.name()
+        );
         Ok(())
     }
 
@@ -1009,9 +1076,12 @@ impl CudaBackend {
 
     /// Whether three products of x go to the fused decode GEMV (`gemv3`).
     fn gemv3_fits(&self, outs: &[&mut CudaBuf], x: &CudaBuf, ws: &[&CudaWeight]) -> bool {
-        outs.len() == 3 && ws.len() == 3 && self.fused_gemv(x.rows, x.cols)
-            && outs.iter().zip(ws).all(|(o, w)| w.dtype == self.gpu.dtype && w.shape.len() == 2 && w.shape[1] == x.cols
-                && o.rows == x.rows && o.cols == w.shape[0])
+        outs.len() == 3
+            && ws.len() == 3
+            && self.fused_gemv(x.rows, x.cols)
+            && outs.iter().zip(ws).all(|(o, w)| {
+                w.dtype == self.gpu.dtype && w.shape.len() == 2 && w.shape[1] == x.cols && o.rows == x.rows && o.cols == w.shape[0]
+            })
     }
 
     /// outs[i] = x · ws[i]ᵀ in one launch (q, k, v), x normed first with `norm` (gemv3_rows in matmul.cu).
@@ -1031,7 +1101,8 @@ impl CudaBackend {
     fn gemv_swiglu_fits(&self, out: &CudaBuf, x: &CudaBuf, gate: &CudaWeight, up: &CudaWeight) -> bool {
         self.fused_gemv(x.rows, x.cols)
             && [gate, up].iter().all(|w| w.dtype == self.gpu.dtype && w.shape.len() == 2 && w.shape[1] == x.cols)
-            && gate.shape == up.shape && (out.rows, out.cols) == (x.rows, gate.shape[0])
+            && gate.shape == up.shape
+            && (out.rows, out.cols) == (x.rows, gate.shape[0])
     }
 
     /// out = swiglu(x · gateᵀ, x · upᵀ) in one launch, x normed first with `norm`.
@@ -1062,13 +1133,22 @@ impl CudaBackend {
         let on_wgmma = !decode && self.moe_wgmma.load(std::sync::atomic::Ordering::Relaxed) && self.expert_gemm_fits(h, inter);
         let gate_up = if on_wgmma { 0 } else { p * inter * es };
         let [probs, ids, weights, sorted, pair_pos, tile_e, tile_row0, tile_rows, g, u, act, y, x_normed] = self.scratch([
-            (Scratch::RouterProbs, t * e * 4), (Scratch::TopIds, p * 4), (Scratch::TopWeights, p * 4),
-            (Scratch::SortedSrc, p * 4), (Scratch::PairPos, p * 4), (Scratch::TileE, max_tiles.max(3 * (moe.held + 1)) * 4),
-            (Scratch::TileRow0, max_tiles * 4), (Scratch::TileRows, max_tiles * 4), (Scratch::Gate, gate_up),
-            (Scratch::Up, gate_up), (Scratch::Act, p * inter * es), (Scratch::Y, p * h * es),
+            (Scratch::RouterProbs, t * e * 4),
+            (Scratch::TopIds, p * 4),
+            (Scratch::TopWeights, p * 4),
+            (Scratch::SortedSrc, p * 4),
+            (Scratch::PairPos, p * 4),
+            (Scratch::TileE, max_tiles.max(3 * (moe.held + 1)) * 4),
+            (Scratch::TileRow0, max_tiles * 4),
+            (Scratch::TileRows, max_tiles * 4),
+            (Scratch::Gate, gate_up),
+            (Scratch::Up, gate_up),
+            (Scratch::Act, p * inter * es),
+            (Scratch::Y, p * h * es),
             (Scratch::MoeIn, if norm.w != 0 { t * h * es } else { 0 }),
         ])?;
-        let (xp, rp, (ei, hi, ii, ki, ti, pi)) = (x.mem.ptr, moe.router.mem.ptr, (e as i32, h as i32, inter as i32, k as i32, t as i32, p as i32));
+        let (xp, rp, (ei, hi, ii, ki, ti, pi)) =
+            (x.mem.ptr, moe.router.mem.ptr, (e as i32, h as i32, inter as i32, k as i32, t as i32, p as i32));
         // 1. Router logits in f32, then softmax / top-k / renormalisation per row (route_rows, a block):
         // in decode the gate/up expert kernel routes for itself (below), else moe_route does.
         // (One launch for logits and routing, a block per row, took 19.8 µs a layer against 12.7
@@ -1090,8 +1170,14 @@ impl CudaBackend {
         } else {
             let smem = if nw != 0 { (h * es) as u32 } else { 0 };
             let w = self.router_warps;
-            self.gpu.launch("matmul", "router_logits", (blocks(e, w), t as u32, 1), 32 * w as u32, smem,
-                args![probs, xp, rp, ei, hi, delta, x_out, nw, eps, x_normed])?;
+            self.gpu.launch(
+                "matmul",
+                "router_logits",
+                (blocks(e, w), t as u32, 1),
+                32 * w as u32,
+                smem,
+                args![probs, xp, rp, ei, hi, delta, x_out, nw, eps, x_normed],
+            )?;
         }
         // Decode: the gate/up kernel routes for itself (every block, from the logits), one launch less.
         let self_routed = decode && self.fused_route && e <= ROUTE_MAX_E;
@@ -1099,7 +1185,14 @@ impl CudaBackend {
             // moe_route's shared memory: 4 rows of E probabilities and k choices, within the 48 KB
             // default for the at most 1,024 experts check_moe admits.
             let smem = (4 * (e + k) * 4) as u32;
-            self.gpu.launch("moe", "moe_route", (blocks(t, 4), 1, 1), 128, smem, args![probs, ids, weights, ti, ei, ki, renorm, e0, held])?;
+            self.gpu.launch(
+                "moe",
+                "moe_route",
+                (blocks(t, 4), 1, 1),
+                128,
+                smem,
+                args![probs, ids, weights, ti, ei, ki, renorm, e0, held],
+            )?;
         }
         if decode {
             // Decode: GEMVs over the rows of the chosen experts only (no sort, every warp busy):
@@ -1109,8 +1202,14 @@ impl CudaBackend {
             let (name, grid, smem) = self.gemv_plan(&MOE_GEMV_SWIGLU, 1, t * h, p * inter)?;
             let (xin, nw) = if x_normed != 0 { (x_normed, 0) } else { (xp, nw) };
             let logits = if self_routed { probs } else { 0u64 };
-            self.gpu.launch("matmul", name, grid, 256, smem,
-                args![act, xin, gp, upp, ids, weights, logits, ei, renorm, e0, held, ki, pi, ii, hi, nw, eps])?;
+            self.gpu.launch(
+                "matmul",
+                name,
+                grid,
+                256,
+                smem,
+                args![act, xin, gp, upp, ids, weights, logits, ei, renorm, e0, held, ki, pi, ii, hi, nw, eps],
+            )?;
             let (name, grid, smem) = self.gemv_plan(&MOE_DOWN_COMBINE, 1, p * inter, t * h * MOE_DOWN_WARPS)?;
             let o = out.mem.ptr;
             return self.gpu.launch("matmul", name, grid, 256, smem, args![o, act, dp, ids, weights, ti, ki, hi, ii]);
@@ -1139,8 +1238,14 @@ impl CudaBackend {
         self.gpu.launch("matmul", "grouped_gemm", grid_i, 256, 0, args![u, xp, up, sorted, tile_e, tile_row0, tile_rows, ii, hi])?;
         let n = (p * inter) as i64;
         self.gpu.launch("elementwise", "swiglu", (self.vec_blocks(p * inter), 1, 1), 256, 0, args![act, g, u, n])?;
-        self.gpu.launch("matmul", "grouped_gemm", (blocks(h, 64), max_tiles as u32, 1), 256, 0,
-            args![y, act, dp, null, tile_e, tile_row0, tile_rows, hi, ii])?;
+        self.gpu.launch(
+            "matmul",
+            "grouped_gemm",
+            (blocks(h, 64), max_tiles as u32, 1),
+            256,
+            0,
+            args![y, act, dp, null, tile_e, tile_row0, tile_rows, hi, ii],
+        )?;
         // 4. Weighted sum per row, in ascending expert order.
         let o = out.mem.ptr;
         self.gpu.launch("moe", "moe_combine", (self.vec_blocks(h), t as u32, 1), 256, 0, args![o, y, pair_pos, weights, ki, hi])
@@ -1152,8 +1257,15 @@ impl CudaBackend {
     /// contexts); below 1,024 keys the reads are few and G = 2 gives more, lighter blocks (RESULTS.md
     /// run 13). With `rope` (one row per sequence) the `_rope` kernel, which also does
     /// qk_norm_rope_append's work. Ok(false): no such kernel (or `rope` from 1,024 keys on), nothing launched.
-    fn decode_attention(&self, out: &CudaBuf, q: &CudaBuf, kv: &CudaKv, batch: &BatchInfo, shape: AttnShape,
-        rope: Option<RopeArgs>) -> Result<bool> {
+    fn decode_attention(
+        &self,
+        out: &CudaBuf,
+        q: &CudaBuf,
+        kv: &CudaKv,
+        batch: &BatchInfo,
+        shape: AttnShape,
+        rope: Option<RopeArgs>,
+    ) -> Result<bool> {
         let (nh, hd, t) = (shape.n_heads, shape.head_dim, q.rows);
         ensure!(shape.n_kv_heads > 0 && nh % shape.n_kv_heads == 0, InvalidArgument, "n_heads must be a multiple of n_kv_heads");
         let longest = batch.seqs.iter().map(|s| s.start_pos + s.rows.len()).max().unwrap_or(0);
@@ -1183,10 +1295,24 @@ impl CudaBackend {
         let grid = (group_blocks as u32, t as u32, splits as u32);
         let cluster = if clustered { splits as u32 } else { 1 };
         match rope {
-            None => self.gpu.launch_cluster("attention", name, grid, 128, 0, cluster,
-                args![o, ml, acc, qp, kc, vc, ctx, table_at, tables, nhi, nkv, bs, kvd, scale])?,
-            Some(RopeArgs { k, v, q_norm, k_norm, rope, positions, eps }) => self.gpu.launch_cluster("attention", name, grid, 128, 0, cluster,
-                args![o, ml, acc, qp, kc, vc, ctx, table_at, tables, nhi, nkv, bs, kvd, scale, k, v, q_norm, k_norm, rope, positions, eps])?,
+            None => self.gpu.launch_cluster(
+                "attention",
+                name,
+                grid,
+                128,
+                0,
+                cluster,
+                args![o, ml, acc, qp, kc, vc, ctx, table_at, tables, nhi, nkv, bs, kvd, scale],
+            )?,
+            Some(RopeArgs { k, v, q_norm, k_norm, rope, positions, eps }) => self.gpu.launch_cluster(
+                "attention",
+                name,
+                grid,
+                128,
+                0,
+                cluster,
+                args![o, ml, acc, qp, kc, vc, ctx, table_at, tables, nhi, nkv, bs, kvd, scale, k, v, q_norm, k_norm, rope, positions, eps],
+            )?,
         }
         if splits > 1 && !clustered {
             let si = splits as i32;
@@ -1197,10 +1323,24 @@ impl CudaBackend {
 
     /// The arguments of qk_norm_rope_append (and of the `_rope` decode attention) fit together.
     #[allow(clippy::too_many_arguments)]
-    fn check_qk_norm_rope(&self, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, q_norm: &CudaWeight, k_norm: &CudaWeight, rope: &CudaWeight,
-        kv: &CudaKv, batch: &BatchInfo, shape: AttnShape) -> Result<()> {
+    fn check_qk_norm_rope(
+        &self,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        q_norm: &CudaWeight,
+        k_norm: &CudaWeight,
+        rope: &CudaWeight,
+        kv: &CudaKv,
+        batch: &BatchInfo,
+        shape: AttnShape,
+    ) -> Result<()> {
         let (hd, d) = (shape.head_dim, kv.kv_dim);
-        ensure!(rope.dtype == DType::F32 && rope.shape.len() == 2 && rope.shape[1] == hd, InvalidArgument, "rope table must be f32 [max_pos, head_dim]");
+        ensure!(
+            rope.dtype == DType::F32 && rope.shape.len() == 2 && rope.shape[1] == hd,
+            InvalidArgument,
+            "rope table must be f32 [max_pos, head_dim]"
+        );
         let max_pos = rope.shape[0];
         if let Some(&p) = batch.positions.iter().find(|&&p| p as usize >= max_pos) {
             bail!(InvalidArgument, "position {p} is past the RoPE table ({max_pos})");
@@ -1269,8 +1409,19 @@ impl Backend for CudaBackend {
             }
         }
         let router = self.upload(moe.router)?;
-        Ok(CudaMoe { router, gate, up, down, n_experts: e, first_expert: moe.first_expert, held, inter, hidden: h, top_k: moe.top_k,
-            norm_topk_prob: moe.norm_topk_prob })
+        Ok(CudaMoe {
+            router,
+            gate,
+            up,
+            down,
+            n_experts: e,
+            first_expert: moe.first_expert,
+            held,
+            inter,
+            hidden: h,
+            top_k: moe.top_k,
+            norm_topk_prob: moe.norm_topk_prob,
+        })
     }
 
     fn dummy_weight(&self, spec: &DummySpec, shape: &[usize]) -> Result<CudaWeight> {
@@ -1306,8 +1457,19 @@ impl Backend for CudaBackend {
         }
         let router = self.dummy_weight(&moe.router, &[e, h])?;
         let [gate, up, down]: [DevMem; 3] = out.try_into().map_err(|_| Error::Device("three projections".into()))?;
-        Ok(CudaMoe { router, gate, up, down, n_experts: e, first_expert: held.start, held: held.len(), inter: moe.part.len(), hidden: h,
-            top_k: moe.top_k, norm_topk_prob: moe.norm_topk_prob })
+        Ok(CudaMoe {
+            router,
+            gate,
+            up,
+            down,
+            n_experts: e,
+            first_expert: held.start,
+            held: held.len(),
+            inter: moe.part.len(),
+            hidden: h,
+            top_k: moe.top_k,
+            norm_topk_prob: moe.norm_topk_prob,
+        })
     }
 
     fn prefill_chunk(&self) -> usize {
@@ -1443,13 +1605,18 @@ impl Backend for CudaBackend {
     }
 
     fn alloc(&self, rows: usize, cols: usize) -> Result<CudaBuf> {
-        let bytes = rows.checked_mul(cols).and_then(|n| n.checked_mul(self.esize()))
+        let bytes = rows
+            .checked_mul(cols)
+            .and_then(|n| n.checked_mul(self.esize()))
             .ok_or_else(|| Error::InvalidArgument("buffer size overflows".into()))?;
         Ok(CudaBuf { mem: self.gpu.alloc_zeroed(bytes)?, rows, cols })
     }
 
     fn alloc_kv(&self, n_blocks: usize, block_size: usize, kv_dim: usize) -> Result<CudaKv> {
-        let bytes = n_blocks.checked_mul(block_size).and_then(|n| n.checked_mul(kv_dim)).and_then(|n| n.checked_mul(self.esize()))
+        let bytes = n_blocks
+            .checked_mul(block_size)
+            .and_then(|n| n.checked_mul(kv_dim))
+            .and_then(|n| n.checked_mul(self.esize()))
             .ok_or_else(|| Error::InvalidArgument("KV cache size overflows".into()))?;
         // Committed up front: an impossible max_seq_len fails here, at load, not mid-generation.
         let k = self.gpu.alloc(bytes)?;
@@ -1494,16 +1661,23 @@ impl Backend for CudaBackend {
         check_shape("add_rms_norm", (h.rows, h.cols), (x_out.rows, x_out.cols))?;
         let (xo, x, d, o, wp) = (x_out.mem.ptr, input.x.mem.ptr, input.delta.map_or(0, |d| d.mem.ptr), h.mem.ptr, input.norm.mem.ptr);
         let (c, eps) = (x_out.cols as i32, input.eps);
-        let (name, threads) = if x_out.cols.is_multiple_of(self.vec()) && x_out.cols <= NORM_VEC_THREADS as usize * self.vec() * NORM_VEC_MAX {
-            ("add_rms_norm_vec", NORM_VEC_THREADS)
-        } else {
-            ("add_rms_norm", NORM_THREADS)
-        };
+        let (name, threads) =
+            if x_out.cols.is_multiple_of(self.vec()) && x_out.cols <= NORM_VEC_THREADS as usize * self.vec() * NORM_VEC_MAX {
+                ("add_rms_norm_vec", NORM_VEC_THREADS)
+            } else {
+                ("add_rms_norm", NORM_THREADS)
+            };
         self.gpu.launch("norm", name, (x_out.rows as u32, 1, 1), threads, 0, args![xo, x, d, o, wp, c, eps])
     }
 
-    fn norm_matmul_many(&self, x_out: &mut CudaBuf, h: &mut CudaBuf, input: &BlockInput<Self>, outs: &mut [&mut CudaBuf],
-        ws: &[&CudaWeight]) -> Result<()> {
+    fn norm_matmul_many(
+        &self,
+        x_out: &mut CudaBuf,
+        h: &mut CudaBuf,
+        input: &BlockInput<Self>,
+        outs: &mut [&mut CudaBuf],
+        ws: &[&CudaWeight],
+    ) -> Result<()> {
         match self.fused_norm(x_out, input)? {
             Some(norm) if self.gemv3_fits(outs, input.x, ws) => self.gemv3(outs, input.x, ws, norm),
             _ => {
@@ -1513,8 +1687,17 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn norm_matmul_swiglu(&self, x_out: &mut CudaBuf, h: &mut CudaBuf, input: &BlockInput<Self>, out: &mut CudaBuf,
-        g: &mut CudaBuf, u: &mut CudaBuf, gate: &CudaWeight, up: &CudaWeight) -> Result<()> {
+    fn norm_matmul_swiglu(
+        &self,
+        x_out: &mut CudaBuf,
+        h: &mut CudaBuf,
+        input: &BlockInput<Self>,
+        out: &mut CudaBuf,
+        g: &mut CudaBuf,
+        u: &mut CudaBuf,
+        gate: &CudaWeight,
+        up: &CudaWeight,
+    ) -> Result<()> {
         match self.fused_norm(x_out, input)? {
             Some(norm) if self.gemv_swiglu_fits(out, input.x, gate, up) => self.gemv_swiglu(out, input.x, gate, up, norm),
             _ => {
@@ -1536,8 +1719,13 @@ impl Backend for CudaBackend {
 
     fn matmul(&self, out: &mut CudaBuf, x: &CudaBuf, w: &CudaWeight) -> Result<()> {
         self.check_weight(w, "matmul")?;
-        ensure!(w.shape.len() == 2 && w.shape[1] == x.cols, InvalidArgument,
-            "matmul: weight {:?} does not take rows of {}", w.shape, x.cols);
+        ensure!(
+            w.shape.len() == 2 && w.shape[1] == x.cols,
+            InvalidArgument,
+            "matmul: weight {:?} does not take rows of {}",
+            w.shape,
+            x.cols
+        );
         check_shape("matmul", (out.rows, out.cols), (x.rows, w.shape[0]))?;
         self.matmul_raw(out.mem.ptr, x.mem.ptr, w.mem.ptr, x.rows, w.shape[0], x.cols)
     }
@@ -1553,7 +1741,15 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn matmul_swiglu(&self, out: &mut CudaBuf, g: &mut CudaBuf, u: &mut CudaBuf, x: &CudaBuf, gate: &CudaWeight, up: &CudaWeight) -> Result<()> {
+    fn matmul_swiglu(
+        &self,
+        out: &mut CudaBuf,
+        g: &mut CudaBuf,
+        u: &mut CudaBuf,
+        x: &CudaBuf,
+        gate: &CudaWeight,
+        up: &CudaWeight,
+    ) -> Result<()> {
         if self.gemv_swiglu_fits(out, x, gate, up) {
             return self.gemv_swiglu(out, x, gate, up, FusedNorm::NONE);
         }
@@ -1562,10 +1758,23 @@ impl Backend for CudaBackend {
         self.swiglu(out, g, u)
     }
 
-    fn qk_norm_rope(&self, q: &mut CudaBuf, k: &mut CudaBuf, q_norm: &CudaWeight, k_norm: &CudaWeight, eps: f32,
-        rope: &CudaWeight, positions: &[u32], shape: AttnShape) -> Result<()> {
+    fn qk_norm_rope(
+        &self,
+        q: &mut CudaBuf,
+        k: &mut CudaBuf,
+        q_norm: &CudaWeight,
+        k_norm: &CudaWeight,
+        eps: f32,
+        rope: &CudaWeight,
+        positions: &[u32],
+        shape: AttnShape,
+    ) -> Result<()> {
         let hd = shape.head_dim;
-        ensure!(rope.dtype == DType::F32 && rope.shape.len() == 2 && rope.shape[1] == hd, InvalidArgument, "rope table must be f32 [max_pos, head_dim]");
+        ensure!(
+            rope.dtype == DType::F32 && rope.shape.len() == 2 && rope.shape[1] == hd,
+            InvalidArgument,
+            "rope table must be f32 [max_pos, head_dim]"
+        );
         let max_pos = rope.shape[0];
         if let Some(&p) = positions.iter().find(|&&p| p as usize >= max_pos) {
             bail!(InvalidArgument, "position {p} is past the RoPE table ({max_pos})");
@@ -1581,8 +1790,19 @@ impl Backend for CudaBackend {
         self.launch_qk_norm_rope(shape, positions.len(), args![qp, kp, qn, kn, rp, pos, nh, nkv, hdi, eps, null, null, null, null, zero])
     }
 
-    fn qk_norm_rope_append(&self, q: &mut CudaBuf, k: &mut CudaBuf, v: &CudaBuf, q_norm: &CudaWeight, k_norm: &CudaWeight, eps: f32,
-        rope: &CudaWeight, kv: &mut CudaKv, batch: &BatchInfo, shape: AttnShape) -> Result<()> {
+    fn qk_norm_rope_append(
+        &self,
+        q: &mut CudaBuf,
+        k: &mut CudaBuf,
+        v: &CudaBuf,
+        q_norm: &CudaWeight,
+        k_norm: &CudaWeight,
+        eps: f32,
+        rope: &CudaWeight,
+        kv: &mut CudaKv,
+        batch: &BatchInfo,
+        shape: AttnShape,
+    ) -> Result<()> {
         if !self.fused {
             self.qk_norm_rope(q, k, q_norm, k_norm, eps, rope, batch.positions, shape)?;
             return self.kv_append(kv, k, v, batch);
@@ -1597,15 +1817,28 @@ impl Backend for CudaBackend {
         self.launch_qk_norm_rope(shape, batch.rows(), args![qp, kp, qn, kn, rp, pos, nh, nkv, hdi, eps, kc, vc, vp, slots, di])
     }
 
-    fn qk_norm_rope_attention(&self, out: &mut CudaBuf, q: &mut CudaBuf, k: &mut CudaBuf, v: &CudaBuf, q_norm: &CudaWeight,
-        k_norm: &CudaWeight, eps: f32, rope: &CudaWeight, kv: &mut CudaKv, batch: &BatchInfo, shape: AttnShape) -> Result<()> {
+    fn qk_norm_rope_attention(
+        &self,
+        out: &mut CudaBuf,
+        q: &mut CudaBuf,
+        k: &mut CudaBuf,
+        v: &CudaBuf,
+        q_norm: &CudaWeight,
+        k_norm: &CudaWeight,
+        eps: f32,
+        rope: &CudaWeight,
+        kv: &mut CudaKv,
+        batch: &BatchInfo,
+        shape: AttnShape,
+    ) -> Result<()> {
         // Decode (one row per sequence): the attention kernel norms and rotates q and the step's k
         // and appends k, v itself (`_rope` kernels): a launch less per layer.
         if self.fused && self.rope_attn && batch.seqs.iter().all(|s| s.rows.len() == 1) {
             self.check_qk_norm_rope(q, k, v, q_norm, k_norm, rope, kv, batch, shape)?;
             check_shape("attention", (out.rows, out.cols), (q.rows, q.cols))?;
             let positions = self.meta(Meta::Positions, bytemuck::cast_slice(batch.positions))?;
-            let args = RopeArgs { k: k.mem.ptr, v: v.mem.ptr, q_norm: q_norm.mem.ptr, k_norm: k_norm.mem.ptr, rope: rope.mem.ptr, positions, eps };
+            let args =
+                RopeArgs { k: k.mem.ptr, v: v.mem.ptr, q_norm: q_norm.mem.ptr, k_norm: k_norm.mem.ptr, rope: rope.mem.ptr, positions, eps };
             if self.decode_attention(out, q, kv, batch, shape, Some(args))? {
                 return Ok(());
             }
@@ -1667,17 +1900,35 @@ impl Backend for CudaBackend {
                 if hd == 128 && self.gpu.arch == (9, 0) && self.attn_wgmma.load(std::sync::atomic::Ordering::Relaxed) {
                     (kernel, smem) = ("attention_prefill_wg_128", ATTN_WG_SMEM);
                 }
-                return self.gpu.launch("attention_prefill", kernel, (nh as u32, (tiles.len() / 2) as u32, 1), 128, smem,
-                    args![o, qp, kc, vc, ctx, table_at, tables, tiles_d, nhi, nkv, hdi, bs, kvd, scale]);
+                return self.gpu.launch(
+                    "attention_prefill",
+                    kernel,
+                    (nh as u32, (tiles.len() / 2) as u32, 1),
+                    128,
+                    smem,
+                    args![o, qp, kc, vc, ctx, table_at, tables, tiles_d, nhi, nkv, hdi, bs, kvd, scale],
+                );
             }
             let srow = hd + if self.esize() == 4 { 1 } else { 2 };
             let smem = ((ATTN_TILE_ROWS + 2 * 32) * srow * self.esize()) as u32;
             let kernel = if hd <= 128 { "attention_tiled_128" } else { "attention_tiled_256" };
-            return self.gpu.launch("attention", kernel, (nh as u32, (tiles.len() / 2) as u32, 1), 256, smem,
-                args![o, qp, kc, vc, ctx, table_at, tables, tiles_d, nhi, nkv, hdi, bs, kvd, scale]);
+            return self.gpu.launch(
+                "attention",
+                kernel,
+                (nh as u32, (tiles.len() / 2) as u32, 1),
+                256,
+                smem,
+                args![o, qp, kc, vc, ctx, table_at, tables, tiles_d, nhi, nkv, hdi, bs, kvd, scale],
+            );
         }
-        self.gpu.launch("attention", "attention", (nh as u32, t as u32, 1), 128, 0,
-            args![o, qp, kc, vc, ctx, table_at, tables, nhi, nkv, hdi, bs, kvd, scale])
+        self.gpu.launch(
+            "attention",
+            "attention",
+            (nh as u32, t as u32, 1),
+            128,
+            0,
+            args![o, qp, kc, vc, ctx, table_at, tables, nhi, nkv, hdi, bs, kvd, scale],
+        )
     }
 
     fn swiglu(&self, out: &mut CudaBuf, gate: &CudaBuf, up: &CudaBuf) -> Result<()> {
@@ -1734,7 +1985,13 @@ impl Backend for CudaBackend {
     fn top_rows(&self, logits: &CudaBuf, rows: usize, limit: usize, want: &[(usize, f32)]) -> Result<Vec<Vec<(f32, u32)>>> {
         let (limit, k) = (limit.min(logits.cols), want.iter().map(|w| w.0).max().unwrap_or(0));
         let nb = limit.div_ceil(256 * TOP_PER_THREAD);
-        if !self.device_top.load(std::sync::atomic::Ordering::Relaxed) || k == 0 || k > TOP_MAX || nb * k > 256 * TOP_PER_THREAD || want.len() != rows || logits.rows != rows {
+        if !self.device_top.load(std::sync::atomic::Ordering::Relaxed)
+            || k == 0
+            || k > TOP_MAX
+            || nb * k > 256 * TOP_PER_THREAD
+            || want.len() != rows
+            || logits.rows != rows
+        {
             return super::top_rows_on_host(self, logits, rows, limit, want);
         }
         let scales: Vec<f32> = want.iter().map(|w| w.1).collect();
@@ -1750,9 +2007,18 @@ impl Backend for CudaBackend {
             let v = f32::from_bits(if o & 0x8000_0000 != 0 { o & 0x7fff_ffff } else { !o });
             (if low & 1 == 1 { -0.0 } else { v }, 0x7fff_ffff - (low >> 1))
         };
-        Ok(want.iter().enumerate().map(|(r, &(kr, _))| {
-            keys[r * k..r * k + kr].iter().filter(|&&key| key != 0).map(|&key| decode(key)).filter(|c| c.0 > f32::NEG_INFINITY).collect()
-        }).collect())
+        Ok(want
+            .iter()
+            .enumerate()
+            .map(|(r, &(kr, _))| {
+                keys[r * k..r * k + kr]
+                    .iter()
+                    .filter(|&&key| key != 0)
+                    .map(|&key| decode(key))
+                    .filter(|c| c.0 > f32::NEG_INFINITY)
+                    .collect()
+            })
+            .collect())
     }
 
     fn launch_ahead(&self, rows: usize) -> Result<bool> {
