@@ -342,6 +342,9 @@ enum StreamMsg {
     Done(Result<Vec<GenOutput>>),
 }
 
+/// One streamed piece as Python sees it: (index of the generation, kind, text, token ids).
+type StreamItem = (usize, &'static str, String, Vec<u32>);
+
 /// An iterator over `(index, kind, text, token_ids)` of a running generation; `outputs()` once exhausted.
 #[pyclass(name = "Stream", module = "qwen3rs._native")]
 struct PyStream {
@@ -356,7 +359,7 @@ impl PyStream {
         slf
     }
 
-    fn __next__(&mut self, py: Python<'_>) -> PyResult<Option<(usize, &'static str, String, Vec<u32>)>> {
+    fn __next__(&mut self, py: Python<'_>) -> PyResult<Option<StreamItem>> {
         if self.outputs.is_some() {
             return Ok(None);
         }
