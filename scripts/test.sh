@@ -9,5 +9,11 @@ if cargo fmt --version > /dev/null 2>&1; then
 else
   echo "rustfmt not installed: Rust formatting not checked"
 fi
+# Lints (the CUDA and Python code included), where clippy is installed.
+if cargo clippy --version > /dev/null 2>&1; then
+  cargo clippy --release --quiet --all-targets --features cuda,python -- -D warnings
+else
+  echo "clippy not installed: lints not checked"
+fi
 cargo test --release --quiet
 python -m pytest tests -q
