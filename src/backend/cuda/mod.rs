@@ -1894,12 +1894,12 @@ impl Backend for CudaBackend {
                 _ => None,
             };
             if let Some(kernel) = fa_kernel.filter(|_| self.esize() == 2 && [o, qp, kc, vc].iter().all(|p| p % 16 == 0)) {
-                let mut smem = ((ATTN_TILE_ROWS + 2 * ATTN_PREFILL_KEYS) * (hd + 8) * 2) as u32;
                 // Head_dim 128 on Hopper: the warpgroup-MMA kernel (same arguments and tiles).
-                let mut kernel = kernel;
-                if hd == 128 && self.gpu.arch == (9, 0) && self.attn_wgmma.load(std::sync::atomic::Ordering::Relaxed) {
-                    (kernel, smem) = ("attention_prefill_wg_128", ATTN_WG_SMEM);
-                }
+                let (kernel, smem) = if hd == 128 && self.gpu.arch == (9, 0) && self.attn_wgmma.load(std::sync::atomic::Ordering::Relaxed) {
+                    ("attention_prefill_wg_128", ATTN_WG_SMEM)
+                } else {
+                    (kernel, ((ATTN_TILE_ROWS + 2 * ATTN_PREFILL_KEYS) * (hd + 8) * 2) as u32)
+                };
                 return self.gpu.launch(
                     "attention_prefill",
                     kernel,
