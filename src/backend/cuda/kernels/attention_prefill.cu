@@ -90,6 +90,52 @@ __device__ __forceinline__ float fp_exp2(float x) {
     return y;
 }
 
+// One K/V tile of keys k0 .. k0 + FP_BK - 1 into a thread's online softmax (both prefill kernels).
+// s[nb][c] is the score of row (c < 2 ? g : g + 8), key k0 + 8 nb + 2 t4 + (c & 1), from Q·Kᵀ; it
+// becomes p = 2^(s·sl2 − m) (P before rounding). With `mask` (some row's context ends in this tile)
+// keys at or past a row's context (ctx_a for row g, ctx_b for g + 8) get −inf first. m: the running
+// max (log2 units: raw max · sl2, the scale being positive), l: the running sum of this thread's
+// columns, o [ND][4] (same rows as s) rescaled by the change of m. Every row sees key 0, so after
+// tile 0 m is finite and the correction and p are never NaN.
+template <int ND>
+__device__ __forceinline__ void fp_softmax_tile(float (&s)[FP_BK / 8][4], float (&o)[ND][4], float (&m)[2], float (&l)[2],
+    bool mask, int k0, int t4, int ctx_a, int ctx_b, float sl2) {
+    constexpr int NB = FP_BK / 8;
+    if (mask) {
+#pragma unroll
+        for (int nb = 0; nb < NB; nb++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                int key = k0 + nb * 8 + t4 * 2 + (c & 1);
+                if (key >= (c < 2 ? ctx_a : ctx_b)) s[nb][c] = -INFINITY;
+            }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int nb = 0; nb < NB; nb++) mx = fmaxf(mx, fmaxf(s[nb][2 * i], s[nb][2 * i + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the quad holds the row's 64 keys
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        mx = fmaxf(m[i], mx * sl2);
+        const float corr = fp_exp2(m[i] - mx);  // 0 on the first tile (m = -inf)
+        m[i] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int nb = 0; nb < NB; nb++) {
+            s[nb][2 * i] = fp_exp2(fmaf(s[nb][2 * i], sl2, -mx));
+            s[nb][2 * i + 1] = fp_exp2(fmaf(s[nb][2 * i + 1], sl2, -mx));
+            sum += s[nb][2 * i] + s[nb][2 * i + 1];
+        }
+        l[i] = l[i] * corr + sum;
+#pragma unroll
+        for (int n = 0; n < ND; n++) {
+            o[n][2 * i] *= corr;
+            o[n][2 * i + 1] *= corr;
+        }
+    }
+}
+
 // Two f32 -> one register of two act_t, `lo` in the low half (the lower column).
 __device__ __forceinline__ unsigned fp_pack(float lo, float hi) {
 #if Q_DTYPE == 1
@@ -208,42 +254,8 @@ __device__ __forceinline__ void attention_prefill_impl(act_t* out, const act_t* 
                     fp_mma(s[nb + 1], qf[kk], b[2], b[3]);
                 }
             }
-            // s[nb][c] is row (c < 2 ? g : g+8), key k0 + 8 nb + 2 t4 + (c & 1).
-            if (k0 + FP_BK > warp_lo) {  // some row's context ends inside this tile (warp-uniform)
-#pragma unroll
-                for (int nb = 0; nb < NB; nb++)
-#pragma unroll
-                    for (int c = 0; c < 4; c++) {
-                        int key = k0 + nb * 8 + t4 * 2 + (c & 1);
-                        if (key >= (c < 2 ? ctx_a : ctx_b)) s[nb][c] = -INFINITY;
-                    }
-            }
-            // Online softmax; m in log2 units (raw max * sl2: the scale is positive). Every row sees
-            // key 0, so after tile 0 m is finite and corr/p are never NaN.
-#pragma unroll
-            for (int i = 0; i < 2; i++) {
-                float mx = -INFINITY;
-#pragma unroll
-                for (int nb = 0; nb < NB; nb++) mx = fmaxf(mx, fmaxf(s[nb][2 * i], s[nb][2 * i + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the quad holds the row's 64 keys
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                mx = fmaxf(m[i], mx * sl2);
-                const float corr = fp_exp2(m[i] - mx);  // 0 on the first tile (m = -inf)
-                m[i] = mx;
-                float sum = 0.f;
-#pragma unroll
-                for (int nb = 0; nb < NB; nb++) {
-                    s[nb][2 * i] = fp_exp2(fmaf(s[nb][2 * i], sl2, -mx));
-                    s[nb][2 * i + 1] = fp_exp2(fmaf(s[nb][2 * i + 1], sl2, -mx));
-                    sum += s[nb][2 * i] + s[nb][2 * i + 1];
-                }
-                l[i] = l[i] * corr + sum;
-#pragma unroll
-                for (int n = 0; n < ND; n++) {
-                    o[n][2 * i] *= corr;
-                    o[n][2 * i + 1] *= corr;
-                }
-            }
+            // Mask where some row's context ends inside this tile (warp-uniform), online softmax.
+            fp_softmax_tile<ND>(s, o, m, l, k0 + FP_BK > warp_lo, k0, t4, ctx_a, ctx_b, sl2);
         }
         fp_cp_async_wait_all();  // V(kt) is here ...
         __syncthreads();         // ... for every thread, and no warp reads K(kt) any more
@@ -405,9 +417,9 @@ __device__ __forceinline__ void fw_attention(act_t* out, const act_t* q, const a
     const unsigned long long dv = (unsigned long long)((vs & 0x3FFFF) >> 4) | ((unsigned long long)(8192 >> 4) << 16)
                                   | ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
 
-    float o[64];  // O[row][dim]: o[4 j + c] is row (c < 2 ? g : g + 8), dim 8 j + 2 t4 + (c & 1)
+    float o[HD / 8][4];  // O[row][dim]: o[j][c] is row (c < 2 ? g : g + 8), dim 8 j + 2 t4 + (c & 1)
 #pragma unroll
-    for (int i = 0; i < 64; i++) o[i] = 0.f;
+    for (int j = 0; j < HD / 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
     float m[2] = {-INFINITY, -INFINITY};  // running max (log2 units) of rows g, g + 8
     float l[2] = {0.f, 0.f};              // running sum of this thread's columns; quad-reduced at the end
 
@@ -420,73 +432,43 @@ __device__ __forceinline__ void fw_attention(act_t* out, const act_t* q, const a
             load_kv(kt + 1);
             fp_cp_async_commit();
         }
-        // S = Q · K(kt)ᵀ: s[4 j + c] is row (c < 2 ? g : g + 8), key k0 + 8 j + 2 t4 + (c & 1).
-        float s[32];
+        // S = Q · K(kt)ᵀ: s[j][c] is row (c < 2 ? g : g + 8), key k0 + 8 j + 2 t4 + (c & 1).
+        float s[FP_BK / 8][4];
 #pragma unroll
-        for (int i = 0; i < 32; i++) s[i] = 0.f;
+        for (int j = 0; j < FP_BK / 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
         const unsigned long long dk = wg_desc(ks + (kt & 1) * 16 * 1024);
-        wg_fence_acc<32>(s);
+        wg_fence_acc<32>(&s[0][0]);
         asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
         for (int kk = 0; kk < HD / 16; kk++) {
             const unsigned long long step = (kk >> 2) * (8192 >> 4) + (kk & 3) * 2;  // half, then 32 bytes a k16 step
-            wg_mma64(s, dq + step, dk + step);
+            wg_mma64(&s[0][0], dq + step, dk + step);
         }
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-        wg_fence_acc<32>(s);
+        wg_fence_acc<32>(&s[0][0]);
         // Slots of tile kt + 2 into the buffer tile kt's copies read (issued before this step's barrier).
         if (kt + 2 < n_kt) find_slots(kt + 2);
-        if (k0 + FP_BK > ctx_first) {  // some row's context ends inside this tile
-#pragma unroll
-            for (int i = 0; i < 32; i++) {
-                const int key = k0 + (i >> 2) * 8 + t4 * 2 + (i & 1);
-                if (key >= ((i & 2) ? ctx_b : ctx_a)) s[i] = -INFINITY;
-            }
-        }
-        // Online softmax, as attention_prefill_impl.
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            float mx = -INFINITY;
-#pragma unroll
-            for (int j = 0; j < 8; j++) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            mx = fmaxf(m[r], mx * sl2);
-            const float corr = fp_exp2(m[r] - mx);
-            m[r] = mx;
-            float sum = 0.f;
-#pragma unroll
-            for (int j = 0; j < 8; j++) {
-                s[4 * j + 2 * r] = fp_exp2(fmaf(s[4 * j + 2 * r], sl2, -mx));
-                s[4 * j + 2 * r + 1] = fp_exp2(fmaf(s[4 * j + 2 * r + 1], sl2, -mx));
-                sum += s[4 * j + 2 * r] + s[4 * j + 2 * r + 1];
-            }
-            l[r] = l[r] * corr + sum;
-#pragma unroll
-            for (int j = 0; j < 16; j++) {
-                o[4 * j + 2 * r] *= corr;
-                o[4 * j + 2 * r + 1] *= corr;
-            }
-        }
+        // Mask where some row's context ends inside this tile, online softmax.
+        fp_softmax_tile<HD / 8>(s, o, m, l, k0 + FP_BK > ctx_first, k0, t4, ctx_a, ctx_b, sl2);
         // O += P · V(kt), a k16 step (16 keys: S blocks 2 kk and 2 kk + 1) at a time; P packed first,
         // so that the four wgmma issue as one batch.
         unsigned pa[FP_BK / 16][4];
 #pragma unroll
         for (int kk = 0; kk < FP_BK / 16; kk++) {
-            pa[kk][0] = fp_pack(s[8 * kk], s[8 * kk + 1]);
-            pa[kk][1] = fp_pack(s[8 * kk + 2], s[8 * kk + 3]);
-            pa[kk][2] = fp_pack(s[8 * kk + 4], s[8 * kk + 5]);
-            pa[kk][3] = fp_pack(s[8 * kk + 6], s[8 * kk + 7]);
+            pa[kk][0] = fp_pack(s[2 * kk][0], s[2 * kk][1]);
+            pa[kk][1] = fp_pack(s[2 * kk][2], s[2 * kk][3]);
+            pa[kk][2] = fp_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            pa[kk][3] = fp_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
         }
         const unsigned long long dvk = dv + (((kt & 1) * 16 * 1024) >> 4);
-        wg_fence_acc<64>(o);
+        wg_fence_acc<64>(&o[0][0]);
         asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
-        for (int kk = 0; kk < FP_BK / 16; kk++) fw_mma_pv(o, pa[kk], dvk + kk * (2048 >> 4));
+        for (int kk = 0; kk < FP_BK / 16; kk++) fw_mma_pv(&o[0][0], pa[kk], dvk + kk * (2048 >> 4));
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-        wg_fence_acc<64>(o);
+        wg_fence_acc<64>(&o[0][0]);
     }
 
     // O / l rounded to act_t, staged [row][HD + FP_PAD] over the K buffers, then 16-byte stores.
@@ -501,8 +483,8 @@ __device__ __forceinline__ void fw_attention(act_t* out, const act_t* q, const a
     constexpr int SROW = HD + FP_PAD;
 #pragma unroll
     for (int j = 0; j < 16; j++) {
-        *reinterpret_cast<unsigned*>(st + ra * SROW + j * 8 + t4 * 2) = fp_pack(o[4 * j] * l[0], o[4 * j + 1] * l[0]);
-        *reinterpret_cast<unsigned*>(st + rb * SROW + j * 8 + t4 * 2) = fp_pack(o[4 * j + 2] * l[1], o[4 * j + 3] * l[1]);
+        *reinterpret_cast<unsigned*>(st + ra * SROW + j * 8 + t4 * 2) = fp_pack(o[j][0] * l[0], o[j][1] * l[0]);
+        *reinterpret_cast<unsigned*>(st + rb * SROW + j * 8 + t4 * 2) = fp_pack(o[j][2] * l[1], o[j][3] * l[1]);
     }
     __syncthreads();
     for (int i = tid; i < nrows * (HD / 8); i += FP_THREADS) {
