@@ -186,6 +186,12 @@ fn run_gather<B: Backend>(be: &B, x: &[f32], t: usize, c: usize, rows: &[u32]) -
     be.download(&out).unwrap()
 }
 
+/// `n` experts' [gate, up, down] of uniform weights in ±0.2 (gate and up [inter, h], down [h, inter]).
+fn random_experts(r: &mut Rng, n: usize, h: usize, inter: usize) -> Vec<[HostTensor; 3]> {
+    let mut matrix = |rows: usize, cols: usize| tensor(&r.uniform(rows * cols, 0.2), &[rows, cols]);
+    (0..n).map(|_| [matrix(inter, h), matrix(inter, h), matrix(h, inter)]).collect()
+}
+
 fn run_moe<B: Backend>(be: &B, x: &[f32], t: usize, moe: &MoeHost) -> Vec<f32> {
     let h = moe.router.shape[1];
     let copy = MoeHost {
@@ -403,15 +409,7 @@ fn products_fused_with_the_block_input_norm() {
         let moes: Vec<(usize, MoeHost)> = [(16usize, 4usize, 96usize, 40usize), (8, 2, 100, 48), (128, 8, 128, 64)]
             .into_iter()
             .map(|(e, k, h, inter)| {
-                let experts = (0..e)
-                    .map(|_| {
-                        [
-                            tensor(&r.uniform(inter * h, 0.2), &[inter, h]),
-                            tensor(&r.uniform(inter * h, 0.2), &[inter, h]),
-                            tensor(&r.uniform(h * inter, 0.2), &[h, inter]),
-                        ]
-                    })
-                    .collect();
+                let experts = random_experts(&mut r, e, h, inter);
                 (h, MoeHost { router: tensor(&r.uniform(e * h, 0.5), &[e, h]), experts, first_expert: 0, top_k: k, norm_topk_prob: true })
             })
             .collect();
@@ -877,15 +875,7 @@ fn moe_routing_and_experts() {
             // More experts than the decode kernel routes over itself (ROUTE_MAX_E): moe_route first.
             (300, 4, 64, 32, false),
         ] {
-            let experts = (0..e)
-                .map(|_| {
-                    [
-                        tensor(&r.uniform(inter * h, 0.2), &[inter, h]),
-                        tensor(&r.uniform(inter * h, 0.2), &[inter, h]),
-                        tensor(&r.uniform(h * inter, 0.2), &[h, inter]),
-                    ]
-                })
-                .collect();
+            let experts = random_experts(&mut r, e, h, inter);
             let moe = MoeHost { router: tensor(&r.uniform(e * h, 0.5), &[e, h]), experts, first_expert: 0, top_k: k, norm_topk_prob: norm };
             // T = 33 and 200: prefill (cuBLAS router and grouped GEMMs), E = 128 with experts left empty.
             for t in [1usize, 2, 7, 8, 33, 200] {
@@ -901,15 +891,7 @@ fn moe_routing_and_experts() {
         for (e, k) in [(16usize, 3usize), (128, 7), (300, 5)] {
             let (h, inter) = (64, 32);
             let rows: Vec<f32> = r.uniform(e / 2 * h, 0.5).chunks(h).flat_map(|row| [row, row]).flatten().copied().collect();
-            let experts = (0..e)
-                .map(|_| {
-                    [
-                        tensor(&r.uniform(inter * h, 0.2), &[inter, h]),
-                        tensor(&r.uniform(inter * h, 0.2), &[inter, h]),
-                        tensor(&r.uniform(h * inter, 0.2), &[h, inter]),
-                    ]
-                })
-                .collect();
+            let experts = random_experts(&mut r, e, h, inter);
             let moe = MoeHost { router: tensor(&rows, &[e, h]), experts, first_expert: 0, top_k: k, norm_topk_prob: true };
             for t in [1usize, 2, 8] {
                 let x = r.uniform(t * h, 1.0);
@@ -965,16 +947,7 @@ fn moe_prefill_experts_on_tensor_cores() {
             if skew {
                 router[0] = 8.0;
             }
-            let experts = held
-                .clone()
-                .map(|_| {
-                    [
-                        tensor(&r.uniform(inter * h, 0.2), &[inter, h]),
-                        tensor(&r.uniform(inter * h, 0.2), &[inter, h]),
-                        tensor(&r.uniform(h * inter, 0.2), &[h, inter]),
-                    ]
-                })
-                .collect();
+            let experts = random_experts(&mut r, held.len(), h, inter);
             let moe = MoeHost { router: tensor(&router, &[e, h]), experts, first_expert: held.start, top_k: k, norm_topk_prob: true };
             for t in [9usize, 100, 700] {
                 let mut x = r.uniform(t * h, 1.0);
