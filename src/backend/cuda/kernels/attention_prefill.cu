@@ -53,13 +53,6 @@
 
 __device__ __forceinline__ unsigned fp_smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 
-// 16 bytes global -> shared, bypassing L1; `valid` false writes 16 zero bytes and reads nothing.
-__device__ __forceinline__ void fp_cp_async16(unsigned dst, const void* src, bool valid) {
-    unsigned n = valid ? 16u : 0u;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n) : "memory");
-}
-__device__ __forceinline__ void fp_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void fp_cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
 // volatile + "memory": never merged with the identical load of the previous key tile, never moved
 // across a barrier.
@@ -180,7 +173,7 @@ __device__ __forceinline__ void attention_prefill_impl(act_t* out, const act_t* 
         int i = tid + it * FP_THREADS, r = i / CH, c = i % CH;
         bool ok = r < nrows;
         const act_t* src = q + ((size_t)(row0 + (ok ? r : 0)) * nh + h) * HD + c * 8;
-        fp_cp_async16(fp_smem_addr(qs + r * SROW + c * 8), src, ok);
+        cp_async16(fp_smem_addr(qs + r * SROW + c * 8), src, ok);
     }
     // The page lookups of key tile k0 / FP_BK, once per tile for K and V and every thread's copies.
     auto find_slots = [&](int k0) {
@@ -197,13 +190,13 @@ __device__ __forceinline__ void attention_prefill_impl(act_t* out, const act_t* 
             int i = tid + it * FP_THREADS, r = i / CH, c = i % CH;
             unsigned slot = slots[kt & 1][r];
             bool ok = slot != ~0u;
-            fp_cp_async16(fp_smem_addr(dst + r * SROW + c * 8), cache + (size_t)(ok ? slot : 0) * kv_dim + kv_off + c * 8, ok);
+            cp_async16(fp_smem_addr(dst + r * SROW + c * 8), cache + (size_t)(ok ? slot : 0) * kv_dim + kv_off + c * 8, ok);
         }
     };
     find_slots(0);
     __syncthreads();
     load_kv(ks, kc, 0);
-    fp_cp_async_commit();
+    cp_async_commit();
 
     // This thread's two rows (warp-local g and g+8); rows past the tile take the last row's context
     // (finite scores; never written). hi: most keys any real row of the warp sees (0: the warp has
@@ -215,7 +208,7 @@ __device__ __forceinline__ void attention_prefill_impl(act_t* out, const act_t* 
     const int warp_lo = __reduce_min_sync(0xffffffffu, (unsigned)min(ctx_a, ctx_b));
     const float sl2 = scale * 1.4426950408889634f;  // exp(x * scale) = 2^(x * sl2)
 
-    fp_cp_async_wait_all();
+    cp_async_wait_all();
     __syncthreads();
     unsigned qf[KSTEPS][4];
     {
@@ -235,7 +228,7 @@ __device__ __forceinline__ void attention_prefill_impl(act_t* out, const act_t* 
     for (int kt = 0; kt < n_kt; kt++) {
         const int k0 = kt * FP_BK;
         load_kv(vs, vc, kt);
-        fp_cp_async_commit();
+        cp_async_commit();
         // Slots of the next tile into the other buffer: its last readers (the copies of tile kt-1)
         // were issued before the previous barrier; K(kt+1) reads it after the next one.
         if (kt + 1 < n_kt) find_slots(k0 + FP_BK);
@@ -257,11 +250,11 @@ __device__ __forceinline__ void attention_prefill_impl(act_t* out, const act_t* 
             // Mask where some row's context ends inside this tile (warp-uniform), online softmax.
             fp_softmax_tile<ND>(s, o, m, l, k0 + FP_BK > warp_lo, k0, t4, ctx_a, ctx_b, sl2);
         }
-        fp_cp_async_wait_all();  // V(kt) is here ...
+        cp_async_wait_all();  // V(kt) is here ...
         __syncthreads();         // ... for every thread, and no warp reads K(kt) any more
         if (kt + 1 < n_kt) {
             load_kv(ks, kc, kt + 1);
-            fp_cp_async_commit();
+            cp_async_commit();
         }
         if (active) {
 #pragma unroll
@@ -277,7 +270,7 @@ __device__ __forceinline__ void attention_prefill_impl(act_t* out, const act_t* 
                 }
             }
         }
-        fp_cp_async_wait_all();  // K(kt+1) is here ...
+        cp_async_wait_all();  // K(kt+1) is here ...
         __syncthreads();         // ... for every thread, and no warp reads V(kt) any more
     }
 
@@ -363,7 +356,7 @@ __device__ __forceinline__ void fw_load_tile(unsigned dst, int tid, const act_t*
     for (int i = 0; i < 8; i++) {
         const int r = (tid >> 4) + 8 * i;
         const act_t* src = row_src(r);
-        fp_cp_async16(dst + half * 8192 + r * 128 + ((cc ^ (r & 7)) << 4), (src ? src : any) + c * 8, src != nullptr);
+        cp_async16(dst + half * 8192 + r * 128 + ((cc ^ (r & 7)) << 4), (src ? src : any) + c * 8, src != nullptr);
     }
 }
 
@@ -403,7 +396,7 @@ __device__ __forceinline__ void fw_attention(act_t* out, const act_t* q, const a
     find_slots(0);
     __syncthreads();
     load_kv(0);
-    fp_cp_async_commit();
+    cp_async_commit();
     if (n_kt > 1) find_slots(1);
 
     // This thread's two rows g and g + 8 of its warp's 16; rows past the tile take the last row's
@@ -425,12 +418,12 @@ __device__ __forceinline__ void fw_attention(act_t* out, const act_t* q, const a
 
     for (int kt = 0; kt < n_kt; kt++) {
         const int k0 = kt * FP_BK;
-        fp_cp_async_wait_all();
+        cp_async_wait_all();
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // cp.async writes, seen by wgmma
         __syncthreads();  // tile kt (and Q) landed for all; slots of kt + 1 visible; tile kt - 1 read by none
         if (kt + 1 < n_kt) {
             load_kv(kt + 1);
-            fp_cp_async_commit();
+            cp_async_commit();
         }
         // S = Q · K(kt)ᵀ: s[j][c] is row (c < 2 ? g : g + 8), key k0 + 8 j + 2 t4 + (c & 1).
         float s[FP_BK / 8][4];

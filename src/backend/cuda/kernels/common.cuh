@@ -340,6 +340,16 @@ __device__ __forceinline__ void route_rows(const float* logits, int rows, float*
     }
 }
 
+// cp.async (sm_80+; attention_prefill.cu, expert_gemm.cu): 16 bytes global -> shared (address dst),
+// bypassing L1, without holding the thread up; `valid` false writes 16 zero bytes and reads nothing.
+// Groups of them committed, then waited for.
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool valid = true) {
+    unsigned n = valid ? 16u : 0u;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
 // Hopper's warpgroup MMA (wgmma; sm_90a builds, bf16/f16: expert_gemm.cu, attention_prefill.cu).
 // Operands in shared memory are described by 64-bit descriptors, kept in 128-byte
 // swizzled rows (16-byte chunk c of row r at r * 128 + ((c ^ (r % 8)) * 16) from a 1,024-aligned base).
@@ -349,10 +359,6 @@ __device__ __forceinline__ void route_rows(const float* logits, int rows, float*
 #else
 #define WG_AB "f16"
 #endif
-
-__device__ __forceinline__ void wg_cp16(unsigned dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
-}
 
 // A K-major operand: rows of 64 elements (128 bytes, swizzled), 8-row groups 1,024 bytes apart. Its
 // start address steps 32 bytes a k16 step; a descriptor plus (bytes >> 4) is the one bytes further

@@ -33,7 +33,7 @@
 // Wait until at most n of this thread's cp.async groups are pending (n is an immediate in PTX).
 __device__ __forceinline__ void eg_cp_wait(int n) {
     switch (n) {
-    case 0: asm volatile("cp.async.wait_group 0;" ::: "memory"); break;
+    case 0: cp_async_wait_all(); break;
     case 1: asm volatile("cp.async.wait_group 1;" ::: "memory"); break;
     case 2: asm volatile("cp.async.wait_group 2;" ::: "memory"); break;
     case 3: asm volatile("cp.async.wait_group 3;" ::: "memory"); break;
@@ -127,10 +127,10 @@ __device__ __forceinline__ void expert_gemm_impl(act_t* out, const act_t* x, con
         const unsigned a = base + slot * stage_bytes, b = a + EG_A_BYTES;
         const int k0 = kt * EG_BK;
 #pragma unroll
-        for (int q = 0; q < 4; q++) wg_cp16(a + sw + q * 32 * 128, a_src[q] + k0);
+        for (int q = 0; q < 4; q++) cp_async16(a + sw + q * 32 * 128, a_src[q] + k0);
 #pragma unroll
         for (int q = 0; q < MAXR / 32; q++)
-            if (32 * q < nt) wg_cp16(b + sw + q * 32 * 128, b_src[q] + k0);
+            if (32 * q < nt) cp_async16(b + sw + q * 32 * 128, b_src[q] + k0);
     };
 
     float acc[ACC];
@@ -140,14 +140,14 @@ __device__ __forceinline__ void expert_gemm_impl(act_t* out, const act_t* x, con
     const unsigned long long desc0 = wg_desc(base);  // stage offsets add to it (base + 227 KB stays in its 14 bits)
     for (int s = 0; s < ahead; s++) {
         if (s < KT) load(s, s);
-        asm volatile("cp.async.commit_group;" ::: "memory");
+        cp_async_commit();
     }
     for (int kt = 0, slot = 0; kt < KT; kt++, slot = slot + 1 == stages ? 0 : slot + 1) {
         eg_cp_wait(ahead - 1);  // stage kt landed (one group a step, empty ones included)
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // cp.async writes, seen by wgmma
         __syncthreads();  // every thread's copies of stage kt landed; both warpgroups past their wait
         if (kt + ahead < KT) load((kt + ahead) % stages, kt + ahead);
-        asm volatile("cp.async.commit_group;" ::: "memory");
+        cp_async_commit();
         const unsigned long long da = desc0 + ((slot * stage_bytes + wg * 64 * 128) >> 4), db = desc0 + ((slot * stage_bytes + EG_A_BYTES) >> 4);
         wg_fence_acc<ACC>(acc);
         asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
@@ -158,7 +158,7 @@ __device__ __forceinline__ void expert_gemm_impl(act_t* out, const act_t* x, con
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
     wg_fence_acc<ACC>(acc);
-    asm volatile("cp.async.wait_group 0;" ::: "memory");
+    cp_async_wait_all();
     __syncthreads();  // the stages are free: the epilogue stages the output tile there
 
     // The 128 × nt tile staged as act_t, [tile row][weight row] (rows padded by 16 bytes against bank
