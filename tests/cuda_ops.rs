@@ -311,8 +311,11 @@ fn matmul_gemv_and_cublas() {
         // T <= 8 takes the GEMV kernels (16-byte loads when K allows, else element loads), T > 8 cuBLAS.
         // The persistent grid has fewer rows than warps (3, 72) or many rows per warp (8200), a partial
         // last unrolled step (1032); x is staged in shared memory up to 56 KB and read from global
-        // memory past it (K = 4096 with T = 8 in bf16; T >= 4 in f32).
-        for (n, k) in [(72usize, 64usize), (100, 37), (256, 1024), (1000, 2048), (3, 4096), (5003, 1032), (8200, 256)] {
+        // memory past it (K = 4096 with T = 8 in bf16; T >= 4 in f32). Rows of 3072, 4096 and 25600 take the
+        // matmul_wide build (mod.rs WIDE_ROWS; 25600: x from global memory past 56 KB for T > 1).
+        for (n, k) in
+            [(72usize, 64usize), (100, 37), (256, 1024), (1000, 2048), (3, 4096), (5003, 1032), (8200, 256), (77, 3072), (33, 25600)]
+        {
             let w = tensor(&r.uniform(n * k, (3.0 / k as f32).sqrt()), &[n, k]);
             for t in [1usize, 3, 7, 8, 9, 33] {
                 let x = r.uniform(t * k, 1.0);
@@ -348,9 +351,11 @@ fn run_matmul_swiglu<B: Backend>(be: &B, x: &[f32], t: usize, gate: &HostTensor,
 #[test]
 fn fused_decode_products() {
     // q/k/v in one launch (gemv3) and gate·up·SwiGLU in one (gemv_swiglu) for T <= 8; T = 9 and
-    // K not a multiple of the vector width take the unfused path. Odd row counts throughout.
-    for dtype in DTYPES {
+    // K not a multiple of the vector width take the unfused path. Odd row counts throughout. Both
+    // GEMV builds: matmul's (8 loads a lane in flight) and, for every row length, matmul_wide's (16).
+    for (dtype, wide) in DTYPES.into_iter().flat_map(|d| [(d, false), (d, true)]) {
         let Some(g) = gpu(dtype) else { return };
+        g.set_wide_all(wide);
         let c = CpuBackend::new(dtype);
         let (_, bar) = bars(dtype);
         let mut r = Rng(13);
@@ -359,7 +364,8 @@ fn fused_decode_products() {
             let ws = ns.map(|n| tensor(&r.uniform(n * k, s), &[n, k]));
             for t in [1usize, 3, 8, 9] {
                 let x = r.uniform(t * k, 1.0);
-                check(&format!("matmul_many T={t} N={ns:?} K={k}"), dtype, &run_matmul3(&g, &x, t, &ws), &run_matmul3(&c, &x, t, &ws), bar);
+                let what = format!("matmul_many T={t} N={ns:?} K={k} wide={wide}");
+                check(&what, dtype, &run_matmul3(&g, &x, t, &ws), &run_matmul3(&c, &x, t, &ws), bar);
             }
         }
         for (n, k) in [(300usize, 1024usize), (1001, 72), (3072, 1024), (40, 37)] {
@@ -368,7 +374,7 @@ fn fused_decode_products() {
             for t in [1usize, 5, 8, 9] {
                 let x = r.uniform(t * k, 1.0);
                 check(
-                    &format!("matmul_swiglu T={t} N={n} K={k}"),
+                    &format!("matmul_swiglu T={t} N={n} K={k} wide={wide}"),
                     dtype,
                     &run_matmul_swiglu(&g, &x, t, &gw, &uw),
                     &run_matmul_swiglu(&c, &x, t, &gw, &uw),

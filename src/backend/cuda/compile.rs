@@ -20,6 +20,9 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("attention", include_str!("kernels/attention.cu")),
     ("attention_prefill", include_str!("kernels/attention_prefill.cu")),
     ("matmul", include_str!("kernels/matmul.cu")),
+    // The decode GEMVs again with 16 loads a lane in flight instead of 8, for the row lengths where
+    // that measured faster (mod.rs WIDE_ROWS). A GV_UNROLL of QWEN3RS_CUDA_DEFINES applies to both builds.
+    ("matmul_wide", concat!("#ifndef GV_UNROLL\n#define GV_UNROLL 16\n#endif\n", include_str!("kernels/matmul.cu"))),
     ("moe", include_str!("kernels/moe.cu")),
     ("expert_gemm", include_str!("kernels/expert_gemm.cu")),
 ];

@@ -252,10 +252,12 @@ impl Drop for Gpu {
 }
 
 /// Kernels with more dynamic shared memory than this launch without programmatic dependent launch:
-/// the decode GEMVs that stage a long x (Qwen3-32B's down projection, 51 KB; 8B's, 24 KB) ran slower
-/// with it (32B 53.1 tok/s with every kernel, 55.0 with this limit, 56.7 with none; 0.6B 861, 920,
-/// 801: RESULTS.md run 15). `QWEN3RS_CUDA_PDL_MAX_SMEM` overrides, `QWEN3RS_CUDA_PDL=0` turns it off.
-const PDL_MAX_SMEM: u32 = 16 * 1024;
+/// the decode GEMVs that stage a long x. Qwen3-32B's down projection (51 KB) runs slower with it
+/// (32B 53.1 tok/s with every kernel, 55.0 with a 16 KB limit, 56.7 with none; 0.6B 861, 920, 801:
+/// RESULTS.md run 15; 0.980× with a 64 KB limit, run 25.1). 8B's (24 KB) runs faster with it since
+/// the decode products issue their first weight loads before the wait (8B 1.022× with a 64 KB limit,
+/// run 25.1), hence 32 KB. `QWEN3RS_CUDA_PDL_MAX_SMEM` overrides, `QWEN3RS_CUDA_PDL=0` turns it off.
+const PDL_MAX_SMEM: u32 = 32 * 1024;
 
 /// Let kernel `f` take `smem` bytes of dynamic shared memory (past 48 KB with its static shared memory
 /// a kernel must opt in).

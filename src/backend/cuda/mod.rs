@@ -36,6 +36,18 @@ pub const GEMV_MAX_ROWS: usize = 8;
 /// which ran at 0.65 of the bandwidth with x from L1 (RESULTS.md run 11).
 const GEMV_SMEM_X: usize = 56 * 1024;
 
+/// Weight-row lengths (elements) whose decode GEMVs run matmul_wide's build (16 loads a lane in flight
+/// instead of 8), as measured on the Qwen3 shapes in bf16 (RESULTS.md runs 25.5, 25.6), decode against
+/// no row on it: 0.6B 1.037× (its down projection, 3,072), 30B-A3B 1.006× (o, 4,096), 8B 1.00× (4,096),
+/// 32B 1.065× (its down, 25,600; o, 8,192, alone is neutral). Left out: 32B's 5,120 (0.973× with it) and 8B's
+/// down, 12,288 (0.991×). No rule by length alone fits: the build with fewer batches a row wins where a
+/// row's loads would end in a part-filled batch or another round trip, and loses where its extra
+/// registers cost blocks an SM.
+const WIDE_ROWS: [usize; 4] = [3072, 4096, 8192, 25600];
+
+/// A decode GEMV launch as `gemv_plan` chooses it: (module, kernel, grid, dynamic shared memory).
+type GemvPlan = (&'static str, &'static str, (u32, u32, u32), u32);
+
 /// Kernel names of the decode-GEMV families in matmul.cu: [T = 1, T = 1 with x in shared memory,
 /// T <= GEMV_MAX_ROWS, the same with x in shared memory]. MoE experts see one x row per pair, so
 /// their families stop after the T = 1 pair.
@@ -385,6 +397,11 @@ pub struct CudaBackend {
     split_kv: bool,
     /// Least keys a decode-attention split takes (8; `QWEN3RS_CUDA_SPLIT_KEYS`; 16 until run 18.3).
     split_keys: usize,
+    /// Weight-row lengths whose decode GEMVs run `matmul_wide`'s build: WIDE_ROWS;
+    /// `QWEN3RS_CUDA_WIDE_ROWS=K1,K2,...` (0: none).
+    wide_rows: Vec<usize>,
+    /// Every decode GEMV on `matmul_wide` (tests: `set_wide_all`).
+    wide_all: std::sync::atomic::AtomicBool,
     /// Most decode-attention splits merged inside the attention launch, its splits one thread block
     /// cluster (sm_90+: 16; `QWEN3RS_CUDA_ATTN_CLUSTER=N`, 0 = off); more splits than this, or none of
     /// it, go through an `attention_combine` launch.
@@ -565,6 +582,11 @@ impl CudaBackend {
             router_warps: env_count("QWEN3RS_CUDA_ROUTER_WARPS").unwrap_or(8).min(32),
             split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"),
             split_keys: env_count("QWEN3RS_CUDA_SPLIT_KEYS").unwrap_or(8),
+            wide_rows: match std::env::var("QWEN3RS_CUDA_WIDE_ROWS") {
+                Ok(v) => v.split(',').filter_map(|k| k.trim().parse().ok()).filter(|&k| k > 0).collect(),
+                Err(_) => WIDE_ROWS.to_vec(),
+            },
+            wide_all: false.into(),
             attn_cluster: attn_cluster.into(),
             tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"),
             moe_cublas: (!env_off("QWEN3RS_CUDA_MOE_CUBLAS")).into(),
@@ -618,6 +640,12 @@ impl CudaBackend {
     /// through `attention_combine`), capped at what the device takes: lets one test process check both.
     pub fn set_attn_cluster(&self, max_splits: usize) {
         self.attn_cluster.store(max_splits.min(attn_cluster_cap(self.gpu.arch)), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Every decode GEMV on matmul_wide's build (true), or only the rows `wide_rows` lists: lets one
+    /// test process check both builds.
+    pub fn set_wide_all(&self, all: bool) {
+        self.wide_all.store(all, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The device index this backend runs on.
@@ -1027,15 +1055,18 @@ impl CudaBackend {
 
     /// (kernel, grid, dynamic shared memory) of a decode-GEMV launch over `rows` weight rows (a warp's
     /// work each; for moe_down_combine MOE_DOWN_WARPS per output element), with
-    /// `t` rows of x per weight row and `x_elems` elements of x read by every block: x is staged in
-    /// shared memory when it fits `GEMV_SMEM_X`; the grid fills the GPU once (persistent kernels).
-    fn gemv_plan(&self, family: &[&'static str], t: usize, x_elems: usize, rows: usize) -> Result<(&'static str, (u32, u32, u32), u32)> {
+    /// `t` rows of x per weight row of `k` elements and `x_elems` elements of x read by every block: x
+    /// is staged in shared memory when it fits `GEMV_SMEM_X`; the grid fills the GPU once (persistent
+    /// kernels); rows of the lengths `wide_rows` lists take matmul_wide's build. (module, kernel, grid, smem).
+    fn gemv_plan(&self, family: &[&'static str], t: usize, k: usize, x_elems: usize, rows: usize) -> Result<GemvPlan> {
+        let wide = self.wide_all.load(std::sync::atomic::Ordering::Relaxed) || self.wide_rows.contains(&k);
+        let module = if wide { "matmul_wide" } else { "matmul" };
         let x_bytes = x_elems * self.esize();
         let xs = x_bytes <= GEMV_SMEM_X;
         let name = family[2 * usize::from(t > 1) + usize::from(xs)];
         let smem = if xs { x_bytes as u32 } else { 0 };
-        let grid = self.gpu.persistent_grid("matmul", name, 256, smem, rows.div_ceil(8))?;
-        Ok((name, (grid, 1, 1), smem))
+        let grid = self.gpu.persistent_grid(module, name, 256, smem, rows.div_ceil(8))?;
+        Ok((module, name, (grid, 1, 1), smem))
     }
 
     /// KV splits of decode attention `kernel` over `blocks` (heads, row) blocks for a longest context
@@ -1065,8 +1096,8 @@ impl CudaBackend {
         if t <= GEMV_MAX_ROWS {
             let (ti, ni, ki) = (t as i32, n as i32, k as i32);
             if k.is_multiple_of(self.vec()) {
-                let (name, grid, smem) = self.gemv_plan(&GEMV, t, t * k, n)?;
-                return self.gpu.launch("matmul", name, grid, 256, smem, args![out, x, w, ti, ni, ki]);
+                let (module, name, grid, smem) = self.gemv_plan(&GEMV, t, k, t * k, n)?;
+                return self.gpu.launch(module, name, grid, 256, smem, args![out, x, w, ti, ni, ki]);
             }
             self.gpu.launch("matmul", "gemv_scalar", (blocks(n, 8), 1, 1), 256, 0, args![out, x, w, ti, ni, ki])
         } else {
@@ -1088,13 +1119,13 @@ impl CudaBackend {
     fn gemv3(&self, outs: &mut [&mut CudaBuf], x: &CudaBuf, ws: &[&CudaWeight], norm: FusedNorm) -> Result<()> {
         let (t, k) = (x.rows, x.cols);
         let ns = [ws[0].shape[0], ws[1].shape[0], ws[2].shape[0]];
-        let (name, grid, smem) = self.gemv_plan(&GEMV3, t, t * k, ns.iter().sum())?;
+        let (module, name, grid, smem) = self.gemv_plan(&GEMV3, t, k, t * k, ns.iter().sum())?;
         let (o0, o1, o2) = (outs[0].mem.ptr, outs[1].mem.ptr, outs[2].mem.ptr);
         let (w0, w1, w2) = (ws[0].mem.ptr, ws[1].mem.ptr, ws[2].mem.ptr);
         let (n0, n1, n2) = (ns[0] as i32, ns[1] as i32, ns[2] as i32);
         let (xp, ti, ki) = (x.mem.ptr, t as i32, k as i32);
         let FusedNorm { delta, x_out, w, eps } = norm;
-        self.gpu.launch("matmul", name, grid, 256, smem, args![o0, w0, n0, o1, w1, n1, o2, w2, n2, xp, ti, ki, delta, x_out, w, eps])
+        self.gpu.launch(module, name, grid, 256, smem, args![o0, w0, n0, o1, w1, n1, o2, w2, n2, xp, ti, ki, delta, x_out, w, eps])
     }
 
     /// Whether gate · up · SwiGLU of x goes to the fused decode GEMV (`gemv_swiglu`).
@@ -1108,11 +1139,11 @@ impl CudaBackend {
     /// out = swiglu(x · gateᵀ, x · upᵀ) in one launch, x normed first with `norm`.
     fn gemv_swiglu(&self, out: &mut CudaBuf, x: &CudaBuf, gate: &CudaWeight, up: &CudaWeight, norm: FusedNorm) -> Result<()> {
         let (t, n, k) = (x.rows, gate.shape[0], x.cols);
-        let (name, grid, smem) = self.gemv_plan(&GEMV_SWIGLU, t, t * k, n)?;
+        let (module, name, grid, smem) = self.gemv_plan(&GEMV_SWIGLU, t, k, t * k, n)?;
         let (o, xp, gp, upp) = (out.mem.ptr, x.mem.ptr, gate.mem.ptr, up.mem.ptr);
         let (ti, ni, ki) = (t as i32, n as i32, k as i32);
         let FusedNorm { delta, x_out, w, eps } = norm;
-        self.gpu.launch("matmul", name, grid, 256, smem, args![o, xp, gp, upp, ti, ni, ki, delta, x_out, w, eps])
+        self.gpu.launch(module, name, grid, 256, smem, args![o, xp, gp, upp, ti, ni, ki, delta, x_out, w, eps])
     }
 
     /// The MoE layer (`Backend::moe`); with `norm` (decode only, `moe_decode_fits`) x is the block's
@@ -1199,20 +1230,20 @@ impl CudaBackend {
             // gate·up·SwiGLU per (pair, expert row), then the down projection with the weighted
             // combine in it, MOE_DOWN_WARPS warps per output element. Gate/up read the rows the router normed.
             let (gp, upp, dp) = (moe.gate.ptr, moe.up.ptr, moe.down.ptr);
-            let (name, grid, smem) = self.gemv_plan(&MOE_GEMV_SWIGLU, 1, t * h, p * inter)?;
+            let (module, name, grid, smem) = self.gemv_plan(&MOE_GEMV_SWIGLU, 1, h, t * h, p * inter)?;
             let (xin, nw) = if x_normed != 0 { (x_normed, 0) } else { (xp, nw) };
             let logits = if self_routed { probs } else { 0u64 };
             self.gpu.launch(
-                "matmul",
+                module,
                 name,
                 grid,
                 256,
                 smem,
                 args![act, xin, gp, upp, ids, weights, logits, ei, renorm, e0, held, ki, pi, ii, hi, nw, eps],
             )?;
-            let (name, grid, smem) = self.gemv_plan(&MOE_DOWN_COMBINE, 1, p * inter, t * h * MOE_DOWN_WARPS)?;
+            let (module, name, grid, smem) = self.gemv_plan(&MOE_DOWN_COMBINE, 1, inter, p * inter, t * h * MOE_DOWN_WARPS)?;
             let o = out.mem.ptr;
-            return self.gpu.launch("matmul", name, grid, 256, smem, args![o, act, dp, ids, weights, ti, ki, hi, ii]);
+            return self.gpu.launch(module, name, grid, 256, smem, args![o, act, dp, ids, weights, ti, ki, hi, ii]);
         }
         if on_wgmma {
             return self.moe_expert_gemm(out, x, moe, [ids, weights, sorted, pair_pos, tile_e, tile_row0, tile_rows, act, y]);
