@@ -26,7 +26,9 @@
 //!     flight a lane, the first batch issued before the wait, x staged in shared memory) with q/k/v,
 //!     gate·up·SwiGLU and the block's add + RMSNorm fused in; QK-norm + RoPE + KV append + split-KV
 //!     attention in one launch, splits merged in a thread-block cluster; MoE decode reading only the
-//!     chosen experts, routed inside the gate/up kernel, down with the weighted combine.
+//!     chosen experts, routed inside the gate/up kernel, down with the weighted combine; a second
+//!     build of the GEMVs with 16 loads a lane in flight for the row lengths where it measured faster
+//!     (`matmul_wide`, WIDE_ROWS, 25.5–25.6).
 //!   - prefill: attention of head_dim 128 on wgmma on sm_90a (else mma.sync flash attention); MoE
 //!     experts on wgmma (`expert_gemm`, 128-row tiles, two blocks an SM, no host sync; else cuBLAS
 //!     grouped GEMMs); dense products on cuBLAS; dummy weights drawn on the device.
@@ -37,7 +39,9 @@
 //!   (24.2); moe_sort keeping pair ids in registers (24.1, +0.2 %); the next weights brought into L2 by
 //!   a kernel on a second stream (24.3, −35 % on 0.6B) and the o projection's weights copied into shared
 //!   memory during the attention (24.5, −8 %): work put beside the decode kernels costs more than the
-//!   idle time it means to fill. Refuted code stays on its git branch, named in RESULTS.md.
+//!   idle time it means to fill; q/k/v and the decode attention in one cluster launch (25.2–25.4:
+//!   clusters of 16 at one block an SM do not all fit at once). Refuted code stays on its git branch,
+//!   named in RESULTS.md.
 
 pub mod backend;
 pub mod chat;
