@@ -1053,11 +1053,11 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// (kernel, grid, dynamic shared memory) of a decode-GEMV launch over `rows` weight rows (a warp's
-    /// work each; for moe_down_combine MOE_DOWN_WARPS per output element), with
-    /// `t` rows of x per weight row of `k` elements and `x_elems` elements of x read by every block: x
-    /// is staged in shared memory when it fits `GEMV_SMEM_X`; the grid fills the GPU once (persistent
-    /// kernels); rows of the lengths `wide_rows` lists take matmul_wide's build. (module, kernel, grid, smem).
+    /// The launch (module, kernel, grid, dynamic shared memory) of a decode GEMV over `rows` weight rows
+    /// (a warp's work each; for moe_down_combine MOE_DOWN_WARPS per output element), with `t` rows of x
+    /// per weight row of `k` elements and `x_elems` elements of x read by every block: rows of the lengths
+    /// `wide_rows` lists take matmul_wide's build; x is staged in shared memory when it fits
+    /// `GEMV_SMEM_X`; the grid fills the GPU once (persistent kernels).
     fn gemv_plan(&self, family: &[&'static str], t: usize, k: usize, x_elems: usize, rows: usize) -> Result<GemvPlan> {
         let wide = self.wide_all.load(std::sync::atomic::Ordering::Relaxed) || self.wide_rows.contains(&k);
         let module = if wide { "matmul_wide" } else { "matmul" };
