@@ -51,7 +51,8 @@ done
 grep -E "rel err|argmax|OOM|SKIP" "$OUT/cuda_ops.log" > "$OUT/cuda_ops_errors.txt" 2>/dev/null
 SUMMARY+=("rust cuda_ops SKIP lines (0 = all ran)|$(grep -c SKIP "$OUT/cuda_ops.log" 2>/dev/null)")
 
-python3 -m pytest tests/test_cuda.py tests/test_conformance.py -q -rs -p no:cacheprovider > "$OUT/pytest.log" 2>&1
+# The kernel-compile tests need no GPU and CI runs them (~4 minutes of NVRTC on one core): left out here.
+python3 -m pytest tests/test_cuda.py tests/test_conformance.py -q -rs -p no:cacheprovider -k "not kernels_compile" > "$OUT/pytest.log" 2>&1
 rc=$?
 SUMMARY+=("pytest test_cuda+test_conformance|rc=$rc $(tail -1 "$OUT/pytest.log")")
 

@@ -434,7 +434,13 @@ extern "C" __global__ void router_logits(float* logits, const act_t* x, const ac
     int lane = threadIdx.x & 31;
     int e = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     int t = blockIdx.y;
-    if (e < E) prefetch_lines(router + (size_t)e * H, H * (int)sizeof(act_t));
+    // The warp's router row: its first batch in registers before the wait (16-byte loads), the rest (or
+    // a row of element loads) into L2.
+    const bool early = e < E && H % VEC == 0;
+    const int first = early ? min(H, 32 * GV_UNROLL * VEC) : 0;  // elements in that batch
+    uint4 wv[GV_UNROLL];
+    if (early) load_batch(wv, router + (size_t)e * H, lane, H / VEC);
+    if (e < E) prefetch_lines(router + (size_t)e * H + first, (H - first) * (int)sizeof(act_t));
     const NormW nwr = load_norm_weight(nw, H);
     grid_dependency();
     size_t row = (size_t)t * H;
@@ -449,9 +455,8 @@ extern "C" __global__ void router_logits(float* logits, const act_t* x, const ac
     float s = 0.f;
     if (H % VEC == 0) {
         float acc[1] = {0.f};
-        uint4 wv[GV_UNROLL];
-        if (nw) row_dot<1, true>(acc, wr, xr, 1, H / VEC, wv, false);
-        else row_dot<1, false>(acc, wr, xr, 1, H / VEC, wv, false);
+        if (nw) row_dot<1, true>(acc, wr, xr, 1, H / VEC, wv, true);
+        else row_dot<1, false>(acc, wr, xr, 1, H / VEC, wv, true);
         s = acc[0];
     } else {
         for (int k = lane; k < H; k += 32) s += to_f(xr[k]) * to_f(wr[k]);
