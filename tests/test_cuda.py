@@ -68,7 +68,7 @@ def test_kernels_compile_for_sm90():
     assert len(done) == 24 and "attention/bfloat16" in done and "matmul_wide/bfloat16" in done and "expert_gemm/float16" in done, done
 
 
-@pytest.mark.parametrize("spec", ["GV_UNROLL=4,AD_KB=2", "PREFETCH_BYTES=2048 MD_SLOTS=2 RD_UNROLL=6", "GV_PAIR_ROWS=1 GV_MIN_BLOCKS=4"])
+@pytest.mark.parametrize("spec", ["GV_UNROLL=4,AD_KB=2", "MD_SLOTS=2 RD_UNROLL=6", "GV_PAIR_ROWS=1 GV_MIN_BLOCKS=4"])
 def test_kernels_compile_with_tuning_defines(spec, monkeypatch):
     """QWEN3RS_CUDA_DEFINES sets tunable kernel constants at compile time."""
     monkeypatch.setenv("QWEN3RS_CUDA_DEFINES", spec)
@@ -80,7 +80,7 @@ def test_kernels_compile_with_tuning_defines(spec, monkeypatch):
     ("GV_UNROLL=0", "not a positive integer"),
     ("GV_UNROLL", "not a positive integer"),
     ("GV_UNROLL=4;AD_KB=2", "not a positive integer"),
-    ("PREFETCH_BYTES=1e3", "not a positive integer"),
+    ("MD_SLOTS=1e3", "not a positive integer"),
 ])
 def test_bad_tuning_defines_are_refused(spec, names, monkeypatch):
     monkeypatch.setenv("QWEN3RS_CUDA_DEFINES", spec)

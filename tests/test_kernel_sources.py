@@ -63,7 +63,7 @@ def test_late_waits_leave_the_activations_alone():
 # products' first batch of weight loads, load_batch of a weight parameter, and their norm weight,
 # load_norm_weight), declare, and compute indices from the launch shape. No other memory read.
 BEFORE_WAIT = [
-    r"(if \([^\[]*\) )?prefetch_(rows|lines)\(.*",
+    r"(if \([^\[]*\) )?prefetch_lines\(.*",
     r"auto \w+ = \[&\].*",  # a lambda (its body is not checked: those here compute addresses)
     r"(extern )?__shared__ .*",
     r"(const )?(int|bool) \w+ = [^\[]*",  # no indexing: no memory read

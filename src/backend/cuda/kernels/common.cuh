@@ -68,7 +68,7 @@ __device__ float block_sum(float v) {
 // of it on the stream is still running. Every kernel calls grid_dependency() before it reads or
 // writes any activation, cache or scratch buffer: it waits until the kernel ahead has completed and
 // its writes are visible, then lets the kernel behind start its own prologue. Before it a kernel may
-// only read weights (prefetch_rows, load_batch, load_norm_weight) and host metadata (the decode
+// only read weights (load_batch, load_norm_weight, prefetch_lines) and host metadata (the decode
 // attention; tests/test_kernel_sources.py checks both). No-op without PDL or below sm_90.
 __device__ __forceinline__ void grid_dependency() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -116,33 +116,10 @@ __device__ __forceinline__ const T* cluster_ptr(const T* p, unsigned rank) {
 __device__ __forceinline__ int warp_id_global() { return blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); }
 __device__ __forceinline__ int warps_global() { return gridDim.x * (blockDim.x >> 5); }
 
-// Before grid_dependency(): pull into L2 the start of the weight rows this warp will read (rows g,
-// g + G, ... of `rows`, g this warp of G; row(r) its first element, K elements), at most
-// PREFETCH_BYTES per warp: the product then starts from L2 when its input arrives. Only for matrices
-// of at most PREFETCH_MATRIX bytes (a small model's, latency-bound): a large one streams at the
-// memory's pace anyway, and its prefetched prefix could be evicted by the kernel ahead before use.
-#ifndef PREFETCH_BYTES  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
-#define PREFETCH_BYTES 8192
-#endif
-#ifndef PREFETCH_MATRIX  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
-#define PREFETCH_MATRIX (24u << 20)
-#endif
 // The calling warp prefetches bytes [0, n) at p into L2, a 128-byte line per lane.
 __device__ __forceinline__ void prefetch_lines(const void* p, int n) {
     const char* c = reinterpret_cast<const char*>(p);
     for (int off = (threadIdx.x & 31) * 128; off < n; off += 32 * 128) asm volatile("prefetch.global.L2 [%0];" :: "l"(c + off));
-}
-
-template <class RowPtr>
-__device__ __forceinline__ void prefetch_rows(RowPtr row, int rows, int K) {
-    const int row_bytes = K * (int)sizeof(act_t);
-    if ((size_t)rows * row_bytes > PREFETCH_MATRIX) return;
-    int budget = PREFETCH_BYTES;
-    for (int r = warp_id_global(); r < rows && budget > 0; r += warps_global()) {
-        int n = min(row_bytes, budget);
-        prefetch_lines(row(r), n);
-        budget -= n;
-    }
 }
 
 // 16-byte accesses: VEC elements of act_t as one uint4.

@@ -304,7 +304,6 @@ __device__ __forceinline__ void gemv_one(act_t* out, const act_t* wrow, const ac
 // out [T, N] = x [T, K] · w [N, K]ᵀ.
 template <int TMAX, bool XS>
 __device__ __forceinline__ void gemv_rows(act_t* out, const act_t* x, const act_t* w, int T, int N, int K) {
-    prefetch_rows([&](int n) { return w + (size_t)n * K; }, N, K);
     const int n0 = warp_id_global();
     uint4 wv[GV_UNROLL];
     const bool early = n0 < N;
@@ -326,7 +325,6 @@ __device__ __forceinline__ void gemv3_rows(act_t* o0, const act_t* w0, int N0, a
         else if (r >= N0) { r -= N0; o = o1; w = w1; N = N1; }
         return r;
     };
-    prefetch_rows([&](int r) { act_t* o; const act_t* w; int N; int n = pick(r, o, w, N); return w + (size_t)n * K; }, N0 + N1 + N2, K);
     const int r0 = warp_id_global();
     uint4 wv[GV_UNROLL];
     const bool early = r0 < N0 + N1 + N2;
@@ -350,8 +348,6 @@ __device__ __forceinline__ void gemv3_rows(act_t* o0, const act_t* w0, int N0, a
 template <int TMAX, bool XS>
 __device__ __forceinline__ void gemv_swiglu_rows(act_t* out, const act_t* x, const act_t* gate, const act_t* up,
     int T, int N, int K, const act_t* delta, act_t* x_out, const act_t* nw, float eps) {
-    prefetch_rows([&](int n) { return gate + (size_t)n * K; }, N, K);
-    prefetch_rows([&](int n) { return up + (size_t)n * K; }, N, K);
     const int lane = threadIdx.x & 31, n0 = warp_id_global();
     uint4 gv[GV_UNROLL], uv[GV_UNROLL];
     const bool early = n0 < N;
