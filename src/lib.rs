@@ -35,14 +35,14 @@
 //! - Dropped after measuring (runs in RESULTS.md): one persistent kernel a decode step (a grid barrier
 //!   costs more than a PDL boundary, 19.5); decode products on tensor cores (tiles 18.1, per-row mma
 //!   18.2: the products are bound by per-launch latency, not instructions); a warp-level fused norm
-//!   (21.1); the MoE down projection prefetching its rows (22.4, 23.1); the products' L2 prefetch of their
-//!   rows before the wait, made redundant by the first batch loaded there (26.3–26.4: removing it +3 %); expert tiles of 256 or 64 rows
-//!   (24.2); moe_sort keeping pair ids in registers (24.1, +0.2 %); the next weights brought into L2 by
-//!   a kernel on a second stream (24.3, −35 % on 0.6B) and the o projection's weights copied into shared
-//!   memory during the attention (24.5, −8 %): work put beside the decode kernels costs more than the
-//!   idle time it means to fill; q/k/v and the decode attention in one cluster launch (25.2–25.4:
-//!   clusters of 16 at one block an SM do not all fit at once). Refuted code stays on its git branch,
-//!   named in RESULTS.md.
+//!   (21.1); the MoE down projection prefetching its rows (22.4, 23.1); the products prefetching their
+//!   rows into L2 before the wait, where their first batch is loaded anyway (26.4–26.5: without it
+//!   +4–5 %); short rows loaded two to a batch (26.1); expert tiles of 256 or 64 rows (24.2); moe_sort
+//!   keeping pair ids in registers (24.1, +0.2 %); the next weights brought into L2 by a kernel on a
+//!   second stream (24.3, −35 % on 0.6B) and the o projection's weights copied into shared memory during
+//!   the attention (24.5, −8 %): work put beside the decode kernels costs more than the idle time it
+//!   means to fill; q/k/v and the decode attention in one cluster launch (25.2–25.4: clusters of 16 at
+//!   one block an SM do not all fit at once). Refuted code stays on its git branch, named in RESULTS.md.
 
 pub mod backend;
 pub mod chat;
