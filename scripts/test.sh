@@ -16,4 +16,6 @@ else
   echo "clippy not installed: lints not checked"
 fi
 cargo test --release --quiet
+# The CUDA backend's host-side unit tests (no GPU needed).
+cargo test --release --quiet --features cuda --lib
 python -m pytest tests -q

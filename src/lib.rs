@@ -27,8 +27,8 @@
 //!     gate·up·SwiGLU and the block's add + RMSNorm fused in; QK-norm + RoPE + KV append + split-KV
 //!     attention in one launch, splits merged in a thread-block cluster; MoE decode reading only the
 //!     chosen experts, routed inside the gate/up kernel, down with the weighted combine; a second
-//!     build of the GEMVs with 16 loads a lane in flight for the row lengths where it measured faster
-//!     (`matmul_wide`, WIDE_ROWS, 25.5–25.6).
+//!     build of the GEMVs with 16 loads a lane in flight for the row lengths (and kernel families)
+//!     where it measured faster (`matmul_wide`, WIDE_ROWS, 25.5–25.6, 27.3–27.4).
 //!   - prefill: attention of head_dim 128 on wgmma on sm_90a (else mma.sync flash attention); MoE
 //!     experts on wgmma (`expert_gemm`, 128-row tiles, two blocks an SM, no host sync; else cuBLAS
 //!     grouped GEMMs); dense products on cuBLAS; dummy weights drawn on the device.

@@ -37,13 +37,47 @@ pub const GEMV_MAX_ROWS: usize = 8;
 const GEMV_SMEM_X: usize = 56 * 1024;
 
 /// Weight-row lengths (elements) whose decode GEMVs run matmul_wide's build (16 loads a lane in flight
-/// instead of 8), as measured on the Qwen3 shapes in bf16 (RESULTS.md runs 25.5, 25.6), decode against
-/// no row on it: 0.6B 1.037× (its down projection, 3,072), 30B-A3B 1.006× (o, 4,096), 8B 1.00× (4,096),
-/// 32B 1.065× (its down, 25,600; o, 8,192, alone is neutral). Left out: 32B's 5,120 (0.973× with it) and 8B's
-/// down, 12,288 (0.991×). No rule by length alone fits: the build with fewer batches a row wins where a
-/// row's loads would end in a part-filled batch or another round trip, and loses where its extra
-/// registers cost blocks an SM.
-const WIDE_ROWS: [usize; 4] = [3072, 4096, 8192, 25600];
+/// instead of 8), in `QWEN3RS_CUDA_WIDE_ROWS`'s syntax (`parse_wide_rows`), as measured on the Qwen3
+/// shapes in bf16 (RESULTS.md runs 25.5, 25.6, 27.3, 27.4), decode against no row on it: 0.6B 1.037× (its down
+/// projection, 3,072), 30B-A3B 1.006× (o, 4,096), 8B 1.00× (4,096), 32B 1.065× (its down, 25,600; o, 8,192,
+/// alone is neutral); 2,048 in the plain GEMV family only (0.6B's o): 0.6B 1.015×, 30B-A3B 0.999×.
+/// Left out: 32B's 5,120 (0.973× with it), 8B's down, 12,288 (0.991×), and 2,048 in 30B-A3B's q/k/v
+/// (gemv3, 0.967×) and expert gate/up (moe_gemv_swiglu, 0.905×). No rule by length alone fits: the
+/// build with fewer batches a row wins where a row's loads would end in a part-filled batch or another
+/// round trip, and loses where its extra registers cost blocks an SM.
+const WIDE_ROWS: &str = "3072,4096,8192,25600,gemv:2048";
+
+/// One entry of the wide-row list: a weight-row length, and the GEMV family it applies to (its kernels'
+/// name before `_t1`/`_xs`: gemv, gemv3, gemv_swiglu, moe_gemv_swiglu, moe_down_combine), or every family.
+#[derive(Debug, Clone, PartialEq)]
+struct WideRow {
+    family: Option<String>,
+    k: usize,
+}
+
+/// `QWEN3RS_CUDA_WIDE_ROWS`: comma-separated `K` (every family) or `FAMILY:K` entries; 0 or nothing: none.
+fn parse_wide_rows(spec: &str) -> Result<Vec<WideRow>> {
+    let mut rows = Vec::new();
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (family, k) = match item.split_once(':') {
+            Some((f, k)) => (Some(f.trim().to_string()), k),
+            None => (None, item),
+        };
+        let Ok(k) = k.trim().parse::<usize>() else {
+            bail!(InvalidArgument, "QWEN3RS_CUDA_WIDE_ROWS: bad entry {item:?} (K or FAMILY:K)");
+        };
+        if k > 0 {
+            rows.push(WideRow { family, k });
+        }
+    }
+    Ok(rows)
+}
+
+/// The family name of a GEMV kernel family (`gemv_t1` → gemv, `moe_gemv_swiglu` → itself).
+fn gemv_family(family: &[&'static str]) -> &'static str {
+    let first: &'static str = family[0];
+    first.strip_suffix("_t1").unwrap_or(first)
+}
 
 /// A decode GEMV launch as `gemv_plan` chooses it: (module, kernel, grid, dynamic shared memory).
 type GemvPlan = (&'static str, &'static str, (u32, u32, u32), u32);
@@ -398,8 +432,8 @@ pub struct CudaBackend {
     /// Least keys a decode-attention split takes (8; `QWEN3RS_CUDA_SPLIT_KEYS`; 16 until run 18.3).
     split_keys: usize,
     /// Weight-row lengths whose decode GEMVs run `matmul_wide`'s build: WIDE_ROWS;
-    /// `QWEN3RS_CUDA_WIDE_ROWS=K1,K2,...` (0: none).
-    wide_rows: Vec<usize>,
+    /// `QWEN3RS_CUDA_WIDE_ROWS=K1,FAMILY:K2,...` (0: none).
+    wide_rows: Vec<WideRow>,
     /// Every decode GEMV on `matmul_wide` (tests: `set_wide_all`).
     wide_all: std::sync::atomic::AtomicBool,
     /// Most decode-attention splits merged inside the attention launch, its splits one thread block
@@ -583,8 +617,8 @@ impl CudaBackend {
             split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"),
             split_keys: env_count("QWEN3RS_CUDA_SPLIT_KEYS").unwrap_or(8),
             wide_rows: match std::env::var("QWEN3RS_CUDA_WIDE_ROWS") {
-                Ok(v) => v.split(',').filter_map(|k| k.trim().parse().ok()).filter(|&k| k > 0).collect(),
-                Err(_) => WIDE_ROWS.to_vec(),
+                Ok(v) => parse_wide_rows(&v)?,
+                Err(_) => parse_wide_rows(WIDE_ROWS)?,
             },
             wide_all: false.into(),
             attn_cluster: attn_cluster.into(),
@@ -1059,7 +1093,9 @@ impl CudaBackend {
     /// `wide_rows` lists take matmul_wide's build; x is staged in shared memory when it fits
     /// `GEMV_SMEM_X`; the grid fills the GPU once (persistent kernels).
     fn gemv_plan(&self, family: &[&'static str], t: usize, k: usize, x_elems: usize, rows: usize) -> Result<GemvPlan> {
-        let wide = self.wide_all.load(std::sync::atomic::Ordering::Relaxed) || self.wide_rows.contains(&k);
+        let fam = gemv_family(family);
+        let wide = self.wide_all.load(std::sync::atomic::Ordering::Relaxed)
+            || self.wide_rows.iter().any(|w| w.k == k && w.family.as_deref().is_none_or(|f| f == fam));
         let module = if wide { "matmul_wide" } else { "matmul" };
         let x_bytes = x_elems * self.esize();
         let xs = x_bytes <= GEMV_SMEM_X;
@@ -2063,5 +2099,27 @@ impl Backend for CudaBackend {
         self.set_staged_ids(p, &vec![FROM_DEVICE; rows])?;
         self.launch_step(&graphs, graph, p)?;
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wide_rows_parse_lengths_and_families() {
+        let w = |family: Option<&str>, k| WideRow { family: family.map(str::to_string), k };
+        assert_eq!(parse_wide_rows("3072, gemv:2048,0").unwrap(), vec![w(None, 3072), w(Some("gemv"), 2048)]);
+        assert_eq!(parse_wide_rows("0").unwrap(), vec![]);
+        assert_eq!(parse_wide_rows("").unwrap(), vec![]);
+        let e = parse_wide_rows("4096,gemv:x").unwrap_err().to_string();
+        assert!(e.contains("QWEN3RS_CUDA_WIDE_ROWS") && e.contains("gemv:x"), "{e}");
+        assert!(parse_wide_rows("-1").is_err());
+        assert_eq!(parse_wide_rows(WIDE_ROWS).unwrap().len(), 5);
+        assert_eq!(gemv_family(&GEMV), "gemv");
+        assert_eq!(gemv_family(&GEMV3), "gemv3");
+        assert_eq!(gemv_family(&GEMV_SWIGLU), "gemv_swiglu");
+        assert_eq!(gemv_family(&MOE_GEMV_SWIGLU), "moe_gemv_swiglu");
+        assert_eq!(gemv_family(&MOE_DOWN_COMBINE), "moe_down_combine");
     }
 }
