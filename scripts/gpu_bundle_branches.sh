@@ -3,7 +3,7 @@
 #   .gpu/v/NAME/qwen3rs-*.whl and .gpu/v/NAME/cuda_ops for each branch NAME given (the current
 #   checkout's HEAD as "main" when none is), by checking each out in turn (the tree must be clean; the
 #   shared target/ keeps the builds incremental, ~1-3 minutes each) and back to where it was.
-# Then through the device tool: command "bash scripts/gpu_ab.sh [CUDA_OPS_FILTER]", carry [".gpu"].
+# Then through the device tool: command "bash scripts/gpu_ab.sh [CUDA_OPS_FILTER]", carry [".gpu/v"].
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -z "$(git status --porcelain --untracked-files=no)" ] || { echo "commit or stash first: the branches are checked out here" >&2; exit 1; }
