@@ -57,12 +57,16 @@ struct WideRow {
 
 /// `QWEN3RS_CUDA_WIDE_ROWS`: comma-separated `K` (every family) or `FAMILY:K` entries; 0 or nothing: none.
 fn parse_wide_rows(spec: &str) -> Result<Vec<WideRow>> {
+    let families = [&GEMV[..], &GEMV3, &GEMV_SWIGLU, &MOE_GEMV_SWIGLU, &MOE_DOWN_COMBINE].map(gemv_family);
     let mut rows = Vec::new();
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let (family, k) = match item.split_once(':') {
             Some((f, k)) => (Some(f.trim().to_string()), k),
             None => (None, item),
         };
+        if let Some(f) = family.as_deref().filter(|f| !families.contains(f)) {
+            bail!(InvalidArgument, "QWEN3RS_CUDA_WIDE_ROWS: no GEMV family {f:?} in {item:?} (families: {})", families.join(", "));
+        }
         let Ok(k) = k.trim().parse::<usize>() else {
             bail!(InvalidArgument, "QWEN3RS_CUDA_WIDE_ROWS: bad entry {item:?} (K or FAMILY:K)");
         };
@@ -2115,6 +2119,8 @@ mod tests {
         let e = parse_wide_rows("4096,gemv:x").unwrap_err().to_string();
         assert!(e.contains("QWEN3RS_CUDA_WIDE_ROWS") && e.contains("gemv:x"), "{e}");
         assert!(parse_wide_rows("-1").is_err());
+        let e = parse_wide_rows("gemvv:2048").unwrap_err().to_string();
+        assert!(e.contains("no GEMV family \"gemvv\"") && e.contains("moe_down_combine"), "{e}");
         assert_eq!(parse_wide_rows(WIDE_ROWS).unwrap().len(), 5);
         assert_eq!(gemv_family(&GEMV), "gemv");
         assert_eq!(gemv_family(&GEMV3), "gemv3");
