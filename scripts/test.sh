@@ -16,6 +16,6 @@ else
   echo "clippy not installed: lints not checked"
 fi
 cargo test --release --quiet
-# The CUDA backend's host-side unit tests (no GPU needed).
-cargo test --release --quiet --features cuda --lib
+# The CUDA backend's host-side unit tests (no GPU needed; the others ran above).
+cargo test --release --quiet --features cuda --lib backend::cuda
 python -m pytest tests -q

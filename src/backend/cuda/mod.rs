@@ -51,7 +51,7 @@ const WIDE_ROWS: &str = "3072,4096,8192,25600,gemv:2048";
 /// name before `_t1`/`_xs`: gemv, gemv3, gemv_swiglu, moe_gemv_swiglu, moe_down_combine), or every family.
 #[derive(Debug, Clone, PartialEq)]
 struct WideRow {
-    family: Option<String>,
+    family: Option<&'static str>,
     k: usize,
 }
 
@@ -61,12 +61,19 @@ fn parse_wide_rows(spec: &str) -> Result<Vec<WideRow>> {
     let mut rows = Vec::new();
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let (family, k) = match item.split_once(':') {
-            Some((f, k)) => (Some(f.trim().to_string()), k),
+            Some((f, k)) => {
+                let Some(&known) = families.iter().find(|&&known| known == f.trim()) else {
+                    bail!(
+                        InvalidArgument,
+                        "QWEN3RS_CUDA_WIDE_ROWS: no GEMV family {:?} in {item:?} (families: {})",
+                        f.trim(),
+                        families.join(", ")
+                    );
+                };
+                (Some(known), k)
+            }
             None => (None, item),
         };
-        if let Some(f) = family.as_deref().filter(|f| !families.contains(f)) {
-            bail!(InvalidArgument, "QWEN3RS_CUDA_WIDE_ROWS: no GEMV family {f:?} in {item:?} (families: {})", families.join(", "));
-        }
         let Ok(k) = k.trim().parse::<usize>() else {
             bail!(InvalidArgument, "QWEN3RS_CUDA_WIDE_ROWS: bad entry {item:?} (K or FAMILY:K)");
         };
@@ -1099,7 +1106,7 @@ impl CudaBackend {
     fn gemv_plan(&self, family: &[&'static str], t: usize, k: usize, x_elems: usize, rows: usize) -> Result<GemvPlan> {
         let fam = gemv_family(family);
         let wide = self.wide_all.load(std::sync::atomic::Ordering::Relaxed)
-            || self.wide_rows.iter().any(|w| w.k == k && w.family.as_deref().is_none_or(|f| f == fam));
+            || self.wide_rows.iter().any(|w| w.k == k && w.family.is_none_or(|f| f == fam));
         let module = if wide { "matmul_wide" } else { "matmul" };
         let x_bytes = x_elems * self.esize();
         let xs = x_bytes <= GEMV_SMEM_X;
@@ -2112,7 +2119,7 @@ mod tests {
 
     #[test]
     fn wide_rows_parse_lengths_and_families() {
-        let w = |family: Option<&str>, k| WideRow { family: family.map(str::to_string), k };
+        let w = |family, k| WideRow { family, k };
         assert_eq!(parse_wide_rows("3072, gemv:2048,0").unwrap(), vec![w(None, 3072), w(Some("gemv"), 2048)]);
         assert_eq!(parse_wide_rows("0").unwrap(), vec![]);
         assert_eq!(parse_wide_rows("").unwrap(), vec![]);
