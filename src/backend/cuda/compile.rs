@@ -31,8 +31,18 @@ pub const SOURCES: &[(&str, &str)] = &[
 /// `QWEN3RS_CUDA_DEFINES="GV_UNROLL=4 MD_SLOTS=2"` (space- or comma-separated): only these
 /// (none has a copy on the host that would have to agree), only positive integers. Each is
 /// `#ifndef`-guarded where the kernels define it; the values are part of the cubin cache key.
-pub const TUNABLE: &[&str] =
-    &["GV_UNROLL", "GV_PAIR_ROWS", "GV_MIN_BLOCKS", "RD_UNROLL", "MD_SLOTS", "AD_KB", "ARGMAX_UNROLL", "EG_MAX_STAGES", "EG_MMA_SERIAL"];
+pub const TUNABLE: &[&str] = &[
+    "GV_UNROLL",
+    "GV_PAIR_ROWS",
+    "GV_MIN_BLOCKS",
+    "RD_UNROLL",
+    "MD_SLOTS",
+    "AD_KB",
+    "AD_MIN_BLOCKS",
+    "ARGMAX_UNROLL",
+    "EG_MAX_STAGES",
+    "EG_MMA_SERIAL",
+];
 
 /// The `-D` options `QWEN3RS_CUDA_DEFINES` asks for (none when unset), or an error naming the bad entry.
 pub fn tuning_defines() -> Result<Vec<String>> {

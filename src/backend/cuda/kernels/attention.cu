@@ -99,6 +99,15 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attention(act_t* ou
 // splits, hd] for `attention_combine` (a split with no keys writes l = 0). grid (nkv * group / G, T,
 // splits), AD_WARPS warps.
 #define AD_WARPS 4
+// Least blocks an SM the decode kernels are compiled for (__launch_bounds__; unset: ptxas's own choice,
+// 128 registers for attention_decode_rope_g2_d128). Fewer registers let a block start beside the
+// q/k/v product ahead of it (62 registers × 256 threads, 4 blocks: the whole register file) and leave
+// room for the o projection's blocks behind it (RESULTS.md session 16's leads).
+#ifdef AD_MIN_BLOCKS  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
+#define AD_BOUNDS __launch_bounds__(AD_WARPS * 32, AD_MIN_BLOCKS)
+#else
+#define AD_BOUNDS __launch_bounds__(AD_WARPS * 32)
+#endif
 #define AD_MAX_CLUSTER 16  // most splits merged in a cluster (mod.rs MAX_ATTN_CLUSTER)
 #ifndef AD_KB  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define AD_KB 4
@@ -350,12 +359,12 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
 // attention_decode_g<G>_d<HD>: the step's keys already in the cache; attention_decode_rope_g<G>_d<HD>:
 // q and the step's k raw from the q/k/v products (RopeIn), qk_norm_rope_append done here.
 #define AD_KERNEL(G, HD) \
-    extern "C" __global__ void __launch_bounds__(AD_WARPS * 32) attention_decode_g##G##_d##HD(act_t* out, float* part_ml, \
+    extern "C" __global__ void AD_BOUNDS attention_decode_g##G##_d##HD(act_t* out, float* part_ml, \
         float* part_acc, const act_t* q, act_t* kc, act_t* vc, const unsigned* row_ctx, const unsigned* row_table, \
         const unsigned* tables, int nh, int nkv, int block_size, int kv_dim, float scale) { \
         attention_decode_impl<G, HD / 32, false>(out, part_ml, part_acc, q, kc, vc, row_ctx, row_table, tables, nh, nkv, \
             block_size, kv_dim, scale, RopeIn{}); } \
-    extern "C" __global__ void __launch_bounds__(AD_WARPS * 32) attention_decode_rope_g##G##_d##HD(act_t* out, float* part_ml, \
+    extern "C" __global__ void AD_BOUNDS attention_decode_rope_g##G##_d##HD(act_t* out, float* part_ml, \
         float* part_acc, const act_t* q, act_t* kc, act_t* vc, const unsigned* row_ctx, const unsigned* row_table, \
         const unsigned* tables, int nh, int nkv, int block_size, int kv_dim, float scale, const act_t* k, const act_t* v, \
         const act_t* q_norm, const act_t* k_norm, const float* rope, const unsigned* positions, float eps) { \
