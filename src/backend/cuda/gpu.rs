@@ -220,8 +220,9 @@ pub struct Gpu {
     /// Launch kernels with programmatic stream serialization (see `launch`) when they take at most
     /// this many bytes of dynamic shared memory (None: never).
     pdl_max_smem: Option<u32>,
-    /// At most this many blocks per SM in a persistent grid (`QWEN3RS_CUDA_BLOCKS_PER_SM`, for sweeps:
-    /// fewer leave room for the next kernel's blocks to start early under PDL); None: the driver's occupancy.
+    /// At most this many blocks per SM in a persistent grid (`QWEN3RS_CUDA_BLOCKS_PER_SM`'s bare N, for
+    /// sweeps: fewer leave room for the next kernel's blocks to start early under PDL); None: the driver's
+    /// occupancy. (Its FAMILY:N entries cap one GEMV family: mod.rs `parse_block_caps`.)
     blocks_per_sm: Option<u32>,
     modules: Mutex<HashMap<&'static str, Module>>,
     funcs: Mutex<HashMap<(&'static str, &'static str), Func>>,
@@ -322,7 +323,7 @@ impl Gpu {
             };
             let pdl_max_smem = (arch.0 >= 9 && !super::env_off("QWEN3RS_CUDA_PDL"))
                 .then(|| std::env::var("QWEN3RS_CUDA_PDL_MAX_SMEM").ok().and_then(|v| v.parse().ok()).unwrap_or(PDL_MAX_SMEM));
-            let blocks_per_sm = super::env_count("QWEN3RS_CUDA_BLOCKS_PER_SM").map(|n| n as u32);
+            let blocks_per_sm = super::block_caps()?.0;
             let gpu = Gpu {
                 ctx,
                 h: Handles { stream, blas },

@@ -55,33 +55,52 @@ struct WideRow {
     k: usize,
 }
 
-/// `QWEN3RS_CUDA_WIDE_ROWS`: comma-separated `K` (every family) or `FAMILY:K` entries; 0 or nothing: none.
-fn parse_wide_rows(spec: &str) -> Result<Vec<WideRow>> {
+/// The comma-separated `N` or `FAMILY:N` entries of env `var`'s value `spec`: (the GEMV family, its name
+/// resolved to the known one, or None for every family; N), entries of 0 left out; an error naming the
+/// variable and the entry for a family no GEMV kernel has or an N that is not a number.
+fn parse_family_entries(var: &str, spec: &str) -> Result<Vec<(Option<&'static str>, usize)>> {
     let families = [&GEMV[..], &GEMV3, &GEMV_SWIGLU, &MOE_GEMV_SWIGLU, &MOE_DOWN_COMBINE].map(gemv_family);
-    let mut rows = Vec::new();
+    let mut entries = Vec::new();
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let (family, k) = match item.split_once(':') {
-            Some((f, k)) => {
+        let (family, n) = match item.split_once(':') {
+            Some((f, n)) => {
                 let Some(&known) = families.iter().find(|&&known| known == f.trim()) else {
-                    bail!(
-                        InvalidArgument,
-                        "QWEN3RS_CUDA_WIDE_ROWS: no GEMV family {:?} in {item:?} (families: {})",
-                        f.trim(),
-                        families.join(", ")
-                    );
+                    bail!(InvalidArgument, "{var}: no GEMV family {:?} in {item:?} (families: {})", f.trim(), families.join(", "));
                 };
-                (Some(known), k)
+                (Some(known), n)
             }
             None => (None, item),
         };
-        let Ok(k) = k.trim().parse::<usize>() else {
-            bail!(InvalidArgument, "QWEN3RS_CUDA_WIDE_ROWS: bad entry {item:?} (K or FAMILY:K)");
+        let Ok(n) = n.trim().parse::<usize>() else {
+            bail!(InvalidArgument, "{var}: bad entry {item:?} (N or FAMILY:N)");
         };
-        if k > 0 {
-            rows.push(WideRow { family, k });
+        if n > 0 {
+            entries.push((family, n));
         }
     }
-    Ok(rows)
+    Ok(entries)
+}
+
+/// `QWEN3RS_CUDA_WIDE_ROWS`: comma-separated `K` (every family) or `FAMILY:K` entries; 0 or nothing: none.
+fn parse_wide_rows(spec: &str) -> Result<Vec<WideRow>> {
+    Ok(parse_family_entries("QWEN3RS_CUDA_WIDE_ROWS", spec)?.into_iter().map(|(family, k)| WideRow { family, k }).collect())
+}
+
+/// Most blocks an SM of persistent grids: every kernel's cap (None: as many as fit), and GEMV families' own.
+pub(crate) type BlockCaps = (Option<u32>, Vec<(&'static str, u32)>);
+
+/// `QWEN3RS_CUDA_BLOCKS_PER_SM` (sweeps; unset: as many blocks an SM as fit): `N` caps every persistent
+/// grid, `FAMILY:N` the decode GEMVs of one family (fewer blocks of a kernel leave room for the next
+/// kernel's blocks to start beside them under PDL).
+pub(crate) fn parse_block_caps(spec: &str) -> Result<BlockCaps> {
+    let entries = parse_family_entries("QWEN3RS_CUDA_BLOCKS_PER_SM", spec)?;
+    let all = entries.iter().rev().find(|e| e.0.is_none()).map(|e| e.1 as u32);
+    Ok((all, entries.into_iter().filter_map(|(f, n)| Some((f?, n as u32))).collect()))
+}
+
+/// parse_block_caps of the environment's `QWEN3RS_CUDA_BLOCKS_PER_SM` (none when unset).
+pub(crate) fn block_caps() -> Result<BlockCaps> {
+    parse_block_caps(&std::env::var("QWEN3RS_CUDA_BLOCKS_PER_SM").unwrap_or_default())
 }
 
 /// The family name of a GEMV kernel family (`gemv_t1` → gemv, `moe_gemv_swiglu` → itself).
@@ -445,6 +464,9 @@ pub struct CudaBackend {
     /// Weight-row lengths whose decode GEMVs run `matmul_wide`'s build: WIDE_ROWS;
     /// `QWEN3RS_CUDA_WIDE_ROWS=K1,FAMILY:K2,...` (0: none).
     wide_rows: Vec<WideRow>,
+    /// Most blocks an SM of one GEMV family's persistent grids: `QWEN3RS_CUDA_BLOCKS_PER_SM`'s `FAMILY:N`
+    /// entries (`parse_block_caps`; its bare `N` caps every persistent grid, in gpu.rs).
+    family_blocks: Vec<(&'static str, u32)>,
     /// Every decode GEMV on `matmul_wide` (tests: `set_wide_all`).
     wide_all: std::sync::atomic::AtomicBool,
     /// Most decode-attention splits merged inside the attention launch, its splits one thread block
@@ -632,6 +654,7 @@ impl CudaBackend {
                 Err(_) => parse_wide_rows(WIDE_ROWS)?,
             },
             wide_all: false.into(),
+            family_blocks: block_caps()?.1,
             attn_cluster: attn_cluster.into(),
             tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"),
             moe_cublas: (!env_off("QWEN3RS_CUDA_MOE_CUBLAS")).into(),
@@ -1112,7 +1135,10 @@ impl CudaBackend {
         let xs = x_bytes <= GEMV_SMEM_X;
         let name = family[2 * usize::from(t > 1) + usize::from(xs)];
         let smem = if xs { x_bytes as u32 } else { 0 };
-        let grid = self.gpu.persistent_grid(module, name, 256, smem, rows.div_ceil(8))?;
+        let mut grid = self.gpu.persistent_grid(module, name, 256, smem, rows.div_ceil(8))?;
+        if let Some(&(_, cap)) = self.family_blocks.iter().find(|c| c.0 == fam) {
+            grid = grid.min(cap * self.gpu.sms);
+        }
         Ok((module, name, (grid, 1, 1), smem))
     }
 
@@ -2134,5 +2160,17 @@ mod tests {
         assert_eq!(gemv_family(&GEMV_SWIGLU), "gemv_swiglu");
         assert_eq!(gemv_family(&MOE_GEMV_SWIGLU), "moe_gemv_swiglu");
         assert_eq!(gemv_family(&MOE_DOWN_COMBINE), "moe_down_combine");
+    }
+
+    #[test]
+    fn block_caps_parse_every_kernel_and_families() {
+        assert_eq!(parse_block_caps("").unwrap(), (None, vec![]));
+        assert_eq!(parse_block_caps("3").unwrap(), (Some(3), vec![]));
+        assert_eq!(parse_block_caps("gemv3:3, 2,moe_down_combine:1").unwrap(), (Some(2), vec![("gemv3", 3), ("moe_down_combine", 1)]));
+        assert_eq!(parse_block_caps("gemv3:0").unwrap(), (None, vec![]));
+        let e = parse_block_caps("attention:2").unwrap_err().to_string();
+        assert!(e.contains("QWEN3RS_CUDA_BLOCKS_PER_SM") && e.contains("no GEMV family \"attention\""), "{e}");
+        let e = parse_block_caps("gemv3:three").unwrap_err().to_string();
+        assert!(e.contains("QWEN3RS_CUDA_BLOCKS_PER_SM: bad entry \"gemv3:three\""), "{e}");
     }
 }
