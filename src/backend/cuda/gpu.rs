@@ -298,7 +298,8 @@ macro_rules! args {
 pub(crate) use args;
 
 impl Gpu {
-    pub fn new(ordinal: usize, dtype: DType) -> Result<Gpu> {
+    /// `blocks_per_sm`: the most blocks an SM of every persistent grid (None: as many as fit).
+    pub fn new(ordinal: usize, dtype: DType, blocks_per_sm: Option<u32>) -> Result<Gpu> {
         let count = device_count()?;
         crate::ensure!(count > 0, Device, "no CUDA GPU found (the driver sees none)");
         crate::ensure!(ordinal < count, Device, "cuda:{ordinal} requested, but only {count} CUDA GPU(s) are visible");
@@ -323,7 +324,6 @@ impl Gpu {
             };
             let pdl_max_smem = (arch.0 >= 9 && !super::env_off("QWEN3RS_CUDA_PDL"))
                 .then(|| std::env::var("QWEN3RS_CUDA_PDL_MAX_SMEM").ok().and_then(|v| v.parse().ok()).unwrap_or(PDL_MAX_SMEM));
-            let blocks_per_sm = super::block_caps()?.0;
             let gpu = Gpu {
                 ctx,
                 h: Handles { stream, blas },

@@ -87,19 +87,19 @@ fn parse_wide_rows(spec: &str) -> Result<Vec<WideRow>> {
 }
 
 /// Most blocks an SM of persistent grids: every kernel's cap (None: as many as fit), and GEMV families' own.
-pub(crate) type BlockCaps = (Option<u32>, Vec<(&'static str, u32)>);
+type BlockCaps = (Option<u32>, Vec<(&'static str, u32)>);
 
 /// `QWEN3RS_CUDA_BLOCKS_PER_SM` (sweeps; unset: as many blocks an SM as fit): `N` caps every persistent
 /// grid, `FAMILY:N` the decode GEMVs of one family (fewer blocks of a kernel leave room for the next
 /// kernel's blocks to start beside them under PDL).
-pub(crate) fn parse_block_caps(spec: &str) -> Result<BlockCaps> {
+fn parse_block_caps(spec: &str) -> Result<BlockCaps> {
     let entries = parse_family_entries("QWEN3RS_CUDA_BLOCKS_PER_SM", spec)?;
     let all = entries.iter().rev().find(|e| e.0.is_none()).map(|e| e.1 as u32);
     Ok((all, entries.into_iter().filter_map(|(f, n)| Some((f?, n as u32))).collect()))
 }
 
 /// parse_block_caps of the environment's `QWEN3RS_CUDA_BLOCKS_PER_SM` (none when unset).
-pub(crate) fn block_caps() -> Result<BlockCaps> {
+fn block_caps() -> Result<BlockCaps> {
     parse_block_caps(&std::env::var("QWEN3RS_CUDA_BLOCKS_PER_SM").unwrap_or_default())
 }
 
@@ -465,7 +465,7 @@ pub struct CudaBackend {
     /// `QWEN3RS_CUDA_WIDE_ROWS=K1,FAMILY:K2,...` (0: none).
     wide_rows: Vec<WideRow>,
     /// Most blocks an SM of one GEMV family's persistent grids: `QWEN3RS_CUDA_BLOCKS_PER_SM`'s `FAMILY:N`
-    /// entries (`parse_block_caps`; its bare `N` caps every persistent grid, in gpu.rs).
+    /// entries (`parse_block_caps`; its bare `N` caps every persistent grid: `Gpu::new`'s blocks_per_sm).
     family_blocks: Vec<(&'static str, u32)>,
     /// Every decode GEMV on `matmul_wide` (tests: `set_wide_all`).
     wide_all: std::sync::atomic::AtomicBool,
@@ -613,7 +613,8 @@ fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
 impl CudaBackend {
     /// A backend on GPU `ordinal` computing in `dtype`. Errors (never panics) when CUDA is unusable.
     pub fn new(ordinal: usize, dtype: DType) -> Result<Self> {
-        let gpu = Gpu::new(ordinal, dtype).map_err(|e| match e {
+        let (blocks_per_sm, family_blocks) = block_caps()?;
+        let gpu = Gpu::new(ordinal, dtype, blocks_per_sm).map_err(|e| match e {
             Error::Device(m) => Error::Device(format!("cannot use cuda:{ordinal}: {m}")),
             other => other,
         })?;
@@ -654,7 +655,7 @@ impl CudaBackend {
                 Err(_) => parse_wide_rows(WIDE_ROWS)?,
             },
             wide_all: false.into(),
-            family_blocks: block_caps()?.1,
+            family_blocks,
             attn_cluster: attn_cluster.into(),
             tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"),
             moe_cublas: (!env_off("QWEN3RS_CUDA_MOE_CUBLAS")).into(),
