@@ -1,7 +1,7 @@
 """Same-call A/B of kernel constants and switches, without rebuilding the wheel (issue 6 tuning).
 
     python3 benches/kernel_sweep.py --models Qwen3-0.6B,Qwen3-30B-A3B --rounds 2 \
-        "" "GV_UNROLL=4" "MD_SLOTS=2" "QWEN3RS_CUDA_PDL=0"
+        "" "GV_UNROLL=4" "MD_SLOTS=4" "QWEN3RS_CUDA_PDL=0"
 
 Each variant is a space-separated list of NAME=VALUE: names starting with QWEN3RS_ are environment
 switches (README, "GPU"), the others tunable kernel constants passed through QWEN3RS_CUDA_DEFINES

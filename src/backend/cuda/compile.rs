@@ -28,7 +28,7 @@ pub const SOURCES: &[(&str, &str)] = &[
 ];
 
 /// Kernel constants a tuning run may set without rebuilding the wheel, through
-/// `QWEN3RS_CUDA_DEFINES="GV_UNROLL=4 MD_SLOTS=2"` (space- or comma-separated): only these
+/// `QWEN3RS_CUDA_DEFINES="GV_UNROLL=4 MD_SLOTS=4"` (space- or comma-separated): only these
 /// (none has a copy on the host that would have to agree), only positive integers. Each is
 /// `#ifndef`-guarded where the kernels define it; the values are part of the cubin cache key.
 pub const TUNABLE: &[&str] = &[
@@ -37,6 +37,7 @@ pub const TUNABLE: &[&str] = &[
     "GV_MIN_BLOCKS",
     "RD_UNROLL",
     "MD_SLOTS",
+    "MD_WPO",
     "AD_KB",
     "AD_MIN_BLOCKS",
     "ARGMAX_UNROLL",

@@ -224,6 +224,8 @@ pub struct Gpu {
     /// sweeps: fewer leave room for the next kernel's blocks to start early under PDL); None: the driver's
     /// occupancy. (Its FAMILY:N entries cap one GEMV family: mod.rs `parse_block_caps`.)
     blocks_per_sm: Option<u32>,
+    /// Kernels never launched (`QWEN3RS_CUDA_SKIP`, mod.rs `parse_skip`; profiling only).
+    skip: Vec<String>,
     modules: Mutex<HashMap<&'static str, Module>>,
     funcs: Mutex<HashMap<(&'static str, &'static str), Func>>,
     /// Resident blocks per SM of (kernel, block size, dynamic shared memory), from the driver.
@@ -298,8 +300,9 @@ macro_rules! args {
 pub(crate) use args;
 
 impl Gpu {
-    /// `blocks_per_sm`: the most blocks an SM of every persistent grid (None: as many as fit).
-    pub fn new(ordinal: usize, dtype: DType, blocks_per_sm: Option<u32>) -> Result<Gpu> {
+    /// `blocks_per_sm`: the most blocks an SM of every persistent grid (None: as many as fit); `skip`: kernels
+    /// never launched (profiling).
+    pub fn new(ordinal: usize, dtype: DType, blocks_per_sm: Option<u32>, skip: Vec<String>) -> Result<Gpu> {
         let count = device_count()?;
         crate::ensure!(count > 0, Device, "no CUDA GPU found (the driver sees none)");
         crate::ensure!(ordinal < count, Device, "cuda:{ordinal} requested, but only {count} CUDA GPU(s) are visible");
@@ -334,6 +337,7 @@ impl Gpu {
                 driver,
                 pdl_max_smem,
                 blocks_per_sm,
+                skip,
                 modules: Mutex::new(HashMap::new()),
                 funcs: Mutex::new(HashMap::new()),
                 occupancy: Mutex::new(HashMap::new()),
@@ -600,7 +604,7 @@ impl Gpu {
         cluster: u32,
         args: &[(*mut c_void, usize)],
     ) -> Result<()> {
-        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 || self.skip.iter().any(|s| s == name) {
             return Ok(());
         }
         crate::ensure!(

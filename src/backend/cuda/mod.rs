@@ -86,6 +86,22 @@ fn parse_wide_rows(spec: &str) -> Result<Vec<WideRow>> {
     Ok(parse_family_entries("QWEN3RS_CUDA_WIDE_ROWS", spec)?.into_iter().map(|(family, k)| WideRow { family, k }).collect())
 }
 
+/// `QWEN3RS_CUDA_SKIP`: comma-separated kernel names (profiling only: those kernels are never launched,
+/// so every result after them is wrong; what the step costs without them, RESULTS.md run 29.5); an
+/// error naming the entry for one that is not a kernel name.
+fn parse_skip(spec: &str) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        ensure!(
+            item.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
+            InvalidArgument,
+            "QWEN3RS_CUDA_SKIP: {item:?} is not a kernel name"
+        );
+        names.push(item.to_string());
+    }
+    Ok(names)
+}
+
 /// Most blocks an SM of persistent grids: every kernel's cap (None: as many as fit), and GEMV families' own.
 type BlockCaps = (Option<u32>, Vec<(&'static str, u32)>);
 
@@ -614,7 +630,8 @@ impl CudaBackend {
     /// A backend on GPU `ordinal` computing in `dtype`. Errors (never panics) when CUDA is unusable.
     pub fn new(ordinal: usize, dtype: DType) -> Result<Self> {
         let (blocks_per_sm, family_blocks) = block_caps()?;
-        let gpu = Gpu::new(ordinal, dtype, blocks_per_sm).map_err(|e| match e {
+        let skip = parse_skip(&std::env::var("QWEN3RS_CUDA_SKIP").unwrap_or_default())?;
+        let gpu = Gpu::new(ordinal, dtype, blocks_per_sm, skip).map_err(|e| match e {
             Error::Device(m) => Error::Device(format!("cannot use cuda:{ordinal}: {m}")),
             other => other,
         })?;
@@ -2173,5 +2190,13 @@ mod tests {
         assert!(e.contains("QWEN3RS_CUDA_BLOCKS_PER_SM") && e.contains("no GEMV family \"attention\""), "{e}");
         let e = parse_block_caps("gemv3:three").unwrap_err().to_string();
         assert!(e.contains("QWEN3RS_CUDA_BLOCKS_PER_SM: bad entry \"gemv3:three\""), "{e}");
+    }
+
+    #[test]
+    fn skip_lists_kernel_names() {
+        assert_eq!(parse_skip("").unwrap(), Vec::<String>::new());
+        assert_eq!(parse_skip(" gemv3_t1_xs, router_logits ,").unwrap(), vec!["gemv3_t1_xs", "router_logits"]);
+        let e = parse_skip("router_logits;gemv3_t1_xs").unwrap_err().to_string();
+        assert!(e.contains("QWEN3RS_CUDA_SKIP: \"router_logits;gemv3_t1_xs\" is not a kernel name"), "{e}");
     }
 }

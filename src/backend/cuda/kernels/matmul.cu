@@ -568,9 +568,15 @@ __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x,
 // ..., MD_SLOTS at a time with all their loads in flight (on Qwen3-30B-A3B the 8 rows are 1.5 KB each, in
 // 8 experts); the rounded products meet in shared memory, where the output's first warp adds them up.
 // act is [T*k, K] (staged with XS). Persistent grid: a pass of the block takes MD_OUTS outputs; 256 threads.
+#ifndef MD_WPO  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define MD_WPO 2
+#endif
+// MD_SLOTS 2 (58 registers: 4 blocks an SM, on Qwen3-30B-A3B one pass of the grid over the 2,048 outputs,
+// two rounds of loads a warp) decoded 30B-A3B 2.8 % faster than 4 (96 registers, 2 blocks an SM, two
+// passes of one round each); MD_WPO 1 with 8 slots (158 registers, one block an SM) 6.5 % slower (RESULTS.md
+// run 29.6). The slots' sums are the same bits for any MD_WPO and MD_SLOTS.
 #ifndef MD_SLOTS  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
-#define MD_SLOTS 4
+#define MD_SLOTS 2
 #endif
 #define MD_OUTS (256 / 32 / MD_WPO)
 template <bool XS>
