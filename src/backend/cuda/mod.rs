@@ -55,13 +55,18 @@ struct WideRow {
     k: usize,
 }
 
+/// The non-empty items of a comma-separated environment value, trimmed.
+fn list_items(spec: &str) -> impl Iterator<Item = &str> {
+    spec.split(',').map(str::trim).filter(|s| !s.is_empty())
+}
+
 /// The comma-separated `N` or `FAMILY:N` entries of env `var`'s value `spec`: (the GEMV family, its name
 /// resolved to the known one, or None for every family; N), entries of 0 left out; an error naming the
 /// variable and the entry for a family no GEMV kernel has or an N that is not a number.
 fn parse_family_entries(var: &str, spec: &str) -> Result<Vec<(Option<&'static str>, usize)>> {
     let families = [&GEMV[..], &GEMV3, &GEMV_SWIGLU, &MOE_GEMV_SWIGLU, &MOE_DOWN_COMBINE].map(gemv_family);
     let mut entries = Vec::new();
-    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+    for item in list_items(spec) {
         let (family, n) = match item.split_once(':') {
             Some((f, n)) => {
                 let Some(&known) = families.iter().find(|&&known| known == f.trim()) else {
@@ -91,7 +96,7 @@ fn parse_wide_rows(spec: &str) -> Result<Vec<WideRow>> {
 /// error naming the entry for one that is not a kernel name.
 fn parse_skip(spec: &str) -> Result<Vec<String>> {
     let mut names = Vec::new();
-    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+    for item in list_items(spec) {
         ensure!(
             item.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
             InvalidArgument,
@@ -109,7 +114,7 @@ fn parse_skip(spec: &str) -> Result<Vec<String>> {
 fn parse_unstaged(spec: &str) -> Result<Vec<&'static str>> {
     let allowed = [gemv_family(&GEMV), gemv_family(&MOE_DOWN_COMBINE)];
     let mut families = Vec::new();
-    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+    for item in list_items(spec) {
         let Some(&f) = allowed.iter().find(|&&f| f == item) else {
             bail!(InvalidArgument, "QWEN3RS_CUDA_UNSTAGED: {item:?} is not one of {}", allowed.join(", "));
         };
@@ -152,7 +157,8 @@ const GEMV3: [&str; 4] = ["gemv3_t1", "gemv3_t1_xs", "gemv3_t8", "gemv3_t8_xs"];
 const GEMV_SWIGLU: [&str; 4] = ["gemv_swiglu_t1", "gemv_swiglu_t1_xs", "gemv_swiglu_t8", "gemv_swiglu_t8_xs"];
 const MOE_GEMV_SWIGLU: [&str; 2] = ["moe_gemv_swiglu", "moe_gemv_swiglu_xs"];
 const MOE_DOWN_COMBINE: [&str; 2] = ["moe_down_combine", "moe_down_combine_xs"];
-/// Warps of `moe_down_combine` per output element (MD_WPO in matmul.cu).
+/// Warps of `moe_down_combine` per output element (MD_WPO in matmul.cu; a sweep's other MD_WPO only
+/// moves the grid's size off its fit, the kernel loops over whatever it is given).
 const MOE_DOWN_WARPS: usize = 2;
 /// Rows per MoE expert tile (must match GG_TM in matmul.cu).
 const MOE_TILE_ROWS: usize = 16;
