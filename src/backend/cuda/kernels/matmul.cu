@@ -593,10 +593,10 @@ __device__ __forceinline__ void moe_down_combine_rows(act_t* out, const act_t* a
     int id_first = -1;
     float wt_first = 0.f;
     {
-        const int o = blockIdx.x * MD_OUTS + (int)(threadIdx.x >> 5) / MD_WPO;
-        if (o < T * N && (int)(threadIdx.x & 31) < k) {
-            id_first = ids[o / N * k + (threadIdx.x & 31)];
-            wt_first = weights[o / N * k + (threadIdx.x & 31)];
+        const int o = blockIdx.x * MD_OUTS + (int)(threadIdx.x >> 5) / MD_WPO, s = threadIdx.x & 31;  // lane s: slot s
+        if (o < T * N && s < k) {
+            id_first = ids[o / N * k + s];
+            wt_first = weights[o / N * k + s];
         }
     }
 #endif
