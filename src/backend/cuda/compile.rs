@@ -38,7 +38,6 @@ pub const TUNABLE: &[&str] = &[
     "RD_UNROLL",
     "MD_SLOTS",
     "MD_WPO",
-    "MD_IDS_FIRST",
     "AD_KB",
     "AD_MIN_BLOCKS",
     "ARGMAX_UNROLL",

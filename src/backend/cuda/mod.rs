@@ -107,22 +107,6 @@ fn parse_skip(spec: &str) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// `QWEN3RS_CUDA_UNSTAGED`: comma-separated decode-GEMV families (of those without a fused norm: gemv,
-/// moe_down_combine) that read x through L1 instead of staging it in shared memory first (sweeps: no
-/// staging round trip and barrier before the first product, against x loads beside every weight load);
-/// an error naming the entry for any other.
-fn parse_unstaged(spec: &str) -> Result<Vec<&'static str>> {
-    let allowed = [gemv_family(&GEMV), gemv_family(&MOE_DOWN_COMBINE)];
-    let mut families = Vec::new();
-    for item in list_items(spec) {
-        let Some(&f) = allowed.iter().find(|&&f| f == item) else {
-            bail!(InvalidArgument, "QWEN3RS_CUDA_UNSTAGED: {item:?} is not one of {}", allowed.join(", "));
-        };
-        families.push(f);
-    }
-    Ok(families)
-}
-
 /// Most blocks an SM of persistent grids: every kernel's cap (None: as many as fit), and GEMV families' own.
 type BlockCaps = (Option<u32>, Vec<(&'static str, u32)>);
 
@@ -505,8 +489,6 @@ pub struct CudaBackend {
     /// Most blocks an SM of one GEMV family's persistent grids: `QWEN3RS_CUDA_BLOCKS_PER_SM`'s `FAMILY:N`
     /// entries (`parse_block_caps`; its bare `N` caps every persistent grid: `Gpu::new`'s blocks_per_sm).
     family_blocks: Vec<(&'static str, u32)>,
-    /// GEMV families that read x through L1 instead of staging it (`QWEN3RS_CUDA_UNSTAGED`, `parse_unstaged`).
-    unstaged: Vec<&'static str>,
     /// Every decode GEMV on `matmul_wide` (tests: `set_wide_all`).
     wide_all: std::sync::atomic::AtomicBool,
     /// Most decode-attention splits merged inside the attention launch, its splits one thread block
@@ -697,7 +679,6 @@ impl CudaBackend {
             },
             wide_all: false.into(),
             family_blocks,
-            unstaged: parse_unstaged(&std::env::var("QWEN3RS_CUDA_UNSTAGED").unwrap_or_default())?,
             attn_cluster: attn_cluster.into(),
             tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"),
             moe_cublas: (!env_off("QWEN3RS_CUDA_MOE_CUBLAS")).into(),
@@ -1175,7 +1156,7 @@ impl CudaBackend {
             || self.wide_rows.iter().any(|w| w.k == k && w.family.is_none_or(|f| f == fam));
         let module = if wide { "matmul_wide" } else { "matmul" };
         let x_bytes = x_elems * self.esize();
-        let xs = x_bytes <= GEMV_SMEM_X && !self.unstaged.contains(&fam);
+        let xs = x_bytes <= GEMV_SMEM_X;
         let name = family[2 * usize::from(t > 1) + usize::from(xs)];
         let smem = if xs { x_bytes as u32 } else { 0 };
         let mut grid = self.gpu.persistent_grid(module, name, 256, smem, rows.div_ceil(8))?;
@@ -2215,14 +2196,6 @@ mod tests {
         assert!(e.contains("QWEN3RS_CUDA_BLOCKS_PER_SM") && e.contains("no GEMV family \"attention\""), "{e}");
         let e = parse_block_caps("gemv3:three").unwrap_err().to_string();
         assert!(e.contains("QWEN3RS_CUDA_BLOCKS_PER_SM: bad entry \"gemv3:three\""), "{e}");
-    }
-
-    #[test]
-    fn unstaged_lists_families_without_a_fused_norm() {
-        assert_eq!(parse_unstaged("").unwrap(), Vec::<&str>::new());
-        assert_eq!(parse_unstaged("moe_down_combine, gemv").unwrap(), vec!["moe_down_combine", "gemv"]);
-        let e = parse_unstaged("gemv3").unwrap_err().to_string();
-        assert!(e.contains("QWEN3RS_CUDA_UNSTAGED: \"gemv3\" is not one of gemv, moe_down_combine"), "{e}");
     }
 
     #[test]

@@ -578,28 +578,12 @@ __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x,
 #ifndef MD_SLOTS  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define MD_SLOTS 2
 #endif
-#ifndef MD_IDS_FIRST  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs); 0: the ids after the staging
-#define MD_IDS_FIRST 0
-#endif
 #define MD_OUTS (256 / 32 / MD_WPO)
 template <bool XS>
 __device__ __forceinline__ void moe_down_combine_rows(act_t* out, const act_t* act, const act_t* w, const int* ids,
     const float* weights, int T, int k, int N, int K) {
     __shared__ float ys[2][MD_OUTS][MAX_TOP_K];  // by pass parity: one barrier a pass keeps reads and writes apart
     grid_dependency();  // the expert ids come from the kernels ahead: nothing to prefetch
-#if MD_IDS_FIRST
-    // The first pass's ids and weights loaded before the activations are staged: their L2 round trip
-    // beside the staging's instead of after it (on Qwen3-30B-A3B, MD_SLOTS 2, the grid's only pass).
-    int id_first = -1;
-    float wt_first = 0.f;
-    {
-        const int o = blockIdx.x * MD_OUTS + (int)(threadIdx.x >> 5) / MD_WPO, s = threadIdx.x & 31;  // lane s: slot s
-        if (o < T * N && s < k) {
-            id_first = ids[o / N * k + s];
-            wt_first = weights[o / N * k + s];
-        }
-    }
-#endif
     const act_t* xs = stage_input<1, XS>(act, T * k, K);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, j = warp % MD_WPO, mine = warp / MD_WPO;
     int pass = 0;
@@ -608,12 +592,6 @@ __device__ __forceinline__ void moe_down_combine_rows(act_t* out, const act_t* a
         const bool live = o < T * N;
         int id = -1;  // lane s: slot s's expert and weight
         float wt = 0.f;
-#if MD_IDS_FIRST
-        if (o0 == blockIdx.x * MD_OUTS) {
-            id = id_first;
-            wt = wt_first;
-        } else
-#endif
         if (live && lane < k) { id = ids[t * k + lane]; wt = weights[t * k + lane]; }
         for (int s0 = j; live && s0 < k; s0 += MD_WPO * MD_SLOTS) {
             const act_t* wr[MD_SLOTS];
