@@ -119,11 +119,6 @@ fn parse_block_caps(spec: &str) -> Result<BlockCaps> {
     Ok((all, entries.into_iter().filter_map(|(f, n)| Some((f?, n as u32))).collect()))
 }
 
-/// parse_block_caps of the environment's `QWEN3RS_CUDA_BLOCKS_PER_SM` (none when unset).
-fn block_caps() -> Result<BlockCaps> {
-    parse_block_caps(&std::env::var("QWEN3RS_CUDA_BLOCKS_PER_SM").unwrap_or_default())
-}
-
 /// The family name of a GEMV kernel family (`gemv_t1` → gemv, `moe_gemv_swiglu` → itself).
 fn gemv_family(family: &[&'static str]) -> &'static str {
     let first: &'static str = family[0];
@@ -635,7 +630,7 @@ fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
 impl CudaBackend {
     /// A backend on GPU `ordinal` computing in `dtype`. Errors (never panics) when CUDA is unusable.
     pub fn new(ordinal: usize, dtype: DType) -> Result<Self> {
-        let (blocks_per_sm, family_blocks) = block_caps()?;
+        let (blocks_per_sm, family_blocks) = parse_block_caps(&std::env::var("QWEN3RS_CUDA_BLOCKS_PER_SM").unwrap_or_default())?;
         let skip = parse_skip(&std::env::var("QWEN3RS_CUDA_SKIP").unwrap_or_default())?;
         let gpu = Gpu::new(ordinal, dtype, blocks_per_sm, skip).map_err(|e| match e {
             Error::Device(m) => Error::Device(format!("cannot use cuda:{ordinal}: {m}")),
