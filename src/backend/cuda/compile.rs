@@ -43,6 +43,7 @@ pub const TUNABLE: &[&str] = &[
     "ARGMAX_UNROLL",
     "EG_MAX_STAGES",
     "EG_MMA_SERIAL",
+    "BLOCK_TIMELINE",
 ];
 
 /// The `-D` options `QWEN3RS_CUDA_DEFINES` asks for (none when unset), or an error naming the bad entry.

@@ -241,6 +241,13 @@ impl Drop for Gpu {
         let _ = self.ctx.bind_to_thread();
         // SAFETY: the handles were created by `Gpu::new` and are destroyed once, after the
         // stream's work is done; modules are unloaded after that.
+        if let Ok(path) = std::env::var("QWEN3RS_CUDA_TIMELINE") {
+            if let Err(e) =
+                self.block_timeline().and_then(|csv| std::fs::write(&path, csv).map_err(|e| Error::io(std::path::Path::new(&path), e)))
+            {
+                eprintln!("qwen3rs: QWEN3RS_CUDA_TIMELINE: {e}");
+            }
+        }
         unsafe {
             let _ = drv::stream::synchronize(self.h.stream);
             let _ = blas::destroy_handle(self.h.blas);
@@ -552,6 +559,49 @@ impl Gpu {
         let func = Func(f, static_smem.max(0) as u32);
         self.funcs.lock().map_err(|_| Error::Device("kernel table poisoned".into()))?.insert((module, name), func);
         Ok(func)
+    }
+
+    /// What the kernels of a `BLOCK_TIMELINE` build recorded (common.cuh `Timeline`; profiling only):
+    /// CSV lines `module,kernel,block,grid,smid,t0,wait,end,m0,..,m3` (%globaltimer ns; 0: not recorded),
+    /// each module's ring oldest first. Modules built without the define add nothing.
+    pub fn block_timeline(&self) -> Result<String> {
+        const CAP: usize = 1 << 17;
+        const RECORD: usize = 72;
+        self.sync()?;
+        let fnv = |s: &str| s.bytes().fold(2_166_136_261u32, |h, b| (h ^ b as u32).wrapping_mul(16_777_619));
+        let names: HashMap<u32, &str> =
+            self.funcs.lock().map_err(|_| Error::Device("kernel table poisoned".into()))?.keys().map(|(_, n)| (fnv(n), *n)).collect();
+        let modules: Vec<(&str, sys::CUmodule)> =
+            self.modules.lock().map_err(|_| Error::Device("module table poisoned".into()))?.iter().map(|(n, m)| (*n, m.0)).collect();
+        let mut csv = String::from("module,kernel,block,grid,smid,t0,wait,end,m0,m1,m2,m3\n");
+        for (module, m) in modules {
+            let global = |name: &str| {
+                let (mut ptr, mut bytes) = (0u64, 0usize);
+                let cname = std::ffi::CString::new(name).expect("no NUL");
+                // SAFETY: `m` is a loaded module of this context; a missing name is an error code.
+                let r = unsafe { sys::cuModuleGetGlobal_v2(&mut ptr, &mut bytes, m, cname.as_ptr()) };
+                (r == sys::CUresult::CUDA_SUCCESS).then_some((ptr, bytes))
+            };
+            let (Some((ring, ring_bytes)), Some((count, _))) = (global("qw_timeline"), global("qw_timeline_n")) else { continue };
+            crate::ensure!(ring_bytes == CAP * RECORD, Device, "{module}: qw_timeline is {ring_bytes} bytes, not {}", CAP * RECORD);
+            let mut n = [0u8; 4];
+            self.download(&mut n, count)?;
+            let n = u32::from_le_bytes(n) as usize;
+            let mut raw = vec![0u8; CAP * RECORD];
+            self.download(&mut raw, ring)?;
+            let (first, len) = if n > CAP { (n % CAP, CAP) } else { (0, n) };
+            for j in 0..len {
+                let r = &raw[(first + j) % CAP * RECORD..][..RECORD];
+                let u64_at = |o: usize| u64::from_le_bytes(r[o..o + 8].try_into().expect("8 bytes"));
+                let u32_at = |o: usize| u32::from_le_bytes(r[o..o + 4].try_into().expect("4 bytes"));
+                let kid = u32_at(56);
+                let kernel = names.get(&kid).map_or_else(|| format!("{kid:#x}"), |n| n.to_string());
+                csv += &format!("{module},{kernel},{},{},{},", u32_at(60), u32_at(64), u32_at(68));
+                csv += &(0..7).map(|f| u64_at(8 * f).to_string()).collect::<Vec<_>>().join(",");
+                csv.push('\n');
+            }
+        }
+        Ok(csv)
     }
 
     /// Grid of a persistent kernel (one that loops over its work): as many blocks of `block` threads

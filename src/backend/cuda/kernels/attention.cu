@@ -223,6 +223,7 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
     if (ROPE) {
 #pragma unroll
         for (int g = 0; g < G; g++) norm_rope_head<ND>(qr[g], qnr, r.eps);
+        TL_MARK(0, qr[0][0]);
         if (last >= lo && last < hi) {
             size_t src = ((size_t)t * nkv + kvh) * HD + lane * ND;
             load_nd<ND>(r.k + src, k_new);
@@ -305,6 +306,7 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
             m[g] = m_new;
         }
     }
+    TL_MARK(1, acc[0][0] + l[0]);
 #pragma unroll
     for (int g = 0; g < G; g++) {
         if (lane == 0) { wm[warp][g] = m[g]; wl[warp][g] = l[g]; }
@@ -334,11 +336,13 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
             part_acc[idx * HD + d] = a;
         }
     }
+    TL_MARK(2, wm[0][0]);
     if (!clustered) return;
     // The splits' merge, attention_combine's sums: block s of the cluster (its rank: the cluster spans
     // z) takes outputs s * 128 .. of the group's G * HD, reading every split's state from its block's
     // shared memory.
     cluster_sync();
+    TL_MARK(3, 0.f);
     for (int i = s * blockDim.x + threadIdx.x; i < G * HD; i += splits * blockDim.x) {
         int g = i / HD, d = i % HD;
         float mr[AD_MAX_CLUSTER], lr[AD_MAX_CLUSTER], ar[AD_MAX_CLUSTER];
@@ -362,13 +366,13 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
     extern "C" __global__ void AD_BOUNDS attention_decode_g##G##_d##HD(act_t* out, float* part_ml, \
         float* part_acc, const act_t* q, act_t* kc, act_t* vc, const unsigned* row_ctx, const unsigned* row_table, \
         const unsigned* tables, int nh, int nkv, int block_size, int kv_dim, float scale) { \
-        attention_decode_impl<G, HD / 32, false>(out, part_ml, part_acc, q, kc, vc, row_ctx, row_table, tables, nh, nkv, \
+        TIMELINE("attention_decode_g" #G "_d" #HD); attention_decode_impl<G, HD / 32, false>(out, part_ml, part_acc, q, kc, vc, row_ctx, row_table, tables, nh, nkv, \
             block_size, kv_dim, scale, RopeIn{}); } \
     extern "C" __global__ void AD_BOUNDS attention_decode_rope_g##G##_d##HD(act_t* out, float* part_ml, \
         float* part_acc, const act_t* q, act_t* kc, act_t* vc, const unsigned* row_ctx, const unsigned* row_table, \
         const unsigned* tables, int nh, int nkv, int block_size, int kv_dim, float scale, const act_t* k, const act_t* v, \
         const act_t* q_norm, const act_t* k_norm, const float* rope, const unsigned* positions, float eps) { \
-        attention_decode_impl<G, HD / 32, true>(out, part_ml, part_acc, q, kc, vc, row_ctx, row_table, tables, nh, nkv, \
+        TIMELINE("attention_decode_rope_g" #G "_d" #HD); attention_decode_impl<G, HD / 32, true>(out, part_ml, part_acc, q, kc, vc, row_ctx, row_table, tables, nh, nkv, \
             block_size, kv_dim, scale, RopeIn{k, v, q_norm, k_norm, rope, positions, eps}); }
 AD_KERNEL(1, 64) AD_KERNEL(2, 64) AD_KERNEL(4, 64) AD_KERNEL(8, 64)
 AD_KERNEL(1, 128) AD_KERNEL(2, 128) AD_KERNEL(4, 128) AD_KERNEL(8, 128)

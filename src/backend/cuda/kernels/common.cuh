@@ -70,12 +70,80 @@ __device__ float block_sum(float v) {
 // its writes are visible, then lets the kernel behind start its own prologue. Before it a kernel may
 // only read weights (load_batch, load_norm_weight, prefetch_lines) and host metadata (the decode
 // attention; tests/test_kernel_sources.py checks both). No-op without PDL or below sm_90.
+__device__ __forceinline__ void tl_waited();
 __device__ __forceinline__ void grid_dependency() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+    tl_waited();
 }
+
+// Block timeline (profiling only: QWEN3RS_CUDA_DEFINES=BLOCK_TIMELINE=1, dumped by gpu.rs when
+// QWEN3RS_CUDA_TIMELINE names a file; benches/profiles/block_timeline.py reads it). Each block of a
+// kernel that opens TIMELINE("name") records, in a ring of TL_CAP records a module, the kernel (FNV-1a
+// of its name), its block and grid size, its SM, and three %globaltimer stamps: entry, the end of its
+// grid_dependency() wait and its last warp's exit; and up to TL_MARKS stamps of thread 0 at TL_MARK(i, v),
+// taken once v (a value computed there) is ready (mark 0: stage_input's end). Without the define the
+// macros are nothing.
+#ifdef BLOCK_TIMELINE
+#define TL_CAP (1u << 17)
+#define TL_MAGIC 0xA5000000u
+#define TL_MARKS 4
+struct TlRecord {
+    unsigned long long t0, wait, end, mark[TL_MARKS];
+    unsigned kid, block, grid, smid;
+};
+__device__ TlRecord qw_timeline[TL_CAP];
+__device__ unsigned qw_timeline_n;
+__device__ __forceinline__ unsigned long long tl_now() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+// The block's record, TL_MAGIC | index (another value: the kernel opened no timeline).
+__device__ __forceinline__ unsigned& tl_slot() {
+    __shared__ unsigned slot;
+    return slot;
+}
+__device__ constexpr unsigned tl_hash(const char* s, unsigned h = 2166136261u) { return *s ? tl_hash(s + 1, (h ^ (unsigned char)*s) * 16777619u) : h; }
+struct Timeline {
+    unsigned i;
+    __device__ explicit Timeline(unsigned kid) {
+        if (threadIdx.x == 0) {
+            unsigned long long t0 = tl_now();
+            unsigned n = atomicAdd(&qw_timeline_n, 1u) & (TL_CAP - 1);
+            unsigned smid;
+            asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+            qw_timeline[n] = TlRecord{t0, 0ull, 0ull, {}, kid, blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z),
+                                      gridDim.x * gridDim.y * gridDim.z, smid};
+            tl_slot() = TL_MAGIC | n;
+        }
+        __syncthreads();
+        i = tl_slot() & (TL_CAP - 1);
+    }
+    __device__ ~Timeline() {
+        if ((threadIdx.x & 31) == 0) atomicMax(&qw_timeline[i].end, tl_now());
+        if (threadIdx.x == 0) tl_slot() = 0;
+    }
+};
+__device__ __forceinline__ void tl_waited() {
+    if (threadIdx.x == 0 && (tl_slot() & 0xFF000000u) == TL_MAGIC) qw_timeline[tl_slot() & (TL_CAP - 1)].wait = tl_now();
+}
+__device__ __forceinline__ void tl_mark(int i, float v) {
+    if (threadIdx.x == 0 && (tl_slot() & 0xFF000000u) == TL_MAGIC) {
+        unsigned long long t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t) : "f"(v) : "memory");
+        qw_timeline[tl_slot() & (TL_CAP - 1)].mark[i] = t;
+    }
+}
+#define TIMELINE(name) Timeline tl_scope_(tl_hash(name))
+#define TL_MARK(i, v) tl_mark(i, v)
+#else
+__device__ __forceinline__ void tl_waited() {}
+#define TIMELINE(name)
+#define TL_MARK(i, v)
+#endif
 
 // Thread block clusters (sm_90+; gpu.rs `launch_cluster`): the blocks of a cluster run at once on one
 // GPC and read each other's shared memory. Without a cluster launch (or below sm_90) a block is a

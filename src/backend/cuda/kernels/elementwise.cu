@@ -21,6 +21,7 @@ __device__ __forceinline__ unsigned key_index(unsigned long long key) {
 // when the host launched this one before reading it (decoding ahead, CudaBackend::launch_ahead).
 #define FROM_DEVICE 0xffffffffu
 extern "C" __global__ void embed(act_t* out, const act_t* table, const unsigned* ids, const unsigned long long* chosen, int h, int vocab) {
+    TIMELINE("embed");
     grid_dependency();
     int t = blockIdx.y;
     unsigned id = ids[t];
@@ -77,6 +78,7 @@ extern "C" __global__ void swiglu(act_t* out, const act_t* gate, const act_t* up
 extern "C" __global__ void argmax_rows(unsigned long long* keys, unsigned* counts, unsigned long long* chosen,
     unsigned long long* host, const act_t* x, int cols, int limit) {
     __shared__ bool last;
+    TIMELINE("argmax_rows");
     grid_dependency();
     const int r = blockIdx.y;
     const act_t* row = x + (size_t)r * cols;

@@ -239,6 +239,7 @@ __device__ __forceinline__ const act_t* stage_input(const act_t* x, int T, int K
     if (!nw) {
         for (int i = threadIdx.x; i < T * kv; i += blockDim.x) x_shared[i] = __ldg(src + i);
         __syncthreads();
+        TL_MARK(0, 0.f);
         return reinterpret_cast<const act_t*>(x_shared);
     }
     // A thread takes columns c = threadIdx.x, + blockDim.x, ... of every row.
@@ -275,6 +276,7 @@ __device__ __forceinline__ const act_t* stage_input(const act_t* x, int T, int K
     }
     for (int c = threadIdx.x + NW_REGS * blockDim.x; c < kv; c += blockDim.x) scale_column(c, __ldg(nwv + c));
     __syncthreads();
+    TL_MARK(0, 0.f);
     return reinterpret_cast<const act_t*>(x_shared);
 }
 
@@ -377,14 +379,14 @@ __device__ __forceinline__ void gemv_swiglu_rows(act_t* out, const act_t* x, con
 // gemv3 and gemv_swiglu take the norm arguments of stage_input (nw null: none; non-null only with _xs).
 #define GEMV_FAMILY(SUF, TMAX, XS)                                                                           \
     extern "C" __global__ void GV_BOUNDS gemv##SUF(act_t* out, const act_t* x, const act_t* w,     \
-        int T, int N, int K) { gemv_rows<TMAX, XS>(out, x, w, T, N, K); }                                       \
+        int T, int N, int K) { TIMELINE("gemv" #SUF); gemv_rows<TMAX, XS>(out, x, w, T, N, K); }                                       \
     extern "C" __global__ void GV_BOUNDS gemv3##SUF(act_t* o0, const act_t* w0, int N0,           \
         act_t* o1, const act_t* w1, int N1, act_t* o2, const act_t* w2, int N2, const act_t* x, int T, int K,    \
         const act_t* delta, act_t* x_out, const act_t* nw, float eps) {                                         \
-        gemv3_rows<TMAX, XS>(o0, w0, N0, o1, w1, N1, o2, w2, N2, x, T, K, delta, x_out, nw, eps); }              \
+        TIMELINE("gemv3" #SUF); gemv3_rows<TMAX, XS>(o0, w0, N0, o1, w1, N1, o2, w2, N2, x, T, K, delta, x_out, nw, eps); }              \
     extern "C" __global__ void GV_BOUNDS gemv_swiglu##SUF(act_t* out, const act_t* x,             \
         const act_t* gate, const act_t* up, int T, int N, int K, const act_t* delta, act_t* x_out,               \
-        const act_t* nw, float eps) { gemv_swiglu_rows<TMAX, XS>(out, x, gate, up, T, N, K, delta, x_out, nw, eps); }
+        const act_t* nw, float eps) { TIMELINE("gemv_swiglu" #SUF); gemv_swiglu_rows<TMAX, XS>(out, x, gate, up, T, N, K, delta, x_out, nw, eps); }
 
 GEMV_FAMILY(_t1, 1, false)
 GEMV_FAMILY(_t1_xs, 1, true)
@@ -427,6 +429,7 @@ extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv_scalar(act_t*
 // grid (ceil(E / W), T), W warps (host: router_warps).
 extern "C" __global__ void router_logits(float* logits, const act_t* x, const act_t* router, int E, int H,
     const act_t* delta, act_t* x_out, const act_t* nw, float eps, act_t* xn_out) {
+    TIMELINE("router_logits");
     int lane = threadIdx.x & 31;
     int e = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     int t = blockIdx.y;
@@ -545,6 +548,7 @@ __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x,
         route_rows(logits, P / k, &route_p[0][0], ROUTE_MAX_E, route_sel, route_ids, nullptr, store ? ids : nullptr,
             store ? weights : nullptr, E, k, norm_topk, e0, held);
         chosen = route_ids;  // stage_input's barrier below makes it visible to every warp
+        TL_MARK(1, 0.f);
     }
     const act_t* xs = stage_input<GEMV_MAX_ROWS, XS>(x, P / k, K, nullptr, nullptr, nw, eps, nwr);
     if (!XS && logits) __syncthreads();  // (stage_input without staging has no barrier)
@@ -629,11 +633,11 @@ __device__ __forceinline__ void moe_down_combine_rows(act_t* out, const act_t* a
 #define MOE_GEMV_FAMILY(SUF, XS)                                                                                 \
     extern "C" __global__ void GV_BOUNDS moe_down_combine##SUF(act_t* out, const act_t* act,           \
         const act_t* w, const int* ids, const float* weights, int T, int k, int N, int K) {                        \
-        moe_down_combine_rows<XS>(out, act, w, ids, weights, T, k, N, K); }                                         \
+        TIMELINE("moe_down_combine" #SUF); moe_down_combine_rows<XS>(out, act, w, ids, weights, T, k, N, K); }                                         \
     extern "C" __global__ void GV_BOUNDS moe_gemv_swiglu##SUF(act_t* act, const act_t* x,             \
         const act_t* gate, const act_t* up, int* ids, float* weights, const float* logits, int E, int norm_topk,     \
         int e0, int held, int k, int P, int N, int K, const act_t* nw, float eps) {                                  \
-        moe_gemv_swiglu_rows<XS>(act, x, gate, up, ids, weights, logits, E, norm_topk, e0, held, k, P, N, K, nw, eps); }
+        TIMELINE("moe_gemv_swiglu" #SUF); moe_gemv_swiglu_rows<XS>(act, x, gate, up, ids, weights, logits, E, norm_topk, e0, held, k, P, N, K, nw, eps); }
 
 MOE_GEMV_FAMILY(, false)
 MOE_GEMV_FAMILY(_xs, true)

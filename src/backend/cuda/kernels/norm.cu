@@ -33,6 +33,7 @@ extern "C" __global__ void add_rms_norm(act_t* __restrict__ x_out, const act_t* 
 extern "C" __global__ void __launch_bounds__(NORM_VEC_THREADS) add_rms_norm_vec(act_t* __restrict__ x_out,
     const act_t* __restrict__ x, const act_t* __restrict__ delta, act_t* __restrict__ out, const act_t* __restrict__ w,
     int cols, float eps) {
+    TIMELINE("add_rms_norm_vec");
     grid_dependency();
     size_t row = (size_t)blockIdx.x * cols / VEC;
     const int cv = cols / VEC;
