@@ -352,10 +352,12 @@ fn run_matmul_swiglu<B: Backend>(be: &B, x: &[f32], t: usize, gate: &HostTensor,
 fn fused_decode_products() {
     // q/k/v in one launch (gemv3) and gate·up·SwiGLU in one (gemv_swiglu) for T <= 8; T = 9 and
     // K not a multiple of the vector width take the unfused path. Odd row counts throughout. Both
-    // GEMV builds: matmul's (8 loads a lane in flight) and, for every row length, matmul_wide's (16).
-    for (dtype, wide) in DTYPES.into_iter().flat_map(|d| [(d, false), (d, true)]) {
+    // GEMV builds: each row length on its listed build (matmul's, 8 loads a lane in flight, unless
+    // listed) and, for every row length, matmul_wide's (16) and matmul_narrow's (4).
+    for (dtype, build) in DTYPES.into_iter().flat_map(|d| [(d, None), (d, Some(1)), (d, Some(2))]) {
         let Some(g) = gpu(dtype) else { return };
-        g.set_wide_all(wide);
+        g.set_gemv_build_all(build);
+        let wide = build.map_or("listed", |i| cuda::GEMV_BUILDS[i]);
         let c = CpuBackend::new(dtype);
         let (_, bar) = bars(dtype);
         let mut r = Rng(13);

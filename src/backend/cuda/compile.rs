@@ -20,9 +20,11 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("attention", include_str!("kernels/attention.cu")),
     ("attention_prefill", include_str!("kernels/attention_prefill.cu")),
     ("matmul", include_str!("kernels/matmul.cu")),
-    // The decode GEMVs again with 16 loads a lane in flight instead of 8, for the row lengths where
-    // that measured faster (mod.rs WIDE_ROWS). A GV_UNROLL of QWEN3RS_CUDA_DEFINES applies to both builds.
+    // The decode GEMVs again with 16 loads a lane in flight instead of 8, and with 4, for the row
+    // lengths where that measured faster (mod.rs WIDE_ROWS, NARROW_ROWS). A GV_UNROLL of
+    // QWEN3RS_CUDA_DEFINES applies to every build.
     ("matmul_wide", concat!("#ifndef GV_UNROLL\n#define GV_UNROLL 16\n#endif\n", include_str!("kernels/matmul.cu"))),
+    ("matmul_narrow", concat!("#ifndef GV_UNROLL\n#define GV_UNROLL 4\n#endif\n", include_str!("kernels/matmul.cu"))),
     ("moe", include_str!("kernels/moe.cu")),
     ("expert_gemm", include_str!("kernels/expert_gemm.cu")),
 ];

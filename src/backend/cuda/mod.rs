@@ -47,10 +47,23 @@ const GEMV_SMEM_X: usize = 56 * 1024;
 /// round trip, and loses where its extra registers cost blocks an SM.
 const WIDE_ROWS: &str = "3072,4096,8192,25600,gemv:2048";
 
-/// One entry of the wide-row list: a weight-row length, and the GEMV family it applies to (its kernels'
-/// name before `_t1`/`_xs`: gemv, gemv3, gemv_swiglu, moe_gemv_swiglu, moe_down_combine), or every family.
+/// Weight-row lengths whose decode GEMVs run matmul_narrow's build (4 loads a lane in flight; registers
+/// for 5 blocks an SM instead of 4), in `QWEN3RS_CUDA_NARROW_ROWS`'s syntax: Qwen3-30B-A3B's q/k/v
+/// (5,120 rows of 2,048): every warp of the 640 blocks one row, where 4 blocks an SM left 896 of 4,224
+/// warps a second row, the launch's tail (1.8 µs a layer less, benches/profiles/block_timeline.py;
+/// decode 1.029×, RESULTS.md runs 31.7–31.8). Every GEMV on the narrow build loses elsewhere (0.6B
+/// 0.909×, 8B 0.975×, 32B 0.957×). (Qwen3-1.7B's q/k/v, 4,096 rows of 2,048, take it too, unmeasured:
+/// matmul's 4 blocks an SM already give each of its rows a warp.)
+const NARROW_ROWS: &str = "gemv3:2048";
+
+/// The builds of matmul.cu for the decode GEMVs (compile.rs SOURCES): 8, 16 and 4 loads a lane in flight.
+pub const GEMV_BUILDS: [&str; 3] = ["matmul", "matmul_wide", "matmul_narrow"];
+
+/// One entry of a row-length list (WIDE_ROWS, NARROW_ROWS): a weight-row length, and the GEMV family it
+/// applies to (its kernels' name before `_t1`/`_xs`: gemv, gemv3, gemv_swiglu, moe_gemv_swiglu,
+/// moe_down_combine), or every family.
 #[derive(Debug, Clone, PartialEq)]
-struct WideRow {
+struct GemvRows {
     family: Option<&'static str>,
     k: usize,
 }
@@ -86,9 +99,11 @@ fn parse_family_entries(var: &str, spec: &str) -> Result<Vec<(Option<&'static st
     Ok(entries)
 }
 
-/// `QWEN3RS_CUDA_WIDE_ROWS`: comma-separated `K` (every family) or `FAMILY:K` entries; 0 or nothing: none.
-fn parse_wide_rows(spec: &str) -> Result<Vec<WideRow>> {
-    Ok(parse_family_entries("QWEN3RS_CUDA_WIDE_ROWS", spec)?.into_iter().map(|(family, k)| WideRow { family, k }).collect())
+/// `QWEN3RS_CUDA_WIDE_ROWS` / `_NARROW_ROWS` (`var`): comma-separated `K` (every family) or `FAMILY:K`
+/// entries; 0 or nothing: none; unset: `default`.
+fn parse_gemv_rows(var: &str, default: &str) -> Result<Vec<GemvRows>> {
+    let spec = std::env::var(var).unwrap_or_else(|_| default.to_string());
+    Ok(parse_family_entries(var, &spec)?.into_iter().map(|(family, k)| GemvRows { family, k }).collect())
 }
 
 /// `QWEN3RS_CUDA_SKIP`: comma-separated kernel names (profiling only: those kernels are never launched,
@@ -480,12 +495,14 @@ pub struct CudaBackend {
     split_keys: usize,
     /// Weight-row lengths whose decode GEMVs run `matmul_wide`'s build: WIDE_ROWS;
     /// `QWEN3RS_CUDA_WIDE_ROWS=K1,FAMILY:K2,...` (0: none).
-    wide_rows: Vec<WideRow>,
+    wide_rows: Vec<GemvRows>,
+    /// The same for `matmul_narrow`'s build: NARROW_ROWS; `QWEN3RS_CUDA_NARROW_ROWS` (wide_rows first).
+    narrow_rows: Vec<GemvRows>,
     /// Most blocks an SM of one GEMV family's persistent grids: `QWEN3RS_CUDA_BLOCKS_PER_SM`'s `FAMILY:N`
     /// entries (`parse_block_caps`; its bare `N` caps every persistent grid: `Gpu::new`'s blocks_per_sm).
     family_blocks: Vec<(&'static str, u32)>,
-    /// Every decode GEMV on `matmul_wide` (tests: `set_wide_all`).
-    wide_all: std::sync::atomic::AtomicBool,
+    /// Every decode GEMV on GEMV_BUILDS[i] (tests: `set_gemv_build_all`); past its end: by the lists.
+    gemv_build_all: std::sync::atomic::AtomicUsize,
     /// Most decode-attention splits merged inside the attention launch, its splits one thread block
     /// cluster (sm_90+: 16; `QWEN3RS_CUDA_ATTN_CLUSTER=N`, 0 = off); more splits than this, or none of
     /// it, go through an `attention_combine` launch.
@@ -668,11 +685,9 @@ impl CudaBackend {
             router_warps: env_count("QWEN3RS_CUDA_ROUTER_WARPS").unwrap_or(8).min(32),
             split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"),
             split_keys: env_count("QWEN3RS_CUDA_SPLIT_KEYS").unwrap_or(8),
-            wide_rows: match std::env::var("QWEN3RS_CUDA_WIDE_ROWS") {
-                Ok(v) => parse_wide_rows(&v)?,
-                Err(_) => parse_wide_rows(WIDE_ROWS)?,
-            },
-            wide_all: false.into(),
+            wide_rows: parse_gemv_rows("QWEN3RS_CUDA_WIDE_ROWS", WIDE_ROWS)?,
+            narrow_rows: parse_gemv_rows("QWEN3RS_CUDA_NARROW_ROWS", NARROW_ROWS)?,
+            gemv_build_all: GEMV_BUILDS.len().into(),
             family_blocks,
             attn_cluster: attn_cluster.into(),
             tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"),
@@ -729,10 +744,10 @@ impl CudaBackend {
         self.attn_cluster.store(max_splits.min(attn_cluster_cap(self.gpu.arch)), std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Every decode GEMV on matmul_wide's build (true), or only the rows `wide_rows` lists: lets one
-    /// test process check both builds.
-    pub fn set_wide_all(&self, all: bool) {
-        self.wide_all.store(all, std::sync::atomic::Ordering::Relaxed);
+    /// Every decode GEMV on build GEMV_BUILDS[i] (Some(i)), or each on the build its row length's
+    /// list names (None): lets one test process check every build.
+    pub fn set_gemv_build_all(&self, build: Option<usize>) {
+        self.gemv_build_all.store(build.unwrap_or(GEMV_BUILDS.len()), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The device index this backend runs on.
@@ -1143,13 +1158,17 @@ impl CudaBackend {
     /// The launch (module, kernel, grid, dynamic shared memory) of a decode GEMV over `rows` weight rows
     /// (a warp's work each; for moe_down_combine MOE_DOWN_WARPS per output element), with `t` rows of x
     /// per weight row of `k` elements and `x_elems` elements of x read by every block: rows of the lengths
-    /// `wide_rows` lists take matmul_wide's build; x is staged in shared memory when it fits
-    /// `GEMV_SMEM_X`; the grid fills the GPU once (persistent kernels).
+    /// `wide_rows` lists take matmul_wide's build, those `narrow_rows` lists matmul_narrow's; x is
+    /// staged in shared memory when it fits `GEMV_SMEM_X`; the grid fills the GPU once (persistent kernels).
     fn gemv_plan(&self, family: &[&'static str], t: usize, k: usize, x_elems: usize, rows: usize) -> Result<GemvPlan> {
         let fam = gemv_family(family);
-        let wide = self.wide_all.load(std::sync::atomic::Ordering::Relaxed)
-            || self.wide_rows.iter().any(|w| w.k == k && w.family.is_none_or(|f| f == fam));
-        let module = if wide { "matmul_wide" } else { "matmul" };
+        let listed = |rows: &[GemvRows]| rows.iter().any(|w| w.k == k && w.family.is_none_or(|f| f == fam));
+        let module = match self.gemv_build_all.load(std::sync::atomic::Ordering::Relaxed) {
+            i if i < GEMV_BUILDS.len() => GEMV_BUILDS[i],
+            _ if listed(&self.wide_rows) => "matmul_wide",
+            _ if listed(&self.narrow_rows) => "matmul_narrow",
+            _ => "matmul",
+        };
         let x_bytes = x_elems * self.esize();
         let xs = x_bytes <= GEMV_SMEM_X;
         let name = family[2 * usize::from(t > 1) + usize::from(xs)];
@@ -2163,17 +2182,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn wide_rows_parse_lengths_and_families() {
-        let w = |family, k| WideRow { family, k };
-        assert_eq!(parse_wide_rows("3072, gemv:2048,0").unwrap(), vec![w(None, 3072), w(Some("gemv"), 2048)]);
-        assert_eq!(parse_wide_rows("0").unwrap(), vec![]);
-        assert_eq!(parse_wide_rows("").unwrap(), vec![]);
-        let e = parse_wide_rows("4096,gemv:x").unwrap_err().to_string();
-        assert!(e.contains("QWEN3RS_CUDA_WIDE_ROWS") && e.contains("gemv:x"), "{e}");
-        assert!(parse_wide_rows("-1").is_err());
-        let e = parse_wide_rows("gemvv:2048").unwrap_err().to_string();
+    fn gemv_rows_parse_lengths_and_families() {
+        // (Unset variables: the default spec is parsed.)
+        let w = |family, k| GemvRows { family, k };
+        let var = "QWEN3RS_TEST_UNSET_ROWS";
+        assert_eq!(parse_gemv_rows(var, "3072, gemv:2048,0").unwrap(), vec![w(None, 3072), w(Some("gemv"), 2048)]);
+        assert_eq!(parse_gemv_rows(var, "0").unwrap(), vec![]);
+        assert_eq!(parse_gemv_rows(var, "").unwrap(), vec![]);
+        let e = parse_gemv_rows(var, "4096,gemv:x").unwrap_err().to_string();
+        assert!(e.contains(var) && e.contains("gemv:x"), "{e}");
+        assert!(parse_gemv_rows(var, "-1").is_err());
+        let e = parse_gemv_rows(var, "gemvv:2048").unwrap_err().to_string();
         assert!(e.contains("no GEMV family \"gemvv\"") && e.contains("moe_down_combine"), "{e}");
-        assert_eq!(parse_wide_rows(WIDE_ROWS).unwrap().len(), 5);
+        assert_eq!(parse_gemv_rows(var, WIDE_ROWS).unwrap().len(), 5);
+        assert_eq!(parse_gemv_rows(var, NARROW_ROWS).unwrap(), vec![w(Some("gemv3"), 2048)]);
         assert_eq!(gemv_family(&GEMV), "gemv");
         assert_eq!(gemv_family(&GEMV3), "gemv3");
         assert_eq!(gemv_family(&GEMV_SWIGLU), "gemv_swiglu");
