@@ -343,8 +343,8 @@ static void moe_30b(int sms) {
             TOPK, TOPK, I, H, (const act_t*)nullptr, eps);
     };
     auto experts_down = [&](int l) {
-        launch_pdl(moe_down_combine_xs, g_down, TOPK * I * 2, moe_out, (const act_t*)act, down_w(l), (const int*)ids, (const float*)weights, 1,
-            TOPK, H, I);
+        launch_pdl(moe_down_combine_xs, g_down, TOPK * I * 2, moe_out, (const act_t*)act, down_w(l), (const int*)ids, (const float*)weights,
+            (const float*)nullptr, E, 0, E, 1, TOPK, H, I);
     };
     printf("%d SMs; Qwen3-30B-A3B decode layer, bf16, T = 1; %d launches a graph, PDL, %d weight layers; us a launch\n", sms, ALONE, LW);
     printf("%-44s %6s %8s %9s\n", "kernel", "grid", "MB", "us");

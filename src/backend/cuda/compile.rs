@@ -46,6 +46,7 @@ pub const TUNABLE: &[&str] = &[
     "EG_MAX_STAGES",
     "EG_MMA_SERIAL",
     "BLOCK_TIMELINE",
+    "MD_EARLY",
 ];
 
 /// The `-D` options `QWEN3RS_CUDA_DEFINES` asks for (none when unset), or an error naming the bad entry.

@@ -239,8 +239,7 @@ pub struct Gpu {
 impl Drop for Gpu {
     fn drop(&mut self) {
         let _ = self.ctx.bind_to_thread();
-        // SAFETY: the handles were created by `Gpu::new` and are destroyed once, after the
-        // stream's work is done; modules are unloaded after that.
+        // (Profiling: with several GPUs in one process, the last one dropped writes the file.)
         if let Ok(path) = std::env::var("QWEN3RS_CUDA_TIMELINE") {
             if let Err(e) =
                 self.block_timeline().and_then(|csv| std::fs::write(&path, csv).map_err(|e| Error::io(std::path::Path::new(&path), e)))
@@ -248,6 +247,8 @@ impl Drop for Gpu {
                 eprintln!("qwen3rs: QWEN3RS_CUDA_TIMELINE: {e}");
             }
         }
+        // SAFETY: the handles were created by `Gpu::new` and are destroyed once, after the
+        // stream's work is done; modules are unloaded after that.
         unsafe {
             let _ = drv::stream::synchronize(self.h.stream);
             let _ = blas::destroy_handle(self.h.blas);

@@ -1354,7 +1354,8 @@ impl CudaBackend {
             )?;
             let (module, name, grid, smem) = self.gemv_plan(&MOE_DOWN_COMBINE, 1, inter, p * inter, t * h * MOE_DOWN_WARPS)?;
             let o = out.mem.ptr;
-            return self.gpu.launch(module, name, grid, 256, smem, args![o, act, dp, ids, weights, ti, ki, hi, ii]);
+            // (The router's logits for MD_EARLY's guess; null without self-routing.)
+            return self.gpu.launch(module, name, grid, 256, smem, args![o, act, dp, ids, weights, logits, ei, e0, held, ti, ki, hi, ii]);
         }
         if on_wgmma {
             return self.moe_expert_gemm(out, x, moe, [ids, weights, sorted, pair_pos, tile_e, tile_row0, tile_rows, act, y]);
