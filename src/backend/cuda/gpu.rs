@@ -208,6 +208,9 @@ struct Module(sys::CUmodule);
 // SAFETY: as `Func`.
 unsafe impl Send for Module {}
 
+/// (module, kernel, block size, dynamic shared memory): what a kernel's occupancy depends on.
+type LaunchShape = (&'static str, &'static str, u32, u32);
+
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     h: Handles,
@@ -228,8 +231,8 @@ pub struct Gpu {
     skip: Vec<String>,
     modules: Mutex<HashMap<&'static str, Module>>,
     funcs: Mutex<HashMap<(&'static str, &'static str), Func>>,
-    /// Resident blocks per SM of (kernel, block size, dynamic shared memory), from the driver.
-    occupancy: Mutex<HashMap<(&'static str, u32, u32), u32>>,
+    /// Resident blocks per SM of (module, kernel, block size, dynamic shared memory), from the driver.
+    occupancy: Mutex<HashMap<LaunchShape, u32>>,
     mode: Mutex<ModeState>,
     /// Device arrays of matrix pointers for `grouped_gemm` (grow-only; each upload is ordered on
     /// the stream after the GEMMs that read the previous contents).
@@ -609,7 +612,7 @@ impl Gpu {
     /// with `smem` bytes of dynamic shared memory as are resident on the GPU at once (the driver's
     /// occupancy calculator × SMs), but no more than `useful`.
     pub fn persistent_grid(&self, module: &'static str, name: &'static str, block: u32, smem: u32, useful: usize) -> Result<u32> {
-        let key = (name, block, smem);
+        let key = (module, name, block, smem); // a kernel of two builds (matmul, matmul_wide, ...): two entries
         let cached = self.occupancy.lock().map_err(|_| Error::Device("occupancy table poisoned".into()))?.get(&key).copied();
         let per_sm = match cached {
             Some(v) => v,
