@@ -47,6 +47,7 @@ pub const TUNABLE: &[&str] = &[
     "EG_MMA_SERIAL",
     "BLOCK_TIMELINE",
     "MD_EARLY",
+    "GV_EARLY_L2",
 ];
 
 /// The `-D` options `QWEN3RS_CUDA_DEFINES` asks for (none when unset), or an error naming the bad entry.

@@ -311,13 +311,23 @@ __device__ __forceinline__ void gemv_one(act_t* out, const act_t* wrow, const ac
     }
 }
 
+// GV_EARLY_L2 1 (prepared, not yet measured: RESULTS.md session 19's leads): the plain products ask
+// for their warp's whole first row in L2 before the wait instead of loading its first batch into
+// registers. Qwen3-30B-A3B's o projection holds 16.8 MB of such loads through the attention ahead of it,
+// and the attention's cluster barrier waits behind them on the SMs they share (2.2 µs against 0.45,
+// run 31.3); prefetches bring nothing back to the SM.
+#ifndef GV_EARLY_L2  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
+#define GV_EARLY_L2 0
+#endif
+
 // out [T, N] = x [T, K] · w [N, K]ᵀ.
 template <int TMAX, bool XS>
 __device__ __forceinline__ void gemv_rows(act_t* out, const act_t* x, const act_t* w, int T, int N, int K) {
     const int n0 = warp_id_global();
     uint4 wv[GV_UNROLL];
-    const bool early = n0 < N;
+    const bool early = n0 < N && !GV_EARLY_L2, early_l2 = n0 < N && GV_EARLY_L2;
     if (early) load_batch(wv, w + (size_t)n0 * K, threadIdx.x & 31, K / VEC);
+    if (early_l2) prefetch_lines(w + (size_t)n0 * K, K * (int)sizeof(act_t));
     grid_dependency();
     const act_t* xs = stage_input<TMAX, XS>(x, T, K);
     for (int n = n0; n < N; n += warps_global()) gemv_one<TMAX, XS>(out, w + (size_t)n * K, xs, T, N, n, K, wv, early && n == n0);
