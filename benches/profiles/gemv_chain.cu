@@ -340,7 +340,7 @@ static void moe_30b(int sms) {
     auto experts_up = [&](int l) {
         const float* route = random_routing ? random_logits + (size_t)(l % ALONE) * E : probs;
         launch_pdl(moe_gemv_swiglu_xs, g_up, H * 2, act, (const act_t*)xn, gate_w(l), up_w(l), ids, weights, route, E, 1, 0, E,
-            TOPK, TOPK, I, H, (const act_t*)nullptr, eps);
+            TOPK, TOPK, I, H, (const act_t*)nullptr, eps, (unsigned*)nullptr);
     };
     auto experts_down = [&](int l) {
         launch_pdl(moe_down_combine_xs, g_down, TOPK * I * 2, moe_out, (const act_t*)act, down_w(l), (const int*)ids, (const float*)weights,

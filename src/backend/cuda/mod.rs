@@ -443,6 +443,9 @@ enum GraphState {
 }
 
 pub struct CudaBackend {
+    /// The MoE decode gate/up kernel's row counter and warps-done count (matmul.cu MG_DYNAMIC): zero
+    /// between launches, each launch's last warp sets them back. (Dropped before `gpu`.)
+    work_queue: DevMem,
     gpu: Gpu,
     ordinal: usize,
     meta: Mutex<Vec<Slot>>,
@@ -663,7 +666,9 @@ impl CudaBackend {
         let trace = std::env::var_os("QWEN3RS_CUDA_TRACE").is_some() && !env_off("QWEN3RS_CUDA_TRACE");
         let replays = env_count("QWEN3RS_CUDA_REPLAYS").unwrap_or(1);
         let argmax = Argmax { dev: None, host: None, cap: 0, done: gpu.event()?, queued: None };
+        let work_queue = gpu.alloc_zeroed(2 * 4)?;
         Ok(CudaBackend {
+            work_queue,
             gpu,
             ordinal,
             meta: Mutex::new(slots(N_META)),
@@ -1344,13 +1349,14 @@ impl CudaBackend {
             let (module, name, grid, smem) = self.gemv_plan(&MOE_GEMV_SWIGLU, 1, h, t * h, p * inter)?;
             let (xin, nw) = if x_normed != 0 { (x_normed, 0) } else { (xp, nw) };
             let logits = if self_routed { probs } else { 0u64 };
+            let queue = self.work_queue.ptr;
             self.gpu.launch(
                 module,
                 name,
                 grid,
                 256,
                 smem,
-                args![act, xin, gp, upp, ids, weights, logits, ei, renorm, e0, held, ki, pi, ii, hi, nw, eps],
+                args![act, xin, gp, upp, ids, weights, logits, ei, renorm, e0, held, ki, pi, ii, hi, nw, eps, queue],
             )?;
             let (module, name, grid, smem) = self.gemv_plan(&MOE_DOWN_COMBINE, 1, inter, p * inter, t * h * MOE_DOWN_WARPS)?;
             let o = out.mem.ptr;

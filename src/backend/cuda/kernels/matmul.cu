@@ -547,10 +547,19 @@ extern "C" __global__ void __launch_bounds__(256) grouped_gemm(act_t* out, const
 // Routing: with `logits` (router_logits' [T, E] f32, E <= ROUTE_MAX_E) every block routes the T rows
 // itself (route_rows, into shared memory: no moe_route launch) and block 0 also stores ids / weights
 // [P] for moe_down_combine; without, ids come from moe_route.
+// MG_DYNAMIC 1 (prepared, not yet measured: RESULTS.md session 19's leads): a warp's rows after its
+// first come from a counter (queue[0]; queue[1] counts the warps done, and the last one sets both back
+// to 0 for the next launch) instead of every warps_global()-th, each asked for while the row before it
+// is computed. On Qwen3-30B-A3B decode the blocks, all with ~3 rows a warp, end 11-17 µs after their
+// wait, the same SMs slow from launch to launch (run 31.1's data): fast SMs would take more rows. Every
+// row is computed as before, so the results are the same bits.
+#ifndef MG_DYNAMIC  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
+#define MG_DYNAMIC 0
+#endif
 template <bool XS>
 __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x, const act_t* gate, const act_t* up,
     int* ids, float* weights, const float* logits, int E, int norm_topk, int e0, int held,
-    int k, int P, int N, int K, const act_t* nw, float eps) {
+    int k, int P, int N, int K, const act_t* nw, float eps, unsigned* queue) {
     __shared__ __align__(16) float route_p[GEMV_MAX_ROWS][ROUTE_MAX_E];
     __shared__ int route_sel[GEMV_MAX_ROWS * MAX_TOP_K], route_ids[GEMV_MAX_ROWS * MAX_TOP_K];
     const NormW nwr = load_norm_weight(nw, K);
@@ -570,7 +579,16 @@ __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x,
     }
     const act_t* xs = stage_input<GEMV_MAX_ROWS, XS>(x, P / k, K, nullptr, nullptr, nw, eps, nwr);
     if (!XS && logits) __syncthreads();  // (stage_input without staging has no barrier)
-    for (int r = warp_id_global(); r < P * N; r += warps_global()) {
+    const int total = P * N, W = warps_global();
+    int next = 0;  // MG_DYNAMIC, lane 0: the row after this one, already asked for
+    if (MG_DYNAMIC && lane == 0) next = W + (int)atomicAdd(queue, 1u);
+    auto advance = [&](int r) {
+        if (!MG_DYNAMIC) return r + W;
+        const int n = __shfl_sync(0xffffffffu, next, 0);
+        if (n < total && lane == 0) next = W + (int)atomicAdd(queue, 1u);
+        return n;
+    };
+    for (int r = warp_id_global(); r < total; r = advance(r)) {
         int p = r / N, n = r % N;
         if (chosen[p] < 0) continue;  // another rank's expert (expert parallelism)
         size_t off = ((size_t)chosen[p] * N + n) * K;
@@ -580,6 +598,11 @@ __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x,
         row_dot_pair<1, XS>(g, u, gate + off, up + off, xr, 1, K / VEC, gv, uv, false);
         float gs = warp_sum(g[0]), us = warp_sum(u[0]);
         if (lane == 0) act[(size_t)p * N + n] = from_f(rnd(silu(rnd(gs))) * rnd(us));
+    }
+    // Each warp's last ask was past the rows; once every warp has made it, the queue is set back.
+    if (MG_DYNAMIC && lane == 0 && atomicAdd(queue + 1, 1u) == (unsigned)W - 1) {
+        queue[0] = 0;
+        queue[1] = 0;
     }
 }
 
@@ -737,8 +760,8 @@ __device__ __forceinline__ void moe_down_combine_rows(act_t* out, const act_t* a
         TIMELINE("moe_down_combine" #SUF); moe_down_combine_rows<XS>(out, act, w, ids, weights, logits, E, e0, held, T, k, N, K); }                                         \
     extern "C" __global__ void GV_BOUNDS moe_gemv_swiglu##SUF(act_t* act, const act_t* x,             \
         const act_t* gate, const act_t* up, int* ids, float* weights, const float* logits, int E, int norm_topk,     \
-        int e0, int held, int k, int P, int N, int K, const act_t* nw, float eps) {                                  \
-        TIMELINE("moe_gemv_swiglu" #SUF); moe_gemv_swiglu_rows<XS>(act, x, gate, up, ids, weights, logits, E, norm_topk, e0, held, k, P, N, K, nw, eps); }
+        int e0, int held, int k, int P, int N, int K, const act_t* nw, float eps, unsigned* queue) {                  \
+        TIMELINE("moe_gemv_swiglu" #SUF); moe_gemv_swiglu_rows<XS>(act, x, gate, up, ids, weights, logits, E, norm_topk, e0, held, k, P, N, K, nw, eps, queue); }
 
 MOE_GEMV_FAMILY(, false)
 MOE_GEMV_FAMILY(_xs, true)
