@@ -551,7 +551,7 @@ extern "C" __global__ void __launch_bounds__(256) grouped_gemm(act_t* out, const
 // first come from a counter (queue[0]; queue[1] counts the warps done, and the last one sets both back
 // to 0 for the next launch) instead of every warps_global()-th, each asked for while the row before it
 // is computed. On Qwen3-30B-A3B decode the blocks, all with ~3 rows a warp, end 11-17 µs after their
-// wait, the same SMs slow from launch to launch (run 31.1's data): fast SMs would take more rows. Every
+// wait, the same SMs slow from launch to launch (run 31.3's timeline): fast SMs would take more rows. Every
 // row is computed as before, so the results are the same bits.
 #ifndef MG_DYNAMIC  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define MG_DYNAMIC 0
