@@ -357,7 +357,7 @@ fn fused_decode_products() {
     for (dtype, build) in DTYPES.into_iter().flat_map(|d| [(d, None), (d, Some(1)), (d, Some(2))]) {
         let Some(g) = gpu(dtype) else { return };
         g.set_gemv_build_all(build);
-        let wide = build.map_or("listed", |i| cuda::GEMV_BUILDS[i]);
+        let build_name = build.map_or("listed", |i| cuda::GEMV_BUILDS[i]);
         let c = CpuBackend::new(dtype);
         let (_, bar) = bars(dtype);
         let mut r = Rng(13);
@@ -366,7 +366,7 @@ fn fused_decode_products() {
             let ws = ns.map(|n| tensor(&r.uniform(n * k, s), &[n, k]));
             for t in [1usize, 3, 8, 9] {
                 let x = r.uniform(t * k, 1.0);
-                let what = format!("matmul_many T={t} N={ns:?} K={k} wide={wide}");
+                let what = format!("matmul_many T={t} N={ns:?} K={k} build={build_name}");
                 check(&what, dtype, &run_matmul3(&g, &x, t, &ws), &run_matmul3(&c, &x, t, &ws), bar);
             }
         }
@@ -376,7 +376,7 @@ fn fused_decode_products() {
             for t in [1usize, 5, 8, 9] {
                 let x = r.uniform(t * k, 1.0);
                 check(
-                    &format!("matmul_swiglu T={t} N={n} K={k} wide={wide}"),
+                    &format!("matmul_swiglu T={t} N={n} K={k} build={build_name}"),
                     dtype,
                     &run_matmul_swiglu(&g, &x, t, &gw, &uw),
                     &run_matmul_swiglu(&c, &x, t, &gw, &uw),

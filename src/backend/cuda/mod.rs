@@ -443,9 +443,6 @@ enum GraphState {
 }
 
 pub struct CudaBackend {
-    /// The MoE decode gate/up kernel's row counter and warps-done count (matmul.cu MG_DYNAMIC): zero
-    /// between launches, each launch's last warp sets them back. (Dropped before `gpu`.)
-    work_queue: DevMem,
     gpu: Gpu,
     ordinal: usize,
     meta: Mutex<Vec<Slot>>,
@@ -465,6 +462,9 @@ pub struct CudaBackend {
     ahead: bool,
     /// The last queued greedy choice (`queue_argmax`).
     argmax: Mutex<Argmax>,
+    /// The MoE decode gate/up kernel's row counter and warps-done count (matmul.cu MG_DYNAMIC): zero
+    /// between launches, each launch's last warp sets them back.
+    work_queue: DevMem,
     /// Decode graphs kept per batch size and parity for launch shapes other than the current one
     /// (`QWEN3RS_CUDA_GRAPH_CACHE=N`, 8 by default; 0: a shape change drops the graph, and the step
     /// after next captures it again: 0.6B decode 0.928 of the default, 30B-A3B 0.957, RESULTS run 22.1).
@@ -668,7 +668,6 @@ impl CudaBackend {
         let argmax = Argmax { dev: None, host: None, cap: 0, done: gpu.event()?, queued: None };
         let work_queue = gpu.alloc_zeroed(2 * 4)?;
         Ok(CudaBackend {
-            work_queue,
             gpu,
             ordinal,
             meta: Mutex::new(slots(N_META)),
@@ -679,6 +678,7 @@ impl CudaBackend {
             pipeline: !env_off("QWEN3RS_CUDA_PIPELINE"),
             ahead: !env_off("QWEN3RS_CUDA_AHEAD") && replays == 1,
             argmax: Mutex::new(argmax),
+            work_queue,
             graph_cache: std::env::var("QWEN3RS_CUDA_GRAPH_CACHE").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(8),
             device_top: (!env_off("QWEN3RS_CUDA_DEVICE_TOP")).into(),
             graph_bad: Default::default(),
