@@ -73,11 +73,6 @@ BEFORE_WAIT = [
     r"const NormW \w+ = load_norm_weight\(nw, \w+\)",
     r"if \(early\)",
     r'TIMELINE\("\w+"\)',  # profiling builds only: a block's own record (common.cuh Timeline)
-    # MD_EARLY: the router's logits (written two kernels ahead: complete once this kernel runs), a
-    # guess only, checked against the real ids after the wait (matmul.cu md_preload).
-    r"int guess\[MD_SLOTS\]",
-    r"uint4 pre\[MD_SLOTS\]\[RD_UNROLL\]",
-    r"if \(MD_EARLY\) md_preload\(guess, pre, logits, w, .*",
 ]
 
 

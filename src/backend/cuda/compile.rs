@@ -46,9 +46,6 @@ pub const TUNABLE: &[&str] = &[
     "EG_MAX_STAGES",
     "EG_MMA_SERIAL",
     "BLOCK_TIMELINE",
-    "MD_EARLY",
-    "GV_EARLY_L2",
-    "MG_DYNAMIC",
 ];
 
 /// The `-D` options `QWEN3RS_CUDA_DEFINES` asks for (none when unset), or an error naming the bad entry.

@@ -462,9 +462,6 @@ pub struct CudaBackend {
     ahead: bool,
     /// The last queued greedy choice (`queue_argmax`).
     argmax: Mutex<Argmax>,
-    /// The MoE decode gate/up kernel's row counter and warps-done count (matmul.cu MG_DYNAMIC): zero
-    /// between launches, each launch's last warp sets them back.
-    work_queue: DevMem,
     /// Decode graphs kept per batch size and parity for launch shapes other than the current one
     /// (`QWEN3RS_CUDA_GRAPH_CACHE=N`, 8 by default; 0: a shape change drops the graph, and the step
     /// after next captures it again: 0.6B decode 0.928 of the default, 30B-A3B 0.957, RESULTS run 22.1).
@@ -666,7 +663,6 @@ impl CudaBackend {
         let trace = std::env::var_os("QWEN3RS_CUDA_TRACE").is_some() && !env_off("QWEN3RS_CUDA_TRACE");
         let replays = env_count("QWEN3RS_CUDA_REPLAYS").unwrap_or(1);
         let argmax = Argmax { dev: None, host: None, cap: 0, done: gpu.event()?, queued: None };
-        let work_queue = gpu.alloc_zeroed(2 * 4)?;
         Ok(CudaBackend {
             gpu,
             ordinal,
@@ -678,7 +674,6 @@ impl CudaBackend {
             pipeline: !env_off("QWEN3RS_CUDA_PIPELINE"),
             ahead: !env_off("QWEN3RS_CUDA_AHEAD") && replays == 1,
             argmax: Mutex::new(argmax),
-            work_queue,
             graph_cache: std::env::var("QWEN3RS_CUDA_GRAPH_CACHE").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(8),
             device_top: (!env_off("QWEN3RS_CUDA_DEVICE_TOP")).into(),
             graph_bad: Default::default(),
@@ -1349,19 +1344,17 @@ impl CudaBackend {
             let (module, name, grid, smem) = self.gemv_plan(&MOE_GEMV_SWIGLU, 1, h, t * h, p * inter)?;
             let (xin, nw) = if x_normed != 0 { (x_normed, 0) } else { (xp, nw) };
             let logits = if self_routed { probs } else { 0u64 };
-            let queue = self.work_queue.ptr;
             self.gpu.launch(
                 module,
                 name,
                 grid,
                 256,
                 smem,
-                args![act, xin, gp, upp, ids, weights, logits, ei, renorm, e0, held, ki, pi, ii, hi, nw, eps, queue],
+                args![act, xin, gp, upp, ids, weights, logits, ei, renorm, e0, held, ki, pi, ii, hi, nw, eps],
             )?;
             let (module, name, grid, smem) = self.gemv_plan(&MOE_DOWN_COMBINE, 1, inter, p * inter, t * h * MOE_DOWN_WARPS)?;
             let o = out.mem.ptr;
-            // (The router's logits for MD_EARLY's guess; null without self-routing.)
-            return self.gpu.launch(module, name, grid, 256, smem, args![o, act, dp, ids, weights, logits, ei, e0, held, ti, ki, hi, ii]);
+            return self.gpu.launch(module, name, grid, 256, smem, args![o, act, dp, ids, weights, ti, ki, hi, ii]);
         }
         if on_wgmma {
             return self.moe_expert_gemm(out, x, moe, [ids, weights, sorted, pair_pos, tile_e, tile_row0, tile_rows, act, y]);

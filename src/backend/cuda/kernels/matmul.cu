@@ -159,10 +159,8 @@ __device__ __forceinline__ void row_dot_pair(float* a, float* b, const act_t* ar
 #ifndef RD_UNROLL  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define RD_UNROLL 3
 #endif
-// With PRE, row r's first batch is pre[r] where have[r] (loaded before the kernel's wait: MD_EARLY).
-template <int NR, bool XS, bool PRE = false>
-__device__ __forceinline__ void rows_dot(float* a, const act_t* const* w, const act_t* const* x, int kv,
-    const uint4 (*pre)[RD_UNROLL] = nullptr, const bool* have = nullptr) {
+template <int NR, bool XS>
+__device__ __forceinline__ void rows_dot(float* a, const act_t* const* w, const act_t* const* x, int kv) {
     for (int i0 = threadIdx.x & 31; i0 < kv; i0 += 32 * RD_UNROLL) {
         uint4 v[NR][RD_UNROLL];
 #pragma unroll
@@ -170,12 +168,6 @@ __device__ __forceinline__ void rows_dot(float* a, const act_t* const* w, const 
 #pragma unroll
             for (int u = 0; u < RD_UNROLL; u++) {
                 int i = i0 + u * 32;
-                if constexpr (PRE) {
-                    if (i0 < 32 && have[r]) {
-                        v[r][u] = pre[r][u];
-                        continue;
-                    }
-                }
                 v[r][u] = w[r] && i < kv ? ld_weight(reinterpret_cast<const uint4*>(w[r]) + i) : make_uint4(0u, 0u, 0u, 0u);
             }
         }
@@ -311,23 +303,13 @@ __device__ __forceinline__ void gemv_one(act_t* out, const act_t* wrow, const ac
     }
 }
 
-// GV_EARLY_L2 1 (prepared, not yet measured: RESULTS.md session 19's leads): the plain products ask
-// for their warp's whole first row in L2 before the wait instead of loading its first batch into
-// registers. Qwen3-30B-A3B's o projection holds 16.8 MB of such loads through the attention ahead of it,
-// and the attention's cluster barrier waits behind them on the SMs they share (2.2 µs against 0.45,
-// run 31.3); prefetches bring nothing back to the SM.
-#ifndef GV_EARLY_L2  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
-#define GV_EARLY_L2 0
-#endif
-
 // out [T, N] = x [T, K] · w [N, K]ᵀ.
 template <int TMAX, bool XS>
 __device__ __forceinline__ void gemv_rows(act_t* out, const act_t* x, const act_t* w, int T, int N, int K) {
     const int n0 = warp_id_global();
     uint4 wv[GV_UNROLL];
-    const bool early = n0 < N && !GV_EARLY_L2, early_l2 = n0 < N && GV_EARLY_L2;
+    const bool early = n0 < N;
     if (early) load_batch(wv, w + (size_t)n0 * K, threadIdx.x & 31, K / VEC);
-    if (early_l2) prefetch_lines(w + (size_t)n0 * K, K * (int)sizeof(act_t));
     grid_dependency();
     const act_t* xs = stage_input<TMAX, XS>(x, T, K);
     for (int n = n0; n < N; n += warps_global()) gemv_one<TMAX, XS>(out, w + (size_t)n * K, xs, T, N, n, K, wv, early && n == n0);
@@ -547,19 +529,10 @@ extern "C" __global__ void __launch_bounds__(256) grouped_gemm(act_t* out, const
 // Routing: with `logits` (router_logits' [T, E] f32, E <= ROUTE_MAX_E) every block routes the T rows
 // itself (route_rows, into shared memory: no moe_route launch) and block 0 also stores ids / weights
 // [P] for moe_down_combine; without, ids come from moe_route.
-// MG_DYNAMIC 1 (prepared, not yet measured: RESULTS.md session 19's leads): a warp's rows after its
-// first come from a counter (queue[0]; queue[1] counts the warps done, and the last one sets both back
-// to 0 for the next launch) instead of every warps_global()-th, each asked for while the row before it
-// is computed. On Qwen3-30B-A3B decode the blocks, all with ~3 rows a warp, end 11-17 µs after their
-// wait, the same SMs slow from launch to launch (run 31.3's timeline): fast SMs would take more rows. Every
-// row is computed as before, so the results are the same bits.
-#ifndef MG_DYNAMIC  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
-#define MG_DYNAMIC 0
-#endif
 template <bool XS>
 __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x, const act_t* gate, const act_t* up,
     int* ids, float* weights, const float* logits, int E, int norm_topk, int e0, int held,
-    int k, int P, int N, int K, const act_t* nw, float eps, unsigned* queue) {
+    int k, int P, int N, int K, const act_t* nw, float eps) {
     __shared__ __align__(16) float route_p[GEMV_MAX_ROWS][ROUTE_MAX_E];
     __shared__ int route_sel[GEMV_MAX_ROWS * MAX_TOP_K], route_ids[GEMV_MAX_ROWS * MAX_TOP_K];
     const NormW nwr = load_norm_weight(nw, K);
@@ -579,16 +552,7 @@ __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x,
     }
     const act_t* xs = stage_input<GEMV_MAX_ROWS, XS>(x, P / k, K, nullptr, nullptr, nw, eps, nwr);
     if (!XS && logits) __syncthreads();  // (stage_input without staging has no barrier)
-    const int total = P * N, W = warps_global();
-    int next = 0;  // MG_DYNAMIC, lane 0: the row after this one, already asked for
-    if (MG_DYNAMIC && lane == 0) next = W + (int)atomicAdd(queue, 1u);
-    auto advance = [&](int r) {
-        if (!MG_DYNAMIC) return r + W;
-        const int n = __shfl_sync(0xffffffffu, next, 0);
-        if (n < total && lane == 0) next = W + (int)atomicAdd(queue, 1u);
-        return n;
-    };
-    for (int r = warp_id_global(); r < total; r = advance(r)) {
+    for (int r = warp_id_global(); r < P * N; r += warps_global()) {
         int p = r / N, n = r % N;
         if (chosen[p] < 0) continue;  // another rank's expert (expert parallelism)
         size_t off = ((size_t)chosen[p] * N + n) * K;
@@ -598,11 +562,6 @@ __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x,
         row_dot_pair<1, XS>(g, u, gate + off, up + off, xr, 1, K / VEC, gv, uv, false);
         float gs = warp_sum(g[0]), us = warp_sum(u[0]);
         if (lane == 0) act[(size_t)p * N + n] = from_f(rnd(silu(rnd(gs))) * rnd(us));
-    }
-    // Each warp's last ask was past the rows; once every warp has made it, the queue is set back.
-    if (MG_DYNAMIC && lane == 0 && atomicAdd(queue + 1, 1u) == (unsigned)W - 1) {
-        queue[0] = 0;
-        queue[1] = 0;
     }
 }
 
@@ -624,90 +583,13 @@ __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x,
 #define MD_SLOTS 2
 #endif
 #define MD_OUTS (256 / 32 / MD_WPO)
-// MD_EARLY 1 (prepared, not yet measured: RESULTS.md session 19's leads): each warp's first round of
-// rows loaded before the wait, for experts guessed from the router's logits. The down kernel's blocks
-// are resident 0.4-5.5 µs before the gate/up kernel ends and idle in their wait (run 31.1); its expert
-// ids come from that kernel, but the logits they are routed from come from router_logits, the kernel
-// two ahead, complete and visible once this kernel runs (under PDL its blocks start only after every
-// gate/up block has passed its own wait). The guess: the k largest logits (ties to the lower index),
-// slot s the s-th smallest of their ids, as route_rows orders them; after the wait the real ids decide
-// and a slot guessed wrong is loaded again, so no result depends on the guess.
-#ifndef MD_EARLY  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
-#define MD_EARLY 0
-#endif
-#define MD_GUESS_E 4  // logits a lane holds: the guess is made for E <= 128, else nothing is preloaded
-// With MD_EARLY, registers capped for 4 blocks an SM (the default build's 58 registers give that; the
-// preloaded rows live through the wait and the staging, 89 registers uncapped).
-#if MD_EARLY
-#define MD_BOUNDS __launch_bounds__(256, 4)
-#else
-#define MD_BOUNDS GV_BOUNDS
-#endif
-
-// The calling warp's guess (local expert ids, -1: none) for its first round's slots j + r·MD_WPO of
-// output o, and those rows' first batch (rows_dot's) into pre.
-__device__ __forceinline__ void md_preload(int (&guess)[MD_SLOTS], uint4 (&pre)[MD_SLOTS][RD_UNROLL], const float* logits,
-    const act_t* w, int o, int j, int E, int e0, int held, int T, int k, int N, int K) {
-    const int lane = threadIdx.x & 31;
-#pragma unroll
-    for (int r = 0; r < MD_SLOTS; r++) guess[r] = -1;
-    if (!logits || o >= T * N || E > 32 * MD_GUESS_E || k > 32) return;  // warp-uniform
-    const int t = o / N, n = o % N;
-    float v[MD_GUESS_E];
-#pragma unroll
-    for (int u = 0; u < MD_GUESS_E; u++) v[u] = lane + 32 * u < E ? logits[(size_t)t * E + lane + 32 * u] : 0.f;
-    unsigned taken = 0;
-    int sel = 0x7fffffff;  // lane s < k: the s-th choice
-    for (int s = 0; s < k; s++) {
-        float bv = -INFINITY;
-        int bi = 0x7fffffff;
-#pragma unroll
-        for (int u = 0; u < MD_GUESS_E; u++) {
-            const int e = lane + 32 * u;
-            if (e < E && !(taken >> u & 1u) && (bi == 0x7fffffff || v[u] > bv)) { bv = v[u]; bi = e; }
-        }
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) {
-            const float ov = __shfl_xor_sync(0xffffffffu, bv, off);
-            const int oi = __shfl_xor_sync(0xffffffffu, bi, off);
-            if (oi != 0x7fffffff && (bi == 0x7fffffff || ov > bv || (ov == bv && oi < bi))) { bv = ov; bi = oi; }
-        }
-        if (lane == s) sel = bi;
-        if (bi != 0x7fffffff && (bi & 31) == lane) taken |= 1u << (bi >> 5);
-    }
-    int rank = 0;  // lane s < k: how many choices have a smaller id
-    for (int s = 0; s < k; s++) rank += __shfl_sync(0xffffffffu, sel, s) < sel;
-#pragma unroll
-    for (int r = 0; r < MD_SLOTS; r++) {
-        const int slot = j + r * MD_WPO;
-        const unsigned who = __ballot_sync(0xffffffffu, lane < k && rank == slot);
-        if (slot >= k || !who) continue;
-        const int local = __shfl_sync(0xffffffffu, sel, __ffs(who) - 1) - e0;
-        guess[r] = local >= 0 && local < held ? local : -1;
-    }
-    const int kv = K / VEC;
-#pragma unroll
-    for (int r = 0; r < MD_SLOTS; r++) {
-        const uint4* row = reinterpret_cast<const uint4*>(w + ((size_t)max(guess[r], 0) * N + n) * K);
-#pragma unroll
-        for (int u = 0; u < RD_UNROLL; u++) {
-            const int i = lane + u * 32;
-            pre[r][u] = guess[r] >= 0 && i < kv ? ld_weight(row + i) : make_uint4(0u, 0u, 0u, 0u);
-        }
-    }
-}
-
 template <bool XS>
 __device__ __forceinline__ void moe_down_combine_rows(act_t* out, const act_t* act, const act_t* w, const int* ids,
-    const float* weights, const float* logits, int E, int e0, int held, int T, int k, int N, int K) {
+    const float* weights, int T, int k, int N, int K) {
     __shared__ float ys[2][MD_OUTS][MAX_TOP_K];  // by pass parity: one barrier a pass keeps reads and writes apart
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, j = warp % MD_WPO, mine = warp / MD_WPO;
-    int guess[MD_SLOTS];
-    uint4 pre[MD_SLOTS][RD_UNROLL];
-    if (MD_EARLY) md_preload(guess, pre, logits, w, blockIdx.x * MD_OUTS + mine, j, E, e0, held, T, k, N, K);
-    grid_dependency();  // the expert ids come from the kernel ahead
+    grid_dependency();  // the expert ids come from the kernels ahead: nothing to prefetch
     const act_t* xs = stage_input<1, XS>(act, T * k, K);
-    bool first = MD_EARLY;  // the warp's first round, its rows in pre where guessed right
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, j = warp % MD_WPO, mine = warp / MD_WPO;
     int pass = 0;
     for (int o0 = blockIdx.x * MD_OUTS; o0 < T * N; o0 += gridDim.x * MD_OUTS, pass ^= 1) {  // block-uniform
         const int o = o0 + mine, t = o / N, n = o % N;
@@ -719,7 +601,6 @@ __device__ __forceinline__ void moe_down_combine_rows(act_t* out, const act_t* a
             const act_t* wr[MD_SLOTS];
             const act_t* xr[MD_SLOTS];
             float a[MD_SLOTS];
-            bool have[MD_SLOTS];
 #pragma unroll
             for (int r = 0; r < MD_SLOTS; r++) {
                 int s = s0 + r * MD_WPO;
@@ -728,11 +609,8 @@ __device__ __forceinline__ void moe_down_combine_rows(act_t* out, const act_t* a
                 wr[r] = used ? w + ((size_t)e * N + n) * K : nullptr;
                 xr[r] = used ? xs + (size_t)(t * k + s) * K : xs;
                 a[r] = 0.f;
-                have[r] = first && used && guess[r] == e;
             }
-            if (MD_EARLY) rows_dot<MD_SLOTS, XS, true>(a, wr, xr, K / VEC, pre, have);
-            else rows_dot<MD_SLOTS, XS>(a, wr, xr, K / VEC);
-            first = false;
+            rows_dot<MD_SLOTS, XS>(a, wr, xr, K / VEC);
 #pragma unroll
             for (int r = 0; r < MD_SLOTS; r++) {
                 if (!wr[r]) continue;  // warp-uniform
@@ -740,7 +618,6 @@ __device__ __forceinline__ void moe_down_combine_rows(act_t* out, const act_t* a
                 if (lane == 0) ys[pass][mine][s0 + r * MD_WPO] = y;
             }
         }
-        first = false;
         __syncthreads();
         if (live && j == 0) {
             float acc = 0.f;
@@ -754,14 +631,13 @@ __device__ __forceinline__ void moe_down_combine_rows(act_t* out, const act_t* a
 }
 
 #define MOE_GEMV_FAMILY(SUF, XS)                                                                                 \
-    extern "C" __global__ void MD_BOUNDS moe_down_combine##SUF(act_t* out, const act_t* act,           \
-        const act_t* w, const int* ids, const float* weights, const float* logits, int E, int e0, int held,        \
-        int T, int k, int N, int K) {                                                                               \
-        TIMELINE("moe_down_combine" #SUF); moe_down_combine_rows<XS>(out, act, w, ids, weights, logits, E, e0, held, T, k, N, K); }                                         \
+    extern "C" __global__ void GV_BOUNDS moe_down_combine##SUF(act_t* out, const act_t* act,           \
+        const act_t* w, const int* ids, const float* weights, int T, int k, int N, int K) {                        \
+        TIMELINE("moe_down_combine" #SUF); moe_down_combine_rows<XS>(out, act, w, ids, weights, T, k, N, K); }                                         \
     extern "C" __global__ void GV_BOUNDS moe_gemv_swiglu##SUF(act_t* act, const act_t* x,             \
         const act_t* gate, const act_t* up, int* ids, float* weights, const float* logits, int E, int norm_topk,     \
-        int e0, int held, int k, int P, int N, int K, const act_t* nw, float eps, unsigned* queue) {                  \
-        TIMELINE("moe_gemv_swiglu" #SUF); moe_gemv_swiglu_rows<XS>(act, x, gate, up, ids, weights, logits, E, norm_topk, e0, held, k, P, N, K, nw, eps, queue); }
+        int e0, int held, int k, int P, int N, int K, const act_t* nw, float eps) {                                  \
+        TIMELINE("moe_gemv_swiglu" #SUF); moe_gemv_swiglu_rows<XS>(act, x, gate, up, ids, weights, logits, E, norm_topk, e0, held, k, P, N, K, nw, eps); }
 
 MOE_GEMV_FAMILY(, false)
 MOE_GEMV_FAMILY(_xs, true)
