@@ -497,23 +497,10 @@ fn run_qk_append<B: Backend>(be: &B, s: AttnShape, r: &mut Rng) -> Vec<f32> {
     [be.download(&q).unwrap(), be.download(&k).unwrap(), be.download(&out).unwrap()].concat()
 }
 
-/// Decode steps through `qk_norm_rope_attention` (on a GPU the `_rope` decode attention kernels), or
-/// with `o_proj` [H, nh*hd] through `attention_o` (its output projection too): a prefix of `ctx[i]`
-/// keys per sequence appended plainly, then `steps` decode steps of one row per sequence, each step's
-/// q/k/v fresh. Returns every step's output.
+/// Decode steps through `qk_norm_rope_attention` (on a GPU the `_rope` decode attention kernels): a
+/// prefix of `ctx[i]` keys per sequence appended plainly, then `steps` decode steps of one row per
+/// sequence, each step's q/k/v fresh. Returns every step's attention output.
 fn run_rope_attention_steps<B: Backend>(be: &B, s: AttnShape, ctx: &[usize], steps: usize, r: &mut Rng) -> Vec<f32> {
-    run_attention_steps(be, s, ctx, steps, r, None)
-}
-
-fn run_attention_steps<B: Backend>(
-    be: &B,
-    s: AttnShape,
-    ctx: &[usize],
-    steps: usize,
-    r: &mut Rng,
-    o_proj: Option<&HostTensor>,
-) -> Vec<f32> {
-    let o_proj = o_proj.map(|w| (be.upload(w.clone()).unwrap(), w.shape[0]));
     let (hd, kvd, qd, bs) = (s.head_dim, s.n_kv_heads * s.head_dim, s.n_heads * s.head_dim, 16usize);
     let max_pos = ctx.iter().max().unwrap() + steps + 1;
     let rope = be.upload_exact(rope_table(max_pos, hd)).unwrap();
@@ -556,15 +543,9 @@ fn run_attention_steps<B: Backend>(
         let mut q = be.upload_buf(t, qd, &r.uniform(t * qd, 2.0)).unwrap();
         let mut k = be.upload_buf(t, kvd, &r.uniform(t * kvd, 2.0)).unwrap();
         let v = be.upload_buf(t, kvd, &r.uniform(t * kvd, 1.0)).unwrap();
-        let mut attn = be.alloc(t, qd).unwrap();
-        if let Some((w, hidden)) = &o_proj {
-            let mut out = be.alloc(t, *hidden).unwrap();
-            be.attention_o(&mut out, &mut attn, &mut q, &mut k, &v, [&qn, &kn], 1e-6, &rope, &mut kv, &b, s, w).unwrap();
-            outs.extend(be.download(&out).unwrap());
-        } else {
-            be.qk_norm_rope_attention(&mut attn, &mut q, &mut k, &v, &qn, &kn, 1e-6, &rope, &mut kv, &b, s).unwrap();
-            outs.extend(be.download(&attn).unwrap());
-        }
+        let mut out = be.alloc(t, qd).unwrap();
+        be.qk_norm_rope_attention(&mut out, &mut q, &mut k, &v, &qn, &kn, 1e-6, &rope, &mut kv, &b, s).unwrap();
+        outs.extend(be.download(&out).unwrap());
     }
     outs
 }
@@ -585,39 +566,6 @@ fn decode_attention_with_qk_norm_rope_and_append() {
                 let (gv, cv) =
                     (run_rope_attention_steps(&g, s, &ctx, 3, &mut Rng(43)), run_rope_attention_steps(&c, s, &ctx, 3, &mut Rng(43)));
                 check(&format!("qk_norm_rope_attention hd={hd} nh={nh} nkv={nkv} ctx={ctx:?}"), dtype, &gv, &cv, bar);
-            }
-        }
-    }
-}
-
-#[test]
-fn decode_attention_fused_with_the_output_projection() {
-    // attention_o (one kernel: QK-norm, RoPE, cache append, attention and W_o, the heads summed in a
-    // cluster) against the CPU's qk_norm_rope_attention + matmul: the shapes of Qwen3-30B-A3B and
-    // 0.6B, an odd hidden size (clusters' rows not all full), head_dim 32 with four heads (the
-    // conformance models), the first token, and a context past the kernel's limit (the plain path).
-    // Three steps each, so a key the kernel appended is read back by the next step.
-    for dtype in DTYPES {
-        let Some(g) = gpu(dtype) else { return };
-        let c = CpuBackend::new(dtype);
-        let (_, bar) = bars(dtype);
-        for (hd, nh, nkv, hidden) in
-            [(128usize, 32usize, 4usize, 2048usize), (128, 16, 8, 1024), (64, 8, 2, 203), (32, 4, 2, 64), (128, 16, 2, 333)]
-        {
-            let s = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
-            let plan = g.attention_o_launch(s, hidden).unwrap();
-            eprintln!("attention_o hd={hd} nh={nh} nkv={nkv} hidden={hidden} {dtype:?}: {plan:?}");
-            // sm_90 has clusters; f32's slice of W_o may be past a block's shared memory.
-            if g.arch().0 >= 9 && dtype != DType::F32 {
-                assert!(plan.is_some(), "attention_o does not take hd={hd} nh={nh} nkv={nkv} hidden={hidden}");
-            }
-            let w = tensor(&Rng(7).uniform(hidden * nh * hd, 0.05), &[hidden, nh * hd]);
-            for ctx in [0usize, 5, 37, 200, 300] {
-                let (gv, cv) = (
-                    run_attention_steps(&g, s, &[ctx], 3, &mut Rng(44), Some(&w)),
-                    run_attention_steps(&c, s, &[ctx], 3, &mut Rng(44), Some(&w)),
-                );
-                check(&format!("attention_o hd={hd} nh={nh} nkv={nkv} H={hidden} ctx={ctx}"), dtype, &gv, &cv, bar);
             }
         }
     }

@@ -320,27 +320,6 @@ pub trait Backend: Send + Sync + Sized + 'static {
         self.qk_norm_rope_append(q, k, v, q_norm, k_norm, eps, rope, kv, batch, shape)?;
         self.attention(out, q, kv, batch, shape)
     }
-    /// `qk_norm_rope_attention` into `attn`, then out = attn · o_projᵀ (the output projection). A GPU
-    /// may do it all in one kernel for a decode step at a short context, leaving `attn` unwritten.
-    #[allow(clippy::too_many_arguments)]
-    fn attention_o(
-        &self,
-        out: &mut Self::Buf,
-        attn: &mut Self::Buf,
-        q: &mut Self::Buf,
-        k: &mut Self::Buf,
-        v: &Self::Buf,
-        norms: [&Self::Weight; 2],
-        eps: f32,
-        rope: &Self::Weight,
-        kv: &mut Self::KvLayer,
-        batch: &BatchInfo,
-        shape: AttnShape,
-        o_proj: &Self::Weight,
-    ) -> Result<()> {
-        self.qk_norm_rope_attention(attn, q, k, v, norms[0], norms[1], eps, rope, kv, batch, shape)?;
-        self.matmul(out, attn, o_proj)
-    }
     /// Write each row's k, v [T, kv_dim] into the cache slots its sequence's position maps to.
     fn kv_append(&self, kv: &mut Self::KvLayer, k: &Self::Buf, v: &Self::Buf, batch: &BatchInfo) -> Result<()>;
     /// Causal grouped-query attention of q [T, n_heads*hd] over each sequence's cache → out [T, n_heads*hd].

@@ -241,20 +241,20 @@ impl<B: Backend> Model<B> {
             )?;
             std::mem::swap(&mut s.x, &mut s.x_next);
             // 3. Attention: per-head QK-norm + RoPE, cache append, causal GQA, output projection.
-            be.attention_o(
-                &mut s.attn_out,
+            be.qk_norm_rope_attention(
                 &mut s.attn,
                 &mut s.q,
                 &mut s.k,
                 &s.v,
-                [&layer.q_norm, &layer.k_norm],
+                &layer.q_norm,
+                &layer.k_norm,
                 eps,
                 &self.rope,
                 &mut cache.layers[i],
                 batch,
                 shape,
-                &layer.o_proj,
             )?;
+            be.matmul(&mut s.attn_out, &s.attn, &layer.o_proj)?;
             // 4. x += attention; h = post-attention norm(x); 5. feed-forward: SwiGLU MLP or routed
             //    experts → ffn_out.
             let input = BlockInput { x: &s.x, delta: Some(&s.attn_out), norm: &layer.post_norm, eps };

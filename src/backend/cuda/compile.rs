@@ -42,7 +42,6 @@ pub const TUNABLE: &[&str] = &[
     "MD_WPO",
     "AD_KB",
     "AD_MIN_BLOCKS",
-    "AO_EARLY",
     "ARGMAX_UNROLL",
     "EG_MAX_STAGES",
     "EG_MMA_SERIAL",

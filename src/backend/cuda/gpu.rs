@@ -645,42 +645,6 @@ impl Gpu {
         self.launch_cluster(module, name, grid, block, smem, 1, args)
     }
 
-    /// Most clusters of `cluster` blocks of `module::name` (`block` threads, `smem` bytes of dynamic
-    /// shared memory each) resident on the GPU at once (cuOccupancyMaxActiveClusters): 0 where one does
-    /// not fit, or where `smem` is past what a block may have.
-    pub fn max_active_clusters(&self, module: &'static str, name: &'static str, block: u32, smem: u32, cluster: u32) -> Result<u32> {
-        self.bind()?;
-        let f = self.function(module, name)?;
-        if allow_smem(f, name, smem).is_err() {
-            return Ok(0);
-        }
-        allow_cluster(f, name, cluster)?;
-        // SAFETY: an all-zero CUlaunchAttribute is valid plain data; its id and value are set here.
-        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-        attr.value.clusterDim.x = 1;
-        attr.value.clusterDim.y = 1;
-        attr.value.clusterDim.z = cluster;
-        let config = sys::CUlaunchConfig {
-            gridDimX: 1,
-            gridDimY: 1,
-            gridDimZ: cluster,
-            blockDimX: block,
-            blockDimY: 1,
-            blockDimZ: 1,
-            sharedMemBytes: smem,
-            hStream: self.h.stream,
-            attrs: &mut attr,
-            numAttrs: 1,
-        };
-        let mut n: std::ffi::c_int = 0;
-        // SAFETY: `f` is a live function of this context; `config` and `attr` outlive the call.
-        unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, f.0, &config) }
-            .result()
-            .map_err(|e| drv_err(&format!("{name}: cluster occupancy"), e))?;
-        Ok(n.max(0) as u32)
-    }
-
     /// `launch` with the grid's blocks in clusters of `cluster` consecutive z indices (sm_90+, at most
     /// 16; grid.2 a multiple of it): a cluster's blocks run at once and share their shared memory.
     #[allow(clippy::too_many_arguments)]
@@ -694,26 +658,6 @@ impl Gpu {
         cluster: u32,
         args: &[(*mut c_void, usize)],
     ) -> Result<()> {
-        let pdl = self.pdl_max_smem.is_some_and(|m| smem <= m);
-        self.launch_with(module, name, grid, block, smem, cluster, pdl, args)
-    }
-
-    /// `launch_cluster` with programmatic dependent launch on (`pdl`, where it is not turned off:
-    /// QWEN3RS_CUDA_PDL=0, below sm_90) whatever its shared memory: for a kernel whose blocks load
-    /// their weights into shared memory while the kernel ahead finishes (attention_o).
-    #[allow(clippy::too_many_arguments)]
-    pub fn launch_with(
-        &self,
-        module: &'static str,
-        name: &'static str,
-        grid: (u32, u32, u32),
-        block: u32,
-        smem: u32,
-        cluster: u32,
-        pdl: bool,
-        args: &[(*mut c_void, usize)],
-    ) -> Result<()> {
-        let pdl = pdl && self.pdl_max_smem.is_some();
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 || self.skip.iter().any(|s| s == name) {
             return Ok(());
         }
@@ -754,6 +698,7 @@ impl Gpu {
         let f = self.function(module, name)?;
         allow_smem(f, name, smem)?;
         allow_cluster(f, name, cluster)?;
+        let pdl = self.pdl_max_smem.is_some_and(|m| smem <= m);
         if !pdl && cluster == 1 {
             // SAFETY: `args` points at values laid out as the kernel's parameters (see `args!`), and
             // every device pointer among them is a live allocation sized for this launch.

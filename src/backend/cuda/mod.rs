@@ -507,14 +507,6 @@ pub struct CudaBackend {
     /// cluster (sm_90+: 16; `QWEN3RS_CUDA_ATTN_CLUSTER=N`, 0 = off); more splits than this, or none of
     /// it, go through an `attention_combine` launch.
     attn_cluster: std::sync::atomic::AtomicUsize,
-    /// Most keys of a decode step whose attention and output projection run as one kernel
-    /// (ATTN_O_MAX_CTX; `QWEN3RS_CUDA_ATTN_O=N`, 0 = never).
-    attn_o_ctx: std::sync::atomic::AtomicUsize,
-    /// attention_o's query heads a block (`QWEN3RS_CUDA_ATTN_O_HEADS`: 1, 2 or 4; else the fewest that
-    /// keep a cluster within 8 blocks).
-    attn_o_heads: Option<usize>,
-    /// attention_o's launch by (heads, KV heads, head_dim, hidden size); None: it does not fit.
-    attn_o_plans: Mutex<HashMap<AttnOKey, Option<AttnOPlan>>>,
     /// Tiled prefill attention; `QWEN3RS_CUDA_TILED_ATTN=0` keeps one block per (head, row).
     tiled_attn: bool,
     /// MoE prefill through expert_gemm (wgmma) where it runs; `QWEN3RS_CUDA_MOE_WGMMA=0` keeps cuBLAS.
@@ -620,39 +612,6 @@ fn decode_attention_kernel(s: AttnShape, g_max: usize, rope: bool) -> Option<(&'
     group.is_power_of_two().then_some((NAMES[usize::from(rope)][d][gi], g))
 }
 
-/// Threads of a block of attention_o (AO_WARPS warps in attention.cu).
-const ATTN_O_THREADS: u32 = 16 * 32;
-/// Most keys (the step's own included) of a decode step whose attention and output projection run
-/// as one kernel (attention_o): each of its clusters reads the whole context. `QWEN3RS_CUDA_ATTN_O=N`
-/// sets it (0: never).
-const ATTN_O_MAX_CTX: usize = 256;
-
-/// A launch of attention_o (attention.cu) for one head shape and hidden size: `clusters` clusters of
-/// `cluster` blocks, each block `heads` query heads × `cols` rows of W_o in `smem` bytes.
-#[derive(Clone, Copy, Debug)]
-struct AttnOPlan {
-    kernel: &'static str,
-    cluster: u32,
-    clusters: u32,
-    cols: usize,
-    smem: u32,
-}
-
-/// (heads, KV heads, head_dim, hidden size): what an attention_o launch depends on.
-type AttnOKey = (usize, usize, usize, usize);
-
-/// attention_o's kernel for head_dim `hd` and G = `g` query heads a block, if built.
-fn attention_o_kernel(hd: usize, g: usize) -> Option<&'static str> {
-    const NAMES: [[&str; 3]; 3] = [
-        ["attention_o_g1_d32", "attention_o_g2_d32", "attention_o_g4_d32"],
-        ["attention_o_g1_d64", "attention_o_g2_d64", "attention_o_g4_d64"],
-        ["attention_o_g1_d128", "attention_o_g2_d128", "attention_o_g4_d128"],
-    ];
-    let d = [32, 64, 128].iter().position(|&x| x == hd)?;
-    let gi = [1, 2, 4].iter().position(|&x| x == g)?;
-    Some(NAMES[d][gi])
-}
-
 /// Host time of graph replays (`QWEN3RS_CUDA_TRACE=1`): waiting for the previous step, the dry pass
 /// that hashes every launch and fills the metadata staging, and the graph launch call.
 #[derive(Default)]
@@ -731,10 +690,6 @@ impl CudaBackend {
             gemv_build_all: GEMV_BUILDS.len().into(),
             family_blocks,
             attn_cluster: attn_cluster.into(),
-            attn_o_ctx: (if env_off("QWEN3RS_CUDA_ATTN_O") { 0 } else { env_count("QWEN3RS_CUDA_ATTN_O").unwrap_or(ATTN_O_MAX_CTX) })
-                .into(),
-            attn_o_heads: env_count("QWEN3RS_CUDA_ATTN_O_HEADS"),
-            attn_o_plans: Mutex::new(HashMap::new()),
             tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"),
             moe_cublas: (!env_off("QWEN3RS_CUDA_MOE_CUBLAS")).into(),
             moe_wgmma: (!env_off("QWEN3RS_CUDA_MOE_WGMMA")).into(),
@@ -791,28 +746,6 @@ impl CudaBackend {
 
     /// Every decode GEMV on build GEMV_BUILDS[i] (Some(i)), or each on the build its row length's
     /// list names (None): lets one test process check every build.
-    /// Most keys of a decode step that attention_o takes (0: none), as `QWEN3RS_CUDA_ATTN_O` sets at
-    /// construction: lets one test process check both paths.
-    pub fn set_attn_o(&self, max_ctx: usize) {
-        self.attn_o_ctx.store(max_ctx, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// attention_o's launch for a head shape and hidden size, in words (tests, benchmarks): None where
-    /// a decode step of that shape takes the separate attention and output projection.
-    pub fn attention_o_launch(&self, shape: AttnShape, hidden: usize) -> Result<Option<String>> {
-        Ok(self.attention_o_cached(shape, hidden)?.map(|p| {
-            format!(
-                "{}: {} clusters of {} blocks, {} rows of W_o a cluster, {} bytes of shared memory a block",
-                p.kernel, p.clusters, p.cluster, p.cols, p.smem
-            )
-        }))
-    }
-
-    /// The device's compute capability.
-    pub fn arch(&self) -> (i32, i32) {
-        self.gpu.arch
-    }
-
     pub fn set_gemv_build_all(&self, build: Option<usize>) {
         self.gemv_build_all.store(build.unwrap_or(GEMV_BUILDS.len()), std::sync::atomic::Ordering::Relaxed);
     }
@@ -1575,65 +1508,6 @@ impl CudaBackend {
     }
 
     /// Whether a MoE layer over x takes the decode path (expert GEMVs over the chosen experts only).
-    /// attention_o's launch for this step, if it takes it: one sequence's decode step of at most
-    /// attn_o_ctx keys (sm_90: clusters), a head shape it is built for, and W_o [H, nh*hd].
-    fn attention_o_fits(&self, out: &CudaBuf, batch: &BatchInfo, shape: AttnShape, o_proj: &CudaWeight) -> Result<Option<AttnOPlan>> {
-        let max_ctx = self.attn_o_ctx.load(std::sync::atomic::Ordering::Relaxed);
-        let one_step = batch.rows() == 1 && batch.seqs.len() == 1 && batch.seqs[0].start_pos < max_ctx;
-        if !one_step || o_proj.shape != [out.cols, shape.n_heads * shape.head_dim] || out.rows != 1 {
-            return Ok(None);
-        }
-        self.attention_o_cached(shape, out.cols)
-    }
-
-    /// attention_o_plan, once per head shape and hidden size; None where the decode kernels it builds
-    /// on are switched off.
-    fn attention_o_cached(&self, shape: AttnShape, hidden: usize) -> Result<Option<AttnOPlan>> {
-        if !(self.fused && self.rope_attn && self.split_kv && self.gpu.arch.0 >= 9) {
-            return Ok(None);
-        }
-        let key = (shape.n_heads, shape.n_kv_heads, shape.head_dim, hidden);
-        if let Some(plan) = lock(&self.attn_o_plans)?.get(&key) {
-            return Ok(*plan);
-        }
-        let plan = self.attention_o_plan(shape, hidden)?;
-        lock(&self.attn_o_plans)?.insert(key, plan);
-        Ok(plan)
-    }
-
-    /// attention_o's launch for a head shape and hidden size: G query heads a block (one KV head's),
-    /// a cluster of nh / G blocks sums the heads, and as many clusters as are resident at once split
-    /// W_o's rows (one block an SM: the slice is most of its shared memory). None where no G fits or
-    /// the slice is past a block's shared memory.
-    fn attention_o_plan(&self, s: AttnShape, hidden: usize) -> Result<Option<AttnOPlan>> {
-        let (nh, nkv, hd) = (s.n_heads, s.n_kv_heads, s.head_dim);
-        if nkv == 0 || nh % nkv != 0 || hidden == 0 {
-            return Ok(None);
-        }
-        let fits = |g: usize| nh % g == 0 && (nh / nkv) % g == 0 && nh / g <= MAX_ATTN_CLUSTER;
-        let g = match self.attn_o_heads {
-            Some(g) => Some(g).filter(|&g| fits(g)),
-            None => [1, 2, 4].into_iter().find(|&g| fits(g) && nh / g <= 8),
-        };
-        let Some((g, kernel)) = g.and_then(|g| Some((g, attention_o_kernel(hd, g)?))) else { return Ok(None) };
-        let cluster = (nh / g) as u32;
-        let smem = |cols: usize| (cols * g * hd * self.esize() + (ATTN_O_THREADS as usize / 32 * g * hd + cols) * 4) as u32;
-        let mut clusters = (self.gpu.sms / cluster).clamp(1, hidden as u32);
-        for _ in 0..4 {
-            let cols = hidden.div_ceil(clusters as usize);
-            let fit = self.gpu.max_active_clusters("attention", kernel, ATTN_O_THREADS, smem(cols), cluster)?;
-            if fit >= clusters {
-                let clusters = hidden.div_ceil(cols) as u32;
-                return Ok(Some(AttnOPlan { kernel, cluster, clusters, cols, smem: smem(cols) }));
-            }
-            if fit == 0 {
-                break;
-            }
-            clusters = fit;
-        }
-        Ok(None)
-    }
-
     fn moe_decode_fits(&self, x: &CudaBuf, moe: &CudaMoe) -> bool {
         self.fused_gemv(x.rows, x.cols) && moe.inter.is_multiple_of(self.vec())
     }
@@ -2113,46 +1987,6 @@ impl Backend for CudaBackend {
         }
         self.qk_norm_rope_append(q, k, v, q_norm, k_norm, eps, rope, kv, batch, shape)?;
         self.attention(out, q, kv, batch, shape)
-    }
-
-    fn attention_o(
-        &self,
-        out: &mut CudaBuf,
-        attn: &mut CudaBuf,
-        q: &mut CudaBuf,
-        k: &mut CudaBuf,
-        v: &CudaBuf,
-        norms: [&CudaWeight; 2],
-        eps: f32,
-        rope: &CudaWeight,
-        kv: &mut CudaKv,
-        batch: &BatchInfo,
-        shape: AttnShape,
-        o_proj: &CudaWeight,
-    ) -> Result<()> {
-        // One sequence's decode step at a short context: attention_o (RESULTS.md session 21).
-        if let Some(plan) = self.attention_o_fits(out, batch, shape, o_proj)? {
-            self.check_qk_norm_rope(q, k, v, norms[0], norms[1], rope, kv, batch, shape)?;
-            self.check_weight(o_proj, "o_proj")?;
-            let positions = self.meta(Meta::Positions, bytemuck::cast_slice(batch.positions))?;
-            let (_, ctx, table_at, tables) = self.batch_meta(batch, kv)?;
-            let (o, qp, kc, vc, kp, vp) = (out.mem.ptr, q.mem.ptr, kv.k.ptr, kv.v.ptr, k.mem.ptr, v.mem.ptr);
-            let (qn, kn, rp, wo) = (norms[0].mem.ptr, norms[1].mem.ptr, rope.mem.ptr, o_proj.mem.ptr);
-            let (nhi, nkv, bs, kvd) = (shape.n_heads as i32, shape.n_kv_heads as i32, kv.block_size as i32, kv.kv_dim as i32);
-            let (hidden, cols, scale) = (out.cols as i32, plan.cols as i32, 1.0 / (shape.head_dim as f32).sqrt());
-            return self.gpu.launch_with(
-                "attention",
-                plan.kernel,
-                (1, 1, plan.clusters * plan.cluster),
-                ATTN_O_THREADS,
-                plan.smem,
-                plan.cluster,
-                true,
-                args![o, qp, kc, vc, ctx, table_at, tables, nhi, nkv, bs, kvd, scale, kp, vp, qn, kn, rp, positions, eps, wo, hidden, cols],
-            );
-        }
-        self.qk_norm_rope_attention(attn, q, k, v, norms[0], norms[1], eps, rope, kv, batch, shape)?;
-        self.matmul(out, attn, o_proj)
     }
 
     fn kv_append(&self, kv: &mut CudaKv, k: &CudaBuf, v: &CudaBuf, batch: &BatchInfo) -> Result<()> {

@@ -147,25 +147,32 @@ __device__ __forceinline__ float merge_states(const float (&m)[N], const float (
     return acc;
 }
 
-// One warp's share of a decode attention: the online-softmax state (m, l, acc: running max, sum of
-// exponentials and accumulator, per head g < G, lane's ND dims) of query heads h0 .. h0+G-1 (sharing
-// KV head kvh) of row t over keys lo + NW*AD_KB*i + AD_KB*warp .. of [lo, hi) (ctx keys in all, the
-// page table `table`). Warps take their keys AD_KB at a time, all their K and V loads issued before
-// the first use; lane j holds head dims j*ND .. j*ND+ND-1 (hd = 32 ND) with its q values in
-// registers. With ROPE, the kernel ahead's q/k/v products are waited for here (the caller waits
-// first without it), and `hook(0)` runs right before that wait, `hook(1)` once q has arrived
-// (attention_o loads its weights there); `writes_new`: this warp stores the step's key and value.
-template <int G, int ND, bool ROPE, int NW, class Hook>
-__device__ __forceinline__ void decode_warp_keys(float (&m)[G], float (&l)[G], float (&acc)[G][ND], const act_t* q,
-    act_t* kc, act_t* vc, int t, int h0, int kvh, int lo, int hi, int ctx, const unsigned* table, int nh, int nkv,
-    int block_size, int kv_dim, float scale, const RopeIn& r, bool writes_new, Hook hook) {
+template <int G, int ND, bool ROPE>
+__device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml, float* part_acc, const act_t* q,
+    act_t* kc, act_t* vc, const unsigned* row_ctx, const unsigned* row_table, const unsigned* tables,
+    int nh, int nkv, int block_size, int kv_dim, float scale, RopeIn r) {
+    // Without ROPE the step's keys were appended by the kernel ahead (qk_norm_rope_append): wait first.
+    if (!ROPE) grid_dependency();
     constexpr int HD = 32 * ND;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __shared__ float wm[AD_WARPS][G], wl[AD_WARPS][G];
+    __shared__ float wacc[AD_WARPS][G][HD];
+    __shared__ float cm[G], cl[G];  // clustered: this split's max and sum of exp a head
+    int group = nh / nkv, chunks = group / G;
+    int kvh = blockIdx.x / chunks, h0 = kvh * group + (blockIdx.x % chunks) * G;
+    int t = blockIdx.y, s = blockIdx.z, splits = gridDim.z;
+    // All the splits in one cluster (launched so by the host): they merge through shared memory and
+    // write out; else they leave their partial states to attention_combine.
+    const bool clustered = splits > 1 && splits <= AD_MAX_CLUSTER && cluster_blocks() == (unsigned)splits;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     // With ROPE, what comes before grid_dependency() below is nothing the kernel ahead writes: the
     // row's context length, page table and position (host metadata, uploaded before the step's first
     // kernel), the RoPE table (a weight) and the cached keys before the step's own (written by earlier
     // steps; the step's own key, `last`, comes from registers). So the warp's first AD_KB keys are in
     // registers when q arrives, and only the q/k/v loads wait for the q/k/v products.
+    int ctx = (int)row_ctx[t];
+    int per = (ctx + splits - 1) / splits;
+    int lo = s * per, hi = min(ctx, lo + per);
+    const unsigned* table = tables + row_table[t];
     size_t kv_off = (size_t)kvh * HD + lane * ND;
     const int last = ctx - 1;
     // Key j's cache slot (page table lookup).
@@ -175,7 +182,7 @@ __device__ __forceinline__ void decode_warp_keys(float (&m)[G], float (&l)[G], f
     // and the page-table lookups of the batch after it (`at`). A long split is then paced by its loads,
     // not by load, compute, load, ... in series.
     // The lane's offsets of keys j0 .. j0 + AD_KB - 1 in the cache: -1 past the split and, with ROPE,
-    // for `last` (filled in from registers below).
+    // for `last` (the caller fills it in from registers).
     auto offsets = [&](long long (&at)[AD_KB], int j0) {
 #pragma unroll
         for (int b = 0; b < AD_KB; b++) {
@@ -191,7 +198,7 @@ __device__ __forceinline__ void decode_warp_keys(float (&m)[G], float (&l)[G], f
             vr[b] = at[b] >= 0 ? load_raw<ND>(vc + at[b]) : RawND<ND>{};
         }
     };
-    const int first = lo + warp * AD_KB, stride = NW * AD_KB;
+    const int first = lo + warp * AD_KB, stride = AD_WARPS * AD_KB;
     long long at[AD_KB];
     offsets(at, first);
     issue(at);
@@ -202,7 +209,6 @@ __device__ __forceinline__ void decode_warp_keys(float (&m)[G], float (&l)[G], f
         const float* cs = r.rope + (size_t)r.positions[t] * HD;
         qnr = load_norm_rope<ND>(r.q_norm, cs);
         knr = load_norm_rope<ND>(r.k_norm, cs);
-        hook(0);
         grid_dependency();
     }
 
@@ -210,21 +216,20 @@ __device__ __forceinline__ void decode_warp_keys(float (&m)[G], float (&l)[G], f
 #pragma unroll
     for (int g = 0; g < G; g++) load_nd<ND>(q + ((size_t)t * nh + h0 + g) * HD + lane * ND, qr[g]);
     // _rope: q gets its QK-norm and RoPE here; the step's own key (the last, ctx - 1, one row per
-    // sequence) comes from registers, normed and rotated by every warp whose keys hold it; the warp
-    // the caller names also writes it and its value to the cache for later steps (no other block
-    // reads that slot in this launch).
+    // sequence) comes from registers, normed and rotated by every warp of the block whose split holds
+    // it, and that block's first chunk also writes it and its value to the cache for later steps
+    // (no other block reads that slot in this launch).
     float k_new[ND], v_new[ND];
     if (ROPE) {
 #pragma unroll
         for (int g = 0; g < G; g++) norm_rope_head<ND>(qr[g], qnr, r.eps);
         TL_MARK(0, qr[0][0]);
-        hook(1);
         if (last >= lo && last < hi) {
             size_t src = ((size_t)t * nkv + kvh) * HD + lane * ND;
             load_nd<ND>(r.k + src, k_new);
             load_nd<ND>(r.v + src, v_new);
             norm_rope_head<ND>(k_new, knr, r.eps);
-            if (writes_new) {
+            if (warp == 0 && blockIdx.x % chunks == 0) {
                 size_t at = slot_of(last) * kv_dim + kv_off;
                 store_nd<ND>(kc + at, k_new);
                 store_nd<ND>(vc + at, v_new);
@@ -234,6 +239,7 @@ __device__ __forceinline__ void decode_warp_keys(float (&m)[G], float (&l)[G], f
 
     // Online softmax a batch of AD_KB keys at a time: the AD_KB score sums run side by side (their
     // shuffles interleave) and the running max, sum and accumulator are rescaled once a batch.
+    float m[G], l[G], acc[G][ND];
 #pragma unroll
     for (int g = 0; g < G; g++) {
         m[g] = -INFINITY;
@@ -301,13 +307,6 @@ __device__ __forceinline__ void decode_warp_keys(float (&m)[G], float (&l)[G], f
         }
     }
     TL_MARK(1, acc[0][0] + l[0]);
-}
-
-// The warps' states (decode_warp_keys) of a block into wm / wl / wacc, which the caller merges.
-template <int G, int ND, int NW>
-__device__ __forceinline__ void share_warp_states(float (&wm)[NW][G], float (&wl)[NW][G], float (*wacc)[G][32 * ND],
-    const float (&m)[G], const float (&l)[G], const float (&acc)[G][ND]) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
     for (int g = 0; g < G; g++) {
         if (lane == 0) { wm[warp][g] = m[g]; wl[warp][g] = l[g]; }
@@ -315,31 +314,6 @@ __device__ __forceinline__ void share_warp_states(float (&wm)[NW][G], float (&wl
         for (int i = 0; i < ND; i++) wacc[warp][g][lane * ND + i] = acc[g][i];
     }
     __syncthreads();
-}
-
-template <int G, int ND, bool ROPE>
-__device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml, float* part_acc, const act_t* q,
-    act_t* kc, act_t* vc, const unsigned* row_ctx, const unsigned* row_table, const unsigned* tables,
-    int nh, int nkv, int block_size, int kv_dim, float scale, RopeIn r) {
-    // Without ROPE the step's keys were appended by the kernel ahead (qk_norm_rope_append): wait first.
-    if (!ROPE) grid_dependency();
-    constexpr int HD = 32 * ND;
-    __shared__ float wm[AD_WARPS][G], wl[AD_WARPS][G];
-    __shared__ float wacc[AD_WARPS][G][HD];
-    __shared__ float cm[G], cl[G];  // clustered: this split's max and sum of exp a head
-    int group = nh / nkv, chunks = group / G;
-    int kvh = blockIdx.x / chunks, h0 = kvh * group + (blockIdx.x % chunks) * G;
-    int t = blockIdx.y, s = blockIdx.z, splits = gridDim.z;
-    // All the splits in one cluster (launched so by the host): they merge through shared memory and
-    // write out; else they leave their partial states to attention_combine.
-    const bool clustered = splits > 1 && splits <= AD_MAX_CLUSTER && cluster_blocks() == (unsigned)splits;
-    int ctx = (int)row_ctx[t];
-    int per = (ctx + splits - 1) / splits;
-    int lo = s * per, hi = min(ctx, lo + per);
-    float m[G], l[G], acc[G][ND];
-    decode_warp_keys<G, ND, ROPE, AD_WARPS>(m, l, acc, q, kc, vc, t, h0, kvh, lo, hi, ctx, tables + row_table[t], nh,
-        nkv, block_size, kv_dim, scale, r, (threadIdx.x >> 5) == 0 && blockIdx.x % chunks == 0, [](int) {});
-    share_warp_states<G, ND, AD_WARPS>(wm, wl, wacc, m, l, acc);
     for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
         int g = i / HD, d = i % HD;
         float mw[AD_WARPS], lw[AD_WARPS], aw[AD_WARPS], mx, total;
@@ -402,133 +376,6 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
             block_size, kv_dim, scale, RopeIn{k, v, q_norm, k_norm, rope, positions, eps}); }
 AD_KERNEL(1, 64) AD_KERNEL(2, 64) AD_KERNEL(4, 64) AD_KERNEL(8, 64)
 AD_KERNEL(1, 128) AD_KERNEL(2, 128) AD_KERNEL(4, 128) AD_KERNEL(8, 128)
-
-// Decode attention fused with the output projection, for one sequence's decode step at short contexts
-// (mod.rs `attention_o`): out [1, H] = attention(q, K, V) · W_oᵀ with W_o [H, nh*HD]. The launch is
-// n clusters of CS = nh / G blocks (a cluster spans z). Block rank r of cluster c takes query heads
-// r*G .. r*G+G-1 (one KV head's) over the whole context with AO_WARPS warps (decode_warp_keys: QK-norm,
-// RoPE and the step's cache append as in the _rope kernels), rounds their outputs to act_t as the
-// attention kernel stores them, and multiplies them by its slice of W_o: its cluster's rows c*cols ..
-// c*cols+cols-1 × its heads' G*HD columns, in shared memory by cp.async issued before the wait (the
-// first AO_EARLY rounds; the rest once q has arrived). The CS blocks of a cluster then hold partial
-// sums of the same rows over different heads; block r adds rows r*per .. up in rank order through
-// distributed shared memory and writes them. Each cluster computes the whole attention for itself
-// (the K/V rows are L2 hits), so no block waits for another cluster, and every SM streams its own
-// 1 / (n * CS) of W_o while the attention runs. Dynamic shared memory (mod.rs AttnO::smem): the W_o
-// slice, cols × G*HD act_t; the warps' states, AO_WARPS × G*HD f32; the partial sums, cols f32.
-#define AO_WARPS 16
-#ifndef AO_EARLY  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
-#define AO_EARLY 1024
-#endif
-#define AO_ROWS 4  // W_o rows a warp sums at once (their shuffles interleave)
-template <int G, int ND>
-__device__ __forceinline__ void attention_o_impl(act_t* out, const act_t* q, act_t* kc, act_t* vc, const unsigned* row_ctx,
-    const unsigned* row_table, const unsigned* tables, int nh, int nkv, int block_size, int kv_dim, float scale, RopeIn r,
-    const act_t* wo, int hidden, int cols) {
-    constexpr int HD = 32 * ND, KB = G * HD, CH = KB / VEC;  // CH: 16-byte chunks of a row's slice
-    extern __shared__ __align__(16) unsigned char ao_smem[];
-    act_t* ws = reinterpret_cast<act_t*>(ao_smem);
-    float(*wacc)[G][HD] = reinterpret_cast<float(*)[G][HD]>(ws + (size_t)cols * KB);
-    float* part = reinterpret_cast<float*>(wacc + AO_WARPS);
-    __shared__ float wm[AO_WARPS][G], wl[AO_WARPS][G];
-    const int cs = nh / G, rank = blockIdx.z % cs, row0 = (blockIdx.z / cs) * cols;
-    const int group = nh / nkv, h0 = rank * G, kvh = h0 / group;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    // The W_o slice, rounds lo .. hi of blockDim.x chunks (rows past `hidden` zero-filled).
-    const int chunks = cols * CH, rounds = (chunks + blockDim.x - 1) / blockDim.x;
-    const unsigned ws_at = (unsigned)__cvta_generic_to_shared(ws);
-    auto load_w = [&](int lo, int hi) {
-        for (int n = lo; n < hi; n++) {
-            const int i = n * blockDim.x + threadIdx.x;
-            if (i >= chunks) break;
-            const int row = i / CH, c = i % CH;
-            const bool in = row0 + row < hidden;
-            cp_async16(ws_at + (unsigned)((row * KB + c * VEC) * sizeof(act_t)), wo + (size_t)(in ? row0 + row : 0) * nh * HD + h0 * HD + c * VEC, in);
-        }
-        cp_async_commit();
-    };
-    auto hook = [&](int at) { at == 0 ? load_w(0, min(rounds, AO_EARLY)) : load_w(min(rounds, AO_EARLY), rounds); };
-    const int ctx = (int)row_ctx[0];
-    float m[G], l[G], acc[G][ND];
-    decode_warp_keys<G, ND, true, AO_WARPS>(m, l, acc, q, kc, vc, 0, h0, kvh, 0, ctx, ctx, tables + row_table[0], nh, nkv,
-        block_size, kv_dim, scale, r, row0 == 0 && h0 % group == 0 && warp == 0, hook);
-    share_warp_states<G, ND, AO_WARPS>(wm, wl, wacc, m, l, acc);
-    // The heads' outputs, rounded as the attention kernel stores them, into wacc[0] ((g, d) is one thread's).
-    for (int i = threadIdx.x; i < KB; i += blockDim.x) {
-        const int g = i / HD, d = i % HD;
-        float mw[AO_WARPS], lw[AO_WARPS], aw[AO_WARPS], mx, total;
-#pragma unroll
-        for (int w = 0; w < AO_WARPS; w++) {
-            mw[w] = wm[w][g];
-            lw[w] = wl[w][g];
-            aw[w] = wacc[w][g][d];
-        }
-        wacc[0][g][d] = rnd(merge_states(mw, lw, aw, mx, total) / total);
-    }
-    cp_async_wait_all();
-    __syncthreads();
-    TL_MARK(2, wacc[0][0][0]);
-    // part[row] = Σ_k x[k] · W_o[row0 + row, h0*HD + k]: a warp takes AO_ROWS rows at a time, lane j
-    // the chunks j, j + 32, ...
-    constexpr int PER_LANE = (CH + 31) / 32;
-    float xr[PER_LANE][VEC];
-#pragma unroll
-    for (int j = 0; j < PER_LANE; j++) {
-#pragma unroll
-        for (int e = 0; e < VEC; e++) xr[j][e] = lane + 32 * j < CH ? (&wacc[0][0][0])[(lane + 32 * j) * VEC + e] : 0.f;
-    }
-    for (int r0 = warp; r0 < cols; r0 += AO_WARPS * AO_ROWS) {
-        float s[AO_ROWS];
-#pragma unroll
-        for (int u = 0; u < AO_ROWS; u++) {
-            const int row = r0 + u * AO_WARPS;
-            s[u] = 0.f;
-#pragma unroll
-            for (int j = 0; j < PER_LANE; j++) {
-                if (row < cols && lane + 32 * j < CH) {
-                    float wf[VEC];
-                    unpack_vec(*reinterpret_cast<const uint4*>(ws + (size_t)row * KB + (lane + 32 * j) * VEC), wf);
-#pragma unroll
-                    for (int e = 0; e < VEC; e++) s[u] += xr[j][e] * wf[e];
-                }
-            }
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-#pragma unroll
-            for (int u = 0; u < AO_ROWS; u++) s[u] += __shfl_xor_sync(0xffffffffu, s[u], o);
-        }
-        if (lane == 0) {
-#pragma unroll
-            for (int u = 0; u < AO_ROWS; u++) {
-                if (r0 + u * AO_WARPS < cols) part[r0 + u * AO_WARPS] = s[u];
-            }
-        }
-    }
-    // The cluster's sums over its heads, in rank order; no block leaves while another reads its part.
-    cluster_sync();
-    TL_MARK(3, 0.f);
-    const int per = (cols + cs - 1) / cs;
-    for (int i = threadIdx.x; i < per; i += blockDim.x) {
-        const int row = rank * per + i;
-        if (row >= cols || row0 + row >= hidden) break;
-        float sum = 0.f;
-        for (int b = 0; b < cs; b++) sum += *cluster_ptr(&part[row], b);
-        out[row0 + row] = from_f(sum);
-    }
-    cluster_sync();
-}
-
-#define AO_KERNEL(G, HD) \
-    extern "C" __global__ void __launch_bounds__(AO_WARPS * 32) attention_o_g##G##_d##HD(act_t* out, const act_t* q, act_t* kc, \
-        act_t* vc, const unsigned* row_ctx, const unsigned* row_table, const unsigned* tables, int nh, int nkv, int block_size, \
-        int kv_dim, float scale, const act_t* k, const act_t* v, const act_t* q_norm, const act_t* k_norm, const float* rope, \
-        const unsigned* positions, float eps, const act_t* wo, int hidden, int cols) { \
-        TIMELINE("attention_o_g" #G "_d" #HD); attention_o_impl<G, HD / 32>(out, q, kc, vc, row_ctx, row_table, tables, nh, nkv, \
-            block_size, kv_dim, scale, RopeIn{k, v, q_norm, k_norm, rope, positions, eps}, wo, hidden, cols); }
-AO_KERNEL(1, 32) AO_KERNEL(2, 32) AO_KERNEL(4, 32)
-AO_KERNEL(1, 64) AO_KERNEL(2, 64) AO_KERNEL(4, 64)
-AO_KERNEL(1, 128) AO_KERNEL(2, 128) AO_KERNEL(4, 128)
 
 // out[t, h] = Σ_s acc_s · e^(m_s − M) / Σ_s l_s · e^(m_s − M) over the splits that saw keys.
 // grid (nh, T), 128 threads; splits <= AD_MAX_SPLITS.
