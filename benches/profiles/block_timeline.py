@@ -121,7 +121,7 @@ def analyse(path):
         blocks, sms, early = (med([x[n] for x in v]) for n in ("blocks", "sms", "early"))
         print(f"{name:58} {len(v):3d} {blocks:4.0f} {sms:3.0f} {early:5.0f} {start:>16} {wait:>16} {end:>32}")
     print("\nµs after a block's own wait (median block, median launch): marks m0 (stage_input's end; the attention: q")
-    print("normed), m1 (gate/up: routed; the attention: keys done), m2 (the attention: warps merged), m3 (the attention:")
+    print("normed), m1 (gate/up: routed; the attention: keys done; the plain and q/k/v products: thread 0's row summed), m2 (the attention: warps merged), m3 (the attention:")
     print("past the cluster barrier), end")
     for key in order:
         v = stats[key]

@@ -298,6 +298,7 @@ __device__ __forceinline__ void gemv_one(act_t* out, const act_t* wrow, const ac
     for (int t = 0; t < TMAX; t++) {
         if (t < T) {
             float s = warp_sum(acc[t]);
+            if (t == 0) TL_MARK(1, s);  // timeline builds: thread 0's row summed (its weights arrived)
             if ((threadIdx.x & 31) == 0) out[(size_t)t * N + n] = from_f(s);
         }
     }
