@@ -12,6 +12,10 @@
 //   rows U        a warp a row, its lanes' 16 vectors issued U at a time (U = 16: o's pattern)
 //   rows 16 rot   as rows 16, warp w issuing its row's 512-byte pieces from piece w % 16 on
 //   rows bulk     a warp a row, one cp.async.bulk of the row's 8 KB into shared memory, then summed
+// Then as in the decode step: o's pattern launched with programmatic dependent launch behind a kernel of
+// 64 blocks that holds the GPU for SPIN_US (its own wait first, then it lets the next kernel start, as
+// kernels/ do) while o's loads are in flight, µs a pair against the spin kernel alone: with `l2`, the
+// spinning blocks also chase dependent L2 reads, as the decode attention's chain does.
 #include <cstdio>
 #include <cstdlib>
 #include <cuda_runtime.h>
@@ -86,6 +90,94 @@ __global__ void __launch_bounds__(WARPS * 32) rows_bulk(const uint4* w, float* o
     put(out, s);
 }
 
+constexpr unsigned SPIN_US = 7;
+
+__global__ void __launch_bounds__(128) spin(const unsigned* chain, float* out, int l2) {
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    unsigned i = threadIdx.x, acc = 0;
+    do {
+        if (l2) i = __ldcg(chain + (i & 4095)), acc += i;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t) :: "memory");
+    } while (t - t0 < SPIN_US * 1000ull);
+    if (acc == 0xffffffffu) out[0] = 1.f;
+}
+
+// o's pattern as the decode product runs it: the row's 16 loads a lane issued, then the wait, then used
+// (MODE 0: ld.global.nc as matmul.cu's ld_weight; 1: plain ld.global; 2: .nc, used before the wait).
+template <int MODE>
+__global__ void __launch_bounds__(WARPS * 32) rows_pdl(const uint4* w, float* out) {
+    const int warp = blockIdx.x * WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    const uint4* row = w + (size_t)warp * ROW_VECS;
+    uint4 v[ROW_VECS / 32];
+#pragma unroll
+    for (int u = 0; u < ROW_VECS / 32; u++) {
+        if (MODE == 1) {
+            asm volatile("ld.global.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v[u].x), "=r"(v[u].y), "=r"(v[u].z), "=r"(v[u].w) : "l"(row + u * 32 + lane));
+        } else {
+            asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                         : "=r"(v[u].x), "=r"(v[u].y), "=r"(v[u].z), "=r"(v[u].w) : "l"(row + u * 32 + lane));
+        }
+    }
+    float s = 0.f;
+    if (MODE == 2) {
+#pragma unroll
+        for (int u = 0; u < ROW_VECS / 32; u++) s += use(v[u]);
+    }
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    if (MODE != 2) {
+#pragma unroll
+        for (int u = 0; u < ROW_VECS / 32; u++) s += use(v[u]);
+    }
+    put(out, s);
+}
+
+// µs a (spin, o) pair over LAUNCHES fresh matrices in one graph, o launched with PDL (o: false, the spin
+// kernel alone), best of 5 replays.
+template <int MODE>
+float time_pairs(const uint4* w, const unsigned* chain, float* out, int l2, bool o, cudaStream_t st) {
+    cudaGraph_t g;
+    cudaGraphExec_t ge;
+    CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+    for (int i = 0; i < LAUNCHES; i++) {
+        cudaLaunchAttribute attr{};
+        attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr.val.programmaticStreamSerializationAllowed = 1;
+        cudaLaunchConfig_t c{};
+        c.gridDim = dim3(64);
+        c.blockDim = dim3(128);
+        c.stream = st;
+        c.attrs = &attr;
+        c.numAttrs = 1;
+        CHECK(cudaLaunchKernelEx(&c, spin, chain, out, l2));
+        if (!o) continue;
+        c.gridDim = dim3(ROWS / WARPS);
+        c.blockDim = dim3(WARPS * 32);
+        CHECK(cudaLaunchKernelEx(&c, rows_pdl<MODE>, w + (size_t)i * MATRIX_VECS, out));
+    }
+    CHECK(cudaStreamEndCapture(st, &g));
+    CHECK(cudaGraphInstantiate(&ge, g, 0));
+    cudaEvent_t a, b;
+    CHECK(cudaEventCreate(&a));
+    CHECK(cudaEventCreate(&b));
+    float best = 1e30f;
+    for (int r = 0; r < 6; r++) {
+        CHECK(cudaEventRecord(a, st));
+        CHECK(cudaGraphLaunch(ge, st));
+        CHECK(cudaEventRecord(b, st));
+        CHECK(cudaEventSynchronize(b));
+        float ms;
+        CHECK(cudaEventElapsedTime(&ms, a, b));
+        if (r > 0 && ms < best) best = ms;
+    }
+    CHECK(cudaGraphExecDestroy(ge));
+    CHECK(cudaGraphDestroy(g));
+    return best * 1e3f / LAUNCHES;
+}
+
 // µs a launch of `k` over LAUNCHES fresh matrices, in one graph, best of 5 replays.
 template <class K>
 float time_launches(K k, const uint4* w, float* out, int smem, cudaStream_t st) {
@@ -150,5 +242,19 @@ int main() {
     row("rows 4", time_launches(rows<4, false>, w, out, 0, st));
     row("rows 16 rot", time_launches(rows<16, true>, w, out, 0, st));
     row("rows bulk", time_launches(rows_bulk, w, out, bulk_smem, st));
+    unsigned* chain;
+    CHECK(cudaMalloc(&chain, 4096 * sizeof(unsigned)));
+    unsigned host[4096];
+    for (unsigned i = 0; i < 4096; i++) host[i] = (i * 2654435761u) >> 20;  // a pseudo-random walk
+    CHECK(cudaMemcpy(chain, host, sizeof(host), cudaMemcpyHostToDevice));
+    const char* modes[3] = {"ld.global.nc", "ld.global", "ld.global.nc used before the wait"};
+    for (int l2 = 0; l2 < 2; l2++) {
+        const float alone = time_pairs<0>(w, chain, out, l2, false, st);
+        float pair[3] = {time_pairs<0>(w, chain, out, l2, true, st), time_pairs<1>(w, chain, out, l2, true, st),
+                         time_pairs<2>(w, chain, out, l2, true, st)};
+        for (int m = 0; m < 3; m++)
+            printf("spin %u µs%s alone %.2f µs; o's pattern (%s) behind it: %.2f a pair, o adds %.2f\n", SPIN_US,
+                   l2 ? " + L2 chase" : "", alone, modes[m], pair[m], pair[m] - alone);
+    }
     return 0;
 }

@@ -190,6 +190,41 @@ __device__ __forceinline__ void prefetch_lines(const void* p, int n) {
     for (int off = (threadIdx.x & 31) * 128; off < n; off += 32 * 128) asm volatile("prefetch.global.L2 [%0];" :: "l"(c + off));
 }
 
+// Loads a kernel may issue before grid_dependency() (weights, cached keys of earlier steps): plain
+// global loads. The read-only path (ld.global.nc, __ldg) is not served, under programmatic dependent
+// launch, before the kernel ahead has completed: o's pattern behind a 7 µs kernel added 5.1 µs with .nc
+// and 1.0 with plain loads (benches/profiles/early_loads.cu, RESULTS.md run 33.10). LD_NC=1 (tunable)
+// keeps the .nc form for comparison.
+#ifndef LD_NC  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
+#define LD_NC 0
+#endif
+__device__ __forceinline__ uint4 ld_early(const uint4* p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+    uint4 r;
+    if (LD_NC) {
+        asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    } else {
+        asm volatile("ld.global.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    }
+    return r;
+#else
+    return __ldg(p);
+#endif
+}
+__device__ __forceinline__ uint2 ld_early(const uint2* p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+    uint2 r;
+    if (LD_NC) {
+        asm volatile("ld.global.nc.v2.u32 {%0,%1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
+    } else {
+        asm volatile("ld.global.v2.u32 {%0,%1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
+    }
+    return r;
+#else
+    return __ldg(p);
+#endif
+}
+
 // 16-byte accesses: VEC elements of act_t as one uint4.
 #define VEC (16 / (int)sizeof(act_t))
 
@@ -215,9 +250,9 @@ template <int ND>
 __device__ __forceinline__ void load_nd(const act_t* p, float* f) {
     constexpr int BYTES = ND * (int)sizeof(act_t);
     if constexpr (BYTES == 16) {
-        unpack_vec(__ldg(reinterpret_cast<const uint4*>(p)), f);
+        unpack_vec(ld_early(reinterpret_cast<const uint4*>(p)), f);
     } else if constexpr (BYTES == 8) {
-        unpack_vec(__ldg(reinterpret_cast<const uint2*>(p)), f);
+        unpack_vec(ld_early(reinterpret_cast<const uint2*>(p)), f);
     } else {
 #pragma unroll
         for (int i = 0; i < ND; i++) f[i] = to_f(p[i]);
@@ -235,9 +270,9 @@ __device__ __forceinline__ RawND<ND> load_raw(const act_t* p) {
     constexpr int BYTES = ND * (int)sizeof(act_t);
     RawND<ND> r;
     if constexpr (BYTES == 16) {
-        *reinterpret_cast<uint4*>(r.e) = __ldg(reinterpret_cast<const uint4*>(p));
+        *reinterpret_cast<uint4*>(r.e) = ld_early(reinterpret_cast<const uint4*>(p));
     } else if constexpr (BYTES == 8) {
-        *reinterpret_cast<uint2*>(r.e) = __ldg(reinterpret_cast<const uint2*>(p));
+        *reinterpret_cast<uint2*>(r.e) = ld_early(reinterpret_cast<const uint2*>(p));
     } else {
 #pragma unroll
         for (int i = 0; i < ND; i++) r.e[i] = p[i];

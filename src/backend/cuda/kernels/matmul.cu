@@ -29,16 +29,9 @@ template <bool XS>
 __device__ __forceinline__ uint4 ld_x(const uint4* p) { return XS ? *p : __ldg(p); }
 
 // A 16-byte weight load that bypasses L1 (read once: caching it there only costs; 1.06-1.37x the
-// bandwidth of __ldg on the Qwen3 decode shapes, benches/gemv_variants.py `vp_ld1_*`, RESULTS.md run 15).
-__device__ __forceinline__ uint4 ld_weight(const uint4* p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
-    uint4 r;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-    return r;
-#else
-    return __ldg(p);
-#endif
-}
+// bandwidth of __ldg on the Qwen3 decode shapes, benches/gemv_variants.py `vp_ld1_*`, RESULTS.md run 15),
+// not through the read-only path, so that the loads issued before the wait are served (common.cuh ld_early).
+__device__ __forceinline__ uint4 ld_weight(const uint4* p) { return ld_early(p); }
 
 // Sum over the VEC products of a 16-byte weight vector and a 16-byte x vector, in two chains.
 __device__ __forceinline__ float dot_vec(const uint4& w, const uint4& x) {
@@ -196,7 +189,7 @@ __device__ __forceinline__ NormW load_norm_weight(const act_t* nw, int K) {
 #pragma unroll
     for (int c = 0; c < NW_REGS; c++) {
         int i = threadIdx.x + c * blockDim.x;
-        r.v[c] = nw && i < K / VEC ? __ldg(reinterpret_cast<const uint4*>(nw) + i) : make_uint4(0u, 0u, 0u, 0u);
+        r.v[c] = nw && i < K / VEC ? ld_early(reinterpret_cast<const uint4*>(nw) + i) : make_uint4(0u, 0u, 0u, 0u);
     }
     return r;
 }
