@@ -102,3 +102,22 @@ def test_the_before_wait_check_catches_a_read():
     """The check above refuses an activation read, also inside an if block."""
     b = "{ const int n0 = warp_id_global(); if (early) { float v = x[n0]; } grid_dependency(); }"
     assert refused_before_wait(b) == ["float v = x[n0]"]
+
+
+# Loads issued before the wait must not take the read-only path: under programmatic dependent launch an
+# ld.global.nc (__ldg) is not served until the kernel ahead completes (RESULTS.md run 33.10), which
+# would make every early load wait for the kernel it is meant to overlap.
+EARLY_LOADERS = ("ld_weight", "load_batch", "load_norm_weight", "load_nd", "load_raw")
+
+
+def test_early_loads_avoid_the_read_only_path():
+    defs = {name: b for _, name, b, _ in definitions()}
+    for name in EARLY_LOADERS:
+        b = re.sub(r"//[^\n]*", "", defs[name])
+        assert "__ldg" not in b and ".nc" not in b, f"{name}: a read-only (.nc) load where loads run before the wait"
+        assert "ld_early(" in b or any(f"{other}(" in b for other in EARLY_LOADERS if other != name), f"{name}: loads without ld_early"
+    overloads = [b for _, name, b, _ in definitions() if name == "ld_early"]
+    assert len(overloads) == 2, "ld_early: expected the 16- and 8-byte forms"
+    for b in overloads:
+        plain = re.sub(r"//[^\n]*", "", b).split("} else {")[1].split("}")[0]
+        assert "ld.global." in plain and ".nc" not in plain, f"ld_early's default form is not a plain load: {plain.strip()}"
