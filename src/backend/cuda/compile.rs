@@ -42,6 +42,7 @@ pub const TUNABLE: &[&str] = &[
     "MD_WPO",
     "AD_KB",
     "AD_MIN_BLOCKS",
+    "AD_WARPS",
     "LD_NC",
     "ARGMAX_UNROLL",
     "EG_MAX_STAGES",

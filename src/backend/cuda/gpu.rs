@@ -233,6 +233,8 @@ pub struct Gpu {
     funcs: Mutex<HashMap<(&'static str, &'static str), Func>>,
     /// Resident blocks per SM of (module, kernel, block size, dynamic shared memory), from the driver.
     occupancy: Mutex<HashMap<LaunchShape, u32>>,
+    /// The most threads a block of (module, kernel) takes: its launch bounds (`max_threads`).
+    threads: Mutex<HashMap<(&'static str, &'static str), u32>>,
     mode: Mutex<ModeState>,
     /// Device arrays of matrix pointers for `grouped_gemm` (grow-only; each upload is ordered on
     /// the stream after the GEMMs that read the previous contents).
@@ -352,6 +354,7 @@ impl Gpu {
                 modules: Mutex::new(HashMap::new()),
                 funcs: Mutex::new(HashMap::new()),
                 occupancy: Mutex::new(HashMap::new()),
+                threads: Mutex::new(HashMap::new()),
                 mode: Mutex::new(ModeState { mode: Mode::Eager, hash: HASH_START }),
                 ptr_arrays: Mutex::new(None),
             };
@@ -630,6 +633,23 @@ impl Gpu {
         };
         let per_sm = self.blocks_per_sm.map_or(per_sm, |cap| per_sm.min(cap));
         Ok((per_sm * self.sms).min(useful.max(1) as u32))
+    }
+
+    /// The most threads a block of `module::name` may have: its `__launch_bounds__`, where it sets one
+    /// (a kernel whose block size is a tunable constant: the host asks it here).
+    pub fn max_threads(&self, module: &'static str, name: &'static str) -> Result<u32> {
+        let poisoned = || Error::Device("launch-bounds table poisoned".into());
+        if let Some(&n) = self.threads.lock().map_err(|_| poisoned())?.get(&(module, name)) {
+            return Ok(n);
+        }
+        self.bind()?;
+        let f = self.function(module, name)?;
+        // SAFETY: `f` is a live function of this context.
+        let n = unsafe { drv::function::get_function_attribute(f.0, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK) }
+            .map_err(|e| drv_err(&format!("{name}: threads a block"), e))?
+            .max(1) as u32;
+        self.threads.lock().map_err(|_| poisoned())?.insert((module, name), n);
+        Ok(n)
     }
 
     /// Launch `module::name` on the stream. `args` must match the kernel's parameters exactly.

@@ -1187,8 +1187,8 @@ impl CudaBackend {
     /// lengths. (Fewer splits give each warp a longer serial chain of keys: 8 keys beat 4, 16 and 64
     /// on the benchmark's contexts, RESULTS.md runs 17.1 and 18.3, and beat 16 again with the splits
     /// merged in clusters, run 19.4; `QWEN3RS_CUDA_SPLIT_KEYS` for benches/kernel_sweep.py.)
-    fn decode_splits(&self, kernel: &'static str, longest: usize, blocks: usize) -> Result<usize> {
-        let resident = self.gpu.persistent_grid("attention", kernel, 128, 0, usize::MAX)? as usize;
+    fn decode_splits(&self, kernel: &'static str, threads: u32, longest: usize, blocks: usize) -> Result<usize> {
+        let resident = self.gpu.persistent_grid("attention", kernel, threads, 0, usize::MAX)? as usize;
         let fill = (resident / blocks.max(1)).clamp(1, MAX_ATTN_SPLITS);
         let want = (longest / self.split_keys).clamp(1, fill);
         Ok(if want == fill { fill } else { 1 << want.ilog2() })
@@ -1425,7 +1425,9 @@ impl CudaBackend {
         let (nhi, nkv, hdi, bs, kvd) = (nh as i32, shape.n_kv_heads as i32, hd as i32, kv.block_size as i32, kv.kv_dim as i32);
         let scale = 1.0 / (hd as f32).sqrt();
         let group_blocks = nh / g;
-        let splits = self.decode_splits(name, longest, group_blocks * t)?;
+        // AD_WARPS warps a block (attention.cu; its launch bounds).
+        let threads = self.gpu.max_threads("attention", name)?;
+        let splits = self.decode_splits(name, threads, longest, group_blocks * t)?;
         // Up to attn_cluster splits are one cluster and merge in the launch (RESULTS.md run 19.2: +5 %
         // on 0.6B, +2 % on 30B-A3B); more leave partial states in scratch for attention_combine.
         let clustered = splits > 1 && splits <= self.attn_cluster.load(std::sync::atomic::Ordering::Relaxed);
@@ -1441,7 +1443,7 @@ impl CudaBackend {
                 "attention",
                 name,
                 grid,
-                128,
+                threads,
                 0,
                 cluster,
                 args![o, ml, acc, qp, kc, vc, ctx, table_at, tables, nhi, nkv, bs, kvd, scale],
@@ -1450,7 +1452,7 @@ impl CudaBackend {
                 "attention",
                 name,
                 grid,
-                128,
+                threads,
                 0,
                 cluster,
                 args![o, ml, acc, qp, kc, vc, ctx, table_at, tables, nhi, nkv, bs, kvd, scale, k, v, q_norm, k_norm, rope, positions, eps],

@@ -97,16 +97,19 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attention(act_t* ou
 // (splits <= AD_MAX_CLUSTER), the blocks merge the splits through distributed shared memory and write
 // out; else the unnormalised partial state ml [T, nh, splits, 2] = (max, sum of exp), acc [T, nh,
 // splits, hd] for `attention_combine` (a split with no keys writes l = 0). grid (nkv * group / G, T,
-// splits), AD_WARPS warps.
+// splits), NW warps: AD_WARPS, 4 for G = 8 (its warp states would pass 48 KB of shared memory). The
+// host takes the block size from the kernel's launch bounds.
+#ifndef AD_WARPS  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define AD_WARPS 4
+#endif
 // Least blocks an SM the decode kernels are compiled for (__launch_bounds__; unset: ptxas's own choice,
 // 128 registers for attention_decode_rope_g2_d128). Fewer registers let a block start beside the
 // q/k/v product ahead of it (62 registers × 256 threads, 4 blocks: the whole register file) and leave
 // room for the o projection's blocks behind it (RESULTS.md session 16's leads).
 #ifdef AD_MIN_BLOCKS  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
-#define AD_BOUNDS __launch_bounds__(AD_WARPS * 32, AD_MIN_BLOCKS)
+#define AD_BOUNDS(NW) __launch_bounds__((NW) * 32, AD_MIN_BLOCKS)
 #else
-#define AD_BOUNDS __launch_bounds__(AD_WARPS * 32)
+#define AD_BOUNDS(NW) __launch_bounds__((NW) * 32)
 #endif
 #define AD_MAX_CLUSTER 16  // most splits merged in a cluster (mod.rs MAX_ATTN_CLUSTER)
 #ifndef AD_KB  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
@@ -147,15 +150,15 @@ __device__ __forceinline__ float merge_states(const float (&m)[N], const float (
     return acc;
 }
 
-template <int G, int ND, bool ROPE>
+template <int G, int ND, bool ROPE, int NW>
 __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml, float* part_acc, const act_t* q,
     act_t* kc, act_t* vc, const unsigned* row_ctx, const unsigned* row_table, const unsigned* tables,
     int nh, int nkv, int block_size, int kv_dim, float scale, RopeIn r) {
     // Without ROPE the step's keys were appended by the kernel ahead (qk_norm_rope_append): wait first.
     if (!ROPE) grid_dependency();
     constexpr int HD = 32 * ND;
-    __shared__ float wm[AD_WARPS][G], wl[AD_WARPS][G];
-    __shared__ float wacc[AD_WARPS][G][HD];
+    __shared__ float wm[NW][G], wl[NW][G];
+    __shared__ float wacc[NW][G][HD];
     __shared__ float cm[G], cl[G];  // clustered: this split's max and sum of exp a head
     int group = nh / nkv, chunks = group / G;
     int kvh = blockIdx.x / chunks, h0 = kvh * group + (blockIdx.x % chunks) * G;
@@ -198,7 +201,7 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
             vr[b] = at[b] >= 0 ? load_raw<ND>(vc + at[b]) : RawND<ND>{};
         }
     };
-    const int first = lo + warp * AD_KB, stride = AD_WARPS * AD_KB;
+    const int first = lo + warp * AD_KB, stride = NW * AD_KB;
     long long at[AD_KB];
     offsets(at, first);
     issue(at);
@@ -316,9 +319,9 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
     __syncthreads();
     for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
         int g = i / HD, d = i % HD;
-        float mw[AD_WARPS], lw[AD_WARPS], aw[AD_WARPS], mx, total;
+        float mw[NW], lw[NW], aw[NW], mx, total;
 #pragma unroll
-        for (int w = 0; w < AD_WARPS; w++) {
+        for (int w = 0; w < NW; w++) {
             mw[w] = wm[w][g];
             lw[w] = wl[w][g];
             aw[w] = wacc[w][g][d];
@@ -362,17 +365,18 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
 
 // attention_decode_g<G>_d<HD>: the step's keys already in the cache; attention_decode_rope_g<G>_d<HD>:
 // q and the step's k raw from the q/k/v products (RopeIn), qk_norm_rope_append done here.
+#define AD_NW(G) ((G) == 8 ? 4 : AD_WARPS)  // warps a block of the G-heads kernels
 #define AD_KERNEL(G, HD) \
-    extern "C" __global__ void AD_BOUNDS attention_decode_g##G##_d##HD(act_t* out, float* part_ml, \
+    extern "C" __global__ void AD_BOUNDS(AD_NW(G)) attention_decode_g##G##_d##HD(act_t* out, float* part_ml, \
         float* part_acc, const act_t* q, act_t* kc, act_t* vc, const unsigned* row_ctx, const unsigned* row_table, \
         const unsigned* tables, int nh, int nkv, int block_size, int kv_dim, float scale) { \
-        TIMELINE("attention_decode_g" #G "_d" #HD); attention_decode_impl<G, HD / 32, false>(out, part_ml, part_acc, q, kc, vc, row_ctx, row_table, tables, nh, nkv, \
+        TIMELINE("attention_decode_g" #G "_d" #HD); attention_decode_impl<G, HD / 32, false, AD_NW(G)>(out, part_ml, part_acc, q, kc, vc, row_ctx, row_table, tables, nh, nkv, \
             block_size, kv_dim, scale, RopeIn{}); } \
-    extern "C" __global__ void AD_BOUNDS attention_decode_rope_g##G##_d##HD(act_t* out, float* part_ml, \
+    extern "C" __global__ void AD_BOUNDS(AD_NW(G)) attention_decode_rope_g##G##_d##HD(act_t* out, float* part_ml, \
         float* part_acc, const act_t* q, act_t* kc, act_t* vc, const unsigned* row_ctx, const unsigned* row_table, \
         const unsigned* tables, int nh, int nkv, int block_size, int kv_dim, float scale, const act_t* k, const act_t* v, \
         const act_t* q_norm, const act_t* k_norm, const float* rope, const unsigned* positions, float eps) { \
-        TIMELINE("attention_decode_rope_g" #G "_d" #HD); attention_decode_impl<G, HD / 32, true>(out, part_ml, part_acc, q, kc, vc, row_ctx, row_table, tables, nh, nkv, \
+        TIMELINE("attention_decode_rope_g" #G "_d" #HD); attention_decode_impl<G, HD / 32, true, AD_NW(G)>(out, part_ml, part_acc, q, kc, vc, row_ctx, row_table, tables, nh, nkv, \
             block_size, kv_dim, scale, RopeIn{k, v, q_norm, k_norm, rope, positions, eps}); }
 AD_KERNEL(1, 64) AD_KERNEL(2, 64) AD_KERNEL(4, 64) AD_KERNEL(8, 64)
 AD_KERNEL(1, 128) AD_KERNEL(2, 128) AD_KERNEL(4, 128) AD_KERNEL(8, 128)
