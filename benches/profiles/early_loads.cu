@@ -135,74 +135,73 @@ __global__ void __launch_bounds__(WARPS * 32) rows_pdl(const uint4* w, float* ou
     put(out, s);
 }
 
-// µs a (spin, o) pair over LAUNCHES fresh matrices in one graph, o launched with PDL (o: false, the spin
-// kernel alone), best of 5 replays.
-template <int MODE>
-float time_pairs(const uint4* w, const unsigned* chain, float* out, int l2, bool o, cudaStream_t st) {
-    cudaGraph_t g;
-    cudaGraphExec_t ge;
-    CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
-    for (int i = 0; i < LAUNCHES; i++) {
-        cudaLaunchAttribute attr{};
-        attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attr.val.programmaticStreamSerializationAllowed = 1;
-        cudaLaunchConfig_t c{};
-        c.gridDim = dim3(64);
-        c.blockDim = dim3(128);
-        c.stream = st;
-        c.attrs = &attr;
-        c.numAttrs = 1;
-        CHECK(cudaLaunchKernelEx(&c, spin, chain, out, l2));
-        if (!o) continue;
-        c.gridDim = dim3(ROWS / WARPS);
-        c.blockDim = dim3(WARPS * 32);
-        CHECK(cudaLaunchKernelEx(&c, rows_pdl<MODE>, w + (size_t)i * MATRIX_VECS, out));
-    }
-    CHECK(cudaStreamEndCapture(st, &g));
-    CHECK(cudaGraphInstantiate(&ge, g, 0));
+// Milliseconds `work` (queued on st) takes: the best of `runs` runs after `warmups` unmeasured ones.
+template <class F>
+float best_ms(cudaStream_t st, int warmups, int runs, F work) {
     cudaEvent_t a, b;
     CHECK(cudaEventCreate(&a));
     CHECK(cudaEventCreate(&b));
     float best = 1e30f;
-    for (int r = 0; r < 6; r++) {
+    for (int r = 0; r < warmups + runs; r++) {
         CHECK(cudaEventRecord(a, st));
-        CHECK(cudaGraphLaunch(ge, st));
+        work();
         CHECK(cudaEventRecord(b, st));
         CHECK(cudaEventSynchronize(b));
         float ms;
         CHECK(cudaEventElapsedTime(&ms, a, b));
-        if (r > 0 && ms < best) best = ms;
+        if (r >= warmups && ms < best) best = ms;
     }
+    CHECK(cudaEventDestroy(a));
+    CHECK(cudaEventDestroy(b));
+    return best;
+}
+
+// µs a launch of the LAUNCHES launches `capture` queues on st, captured into one graph: best of 5
+// replays after a warm-up one.
+template <class F>
+float graph_us_a_launch(cudaStream_t st, F capture) {
+    cudaGraph_t g;
+    cudaGraphExec_t ge;
+    CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+    capture();
+    CHECK(cudaStreamEndCapture(st, &g));
+    CHECK(cudaGraphInstantiate(&ge, g, 0));
+    const float ms = best_ms(st, 1, 5, [&] { CHECK(cudaGraphLaunch(ge, st)); });
     CHECK(cudaGraphExecDestroy(ge));
     CHECK(cudaGraphDestroy(g));
-    return best * 1e3f / LAUNCHES;
+    return ms * 1e3f / LAUNCHES;
+}
+
+// µs a (spin, o) pair over LAUNCHES fresh matrices in one graph, o launched with PDL (o: false, the spin
+// kernel alone), best of 5 replays.
+template <int MODE>
+float time_pairs(const uint4* w, const unsigned* chain, float* out, int l2, bool o, cudaStream_t st) {
+    return graph_us_a_launch(st, [&] {
+        for (int i = 0; i < LAUNCHES; i++) {
+            cudaLaunchAttribute attr{};
+            attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+            attr.val.programmaticStreamSerializationAllowed = 1;
+            cudaLaunchConfig_t c{};
+            c.gridDim = dim3(64);
+            c.blockDim = dim3(128);
+            c.stream = st;
+            c.attrs = &attr;
+            c.numAttrs = 1;
+            CHECK(cudaLaunchKernelEx(&c, spin, chain, out, l2));
+            if (!o) continue;
+            c.gridDim = dim3(ROWS / WARPS);
+            c.blockDim = dim3(WARPS * 32);
+            CHECK(cudaLaunchKernelEx(&c, rows_pdl<MODE>, w + (size_t)i * MATRIX_VECS, out));
+        }
+    });
 }
 
 // µs a launch of `k` over LAUNCHES fresh matrices, in one graph, best of 5 replays.
 template <class K>
 float time_launches(K k, const uint4* w, float* out, int smem, cudaStream_t st) {
-    cudaGraph_t g;
-    cudaGraphExec_t ge;
-    CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
-    for (int i = 0; i < LAUNCHES; i++) k<<<ROWS / WARPS, WARPS * 32, smem, st>>>(w + (size_t)i * MATRIX_VECS, out);
-    CHECK(cudaStreamEndCapture(st, &g));
-    CHECK(cudaGraphInstantiate(&ge, g, 0));
-    cudaEvent_t a, b;
-    CHECK(cudaEventCreate(&a));
-    CHECK(cudaEventCreate(&b));
-    float best = 1e30f;
-    for (int r = 0; r < 6; r++) {
-        CHECK(cudaEventRecord(a, st));
-        CHECK(cudaGraphLaunch(ge, st));
-        CHECK(cudaEventRecord(b, st));
-        CHECK(cudaEventSynchronize(b));
-        float ms;
-        CHECK(cudaEventElapsedTime(&ms, a, b));
-        if (r > 0 && ms < best) best = ms;  // the first replay warms up
-    }
-    CHECK(cudaGraphExecDestroy(ge));
-    CHECK(cudaGraphDestroy(g));
-    return best * 1e3f / LAUNCHES;
+    return graph_us_a_launch(st, [&] {
+        for (int i = 0; i < LAUNCHES; i++) k<<<ROWS / WARPS, WARPS * 32, smem, st>>>(w + (size_t)i * MATRIX_VECS, out);
+    });
 }
 
 int main() {
@@ -215,21 +214,9 @@ int main() {
     CHECK(cudaStreamCreate(&st));
     const int bulk_smem = WARPS * ROW_VECS * 16;
     CHECK(cudaFuncSetAttribute(rows_bulk, cudaFuncAttributeMaxDynamicSharedMemorySize, bulk_smem));
-    // The copy bandwidth: 1 GB device to device.
-    cudaEvent_t a, b;
-    CHECK(cudaEventCreate(&a));
-    CHECK(cudaEventCreate(&b));
+    // The copy bandwidth: 1 GB device to device, the best of 4 copies.
     const size_t half = MATRIX_VECS * 16 * LAUNCHES / 2;
-    float ms = 1e30f;
-    for (int r = 0; r < 4; r++) {
-        float t;
-        CHECK(cudaEventRecord(a, st));
-        CHECK(cudaMemcpyAsync((char*)w + half, w, half, cudaMemcpyDeviceToDevice, st));
-        CHECK(cudaEventRecord(b, st));
-        CHECK(cudaEventSynchronize(b));
-        CHECK(cudaEventElapsedTime(&t, a, b));
-        if (t < ms) ms = t;
-    }
+    const float ms = best_ms(st, 0, 4, [&] { CHECK(cudaMemcpyAsync((char*)w + half, w, half, cudaMemcpyDeviceToDevice, st)); });
     const double copy_tbs = 2.0 * half / (ms * 1e-3) / 1e12, mb = MATRIX_VECS * 16 / 1e6;
     const float e = time_launches(empty, w, out, 0, st);
     printf("copy %.2f TB/s (%.1f MB at it: %.2f µs); empty launch %.2f µs\n", copy_tbs, mb, mb / copy_tbs, e);
