@@ -29,19 +29,15 @@ def definitions():
             yield m.group(1).startswith("__global__"), m.group(2), body(src, m.end() - 1), path.name
 
 
-# The wait: grid_dependency(), or grid_wait() where a kernel lets the one behind it start later.
-WAIT = re.compile(r"\bgrid_(?:dependency|wait)\(\);")
-
-
 def test_every_kernel_waits_for_the_kernel_ahead():
     defs = list(definitions())
-    waits = {name for _, name, b, _ in defs if WAIT.search(b)}
+    waits = {name for _, name, b, _ in defs if "grid_dependency();" in b}
     kernels = [(name, b, f) for is_kernel, name, b, f in defs if is_kernel]
     assert len(kernels) >= 25, "the kernel parser found too few kernels"
     missing = []
     for name, b, f in kernels:
         called = set(re.findall(r"\b(\w+)\s*(?:<(?:[^;()<>]|\([^()]*\))*>)?\s*\(", b))
-        if not called & {"grid_dependency", "grid_wait"} and not called & waits:
+        if "grid_dependency" not in called and not called & waits:
             missing.append(f"{f}: {name}")
     assert not missing, f"kernels that never call grid_dependency(): {missing}"
 
@@ -81,8 +77,8 @@ BEFORE_WAIT = [
 
 
 def statements_before_wait(b):
-    """The statements of function body b before its first wait, lambda bodies left out."""
-    before = re.sub(r"//[^\n]*|^\s*#[^\n]*", "", b[1:WAIT.search(b).start()], flags=re.M)  # comments, #if lines
+    """The statements of function body b before its first grid_dependency(), lambda bodies left out."""
+    before = re.sub(r"//[^\n]*|^\s*#[^\n]*", "", b[1:b.index("grid_dependency();")], flags=re.M)  # comments, #if lines
     while (m := re.search(r"\[&\][^{;]*\{", before)):
         end = m.end() - 1 + len(body(before, m.end() - 1))
         before = before[:m.end() - 1] + before[end:]
@@ -96,7 +92,7 @@ def refused_before_wait(b):
 
 def test_nothing_but_weights_come_before_the_wait():
     for _, name, b, f in definitions():
-        if not WAIT.search(b) or name in ("grid_dependency", "grid_wait") or name in LATE_WAIT:
+        if "grid_dependency();" not in b or name == "grid_dependency" or name in LATE_WAIT:
             continue
         bad = refused_before_wait(b)
         assert not bad, f"{f}: {name}: {bad[0]!r} before grid_dependency()"

@@ -77,7 +77,7 @@ fn list_items(spec: &str) -> impl Iterator<Item = &str> {
 /// resolved to the known one, or None for every family; N), entries of 0 left out; an error naming the
 /// variable and the entry for a family no GEMV kernel has or an N that is not a number.
 fn parse_family_entries(var: &str, spec: &str) -> Result<Vec<(Option<&'static str>, usize)>> {
-    let families = [&GEMV[..], &GEMV3, &GEMV_SWIGLU, &MOE_GEMV_SWIGLU, &MOE_DOWN_COMBINE, &MOE_EXPERTS].map(gemv_family);
+    let families = [&GEMV[..], &GEMV3, &GEMV_SWIGLU, &MOE_GEMV_SWIGLU, &MOE_DOWN_COMBINE].map(gemv_family);
     let mut entries = Vec::new();
     for item in list_items(spec) {
         let (family, n) = match item.split_once(':') {
@@ -151,9 +151,6 @@ const GEMV3: [&str; 4] = ["gemv3_t1", "gemv3_t1_xs", "gemv3_t8", "gemv3_t8_xs"];
 const GEMV_SWIGLU: [&str; 4] = ["gemv_swiglu_t1", "gemv_swiglu_t1_xs", "gemv_swiglu_t8", "gemv_swiglu_t8_xs"];
 const MOE_GEMV_SWIGLU: [&str; 2] = ["moe_gemv_swiglu", "moe_gemv_swiglu_xs"];
 const MOE_DOWN_COMBINE: [&str; 2] = ["moe_down_combine", "moe_down_combine_xs"];
-/// The MoE block's decode in one launch (gate/up, a grid-wide barrier, down and the combine): only the
-/// staged form exists (`moe_impl` uses it where x and the activations fit in shared memory).
-const MOE_EXPERTS: [&str; 2] = ["moe_experts_xs", "moe_experts_xs"];
 /// Warps of `moe_down_combine` per output element (MD_WPO in matmul.cu; a sweep's other MD_WPO only
 /// moves the grid's size off its fit, the kernel loops over whatever it is given).
 const MOE_DOWN_WARPS: usize = 2;
@@ -489,11 +486,6 @@ pub struct CudaBackend {
     /// MoE decode routing inside the gate/up expert kernel (no moe_route launch);
     /// `QWEN3RS_CUDA_FUSED_ROUTE=0` launches moe_route first.
     fused_route: bool,
-    /// MoE decode's experts in one launch (`moe_experts_xs`) where they fit; `QWEN3RS_CUDA_MOE_FUSED=0`
-    /// launches gate/up and down apart.
-    moe_fused: std::sync::atomic::AtomicBool,
-    /// moe_experts_xs's grid barrier: two words, zero between launches.
-    grid_bar: DevMem,
     /// Warps (logits) per block of the decode router (8; `QWEN3RS_CUDA_ROUTER_WARPS`, 1..=32: fewer
     /// spread its 128 logits over more SMs).
     router_warps: usize,
@@ -671,7 +663,6 @@ impl CudaBackend {
         let trace = std::env::var_os("QWEN3RS_CUDA_TRACE").is_some() && !env_off("QWEN3RS_CUDA_TRACE");
         let replays = env_count("QWEN3RS_CUDA_REPLAYS").unwrap_or(1);
         let argmax = Argmax { dev: None, host: None, cap: 0, done: gpu.event()?, queued: None };
-        let grid_bar = gpu.alloc_zeroed(8)?;
         Ok(CudaBackend {
             gpu,
             ordinal,
@@ -691,8 +682,6 @@ impl CudaBackend {
             fused: !env_off("QWEN3RS_CUDA_FUSED"),
             rope_attn: !env_off("QWEN3RS_CUDA_ROPE_ATTN"),
             fused_route: !env_off("QWEN3RS_CUDA_FUSED_ROUTE"),
-            moe_fused: (!env_off("QWEN3RS_CUDA_MOE_FUSED")).into(),
-            grid_bar,
             router_warps: env_count("QWEN3RS_CUDA_ROUTER_WARPS").unwrap_or(8).min(32),
             split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"),
             split_keys: env_count("QWEN3RS_CUDA_SPLIT_KEYS").unwrap_or(8),
@@ -714,12 +703,6 @@ impl CudaBackend {
     /// as `QWEN3RS_CUDA_MOE_CUBLAS` chooses at construction: lets one test process check both.
     pub fn set_moe_cublas(&self, on: bool) {
         self.moe_cublas.store(on, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// MoE decode's experts in one launch where they fit (`true`, the default) or two, as
-    /// `QWEN3RS_CUDA_MOE_FUSED` chooses at construction: lets one test process check both.
-    pub fn set_moe_fused(&self, on: bool) {
-        self.moe_fused.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// MoE prefill through expert_gemm where it runs (`true`, the default) or not, as
@@ -1358,24 +1341,9 @@ impl CudaBackend {
             // gate·up·SwiGLU per (pair, expert row), then the down projection with the weighted
             // combine in it, MOE_DOWN_WARPS warps per output element. Gate/up read the rows the router normed.
             let (gp, upp, dp) = (moe.gate.ptr, moe.up.ptr, moe.down.ptr);
+            let (module, name, grid, smem) = self.gemv_plan(&MOE_GEMV_SWIGLU, 1, h, t * h, p * inter)?;
             let (xin, nw) = if x_normed != 0 { (x_normed, 0) } else { (xp, nw) };
             let logits = if self_routed { probs } else { 0u64 };
-            let o = out.mem.ptr;
-            // One launch where x and the activations both fit in shared memory (moe_experts_xs).
-            let staged = (t * h).max(p * inter) * es;
-            if self.moe_fused.load(std::sync::atomic::Ordering::Relaxed) && staged <= GEMV_SMEM_X {
-                let (module, name, grid, smem) = self.gemv_plan(&MOE_EXPERTS, 1, h, staged / es, (p * inter).max(t * h))?;
-                let bar = self.grid_bar.ptr;
-                return self.gpu.launch(
-                    module,
-                    name,
-                    grid,
-                    256,
-                    smem,
-                    args![o, act, xin, gp, upp, dp, ids, weights, logits, bar, ei, renorm, e0, held, ki, pi, ii, hi, nw, eps],
-                );
-            }
-            let (module, name, grid, smem) = self.gemv_plan(&MOE_GEMV_SWIGLU, 1, h, t * h, p * inter)?;
             self.gpu.launch(
                 module,
                 name,
@@ -1385,6 +1353,7 @@ impl CudaBackend {
                 args![act, xin, gp, upp, ids, weights, logits, ei, renorm, e0, held, ki, pi, ii, hi, nw, eps],
             )?;
             let (module, name, grid, smem) = self.gemv_plan(&MOE_DOWN_COMBINE, 1, inter, p * inter, t * h * MOE_DOWN_WARPS)?;
+            let o = out.mem.ptr;
             return self.gpu.launch(module, name, grid, 256, smem, args![o, act, dp, ids, weights, ti, ki, hi, ii]);
         }
         if on_wgmma {

@@ -67,48 +67,16 @@ __device__ float block_sum(float v) {
 // Programmatic dependent launch (gpu.rs `launch`, sm_90+): a kernel may start while the kernel ahead
 // of it on the stream is still running. Every kernel calls grid_dependency() before it reads or
 // writes any activation, cache or scratch buffer: it waits until the kernel ahead has completed and
-// its writes are visible (grid_wait), then lets the kernel behind start its own prologue
-// (launch_dependents; moe_experts_xs, whose second half waits for its own grid, calls the two apart). Before it a kernel may
+// its writes are visible, then lets the kernel behind start its own prologue. Before it a kernel may
 // only read weights (load_batch, load_norm_weight, prefetch_lines) and host metadata (the decode
 // attention; tests/test_kernel_sources.py checks both). No-op without PDL or below sm_90.
 __device__ __forceinline__ void tl_waited();
-__device__ __forceinline__ void grid_wait() {
+__device__ __forceinline__ void grid_dependency() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-    tl_waited();
-}
-__device__ __forceinline__ void launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
-}
-__device__ __forceinline__ void grid_dependency() {
-    grid_wait();
-    launch_dependents();
-}
-
-// Every block of the grid waits here for every other (bar: two words of device memory, zero before the
-// grid's first use, left zero after each; the grid's blocks must all be resident at once: a persistent
-// grid of at most the kernel's occupancy). bar[0] counts arrivals; the last block to arrive resets it and
-// bumps the generation bar[1], which the others wait to see change. Writes before it, fenced here, are
-// seen after it by reads that skip L1 (ld.global.cg: L1 is not coherent).
-__device__ __forceinline__ void grid_barrier(unsigned* bar) {
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        volatile unsigned* gen = bar + 1;
-        const unsigned g = *gen;
-        __threadfence();
-        if (atomicAdd(bar, 1u) == gridDim.x - 1) {
-            bar[0] = 0u;
-            __threadfence();
-            atomicAdd(bar + 1, 1u);
-        } else {
-            while (*gen == g) __nanosleep(32);
-        }
-        __threadfence();
-    }
-    __syncthreads();
+    tl_waited();
 }
 
 // Block timeline (profiling only: QWEN3RS_CUDA_DEFINES=BLOCK_TIMELINE=1, dumped by gpu.rs when

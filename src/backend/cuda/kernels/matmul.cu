@@ -152,23 +152,18 @@ __device__ __forceinline__ void row_dot_pair(float* a, float* b, const act_t* ar
 #ifndef RD_UNROLL  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define RD_UNROLL 3
 #endif
-// Lane r's next RD_UNROLL 16-byte loads of each row r from vector i0 on (zeros past kv or for a null row).
-template <int NR>
-__device__ __forceinline__ void rows_load(uint4 (&v)[NR][RD_UNROLL], const act_t* const* w, int i0, int kv) {
-#pragma unroll
-    for (int r = 0; r < NR; r++) {
-#pragma unroll
-        for (int u = 0; u < RD_UNROLL; u++) {
-            int i = i0 + u * 32;
-            v[r][u] = w[r] && i < kv ? ld_weight(reinterpret_cast<const uint4*>(w[r]) + i) : make_uint4(0u, 0u, 0u, 0u);
-        }
-    }
-}
-// With `loaded`, v holds the rows' first loads already (rows_load from the lane's first vector).
 template <int NR, bool XS>
-__device__ __forceinline__ void rows_dot(float* a, const act_t* const* w, const act_t* const* x, int kv, uint4 (&v)[NR][RD_UNROLL], bool loaded) {
-    for (int i0 = threadIdx.x & 31; i0 < kv; i0 += 32 * RD_UNROLL, loaded = false) {
-        if (!loaded) rows_load<NR>(v, w, i0, kv);
+__device__ __forceinline__ void rows_dot(float* a, const act_t* const* w, const act_t* const* x, int kv) {
+    for (int i0 = threadIdx.x & 31; i0 < kv; i0 += 32 * RD_UNROLL) {
+        uint4 v[NR][RD_UNROLL];
+#pragma unroll
+        for (int r = 0; r < NR; r++) {
+#pragma unroll
+            for (int u = 0; u < RD_UNROLL; u++) {
+                int i = i0 + u * 32;
+                v[r][u] = w[r] && i < kv ? ld_weight(reinterpret_cast<const uint4*>(w[r]) + i) : make_uint4(0u, 0u, 0u, 0u);
+            }
+        }
 #pragma unroll
         for (int r = 0; r < NR; r++) {
 #pragma unroll
@@ -528,18 +523,14 @@ extern "C" __global__ void __launch_bounds__(256) grouped_gemm(act_t* out, const
 // Routing: with `logits` (router_logits' [T, E] f32, E <= ROUTE_MAX_E) every block routes the T rows
 // itself (route_rows, into shared memory: no moe_route launch) and block 0 also stores ids / weights
 // [P] for moe_down_combine; without, ids come from moe_route.
-// Returns the pairs' expert ids (in shared memory where the block routed, else `ids`); with route_w the
-// block's routing also leaves the weights there (moe_experts_xs), and the kernel behind is left to start
-// when the caller says so (launch_dependents).
 template <bool XS>
-__device__ __forceinline__ const int* moe_gemv_swiglu_rows(act_t* act, const act_t* x, const act_t* gate, const act_t* up,
+__device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x, const act_t* gate, const act_t* up,
     int* ids, float* weights, const float* logits, int E, int norm_topk, int e0, int held,
-    int k, int P, int N, int K, const act_t* nw, float eps, float* route_w = nullptr) {
+    int k, int P, int N, int K, const act_t* nw, float eps) {
     __shared__ __align__(16) float route_p[GEMV_MAX_ROWS][ROUTE_MAX_E];
     __shared__ int route_sel[GEMV_MAX_ROWS * MAX_TOP_K], route_ids[GEMV_MAX_ROWS * MAX_TOP_K];
     const NormW nwr = load_norm_weight(nw, K);
-    grid_wait();
-    if (!route_w) launch_dependents();
+    grid_dependency();
     const int lane = threadIdx.x & 31;
     const int* chosen = ids;
     if (logits) {
@@ -548,7 +539,7 @@ __device__ __forceinline__ const int* moe_gemv_swiglu_rows(act_t* act, const act
         for (int off = threadIdx.x * 128; off < x_bytes; off += blockDim.x * 128)
             asm volatile("prefetch.global.L1 [%0];" :: "l"(reinterpret_cast<const char*>(x) + off));
         const bool store = blockIdx.x == 0;
-        route_rows(logits, P / k, &route_p[0][0], ROUTE_MAX_E, route_sel, route_ids, route_w, store ? ids : nullptr,
+        route_rows(logits, P / k, &route_p[0][0], ROUTE_MAX_E, route_sel, route_ids, nullptr, store ? ids : nullptr,
             store ? weights : nullptr, E, k, norm_topk, e0, held);
         chosen = route_ids;  // stage_input's barrier below makes it visible to every warp
         TL_MARK(1, 0.f);
@@ -566,7 +557,6 @@ __device__ __forceinline__ const int* moe_gemv_swiglu_rows(act_t* act, const act
         float gs = warp_sum(g[0]), us = warp_sum(u[0]);
         if (lane == 0) act[(size_t)p * N + n] = from_f(rnd(silu(rnd(gs))) * rnd(us));
     }
-    return chosen;
 }
 
 // The experts' second half and the weighted combine for decode: out [T, N], out[t, n] = Σ_s round(weight[t,s]
@@ -614,8 +604,7 @@ __device__ __forceinline__ void moe_down_combine_rows(act_t* out, const act_t* a
                 xr[r] = used ? xs + (size_t)(t * k + s) * K : xs;
                 a[r] = 0.f;
             }
-            uint4 v[MD_SLOTS][RD_UNROLL];
-            rows_dot<MD_SLOTS, XS>(a, wr, xr, K / VEC, v, false);
+            rows_dot<MD_SLOTS, XS>(a, wr, xr, K / VEC);
 #pragma unroll
             for (int r = 0; r < MD_SLOTS; r++) {
                 if (!wr[r]) continue;  // warp-uniform
@@ -632,78 +621,6 @@ __device__ __forceinline__ void moe_down_combine_rows(act_t* out, const act_t* a
             }
             if (lane == 0) out[(size_t)t * N + n] = from_f(acc);
         }
-    }
-}
-
-// The whole MoE block of a decode step in one launch (act and x staged: the host's condition): the
-// gate/up rows of moe_gemv_swiglu_rows, then, after a grid-wide barrier on every block's activations,
-// what moe_down_combine computes, a warp an output (its k slots in rounds of MX_SLOTS rows, summed and
-// rounded in slot order as there: the same bits). Before the barrier each warp loads its first output's
-// first round of down rows into registers, so that those loads fill the memory system while the slowest
-// warps finish their gate/up rows, where two launches left it idle from the gate/up tail through down's
-// wait and staging (RESULTS.md run 34.5). The kernel behind starts after the barrier, as it did after
-// moe_down_combine's wait. `bar`: grid_barrier's two words; the grid must be resident at once
-// (persistent_grid). logits null: ids / weights come from moe_route. out [T, H]; gate/up [E, I, H],
-// down [E, H, I]; act [P, I] scratch.
-#ifndef MX_SLOTS  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
-#define MX_SLOTS 4
-#endif
-extern "C" __global__ void GV_BOUNDS moe_experts_xs(act_t* out, act_t* act, const act_t* x, const act_t* gate, const act_t* up,
-    const act_t* down, int* ids, float* weights, const float* logits, unsigned* bar, int E, int norm_topk, int e0, int held, int k,
-    int P, int I, int H, const act_t* nw, float eps) {
-    TIMELINE("moe_experts_xs");
-    extern __shared__ uint4 x_shared[];
-    __shared__ float route_w[GEMV_MAX_ROWS * MAX_TOP_K];
-    const int* chosen = moe_gemv_swiglu_rows<true>(act, x, gate, up, ids, weights, logits, E, norm_topk, e0, held, k, P, I, H, nw,
-        eps, route_w);
-    const float* wts = logits ? route_w : weights;
-    const int lane = threadIdx.x & 31, T = P / k, kv = I / VEC;
-    // Output o's rows of slots s0 .. s0 + MX_SLOTS - 1 (null: past k, or weight 0: another rank's expert).
-    const act_t* wr[MX_SLOTS];
-    float wt[MX_SLOTS];
-    auto slots = [&](int o, int s0) {
-        const int t = o / H, n = o % H;
-#pragma unroll
-        for (int r = 0; r < MX_SLOTS; r++) {
-            const int s = s0 + r;
-            wt[r] = s < k ? wts[t * k + s] : 0.f;
-            wr[r] = wt[r] != 0.f ? down + ((size_t)chosen[t * k + s] * H + n) * I : nullptr;
-        }
-    };
-    uint4 v[MX_SLOTS][RD_UNROLL];
-    int o = warp_id_global();
-    if (o < T * H) {
-        slots(o, 0);
-        rows_load<MX_SLOTS>(v, wr, lane, kv);
-    }
-    TL_MARK(2, 0.f);  // timeline builds: the block's gate/up rows done, its first down rows asked for
-    grid_barrier(bar);
-    TL_MARK(3, 0.f);  // timeline builds: past the grid barrier
-    launch_dependents();
-    // Every block's activations into shared memory (x's rows are done with), through L2: they were
-    // written in this launch, and L1 is not coherent.
-    for (int i = threadIdx.x; i < P * kv; i += blockDim.x) x_shared[i] = __ldcg(reinterpret_cast<const uint4*>(act) + i);
-    __syncthreads();
-    const act_t* xs = reinterpret_cast<const act_t*>(x_shared);
-    for (bool first = true; o < T * H; o += warps_global(), first = false) {  // warp-uniform
-        const int t = o / H;
-        float acc = 0.f;
-        for (int s0 = 0; s0 < k; s0 += MX_SLOTS) {
-            const bool loaded = first && s0 == 0;
-            if (!loaded) slots(o, s0);
-            const act_t* xr[MX_SLOTS];
-            float a[MX_SLOTS];
-#pragma unroll
-            for (int r = 0; r < MX_SLOTS; r++) {
-                xr[r] = xs + (size_t)(t * k + min(s0 + r, k - 1)) * I;
-                a[r] = 0.f;
-            }
-            rows_dot<MX_SLOTS, true>(a, wr, xr, kv, v, loaded);
-#pragma unroll
-            for (int r = 0; r < MX_SLOTS; r++)
-                if (wr[r]) acc = rnd(acc + rnd(rnd(warp_sum(a[r])) * wt[r]));  // warp-uniform
-        }
-        if (lane == 0) out[o] = from_f(acc);
     }
 }
 
