@@ -434,16 +434,6 @@ fn products_fused_with_the_block_input_norm() {
                     let label = format!("norm + {what} T={t} K={k} delta={}", d.is_some());
                     check(&format!("{label}: x_out"), dtype, &gx, &cx, 0.0);
                     check(&label, dtype, &go, &co, bar);
-                    if let Fed::Moe(_) = fed {
-                        // Decode's router apart (router_logits) instead of inside the experts' gate/up
-                        // launch (moe_router_gemv_swiglu_xs, sm_90): the same bits.
-                        g.set_router_cluster(0);
-                        let apart = run_block_input(&g, &x, d, t, *k, &w, fed);
-                        g.set_router_cluster(8);
-                        let differ =
-                            go.iter().chain(&gx).zip(apart.1.iter().chain(&apart.0)).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-                        assert_eq!(differ, 0, "{label}: {differ} values differ with the router apart");
-                    }
                 }
             }
         }

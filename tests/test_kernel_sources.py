@@ -69,10 +69,9 @@ BEFORE_WAIT = [
     r"(const )?(int|bool) \w+ = [^\[]*",  # no indexing: no memory read
     r"(const )?(act_t\*|const act_t\*|int) \w+",  # a declaration
     r"uint4 \w+\[GV_UNROLL\](, \w+\[GV_UNROLL\])*",
-    r"(if \(\w+\) )?load_batch\(\w+, (w|gate|up|router) \+ .*",
+    r"(if \(early\) )?load_batch\(\w+, (w|gate|up|router) \+ .*",
     r"const NormW \w+ = load_norm_weight\(nw, \w+\)",
     r"if \(early\)",
-    r"cluster_arrive\(\)",  # a barrier arrival: no memory read
     r'TIMELINE\("\w+"\)',  # profiling builds only: a block's own record (common.cuh Timeline)
 ]
 

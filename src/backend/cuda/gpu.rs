@@ -235,8 +235,6 @@ pub struct Gpu {
     occupancy: Mutex<HashMap<LaunchShape, u32>>,
     /// The most threads a block of (module, kernel) takes: its launch bounds (`max_threads`).
     threads: Mutex<HashMap<(&'static str, &'static str), u32>>,
-    /// Clusters resident at once by (launch shape, cluster size): `cluster_grid`.
-    clusters: Mutex<HashMap<(LaunchShape, u32), u32>>,
     mode: Mutex<ModeState>,
     /// Device arrays of matrix pointers for `grouped_gemm` (grow-only; each upload is ordered on
     /// the stream after the GEMMs that read the previous contents).
@@ -295,15 +293,6 @@ fn allow_smem(f: Func, name: &str, smem: u32) -> Result<()> {
 }
 
 /// Clusters of more than 8 blocks (the portable limit; sm_90 takes 16) need the function's leave.
-/// The launch attribute for clusters of `cluster` blocks along x or z.
-fn cluster_attr(cluster: u32, along_x: bool) -> sys::CUlaunchAttribute {
-    // SAFETY: an all-zero CUlaunchAttribute is valid plain data; id and value are set below.
-    let mut a: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-    a.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-    (a.value.clusterDim.x, a.value.clusterDim.y, a.value.clusterDim.z) = if along_x { (cluster, 1, 1) } else { (1, 1, cluster) };
-    a
-}
-
 fn allow_cluster(f: Func, name: &str, cluster: u32) -> Result<()> {
     if cluster > 8 {
         // SAFETY: `f` is a live function; allowing non-portable cluster sizes is always valid.
@@ -366,7 +355,6 @@ impl Gpu {
                 funcs: Mutex::new(HashMap::new()),
                 occupancy: Mutex::new(HashMap::new()),
                 threads: Mutex::new(HashMap::new()),
-                clusters: Mutex::new(HashMap::new()),
                 mode: Mutex::new(ModeState { mode: Mode::Eager, hash: HASH_START }),
                 ptr_arrays: Mutex::new(None),
             };
@@ -647,59 +635,6 @@ impl Gpu {
         Ok((per_sm * self.sms).min(useful.max(1) as u32))
     }
 
-    /// `persistent_grid` for a launch in clusters of `cluster` blocks along x: as many whole clusters as
-    /// the GPU holds at once (cuOccupancyMaxActiveClusters: the GPCs' sizes decide, not only the SMs'),
-    /// and no more than cover `useful` blocks.
-    pub fn cluster_grid(
-        &self,
-        module: &'static str,
-        name: &'static str,
-        block: u32,
-        smem: u32,
-        cluster: u32,
-        useful: usize,
-    ) -> Result<u32> {
-        let key = ((module, name, block, smem), cluster);
-        let poisoned = || Error::Device("cluster occupancy table poisoned".into());
-        let cached = self.clusters.lock().map_err(|_| poisoned())?.get(&key).copied();
-        let clusters = match cached {
-            Some(c) => c,
-            None => {
-                let c = self.max_active_clusters(module, name, block, smem, cluster)?;
-                self.clusters.lock().map_err(|_| poisoned())?.insert(key, c);
-                c
-            }
-        };
-        let per_sm = self.blocks_per_sm.map_or(u32::MAX, |cap| cap * self.sms / cluster);
-        Ok(clusters.min(per_sm.max(1)).min(useful.div_ceil(cluster as usize).max(1) as u32) * cluster)
-    }
-
-    fn max_active_clusters(&self, module: &'static str, name: &'static str, block: u32, smem: u32, cluster: u32) -> Result<u32> {
-        self.bind()?;
-        let f = self.function(module, name)?;
-        allow_smem(f, name, smem)?;
-        allow_cluster(f, name, cluster)?;
-        let mut attr = cluster_attr(cluster, true);
-        let config = sys::CUlaunchConfig {
-            gridDimX: cluster * self.sms,
-            gridDimY: 1,
-            gridDimZ: 1,
-            blockDimX: block,
-            blockDimY: 1,
-            blockDimZ: 1,
-            sharedMemBytes: smem,
-            hStream: self.h.stream,
-            attrs: &mut attr,
-            numAttrs: 1,
-        };
-        let mut clusters = 0i32;
-        // SAFETY: `f` is a live function of this context; `config` and `attr` outlive the call.
-        unsafe { sys::cuOccupancyMaxActiveClusters(&mut clusters, f.0, &config) }
-            .result()
-            .map_err(|e| drv_err(&format!("{name}: cluster occupancy"), e))?;
-        Ok(clusters.max(1) as u32)
-    }
-
     /// The most threads a block of `module::name` may have: its `__launch_bounds__`, where it sets one
     /// (a kernel whose block size is a tunable constant: the host asks it here).
     pub fn max_threads(&self, module: &'static str, name: &'static str) -> Result<u32> {
@@ -730,9 +665,8 @@ impl Gpu {
         self.launch_cluster(module, name, grid, block, smem, 1, args)
     }
 
-    /// `launch` with the grid's blocks in clusters of `cluster` consecutive z indices, or x indices where
-    /// the grid is one-dimensional (sm_90+, at most 16; that dimension a multiple of it): a cluster's
-    /// blocks run at once and share their shared memory.
+    /// `launch` with the grid's blocks in clusters of `cluster` consecutive z indices (sm_90+, at most
+    /// 16; grid.2 a multiple of it): a cluster's blocks run at once and share their shared memory.
     #[allow(clippy::too_many_arguments)]
     pub fn launch_cluster(
         &self,
@@ -747,12 +681,11 @@ impl Gpu {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 || self.skip.iter().any(|s| s == name) {
             return Ok(());
         }
-        let along_x = grid.1 == 1 && grid.2 == 1;
-        let clustered = if along_x { grid.0 } else { grid.2 };
         crate::ensure!(
-            cluster >= 1 && clustered.is_multiple_of(cluster) && (cluster == 1 || self.arch.0 >= 9),
+            cluster >= 1 && grid.2.is_multiple_of(cluster) && (cluster == 1 || self.arch.0 >= 9),
             InvalidArgument,
-            "{name}: clusters of {cluster} blocks for a grid of {grid:?} (sm_{}{})",
+            "{name}: clusters of {cluster} blocks for a grid of {} (sm_{}{})",
+            grid.2,
             self.arch.0,
             self.arch.1
         );
@@ -806,7 +739,10 @@ impl Gpu {
             n += 1;
         }
         if cluster > 1 {
-            attrs[n] = cluster_attr(cluster, along_x);
+            attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+            attrs[n].value.clusterDim.x = 1;
+            attrs[n].value.clusterDim.y = 1;
+            attrs[n].value.clusterDim.z = cluster;
             n += 1;
         }
         let config = sys::CUlaunchConfig {

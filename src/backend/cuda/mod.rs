@@ -77,7 +77,7 @@ fn list_items(spec: &str) -> impl Iterator<Item = &str> {
 /// resolved to the known one, or None for every family; N), entries of 0 left out; an error naming the
 /// variable and the entry for a family no GEMV kernel has or an N that is not a number.
 fn parse_family_entries(var: &str, spec: &str) -> Result<Vec<(Option<&'static str>, usize)>> {
-    let families = [&GEMV[..], &GEMV3, &GEMV_SWIGLU, &MOE_GEMV_SWIGLU, &MOE_DOWN_COMBINE, &MOE_ROUTER_GEMV_SWIGLU].map(gemv_family);
+    let families = [&GEMV[..], &GEMV3, &GEMV_SWIGLU, &MOE_GEMV_SWIGLU, &MOE_DOWN_COMBINE].map(gemv_family);
     let mut entries = Vec::new();
     for item in list_items(spec) {
         let (family, n) = match item.split_once(':') {
@@ -151,9 +151,6 @@ const GEMV3: [&str; 4] = ["gemv3_t1", "gemv3_t1_xs", "gemv3_t8", "gemv3_t8_xs"];
 const GEMV_SWIGLU: [&str; 4] = ["gemv_swiglu_t1", "gemv_swiglu_t1_xs", "gemv_swiglu_t8", "gemv_swiglu_t8_xs"];
 const MOE_GEMV_SWIGLU: [&str; 2] = ["moe_gemv_swiglu", "moe_gemv_swiglu_xs"];
 const MOE_DOWN_COMBINE: [&str; 2] = ["moe_down_combine", "moe_down_combine_xs"];
-/// The router inside the experts' gate/up (decode, sm_90 clusters): only the staged form exists
-/// (`router_in_experts` says where it runs).
-const MOE_ROUTER_GEMV_SWIGLU: [&str; 2] = ["moe_router_gemv_swiglu_xs", "moe_router_gemv_swiglu_xs"];
 /// Warps of `moe_down_combine` per output element (MD_WPO in matmul.cu; a sweep's other MD_WPO only
 /// moves the grid's size off its fit, the kernel loops over whatever it is given).
 const MOE_DOWN_WARPS: usize = 2;
@@ -489,9 +486,6 @@ pub struct CudaBackend {
     /// MoE decode routing inside the gate/up expert kernel (no moe_route launch);
     /// `QWEN3RS_CUDA_FUSED_ROUTE=0` launches moe_route first.
     fused_route: bool,
-    /// Blocks a cluster of the decode router inside the experts' gate/up launch (8, sm_90+;
-    /// `QWEN3RS_CUDA_ROUTER_CLUSTER=N`, 2..=16; 0 or 1: router_logits and the experts apart).
-    router_cluster: std::sync::atomic::AtomicUsize,
     /// Warps (logits) per block of the decode router (8; `QWEN3RS_CUDA_ROUTER_WARPS`, 1..=32: fewer
     /// spread its 128 logits over more SMs).
     router_warps: usize,
@@ -688,12 +682,6 @@ impl CudaBackend {
             fused: !env_off("QWEN3RS_CUDA_FUSED"),
             rope_attn: !env_off("QWEN3RS_CUDA_ROPE_ATTN"),
             fused_route: !env_off("QWEN3RS_CUDA_FUSED_ROUTE"),
-            router_cluster: (if env_off("QWEN3RS_CUDA_ROUTER_CLUSTER") {
-                0
-            } else {
-                env_count("QWEN3RS_CUDA_ROUTER_CLUSTER").unwrap_or(8).min(16)
-            })
-            .into(),
             router_warps: env_count("QWEN3RS_CUDA_ROUTER_WARPS").unwrap_or(8).min(32),
             split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"),
             split_keys: env_count("QWEN3RS_CUDA_SPLIT_KEYS").unwrap_or(8),
@@ -715,12 +703,6 @@ impl CudaBackend {
     /// as `QWEN3RS_CUDA_MOE_CUBLAS` chooses at construction: lets one test process check both.
     pub fn set_moe_cublas(&self, on: bool) {
         self.moe_cublas.store(on, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Blocks a cluster of decode's router inside the experts' gate/up (0: router_logits apart), as
-    /// `QWEN3RS_CUDA_ROUTER_CLUSTER` chooses at construction: lets one test process check both.
-    pub fn set_router_cluster(&self, blocks: usize) {
-        self.router_cluster.store(blocks.min(16), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// MoE prefill through expert_gemm where it runs (`true`, the default) or not, as
@@ -1323,17 +1305,6 @@ impl CudaBackend {
         // With a fused norm (decode only, checked above) the router also stores the normed rows, and
         // the experts read them.
         let x_normed = if nw != 0 { x_normed } else { 0 };
-        if decode && nw != 0 && self.router_in_experts(t, h, e) {
-            // Decode with the block's norm: the router inside the experts' gate/up launch, its logits
-            // computed by each cluster (moe_router_gemv_swiglu_xs), then down and the combine.
-            let c = self.router_cluster.load(std::sync::atomic::Ordering::Relaxed) as u32;
-            let (module, name, _, smem) = self.gemv_plan(&MOE_ROUTER_GEMV_SWIGLU, 1, h, t * h, p * inter)?;
-            let grid = self.gpu.cluster_grid(module, name, 256, smem, c, (p * inter).div_ceil(8))?;
-            let (gp, upp) = (moe.gate.ptr, moe.up.ptr);
-            let args = args![act, xp, delta, x_out, rp, gp, upp, ids, weights, ei, renorm, e0, held, ki, pi, ii, hi, nw, eps];
-            self.gpu.launch_cluster(module, name, (grid, 1, 1), 256, smem, c, args)?;
-            return self.moe_down(out, moe, act, ids, weights, t);
-        }
         if t > GEMV_MAX_ROWS && nw == 0 {
             // Prefill: a GEMM (router_logits, a warp per logit, took 233 µs a layer for 2,048 rows of
             // Qwen3-30B-A3B: RESULTS.md run 16.1).
@@ -1369,7 +1340,7 @@ impl CudaBackend {
             // Decode: GEMVs over the rows of the chosen experts only (no sort, every warp busy):
             // gate·up·SwiGLU per (pair, expert row), then the down projection with the weighted
             // combine in it, MOE_DOWN_WARPS warps per output element. Gate/up read the rows the router normed.
-            let (gp, upp) = (moe.gate.ptr, moe.up.ptr);
+            let (gp, upp, dp) = (moe.gate.ptr, moe.up.ptr, moe.down.ptr);
             let (module, name, grid, smem) = self.gemv_plan(&MOE_GEMV_SWIGLU, 1, h, t * h, p * inter)?;
             let (xin, nw) = if x_normed != 0 { (x_normed, 0) } else { (xp, nw) };
             let logits = if self_routed { probs } else { 0u64 };
@@ -1381,7 +1352,9 @@ impl CudaBackend {
                 smem,
                 args![act, xin, gp, upp, ids, weights, logits, ei, renorm, e0, held, ki, pi, ii, hi, nw, eps],
             )?;
-            return self.moe_down(out, moe, act, ids, weights, t);
+            let (module, name, grid, smem) = self.gemv_plan(&MOE_DOWN_COMBINE, 1, inter, p * inter, t * h * MOE_DOWN_WARPS)?;
+            let o = out.mem.ptr;
+            return self.gpu.launch(module, name, grid, 256, smem, args![o, act, dp, ids, weights, ti, ki, hi, ii]);
         }
         if on_wgmma {
             return self.moe_expert_gemm(out, x, moe, [ids, weights, sorted, pair_pos, tile_e, tile_row0, tile_rows, act, y]);
@@ -1418,25 +1391,6 @@ impl CudaBackend {
         // 4. Weighted sum per row, in ascending expert order.
         let o = out.mem.ptr;
         self.gpu.launch("moe", "moe_combine", (self.vec_blocks(h), t as u32, 1), 256, 0, args![o, y, pair_pos, weights, ki, hi])
-    }
-
-    /// MoE decode's second half: the down projection with the weighted combine (moe_down_combine),
-    /// MOE_DOWN_WARPS warps an output element, from the activations and choices of the gate/up launch.
-    fn moe_down(&self, out: &mut CudaBuf, moe: &CudaMoe, act: u64, ids: u64, weights: u64, t: usize) -> Result<()> {
-        let (h, k, inter, p) = (moe.hidden, moe.top_k, moe.inter, t * moe.top_k);
-        let (module, name, grid, smem) = self.gemv_plan(&MOE_DOWN_COMBINE, 1, inter, p * inter, t * h * MOE_DOWN_WARPS)?;
-        let (o, dp, (ti, ki, hi, ii)) = (out.mem.ptr, moe.down.ptr, (t as i32, k as i32, h as i32, inter as i32));
-        self.gpu.launch(module, name, grid, 256, smem, args![o, act, dp, ids, weights, ti, ki, hi, ii])
-    }
-
-    /// Whether decode's router goes inside the experts' gate/up launch (moe_router_gemv_swiglu_xs) for
-    /// `t` rows of `h` and `e` experts: clusters on (sm_90+), the rows staged, the block routing for itself.
-    fn router_in_experts(&self, t: usize, h: usize, e: usize) -> bool {
-        self.router_cluster.load(std::sync::atomic::Ordering::Relaxed) > 1
-            && self.gpu.arch.0 >= 9
-            && self.fused_route
-            && e <= ROUTE_MAX_E
-            && t * h * self.esize() <= GEMV_SMEM_X
     }
 
     /// Decode attention, if this batch (at most GEMV_MAX_ROWS rows) and head shape have a kernel:

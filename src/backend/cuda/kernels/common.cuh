@@ -168,41 +168,14 @@ __device__ __forceinline__ void cluster_sync() {
 #endif
 }
 
-// cluster_sync in two halves: every thread arrives (no memory ordering), then waits for the cluster's
-// arrivals. A block may reach into another's shared memory only once that block has started: an
-// arrive early in the kernel and a wait before the first such access make sure of it.
-__device__ __forceinline__ void cluster_arrive() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void cluster_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
-#else
-    __syncthreads();
-#endif
-}
-
-// This block's rank in its cluster (0 without a cluster launch).
-__device__ __forceinline__ unsigned cluster_rank() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    unsigned r;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-    return r;
-#else
-    return 0;
-#endif
-}
-
 // `p` (in this block's shared memory) as a generic address of the same place in cluster block
-// `rank`'s shared memory: ordinary loads and stores reach it there.
+// `rank`'s shared memory: ordinary loads read it there.
 template <class T>
-__device__ __forceinline__ T* cluster_ptr(T* p, unsigned rank) {
+__device__ __forceinline__ const T* cluster_ptr(const T* p, unsigned rank) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     unsigned long long r;
     asm volatile("mapa.u64 %0, %1, %2;" : "=l"(r) : "l"(p), "r"(rank));
-    return reinterpret_cast<T*>(r);
+    return reinterpret_cast<const T*>(r);
 #else
     return p;
 #endif

@@ -512,26 +512,6 @@ extern "C" __global__ void __launch_bounds__(256) grouped_gemm(act_t* out, const
     }
 }
 
-// The gate/up rows of MoE decode: act[p, n] = swiglu(x row p / k · gate[e] row n, · up[e] row n) for
-// every pair p of the P and row n of the N, e = chosen[p] (negative: another rank's expert, skipped);
-// a warp a (p, n), over the persistent grid. xs: the T rows of x (staged with XS).
-template <bool XS>
-__device__ __forceinline__ void moe_gate_up_rows(act_t* act, const act_t* xs, const act_t* gate, const act_t* up, const int* chosen,
-    int T, int P, int N, int K) {
-    const int lane = threadIdx.x & 31, k = P / T;
-    for (int r = warp_id_global(); r < P * N; r += warps_global()) {
-        int p = r / N, n = r % N;
-        if (chosen[p] < 0) continue;  // another rank's expert (expert parallelism)
-        size_t off = ((size_t)chosen[p] * N + n) * K;
-        const act_t* xr = xs + (size_t)(p / k) * K;
-        float g[1] = {0.f}, u[1] = {0.f};
-        uint4 gv[GV_UNROLL], uv[GV_UNROLL];
-        row_dot_pair<1, XS>(g, u, gate + off, up + off, xr, 1, K / VEC, gv, uv, false);
-        float gs = warp_sum(g[0]), us = warp_sum(u[0]);
-        if (lane == 0) act[(size_t)p * N + n] = from_f(rnd(silu(rnd(gs))) * rnd(us));
-    }
-}
-
 // MoE decode: only the chosen experts' weights are read, with expert ids from device memory (no host
 // sync, no sorting). Pair p = t*k + s (moe_route's order); ids [P] local expert ids, -1 for other ranks'
 // experts (expert parallelism), skipped. Weights are [E, N, K].
@@ -551,6 +531,7 @@ __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x,
     __shared__ int route_sel[GEMV_MAX_ROWS * MAX_TOP_K], route_ids[GEMV_MAX_ROWS * MAX_TOP_K];
     const NormW nwr = load_norm_weight(nw, K);
     grid_dependency();
+    const int lane = threadIdx.x & 31;
     const int* chosen = ids;
     if (logits) {
         // x's rows into L1 while the block routes (stage_input reads them next).
@@ -565,61 +546,17 @@ __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x,
     }
     const act_t* xs = stage_input<GEMV_MAX_ROWS, XS>(x, P / k, K, nullptr, nullptr, nw, eps, nwr);
     if (!XS && logits) __syncthreads();  // (stage_input without staging has no barrier)
-    moe_gate_up_rows<XS>(act, xs, gate, up, chosen, P / k, P, N, K);
-}
-
-// The MoE block's decode router inside the experts' gate/up (sm_90, a cluster launch of C blocks along
-// x): each cluster computes the router's logits itself, a warp an expert (its router row's first batch,
-// and the next expert's, loaded before the wait), every warp storing its logits into the shared memory
-// of every block of its cluster; after one cluster barrier each block routes for itself as
-// moe_gemv_swiglu does. One launch less than router_logits + moe_gemv_swiglu, and no trip of the logits
-// through L2 (RESULTS.md run 34.7). x, delta, x_out, nw, eps: the block input before its residual add, as
-// router_logits takes them (block 0 stores the residual x_out); the normed rows stay in shared memory.
-// The logits are router_logits' bits (row_dot over the same normed rows).
-extern "C" __global__ void GV_BOUNDS moe_router_gemv_swiglu_xs(act_t* act, const act_t* x, const act_t* delta, act_t* x_out,
-    const act_t* router, const act_t* gate, const act_t* up, int* ids, float* weights, int E, int norm_topk, int e0, int held,
-    int k, int P, int N, int K, const act_t* nw, float eps) {
-    TIMELINE("moe_router_gemv_swiglu_xs");
-    __shared__ __align__(16) float route_p[GEMV_MAX_ROWS][ROUTE_MAX_E];
-    __shared__ float route_lg[GEMV_MAX_ROWS * ROUTE_MAX_E];
-    __shared__ int route_sel[GEMV_MAX_ROWS * MAX_TOP_K], route_ids[GEMV_MAX_ROWS * MAX_TOP_K];
-    const int lane = threadIdx.x & 31, T = P / k, kv = K / VEC;
-    const int cw = (int)cluster_rank() * (blockDim.x >> 5) + (threadIdx.x >> 5), cwarps = (int)cluster_blocks() * (blockDim.x >> 5);
-    const bool first = cw < E, second = cw + cwarps < E;
-    uint4 rv0[GV_UNROLL], rv1[GV_UNROLL];
-    if (first) load_batch(rv0, router + (size_t)cw * K, lane, kv);
-    if (second) load_batch(rv1, router + (size_t)(cw + cwarps) * K, lane, kv);
-    const NormW nwr = load_norm_weight(nw, K);
-    cluster_arrive();  // every block of the cluster started: waited for below, before the logits' stores
-    grid_dependency();
-    const act_t* xs = stage_input<GEMV_MAX_ROWS, true>(x, T, K, delta, x_out, nw, eps, nwr);
-    cluster_wait();
-    TL_MARK(1, 0.f);  // timeline builds: every block of the cluster started
-    // Expert e's logits of the T rows, into route_lg of every block of the cluster.
-    auto logits = [&](int e, uint4 (&wv)[GV_UNROLL], bool loaded) {
-        float acc[GEMV_MAX_ROWS];
-#pragma unroll
-        for (int t = 0; t < GEMV_MAX_ROWS; t++) acc[t] = 0.f;
-        row_dot<GEMV_MAX_ROWS, true>(acc, router + (size_t)e * K, xs, T, kv, wv, loaded);
-#pragma unroll
-        for (int t = 0; t < GEMV_MAX_ROWS; t++) {
-            if (t < T) {
-                const float s = warp_sum(acc[t]);
-                if (lane < (int)cluster_blocks()) *cluster_ptr(&route_lg[t * E + e], lane) = s;
-            }
-        }
-    };
-    if (first) logits(cw, rv0, true);
-    if (second) logits(cw + cwarps, rv1, true);
-    for (int e = cw + 2 * cwarps; e < E; e += cwarps) logits(e, rv1, false);
-    TL_MARK(2, 0.f);  // timeline builds: thread 0's logits stored
-    cluster_sync();
-    TL_MARK(3, 0.f);  // timeline builds: past the cluster barrier
-    const bool store = blockIdx.x == 0;
-    route_rows(route_lg, T, &route_p[0][0], ROUTE_MAX_E, route_sel, route_ids, nullptr, store ? ids : nullptr,
-        store ? weights : nullptr, E, k, norm_topk, e0, held);
-    __syncthreads();  // route_ids to every warp
-    moe_gate_up_rows<true>(act, xs, gate, up, route_ids, T, P, N, K);
+    for (int r = warp_id_global(); r < P * N; r += warps_global()) {
+        int p = r / N, n = r % N;
+        if (chosen[p] < 0) continue;  // another rank's expert (expert parallelism)
+        size_t off = ((size_t)chosen[p] * N + n) * K;
+        const act_t* xr = xs + (size_t)(p / k) * K;
+        float g[1] = {0.f}, u[1] = {0.f};
+        uint4 gv[GV_UNROLL], uv[GV_UNROLL];
+        row_dot_pair<1, XS>(g, u, gate + off, up + off, xr, 1, K / VEC, gv, uv, false);
+        float gs = warp_sum(g[0]), us = warp_sum(u[0]);
+        if (lane == 0) act[(size_t)p * N + n] = from_f(rnd(silu(rnd(gs))) * rnd(us));
+    }
 }
 
 // The experts' second half and the weighted combine for decode: out [T, N], out[t, n] = Σ_s round(weight[t,s]
