@@ -120,9 +120,10 @@ def analyse(path):
         name = f"{key[1]} (after {key[0]})"
         blocks, sms, early = (med([x[n] for x in v]) for n in ("blocks", "sms", "early"))
         print(f"{name:58} {len(v):3d} {blocks:4.0f} {sms:3.0f} {early:5.0f} {start:>16} {wait:>16} {end:>32}")
-    print("\nµs after a block's own wait (median block, median launch): marks m0 (stage_input's end; the attention: q")
-    print("normed), m1 (gate/up: routed; the attention: keys done; the plain and q/k/v products: thread 0's row summed), m2 (the attention: warps merged), m3 (the attention:")
-    print("past the cluster barrier), end")
+    print("\nµs after a block's own wait (median block, median launch): marks m0 (stage_input's end; the attention: q normed),")
+    print("m1 (gate/up: routed; the attention: keys done; the plain and q/k/v products: thread 0's row summed; the router: its")
+    print("logit summed; down: thread 0's first round of rows summed), m2 (the attention: warps merged; down: its last round),")
+    print("m3 (the attention: past the cluster barrier; down: past the pass's barrier), end")
     for key in order:
         v = stats[key]
         cells = []

@@ -455,6 +455,7 @@ extern "C" __global__ void router_logits(float* logits, const act_t* x, const ac
         for (int k = lane; k < H; k += 32) s += to_f(xr[k]) * to_f(wr[k]);
     }
     s = warp_sum(s);
+    TL_MARK(1, s);  // timeline builds: thread 0's logit summed
     if (lane == 0) logits[(size_t)t * E + e] = s;
 }
 
@@ -605,6 +606,7 @@ __device__ __forceinline__ void moe_down_combine_rows(act_t* out, const act_t* a
                 a[r] = 0.f;
             }
             rows_dot<MD_SLOTS, XS>(a, wr, xr, K / VEC);
+            TL_MARK(s0 == j ? 1 : 2, a[0]);  // timeline builds: thread 0's first round of rows summed, then its last
 #pragma unroll
             for (int r = 0; r < MD_SLOTS; r++) {
                 if (!wr[r]) continue;  // warp-uniform
@@ -613,6 +615,7 @@ __device__ __forceinline__ void moe_down_combine_rows(act_t* out, const act_t* a
             }
         }
         __syncthreads();
+        TL_MARK(3, 0.f);  // timeline builds: past the pass's barrier
         if (live && j == 0) {
             float acc = 0.f;
             for (int s = 0; s < k; s++) {
