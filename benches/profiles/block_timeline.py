@@ -15,6 +15,9 @@ a layer (the median over the layers, µs from the end of the kernel ahead's last
     end     its blocks' exits: first, 10th, 50th, 90th percentile, last
     early   how many of its blocks entered before the kernel ahead ended
 
+then the median block's marks (common.cuh TL_MARK) after its own wait, each mark's spread over the
+blocks (what a cluster barrier or the kernel behind waits out), and each kernel's µs a step.
+
 Kernels not instrumented (gather_rows, ...) show up only as gaps.
 """
 
@@ -102,6 +105,12 @@ def analyse(path):
                 "start": (us(min(b["t0"] for b in bs)), us(max(b["t0"] for b in bs))),
                 "wait": (us(min(waits)), us(max(waits))) if waits else (float("nan"),) * 2,
                 "end": tuple(us(pct(ends_, p)) for p in (0, 0.1, 0.5, 0.9, 1)),
+                # each mark across the blocks that set it, µs after the kernel ahead's last exit
+                "spread": {
+                    f: tuple(us(pct([b[f] for b in bs if b[f]], p)) for p in (0, 0.1, 0.5, 0.9, 1))
+                    for f in ("m0", "m1", "m2", "m3")
+                    if any(b[f] for b in bs)
+                },
                 # a block's marks and end, µs after its own wait (median over the blocks; None: unmarked)
                 "after_wait": tuple(
                     statistics.median([(b[f] - b["wait"]) / 1e3 for b in bs if b[f] and b["wait"]]) if any(b[f] for b in bs) else None
@@ -131,6 +140,14 @@ def analyse(path):
             xs = [x["after_wait"][i] for x in v if x["after_wait"][i] is not None]
             cells.append(f"{med(xs):6.2f}" if xs else "     -")
         print(f"  {key[1]:34} {' '.join(cells)}")
+    print("\nEach mark across the blocks (first/p10/p50/p90/last block, median launch), µs after the kernel ahead's last exit")
+    print("(a spread here that a barrier or the next kernel waits out):")
+    for key in order:
+        v = stats[key]
+        for f in ("m0", "m1", "m2", "m3"):
+            xs = [x["spread"][f] for x in v if f in x["spread"]]
+            if xs:
+                print(f"  {key[1]:34} {f} " + "/".join(f"{med([x[i] for x in xs]):.2f}" for i in range(5)))
     per_kernel = {}
     for key in order:
         per_kernel[key] = med([x["end"][4] for x in stats[key]]) * len(stats[key])
