@@ -16,11 +16,7 @@
 // 64 blocks that holds the GPU for SPIN_US (its own wait first, then it lets the next kernel start, as
 // kernels/ do) while o's loads are in flight, µs a pair against the spin kernel alone: with `l2`, the
 // spinning blocks also chase dependent L2 reads, as the decode attention's chain does.
-#include <cstdio>
-#include <cstdlib>
-#include <cuda_runtime.h>
-
-#define CHECK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("%s failed: %s (line %d)\n", #x, cudaGetErrorString(e), __LINE__); exit(1); } } while (0)
+#include "timing.cuh"
 
 constexpr int ROWS = 2048, ROW_VECS = 512, WARPS = 8, LAUNCHES = 100;  // 8 KB rows: 512 16-byte vectors
 constexpr size_t MATRIX_VECS = (size_t)ROWS * ROW_VECS;
@@ -135,48 +131,11 @@ __global__ void __launch_bounds__(WARPS * 32) rows_pdl(const uint4* w, float* ou
     put(out, s);
 }
 
-// Milliseconds `work` (queued on st) takes: the best of `runs` runs after `warmups` unmeasured ones.
-template <class F>
-float best_ms(cudaStream_t st, int warmups, int runs, F work) {
-    cudaEvent_t a, b;
-    CHECK(cudaEventCreate(&a));
-    CHECK(cudaEventCreate(&b));
-    float best = 1e30f;
-    for (int r = 0; r < warmups + runs; r++) {
-        CHECK(cudaEventRecord(a, st));
-        work();
-        CHECK(cudaEventRecord(b, st));
-        CHECK(cudaEventSynchronize(b));
-        float ms;
-        CHECK(cudaEventElapsedTime(&ms, a, b));
-        if (r >= warmups && ms < best) best = ms;
-    }
-    CHECK(cudaEventDestroy(a));
-    CHECK(cudaEventDestroy(b));
-    return best;
-}
-
-// µs a launch of the LAUNCHES launches `capture` queues on st, captured into one graph: best of 5
-// replays after a warm-up one.
-template <class F>
-float graph_us_a_launch(cudaStream_t st, F capture) {
-    cudaGraph_t g;
-    cudaGraphExec_t ge;
-    CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
-    capture();
-    CHECK(cudaStreamEndCapture(st, &g));
-    CHECK(cudaGraphInstantiate(&ge, g, 0));
-    const float ms = best_ms(st, 1, 5, [&] { CHECK(cudaGraphLaunch(ge, st)); });
-    CHECK(cudaGraphExecDestroy(ge));
-    CHECK(cudaGraphDestroy(g));
-    return ms * 1e3f / LAUNCHES;
-}
-
 // µs a (spin, o) pair over LAUNCHES fresh matrices in one graph, o launched with PDL (o: false, the spin
 // kernel alone), best of 5 replays.
 template <int MODE>
 float time_pairs(const uint4* w, const unsigned* chain, float* out, int l2, bool o, cudaStream_t st) {
-    return graph_us_a_launch(st, [&] {
+    return graph_us_a_launch(st, LAUNCHES, [&] {
         for (int i = 0; i < LAUNCHES; i++) {
             cudaLaunchAttribute attr{};
             attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -199,7 +158,7 @@ float time_pairs(const uint4* w, const unsigned* chain, float* out, int l2, bool
 // µs a launch of `k` over LAUNCHES fresh matrices, in one graph, best of 5 replays.
 template <class K>
 float time_launches(K k, const uint4* w, float* out, int smem, cudaStream_t st) {
-    return graph_us_a_launch(st, [&] {
+    return graph_us_a_launch(st, LAUNCHES, [&] {
         for (int i = 0; i < LAUNCHES; i++) k<<<ROWS / WARPS, WARPS * 32, smem, st>>>(w + (size_t)i * MATRIX_VECS, out);
     });
 }

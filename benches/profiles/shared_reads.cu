@@ -11,12 +11,9 @@
 //   own      each group reads its own matrix (G × 512 KB a launch, all fresh)
 //   warm     every group reads the same matrix, the same one every launch (L2 hits only)
 // each launched plainly and in clusters of 8 (a group a cluster, as the refuted kernel was).
-#include <cstdio>
-#include <cstdlib>
 #include <initializer_list>
-#include <cuda_runtime.h>
 
-#define CHECK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("%s failed: %s (line %d)\n", #x, cudaGetErrorString(e), __LINE__); exit(1); } } while (0)
+#include "timing.cuh"
 
 constexpr int ROW_VECS = 256, ROWS = 128, GROUP_BLOCKS = 8, WARPS = 8, LAUNCHES = 50, MAX_GROUPS = 30;
 constexpr size_t MATRIX_VECS = (size_t)ROWS * ROW_VECS;  // 512 KB
@@ -44,55 +41,27 @@ __global__ void __launch_bounds__(WARPS * 32) group_rows(const uint4* w, float* 
     if (lane == 0) out[blockIdx.x * WARPS + (threadIdx.x >> 5)] = s;
 }
 
-// Milliseconds `work` (queued on st) takes: the best of `runs` runs after one unmeasured one.
-template <class F>
-float best_ms(cudaStream_t st, int runs, F work) {
-    cudaEvent_t a, b;
-    CHECK(cudaEventCreate(&a));
-    CHECK(cudaEventCreate(&b));
-    float best = 1e30f;
-    for (int r = 0; r < runs + 1; r++) {
-        CHECK(cudaEventRecord(a, st));
-        work();
-        CHECK(cudaEventRecord(b, st));
-        CHECK(cudaEventSynchronize(b));
-        float ms;
-        CHECK(cudaEventElapsedTime(&ms, a, b));
-        if (r > 0 && ms < best) best = ms;
-    }
-    CHECK(cudaEventDestroy(a));
-    CHECK(cudaEventDestroy(b));
-    return best;
-}
-
 // µs a launch of `k` over G groups in `mode`, clusters of `cluster` blocks (1: a plain launch), LAUNCHES
-// launches captured into one graph, best of 5 replays.
+// launches captured into one graph.
 template <class K>
 float time_groups(K k, int groups, Mode mode, int cluster, const uint4* w, float* out, cudaStream_t st) {
-    cudaGraph_t g;
-    cudaGraphExec_t ge;
-    CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
-    for (int i = 0; i < LAUNCHES; i++) {
-        const size_t at = mode == WARM ? 0 : mode == SHARED ? (size_t)i * MATRIX_VECS : (size_t)i * MAX_GROUPS * MATRIX_VECS;
-        cudaLaunchAttribute attr{};
-        attr.id = cudaLaunchAttributeClusterDimension;
-        attr.val.clusterDim.x = cluster;
-        attr.val.clusterDim.y = 1;
-        attr.val.clusterDim.z = 1;
-        cudaLaunchConfig_t c{};
-        c.gridDim = dim3(groups * GROUP_BLOCKS);
-        c.blockDim = dim3(WARPS * 32);
-        c.stream = st;
-        c.attrs = &attr;
-        c.numAttrs = cluster > 1 ? 1 : 0;
-        CHECK(cudaLaunchKernelEx(&c, k, w + at, out, (int)(mode == OWN)));
-    }
-    CHECK(cudaStreamEndCapture(st, &g));
-    CHECK(cudaGraphInstantiate(&ge, g, 0));
-    const float ms = best_ms(st, 5, [&] { CHECK(cudaGraphLaunch(ge, st)); });
-    CHECK(cudaGraphExecDestroy(ge));
-    CHECK(cudaGraphDestroy(g));
-    return ms * 1e3f / LAUNCHES;
+    return graph_us_a_launch(st, LAUNCHES, [&] {
+        for (int i = 0; i < LAUNCHES; i++) {
+            const size_t at = mode == WARM ? 0 : mode == SHARED ? (size_t)i * MATRIX_VECS : (size_t)i * MAX_GROUPS * MATRIX_VECS;
+            cudaLaunchAttribute attr{};
+            attr.id = cudaLaunchAttributeClusterDimension;
+            attr.val.clusterDim.x = cluster;
+            attr.val.clusterDim.y = 1;
+            attr.val.clusterDim.z = 1;
+            cudaLaunchConfig_t c{};
+            c.gridDim = dim3(groups * GROUP_BLOCKS);
+            c.blockDim = dim3(WARPS * 32);
+            c.stream = st;
+            c.attrs = &attr;
+            c.numAttrs = cluster > 1 ? 1 : 0;
+            CHECK(cudaLaunchKernelEx(&c, k, w + at, out, (int)(mode == OWN)));
+        }
+    });
 }
 
 int main() {
