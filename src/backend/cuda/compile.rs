@@ -43,6 +43,7 @@ pub const TUNABLE: &[&str] = &[
     "AD_KB",
     "AD_MIN_BLOCKS",
     "AD_WARPS",
+    "AD_BARRIER_RELAXED",
     "LD_NC",
     "ARGMAX_UNROLL",
     "EG_MAX_STAGES",

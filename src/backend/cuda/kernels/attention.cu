@@ -112,6 +112,12 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attention(act_t* ou
 #define AD_BOUNDS(NW) __launch_bounds__((NW) * 32)
 #endif
 #define AD_MAX_CLUSTER 16  // most splits merged in a cluster (mod.rs MAX_ATTN_CLUSTER)
+// Profiling only: 1 drops the release/acquire ordering of the barrier before the splits' merge, so the
+// merge may read stale states (wrong results, right timing): what that ordering costs while the o
+// projection's early loads fill the SMs' memory queues (RESULTS.md session 22 leads).
+#ifndef AD_BARRIER_RELAXED  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
+#define AD_BARRIER_RELAXED 0
+#endif
 #ifndef AD_KB  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define AD_KB 4
 #endif
@@ -344,7 +350,8 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
     // The splits' merge, attention_combine's sums: block s of the cluster (its rank: the cluster spans
     // z) takes outputs s * 128 .. of the group's G * HD, reading every split's state from its block's
     // shared memory.
-    cluster_sync();
+    if (AD_BARRIER_RELAXED) cluster_sync_relaxed();
+    else cluster_sync();
     TL_MARK(3, 0.f);
     for (int i = s * blockDim.x + threadIdx.x; i < G * HD; i += splits * blockDim.x) {
         int g = i / HD, d = i % HD;

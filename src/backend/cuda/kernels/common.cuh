@@ -168,6 +168,16 @@ __device__ __forceinline__ void cluster_sync() {
 #endif
 }
 
+// cluster_sync without its memory ordering (arrive.relaxed): profiling only (AD_BARRIER_RELAXED), shared
+// memory written before it may not yet be seen by the cluster's reads after it.
+__device__ __forceinline__ void cluster_sync_relaxed() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
+#else
+    __syncthreads();
+#endif
+}
+
 // `p` (in this block's shared memory) as a generic address of the same place in cluster block
 // `rank`'s shared memory: ordinary loads read it there.
 template <class T>
