@@ -21,14 +21,6 @@
 constexpr int ROWS = 2048, ROW_VECS = 512, WARPS = 8, LAUNCHES = 100;  // 8 KB rows: 512 16-byte vectors
 constexpr size_t MATRIX_VECS = (size_t)ROWS * ROW_VECS;
 
-__device__ __forceinline__ float use(const uint4& v) { return __uint_as_float(v.x & 0x3f800000u) + __uint_as_float(v.w & 0x3f800000u); }
-
-__device__ __forceinline__ void put(float* out, float s) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if ((threadIdx.x & 31) == 0) out[blockIdx.x * WARPS + (threadIdx.x >> 5)] = s;
-}
-
 __global__ void empty(const uint4*, float* out) {
     if (threadIdx.x == 0 && blockIdx.x == 0 && out == nullptr) out[0] = 0.f;
 }

@@ -35,10 +35,8 @@ __global__ void __launch_bounds__(WARPS * 32) group_rows(const uint4* w, float* 
     }
     float s = 0.f;
 #pragma unroll
-    for (int i = 0; i < 16; i++) s += __uint_as_float(v[i].x & 0x3f800000u) + __uint_as_float(v[i].w & 0x3f800000u);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if (lane == 0) out[blockIdx.x * WARPS + (threadIdx.x >> 5)] = s;
+    for (int i = 0; i < 16; i++) s += use(v[i]);
+    put(out, s);
 }
 
 // µs a launch of `k` over G groups in `mode`, clusters of `cluster` blocks (1: a plain launch), LAUNCHES

@@ -1,4 +1,5 @@
-// timing.cuh: CUDA-event timing shared by the standalone profiles (early_loads.cu, shared_reads.cu).
+// timing.cuh: what the standalone profiles early_loads.cu and shared_reads.cu share: CUDA-event timing, and
+// how their kernels use the bytes they load (so that the loads are not optimised away).
 #pragma once
 #include <cstdio>
 #include <cstdlib>
@@ -7,6 +8,16 @@
 #ifndef CHECK
 #define CHECK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("%s failed: %s (line %d)\n", #x, cudaGetErrorString(e), __LINE__); exit(1); } } while (0)
 #endif
+
+// A 16-byte vector folded into a float (its bytes' use: the loads stay).
+__device__ __forceinline__ float use(const uint4& v) { return __uint_as_float(v.x & 0x3f800000u) + __uint_as_float(v.w & 0x3f800000u); }
+
+// The warp's sum of s, stored at out[the warp's index in the grid].
+__device__ __forceinline__ void put(float* out, float s) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if ((threadIdx.x & 31) == 0) out[blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)] = s;
+}
 
 // Milliseconds `work` (queued on st) takes: the best of `runs` runs after `warmups` unmeasured ones.
 template <class F>
