@@ -44,6 +44,7 @@ pub const TUNABLE: &[&str] = &[
     "AD_MIN_BLOCKS",
     "AD_WARPS",
     "AD_BARRIER_RELAXED",
+    "AD_STORES",
     "LD_NC",
     "ARGMAX_UNROLL",
     "EG_MAX_STAGES",

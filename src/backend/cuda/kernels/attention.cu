@@ -113,10 +113,21 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attention(act_t* ou
 #endif
 #define AD_MAX_CLUSTER 16  // most splits merged in a cluster (mod.rs MAX_ATTN_CLUSTER)
 // Profiling only: 1 drops the release/acquire ordering of the barrier before the splits' merge, so the
-// merge may read stale states (wrong results, right timing): what that ordering costs while the o
-// projection's early loads fill the SMs' memory queues (RESULTS.md session 22 leads).
+// merge may read stale states (wrong results, right timing), 2 that of the last barrier too: what that
+// ordering costs while the o projection's early loads fill the SMs' memory queues (RESULTS.md run 35.1).
 #ifndef AD_BARRIER_RELAXED  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define AD_BARRIER_RELAXED 0
+#endif
+// Where the clustered decode attention's global stores go (RESULTS.md run 35). A cluster barrier's
+// release is a GPU-wide MEMBAR: it waits until the thread's earlier global stores are acknowledged, and
+// those queue behind the o projection's early loads (2.2 µs). 1: main's order before run 35 (the K/V
+// append before the key loop, the outputs before the last barrier); 2: the K/V append after the first
+// barrier, the outputs after the last, and the last barrier relaxed (it orders nothing that needs it:
+// the values read from the other blocks were used before it, so those reads are done); 3: the K/V
+// append at the very end (profiling only: its f32 head-dim-64, one-head-a-block kernel then reads back
+// wrong keys, cause not found).
+#ifndef AD_STORES  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
+#define AD_STORES 2
 #endif
 #ifndef AD_KB  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define AD_KB 4
@@ -238,13 +249,17 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
             load_nd<ND>(r.k + src, k_new);
             load_nd<ND>(r.v + src, v_new);
             norm_rope_head<ND>(k_new, knr, r.eps);
-            if (warp == 0 && blockIdx.x % chunks == 0) {
-                size_t at = slot_of(last) * kv_dim + kv_off;
-                store_nd<ND>(kc + at, k_new);
-                store_nd<ND>(vc + at, v_new);
-            }
         }
     }
+    // The append of the step's key and value (AD_STORES).
+    auto append = [&]() {
+        if (ROPE && last >= lo && last < hi && warp == 0 && blockIdx.x % chunks == 0) {
+            size_t at = slot_of(last) * kv_dim + kv_off;
+            store_nd<ND>(kc + at, k_new);
+            store_nd<ND>(vc + at, v_new);
+        }
+    };
+    if (AD_STORES == 1 || (AD_STORES == 2 && !clustered)) append();
 
     // Online softmax a batch of AD_KB keys at a time: the AD_KB score sums run side by side (their
     // shuffles interleave) and the running max, sum and accumulator are rescaled once a batch.
@@ -346,14 +361,24 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
         }
     }
     TL_MARK(2, wm[0][0]);
-    if (!clustered) return;
+    if (!clustered) {
+        if (AD_STORES == 3) append();
+        return;
+    }
     // The splits' merge, attention_combine's sums: block s of the cluster (its rank: the cluster spans
-    // z) takes outputs s * 128 .. of the group's G * HD, reading every split's state from its block's
-    // shared memory.
+    // z) takes outputs s * NW * 32 .. of the group's G * HD (at most MO a thread), reading every split's
+    // state from its block's shared memory. Its outputs wait in registers until the last barrier
+    // (AD_STORES).
     if (AD_BARRIER_RELAXED) cluster_sync_relaxed();
     else cluster_sync();
     TL_MARK(3, 0.f);
-    for (int i = s * blockDim.x + threadIdx.x; i < G * HD; i += splits * blockDim.x) {
+    if (AD_STORES == 2) append();
+    constexpr int MO = (G * HD + 2 * NW * 32 - 1) / (2 * NW * 32);  // clustered: splits >= 2
+    float res[MO];
+#pragma unroll
+    for (int k = 0; k < MO; k++) {
+        const int i = (s + k * splits) * NW * 32 + threadIdx.x;
+        if (i >= G * HD) break;
         int g = i / HD, d = i % HD;
         float mr[AD_MAX_CLUSTER], lr[AD_MAX_CLUSTER], ar[AD_MAX_CLUSTER];
 #pragma unroll
@@ -365,9 +390,20 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
         }
         float mx, total;
         const float a = merge_states(mr, lr, ar, mx, total);  // splits past `splits`: l = 0, left out
-        out[((size_t)t * nh + h0 + g) * HD + d] = from_f(a / total);
+        if (AD_STORES == 1) out[((size_t)t * nh + h0 + g) * HD + d] = from_f(a / total);
+        else res[k] = a / total;
     }
-    cluster_sync();  // no block leaves while the others still read its shared memory
+    // No block leaves while the others still read its shared memory.
+    if (AD_BARRIER_RELAXED == 2 || AD_STORES == 2) cluster_sync_relaxed();
+    else cluster_sync();
+    if (AD_STORES == 1) return;
+#pragma unroll
+    for (int k = 0; k < MO; k++) {
+        const int i = (s + k * splits) * NW * 32 + threadIdx.x;
+        if (i >= G * HD) break;
+        out[((size_t)t * nh + i / HD + h0) * HD + i % HD] = from_f(res[k]);
+    }
+    if (AD_STORES == 3) append();
 }
 
 // attention_decode_g<G>_d<HD>: the step's keys already in the cache; attention_decode_rope_g<G>_d<HD>:

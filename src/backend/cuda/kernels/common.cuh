@@ -101,40 +101,62 @@ __device__ __forceinline__ unsigned long long tl_now() {
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
     return t;
 }
-// The block's record, TL_MAGIC | index (another value: the kernel opened no timeline).
-__device__ __forceinline__ unsigned& tl_slot() {
-    __shared__ unsigned slot;
-    return slot;
+// The block's record, TL_MAGIC | index (another value: the kernel opened no timeline), and thread 0's
+// stamps until the block ends: kept in shared memory and written out last, so that the timeline adds no
+// global store ahead of a kernel's barriers (a barrier's release waits for those; RESULTS.md run 35).
+struct TlStamps {
+    unsigned long long t0, wait, mark[TL_MARKS];
+    unsigned slot;
+};
+__device__ __forceinline__ TlStamps& tl_stamps() {
+    __shared__ TlStamps st;
+    return st;
 }
+__device__ __forceinline__ bool tl_open() { return (tl_stamps().slot & 0xFF000000u) == TL_MAGIC; }
 __device__ constexpr unsigned tl_hash(const char* s, unsigned h = 2166136261u) { return *s ? tl_hash(s + 1, (h ^ (unsigned char)*s) * 16777619u) : h; }
 struct Timeline {
-    unsigned i;
-    __device__ explicit Timeline(unsigned kid) {
+    unsigned kid, i;
+    __device__ explicit Timeline(unsigned kid_) : kid(kid_) {
+        TlStamps& st = tl_stamps();
         if (threadIdx.x == 0) {
-            unsigned long long t0 = tl_now();
-            unsigned n = atomicAdd(&qw_timeline_n, 1u) & (TL_CAP - 1);
-            unsigned smid;
-            asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
-            qw_timeline[n] = TlRecord{t0, 0ull, 0ull, {}, kid, blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z),
-                                      gridDim.x * gridDim.y * gridDim.z, smid};
-            tl_slot() = TL_MAGIC | n;
+            st.t0 = tl_now();
+            st.wait = 0ull;
+#pragma unroll
+            for (int m = 0; m < TL_MARKS; m++) st.mark[m] = 0ull;
+            st.slot = TL_MAGIC | (atomicAdd(&qw_timeline_n, 1u) & (TL_CAP - 1));
         }
         __syncthreads();
-        i = tl_slot() & (TL_CAP - 1);
+        i = st.slot & (TL_CAP - 1);
     }
+    // Every warp's exit raises `end` (stamps only grow, so a slot's earlier record needs no reset);
+    // thread 0 writes the rest of the record.
     __device__ ~Timeline() {
         if ((threadIdx.x & 31) == 0) atomicMax(&qw_timeline[i].end, tl_now());
-        if (threadIdx.x == 0) tl_slot() = 0;
+        if (threadIdx.x == 0) {
+            TlStamps& st = tl_stamps();
+            TlRecord& r = qw_timeline[i];
+            unsigned smid;
+            asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+            r.t0 = st.t0;
+            r.wait = st.wait;
+#pragma unroll
+            for (int m = 0; m < TL_MARKS; m++) r.mark[m] = st.mark[m];
+            r.kid = kid;
+            r.block = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+            r.grid = gridDim.x * gridDim.y * gridDim.z;
+            r.smid = smid;
+            st.slot = 0;
+        }
     }
 };
 __device__ __forceinline__ void tl_waited() {
-    if (threadIdx.x == 0 && (tl_slot() & 0xFF000000u) == TL_MAGIC) qw_timeline[tl_slot() & (TL_CAP - 1)].wait = tl_now();
+    if (threadIdx.x == 0 && tl_open()) tl_stamps().wait = tl_now();
 }
 __device__ __forceinline__ void tl_mark(int i, float v) {
-    if (threadIdx.x == 0 && (tl_slot() & 0xFF000000u) == TL_MAGIC) {
+    if (threadIdx.x == 0 && tl_open()) {
         unsigned long long t;
         asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t) : "f"(v) : "memory");
-        qw_timeline[tl_slot() & (TL_CAP - 1)].mark[i] = t;
+        tl_stamps().mark[i] = t;
     }
 }
 #define TIMELINE(name) Timeline tl_scope_(tl_hash(name))
@@ -168,8 +190,9 @@ __device__ __forceinline__ void cluster_sync() {
 #endif
 }
 
-// cluster_sync without its memory ordering (arrive.relaxed): profiling only (AD_BARRIER_RELAXED), shared
-// memory written before it may not yet be seen by the cluster's reads after it.
+// cluster_sync without its release (arrive.relaxed, no GPU-wide MEMBAR ahead of it): what a block wrote
+// before it may not yet be seen by the cluster after it. For a barrier that only keeps blocks from
+// leaving (attention.cu, AD_STORES = 2), and for profiling (AD_BARRIER_RELAXED).
 __device__ __forceinline__ void cluster_sync_relaxed() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("barrier.cluster.arrive.relaxed.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
