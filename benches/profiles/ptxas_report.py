@@ -22,7 +22,8 @@ def nvrtc():
     return ctypes.CDLL(libs[0]), os.path.join(home, "include")
 
 
-def compile_log(lib, include, module, options):
+def compile_module(lib, include, module, options):
+    """(ptxas log, cubin bytes) of one kernel module, compiled as compile.rs does."""
     common = open(os.path.join(KERNELS, "common.cuh")).read()
     body = open(os.path.join(KERNELS, module + ".cu")).read()
     src = f'{common}\n#line 1 "{module}.cu"\n{body}'.encode()
@@ -34,10 +35,20 @@ def compile_log(lib, include, module, options):
     lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
     log = ctypes.create_string_buffer(size.value)
     lib.nvrtcGetProgramLog(prog, log)
+    cubin = b""
+    if rc == 0:
+        lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+        buf = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetCUBIN(prog, buf)
+        cubin = buf.raw
     lib.nvrtcDestroyProgram(ctypes.byref(prog))
     if rc != 0:
         sys.exit(f"{module}.cu did not compile:\n{log.value.decode(errors='replace')}")
-    return log.value.decode(errors="replace")
+    return log.value.decode(errors="replace"), cubin
+
+
+def build_options(arch, dtype, defines):
+    return [f"--gpu-architecture=sm_{arch}", f"-DQ_DTYPE={['f32', 'bf16', 'f16'].index(dtype)}"] + [f"-D{d}" for d in defines]
 
 
 def main():
@@ -48,10 +59,10 @@ def main():
     ap.add_argument("--match", default="", help="only kernels whose name contains this")
     a = ap.parse_args()
     lib, include = nvrtc()
-    options = [f"--gpu-architecture=sm_{a.arch}", f"-DQ_DTYPE={['f32', 'bf16', 'f16'].index(a.dtype)}"] + [f"-D{d}" for d in a.defines]
+    options = build_options(a.arch, a.dtype, a.defines)
     print(f"{'kernel':44} {'regs':>5} {'spill st/ld B':>14} {'static smem':>11} {'stack':>6}")
     for module in MODULES:
-        log = compile_log(lib, include, module, options)
+        log, _ = compile_module(lib, include, module, options)
         # ptxas: "Compiling entry function 'NAME' for 'sm_90'", then "N bytes stack frame, N bytes spill
         # stores, N bytes spill loads" and "Used N registers, ... N bytes smem ...".
         for m in re.finditer(r"Compiling entry function '(\w+)'.*?(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"

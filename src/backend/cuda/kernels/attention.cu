@@ -118,14 +118,18 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attention(act_t* ou
 #ifndef AD_BARRIER_RELAXED  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define AD_BARRIER_RELAXED 0
 #endif
-// Where the clustered decode attention's global stores go (RESULTS.md run 35). A cluster barrier's
-// release is a GPU-wide MEMBAR: it waits until the thread's earlier global stores are acknowledged, and
-// those queue behind the o projection's early loads (2.2 µs). 1: main's order before run 35 (the K/V
-// append before the key loop, the outputs before the last barrier); 2: the K/V append after the first
-// barrier, the outputs after the last, and the last barrier relaxed (it orders nothing that needs it:
-// the values read from the other blocks were used before it, so those reads are done); 3: the K/V
-// append at the very end (profiling only: its f32 head-dim-64, one-head-a-block kernel then reads back
-// wrong keys, cause not found).
+// How the clustered splits exchange their states (RESULTS.md run 35.8): 1 each block reads the others'
+// shared memory after a cluster barrier, whose release is a GPU-wide MEMBAR; 2 each block pushes its
+// states into the merging blocks' shared memory with st.async, counted there by an mbarrier's bytes (no
+// release; 30B-A3B +1.0 %, 0.6B -1.8 %).
+#ifndef AD_EXCHANGE  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
+#define AD_EXCHANGE 1
+#endif
+// Where the clustered decode attention's K/V append goes (RESULTS.md run 35). A cluster barrier's release
+// is a GPU-wide MEMBAR (SASS), slow while the o projection's early loads fill the memory system (2.2 µs),
+// and longer for a thread with global stores of its own outstanding. 1: main's order before run 35 (the
+// append before the key loop, both barriers releases); 2: the append after the first barrier, and the
+// last barrier relaxed (it only keeps blocks from leaving while others read their shared memory).
 #ifndef AD_STORES  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define AD_STORES 2
 #endif
@@ -223,6 +227,28 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
     offsets(at, first);
     issue(at);
     offsets(at, first + stride);
+    // AD_EXCHANGE 2: block s merges chunks c = s, s + splits, ... of CH outputs of the group's G * HD,
+    // receiving from every split its accumulators there (rx_a[split][c / splits][CH]) and its max and sum
+    // of each head that starts in the chunk or spans its start (rx_ml[split][g]). The mbarrier counts
+    // those bytes; it is set before any block of the cluster may push (the cluster barrier's arrive
+    // here, its wait before the pushes).
+    constexpr int CH = NW * 32, N_CHUNKS = (G * HD + CH - 1) / CH;
+    const int mine = (N_CHUNKS + splits - 1) / splits;  // chunks a block merges, at most
+    __shared__ alignas(8) unsigned long long xbar;
+    __shared__ float rx_a[AD_EXCHANGE == 2 ? (AD_MAX_CLUSTER + N_CHUNKS) * CH : 1];  // splits * mine <= N_CHUNKS + splits - 1
+    __shared__ float2 rx_ml[AD_EXCHANGE == 2 ? AD_MAX_CLUSTER : 1][G];
+    if (AD_EXCHANGE == 2 && clustered) {
+        if (threadIdx.x == 0) {
+            unsigned bytes = 0;
+            for (int c = s; c < N_CHUNKS; c += splits) {
+                const int b = c * CH, e = min(G * HD, b + CH);
+                bytes += (e - b) * 4 + (b % HD != 0) * 8;
+                for (int g = 0; g < G; g++) bytes += (g * HD >= b && g * HD < e) * 8;
+            }
+            mbar_expect_bytes(smem_addr(&xbar), bytes * splits);
+        }
+        cluster_arrive_relaxed();
+    }
     // The QK-norm weights and the row's RoPE cos / sin too.
     NormRope<ND> qnr, knr;
     if (ROPE) {
@@ -259,7 +285,7 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
             store_nd<ND>(vc + at, v_new);
         }
     };
-    if (AD_STORES == 1 || (AD_STORES == 2 && !clustered)) append();
+    if (AD_STORES == 1 || !clustered) append();
 
     // Online softmax a batch of AD_KB keys at a time: the AD_KB score sums run side by side (their
     // shuffles interleave) and the running max, sum and accumulator are rescaled once a batch.
@@ -338,6 +364,7 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
         for (int i = 0; i < ND; i++) wacc[warp][g][lane * ND + i] = acc[g][i];
     }
     __syncthreads();
+    if (AD_EXCHANGE == 2 && clustered) cluster_wait();  // every block's mbarrier is set
     for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
         int g = i / HD, d = i % HD;
         float mw[NW], lw[NW], aw[NW], mx, total;
@@ -351,6 +378,11 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
         size_t row = (size_t)t * nh + h0 + g;
         if (splits == 1) {
             out[row * HD + d] = from_f(a / total);
+        } else if (clustered && AD_EXCHANGE == 2) {
+            const int c = i / CH, to = c % splits;
+            const unsigned bar = cluster_map(smem_addr(&xbar), to);
+            st_async(cluster_map(smem_addr(&rx_a[(s * mine + c / splits) * CH + i % CH]), to), a, bar);
+            if (d == 0 || i % CH == 0) st_async(cluster_map(smem_addr(&rx_ml[s][g]), to), mx, total, bar);
         } else if (clustered) {
             if (d == 0) { cm[g] = mx; cl[g] = total; }
             wacc[0][g][d] = a;  // (g, d) is this thread's alone
@@ -361,49 +393,40 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
         }
     }
     TL_MARK(2, wm[0][0]);
-    if (!clustered) {
-        if (AD_STORES == 3) append();
-        return;
-    }
+    if (!clustered) return;
     // The splits' merge, attention_combine's sums: block s of the cluster (its rank: the cluster spans
-    // z) takes outputs s * NW * 32 .. of the group's G * HD (at most MO a thread), reading every split's
-    // state from its block's shared memory. Its outputs wait in registers until the last barrier
-    // (AD_STORES).
-    if (AD_BARRIER_RELAXED) cluster_sync_relaxed();
+    // z) takes outputs s * CH .. of the group's G * HD, reading every split's state from its block's
+    // shared memory (AD_EXCHANGE 2: from its own, where the splits pushed them).
+    if (AD_EXCHANGE == 2) mbar_wait_first(smem_addr(&xbar));
+    else if (AD_BARRIER_RELAXED) cluster_sync_relaxed();
     else cluster_sync();
     TL_MARK(3, 0.f);
     if (AD_STORES == 2) append();
-    constexpr int MO = (G * HD + 2 * NW * 32 - 1) / (2 * NW * 32);  // clustered: splits >= 2
-    float res[MO];
-#pragma unroll
-    for (int k = 0; k < MO; k++) {
-        const int i = (s + k * splits) * NW * 32 + threadIdx.x;
-        if (i >= G * HD) break;
+    for (int i = s * CH + threadIdx.x, k = 0; i < G * HD; i += splits * CH, k++) {
         int g = i / HD, d = i % HD;
         float mr[AD_MAX_CLUSTER], lr[AD_MAX_CLUSTER], ar[AD_MAX_CLUSTER];
 #pragma unroll
         for (int r = 0; r < AD_MAX_CLUSTER; r++) {
             bool in = r < splits;
-            mr[r] = in ? *cluster_ptr(&cm[g], r) : 0.f;
-            lr[r] = in ? *cluster_ptr(&cl[g], r) : 0.f;
-            ar[r] = in ? *cluster_ptr(&wacc[0][g][d], r) : 0.f;
+            if (AD_EXCHANGE == 2) {
+                const float2 ml = in ? rx_ml[r][g] : float2{0.f, 0.f};
+                mr[r] = ml.x;
+                lr[r] = ml.y;
+                ar[r] = in ? rx_a[(r * mine + k) * CH + threadIdx.x] : 0.f;
+            } else {
+                mr[r] = in ? *cluster_ptr(&cm[g], r) : 0.f;
+                lr[r] = in ? *cluster_ptr(&cl[g], r) : 0.f;
+                ar[r] = in ? *cluster_ptr(&wacc[0][g][d], r) : 0.f;
+            }
         }
         float mx, total;
         const float a = merge_states(mr, lr, ar, mx, total);  // splits past `splits`: l = 0, left out
-        if (AD_STORES == 1) out[((size_t)t * nh + h0 + g) * HD + d] = from_f(a / total);
-        else res[k] = a / total;
+        out[((size_t)t * nh + h0 + g) * HD + d] = from_f(a / total);
     }
-    // No block leaves while the others still read its shared memory.
+    // No block leaves while the others still read its shared memory. With AD_STORES 2 without a
+    // release (no MEMBAR): every value read from another block went into a store issued before it.
     if (AD_BARRIER_RELAXED == 2 || AD_STORES == 2) cluster_sync_relaxed();
     else cluster_sync();
-    if (AD_STORES == 1) return;
-#pragma unroll
-    for (int k = 0; k < MO; k++) {
-        const int i = (s + k * splits) * NW * 32 + threadIdx.x;
-        if (i >= G * HD) break;
-        out[((size_t)t * nh + i / HD + h0) * HD + i % HD] = from_f(res[k]);
-    }
-    if (AD_STORES == 3) append();
 }
 
 // attention_decode_g<G>_d<HD>: the step's keys already in the cache; attention_decode_rope_g<G>_d<HD>:

@@ -201,6 +201,61 @@ __device__ __forceinline__ void cluster_sync_relaxed() {
 #endif
 }
 
+// Pushing data into other blocks' shared memory with its own completion (sm_90+; the decode attention's
+// AD_EXCHANGE = 2): the receiver counts the bytes on an mbarrier (`st.async ... complete_tx`), so no
+// release (a GPU-wide MEMBAR, RESULTS.md run 35.7) orders them. Below sm_90 nothing here runs (no
+// clusters): the bodies are left out.
+__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+// This block's shared address `a` in cluster block `rank` (a shared::cluster address).
+__device__ __forceinline__ unsigned cluster_map(unsigned a, unsigned rank) {
+    unsigned d = a;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(rank));
+#endif
+    return d;
+}
+// One thread: the mbarrier at `bar` set to complete once `bytes` have arrived, made visible to the
+// cluster's st.async (the cluster's blocks then arrive at, and later wait on, a cluster barrier).
+__device__ __forceinline__ void mbar_expect_bytes(unsigned bar, unsigned bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n\t"
+                 "mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n\t"
+                 "fence.mbarrier_init.release.cluster;" :: "r"(bar), "r"(bytes) : "memory");
+#endif
+}
+__device__ __forceinline__ void st_async(unsigned addr, float v, unsigned bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];" :: "r"(addr), "r"(__float_as_uint(v)), "r"(bar) : "memory");
+#endif
+}
+__device__ __forceinline__ void st_async(unsigned addr, float x, float y, unsigned bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.b32 [%0], {%1, %2}, [%3];" :: "r"(addr), "r"(__float_as_uint(x)),
+                 "r"(__float_as_uint(y)), "r"(bar) : "memory");
+#endif
+}
+// Until the mbarrier's first phase completes (every expected byte arrived), with acquire at cluster scope.
+__device__ __forceinline__ void mbar_wait_first(unsigned bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    unsigned done = 0;
+    while (!done) {
+        asm volatile("{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], 0;\n\tselp.u32 %0, 1, 0, p;\n\t}"
+                     : "=r"(done) : "r"(bar) : "memory");
+    }
+#endif
+}
+// The two halves of a cluster barrier without ordering: arrive early, wait when it matters.
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+#endif
+}
+
 // `p` (in this block's shared memory) as a generic address of the same place in cluster block
 // `rank`'s shared memory: ordinary loads read it there.
 template <class T>
