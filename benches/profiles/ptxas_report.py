@@ -51,13 +51,18 @@ def build_options(arch, dtype, defines):
     return [f"--gpu-architecture=sm_{arch}", f"-DQ_DTYPE={['f32', 'bf16', 'f16'].index(dtype)}"] + [f"-D{d}" for d in defines]
 
 
-def main():
+def kernel_parser():
+    """The options of a build of the kernels: DEFINE=VALUE ..., --dtype, --arch, --match."""
     ap = argparse.ArgumentParser()
     ap.add_argument("defines", nargs="*")
     ap.add_argument("--dtype", default="bf16", choices=["f32", "bf16", "f16"])
     ap.add_argument("--arch", default="90a")
     ap.add_argument("--match", default="", help="only kernels whose name contains this")
-    a = ap.parse_args()
+    return ap
+
+
+def main():
+    a = kernel_parser().parse_args()
     lib, include = nvrtc()
     options = build_options(a.arch, a.dtype, a.defines)
     print(f"{'kernel':44} {'regs':>5} {'spill st/ld B':>14} {'static smem':>11} {'stack':>6}")

@@ -5,7 +5,6 @@ as src/backend/cuda/compile.rs does (ptxas_report.py's code), cuobjdump disassem
 Prints, for every kernel, how many of the instructions that order or wait on memory it holds (a cluster
 barrier's release is `MEMBAR.ALL.GPU` before `UCGABAR_ARV`: RESULTS.md run 35.7), or with --dump the
 whole SASS of the kernels matched."""
-import argparse
 import glob
 import os
 import subprocess
@@ -13,7 +12,7 @@ import sys
 import tempfile
 from collections import Counter
 
-from ptxas_report import MODULES, build_options, compile_module, nvrtc
+from ptxas_report import MODULES, build_options, compile_module, kernel_parser, nvrtc
 
 WATCH = ["MEMBAR", "ERRBAR", "FENCE", "UCGABAR_ARV", "UCGABAR_WAIT", "CCTL", "SYNCS", "STAS", "BAR.SYNC", "PREEXIT", "ACQBULK"]
 
@@ -27,11 +26,7 @@ def tool(name, env):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("defines", nargs="*")
-    ap.add_argument("--dtype", default="bf16", choices=["f32", "bf16", "f16"])
-    ap.add_argument("--arch", default="90a")
-    ap.add_argument("--match", default="", help="only kernels whose name contains this")
+    ap = kernel_parser()
     ap.add_argument("--dump", action="store_true", help="print the matched kernels' SASS")
     a = ap.parse_args()
     cuobjdump = tool("cuobjdump", "CUOBJDUMP")
