@@ -113,8 +113,9 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attention(act_t* ou
 #endif
 #define AD_MAX_CLUSTER 16  // most splits merged in a cluster (mod.rs MAX_ATTN_CLUSTER)
 // Profiling only: 1 drops the release/acquire ordering of the barrier before the splits' merge, so the
-// merge may read stale states (wrong results, right timing), 2 that of the last barrier too: what that
-// ordering costs while the o projection's early loads fill the SMs' memory queues (RESULTS.md run 35.1).
+// merge may read stale states (wrong results, right timing), 2 that of the last barrier too (relaxed
+// already with AD_STORES 2): what that ordering costs while the o projection's early loads fill the
+// SMs' memory queues (RESULTS.md run 35.1).
 #ifndef AD_BARRIER_RELAXED  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define AD_BARRIER_RELAXED 0
 #endif

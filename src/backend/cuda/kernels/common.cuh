@@ -190,17 +190,6 @@ __device__ __forceinline__ void cluster_sync() {
 #endif
 }
 
-// cluster_sync without its release (arrive.relaxed, no GPU-wide MEMBAR ahead of it): what a block wrote
-// before it may not yet be seen by the cluster after it. For a barrier that only keeps blocks from
-// leaving (attention.cu, AD_STORES = 2), and for profiling (AD_BARRIER_RELAXED).
-__device__ __forceinline__ void cluster_sync_relaxed() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("barrier.cluster.arrive.relaxed.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
-#else
-    __syncthreads();
-#endif
-}
-
 // Pushing data into other blocks' shared memory with its own completion (sm_90+; the decode attention's
 // AD_EXCHANGE = 2): the receiver counts the bytes on an mbarrier (`st.async ... complete_tx`), so no
 // release (a GPU-wide MEMBAR, RESULTS.md run 35.7) orders them. Below sm_90 nothing here runs (no
@@ -253,6 +242,17 @@ __device__ __forceinline__ void cluster_arrive_relaxed() {
 __device__ __forceinline__ void cluster_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+#endif
+}
+// cluster_sync without its release (arrive.relaxed, no GPU-wide MEMBAR ahead of it): what a block wrote
+// before it may not yet be seen by the cluster after it. For a barrier that only keeps blocks from
+// leaving (attention.cu, AD_STORES = 2), and for profiling (AD_BARRIER_RELAXED).
+__device__ __forceinline__ void cluster_sync_relaxed() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    cluster_arrive_relaxed();
+    cluster_wait();
+#else
+    __syncthreads();
 #endif
 }
 
