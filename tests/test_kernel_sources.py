@@ -73,10 +73,6 @@ BEFORE_WAIT = [
     r"const NormW \w+ = load_norm_weight\(nw, \w+\)",
     r"if \(early\)",
     r'TIMELINE\("\w+"\)',  # profiling builds only: a block's own record (common.cuh Timeline)
-    # A cluster's mbarrier set up for the pushes into this block's shared memory (no global memory).
-    r"const unsigned \w+ = smem_addr\(&?\w+\)(, \w+ = smem_addr\(&?\w+\))*",
-    r"if \(threadIdx.x == 0\) mbar_expect_bytes\(.*",
-    r"cluster_arrive_relaxed\(\)",
 ]
 
 

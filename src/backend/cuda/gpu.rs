@@ -227,11 +227,6 @@ pub struct Gpu {
     /// sweeps: fewer leave room for the next kernel's blocks to start early under PDL); None: the driver's
     /// occupancy. (Its FAMILY:N entries cap one GEMV family: mod.rs `parse_block_caps`.)
     blocks_per_sm: Option<u32>,
-    /// Every kernel's preferred shared-memory carveout, percent of the most (`QWEN3RS_CUDA_CARVEOUT`,
-    /// 0..=100; None: the driver's choice per kernel). An SM holds one split of its L1 and shared memory
-    /// at a time, so a kernel whose blocks need another split than the resident blocks' cannot start
-    /// beside them under PDL; one split for all removes that wait.
-    carveout: Option<i32>,
     /// Kernels never launched (`QWEN3RS_CUDA_SKIP`, mod.rs `parse_skip`; profiling only).
     skip: Vec<String>,
     modules: Mutex<HashMap<&'static str, Module>>,
@@ -355,7 +350,6 @@ impl Gpu {
                 driver,
                 pdl_max_smem,
                 blocks_per_sm,
-                carveout: std::env::var("QWEN3RS_CUDA_CARVEOUT").ok().and_then(|v| v.parse().ok()).map(|p: i32| p.clamp(0, 100)),
                 skip,
                 modules: Mutex::new(HashMap::new()),
                 funcs: Mutex::new(HashMap::new()),
@@ -569,13 +563,6 @@ impl Gpu {
         let static_smem =
             unsafe { drv::function::get_function_attribute(f, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES) }
                 .map_err(|e| drv_err(&format!("{name}: shared memory"), e))?;
-        if let Some(p) = self.carveout {
-            // SAFETY: `f` is a live function; the carveout is a preference, any percentage is valid.
-            unsafe {
-                drv::function::set_function_attribute(f, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, p)
-            }
-            .map_err(|e| drv_err(&format!("{name}: shared-memory carveout {p}"), e))?;
-        }
         let func = Func(f, static_smem.max(0) as u32);
         self.funcs.lock().map_err(|_| Error::Device("kernel table poisoned".into()))?.insert((module, name), func);
         Ok(func)
@@ -648,62 +635,6 @@ impl Gpu {
         Ok((per_sm * self.sms).min(useful.max(1) as u32))
     }
 
-    /// `persistent_grid` for a launch in clusters of `cluster` blocks (`launch_cluster`): as many whole
-    /// clusters as the GPU holds at once (the driver's cluster occupancy), at least one, and no more
-    /// blocks than `useful` rounded up to a whole cluster.
-    pub fn persistent_cluster_grid(
-        &self,
-        module: &'static str,
-        name: &'static str,
-        block: u32,
-        smem: u32,
-        cluster: u32,
-        useful: usize,
-    ) -> Result<u32> {
-        if cluster <= 1 {
-            return self.persistent_grid(module, name, block, smem, useful);
-        }
-        // (The occupancy table's key: a cluster size in the shared-memory field's top bits.)
-        let key = (module, name, block, smem | (cluster << 24));
-        let cached = self.occupancy.lock().map_err(|_| Error::Device("occupancy table poisoned".into()))?.get(&key).copied();
-        let clusters = match cached {
-            Some(v) => v,
-            None => {
-                self.bind()?;
-                let f = self.function(module, name)?;
-                allow_smem(f, name, smem)?;
-                allow_cluster(f, name, cluster)?;
-                // SAFETY: an all-zero CUlaunchAttribute is valid plain data; its id and value are set here.
-                let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-                attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-                attr.value.clusterDim.x = cluster;
-                attr.value.clusterDim.y = 1;
-                attr.value.clusterDim.z = 1;
-                let config = sys::CUlaunchConfig {
-                    gridDimX: cluster,
-                    gridDimY: 1,
-                    gridDimZ: 1,
-                    blockDimX: block,
-                    blockDimY: 1,
-                    blockDimZ: 1,
-                    sharedMemBytes: smem,
-                    hStream: self.h.stream,
-                    attrs: &mut attr,
-                    numAttrs: 1,
-                };
-                let mut n: std::ffi::c_int = 0;
-                // SAFETY: `f` is a live function of this context and `config` a complete launch shape.
-                unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, f.0, &config) }
-                    .result()
-                    .map_err(|e| drv_err(&format!("{name}: clusters of {cluster}"), e))?;
-                let v = n.max(1) as u32;
-                self.occupancy.lock().map_err(|_| Error::Device("occupancy table poisoned".into()))?.insert(key, v);
-                v
-            }
-        };
-        Ok(clusters.min((useful.max(1) as u32).div_ceil(cluster)) * cluster)
-    }
-
     /// The most threads a block of `module::name` may have: its `__launch_bounds__`, where it sets one
     /// (a kernel whose block size is a tunable constant: the host asks it here).
     pub fn max_threads(&self, module: &'static str, name: &'static str) -> Result<u32> {
@@ -734,9 +665,8 @@ impl Gpu {
         self.launch_cluster(module, name, grid, block, smem, 1, args)
     }
 
-    /// `launch` with the grid's blocks in clusters of `cluster` consecutive z indices, or x indices for
-    /// a grid of one dimension (sm_90+, at most 16; that dimension a multiple of it): a cluster's
-    /// blocks run at once and share their shared memory.
+    /// `launch` with the grid's blocks in clusters of `cluster` consecutive z indices (sm_90+, at most
+    /// 16; grid.2 a multiple of it): a cluster's blocks run at once and share their shared memory.
     #[allow(clippy::too_many_arguments)]
     pub fn launch_cluster(
         &self,
@@ -751,13 +681,11 @@ impl Gpu {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 || self.skip.iter().any(|s| s == name) {
             return Ok(());
         }
-        let along_x = grid.1 == 1 && grid.2 == 1;
-        let dim = if along_x { grid.0 } else { grid.2 };
         crate::ensure!(
-            cluster >= 1 && dim.is_multiple_of(cluster) && (cluster == 1 || self.arch.0 >= 9),
+            cluster >= 1 && grid.2.is_multiple_of(cluster) && (cluster == 1 || self.arch.0 >= 9),
             InvalidArgument,
             "{name}: clusters of {cluster} blocks for a grid of {} (sm_{}{})",
-            dim,
+            grid.2,
             self.arch.0,
             self.arch.1
         );
@@ -812,10 +740,9 @@ impl Gpu {
         }
         if cluster > 1 {
             attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-            let (x, z) = if along_x { (cluster, 1) } else { (1, cluster) };
-            attrs[n].value.clusterDim.x = x;
+            attrs[n].value.clusterDim.x = 1;
             attrs[n].value.clusterDim.y = 1;
-            attrs[n].value.clusterDim.z = z;
+            attrs[n].value.clusterDim.z = cluster;
             n += 1;
         }
         let config = sys::CUlaunchConfig {

@@ -170,7 +170,7 @@ const ATTN_TILE_ROWS: usize = 64;
 /// Most KV splits of decode attention (`AD_MAX_SPLITS` in attention.cu).
 const MAX_ATTN_SPLITS: usize = 128;
 /// Most blocks of a cluster on sm_90 (8 portable, 16 with the function's leave; attention.cu AD_MAX_CLUSTER).
-const MAX_CLUSTER: usize = 16;
+const MAX_ATTN_CLUSTER: usize = 16;
 /// Keys per shared-memory tile of the tensor-core prefill attention (FP_BK in attention_prefill.cu).
 const ATTN_PREFILL_KEYS: usize = 64;
 /// attention_prefill_wg_128's dynamic shared memory (FW_SMEM in attention_prefill.cu, + 1 KB to align).
@@ -489,10 +489,6 @@ pub struct CudaBackend {
     /// Warps (logits) per block of the decode router (8; `QWEN3RS_CUDA_ROUTER_WARPS`, 1..=32: fewer
     /// spread its 128 logits over more SMs).
     router_warps: usize,
-    /// Most blocks of the cluster that computes the MoE decode router inside the gate/up expert kernel
-    /// (`moe_router_gemv_swiglu_xs`, sm_90+; `QWEN3RS_CUDA_ROUTER_CLUSTER=N`, 0 = off: router_logits
-    /// first); a cluster takes ceil(E / 8) blocks up to this.
-    router_cluster: std::sync::atomic::AtomicUsize,
     /// Grouped split-KV decode attention; `QWEN3RS_CUDA_SPLITKV=0` keeps one block per (head, row).
     split_kv: bool,
     /// Least keys a decode-attention split takes (8; `QWEN3RS_CUDA_SPLIT_KEYS`; 16 until run 18.3).
@@ -537,11 +533,11 @@ pub(crate) fn env_count(name: &str) -> Option<usize> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok()).filter(|&n: &usize| n > 0)
 }
 
-/// Most blocks of a cluster on compute capability `arch` (decode-attention splits merged in one, the
-/// MoE router's blocks): 16 from sm_90, none below (no clusters).
-fn cluster_cap(arch: (i32, i32)) -> usize {
+/// Most decode-attention splits a cluster of compute capability `arch` merges: 16 from sm_90, none
+/// below (no clusters).
+fn attn_cluster_cap(arch: (i32, i32)) -> usize {
     if arch.0 >= 9 {
-        MAX_CLUSTER
+        MAX_ATTN_CLUSTER
     } else {
         0
     }
@@ -553,7 +549,7 @@ fn attn_cluster_default(arch: (i32, i32)) -> usize {
     if env_off("QWEN3RS_CUDA_ATTN_CLUSTER") {
         return 0;
     }
-    env_count("QWEN3RS_CUDA_ATTN_CLUSTER").unwrap_or(MAX_CLUSTER).min(cluster_cap(arch))
+    env_count("QWEN3RS_CUDA_ATTN_CLUSTER").unwrap_or(MAX_ATTN_CLUSTER).min(attn_cluster_cap(arch))
 }
 
 /// Whether decode steps use CUDA graphs: on unless `QWEN3RS_CUDA_GRAPHS` is 0/false/off.
@@ -664,7 +660,6 @@ impl CudaBackend {
             None
         };
         let attn_cluster = attn_cluster_default(gpu.arch);
-        let router_cluster = env_count("QWEN3RS_CUDA_ROUTER_CLUSTER").unwrap_or(0).min(cluster_cap(gpu.arch));
         let trace = std::env::var_os("QWEN3RS_CUDA_TRACE").is_some() && !env_off("QWEN3RS_CUDA_TRACE");
         let replays = env_count("QWEN3RS_CUDA_REPLAYS").unwrap_or(1);
         let argmax = Argmax { dev: None, host: None, cap: 0, done: gpu.event()?, queued: None };
@@ -688,7 +683,6 @@ impl CudaBackend {
             rope_attn: !env_off("QWEN3RS_CUDA_ROPE_ATTN"),
             fused_route: !env_off("QWEN3RS_CUDA_FUSED_ROUTE"),
             router_warps: env_count("QWEN3RS_CUDA_ROUTER_WARPS").unwrap_or(8).min(32),
-            router_cluster: router_cluster.into(),
             split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"),
             split_keys: env_count("QWEN3RS_CUDA_SPLIT_KEYS").unwrap_or(8),
             wide_rows: parse_gemv_rows("QWEN3RS_CUDA_WIDE_ROWS", WIDE_ROWS)?,
@@ -747,13 +741,7 @@ impl CudaBackend {
     /// Most decode-attention splits merged in a thread block cluster (0: every split count goes
     /// through `attention_combine`), capped at what the device takes: lets one test process check both.
     pub fn set_attn_cluster(&self, max_splits: usize) {
-        self.attn_cluster.store(max_splits.min(cluster_cap(self.gpu.arch)), std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Most blocks of the MoE decode router's cluster inside the gate/up kernel (0: router_logits
-    /// apart), capped at what the device takes: lets one test process check both.
-    pub fn set_router_cluster(&self, blocks: usize) {
-        self.router_cluster.store(blocks.min(cluster_cap(self.gpu.arch)), std::sync::atomic::Ordering::Relaxed);
+        self.attn_cluster.store(max_splits.min(attn_cluster_cap(self.gpu.arch)), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Every decode GEMV on build GEMV_BUILDS[i] (Some(i)), or each on the build its row length's
@@ -1317,28 +1305,21 @@ impl CudaBackend {
         // With a fused norm (decode only, checked above) the router also stores the normed rows, and
         // the experts read them.
         let x_normed = if nw != 0 { x_normed } else { 0 };
-        // Decode with clusters: the gate/up kernel's blocks compute the logits themselves (in clusters
-        // of ceil(E / 8) blocks, at least 2 and at most router_cluster), then route as below.
-        let most = self.router_cluster.load(std::sync::atomic::Ordering::Relaxed);
-        let router_in_experts = (decode && self.fused_route && most > 0 && e <= ROUTE_MAX_E && t * h * es <= GEMV_SMEM_X)
-            .then(|| e.div_ceil(8).clamp(2, most.max(2)) as u32);
-        if router_in_experts.is_none() {
-            if t > GEMV_MAX_ROWS && nw == 0 {
-                // Prefill: a GEMM (router_logits, a warp per logit, took 233 µs a layer for 2,048 rows of
-                // Qwen3-30B-A3B: RESULTS.md run 16.1).
-                self.gpu.gemm_to(probs, true, xp, rp, t, e, h)?;
-            } else {
-                let smem = if nw != 0 { (h * es) as u32 } else { 0 };
-                let w = self.router_warps;
-                self.gpu.launch(
-                    "matmul",
-                    "router_logits",
-                    (blocks(e, w), t as u32, 1),
-                    32 * w as u32,
-                    smem,
-                    args![probs, xp, rp, ei, hi, delta, x_out, nw, eps, x_normed],
-                )?;
-            }
+        if t > GEMV_MAX_ROWS && nw == 0 {
+            // Prefill: a GEMM (router_logits, a warp per logit, took 233 µs a layer for 2,048 rows of
+            // Qwen3-30B-A3B: RESULTS.md run 16.1).
+            self.gpu.gemm_to(probs, true, xp, rp, t, e, h)?;
+        } else {
+            let smem = if nw != 0 { (h * es) as u32 } else { 0 };
+            let w = self.router_warps;
+            self.gpu.launch(
+                "matmul",
+                "router_logits",
+                (blocks(e, w), t as u32, 1),
+                32 * w as u32,
+                smem,
+                args![probs, xp, rp, ei, hi, delta, x_out, nw, eps, x_normed],
+            )?;
         }
         // Decode: the gate/up kernel routes for itself (every block, from the logits), one launch less.
         let self_routed = decode && self.fused_route && e <= ROUTE_MAX_E;
@@ -1358,35 +1339,19 @@ impl CudaBackend {
         if decode {
             // Decode: GEMVs over the rows of the chosen experts only (no sort, every warp busy):
             // gate·up·SwiGLU per (pair, expert row), then the down projection with the weighted
-            // combine in it, MOE_DOWN_WARPS warps per output element. Gate/up read the rows the router
-            // normed, or with the router inside it, norm them itself.
+            // combine in it, MOE_DOWN_WARPS warps per output element. Gate/up read the rows the router normed.
             let (gp, upp, dp) = (moe.gate.ptr, moe.up.ptr, moe.down.ptr);
-            if let Some(cluster) = router_in_experts {
-                let (module, name) = ("matmul", "moe_router_gemv_swiglu_xs");
-                let smem = (t * h * es) as u32;
-                let grid = self.gpu.persistent_cluster_grid(module, name, 256, smem, cluster, (p * inter).div_ceil(8))?;
-                self.gpu.launch_cluster(
-                    module,
-                    name,
-                    (grid, 1, 1),
-                    256,
-                    smem,
-                    cluster,
-                    args![act, xp, delta, x_out, nw, eps, rp, gp, upp, ids, weights, ei, renorm, e0, held, ki, pi, ii, hi],
-                )?;
-            } else {
-                let (module, name, grid, smem) = self.gemv_plan(&MOE_GEMV_SWIGLU, 1, h, t * h, p * inter)?;
-                let (xin, nw) = if x_normed != 0 { (x_normed, 0) } else { (xp, nw) };
-                let logits = if self_routed { probs } else { 0u64 };
-                self.gpu.launch(
-                    module,
-                    name,
-                    grid,
-                    256,
-                    smem,
-                    args![act, xin, gp, upp, ids, weights, logits, ei, renorm, e0, held, ki, pi, ii, hi, nw, eps],
-                )?;
-            }
+            let (module, name, grid, smem) = self.gemv_plan(&MOE_GEMV_SWIGLU, 1, h, t * h, p * inter)?;
+            let (xin, nw) = if x_normed != 0 { (x_normed, 0) } else { (xp, nw) };
+            let logits = if self_routed { probs } else { 0u64 };
+            self.gpu.launch(
+                module,
+                name,
+                grid,
+                256,
+                smem,
+                args![act, xin, gp, upp, ids, weights, logits, ei, renorm, e0, held, ki, pi, ii, hi, nw, eps],
+            )?;
             let (module, name, grid, smem) = self.gemv_plan(&MOE_DOWN_COMBINE, 1, inter, p * inter, t * h * MOE_DOWN_WARPS)?;
             let o = out.mem.ptr;
             return self.gpu.launch(module, name, grid, 256, smem, args![o, act, dp, ids, weights, ti, ki, hi, ii]);

@@ -111,7 +111,7 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attention(act_t* ou
 #else
 #define AD_BOUNDS(NW) __launch_bounds__((NW) * 32)
 #endif
-#define AD_MAX_CLUSTER 16  // most splits merged in a cluster (mod.rs MAX_CLUSTER)
+#define AD_MAX_CLUSTER 16  // most splits merged in a cluster (mod.rs MAX_ATTN_CLUSTER)
 // Profiling only: 1 drops the release/acquire ordering of the barrier before the splits' merge, so the
 // merge may read stale states (wrong results, right timing), 2 that of the last barrier too (relaxed
 // already with AD_STORES 2): what that ordering costs while the o projection's early loads fill the

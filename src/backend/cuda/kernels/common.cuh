@@ -180,17 +180,6 @@ __device__ __forceinline__ unsigned cluster_blocks() {
 #endif
 }
 
-// This block's rank in its cluster (0 without one).
-__device__ __forceinline__ unsigned cluster_rank() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    unsigned r;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-    return r;
-#else
-    return 0;
-#endif
-}
-
 // Every thread of every block of the cluster arrives; shared-memory writes before it are visible to
 // the cluster's reads after it.
 __device__ __forceinline__ void cluster_sync() {

@@ -517,25 +517,6 @@ extern "C" __global__ void __launch_bounds__(256) grouped_gemm(act_t* out, const
 // sync, no sorting). Pair p = t*k + s (moe_route's order); ids [P] local expert ids, -1 for other ranks'
 // experts (expert parallelism), skipped. Weights are [E, N, K].
 
-// The rows of the experts' first half: act[p, n] for the P * N (pair, expert row) products, a warp each,
-// from the chosen experts (chosen[p] < 0: another rank's, skipped) and x's rows xs.
-template <bool XS>
-__device__ __forceinline__ void moe_swiglu_rows(act_t* act, const act_t* xs, const act_t* gate, const act_t* up, const int* chosen,
-    int k, int P, int N, int K) {
-    const int lane = threadIdx.x & 31;
-    for (int r = warp_id_global(); r < P * N; r += warps_global()) {
-        int p = r / N, n = r % N;
-        if (chosen[p] < 0) continue;  // another rank's expert (expert parallelism)
-        size_t off = ((size_t)chosen[p] * N + n) * K;
-        const act_t* xr = xs + (size_t)(p / k) * K;
-        float g[1] = {0.f}, u[1] = {0.f};
-        uint4 gv[GV_UNROLL], uv[GV_UNROLL];
-        row_dot_pair<1, XS>(g, u, gate + off, up + off, xr, 1, K / VEC, gv, uv, false);
-        float gs = warp_sum(g[0]), us = warp_sum(u[0]);
-        if (lane == 0) act[(size_t)p * N + n] = from_f(rnd(silu(rnd(gs))) * rnd(us));
-    }
-}
-
 // The experts' first half for decode: act [P, N] = swiglu(x[p / k] · gate[e]ᵀ, x[p / k] · up[e]ᵀ)
 // rounded as grouped_gemm, grouped_gemm, swiglu. x is [T, K] with T = P / k; with nw (XS only) the rows
 // of x are first normed as stage_input does (x is then the residual router_logits stored; the decode
@@ -551,6 +532,7 @@ __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x,
     __shared__ int route_sel[GEMV_MAX_ROWS * MAX_TOP_K], route_ids[GEMV_MAX_ROWS * MAX_TOP_K];
     const NormW nwr = load_norm_weight(nw, K);
     grid_dependency();
+    const int lane = threadIdx.x & 31;
     const int* chosen = ids;
     if (logits) {
         // x's rows into L1 while the block routes (stage_input reads them next).
@@ -565,65 +547,17 @@ __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x,
     }
     const act_t* xs = stage_input<GEMV_MAX_ROWS, XS>(x, P / k, K, nullptr, nullptr, nw, eps, nwr);
     if (!XS && logits) __syncthreads();  // (stage_input without staging has no barrier)
-    moe_swiglu_rows<XS>(act, xs, gate, up, chosen, k, P, N, K);
-}
-
-// The experts' first half with the router in front of it (decode, sm_90 clusters; mod.rs
-// `router_cluster`): one launch where router_logits and moe_gemv_swiglu are two, so one launch
-// boundary less a layer. The C blocks of a cluster compute the T × E router logits between them as
-// router_logits does (warp w of cluster block c: logits c·W + w, + C·W, ...; the first row's batch
-// loaded before the wait; the same sums, so the same bits) and push each to every block of the cluster
-// (st.async into its route_p, counted by its mbarrier: no release, no GPU-wide MEMBAR, RESULTS.md run
-// 35.7); every block then routes (route_rows; block 0 stores ids / weights for moe_down_combine) and
-// streams its gate/up rows as moe_gemv_swiglu. x is the MoE block's input before its residual add:
-// every block norms it as stage_input does (delta, nw, eps; block 0 stores the residual to x_out).
-// T = P / k rows, staged (its dynamic shared memory: T * K elements); E <= ROUTE_MAX_E. A grid of whole
-// clusters along x (gpu.rs launch_cluster), 256 threads.
-extern "C" __global__ void GV_BOUNDS moe_router_gemv_swiglu_xs(act_t* act, const act_t* x, const act_t* delta, act_t* x_out,
-    const act_t* nw, float eps, const act_t* router, const act_t* gate, const act_t* up, int* ids, float* weights, int E,
-    int norm_topk, int e0, int held, int k, int P, int N, int K) {
-    TIMELINE("moe_router_gemv_swiglu_xs");
-    __shared__ __align__(16) float route_p[GEMV_MAX_ROWS * ROUTE_MAX_E];  // logits [T][E] as pushed, then route_rows' probabilities
-    __shared__ int route_sel[GEMV_MAX_ROWS * MAX_TOP_K], route_ids[GEMV_MAX_ROWS * MAX_TOP_K];
-    __shared__ alignas(8) unsigned long long pushed;  // counts the logits' bytes
-    const int T = P / k, lane = threadIdx.x & 31, W = blockDim.x >> 5;
-    const int C = (int)cluster_blocks(), e_first = (int)cluster_rank() * W + (threadIdx.x >> 5);
-    const bool early = e_first < E;
-    uint4 wv[GV_UNROLL];
-    if (early) {
-        load_batch(wv, router + (size_t)e_first * K, lane, K / VEC);
-        const int first = min(K, 32 * GV_UNROLL * VEC);
-        prefetch_lines(router + (size_t)e_first * K + first, (K - first) * (int)sizeof(act_t));
+    for (int r = warp_id_global(); r < P * N; r += warps_global()) {
+        int p = r / N, n = r % N;
+        if (chosen[p] < 0) continue;  // another rank's expert (expert parallelism)
+        size_t off = ((size_t)chosen[p] * N + n) * K;
+        const act_t* xr = xs + (size_t)(p / k) * K;
+        float g[1] = {0.f}, u[1] = {0.f};
+        uint4 gv[GV_UNROLL], uv[GV_UNROLL];
+        row_dot_pair<1, XS>(g, u, gate + off, up + off, xr, 1, K / VEC, gv, uv, false);
+        float gs = warp_sum(g[0]), us = warp_sum(u[0]);
+        if (lane == 0) act[(size_t)p * N + n] = from_f(rnd(silu(rnd(gs))) * rnd(us));
     }
-    const NormW nwr = load_norm_weight(nw, K);
-    const unsigned bar = smem_addr(&pushed), logits = smem_addr(route_p);
-    if (threadIdx.x == 0) mbar_expect_bytes(bar, (unsigned)(T * E * 4));
-    cluster_arrive_relaxed();  // the mbarrier is set; waited for before the first push
-    grid_dependency();
-    const act_t* xs = stage_input<GEMV_MAX_ROWS, true>(x, T, K, delta, x_out, nw, eps, nwr);
-    cluster_wait();
-    for (int e = e_first; e < E; e += C * W) {
-        float acc[GEMV_MAX_ROWS];
-#pragma unroll
-        for (int t = 0; t < GEMV_MAX_ROWS; t++) acc[t] = 0.f;
-        row_dot<GEMV_MAX_ROWS, true>(acc, router + (size_t)e * K, xs, T, K / VEC, wv, early && e == e_first);
-#pragma unroll
-        for (int t = 0; t < GEMV_MAX_ROWS; t++) {
-            if (t < T) {
-                const float v = warp_sum(acc[t]);
-                for (int c = lane; c < C; c += 32) st_async(cluster_map(logits + (unsigned)(t * E + e) * 4u, c), v, cluster_map(bar, c));
-            }
-        }
-    }
-    cluster_arrive_relaxed();  // this block's pushes are issued; no block leaves before every block's are (the end)
-    mbar_wait_first(bar);
-    const bool store = blockIdx.x == 0;
-    route_rows(route_p, T, route_p, E, route_sel, route_ids, nullptr, store ? ids : nullptr, store ? weights : nullptr, E, k, norm_topk,
-        e0, held);
-    __syncthreads();  // route_ids, for every warp
-    TL_MARK(1, 0.f);
-    moe_swiglu_rows<true>(act, xs, gate, up, route_ids, k, P, N, K);
-    cluster_wait();
 }
 
 // The experts' second half and the weighted combine for decode: out [T, N], out[t, n] = Σ_s round(weight[t,s]
