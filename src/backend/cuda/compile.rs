@@ -46,7 +46,6 @@ pub const TUNABLE: &[&str] = &[
     "AD_BARRIER_RELAXED",
     "AD_STORES",
     "AD_EXCHANGE",
-    "AD_RX_SPLITS",
     "LD_NC",
     "ARGMAX_UNROLL",
     "EG_MAX_STAGES",

@@ -126,11 +126,6 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attention(act_t* ou
 #ifndef AD_EXCHANGE  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define AD_EXCHANGE 1
 #endif
-// AD_EXCHANGE 2: the most splits its receive buffers hold (static shared memory: (AD_RX_SPLITS + 2) * 512
-// bytes for 4 warps and G * HD = 256); a launch of more splits exchanges by reads.
-#ifndef AD_RX_SPLITS  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
-#define AD_RX_SPLITS AD_MAX_CLUSTER
-#endif
 // Where the clustered decode attention's K/V append goes (RESULTS.md run 35). A cluster barrier's release
 // is a GPU-wide MEMBAR (SASS), slow while the o projection's early loads fill the memory system (2.2 µs),
 // and longer for a thread with global stores of its own outstanding. 1: main's order before run 35 (the
@@ -241,10 +236,9 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
     constexpr int CH = NW * 32, N_CHUNKS = (G * HD + CH - 1) / CH;
     const int mine = (N_CHUNKS + splits - 1) / splits;  // chunks a block merges, at most
     __shared__ alignas(8) unsigned long long xbar;
-    __shared__ float rx_a[AD_EXCHANGE == 2 ? (AD_RX_SPLITS + N_CHUNKS) * CH : 1];  // splits * mine <= N_CHUNKS + splits - 1
-    __shared__ float2 rx_ml[AD_EXCHANGE == 2 ? AD_RX_SPLITS : 1][G];
-    const bool push = AD_EXCHANGE == 2 && clustered && splits <= AD_RX_SPLITS;  // block-uniform
-    if (push) {
+    __shared__ float rx_a[AD_EXCHANGE == 2 ? (AD_MAX_CLUSTER + N_CHUNKS) * CH : 1];  // splits * mine <= N_CHUNKS + splits - 1
+    __shared__ float2 rx_ml[AD_EXCHANGE == 2 ? AD_MAX_CLUSTER : 1][G];
+    if (AD_EXCHANGE == 2 && clustered) {
         if (threadIdx.x == 0) {
             unsigned bytes = 0;
             for (int c = s; c < N_CHUNKS; c += splits) {
@@ -371,7 +365,7 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
         for (int i = 0; i < ND; i++) wacc[warp][g][lane * ND + i] = acc[g][i];
     }
     __syncthreads();
-    if (push) cluster_wait();  // every block's mbarrier is set
+    if (AD_EXCHANGE == 2 && clustered) cluster_wait();  // every block's mbarrier is set
     for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
         int g = i / HD, d = i % HD;
         float mw[NW], lw[NW], aw[NW], mx, total;
@@ -385,7 +379,7 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
         size_t row = (size_t)t * nh + h0 + g;
         if (splits == 1) {
             out[row * HD + d] = from_f(a / total);
-        } else if (push) {
+        } else if (clustered && AD_EXCHANGE == 2) {
             const int c = i / CH, to = c % splits;
             const unsigned bar = cluster_map(smem_addr(&xbar), to);
             st_async(cluster_map(smem_addr(&rx_a[(s * mine + c / splits) * CH + i % CH]), to), a, bar);
@@ -404,7 +398,7 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
     // The splits' merge, attention_combine's sums: block s of the cluster (its rank: the cluster spans
     // z) takes outputs s * CH .. of the group's G * HD, reading every split's state from its block's
     // shared memory (AD_EXCHANGE 2: from its own, where the splits pushed them).
-    if (push) mbar_wait_first(smem_addr(&xbar));
+    if (AD_EXCHANGE == 2) mbar_wait_first(smem_addr(&xbar));
     else if (AD_BARRIER_RELAXED) cluster_sync_relaxed();
     else cluster_sync();
     TL_MARK(3, 0.f);
@@ -415,7 +409,7 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
 #pragma unroll
         for (int r = 0; r < AD_MAX_CLUSTER; r++) {
             bool in = r < splits;
-            if (push) {
+            if (AD_EXCHANGE == 2) {
                 const float2 ml = in ? rx_ml[r][g] : float2{0.f, 0.f};
                 mr[r] = ml.x;
                 lr[r] = ml.y;
