@@ -72,6 +72,13 @@ fn check(what: &str, dtype: DType, got: &[f32], want: &[f32], bar: f64) {
     assert!(e <= bar, "{what} {}: relative error {e:.3e} > {bar:.0e}", dtype.name());
 }
 
+/// `got` and `want` are the same bits, element for element.
+fn same_bits(what: &str, dtype: DType, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what} {}: lengths", dtype.name());
+    let diff = got.iter().zip(want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+    assert_eq!(diff, 0, "{what} {}: {diff} of {} elements differ", dtype.name(), got.len());
+}
+
 // ---- generic op runners: the same code on either backend ----
 
 fn run_embed<B: Backend>(be: &B, table: &HostTensor, ids: &[u32]) -> Vec<f32> {
@@ -866,6 +873,8 @@ fn moe_routing_and_experts() {
         let c = CpuBackend::new(dtype);
         let (_, bar) = bars(dtype);
         let mut r = Rng(7);
+        // A weight to hint as read soon (QWEN3RS_CUDA_L2_NEXT: the decode gate/up kernel asks it into L2).
+        let hint = g.upload(tensor(&r.uniform(1 << 20, 1.0), &[1024, 1024])).unwrap();
         for (e, k, h, inter, norm) in [
             (8usize, 2usize, 64usize, 48usize, true),
             (16, 4, 96, 40, false),
@@ -888,7 +897,16 @@ fn moe_routing_and_experts() {
             // T = 33 and 200: prefill (cuBLAS router and grouped GEMMs), E = 128 with experts left empty.
             for t in [1usize, 2, 7, 8, 33, 200] {
                 let x = r.uniform(t * h, 1.0);
-                check(&format!("moe E={e} k={k} T={t} norm={norm}"), dtype, &run_moe(&g, &x, t, &moe), &run_moe(&c, &x, t, &moe), bar);
+                let label = format!("moe E={e} k={k} T={t} norm={norm}");
+                let want = run_moe(&g, &x, t, &moe);
+                check(&label, dtype, &want, &run_moe(&c, &x, t, &moe), bar);
+                // A read_soon hint (decode batches use it) only moves bytes into L2: the same bits.
+                if t <= 8 {
+                    g.set_l2_next(true);
+                    g.read_soon(&hint).unwrap();
+                    same_bits(&format!("{label} with a read_soon hint"), dtype, &run_moe(&g, &x, t, &moe), &want);
+                    g.set_l2_next(false);
+                }
             }
         }
         // Ties: experts 2j and 2j + 1 have the same router row, so equal probabilities; with an odd k

@@ -73,6 +73,7 @@ BEFORE_WAIT = [
     r"const NormW \w+ = load_norm_weight\(nw, \w+\)",
     r"if \(early\)",
     r'TIMELINE\("\w+"\)',  # profiling builds only: a block's own record (common.cuh Timeline)
+    r"l2_keep\(ahead, ahead_bytes\)",  # a weight read soon after, into L2 (mod.rs read_soon)
 ]
 
 

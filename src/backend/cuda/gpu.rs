@@ -373,6 +373,22 @@ impl Gpu {
         self.ctx.bind_to_thread().map_err(|e| drv_err("binding the CUDA context", e))
     }
 
+    /// Set aside up to 3/4 of the L2 cache for lines asked for at evict_last priority (the most the
+    /// device allows; `prefetch.global.L2::evict_last` in the kernels), so that they outlast the
+    /// streamed weights read after them. Returns the bytes set aside.
+    pub fn set_aside_l2(&self) -> Result<usize> {
+        self.bind()?;
+        let attr = |a| self.ctx.attribute(a).map_err(|e| drv_err("reading the L2 cache size", e));
+        let l2 = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?.max(0) as usize;
+        let most = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_PERSISTING_L2_CACHE_SIZE)?.max(0) as usize;
+        let bytes = (l2 / 4 * 3).min(most);
+        // SAFETY: the context is bound; the limit is a size within what the device reports.
+        unsafe { sys::cuCtxSetLimit(sys::CUlimit::CU_LIMIT_PERSISTING_L2_CACHE_SIZE, bytes) }
+            .result()
+            .map_err(|e| drv_err(&format!("setting {bytes} bytes of L2 aside"), e))?;
+        Ok(bytes)
+    }
+
     /// A device allocation of `bytes` (contents undefined).
     pub fn alloc(&self, bytes: usize) -> Result<DevMem> {
         self.bind()?;

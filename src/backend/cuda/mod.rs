@@ -489,6 +489,11 @@ pub struct CudaBackend {
     /// Warps (logits) per block of the decode router (8; `QWEN3RS_CUDA_ROUTER_WARPS`, 1..=32: fewer
     /// spread its 128 logits over more SMs).
     router_warps: usize,
+    /// `read_soon` hints taken (`QWEN3RS_CUDA_L2_NEXT=1`, off by default; 3/4 of the L2 then set aside
+    /// for evict_last lines): the decode gate/up expert kernel asks the hinted weight into L2 before its
+    /// wait. `soon`: the hint not yet taken (pointer, bytes).
+    l2_next: std::sync::atomic::AtomicBool,
+    soon: Mutex<(u64, usize)>,
     /// Grouped split-KV decode attention; `QWEN3RS_CUDA_SPLITKV=0` keeps one block per (head, row).
     split_kv: bool,
     /// Least keys a decode-attention split takes (8; `QWEN3RS_CUDA_SPLIT_KEYS`; 16 until run 18.3).
@@ -660,6 +665,10 @@ impl CudaBackend {
             None
         };
         let attn_cluster = attn_cluster_default(gpu.arch);
+        let l2_next = std::env::var_os("QWEN3RS_CUDA_L2_NEXT").is_some() && !env_off("QWEN3RS_CUDA_L2_NEXT") && gpu.arch.0 >= 8;
+        if l2_next {
+            gpu.set_aside_l2()?;
+        }
         let trace = std::env::var_os("QWEN3RS_CUDA_TRACE").is_some() && !env_off("QWEN3RS_CUDA_TRACE");
         let replays = env_count("QWEN3RS_CUDA_REPLAYS").unwrap_or(1);
         let argmax = Argmax { dev: None, host: None, cap: 0, done: gpu.event()?, queued: None };
@@ -683,6 +692,8 @@ impl CudaBackend {
             rope_attn: !env_off("QWEN3RS_CUDA_ROPE_ATTN"),
             fused_route: !env_off("QWEN3RS_CUDA_FUSED_ROUTE"),
             router_warps: env_count("QWEN3RS_CUDA_ROUTER_WARPS").unwrap_or(8).min(32),
+            l2_next: l2_next.into(),
+            soon: Mutex::new((0, 0)),
             split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"),
             split_keys: env_count("QWEN3RS_CUDA_SPLIT_KEYS").unwrap_or(8),
             wide_rows: parse_gemv_rows("QWEN3RS_CUDA_WIDE_ROWS", WIDE_ROWS)?,
@@ -742,6 +753,12 @@ impl CudaBackend {
     /// through `attention_combine`), capped at what the device takes: lets one test process check both.
     pub fn set_attn_cluster(&self, max_splits: usize) {
         self.attn_cluster.store(max_splits.min(attn_cluster_cap(self.gpu.arch)), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether `read_soon` hints are taken (`QWEN3RS_CUDA_L2_NEXT` chooses at construction, and sets the
+    /// L2 aside then): lets one test process check both.
+    pub fn set_l2_next(&self, on: bool) {
+        self.l2_next.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Every decode GEMV on build GEMV_BUILDS[i] (Some(i)), or each on the build its row length's
@@ -1264,6 +1281,8 @@ impl CudaBackend {
         let (t, h, e, k, inter) = (x.rows, x.cols, moe.n_experts, moe.top_k, moe.inter);
         check_shape("moe", (out.rows, out.cols), (t, h))?;
         ensure!(h == moe.hidden, InvalidArgument, "moe: rows of {h}, experts take {}", moe.hidden);
+        // The `read_soon` hint, taken by every MoE call (the decode gate/up kernel uses it).
+        let (ahead, ahead_bytes) = std::mem::take(&mut *lock(&self.soon)?);
         if t == 0 {
             return Ok(());
         }
@@ -1344,13 +1363,14 @@ impl CudaBackend {
             let (module, name, grid, smem) = self.gemv_plan(&MOE_GEMV_SWIGLU, 1, h, t * h, p * inter)?;
             let (xin, nw) = if x_normed != 0 { (x_normed, 0) } else { (xp, nw) };
             let logits = if self_routed { probs } else { 0u64 };
+            let ahead_bytes = ahead_bytes as i64;
             self.gpu.launch(
                 module,
                 name,
                 grid,
                 256,
                 smem,
-                args![act, xin, gp, upp, ids, weights, logits, ei, renorm, e0, held, ki, pi, ii, hi, nw, eps],
+                args![act, xin, gp, upp, ids, weights, logits, ei, renorm, e0, held, ki, pi, ii, hi, nw, eps, ahead, ahead_bytes],
             )?;
             let (module, name, grid, smem) = self.gemv_plan(&MOE_DOWN_COMBINE, 1, inter, p * inter, t * h * MOE_DOWN_WARPS)?;
             let o = out.mem.ptr;
@@ -1859,6 +1879,13 @@ impl Backend for CudaBackend {
                 self.moe(out, h, moe)
             }
         }
+    }
+
+    fn read_soon(&self, w: &CudaWeight) -> Result<()> {
+        if self.l2_next.load(std::sync::atomic::Ordering::Relaxed) {
+            *lock(&self.soon)? = (w.mem.ptr, w.mem.bytes);
+        }
+        Ok(())
     }
 
     fn matmul(&self, out: &mut CudaBuf, x: &CudaBuf, w: &CudaWeight) -> Result<()> {
