@@ -210,6 +210,24 @@ def test_cuda_graph_replay_gives_the_eager_tokens(case, monkeypatch):
 
 @pytest.mark.gpu
 @GPU
+def test_reading_the_next_o_projection_into_l2_leaves_the_tokens(monkeypatch):
+    """QWEN3RS_CUDA_L2_NEXT=1: before each MoE layer the model names the next layer's o projection, and
+    the decode expert kernel asks it into L2 (prefetches; 3/4 of the L2 set aside). The same greedy
+    tokens as without, replayed as CUDA graphs and eagerly, one sequence and a batch."""
+    def run(flag, graphs):
+        monkeypatch.setenv("QWEN3RS_CUDA_L2_NEXT", flag)
+        monkeypatch.setenv("QWEN3RS_CUDA_GRAPHS", graphs)
+        m = qwen3rs.load(FIXTURES / MOE, device="cuda", dtype="bfloat16", progress=False)
+        kw = dict(raw=True, temperature=0.0, ignore_eos=True)
+        out = [m.generate([3, 14, 15, 92, 65], max_new_tokens=32, **kw).token_ids]
+        return out + [x.token_ids for x in m.generate([[1, 2], [7] * 20], max_new_tokens=16, **kw)]
+    want = run("0", "1")
+    assert run("1", "1") == want
+    assert run("1", "0") == want
+
+
+@pytest.mark.gpu
+@GPU
 def test_steps_launched_ahead_give_the_tokens_of_steps_launched_in_turn(monkeypatch):
     """Greedy decode steps are launched before the host has read the last step's tokens (fed them on
     the device; the default under graphs). They give exactly the tokens of steps launched after the
