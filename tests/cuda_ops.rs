@@ -873,8 +873,10 @@ fn moe_routing_and_experts() {
         let c = CpuBackend::new(dtype);
         let (_, bar) = bars(dtype);
         let mut r = Rng(7);
-        // A weight to hint as read soon (QWEN3RS_CUDA_L2_NEXT: the decode gate/up kernel asks it into L2).
-        let hint = g.upload(tensor(&r.uniform(1 << 20, 1.0), &[1024, 1024])).unwrap();
+        // Weights to hint as read soon (QWEN3RS_CUDA_L2_NEXT: the decode gate/up kernel asks them into
+        // L2), one of them not a whole number of 128-byte lines.
+        let hints = [tensor(&r.uniform(1 << 20, 1.0), &[1024, 1024]), tensor(&r.uniform(999 * 37, 1.0), &[999, 37])];
+        let hints = hints.map(|t| g.upload(t).unwrap());
         for (e, k, h, inter, norm) in [
             (8usize, 2usize, 64usize, 48usize, true),
             (16, 4, 96, 40, false),
@@ -901,12 +903,12 @@ fn moe_routing_and_experts() {
                 let want = run_moe(&g, &x, t, &moe);
                 check(&label, dtype, &want, &run_moe(&c, &x, t, &moe), bar);
                 // A read_soon hint (decode batches use it) only moves bytes into L2: the same bits.
-                if t <= 8 {
-                    g.set_l2_next(true);
-                    g.read_soon(&hint).unwrap();
-                    same_bits(&format!("{label} with a read_soon hint"), dtype, &run_moe(&g, &x, t, &moe), &want);
-                    g.set_l2_next(false);
+                for n in [1usize, 4].into_iter().filter(|_| t <= 8) {
+                    g.set_l2_next(n);
+                    g.read_soon(&[&hints[0], &hints[1]]).unwrap();
+                    same_bits(&format!("{label} with {n} weight(s) read soon"), dtype, &run_moe(&g, &x, t, &moe), &want);
                 }
+                g.set_l2_next(0);
             }
         }
         // Ties: experts 2j and 2j + 1 have the same router row, so equal probabilities; with an odd k

@@ -240,10 +240,10 @@ pub trait Backend: Send + Sync + Sized + 'static {
         self.add_rms_norm(x_out, h, input)?;
         self.moe(out, h, moe)
     }
-    /// A hint: `w` is read soon after the next `moe` / `norm_moe` (the model names the next layer's
-    /// output projection), so a backend may bring it closer meanwhile (CUDA: into L2 from the decode
-    /// expert kernel, `QWEN3RS_CUDA_L2_NEXT`). The default ignores it.
-    fn read_soon(&self, _w: &Self::Weight) -> Result<()> {
+    /// A hint: `ws` are read soon after the next `moe` / `norm_moe`, in this order (the model names the
+    /// next layer's q, k, v and o projections), so a backend may bring them closer meanwhile (CUDA: into
+    /// L2 from the decode expert kernel, `QWEN3RS_CUDA_L2_NEXT`). The default ignores it.
+    fn read_soon(&self, _ws: &[&Self::Weight]) -> Result<()> {
         Ok(())
     }
     /// out [T, N] = x [T, K] · w [N, K]ᵀ.
