@@ -228,6 +228,25 @@ impl Qwen3Config {
         self.num_attention_heads * self.head_dim
     }
 
+    /// Elements of every weight tensor of the checkpoint: the embedding, each layer's attention, norms
+    /// and MLP or experts (with their router), the final norm and an untied lm_head.
+    pub fn weight_elements(&self) -> usize {
+        let (h, hd) = (self.hidden_size, self.head_dim);
+        let attention = 2 * self.q_dim() * h + 2 * self.kv_dim() * h + 2 * h + 2 * hd;
+        let layers: usize = (0..self.num_hidden_layers)
+            .map(|i| {
+                let mlp = if self.is_moe_layer(i) {
+                    self.num_experts * (3 * self.moe_intermediate_size * h + h)
+                } else {
+                    3 * self.intermediate_size * h
+                };
+                attention + mlp
+            })
+            .sum();
+        let heads = if self.tie_word_embeddings { 1 } else { 2 };
+        heads * self.vocab_size * h + layers + h
+    }
+
     pub fn kv_dim(&self) -> usize {
         self.num_key_value_heads * self.head_dim
     }

@@ -109,3 +109,31 @@ fn rejections_name_the_problem() {
     assert!(config_error(with("Qwen3-8B", |v| v["vocab_size"] = 0.into())).contains("vocab_size"));
     assert!(config_error(Qwen3Config::from_json("[1, 2]")).contains("invalid config.json"));
 }
+
+/// Elements of every tensor in a checkpoint folder's safetensors files (their headers).
+fn stored_elements(dir: &Path) -> usize {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            let bytes = std::fs::read(&path).unwrap();
+            let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+            total += meta.tensors().values().map(|t| t.shape.iter().product::<usize>()).sum::<usize>();
+        }
+    }
+    total
+}
+
+#[test]
+fn weight_elements_count_every_tensor_of_a_checkpoint() {
+    // The conformance checkpoints (transformers' own tensors: tied and untied heads, GQA, MoE layers
+    // among dense ones, sharded files) hold exactly the elements the config says.
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for name in ["dense_tied_bf16", "dense_untied_f32_gqa4", "dense_yarn_bf16", "moe_mixed_sharded_bf16", "moe_top2_bf16"] {
+        let dir = fixtures.join(name);
+        let c = Qwen3Config::from_file(&dir.join("config.json")).unwrap();
+        assert_eq!(c.weight_elements(), stored_elements(&dir), "{name}");
+    }
+    // Hugging Face's model card figure for Qwen3-0.6B: 596,049,920 parameters.
+    assert_eq!(official("Qwen3-0.6B").weight_elements(), 596_049_920);
+}

@@ -199,6 +199,13 @@ def test_unknown_dummy_name():
         qwen3rs.load("dummy:Qwen3-7B", device="cpu", progress=False)
 
 
+def test_dummy_model_larger_than_host_memory():
+    # Qwen3-235B-A22B's 470 GB of bf16 weights: refused before any is drawn, naming the sizes, where
+    # drawing them would have the process killed for its memory.
+    with pytest.raises(qwen3rs.errors.DeviceOutOfMemoryError, match=r"need 4\d\d\.\d GB of host memory on the CPU.*GB are available"):
+        qwen3rs.load("dummy:Qwen3-235B-A22B", device="cpu", progress=False)
+
+
 def test_cuda_without_gpu_is_a_clear_error(fixtures):
     if qwen3rs.cuda_available():
         pytest.skip("a GPU is present")

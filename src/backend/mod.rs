@@ -146,6 +146,12 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// A table kept exactly as given (the f32 RoPE table).
     fn upload_exact(&self, tensor: HostTensor) -> Result<Self::Weight>;
     fn upload_moe(&self, moe: MoeHost) -> Result<Self::Moe>;
+    /// Before a dummy model is drawn: an error if its `elements` weight elements cannot fit where this
+    /// backend keeps weights. The CPU backend checks host memory (an allocation past it ends the process
+    /// instead of raising); the default accepts (a device reports its out-of-memory as it happens).
+    fn check_dummy_fits(&self, _elements: usize) -> Result<()> {
+        Ok(())
+    }
     /// A dummy weight of `shape` (see `model::dummy`), equal to `upload(spec.host_tensor(shape))`.
     /// A GPU backend overrides this to draw the values on the device: no host copy of the model.
     fn dummy_weight(&self, spec: &DummySpec, shape: &[usize]) -> Result<Self::Weight> {

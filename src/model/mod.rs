@@ -122,6 +122,9 @@ impl<B: Backend> Model<B> {
         let (h, hd) = (c.hidden_size, c.head_dim);
         // Dummy weights are drawn by the backend itself (on the device for CUDA), same values.
         let dummy = src.dummy_seed();
+        if dummy.is_some() {
+            backend.check_dummy_fits(c.weight_elements())?;
+        }
         let w = |name: &str, shape: &[usize]| -> Result<B::Weight> {
             match dummy {
                 Some(seed) => backend.dummy_weight(&DummySpec::new(seed, name, shape), shape),

@@ -62,6 +62,14 @@ pub fn default_num_threads() -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }
 
+/// Bytes of host memory available to new allocations (Linux: MemAvailable in /proc/meminfo; None
+/// elsewhere or when it cannot be read).
+fn host_memory_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb = info.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()?;
+    Some(kb * 1024)
+}
+
 impl CpuBackend {
     pub fn new(dtype: DType) -> Self {
         Self::with_options(dtype, CpuOptions::default()).expect("default CPU options are valid")
@@ -738,6 +746,23 @@ impl Backend for CpuBackend {
 
     fn upload_exact(&self, tensor: HostTensor) -> Result<CpuWeight> {
         Ok(CpuWeight::Host(tensor))
+    }
+
+    fn check_dummy_fits(&self, elements: usize) -> Result<()> {
+        // Dummy weights are drawn in bf16 and kept so (or converted to f16, or quantised to int8).
+        let bytes = elements as f64 * if self.quant == Some(Quant::Int8) { 1.0 } else { 2.0 };
+        let Some(available) = host_memory_available() else { return Ok(()) };
+        let gb = |b: f64| b / 1e9;
+        ensure!(
+            bytes <= available as f64,
+            OutOfMemory,
+            "the model's dummy weights ({:.1} billion) need {:.1} GB of host memory on the CPU, and {:.1} GB are \
+             available (MemAvailable): load it with device=\"cuda\", or take a smaller model",
+            elements as f64 / 1e9,
+            gb(bytes),
+            gb(available as f64)
+        );
+        Ok(())
     }
 
     fn upload_moe(&self, moe: MoeHost) -> Result<CpuMoe> {
