@@ -283,8 +283,13 @@ __device__ __forceinline__ void prefetch_lines(const void* p, int n) {
 // thread of the grid in turn. n 0: nothing. A weight only: it may come before grid_dependency().
 __device__ __forceinline__ void l2_keep(const char* p, long long n) {
     const long long step = (long long)gridDim.x * blockDim.x * 128;
-    for (long long off = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 128; off < n; off += step)
+    for (long long off = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 128; off < n; off += step) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
         asm volatile("prefetch.global.L2::evict_last [%0];" :: "l"(p + off));
+#else
+        asm volatile("prefetch.global.L2 [%0];" :: "l"(p + off));  // (eviction priorities: sm_80+)
+#endif
+    }
 }
 
 // Loads a kernel may issue before grid_dependency() (weights, cached keys of earlier steps): plain
