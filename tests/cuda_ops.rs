@@ -1015,9 +1015,7 @@ fn dummy_weights_drawn_on_device_equal_the_host() {
             g.embed(&mut go, &gw, &ids).unwrap();
             c.embed(&mut co, &cw, &ids).unwrap();
             let (gv, cv) = (g.download(&go).unwrap(), c.download(&co).unwrap());
-            let diff = gv.iter().zip(&cv).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-            eprintln!("dummy_weight {shape:?} {}: {diff} of {n} differ", dtype.name());
-            assert_eq!(diff, 0, "device dummy weights differ from the host's");
+            same_bits(&format!("dummy_weight {shape:?}: the device's against the host's"), dtype, &gv, &cv);
         }
         // A dummy MoE layer drawn on the device computes what the host-built one does.
         let (_, bar) = bars(dtype);
@@ -1081,8 +1079,7 @@ fn dummy_shards_drawn_on_device_equal_the_host_slice() {
                 let part = g.dummy_window(&spec, shape, &w).unwrap();
                 let got = read_dummy(&g, &part, w.rows.len(), w.cols.len());
                 let want = whole.window(&w).unwrap().to_dtype(dtype).to_f32_vec(); // f16 rounds tiny bf16 values
-                let diff = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-                assert_eq!(diff, 0, "{} {shape:?} {w:?}: {diff} of {} device values differ from the host slice", dtype.name(), want.len());
+                same_bits(&format!("dummy_window {shape:?} {w:?}: the device's against the host slice"), dtype, &got, &want);
                 checked += 1;
             }
         }
