@@ -210,27 +210,6 @@ def test_cuda_graph_replay_gives_the_eager_tokens(case, monkeypatch):
 
 @pytest.mark.gpu
 @GPU
-def test_reading_the_next_layer_into_l2_leaves_the_tokens(monkeypatch):
-    """QWEN3RS_CUDA_L2_NEXT=N: before each MoE layer the model names the next layer's q, k, v and o
-    projections, and the decode expert kernel asks the last N of them into L2 (prefetches at evict_last
-    priority; QWEN3RS_CUDA_L2_ASIDE=MB sets L2 aside for such lines). The same greedy tokens as
-    without, replayed as CUDA graphs and eagerly, one sequence and a batch."""
-    def run(flag, graphs, aside="0"):
-        monkeypatch.setenv("QWEN3RS_CUDA_L2_NEXT", flag)
-        monkeypatch.setenv("QWEN3RS_CUDA_L2_ASIDE", aside)
-        monkeypatch.setenv("QWEN3RS_CUDA_GRAPHS", graphs)
-        m = qwen3rs.load(FIXTURES / MOE, device="cuda", dtype="bfloat16", progress=False)
-        kw = dict(raw=True, temperature=0.0, ignore_eos=True)
-        out = [m.generate([3, 14, 15, 92, 65], max_new_tokens=32, **kw).token_ids]
-        return out + [x.token_ids for x in m.generate([[1, 2], [7] * 20], max_new_tokens=16, **kw)]
-    want = run("0", "1")
-    assert run("1", "1") == want
-    assert run("4", "1", aside="20") == want
-    assert run("4", "0") == want
-
-
-@pytest.mark.gpu
-@GPU
 def test_steps_launched_ahead_give_the_tokens_of_steps_launched_in_turn(monkeypatch):
     """Greedy decode steps are launched before the host has read the last step's tokens (fed them on
     the device; the default under graphs). They give exactly the tokens of steps launched after the

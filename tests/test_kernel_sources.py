@@ -73,9 +73,6 @@ BEFORE_WAIT = [
     r"const NormW \w+ = load_norm_weight\(nw, \w+\)",
     r"if \(early\)",
     r'TIMELINE\("\w+"\)',  # profiling builds only: a block's own record (common.cuh Timeline)
-    r"for \(int i = 0",  # with the next two: the weights read soon after, into L2 (mod.rs read_soon)
-    r"i < L2_AHEAD",
-    r"i\+\+\) l2_keep\(ahead\.ptr\[i\], ahead\.bytes\[i\]\)",
 ]
 
 

@@ -246,12 +246,6 @@ pub trait Backend: Send + Sync + Sized + 'static {
         self.add_rms_norm(x_out, h, input)?;
         self.moe(out, h, moe)
     }
-    /// A hint: `ws` are read soon after the next `moe` / `norm_moe`, in this order (the model names the
-    /// next layer's q, k, v and o projections), so a backend may bring them closer meanwhile (CUDA: into
-    /// L2 from the decode expert kernel, `QWEN3RS_CUDA_L2_NEXT`). The default ignores it.
-    fn read_soon(&self, _ws: &[&Self::Weight]) -> Result<()> {
-        Ok(())
-    }
     /// out [T, N] = x [T, K] · w [N, K]ᵀ.
     fn matmul(&self, out: &mut Self::Buf, x: &Self::Buf, w: &Self::Weight) -> Result<()>;
     /// outs[i] [T, N_i] = x [T, K] · ws[i]ᵀ for weights sharing one input (the q, k, v

@@ -266,13 +266,7 @@ impl<B: Backend> Model<B> {
                     be.norm_matmul_swiglu(&mut s.x_next, &mut s.h, &input, &mut s.act, &mut s.gate, &mut s.up, gate, up)?;
                     be.matmul(&mut s.ffn_out, &s.act, down)?;
                 }
-                Ffn::Moe(moe) => {
-                    // While the MoE block routes, the memory has time for the next layer's attention weights.
-                    if let Some(next) = self.layers.get(i + 1) {
-                        be.read_soon(&[&next.q_proj, &next.k_proj, &next.v_proj, &next.o_proj])?;
-                    }
-                    be.norm_moe(&mut s.x_next, &mut s.h, &input, &mut s.ffn_out, moe)?
-                }
+                Ffn::Moe(moe) => be.norm_moe(&mut s.x_next, &mut s.h, &input, &mut s.ffn_out, moe)?,
             }
             std::mem::swap(&mut s.x, &mut s.x_next);
         }

@@ -227,8 +227,6 @@ pub struct Gpu {
     /// sweeps: fewer leave room for the next kernel's blocks to start early under PDL); None: the driver's
     /// occupancy. (Its FAMILY:N entries cap one GEMV family: mod.rs `parse_block_caps`.)
     blocks_per_sm: Option<u32>,
-    /// L2 bytes this GPU's context set aside for persisting lines (`set_aside_l2`; 0 again when dropped).
-    l2_aside: std::sync::atomic::AtomicUsize,
     /// Kernels never launched (`QWEN3RS_CUDA_SKIP`, mod.rs `parse_skip`; profiling only).
     skip: Vec<String>,
     modules: Mutex<HashMap<&'static str, Module>>,
@@ -255,13 +253,9 @@ impl Drop for Gpu {
             }
         }
         // SAFETY: the handles were created by `Gpu::new` and are destroyed once, after the
-        // stream's work is done; modules are unloaded after that. The context's L2 set-aside (a
-        // limit of the device's primary context, which outlives this) goes back to none.
+        // stream's work is done; modules are unloaded after that.
         unsafe {
             let _ = drv::stream::synchronize(self.h.stream);
-            if *self.l2_aside.get_mut() > 0 {
-                let _ = sys::cuCtxSetLimit(sys::CUlimit::CU_LIMIT_PERSISTING_L2_CACHE_SIZE, 0);
-            }
             let _ = blas::destroy_handle(self.h.blas);
             let _ = drv::stream::destroy(self.h.stream);
             if let Ok(mods) = self.modules.get_mut() {
@@ -356,7 +350,6 @@ impl Gpu {
                 driver,
                 pdl_max_smem,
                 blocks_per_sm,
-                l2_aside: 0.into(),
                 skip,
                 modules: Mutex::new(HashMap::new()),
                 funcs: Mutex::new(HashMap::new()),
@@ -378,26 +371,6 @@ impl Gpu {
 
     pub fn bind(&self) -> Result<()> {
         self.ctx.bind_to_thread().map_err(|e| drv_err("binding the CUDA context", e))
-    }
-
-    /// Set aside `bytes` of the L2 cache (at most what the device allows) for persisting lines, those
-    /// asked for at evict_last priority among them (`prefetch.global.L2::evict_last` in the kernels), so
-    /// that they outlast the streamed weights read after them. Returns the bytes set aside. (3/4 of the
-    /// L2 set aside cost every decode kernel, RESULTS.md run 27.2.)
-    pub fn set_aside_l2(&self, bytes: usize) -> Result<usize> {
-        self.bind()?;
-        let most = self
-            .ctx
-            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_PERSISTING_L2_CACHE_SIZE)
-            .map_err(|e| drv_err("reading the most L2 a context may set aside", e))?
-            .max(0) as usize;
-        let bytes = bytes.min(most);
-        // SAFETY: the context is bound; the limit is a size within what the device reports.
-        unsafe { sys::cuCtxSetLimit(sys::CUlimit::CU_LIMIT_PERSISTING_L2_CACHE_SIZE, bytes) }
-            .result()
-            .map_err(|e| drv_err(&format!("setting {bytes} bytes of L2 aside"), e))?;
-        self.l2_aside.store(bytes, std::sync::atomic::Ordering::Relaxed);
-        Ok(bytes)
     }
 
     /// A device allocation of `bytes` (contents undefined).

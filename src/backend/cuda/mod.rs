@@ -161,16 +161,6 @@ const MOE_TILE_ROWS: usize = 16;
 /// SM); `QWEN3RS_CUDA_EXPERT_TILE=256` takes the second (one block an SM: 0.933 the speed, run 24.2).
 const EXPERT_TILES: [(usize, &str, u32); 2] = [(128, "expert_gemm_128", 112 * 1024), (256, "expert_gemm_256", 227 * 1024)];
 const MAX_TOP_K: usize = 32;
-/// Most weights a `read_soon` hint brings into L2 (L2_AHEAD in matmul.cu).
-const L2_AHEAD: usize = 4;
-/// The weights the decode gate/up expert kernel asks into L2 before its wait (`read_soon`): pointers
-/// and byte counts, unused entries 0 (`Ahead` in matmul.cu).
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct Ahead {
-    ptr: [u64; L2_AHEAD],
-    bytes: [i64; L2_AHEAD],
-}
 /// Most experts the decode expert kernel routes over itself (ROUTE_MAX_E in matmul.cu).
 const ROUTE_MAX_E: usize = 256;
 const MAX_HEAD_DIM: usize = 256;
@@ -499,12 +489,6 @@ pub struct CudaBackend {
     /// Warps (logits) per block of the decode router (8; `QWEN3RS_CUDA_ROUTER_WARPS`, 1..=32: fewer
     /// spread its 128 logits over more SMs).
     router_warps: usize,
-    /// How many of a `read_soon` hint's weights are taken, the last ones (`QWEN3RS_CUDA_L2_NEXT=N`, at most
-    /// L2_AHEAD; 0 by default: none): the decode gate/up expert kernel asks them into L2 at evict_last
-    /// priority before its wait (`QWEN3RS_CUDA_L2_ASIDE=MB` sets that much L2 aside for persisting
-    /// lines; none by default). `soon`: the hint not yet taken.
-    l2_next: std::sync::atomic::AtomicUsize,
-    soon: Mutex<Ahead>,
     /// Grouped split-KV decode attention; `QWEN3RS_CUDA_SPLITKV=0` keeps one block per (head, row).
     split_kv: bool,
     /// Least keys a decode-attention split takes (8; `QWEN3RS_CUDA_SPLIT_KEYS`; 16 until run 18.3).
@@ -676,10 +660,6 @@ impl CudaBackend {
             None
         };
         let attn_cluster = attn_cluster_default(gpu.arch);
-        let l2_next = if gpu.arch.0 >= 8 { env_count("QWEN3RS_CUDA_L2_NEXT").unwrap_or(0).min(L2_AHEAD) } else { 0 };
-        if let Some(mb) = env_count("QWEN3RS_CUDA_L2_ASIDE").filter(|_| gpu.arch.0 >= 8) {
-            gpu.set_aside_l2(mb << 20)?;
-        }
         let trace = std::env::var_os("QWEN3RS_CUDA_TRACE").is_some() && !env_off("QWEN3RS_CUDA_TRACE");
         let replays = env_count("QWEN3RS_CUDA_REPLAYS").unwrap_or(1);
         let argmax = Argmax { dev: None, host: None, cap: 0, done: gpu.event()?, queued: None };
@@ -703,8 +683,6 @@ impl CudaBackend {
             rope_attn: !env_off("QWEN3RS_CUDA_ROPE_ATTN"),
             fused_route: !env_off("QWEN3RS_CUDA_FUSED_ROUTE"),
             router_warps: env_count("QWEN3RS_CUDA_ROUTER_WARPS").unwrap_or(8).min(32),
-            l2_next: l2_next.into(),
-            soon: Mutex::new(Ahead::default()),
             split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"),
             split_keys: env_count("QWEN3RS_CUDA_SPLIT_KEYS").unwrap_or(8),
             wide_rows: parse_gemv_rows("QWEN3RS_CUDA_WIDE_ROWS", WIDE_ROWS)?,
@@ -764,12 +742,6 @@ impl CudaBackend {
     /// through `attention_combine`), capped at what the device takes: lets one test process check both.
     pub fn set_attn_cluster(&self, max_splits: usize) {
         self.attn_cluster.store(max_splits.min(attn_cluster_cap(self.gpu.arch)), std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// How many of a `read_soon` hint's weights are taken (`QWEN3RS_CUDA_L2_NEXT` chooses at
-    /// construction): lets one test process check several.
-    pub fn set_l2_next(&self, weights: usize) {
-        self.l2_next.store(weights.min(L2_AHEAD), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Every decode GEMV on build GEMV_BUILDS[i] (Some(i)), or each on the build its row length's
@@ -1292,8 +1264,6 @@ impl CudaBackend {
         let (t, h, e, k, inter) = (x.rows, x.cols, moe.n_experts, moe.top_k, moe.inter);
         check_shape("moe", (out.rows, out.cols), (t, h))?;
         ensure!(h == moe.hidden, InvalidArgument, "moe: rows of {h}, experts take {}", moe.hidden);
-        // The `read_soon` hint, taken by every MoE call (the decode gate/up kernel uses it).
-        let ahead = std::mem::take(&mut *lock(&self.soon)?);
         if t == 0 {
             return Ok(());
         }
@@ -1380,7 +1350,7 @@ impl CudaBackend {
                 grid,
                 256,
                 smem,
-                args![act, xin, gp, upp, ids, weights, logits, ei, renorm, e0, held, ki, pi, ii, hi, nw, eps, ahead],
+                args![act, xin, gp, upp, ids, weights, logits, ei, renorm, e0, held, ki, pi, ii, hi, nw, eps],
             )?;
             let (module, name, grid, smem) = self.gemv_plan(&MOE_DOWN_COMBINE, 1, inter, p * inter, t * h * MOE_DOWN_WARPS)?;
             let o = out.mem.ptr;
@@ -1889,16 +1859,6 @@ impl Backend for CudaBackend {
                 self.moe(out, h, moe)
             }
         }
-    }
-
-    fn read_soon(&self, ws: &[&CudaWeight]) -> Result<()> {
-        let n = self.l2_next.load(std::sync::atomic::Ordering::Relaxed);
-        let mut ahead = Ahead::default();
-        for (i, w) in ws[ws.len().saturating_sub(n)..].iter().enumerate() {
-            (ahead.ptr[i], ahead.bytes[i]) = (w.mem.ptr, w.mem.bytes as i64);
-        }
-        *lock(&self.soon)? = ahead;
-        Ok(())
     }
 
     fn matmul(&self, out: &mut CudaBuf, x: &CudaBuf, w: &CudaWeight) -> Result<()> {

@@ -278,20 +278,6 @@ __device__ __forceinline__ void prefetch_lines(const void* p, int n) {
     for (int off = (threadIdx.x & 31) * 128; off < n; off += 32 * 128) asm volatile("prefetch.global.L2 [%0];" :: "l"(c + off));
 }
 
-// Bytes [0, n) at p asked into L2 at evict_last priority (evicted after the evict_normal lines of the
-// weights streamed after them; gpu.rs `set_aside_l2` may reserve L2 for such lines), a 128-byte line per
-// thread of the grid in turn. n 0: nothing. A weight only: it may come before grid_dependency().
-__device__ __forceinline__ void l2_keep(const char* p, long long n) {
-    const long long step = (long long)gridDim.x * blockDim.x * 128;
-    for (long long off = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 128; off < n; off += step) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-        asm volatile("prefetch.global.L2::evict_last [%0];" :: "l"(p + off));
-#else
-        asm volatile("prefetch.global.L2 [%0];" :: "l"(p + off));  // (eviction priorities: sm_80+)
-#endif
-    }
-}
-
 // Loads a kernel may issue before grid_dependency() (weights, cached keys of earlier steps): plain
 // global loads. The read-only path (ld.global.nc, __ldg) is not served, under programmatic dependent
 // launch, before the kernel ahead has completed: o's pattern behind a 7 µs kernel added 5.1 µs with .nc

@@ -524,22 +524,13 @@ extern "C" __global__ void __launch_bounds__(256) grouped_gemm(act_t* out, const
 // Routing: with `logits` (router_logits' [T, E] f32, E <= ROUTE_MAX_E) every block routes the T rows
 // itself (route_rows, into shared memory: no moe_route launch) and block 0 also stores ids / weights
 // [P] for moe_down_combine; without, ids come from moe_route.
-// ahead: weights read soon after this MoE layer (the next layer's attention weights, mod.rs `read_soon`),
-// asked into L2 before the wait, while the router runs and the memory has little to do.
-#define L2_AHEAD 4  // (mod.rs L2_AHEAD)
-struct Ahead {
-    const char* ptr[L2_AHEAD];
-    long long bytes[L2_AHEAD];
-};
 template <bool XS>
 __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x, const act_t* gate, const act_t* up,
     int* ids, float* weights, const float* logits, int E, int norm_topk, int e0, int held,
-    int k, int P, int N, int K, const act_t* nw, float eps, Ahead ahead) {
+    int k, int P, int N, int K, const act_t* nw, float eps) {
     __shared__ __align__(16) float route_p[GEMV_MAX_ROWS][ROUTE_MAX_E];
     __shared__ int route_sel[GEMV_MAX_ROWS * MAX_TOP_K], route_ids[GEMV_MAX_ROWS * MAX_TOP_K];
     const NormW nwr = load_norm_weight(nw, K);
-#pragma unroll
-    for (int i = 0; i < L2_AHEAD; i++) l2_keep(ahead.ptr[i], ahead.bytes[i]);
     grid_dependency();
     const int lane = threadIdx.x & 31;
     const int* chosen = ids;
@@ -642,9 +633,8 @@ __device__ __forceinline__ void moe_down_combine_rows(act_t* out, const act_t* a
         TIMELINE("moe_down_combine" #SUF); moe_down_combine_rows<XS>(out, act, w, ids, weights, T, k, N, K); }                                         \
     extern "C" __global__ void GV_BOUNDS moe_gemv_swiglu##SUF(act_t* act, const act_t* x,             \
         const act_t* gate, const act_t* up, int* ids, float* weights, const float* logits, int E, int norm_topk,     \
-        int e0, int held, int k, int P, int N, int K, const act_t* nw, float eps, Ahead ahead) {                      \
-        TIMELINE("moe_gemv_swiglu" #SUF); moe_gemv_swiglu_rows<XS>(act, x, gate, up, ids, weights, logits, E, norm_topk, e0, held, k, P, N, K, nw, eps, \
-            ahead); }
+        int e0, int held, int k, int P, int N, int K, const act_t* nw, float eps) {                                  \
+        TIMELINE("moe_gemv_swiglu" #SUF); moe_gemv_swiglu_rows<XS>(act, x, gate, up, ids, weights, logits, E, norm_topk, e0, held, k, P, N, K, nw, eps); }
 
 MOE_GEMV_FAMILY(, false)
 MOE_GEMV_FAMILY(_xs, true)
