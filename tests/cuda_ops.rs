@@ -822,20 +822,22 @@ fn split_kv_decode_attention_long_contexts() {
 #[test]
 fn split_kv_decode_attention_merged_in_clusters_or_combined() {
     // Short contexts, where 2, 4, 8 or 16 splits merge inside the attention launch (a thread block
-    // cluster, sm_90+), against the CPU; and the same with clusters off (attention_combine).
+    // cluster, sm_90+; their states read after a cluster barrier, or pushed), against the CPU; and the
+    // same with clusters off (attention_combine).
     for dtype in DTYPES {
         let Some(g) = gpu(dtype) else { return };
         let c = CpuBackend::new(dtype);
         let (_, bar) = bars(dtype);
-        for cluster in [16, 0] {
+        for (cluster, push) in [(16, false), (16, true), (0, false)] {
             g.set_attn_cluster(cluster);
+            g.set_attn_push(Some(push));
             for (hd, nh, nkv) in [(128usize, 16usize, 8usize), (128, 32, 2), (64, 8, 2)] {
                 let s = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
                 for ctx in [vec![20usize], vec![40, 3], vec![70], vec![200, 5, 0]] {
                     let (gv, cv) =
                         (run_rope_attention_steps(&g, s, &ctx, 3, &mut Rng(47)), run_rope_attention_steps(&c, s, &ctx, 3, &mut Rng(47)));
                     check(
-                        &format!("clusters {cluster}: qk_norm_rope_attention hd={hd} nh={nh} nkv={nkv} ctx={ctx:?}"),
+                        &format!("clusters {cluster} push {push}: qk_norm_rope_attention hd={hd} nh={nh} nkv={nkv} ctx={ctx:?}"),
                         dtype,
                         &gv,
                         &cv,

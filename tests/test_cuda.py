@@ -68,7 +68,7 @@ def test_kernels_compile_for_sm90():
     assert len(done) == 27 and "attention/bfloat16" in done and "matmul_narrow/bfloat16" in done and "expert_gemm/float16" in done, done
 
 
-@pytest.mark.parametrize("spec", ["GV_UNROLL=4,AD_KB=2,AD_MIN_BLOCKS=5,AD_BARRIER_RELAXED=2", "MD_SLOTS=4 MD_WPO=1 RD_UNROLL=6 BLOCK_TIMELINE=1", "GV_PAIR_ROWS=1 GV_MIN_BLOCKS=4 AD_STORES=1 AD_EXCHANGE=2"])
+@pytest.mark.parametrize("spec", ["GV_UNROLL=4,AD_KB=2,AD_MIN_BLOCKS=5,AD_BARRIER_RELAXED=2", "MD_SLOTS=4 MD_WPO=1 RD_UNROLL=6 BLOCK_TIMELINE=1", "GV_PAIR_ROWS=1 GV_MIN_BLOCKS=4 AD_STORES=1"])
 def test_kernels_compile_with_tuning_defines(spec, monkeypatch):
     """QWEN3RS_CUDA_DEFINES sets tunable kernel constants at compile time (BLOCK_TIMELINE: the
     profiling build of common.cuh's Timeline)."""
@@ -252,3 +252,46 @@ def test_dummy_weights_on_device_equal_the_cpu():
         c = qwen3rs.load(spec, device="cpu", dtype="float32", seed=3, progress=False)
         ids = [1, 2, 3, 4, 5]
         assert rel(g.logits(ids), c.logits(ids)) <= 1e-4, case
+
+
+@pytest.mark.gpu
+@GPU
+def test_decode_attention_exchange_leaves_the_tokens(tmp_path, monkeypatch):
+    """The decode attention's clustered splits push their states (st.async) in a model with MoE layers
+    and read them after a cluster barrier elsewhere (QWEN3RS_CUDA_ATTN_PUSH=1 / 0: always / never).
+    A dummy MoE model with head_dim 128 (the fixtures' 32 take no grouped decode kernel): the same
+    greedy tokens either way, graphs and eager, and its decode logits match the CPU's."""
+    import json
+    config = json.loads((FIXTURES / MOE / "config.json").read_text())
+    config.update(head_dim=128, num_attention_heads=8, num_key_value_heads=2, hidden_size=256)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    spec = f"dummy:{tmp_path / 'config.json'}"
+    kw = dict(raw=True, temperature=0.0, ignore_eos=True)
+
+    def run(push, graphs):
+        if push is None:
+            monkeypatch.delenv("QWEN3RS_CUDA_ATTN_PUSH", raising=False)
+        else:
+            monkeypatch.setenv("QWEN3RS_CUDA_ATTN_PUSH", push)
+        monkeypatch.setenv("QWEN3RS_CUDA_GRAPHS", graphs)
+        m = qwen3rs.load(spec, device="cuda", dtype="bfloat16", seed=5, progress=False)
+        out = [m.generate([3, 14, 15, 92, 65], max_new_tokens=48, **kw).token_ids]
+        return out + [x.token_ids for x in m.generate([[1, 2], [7] * 200], max_new_tokens=24, **kw)]
+    want = run("0", "1")
+    assert run(None, "1") == want
+    assert run("1", "0") == want
+    # The push kernel is what runs by default here: never launching it changes the tokens, unless
+    # the exchange by reads was asked for.
+    monkeypatch.setenv("QWEN3RS_CUDA_SKIP", "attention_decode_rope_push_g2_d128")
+    assert run(None, "1") != want
+    assert run("0", "1") == want
+    for name in ["QWEN3RS_CUDA_SKIP", "QWEN3RS_CUDA_ATTN_PUSH", "QWEN3RS_CUDA_GRAPHS"]:
+        monkeypatch.delenv(name)
+
+    # Decode steps on the GPU against the CPU (f32): the same tokens, their log-probabilities close
+    # (seed 10: the CPU's best two tokens are at least 0.04 apart at every step).
+    ids = [(i * 37) % 1000 + 1 for i in range(150)]
+    got = [qwen3rs.load(spec, device=d, dtype="float32", seed=10, progress=False).generate(ids, max_new_tokens=16, logprobs=1, **kw)
+           for d in ["cuda", "cpu"]]
+    assert got[0].token_ids == got[1].token_ids
+    assert np.allclose([x["logprob"] for x in got[0].logprobs], [x["logprob"] for x in got[1].logprobs], atol=1e-3)

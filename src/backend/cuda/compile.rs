@@ -45,7 +45,6 @@ pub const TUNABLE: &[&str] = &[
     "AD_WARPS",
     "AD_BARRIER_RELAXED",
     "AD_STORES",
-    "AD_EXCHANGE",
     "LD_NC",
     "ARGMAX_UNROLL",
     "EG_MAX_STAGES",

@@ -507,6 +507,13 @@ pub struct CudaBackend {
     /// cluster (sm_90+: 16; `QWEN3RS_CUDA_ATTN_CLUSTER=N`, 0 = off); more splits than this, or none of
     /// it, go through an `attention_combine` launch.
     attn_cluster: std::sync::atomic::AtomicUsize,
+    /// How the decode attention's clustered splits exchange their states (attention.cu XCH): PUSH_AUTO
+    /// (the default) pushes them where this backend holds MoE layers (`holds_moe`) and reads them after a
+    /// cluster barrier elsewhere (RESULTS.md run 37.4: 30B-A3B +1.3 %, 0.6B 0.97, 8B and 32B 1.00);
+    /// `QWEN3RS_CUDA_ATTN_PUSH=1` / `0` (PUSH_ON / PUSH_OFF) always / never.
+    attn_push: std::sync::atomic::AtomicU8,
+    /// Whether a MoE layer was uploaded or drawn here (`upload_moe`, `dummy_moe`).
+    holds_moe: std::sync::atomic::AtomicBool,
     /// Tiled prefill attention; `QWEN3RS_CUDA_TILED_ATTN=0` keeps one block per (head, row).
     tiled_attn: bool,
     /// MoE prefill through expert_gemm (wgmma) where it runs; `QWEN3RS_CUDA_MOE_WGMMA=0` keeps cuBLAS.
@@ -522,6 +529,11 @@ pub struct CudaBackend {
     /// overrides (512 was the first value).
     prefill_chunk: usize,
 }
+
+/// `CudaBackend::attn_push`'s values.
+const PUSH_AUTO: u8 = 0;
+const PUSH_OFF: u8 = 1;
+const PUSH_ON: u8 = 2;
 
 /// Whether env `name` is set to 0/false/off/no (a switch back to an older kernel path, for bisecting).
 fn env_off(name: &str) -> bool {
@@ -582,10 +594,11 @@ fn blocks(n: usize, per: usize) -> u32 {
 }
 
 /// The grouped decode-attention kernel for a head shape and its heads per block (`attention_decode_g{G}_d{hd}`
-/// in attention.cu, `_rope_` with the QK-norm, RoPE and cache append in it: G query heads of one KV head
-/// per block, G = the group up to `g_max`), if there is one.
-fn decode_attention_kernel(s: AttnShape, g_max: usize, rope: bool) -> Option<(&'static str, usize)> {
-    const NAMES: [[[&str; 4]; 2]; 2] = [
+/// in attention.cu, `_rope_` with the QK-norm, RoPE and cache append in it, `_rope_push_` with its
+/// clustered splits pushing their states: G query heads of one KV head per block, G = the group up to
+/// `g_max`), if there is one.
+fn decode_attention_kernel(s: AttnShape, g_max: usize, rope: bool, push: bool) -> Option<(&'static str, usize)> {
+    const NAMES: [[[&str; 4]; 2]; 3] = [
         [
             ["attention_decode_g1_d64", "attention_decode_g2_d64", "attention_decode_g4_d64", "attention_decode_g8_d64"],
             ["attention_decode_g1_d128", "attention_decode_g2_d128", "attention_decode_g4_d128", "attention_decode_g8_d128"],
@@ -604,12 +617,33 @@ fn decode_attention_kernel(s: AttnShape, g_max: usize, rope: bool) -> Option<(&'
                 "attention_decode_rope_g8_d128",
             ],
         ],
+        [
+            [
+                "attention_decode_rope_push_g1_d64",
+                "attention_decode_rope_push_g2_d64",
+                "attention_decode_rope_push_g4_d64",
+                "attention_decode_rope_push_g8_d64",
+            ],
+            [
+                "attention_decode_rope_push_g1_d128",
+                "attention_decode_rope_push_g2_d128",
+                "attention_decode_rope_push_g4_d128",
+                "attention_decode_rope_push_g8_d128",
+            ],
+        ],
     ];
     let group = s.n_heads / s.n_kv_heads;
     let g = group.min(g_max);
     let d = [64, 128].iter().position(|&hd| hd == s.head_dim)?;
     let gi = [1, 2, 4, 8].iter().position(|&x| x == g)?;
-    group.is_power_of_two().then_some((NAMES[usize::from(rope)][d][gi], g))
+    let kind = if !rope {
+        0
+    } else if push {
+        2
+    } else {
+        1
+    };
+    group.is_power_of_two().then_some((NAMES[kind][d][gi], g))
 }
 
 /// Host time of graph replays (`QWEN3RS_CUDA_TRACE=1`): waiting for the previous step, the dry pass
@@ -690,6 +724,13 @@ impl CudaBackend {
             gemv_build_all: GEMV_BUILDS.len().into(),
             family_blocks,
             attn_cluster: attn_cluster.into(),
+            attn_push: match std::env::var("QWEN3RS_CUDA_ATTN_PUSH").ok().as_deref().map(str::trim) {
+                None | Some("") => PUSH_AUTO,
+                Some(_) if env_off("QWEN3RS_CUDA_ATTN_PUSH") => PUSH_OFF,
+                Some(_) => PUSH_ON,
+            }
+            .into(),
+            holds_moe: false.into(),
             tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"),
             moe_cublas: (!env_off("QWEN3RS_CUDA_MOE_CUBLAS")).into(),
             moe_wgmma: (!env_off("QWEN3RS_CUDA_MOE_WGMMA")).into(),
@@ -742,6 +783,18 @@ impl CudaBackend {
     /// through `attention_combine`), capped at what the device takes: lets one test process check both.
     pub fn set_attn_cluster(&self, max_splits: usize) {
         self.attn_cluster.store(max_splits.min(attn_cluster_cap(self.gpu.arch)), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The decode attention's clustered splits always push their states (Some(true)), never (Some(false)),
+    /// or push them where this backend holds MoE layers (None, the default): lets one test process check
+    /// both exchanges.
+    pub fn set_attn_push(&self, push: Option<bool>) {
+        let v = match push {
+            None => PUSH_AUTO,
+            Some(true) => PUSH_ON,
+            Some(false) => PUSH_OFF,
+        };
+        self.attn_push.store(v, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Every decode GEMV on build GEMV_BUILDS[i] (Some(i)), or each on the build its row length's
@@ -1417,7 +1470,12 @@ impl CudaBackend {
         if rope.is_some() && longest >= 1024 {
             return Ok(false);
         }
-        let Some((name, g)) = decode_attention_kernel(shape, g_max, rope.is_some()).filter(|_| self.split_kv && t <= GEMV_MAX_ROWS) else {
+        let push = match self.attn_push.load(std::sync::atomic::Ordering::Relaxed) {
+            PUSH_AUTO => self.holds_moe.load(std::sync::atomic::Ordering::Relaxed),
+            on => on == PUSH_ON,
+        };
+        let Some((name, g)) = decode_attention_kernel(shape, g_max, rope.is_some(), push).filter(|_| self.split_kv && t <= GEMV_MAX_ROWS)
+        else {
             return Ok(false);
         };
         let (_, ctx, table_at, tables) = self.batch_meta(batch, kv)?;
@@ -1553,6 +1611,7 @@ impl Backend for CudaBackend {
             }
         }
         let router = self.upload(moe.router)?;
+        self.holds_moe.store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(CudaMoe {
             router,
             gate,
@@ -1601,6 +1660,7 @@ impl Backend for CudaBackend {
         }
         let router = self.dummy_weight(&moe.router, &[e, h])?;
         let [gate, up, down]: [DevMem; 3] = out.try_into().map_err(|_| Error::Device("three projections".into()))?;
+        self.holds_moe.store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(CudaMoe {
             router,
             gate,

@@ -119,13 +119,11 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attention(act_t* ou
 #ifndef AD_BARRIER_RELAXED  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define AD_BARRIER_RELAXED 0
 #endif
-// How the clustered splits exchange their states (RESULTS.md run 35.8): 1 each block reads the others'
-// shared memory after a cluster barrier, whose release is a GPU-wide MEMBAR; 2 each block pushes its
-// states into the merging blocks' shared memory with st.async, counted there by an mbarrier's bytes (no
-// release; 30B-A3B +1.0 %, 0.6B -1.8 %).
-#ifndef AD_EXCHANGE  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
-#define AD_EXCHANGE 1
-#endif
+// How the clustered splits exchange their states (XCH, a template parameter; RESULTS.md runs 35.8,
+// 37.4): 1 each block reads the others' shared memory after a cluster barrier, whose release is a
+// GPU-wide MEMBAR; 2 (the `_push` kernels) each block pushes its states into the merging blocks' shared
+// memory with st.async, counted there by an mbarrier's bytes (no release). The host takes 2 for models
+// with MoE layers (30B-A3B +1.0-2.0 % in four calls), 1 for the others (0.6B 0.97, 8B and 32B 1.00).
 // Where the clustered decode attention's K/V append goes (RESULTS.md run 35). A cluster barrier's release
 // is a GPU-wide MEMBAR (SASS), slow while the o projection's early loads fill the memory system (2.2 µs),
 // and longer for a thread with global stores of its own outstanding. 1: main's order before run 35 (the
@@ -172,7 +170,7 @@ __device__ __forceinline__ float merge_states(const float (&m)[N], const float (
     return acc;
 }
 
-template <int G, int ND, bool ROPE, int NW>
+template <int G, int ND, bool ROPE, int NW, int XCH>
 __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml, float* part_acc, const act_t* q,
     act_t* kc, act_t* vc, const unsigned* row_ctx, const unsigned* row_table, const unsigned* tables,
     int nh, int nkv, int block_size, int kv_dim, float scale, RopeIn r) {
@@ -228,7 +226,7 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
     offsets(at, first);
     issue(at);
     offsets(at, first + stride);
-    // AD_EXCHANGE 2: block s merges chunks c = s, s + splits, ... of CH outputs of the group's G * HD,
+    // XCH 2: block s merges chunks c = s, s + splits, ... of CH outputs of the group's G * HD,
     // receiving from every split its accumulators there (rx_a[split][c / splits][CH]) and its max and sum
     // of each head that starts in the chunk or spans its start (rx_ml[split][g]). The mbarrier counts
     // those bytes; it is set before any block of the cluster may push (the cluster barrier's arrive
@@ -236,9 +234,9 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
     constexpr int CH = NW * 32, N_CHUNKS = (G * HD + CH - 1) / CH;
     const int mine = (N_CHUNKS + splits - 1) / splits;  // chunks a block merges, at most
     __shared__ alignas(8) unsigned long long xbar;
-    __shared__ float rx_a[AD_EXCHANGE == 2 ? (AD_MAX_CLUSTER + N_CHUNKS) * CH : 1];  // splits * mine <= N_CHUNKS + splits - 1
-    __shared__ float2 rx_ml[AD_EXCHANGE == 2 ? AD_MAX_CLUSTER : 1][G];
-    if (AD_EXCHANGE == 2 && clustered) {
+    __shared__ float rx_a[XCH == 2 ? (AD_MAX_CLUSTER + N_CHUNKS) * CH : 1];  // splits * mine <= N_CHUNKS + splits - 1
+    __shared__ float2 rx_ml[XCH == 2 ? AD_MAX_CLUSTER : 1][G];
+    if (XCH == 2 && clustered) {
         if (threadIdx.x == 0) {
             unsigned bytes = 0;
             for (int c = s; c < N_CHUNKS; c += splits) {
@@ -365,7 +363,7 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
         for (int i = 0; i < ND; i++) wacc[warp][g][lane * ND + i] = acc[g][i];
     }
     __syncthreads();
-    if (AD_EXCHANGE == 2 && clustered) cluster_wait();  // every block's mbarrier is set
+    if (XCH == 2 && clustered) cluster_wait();  // every block's mbarrier is set
     for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
         int g = i / HD, d = i % HD;
         float mw[NW], lw[NW], aw[NW], mx, total;
@@ -379,7 +377,7 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
         size_t row = (size_t)t * nh + h0 + g;
         if (splits == 1) {
             out[row * HD + d] = from_f(a / total);
-        } else if (clustered && AD_EXCHANGE == 2) {
+        } else if (clustered && XCH == 2) {
             const int c = i / CH, to = c % splits;
             const unsigned bar = cluster_map(smem_addr(&xbar), to);
             st_async(cluster_map(smem_addr(&rx_a[(s * mine + c / splits) * CH + i % CH]), to), a, bar);
@@ -397,8 +395,8 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
     if (!clustered) return;
     // The splits' merge, attention_combine's sums: block s of the cluster (its rank: the cluster spans
     // z) takes outputs s * CH .. of the group's G * HD, reading every split's state from its block's
-    // shared memory (AD_EXCHANGE 2: from its own, where the splits pushed them).
-    if (AD_EXCHANGE == 2) mbar_wait_first(smem_addr(&xbar));
+    // shared memory (XCH 2: from its own, where the splits pushed them).
+    if (XCH == 2) mbar_wait_first(smem_addr(&xbar));
     else if (AD_BARRIER_RELAXED) cluster_sync_relaxed();
     else cluster_sync();
     TL_MARK(3, 0.f);
@@ -409,7 +407,7 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
 #pragma unroll
         for (int r = 0; r < AD_MAX_CLUSTER; r++) {
             bool in = r < splits;
-            if (AD_EXCHANGE == 2) {
+            if (XCH == 2) {
                 const float2 ml = in ? rx_ml[r][g] : float2{0.f, 0.f};
                 mr[r] = ml.x;
                 lr[r] = ml.y;
@@ -431,20 +429,24 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
 }
 
 // attention_decode_g<G>_d<HD>: the step's keys already in the cache; attention_decode_rope_g<G>_d<HD>:
-// q and the step's k raw from the q/k/v products (RopeIn), qk_norm_rope_append done here.
+// q and the step's k raw from the q/k/v products (RopeIn), qk_norm_rope_append done here;
+// attention_decode_rope_push_g<G>_d<HD>: the same with the pushed exchange (XCH 2).
 #define AD_NW(G) ((G) == 8 ? 4 : AD_WARPS)  // warps a block of the G-heads kernels
+#define AD_ROPE_KERNEL(NAME, G, HD, XCH) \
+    extern "C" __global__ void AD_BOUNDS(AD_NW(G)) NAME(act_t* out, float* part_ml, float* part_acc, const act_t* q, \
+        act_t* kc, act_t* vc, const unsigned* row_ctx, const unsigned* row_table, const unsigned* tables, int nh, int nkv, \
+        int block_size, int kv_dim, float scale, const act_t* k, const act_t* v, const act_t* q_norm, const act_t* k_norm, \
+        const float* rope, const unsigned* positions, float eps) { \
+        TIMELINE(#NAME); attention_decode_impl<G, HD / 32, true, AD_NW(G), XCH>(out, part_ml, part_acc, q, kc, vc, row_ctx, \
+            row_table, tables, nh, nkv, block_size, kv_dim, scale, RopeIn{k, v, q_norm, k_norm, rope, positions, eps}); }
 #define AD_KERNEL(G, HD) \
     extern "C" __global__ void AD_BOUNDS(AD_NW(G)) attention_decode_g##G##_d##HD(act_t* out, float* part_ml, \
         float* part_acc, const act_t* q, act_t* kc, act_t* vc, const unsigned* row_ctx, const unsigned* row_table, \
         const unsigned* tables, int nh, int nkv, int block_size, int kv_dim, float scale) { \
-        TIMELINE("attention_decode_g" #G "_d" #HD); attention_decode_impl<G, HD / 32, false, AD_NW(G)>(out, part_ml, part_acc, q, kc, vc, row_ctx, row_table, tables, nh, nkv, \
+        TIMELINE("attention_decode_g" #G "_d" #HD); attention_decode_impl<G, HD / 32, false, AD_NW(G), 1>(out, part_ml, part_acc, q, kc, vc, row_ctx, row_table, tables, nh, nkv, \
             block_size, kv_dim, scale, RopeIn{}); } \
-    extern "C" __global__ void AD_BOUNDS(AD_NW(G)) attention_decode_rope_g##G##_d##HD(act_t* out, float* part_ml, \
-        float* part_acc, const act_t* q, act_t* kc, act_t* vc, const unsigned* row_ctx, const unsigned* row_table, \
-        const unsigned* tables, int nh, int nkv, int block_size, int kv_dim, float scale, const act_t* k, const act_t* v, \
-        const act_t* q_norm, const act_t* k_norm, const float* rope, const unsigned* positions, float eps) { \
-        TIMELINE("attention_decode_rope_g" #G "_d" #HD); attention_decode_impl<G, HD / 32, true, AD_NW(G)>(out, part_ml, part_acc, q, kc, vc, row_ctx, row_table, tables, nh, nkv, \
-            block_size, kv_dim, scale, RopeIn{k, v, q_norm, k_norm, rope, positions, eps}); }
+    AD_ROPE_KERNEL(attention_decode_rope_g##G##_d##HD, G, HD, 1) \
+    AD_ROPE_KERNEL(attention_decode_rope_push_g##G##_d##HD, G, HD, 2)
 AD_KERNEL(1, 64) AD_KERNEL(2, 64) AD_KERNEL(4, 64) AD_KERNEL(8, 64)
 AD_KERNEL(1, 128) AD_KERNEL(2, 128) AD_KERNEL(4, 128) AD_KERNEL(8, 128)
 

@@ -191,7 +191,7 @@ __device__ __forceinline__ void cluster_sync() {
 }
 
 // Pushing data into other blocks' shared memory with its own completion (sm_90+; the decode attention's
-// AD_EXCHANGE = 2): the receiver counts the bytes on an mbarrier (`st.async ... complete_tx`), so no
+// `_push` kernels, XCH 2): the receiver counts the bytes on an mbarrier (`st.async ... complete_tx`), so no
 // release (a GPU-wide MEMBAR, RESULTS.md run 35.7) orders them. Below sm_90 nothing here runs (no
 // clusters): the bodies are left out.
 __device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
