@@ -450,9 +450,14 @@ __device__ __forceinline__ float silu(float x) { return x / (1.f + expf(-x)); }
 // Visible to the block after its next barrier.
 #define MAX_TOP_K 32
 #define ROUTE_MAX_E 256
+// Profiling hook (benches/profiles/route_cost.cu defines it): thread 0's clock at route_rows' steps.
+#ifndef RR_MARK
+#define RR_MARK(i)
+#endif
 __device__ __forceinline__ void route_rows(const float* logits, int rows, float* p, int stride, int* sel, int* ids, float* weights,
     int* ids2, float* weights2, int E, int k, int norm, int e0, int held) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    RR_MARK(0);
     if (warp < rows) {
         float* pr = p + (size_t)warp * stride;
         const float* lr = logits + (size_t)warp * E;
@@ -464,6 +469,7 @@ __device__ __forceinline__ void route_rows(const float* logits, int rows, float*
         const float inv = 1.f / warp_sum(sum);
         for (int e = lane; e < E; e += 32) pr[e] *= inv;
         if (lane < k) sel[warp * k + lane] = -1;
+        RR_MARK(1);  // (after warp_sum: the logits' loads are in)
     }
     __syncthreads();
     const bool vec = E % 4 == 0 && stride % 4 == 0;
@@ -484,6 +490,7 @@ __device__ __forceinline__ void route_rows(const float* logits, int rows, float*
         if (v == v && rank < k) sel[r * k + rank] = e;
     }
     __syncthreads();
+    RR_MARK(2);
     if (warp >= rows) return;
     const int s = lane, chosen = s < k ? sel[warp * k + s] : 0x7fffffff;  // lanes past k: after every choice
     const float v = s < k && chosen >= 0 ? p[(size_t)warp * stride + chosen] : 0.f;
@@ -506,6 +513,7 @@ __device__ __forceinline__ void route_rows(const float* logits, int rows, float*
         ids2[warp * k + pos] = id;
         weights2[warp * k + pos] = w;
     }
+    RR_MARK(3);
 }
 
 // cp.async (sm_80+; attention_prefill.cu, expert_gemm.cu): 16 bytes global -> shared (address dst),
