@@ -260,7 +260,8 @@ def test_decode_attention_exchange_leaves_the_tokens(tmp_path, monkeypatch):
     """The decode attention's clustered splits push their states (st.async) in a model with MoE layers
     and read them after a cluster barrier elsewhere (QWEN3RS_CUDA_ATTN_PUSH=1 / 0: always / never).
     A dummy MoE model with head_dim 128 (the fixtures' 32 take no grouped decode kernel): the same
-    greedy tokens either way, graphs and eager, and its decode logits match the CPU's."""
+    greedy tokens either way, graphs and eager, and its decode steps give the CPU's tokens and
+    log-probabilities."""
     import json
     config = json.loads((FIXTURES / MOE / "config.json").read_text())
     config.update(head_dim=128, num_attention_heads=8, num_key_value_heads=2, hidden_size=256)

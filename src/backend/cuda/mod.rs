@@ -535,6 +535,15 @@ const PUSH_AUTO: u8 = 0;
 const PUSH_OFF: u8 = 1;
 const PUSH_ON: u8 = 2;
 
+/// `attn_push`'s value for always (Some(true)), never (Some(false)) or by the model (None).
+fn push_code(push: Option<bool>) -> u8 {
+    match push {
+        None => PUSH_AUTO,
+        Some(false) => PUSH_OFF,
+        Some(true) => PUSH_ON,
+    }
+}
+
 /// Whether env `name` is set to 0/false/off/no (a switch back to an older kernel path, for bisecting).
 fn env_off(name: &str) -> bool {
     matches!(std::env::var(name).as_deref().map(str::trim), Ok("0" | "false" | "off" | "no"))
@@ -724,11 +733,9 @@ impl CudaBackend {
             gemv_build_all: GEMV_BUILDS.len().into(),
             family_blocks,
             attn_cluster: attn_cluster.into(),
-            attn_push: match std::env::var("QWEN3RS_CUDA_ATTN_PUSH").ok().as_deref().map(str::trim) {
-                None | Some("") => PUSH_AUTO,
-                Some(_) if env_off("QWEN3RS_CUDA_ATTN_PUSH") => PUSH_OFF,
-                Some(_) => PUSH_ON,
-            }
+            attn_push: push_code(
+                std::env::var("QWEN3RS_CUDA_ATTN_PUSH").is_ok_and(|v| !v.trim().is_empty()).then(|| !env_off("QWEN3RS_CUDA_ATTN_PUSH")),
+            )
             .into(),
             holds_moe: false.into(),
             tiled_attn: !env_off("QWEN3RS_CUDA_TILED_ATTN"),
@@ -789,12 +796,7 @@ impl CudaBackend {
     /// or push them where this backend holds MoE layers (None, the default): lets one test process check
     /// both exchanges.
     pub fn set_attn_push(&self, push: Option<bool>) {
-        let v = match push {
-            None => PUSH_AUTO,
-            Some(true) => PUSH_ON,
-            Some(false) => PUSH_OFF,
-        };
-        self.attn_push.store(v, std::sync::atomic::Ordering::Relaxed);
+        self.attn_push.store(push_code(push), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Every decode GEMV on build GEMV_BUILDS[i] (Some(i)), or each on the build its row length's
