@@ -915,6 +915,17 @@ fn moe_routing_and_experts() {
                 check(&format!("moe tied E={e} k={k} T={t}"), dtype, &run_moe(&g, &x, t, &moe), &run_moe(&c, &x, t, &moe), bar);
             }
         }
+        // Every probability equal (a zero router): more than 32 experts reach route_rows' bound, so each
+        // is ranked against the whole row, and the k lowest ids are chosen, as on the CPU.
+        for (e, k) in [(40usize, 3usize), (128, 8), (300, 5)] {
+            let (h, inter) = (64, 32);
+            let experts = random_experts(&mut r, e, h, inter);
+            let moe = MoeHost { router: tensor(&vec![0.0; e * h], &[e, h]), experts, first_expert: 0, top_k: k, norm_topk_prob: true };
+            for t in [1usize, 8] {
+                let x = r.uniform(t * h, 1.0);
+                check(&format!("moe flat E={e} k={k} T={t}"), dtype, &run_moe(&g, &x, t, &moe), &run_moe(&c, &x, t, &moe), bar);
+            }
+        }
         // More experts than the backend routes (moe_route's shared memory is sized for 1,024): an
         // error at upload that names the count and the limit.
         let (e, h, inter) = (1025usize, 8usize, 8usize);
