@@ -17,9 +17,8 @@
 #include <algorithm>
 #include <vector>
 
-constexpr int MARKS = 6;  // RR_MARK 0..5 (the block-wide route_rows before run 38.1 had 0..3)
 __device__ __forceinline__ long long* rr_stamps() {
-    __shared__ long long st[MARKS];
+    __shared__ long long st[4];
     return st;
 }
 #define RR_MARK(i) \
@@ -27,17 +26,14 @@ __device__ __forceinline__ long long* rr_stamps() {
 
 #define Q_DTYPE 1
 #include "../../src/backend/cuda/kernels/common.cuh"
-#ifndef ROUTE  // (the block-wide route_rows before run 38.1: -DROUTE=route_rows with its common.cuh)
-#define ROUTE route_rows<ROUTE_MAX_E / 32>
-#endif
 
 constexpr int E = 128, K = 8, THREADS = 256;
 
 // Blocks below `routers` route logits + (launch * E); the others stream `vecs` 16-byte words of w.
 __global__ void __launch_bounds__(THREADS) route_kernel(const float* logits, int* ids, long long* marks, int routers,
-    const uint4* w, size_t vecs, float* sink, int E) {  // (E an argument, as in the kernels: not folded)
+    const uint4* w, size_t vecs, float* sink, int E) {  // (E an argument, as in the kernels: not folded; run 38.3)
     __shared__ __align__(16) float p[ROUTE_MAX_E];
-    __shared__ int rid[MAX_TOP_K];
+    __shared__ int sel[MAX_TOP_K], rid[MAX_TOP_K];
     if ((int)blockIdx.x >= routers) {
         float s = 0.f;
         const size_t tid = (blockIdx.x - routers) * (size_t)THREADS + threadIdx.x, nth = (gridDim.x - routers) * (size_t)THREADS;
@@ -51,10 +47,10 @@ __global__ void __launch_bounds__(THREADS) route_kernel(const float* logits, int
         if (s == 1234.5f) *sink = s;  // keeps the loads
         return;
     }
-    ROUTE(logits, 1, p, ROUTE_MAX_E, rid, nullptr, blockIdx.x == 0 ? ids : nullptr, nullptr, E, K, 1, 0, E);
+    route_rows(logits, 1, p, ROUTE_MAX_E, sel, rid, nullptr, blockIdx.x == 0 ? ids : nullptr, nullptr, E, K, 1, 0, E);
     __syncthreads();
     if (threadIdx.x == 0)
-        for (int i = 0; i < MARKS; i++) marks[blockIdx.x * MARKS + i] = rr_stamps()[i];
+        for (int i = 0; i < 4; i++) marks[blockIdx.x * 4 + i] = rr_stamps()[i];
 }
 
 int main() {
@@ -72,16 +68,16 @@ int main() {
     uint4* w;
     CHECK(cudaMalloc(&logits, E * sizeof(float)));
     CHECK(cudaMalloc(&ids, K * sizeof(int)));
-    CHECK(cudaMalloc(&marks, MARKS * 2 * sms * sizeof(long long)));
+    CHECK(cudaMalloc(&marks, 4 * 2 * sms * sizeof(long long)));
     CHECK(cudaMalloc(&w, vecs * 16));
     CHECK(cudaMalloc(&sink, sizeof(float)));
     CHECK(cudaMemset(w, 0x3c, vecs * 16));
     printf("%d SMs, clock %d MHz; ns, median / slowest block\n", sms, khz / 1000);
-    printf("%-14s %12s %12s %12s %12s %12s %12s\n", "layout", "softmax", "bound", "candidates", "ranks", "choices", "total");
+    printf("%-14s %12s %12s %12s %12s\n", "layout", "softmax", "rank step", "choices", "total");
     struct Layout { const char* name; int routers, grid; };
     for (Layout l : {Layout{"1/SM", sms, sms}, Layout{"2/SM", 2 * sms, 2 * sms}, Layout{"1/SM+stream", sms, 2 * sms}}) {
-        std::vector<long long> m(MARKS * l.routers);
-        std::vector<double> part[MARKS];
+        std::vector<long long> m(4 * l.routers);
+        std::vector<double> part[4];
         for (int rep = 0; rep < 20; rep++) {
             CHECK(cudaMemcpy(logits, host.data(), E * sizeof(float), cudaMemcpyHostToDevice));  // into L2
             route_kernel<<<l.grid, THREADS>>>(logits, ids, marks, l.routers, w, vecs, sink, E);
@@ -90,9 +86,9 @@ int main() {
             if (rep < 5) continue;  // warm-up
             CHECK(cudaMemcpy(m.data(), marks, m.size() * sizeof(long long), cudaMemcpyDeviceToHost));
             for (int b = 0; b < l.routers; b++) {
-                const long long* x = &m[b * MARKS];
-                for (int i = 0; i + 1 < MARKS; i++) part[i].push_back((x[i + 1] - x[i]) * ns_per_cycle);
-                part[MARKS - 1].push_back((x[MARKS - 1] - x[0]) * ns_per_cycle);
+                const long long* x = &m[b * 4];
+                for (int i = 0; i < 3; i++) part[i].push_back((x[i + 1] - x[i]) * ns_per_cycle);
+                part[3].push_back((x[3] - x[0]) * ns_per_cycle);
             }
         }
         printf("%-14s", l.name);

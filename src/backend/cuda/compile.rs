@@ -35,7 +35,6 @@ pub const SOURCES: &[(&str, &str)] = &[
 /// `#ifndef`-guarded where the kernels define it; the values are part of the cubin cache key.
 pub const TUNABLE: &[&str] = &[
     "GV_UNROLL",
-    "RR_VARIANT",
     "GV_PAIR_ROWS",
     "GV_MIN_BLOCKS",
     "RD_UNROLL",

@@ -563,14 +563,6 @@ impl Gpu {
         let static_smem =
             unsafe { drv::function::get_function_attribute(f, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES) }
                 .map_err(|e| drv_err(&format!("{name}: shared memory"), e))?;
-        // TEMPORARY (run 38.5): QWEN3RS_CUDA_CARVEOUT=percent, every kernel's preferred shared-memory carveout.
-        if let Some(pct) = std::env::var("QWEN3RS_CUDA_CARVEOUT").ok().and_then(|v| v.parse::<i32>().ok()) {
-            // SAFETY: `f` is a live function; a carveout preference is always valid.
-            unsafe {
-                drv::function::set_function_attribute(f, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, pct)
-            }
-            .map_err(|e| drv_err(&format!("{name}: carveout"), e))?;
-        }
         let func = Func(f, static_smem.max(0) as u32);
         self.funcs.lock().map_err(|_| Error::Device("kernel table poisoned".into()))?.insert((module, name), func);
         Ok(func)

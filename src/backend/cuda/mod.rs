@@ -1379,9 +1379,9 @@ impl CudaBackend {
         // Decode: the gate/up kernel routes for itself (every block, from the logits), one launch less.
         let self_routed = decode && self.fused_route && e <= ROUTE_MAX_E;
         if !self_routed {
-            // moe_route's shared memory: 4 rows of E probabilities (for ties), within the 48 KB default
-            // for the at most 1,024 experts check_moe admits.
-            let smem = (4 * e * 4) as u32;
+            // moe_route's shared memory: 4 rows of E probabilities and k choices, within the 48 KB
+            // default for the at most 1,024 experts check_moe admits.
+            let smem = (4 * (e + k) * 4) as u32;
             self.gpu.launch(
                 "moe",
                 "moe_route",

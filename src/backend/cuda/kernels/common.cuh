@@ -431,165 +431,33 @@ __device__ __forceinline__ void norm_rope_head(float* x, const NormRope<ND>& p, 
 
 __device__ __forceinline__ float silu(float x) { return x / (1.f + expf(-x)); }
 
-// MoE routing of `rows` rows (moe_route, and the decode expert kernels that route for themselves): warp r
-// routes row r by itself, with no block barrier; every thread of the block calls it, the block has at
-// least `rows` warps and at most ROUTE_WARPS. PER: experts a lane holds (E <= 32 * PER).
-// logits [rows, E] f32 (global memory); p: shared rows of `stride` floats the row's softmax goes to when
-// ties need it (step 3's slow way). ids/weights [rows, k] out: the k most probable experts of the row
-// sorted by expert id, and their (renormalised) probabilities (weights null: not stored); where ids2 is
-// not null the same go to ids2/weights2 too. Ties go to the lower expert id; NaN is never chosen (a NaN
-// or infinite logit makes every probability NaN: every id -1). Expert parallelism: a device holding
-// experts [e0, e0 + held) keeps only its own choices, as local ids; the others become id -1, weight 0.
-// 1. the row's softmax in registers, lane l holding experts l, l + 32, ... (and summing them in that order).
-// 2. a bound: T, the k-th largest of the lanes' largest probabilities. At least k experts reach T, so
-//    every chosen one does; the candidates (p >= T) are few (at most 32 unless T ties).
-// 3. a candidate's rank is how many candidates come before it (larger, or equal with a lower id);
-//    ranks below k are chosen. The candidates meet in shared memory (at most 32; with more, from ties,
-//    each is ranked against the whole row in p instead).
-// 4. lane s < k: choice s: the total of the chosen probabilities (summed in rank order, largest first,
-//    as the host sums them) and where the choice goes in expert-id order.
-// Visible to the block after its next barrier. (The block-wide form this replaces, a rank per (row,
-// expert) thread against the whole row between two block barriers, took ~2.0 µs a row on the H200 where
-// this takes ~?; benches/profiles/route_cost.cu, RESULTS.md run 38.)
+// MoE routing of `rows` rows by the whole block (moe_route, and the decode expert kernels that route
+// for themselves); every thread of the block calls it, and the block has at least `rows` warps.
+// logits [rows, E] f32 (global memory); p (shared, rows of `stride` floats, 16-byte aligned) gets each
+// row's softmax; sel (shared, [rows, k]) the choices in rank order. ids/weights [rows, k] out: the k
+// most probable experts of the row sorted by expert id, and their (renormalised) probabilities
+// (weights null: not stored); where ids2 is not null the same go to ids2/weights2 too. Ties go to the
+// lower expert id; NaN is never chosen (a NaN or infinite logit makes every probability NaN: every id
+// -1). Expert parallelism: a device holding experts [e0, e0 + held) keeps only its own choices, as
+// local ids; the others become id -1, weight 0.
+// 1. warp r: row r's softmax, in the lanes' order (lane l sums experts l, l + 32, ...).
+// 2. every thread, (row, expert) pairs: the expert's rank is how many of its row's experts come
+//    before it (larger, or equal with a lower id); ranks below k are chosen. Block-wide, in parallel:
+//    a warp picking the k best one after another (k rounds of a warp-wide argmax) took 5.9 µs more of
+//    the Qwen3-30B-A3B decode gate/up kernel than no routing at all (RESULTS.md run 22.1).
+// 3. warp r, lane s < k: choice s of row r: the total of the chosen probabilities (summed in rank
+//    order, largest first, as the host sums them) and where the choice goes in expert-id order.
+// Visible to the block after its next barrier.
 #define MAX_TOP_K 32
 #define ROUTE_MAX_E 256
-#define ROUTE_WARPS 8
-#ifndef RR_VARIANT
-#define RR_VARIANT 0
-#endif
-// Profiling hook: thread 0 at route_rows' steps, 0 entry, 1 softmax, 2 bound, 3 candidates, 4 ranks,
-// 5 choices stored. benches/profiles/route_cost.cu reads the clock there; timeline builds stamp 1 and 4
-// as TL_MARK 2 and 3 (the kernels that route use marks 0 and 1 only).
+// Profiling hook (benches/profiles/route_cost.cu defines it): thread 0's clock at route_rows' steps.
 #ifndef RR_MARK
-#ifdef BLOCK_TIMELINE
-#define RR_MARK(i) do { if ((i) == 1) TL_MARK(2, 0.f); if ((i) == 4) TL_MARK(3, 0.f); } while (0)
-#else
 #define RR_MARK(i)
 #endif
-#endif
-template <int PER>
-__device__ __forceinline__ void route_rows(const float* logits, int rows, float* p, int stride, int* ids, float* weights,
+__device__ __forceinline__ void route_rows(const float* logits, int rows, float* p, int stride, int* sel, int* ids, float* weights,
     int* ids2, float* weights2, int E, int k, int norm, int e0, int held) {
-    __shared__ __align__(16) float cand_p[ROUTE_WARPS][32];  // a row's candidates, then its choices in rank order
-    __shared__ __align__(16) int cand_e[ROUTE_WARPS][32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     RR_MARK(0);
-    if (warp >= rows) return;
-    const float* lr = logits + (size_t)warp * E;
-    float* cp = cand_p[warp];
-    int* ce = cand_e[warp];
-    float x[PER];
-#pragma unroll
-    for (int i = 0; i < PER; i++) x[i] = lane + 32 * i < E ? lr[lane + 32 * i] : -INFINITY;
-    float mx = -INFINITY;
-#pragma unroll
-    for (int i = 0; i < PER; i++) mx = fmaxf(mx, x[i]);
-    mx = warp_max(mx);
-    float sum = 0.f;  // (past E: exp(-inf) = +0, which leaves the sum as it is)
-#pragma unroll
-    for (int i = 0; i < PER; i++) {
-        x[i] = expf(x[i] - mx);
-        sum += x[i];
-    }
-    const float inv = 1.f / warp_sum(sum);  // the same in every lane
-    float m = -1.f;  // the lane's largest probability (lanes past E: -1, below every probability)
-#pragma unroll
-    for (int i = 0; i < PER; i++) {
-        x[i] = lane + 32 * i < E ? x[i] * inv : -1.f;
-        m = fmaxf(m, x[i]);
-    }
-    RR_MARK(1);
-    int chosen = -1;  // lane s < k: choice s's expert and probability
-    float v = 0.f;
-    if (inv == inv) {
-        // 2. T: the lane maxima's k-th largest, held by a lane with fewer than k maxima above it and at
-        // least k at or above it (k <= E lanes hold experts). Counts without branches: `||` and `&&`
-        // here compiled to a chain of branches and predicate spills twice as long (run 38.2).
-        int gt = 0, ge = 0;
-#pragma unroll
-        for (int j = 0; j < 32; j++) {
-            const float o = __shfl_sync(0xffffffffu, m, j);
-            gt += o > m;
-            ge += o >= m;
-        }
-        const float T = __shfl_sync(0xffffffffu, m, __ffs(__ballot_sync(0xffffffffu, gt < k && ge >= k)) - 1);
-        RR_MARK(2);
-        int C = 0;  // candidates so far; lane l's slot among them below
-        const unsigned below = (1u << lane) - 1u;
-#pragma unroll
-        for (int i = 0; i < PER; i++) {
-            const unsigned b = __ballot_sync(0xffffffffu, x[i] >= T);
-            const int slot = C + __popc(b & below);
-            if (x[i] >= T && slot < 32) { cp[slot] = x[i]; ce[slot] = lane + 32 * i; }
-            C += __popc(b);
-        }
-        RR_MARK(3);
-        // 3. ranks.
-        if (C <= 32) {
-            if (lane >= C) cp[lane] = -1.f;  // after every candidate
-            __syncwarp();
-            const float pv = cp[lane];
-            const int pe = ce[lane];
-            int rk = 0;
-#pragma unroll
-            for (int j = 0; j < 32; j += 4) {
-                const float4 q = *reinterpret_cast<const float4*>(cp + j);
-                const int4 qe = *reinterpret_cast<const int4*>(ce + j);
-                rk += (q.x > pv) + ((q.x == pv) & (qe.x < pe)) + (q.y > pv) + ((q.y == pv) & (qe.y < pe)) +
-                      (q.z > pv) + ((q.z == pv) & (qe.z < pe)) + (q.w > pv) + ((q.w == pv) & (qe.w < pe));
-            }
-            __syncwarp();
-            if (lane < C && rk < k) { cp[rk] = pv; ce[rk] = pe; }
-        } else {
-            // Ties at T: each candidate against the whole row, from p.
-            float* pr = p + (size_t)warp * stride;
-#pragma unroll
-            for (int i = 0; i < PER; i++)
-                if (lane + 32 * i < E) pr[lane + 32 * i] = x[i];
-            __syncwarp();
-            for (int e = lane; e < E; e += 32) {
-                const float pv = pr[e];
-                if (pv < T) continue;
-                int rk = 0;
-                for (int j = 0; j < E; j++) rk += (pr[j] > pv) + ((pr[j] == pv) & (j < e));
-                if (rk < k) { cp[rk] = pv; ce[rk] = e; }
-            }
-        }
-        __syncwarp();
-        if (lane < k) { chosen = ce[lane]; v = cp[lane]; }
-    }
-    RR_MARK(4);
-    // 4. choices (lanes past k: after every choice).
-    const int s = lane;
-    if (s >= k) chosen = 0x7fffffff;
-    float total = 0.f;
-    int pos = 0;
-#pragma unroll 8
-    for (int j = 0; j < k; j++) {
-        total += __shfl_sync(0xffffffffu, v, j);
-        const int o = __shfl_sync(0xffffffffu, chosen, j);
-        pos += (o < chosen) + ((o == chosen) & (j < s));
-    }
-    if (s >= k) return;
-    if (!norm) total = 1.f;
-    const int local = chosen - e0;
-    const bool mine = chosen >= 0 && local >= 0 && local < held;
-    const int id = mine ? local : -1;
-    const float w = mine ? v / total : 0.f;
-    ids[warp * k + pos] = id;
-    if (weights) weights[warp * k + pos] = w;
-    if (ids2) {
-        ids2[warp * k + pos] = id;
-        weights2[warp * k + pos] = w;
-    }
-    RR_MARK(5);
-}
-
-// TEMPORARY (run 38.4 A/B, RR_VARIANT=1): the block-wide route_rows before run 38.1.
-__device__ __forceinline__ void route_rows_block(const float* logits, int rows, float* p, int stride, int* sel, int* ids, float* weights,
-    int* ids2, float* weights2, int E, int k, int norm, int e0, int held) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    ;
     if (warp < rows) {
         float* pr = p + (size_t)warp * stride;
         const float* lr = logits + (size_t)warp * E;
@@ -601,7 +469,7 @@ __device__ __forceinline__ void route_rows_block(const float* logits, int rows, 
         const float inv = 1.f / warp_sum(sum);
         for (int e = lane; e < E; e += 32) pr[e] *= inv;
         if (lane < k) sel[warp * k + lane] = -1;
-        ;  // (after warp_sum: the logits' loads are in)
+        RR_MARK(1);  // (after warp_sum: the logits' loads are in)
     }
     __syncthreads();
     const bool vec = E % 4 == 0 && stride % 4 == 0;
@@ -622,7 +490,7 @@ __device__ __forceinline__ void route_rows_block(const float* logits, int rows, 
         if (v == v && rank < k) sel[r * k + rank] = e;
     }
     __syncthreads();
-    ;
+    RR_MARK(2);
     if (warp >= rows) return;
     const int s = lane, chosen = s < k ? sel[warp * k + s] : 0x7fffffff;  // lanes past k: after every choice
     const float v = s < k && chosen >= 0 ? p[(size_t)warp * stride + chosen] : 0.f;
@@ -645,7 +513,7 @@ __device__ __forceinline__ void route_rows_block(const float* logits, int rows, 
         ids2[warp * k + pos] = id;
         weights2[warp * k + pos] = w;
     }
-    ;
+    RR_MARK(3);
 }
 
 // cp.async (sm_80+; attention_prefill.cu, expert_gemm.cu): 16 bytes global -> shared (address dst),

@@ -528,12 +528,8 @@ template <bool XS>
 __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x, const act_t* gate, const act_t* up,
     int* ids, float* weights, const float* logits, int E, int norm_topk, int e0, int held,
     int k, int P, int N, int K, const act_t* nw, float eps) {
-#if RR_VARIANT == 3
-    __shared__ __align__(16) float route_p[GEMV_MAX_ROWS][ROUTE_MAX_E / 2];  // TEMPORARY: 4 KB less
-#else
     __shared__ __align__(16) float route_p[GEMV_MAX_ROWS][ROUTE_MAX_E];
-#endif
-    __shared__ int route_ids[GEMV_MAX_ROWS * MAX_TOP_K];
+    __shared__ int route_sel[GEMV_MAX_ROWS * MAX_TOP_K], route_ids[GEMV_MAX_ROWS * MAX_TOP_K];
     const NormW nwr = load_norm_weight(nw, K);
     grid_dependency();
     const int lane = threadIdx.x & 31;
@@ -544,38 +540,12 @@ __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x,
         for (int off = threadIdx.x * 128; off < x_bytes; off += blockDim.x * 128)
             asm volatile("prefetch.global.L1 [%0];" :: "l"(reinterpret_cast<const char*>(x) + off));
         const bool store = blockIdx.x == 0;
-#if RR_VARIANT == 4
-        volatile __shared__ int route_pad[256];  // TEMPORARY: the per-warp scratch's 2 KB beside the old routing
-        if (threadIdx.x == 0) route_pad[P & 255] = 0;
-#endif
-#if RR_VARIANT == 5 || RR_VARIANT == 6
-        // TEMPORARY: both routings in the code, one run (E is never 12,345): 5 runs the old, 6 the new.
-        __shared__ int route_sel[GEMV_MAX_ROWS * MAX_TOP_K];
-        if ((E == 12345) == (RR_VARIANT == 5))
-            route_rows<ROUTE_MAX_E / 32>(logits, P / k, &route_p[0][0], ROUTE_MAX_E, route_ids, nullptr, store ? ids : nullptr,
-                store ? weights : nullptr, E, k, norm_topk, e0, held);
-        else
-            route_rows_block(logits, P / k, &route_p[0][0], ROUTE_MAX_E, route_sel, route_ids, nullptr, store ? ids : nullptr,
-                store ? weights : nullptr, E, k, norm_topk, e0, held);
-#elif RR_VARIANT == 1 || RR_VARIANT == 4 || RR_VARIANT == 7
-        __shared__ int route_sel[GEMV_MAX_ROWS * MAX_TOP_K];
-        route_rows_block(logits, P / k, &route_p[0][0], ROUTE_MAX_E, route_sel, route_ids, nullptr, store ? ids : nullptr,
+        route_rows(logits, P / k, &route_p[0][0], ROUTE_MAX_E, route_sel, route_ids, nullptr, store ? ids : nullptr,
             store ? weights : nullptr, E, k, norm_topk, e0, held);
-#else
-        route_rows<ROUTE_MAX_E / 32>(logits, P / k, &route_p[0][0], RR_VARIANT == 3 ? ROUTE_MAX_E / 2 : ROUTE_MAX_E, route_ids, nullptr, store ? ids : nullptr,
-            store ? weights : nullptr, E, k, norm_topk, e0, held);
-#endif
-#if RR_VARIANT == 2
-        __syncthreads();
-#endif
         chosen = route_ids;  // stage_input's barrier below makes it visible to every warp
         TL_MARK(1, 0.f);
     }
-#if RR_VARIANT >= 7  // TEMPORARY: no norm path (the decode passes rows normed): less code ahead of the loop
-    const act_t* xs = stage_input<GEMV_MAX_ROWS, XS>(x, P / k, K, nullptr, nullptr, nullptr, eps, nwr);
-#else
     const act_t* xs = stage_input<GEMV_MAX_ROWS, XS>(x, P / k, K, nullptr, nullptr, nw, eps, nwr);
-#endif
     if (!XS && logits) __syncthreads();  // (stage_input without staging has no barrier)
     for (int r = warp_id_global(); r < P * N; r += warps_global()) {
         int p = r / N, n = r % N;

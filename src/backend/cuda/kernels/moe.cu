@@ -75,15 +75,15 @@ extern "C" __global__ void moe_combine(act_t* out, const act_t* y, const int* pa
     else for (int j = 0; j < n; j++) o[j] = from_f(acc[j]);
 }
 
-// logits [T, E] f32 in; ids/weights [T, k] out as route_rows chooses them. A block routes 4 rows, a
-// warp each (a thread per logit scanning E experts k + 3 times took 48 µs a layer for
+// logits [T, E] f32 in; ids/weights [T, k] out as route_rows chooses them. A block routes 4 rows (a
+// warp each for the softmax; a thread per logit scanning E experts k + 3 times took 48 µs a layer for
 // a 16-token prefill of Qwen3-30B-A3B, RESULTS.md run 12). grid ceil(T / 4), 128 threads; dynamic
-// shared memory 4 * E * 4 bytes; E <= 1,024.
+// shared memory 4 * (E + k) * 4 bytes (E a multiple of 4 for 16-byte rows, else any).
 extern "C" __global__ void moe_route(const float* logits, int* ids, float* weights, int T, int E, int k, int norm, int e0, int held) {
     extern __shared__ float4 route_shared[];
     grid_dependency();
     float* p = reinterpret_cast<float*>(route_shared);
     const int t0 = blockIdx.x * 4, rows = min(4, T - t0);
-    route_rows<1024 / 32>(logits + (size_t)t0 * E, rows, p, E, ids + (size_t)t0 * k, weights + (size_t)t0 * k, nullptr, nullptr, E, k,
-        norm, e0, held);
+    route_rows(logits + (size_t)t0 * E, rows, p, E, reinterpret_cast<int*>(p + 4 * E), ids + (size_t)t0 * k, weights + (size_t)t0 * k,
+        nullptr, nullptr, E, k, norm, e0, held);
 }
