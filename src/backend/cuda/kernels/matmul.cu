@@ -51,10 +51,10 @@ __device__ __forceinline__ float dot_vec(const uint4& w, const uint4& x) {
 // The decode products issue their warp's first batch (of its first row) before grid_dependency():
 // weights are not written by the kernel ahead, so those loads are in flight through the wait and the
 // input's staging instead of starting after them (0.6B decode +3.8 %, 8B and 32B +1.4-1.8 %, RESULTS.md
-// run 20.2); row_dot / row_dot_pair take it as `loaded`. GV_LATE of a lane's loads wait for the wait
-// (none by default; GV_LATE >= GV_UNROLL: no loads before it): a kernel that issues all its weight
-// loads at once, Qwen3-30B-A3B's o projection (16.8 MB) beside the decode attention, may queue the
-// attention's own loads behind them; for sweeps (benches/kernel_sweep.py).
+// run 20.2); row_dot / row_dot_pair take it as `loaded`. The last GV_LATE loads of that batch are issued
+// after the wait instead (none by default; GV_LATE >= GV_UNROLL: all): a kernel that issues all its
+// weight loads at once, Qwen3-30B-A3B's o projection (16.8 MB) beside the decode attention, may queue
+// the attention's own loads behind them; for sweeps (benches/kernel_sweep.py, RESULTS.md run 39).
 #ifndef GV_LATE  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define GV_LATE 0
 #endif
