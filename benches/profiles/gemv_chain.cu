@@ -340,11 +340,11 @@ static void moe_30b(int sms) {
     auto experts_up = [&](int l) {
         const float* route = random_routing ? random_logits + (size_t)(l % ALONE) * E : probs;
         launch_pdl(moe_gemv_swiglu_xs, g_up, H * 2, act, (const act_t*)xn, gate_w(l), up_w(l), ids, weights, route, E, 1, 0, E,
-            TOPK, TOPK, I, H, (const act_t*)nullptr, eps, (unsigned*)nullptr);
+            TOPK, TOPK, I, H);
     };
     auto experts_down = [&](int l) {
         launch_pdl(moe_down_combine_xs, g_down, TOPK * I * 2, moe_out, (const act_t*)act, down_w(l), (const int*)ids, (const float*)weights,
-            (const float*)nullptr, E, 0, E, 1, TOPK, H, I);
+            1, TOPK, H, I);
     };
     printf("%d SMs; Qwen3-30B-A3B decode layer, bf16, T = 1; %d launches a graph, PDL, %d weight layers; us a launch\n", sms, ALONE, LW);
     printf("%-44s %6s %8s %9s\n", "kernel", "grid", "MB", "us");
@@ -359,19 +359,14 @@ static void moe_30b(int sms) {
     auto pair = [&](int l) { experts_up(l); experts_down(l); };
     row("experts down moe_down_combine_xs, fixed", g_down, down_mb, time_chain(pair, ALONE) - time_chain(experts_up, ALONE));
     // Where gate/up's time over the bare phase goes: the same kernel without its in-kernel routing
-    // (logits null: the ids the launches above stored), norming the residual itself (as before run
-    // 22.3, when the router did not store the normed rows), both; and the dense gemv_swiglu_t1_xs over
-    // the same bytes (the 8 experts' 6,144 gate/up row pairs read as one [6144, 2048] pair of
-    // matrices), which has neither the routing nor an expert's rows per warp.
-    for (int v = 1; v < 4; v++) {
-        const bool route = !(v & 2), norm = v & 1;
-        auto variant = [&](int l) {
-            launch_pdl(moe_gemv_swiglu_xs, g_up, H * 2, act, (const act_t*)(norm ? resid : xn), gate_w(l), up_w(l), ids, weights,
-                route ? (const float*)probs : nullptr, E, 1, 0, E, TOPK, TOPK, I, H, norm ? (const act_t*)nw : nullptr, eps);
-        };
-        const char* names[] = {"", "  gate/up norming the residual itself", "  gate/up without its routing", "  gate/up without routing, norming"};
-        row(names[v], g_up, up_mb, time_chain(variant, ALONE));
-    }
+    // (logits null: the ids the launches above stored); and the dense gemv_swiglu_t1_xs over the same
+    // bytes (the 8 experts' 6,144 gate/up row pairs read as one [6144, 2048] pair of matrices), which
+    // has neither the routing nor an expert's rows per warp.
+    auto unrouted = [&](int l) {
+        launch_pdl(moe_gemv_swiglu_xs, g_up, H * 2, act, (const act_t*)xn, gate_w(l), up_w(l), ids, weights, (const float*)nullptr,
+            E, 1, 0, E, TOPK, TOPK, I, H);
+    };
+    row("  gate/up without its routing", g_up, up_mb, time_chain(unrouted, ALONE));
     const int g_dense = persistent_grid(gemv_swiglu_t1_xs, H * 2, TOPK * I / 8, sms);
     auto dense_up = [&](int l) {
         launch_pdl(gemv_swiglu_t1_xs, g_dense, H * 2, act, (const act_t*)resid, gate_w(l), up_w(l), 1, TOPK * I, H, (const act_t*)nullptr,

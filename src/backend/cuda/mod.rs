@@ -1397,7 +1397,7 @@ impl CudaBackend {
             // combine in it, MOE_DOWN_WARPS warps per output element. Gate/up read the rows the router normed.
             let (gp, upp, dp) = (moe.gate.ptr, moe.up.ptr, moe.down.ptr);
             let (module, name, grid, smem) = self.gemv_plan(&MOE_GEMV_SWIGLU, 1, h, t * h, p * inter)?;
-            let (xin, nw) = if x_normed != 0 { (x_normed, 0) } else { (xp, nw) };
+            let xin = if x_normed != 0 { x_normed } else { xp };
             let logits = if self_routed { probs } else { 0u64 };
             self.gpu.launch(
                 module,
@@ -1405,7 +1405,7 @@ impl CudaBackend {
                 grid,
                 256,
                 smem,
-                args![act, xin, gp, upp, ids, weights, logits, ei, renorm, e0, held, ki, pi, ii, hi, nw, eps],
+                args![act, xin, gp, upp, ids, weights, logits, ei, renorm, e0, held, ki, pi, ii, hi],
             )?;
             let (module, name, grid, smem) = self.gemv_plan(&MOE_DOWN_COMBINE, 1, inter, p * inter, t * h * MOE_DOWN_WARPS)?;
             let o = out.mem.ptr;

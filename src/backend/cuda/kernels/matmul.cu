@@ -534,19 +534,19 @@ extern "C" __global__ void __launch_bounds__(256) grouped_gemm(act_t* out, const
 // experts (expert parallelism), skipped. Weights are [E, N, K].
 
 // The experts' first half for decode: act [P, N] = swiglu(x[p / k] · gate[e]ᵀ, x[p / k] · up[e]ᵀ)
-// rounded as grouped_gemm, grouped_gemm, swiglu. x is [T, K] with T = P / k; with nw (XS only) the rows
-// of x are first normed as stage_input does (x is then the residual router_logits stored; the decode
-// path passes the rows router_logits normed, xn_out, and no nw).
+// rounded as grouped_gemm, grouped_gemm, swiglu. x is [T, K] with T = P / k: the rows router_logits
+// normed (its x_normed). (A norm of its own here, never used since the router stores the normed rows,
+// was 2,900 instructions ahead of the streaming loop; without them the loop sits lower in the code and
+// the decode measured 1.004 of with: RESULTS.md run 38.8.)
 // Routing: with `logits` (router_logits' [T, E] f32, E <= ROUTE_MAX_E) every block routes the T rows
 // itself (route_rows, into shared memory: no moe_route launch) and block 0 also stores ids / weights
 // [P] for moe_down_combine; without, ids come from moe_route.
 template <bool XS>
 __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x, const act_t* gate, const act_t* up,
     int* ids, float* weights, const float* logits, int E, int norm_topk, int e0, int held,
-    int k, int P, int N, int K, const act_t* nw, float eps) {
+    int k, int P, int N, int K) {
     __shared__ __align__(16) float route_p[GEMV_MAX_ROWS][ROUTE_MAX_E];
     __shared__ int route_sel[GEMV_MAX_ROWS * MAX_TOP_K], route_ids[GEMV_MAX_ROWS * MAX_TOP_K];
-    const NormW nwr = load_norm_weight(nw, K);
     grid_dependency();
     const int lane = threadIdx.x & 31;
     const int* chosen = ids;
@@ -561,7 +561,7 @@ __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x,
         chosen = route_ids;  // stage_input's barrier below makes it visible to every warp
         TL_MARK(1, 0.f);
     }
-    const act_t* xs = stage_input<GEMV_MAX_ROWS, XS>(x, P / k, K, nullptr, nullptr, nw, eps, nwr);
+    const act_t* xs = stage_input<GEMV_MAX_ROWS, XS>(x, P / k, K);
     if (!XS && logits) __syncthreads();  // (stage_input without staging has no barrier)
     for (int r = warp_id_global(); r < P * N; r += warps_global()) {
         int p = r / N, n = r % N;
@@ -649,8 +649,8 @@ __device__ __forceinline__ void moe_down_combine_rows(act_t* out, const act_t* a
         TIMELINE("moe_down_combine" #SUF); moe_down_combine_rows<XS>(out, act, w, ids, weights, T, k, N, K); }                                         \
     extern "C" __global__ void GV_BOUNDS moe_gemv_swiglu##SUF(act_t* act, const act_t* x,             \
         const act_t* gate, const act_t* up, int* ids, float* weights, const float* logits, int E, int norm_topk,     \
-        int e0, int held, int k, int P, int N, int K, const act_t* nw, float eps) {                                  \
-        TIMELINE("moe_gemv_swiglu" #SUF); moe_gemv_swiglu_rows<XS>(act, x, gate, up, ids, weights, logits, E, norm_topk, e0, held, k, P, N, K, nw, eps); }
+        int e0, int held, int k, int P, int N, int K) {                                                               \
+        TIMELINE("moe_gemv_swiglu" #SUF); moe_gemv_swiglu_rows<XS>(act, x, gate, up, ids, weights, logits, E, norm_topk, e0, held, k, P, N, K); }
 
 MOE_GEMV_FAMILY(, false)
 MOE_GEMV_FAMILY(_xs, true)
