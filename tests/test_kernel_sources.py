@@ -69,7 +69,7 @@ BEFORE_WAIT = [
     r"(const )?(int|bool) \w+ = [^\[]*",  # no indexing: no memory read
     r"(const )?(act_t\*|const act_t\*|int) \w+",  # a declaration
     r"uint4 \w+\[GV_UNROLL\](, \w+\[GV_UNROLL\])*",
-    r"(if \(early\) )?load_batch(<0, GV_EARLY>)?\(\w+, ((w|gate|up|router) \+ |first_row\(\)).*",
+    r"(if \(early\) )?load_batch\(\w+, (w|gate|up|router) \+ .*",
     r"const NormW \w+ = load_norm_weight\(nw, \w+\)",
     r"if \(early\)",
     r'TIMELINE\("\w+"\)',  # profiling builds only: a block's own record (common.cuh Timeline)

@@ -132,6 +132,12 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attention(act_t* ou
 #ifndef AD_STORES  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define AD_STORES 2
 #endif
+// 1: XCH 2's blocks leave after their merge without the last cluster barrier (0: with it). No block
+// reads another's shared memory, and every push into a block is counted by its mbarrier before the block
+// merges, so none can arrive after it has left.
+#ifndef AD_PUSH_EXIT  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
+#define AD_PUSH_EXIT 0
+#endif
 #ifndef AD_KB  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define AD_KB 4
 #endif
@@ -424,6 +430,7 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
     }
     // No block leaves while the others still read its shared memory. With AD_STORES 2 without a
     // release (no MEMBAR): every value read from another block went into a store issued before it.
+    if (XCH == 2 && AD_PUSH_EXIT) return;
     if (AD_BARRIER_RELAXED == 2 || AD_STORES == 2) cluster_sync_relaxed();
     else cluster_sync();
 }

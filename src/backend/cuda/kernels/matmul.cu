@@ -46,24 +46,15 @@ __device__ __forceinline__ float dot_vec(const uint4& w, const uint4& x) {
     return s0 + s1;
 }
 
-// A lane's batch of a weight row: its GV_UNROLL 16-byte loads from vector i0 on (zeros past kv); loads
-// FROM .. TO - 1 of it only, where given.
+// A lane's batch of a weight row: its GV_UNROLL 16-byte loads from vector i0 on (zeros past kv).
 // The decode products issue their warp's first batch (of its first row) before grid_dependency():
 // weights are not written by the kernel ahead, so those loads are in flight through the wait and the
 // input's staging instead of starting after them (0.6B decode +3.8 %, 8B and 32B +1.4-1.8 %, RESULTS.md
-// run 20.2); row_dot / row_dot_pair take it as `loaded`. The last GV_LATE loads of that batch are issued
-// after the wait instead (none by default; GV_LATE >= GV_UNROLL: all): a kernel that issues all its
-// weight loads at once, Qwen3-30B-A3B's o projection (16.8 MB) beside the decode attention, may queue
-// the attention's own loads behind them; for sweeps (benches/kernel_sweep.py, RESULTS.md run 39).
-#ifndef GV_LATE  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
-#define GV_LATE 0
-#endif
-#define GV_EARLY (GV_LATE < GV_UNROLL ? GV_UNROLL - GV_LATE : 0)
-template <int FROM = 0, int TO = GV_UNROLL>
+// run 20.2); row_dot / row_dot_pair take it as `loaded`.
 __device__ __forceinline__ void load_batch(uint4 (&v)[GV_UNROLL], const act_t* wrow, int i0, int kv) {
     const uint4* wr = reinterpret_cast<const uint4*>(wrow);
 #pragma unroll
-    for (int u = FROM; u < TO; u++) {
+    for (int u = 0; u < GV_UNROLL; u++) {
         int i = i0 + u * 32;
         v[u] = i < kv ? ld_weight(wr + i) : make_uint4(0u, 0u, 0u, 0u);
     }
@@ -312,9 +303,8 @@ __device__ __forceinline__ void gemv_rows(act_t* out, const act_t* x, const act_
     const int n0 = warp_id_global();
     uint4 wv[GV_UNROLL];
     const bool early = n0 < N;
-    if (early) load_batch<0, GV_EARLY>(wv, w + (size_t)n0 * K, threadIdx.x & 31, K / VEC);
+    if (early) load_batch(wv, w + (size_t)n0 * K, threadIdx.x & 31, K / VEC);
     grid_dependency();
-    if (early) load_batch<GV_EARLY>(wv, w + (size_t)n0 * K, threadIdx.x & 31, K / VEC);
     const act_t* xs = stage_input<TMAX, XS>(x, T, K);
     for (int n = n0; n < N; n += warps_global()) gemv_one<TMAX, XS>(out, w + (size_t)n * K, xs, T, N, n, K, wv, early && n == n0);
 }
@@ -334,15 +324,13 @@ __device__ __forceinline__ void gemv3_rows(act_t* o0, const act_t* w0, int N0, a
     const int r0 = warp_id_global();
     uint4 wv[GV_UNROLL];
     const bool early = r0 < N0 + N1 + N2;
-    auto first_row = [&] {  // the warp's first weight row
+    if (early) {
         act_t* o; const act_t* w; int N;
         int n = pick(r0, o, w, N);
-        return w + (size_t)n * K;
-    };
-    if (early) load_batch<0, GV_EARLY>(wv, first_row(), threadIdx.x & 31, K / VEC);
+        load_batch(wv, w + (size_t)n * K, threadIdx.x & 31, K / VEC);
+    }
     const NormW nwr = load_norm_weight(nw, K);
     grid_dependency();
-    if (early) load_batch<GV_EARLY>(wv, first_row(), threadIdx.x & 31, K / VEC);
     const act_t* xs = stage_input<TMAX, XS>(x, T, K, delta, x_out, nw, eps, nwr);
     for (int r = r0; r < N0 + N1 + N2; r += warps_global()) {
         act_t* o; const act_t* w; int N;
@@ -360,15 +348,11 @@ __device__ __forceinline__ void gemv_swiglu_rows(act_t* out, const act_t* x, con
     uint4 gv[GV_UNROLL], uv[GV_UNROLL];
     const bool early = n0 < N;
     if (early) {
-        load_batch<0, GV_EARLY>(gv, gate + (size_t)n0 * K, lane, K / VEC);
-        load_batch<0, GV_EARLY>(uv, up + (size_t)n0 * K, lane, K / VEC);
+        load_batch(gv, gate + (size_t)n0 * K, lane, K / VEC);
+        load_batch(uv, up + (size_t)n0 * K, lane, K / VEC);
     }
     const NormW nwr = load_norm_weight(nw, K);
     grid_dependency();
-    if (early) {
-        load_batch<GV_EARLY>(gv, gate + (size_t)n0 * K, lane, K / VEC);
-        load_batch<GV_EARLY>(uv, up + (size_t)n0 * K, lane, K / VEC);
-    }
     const act_t* xs = stage_input<TMAX, XS>(x, T, K, delta, x_out, nw, eps, nwr);
     for (int n = n0; n < N; n += warps_global()) {
         float g[TMAX], u[TMAX];
