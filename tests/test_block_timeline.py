@@ -33,14 +33,18 @@ def step(t):
     return rows, t + 3 * US
 
 
-def write(tmp_path):
+def two_steps():
     rows, t = step(0)
     more, _ = step(t + 10 * US)
+    return rows + more
+
+
+def write(tmp_path, rows=None):
     path = tmp_path / "timeline.csv"
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["module", "kernel", *bt.FIELDS])
         w.writeheader()
-        w.writerows(rows + more)
+        w.writerows(rows or two_steps())
     return path
 
 
@@ -63,3 +67,16 @@ def test_analyse_reports_each_kernel_against_the_one_ahead(tmp_path, capsys):
     # gemv3 after the attention: its last block exits 8 µs after the attention's last exit.
     line = next(l for l in out.splitlines() if l.startswith("gemv3_t1_xs (after attention"))
     assert line.split()[-1].endswith("/8.00"), line
+
+
+def test_the_attention_by_split(tmp_path, capsys):
+    """--plane 1: each of the attention's 2 blocks is a split; split 1 (the step's own key) sums its
+    keys 1 µs later than split 0 in every launch."""
+    rows = two_steps()
+    for r in rows:
+        if r["kernel"].startswith("attention") and r["block"] == 1:
+            r["m1"] += US
+    bt.analyse(write(tmp_path, rows), plane=1)
+    out = capsys.readouterr().out.split("by split")[1].splitlines()
+    got = [l.split() for l in out if l.strip()[:1].isdigit()]
+    assert got == [["0", "1.00", "2.00", "3.00", "-", "4.00"], ["1", "1.00", "3.00", "3.00", "-", "4.00"]], out

@@ -1,7 +1,7 @@
 """Block timeline of a decode step on the GPU (profiling; RESULTS.md session 19).
 
     python3 benches/profiles/block_timeline.py [--model Qwen3-30B-A3B] [--tokens 40] [--csv FILE]
-    python3 benches/profiles/block_timeline.py --analyse FILE
+    python3 benches/profiles/block_timeline.py --analyse FILE [--plane N]
 
 Builds the kernels with BLOCK_TIMELINE (common.cuh `Timeline`: each block of an instrumented kernel
 records its SM and %globaltimer at entry, at the end of its grid_dependency() wait and at its last
@@ -16,7 +16,10 @@ a layer (the median over the layers, µs from the end of the kernel ahead's last
     early   how many of its blocks entered before the kernel ahead ended
 
 then the median block's marks (common.cuh TL_MARK) after its own wait, each mark's spread over the
-blocks (what a cluster barrier or the kernel behind waits out), and each kernel's µs a step.
+blocks (what a cluster barrier or the kernel behind waits out), and each kernel's µs a step. With
+--plane N (the decode attention's blocks a split: its grid's x·y, e.g. 16 on Qwen3-30B-A3B, 8 on
+Qwen3-0.6B), the decode attention's marks and exits by split (block // N; the last split holds the
+step's own key), µs after the kernel ahead's last exit.
 
 Kernels not instrumented (gather_rows, ...) show up only as gaps.
 """
@@ -71,7 +74,28 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, int(p * (len(xs) - 1) + 0.5))]
 
 
-def analyse(path):
+def by_split(step, plane):
+    """The decode attention's blocks grouped by split (block // plane): per split, the median over the
+    step's launches of the median block's marks m0..m3 and exit, µs after the kernel ahead's last exit."""
+    per = {}
+    for prev, cur in zip(step, step[1:]):
+        if not cur["name"].startswith("attention_decode"):
+            continue
+        ref = max(b["end"] for b in prev["blocks"])
+        groups = {}
+        for b in cur["blocks"]:
+            groups.setdefault(b["block"] // plane, []).append(b)
+        for s, bs in groups.items():
+            cells = []
+            for f in ("m0", "m1", "m2", "m3", "end"):
+                xs = [(b[f] - ref) / 1e3 for b in bs if b[f]]
+                cells.append(statistics.median(xs) if xs else None)
+            per.setdefault(s, []).append(cells)
+    return {s: [statistics.median([c[i] for c in v if c[i] is not None]) if any(c[i] is not None for c in v) else None
+                for i in range(5)] for s, v in sorted(per.items())}
+
+
+def analyse(path, plane=None):
     with open(path) as f:
         rows = [dict(r, **{k: int(r[k]) for k in FIELDS}) for r in csv.DictReader(f)]
     ls = launches(rows)
@@ -154,6 +178,11 @@ def analyse(path):
     print("\nµs a step from the kernel ahead's last exit to this kernel's last exit (sum over the step's launches):")
     for key in sorted(per_kernel, key=per_kernel.get, reverse=True):
         print(f"  {key[1]:34} after {key[0]:34} {per_kernel[key]:8.1f}")
+    if plane:
+        print(f"\nThe decode attention by split (blocks // {plane}), median block, µs after the kernel ahead's last exit:")
+        print(f"  {'split':>5} {'m0':>6} {'m1':>6} {'m2':>6} {'m3':>6} {'end':>6}")
+        for s, cells in by_split(step, plane).items():
+            print(f"  {s:5d} " + " ".join(f"{c:6.2f}" if c is not None else "     -" for c in cells))
 
 
 def main():
@@ -162,11 +191,12 @@ def main():
     ap.add_argument("--tokens", type=int, default=40)
     ap.add_argument("--csv", default=os.path.join(os.environ.get("OUT", "/tmp"), "block_timeline.csv"))
     ap.add_argument("--analyse", help="only analyse this CSV")
+    ap.add_argument("--plane", type=int, help="the decode attention's blocks a split (its grid's x*y): print it by split")
     a = ap.parse_args()
     if a.analyse:
-        return analyse(a.analyse)
+        return analyse(a.analyse, a.plane)
     record(a.model, a.tokens, a.csv)
-    analyse(a.csv)
+    analyse(a.csv, a.plane)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ pub const TUNABLE: &[&str] = &[
     "AD_BARRIER_RELAXED",
     "AD_STORES",
     "AD_PUSH_EXIT",
+    "AD_KV_WITH_Q",
     "LD_NC",
     "ARGMAX_UNROLL",
     "EG_MAX_STAGES",

@@ -138,6 +138,10 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attention(act_t* ou
 #ifndef AD_PUSH_EXIT  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define AD_PUSH_EXIT 0
 #endif
+// 1: the split holding the step's own key loads its k and v rows together with q (0: after q's norm).
+#ifndef AD_KV_WITH_Q  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
+#define AD_KV_WITH_Q 0
+#endif
 #ifndef AD_KB  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define AD_KB 4
 #endif
@@ -263,22 +267,35 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
         grid_dependency();
     }
 
-    float qr[G][ND];
-#pragma unroll
-    for (int g = 0; g < G; g++) load_nd<ND>(q + ((size_t)t * nh + h0 + g) * HD + lane * ND, qr[g]);
     // _rope: q gets its QK-norm and RoPE here; the step's own key (the last, ctx - 1, one row per
     // sequence) comes from registers, normed and rotated by every warp of the block whose split holds
     // it, and that block's first chunk also writes it and its value to the cache for later steps
-    // (no other block reads that slot in this launch).
+    // (no other block reads that slot in this launch). AD_KV_WITH_Q: every block loads the k and v rows
+    // with q (unconditionally: under the branch the compiler issues them after q's norm), so that their
+    // round trip is not added to q's norm on the block holding the key, which every split's merge waits on.
+    const bool holds_last = ROPE && last >= lo && last < hi;
+    RawND<ND> k_raw{}, v_raw{};
+    if (AD_KV_WITH_Q && ROPE) {
+        size_t src = ((size_t)t * nkv + kvh) * HD + lane * ND;
+        k_raw = load_raw<ND>(r.k + src);
+        v_raw = load_raw<ND>(r.v + src);
+    }
+    float qr[G][ND];
+#pragma unroll
+    for (int g = 0; g < G; g++) load_nd<ND>(q + ((size_t)t * nh + h0 + g) * HD + lane * ND, qr[g]);
     float k_new[ND], v_new[ND];
     if (ROPE) {
 #pragma unroll
         for (int g = 0; g < G; g++) norm_rope_head<ND>(qr[g], qnr, r.eps);
         TL_MARK(0, qr[0][0]);
-        if (last >= lo && last < hi) {
-            size_t src = ((size_t)t * nkv + kvh) * HD + lane * ND;
-            load_nd<ND>(r.k + src, k_new);
-            load_nd<ND>(r.v + src, v_new);
+        if (holds_last) {
+            if (!AD_KV_WITH_Q) {
+                size_t src = ((size_t)t * nkv + kvh) * HD + lane * ND;
+                k_raw = load_raw<ND>(r.k + src);
+                v_raw = load_raw<ND>(r.v + src);
+            }
+            unpack_raw(k_raw, k_new);
+            unpack_raw(v_raw, v_new);
             norm_rope_head<ND>(k_new, knr, r.eps);
         }
     }
