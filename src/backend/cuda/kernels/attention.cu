@@ -132,16 +132,6 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attention(act_t* ou
 #ifndef AD_STORES  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define AD_STORES 2
 #endif
-// 1: XCH 2's blocks leave after their merge without the last cluster barrier (0: with it). No block
-// reads another's shared memory, and every push into a block is counted by its mbarrier before the block
-// merges, so none can arrive after it has left.
-#ifndef AD_PUSH_EXIT  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
-#define AD_PUSH_EXIT 0
-#endif
-// 1: the split holding the step's own key loads its k and v rows together with q (0: after q's norm).
-#ifndef AD_KV_WITH_Q  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
-#define AD_KV_WITH_Q 0
-#endif
 #ifndef AD_KB  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define AD_KB 4
 #endif
@@ -267,35 +257,22 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
         grid_dependency();
     }
 
-    // _rope: q gets its QK-norm and RoPE here; the step's own key (the last, ctx - 1, one row per
-    // sequence) comes from registers, normed and rotated by every warp of the block whose split holds
-    // it, and that block's first chunk also writes it and its value to the cache for later steps
-    // (no other block reads that slot in this launch). AD_KV_WITH_Q: every block loads the k and v rows
-    // with q (unconditionally: under the branch the compiler issues them after q's norm), so that their
-    // round trip is not added to q's norm on the block holding the key, which every split's merge waits on.
-    const bool holds_last = ROPE && last >= lo && last < hi;
-    RawND<ND> k_raw{}, v_raw{};
-    if (AD_KV_WITH_Q && ROPE) {
-        size_t src = ((size_t)t * nkv + kvh) * HD + lane * ND;
-        k_raw = load_raw<ND>(r.k + src);
-        v_raw = load_raw<ND>(r.v + src);
-    }
     float qr[G][ND];
 #pragma unroll
     for (int g = 0; g < G; g++) load_nd<ND>(q + ((size_t)t * nh + h0 + g) * HD + lane * ND, qr[g]);
+    // _rope: q gets its QK-norm and RoPE here; the step's own key (the last, ctx - 1, one row per
+    // sequence) comes from registers, normed and rotated by every warp of the block whose split holds
+    // it, and that block's first chunk also writes it and its value to the cache for later steps
+    // (no other block reads that slot in this launch).
     float k_new[ND], v_new[ND];
     if (ROPE) {
 #pragma unroll
         for (int g = 0; g < G; g++) norm_rope_head<ND>(qr[g], qnr, r.eps);
         TL_MARK(0, qr[0][0]);
-        if (holds_last) {
-            if (!AD_KV_WITH_Q) {
-                size_t src = ((size_t)t * nkv + kvh) * HD + lane * ND;
-                k_raw = load_raw<ND>(r.k + src);
-                v_raw = load_raw<ND>(r.v + src);
-            }
-            unpack_raw(k_raw, k_new);
-            unpack_raw(v_raw, v_new);
+        if (last >= lo && last < hi) {
+            size_t src = ((size_t)t * nkv + kvh) * HD + lane * ND;
+            load_nd<ND>(r.k + src, k_new);
+            load_nd<ND>(r.v + src, v_new);
             norm_rope_head<ND>(k_new, knr, r.eps);
         }
     }
@@ -330,7 +307,10 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
             issue(at);
             offsets(at, j0 + 2 * stride);
         }
-        if (ROPE && last >= j0 && last < j0 + AD_KB) {
+        // Only the split holding `last` has k_new / v_new. Another split's last batch may reach past its
+        // keys to `last` (129 keys in 16 splits of 9: split 13's batch at key 125 spans 125-128), where
+        // p = 0 would still multiply an uninitialised v_new: NaN for some bits (RESULTS.md run 39.3).
+        if (ROPE && last >= lo && last < hi && last >= j0 && last < j0 + AD_KB) {
 #pragma unroll
             for (int b = 0; b < AD_KB; b++) {
                 if (j0 + b == last) {
@@ -447,7 +427,6 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
     }
     // No block leaves while the others still read its shared memory. With AD_STORES 2 without a
     // release (no MEMBAR): every value read from another block went into a store issued before it.
-    if (XCH == 2 && AD_PUSH_EXIT) return;
     if (AD_BARRIER_RELAXED == 2 || AD_STORES == 2) cluster_sync_relaxed();
     else cluster_sync();
 }
