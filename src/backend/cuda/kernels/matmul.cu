@@ -520,8 +520,8 @@ extern "C" __global__ void __launch_bounds__(256) grouped_gemm(act_t* out, const
 // The experts' first half for decode: act [P, N] = swiglu(x[p / k] · gate[e]ᵀ, x[p / k] · up[e]ᵀ)
 // rounded as grouped_gemm, grouped_gemm, swiglu. x is [T, K] with T = P / k: the rows router_logits
 // normed (its x_normed). (A norm of its own here, never used since the router stores the normed rows,
-// was 2,900 instructions ahead of the streaming loop; without them the loop sits lower in the code and
-// the decode measured 1.004 of with: RESULTS.md run 38.8.)
+// was 2,900 instructions ahead of the streaming loop; the decode without them measured 1.004 and 0.996
+// of with: no speed change, RESULTS.md runs 38.8 and 39.1.)
 // Routing: with `logits` (router_logits' [T, E] f32, E <= ROUTE_MAX_E) every block routes the T rows
 // itself (route_rows, into shared memory: no moe_route launch) and block 0 also stores ids / weights
 // [P] for moe_down_combine; without, ids come from moe_route.
