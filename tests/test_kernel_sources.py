@@ -70,7 +70,6 @@ BEFORE_WAIT = [
     r"(const )?(act_t\*|const act_t\*|int) \w+",  # a declaration
     r"uint4 \w+\[GV_UNROLL\](, \w+\[GV_UNROLL\])*",
     r"(if \(early\) )?load_batch\(\w+, (w|gate|up|router) \+ .*",
-    r"if \(G3_STAGE\) stage_batch\(w \+ .*",  # the same loads, into shared memory (cp.async)
     r"const NormW \w+ = load_norm_weight\(nw, \w+\)",
     r"if \(early\)",
     r'TIMELINE\("\w+"\)',  # profiling builds only: a block's own record (common.cuh Timeline)

@@ -60,35 +60,6 @@ __device__ __forceinline__ void load_batch(uint4 (&v)[GV_UNROLL], const act_t* w
     }
 }
 
-// G3_STAGED 1 (tunable, default 0; the narrow build only, GV_UNROLL 4: Qwen3-30B-A3B's q/k/v, rows of two
-// batches): a warp's second batch of its first q/k/v row is copied into the block's shared memory
-// (cp.async) before grid_dependency() too, so that the whole row is in flight through the wait without a
-// second batch's registers (which would cost the narrow build its 5 blocks an SM; RESULTS.md run 39.6).
-#ifndef G3_STAGED  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
-#define G3_STAGED 0
-#endif
-#define G3_STAGE (G3_STAGED && GV_UNROLL == 4)
-// Staged, gemv3 keeps the narrow build's 5 blocks an SM (48 registers; 52 uncapped).
-#if G3_STAGE
-#define G3_BOUNDS __launch_bounds__(256, 5)
-#else
-#define G3_BOUNDS GV_BOUNDS
-#endif
-// The staged batch of each of a block's 256 threads: thread j's vector u at [u * 256 + j] (consecutive
-// lanes, consecutive 16 bytes).
-__shared__ __align__(16) uint4 g3_staged[G3_STAGE ? GV_UNROLL * 256 : 1];
-// A lane's batch of a weight row from vector i0 on, copied into its g3_staged slots (zeros past kv):
-// one cp.async group.
-__device__ __forceinline__ void stage_batch(const act_t* wrow, int i0, int kv) {
-    const uint4* wr = reinterpret_cast<const uint4*>(wrow);
-#pragma unroll
-    for (int u = 0; u < GV_UNROLL; u++) {
-        int i = i0 + u * 32;
-        cp_async16(smem_addr(&g3_staged[u * 256 + threadIdx.x]), wr + (i < kv ? i : 0), i < kv);
-    }
-    cp_async_commit();
-}
-
 // x vector xv normed: each element rnd(w * (x * inv)), w the norm weight vector (stage_input).
 __device__ __forceinline__ uint4 norm_vec(uint4 xv, uint4 w, float inv) {
     act_t* xe = reinterpret_cast<act_t*>(&xv);
@@ -99,20 +70,12 @@ __device__ __forceinline__ uint4 norm_vec(uint4 xv, uint4 w, float inv) {
 }
 
 // Lane partial sums acc[t] += x row t · weight row (t < T <= TMAX; K = kv * VEC; x rows kv apart).
-// wv: with `loaded`, the row's first batch, already issued (load_batch); else scratch. staged: the
-// row's second batch is in g3_staged (stage_batch).
+// wv: with `loaded`, the row's first batch, already issued (load_batch); else scratch.
 template <int TMAX, bool XS>
-__device__ __forceinline__ void row_dot(float* acc, const act_t* wrow, const act_t* x, int T, int kv, uint4 (&wv)[GV_UNROLL], bool loaded,
-    bool staged = false) {
+__device__ __forceinline__ void row_dot(float* acc, const act_t* wrow, const act_t* x, int T, int kv, uint4 (&wv)[GV_UNROLL], bool loaded) {
     const uint4* xr = reinterpret_cast<const uint4*>(x);
     for (int i0 = threadIdx.x & 31; i0 < kv; i0 += 32 * GV_UNROLL, loaded = false) {
-        if (G3_STAGE && staged && i0 == (threadIdx.x & 31) + 32 * GV_UNROLL) {
-            cp_async_wait_all();  // the thread's own copies: no barrier needed
-#pragma unroll
-            for (int u = 0; u < GV_UNROLL; u++) wv[u] = g3_staged[u * 256 + threadIdx.x];
-        } else if (!loaded) {
-            load_batch(wv, wrow, i0, kv);
-        }
+        if (!loaded) load_batch(wv, wrow, i0, kv);
 #pragma unroll
         for (int u = 0; u < GV_UNROLL; u++) {
             int i = i0 + u * 32;
@@ -319,11 +282,11 @@ __device__ __forceinline__ const act_t* stage_input(const act_t* x, int T, int K
 // out[t * N + n] = x row t · weight row `wrow` for t < T, by the calling warp (wv, loaded: row_dot's).
 template <int TMAX, bool XS>
 __device__ __forceinline__ void gemv_one(act_t* out, const act_t* wrow, const act_t* xs, int T, int N, int n, int K,
-    uint4 (&wv)[GV_UNROLL], bool loaded, bool staged = false) {
+    uint4 (&wv)[GV_UNROLL], bool loaded) {
     float acc[TMAX];
 #pragma unroll
     for (int t = 0; t < TMAX; t++) acc[t] = 0.f;
-    row_dot<TMAX, XS>(acc, wrow, xs, T, K / VEC, wv, loaded, staged);
+    row_dot<TMAX, XS>(acc, wrow, xs, T, K / VEC, wv, loaded);
 #pragma unroll
     for (int t = 0; t < TMAX; t++) {
         if (t < T) {
@@ -365,7 +328,6 @@ __device__ __forceinline__ void gemv3_rows(act_t* o0, const act_t* w0, int N0, a
         act_t* o; const act_t* w; int N;
         int n = pick(r0, o, w, N);
         load_batch(wv, w + (size_t)n * K, threadIdx.x & 31, K / VEC);
-        if (G3_STAGE) stage_batch(w + (size_t)n * K, (threadIdx.x & 31) + 32 * GV_UNROLL, K / VEC);
     }
     const NormW nwr = load_norm_weight(nw, K);
     grid_dependency();
@@ -373,8 +335,7 @@ __device__ __forceinline__ void gemv3_rows(act_t* o0, const act_t* w0, int N0, a
     for (int r = r0; r < N0 + N1 + N2; r += warps_global()) {
         act_t* o; const act_t* w; int N;
         int n = pick(r, o, w, N);
-        const bool first = early && r == r0;
-        gemv_one<TMAX, XS>(o, w + (size_t)n * K, xs, T, N, n, K, wv, first, G3_STAGE && first);
+        gemv_one<TMAX, XS>(o, w + (size_t)n * K, xs, T, N, n, K, wv, early && r == r0);
     }
 }
 
@@ -413,7 +374,7 @@ __device__ __forceinline__ void gemv_swiglu_rows(act_t* out, const act_t* x, con
 #define GEMV_FAMILY(SUF, TMAX, XS)                                                                           \
     extern "C" __global__ void GV_BOUNDS gemv##SUF(act_t* out, const act_t* x, const act_t* w,     \
         int T, int N, int K) { TIMELINE("gemv" #SUF); gemv_rows<TMAX, XS>(out, x, w, T, N, K); }                                       \
-    extern "C" __global__ void G3_BOUNDS gemv3##SUF(act_t* o0, const act_t* w0, int N0,           \
+    extern "C" __global__ void GV_BOUNDS gemv3##SUF(act_t* o0, const act_t* w0, int N0,           \
         act_t* o1, const act_t* w1, int N1, act_t* o2, const act_t* w2, int N2, const act_t* x, int T, int K,    \
         const act_t* delta, act_t* x_out, const act_t* nw, float eps) {                                         \
         TIMELINE("gemv3" #SUF); gemv3_rows<TMAX, XS>(o0, w0, N0, o1, w1, N1, o2, w2, N2, x, T, K, delta, x_out, nw, eps); }              \
