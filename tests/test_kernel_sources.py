@@ -121,3 +121,18 @@ def test_early_loads_avoid_the_read_only_path():
     for b in overloads:
         plain = re.sub(r"//[^\n]*", "", b).split("} else {")[1].split("}")[0]
         assert "ld.global." in plain and ".nc" not in plain, f"ld_early's default form is not a plain load: {plain.strip()}"
+
+
+def test_the_tunable_names_are_the_kernels_defines():
+    """compile.rs TUNABLE (what QWEN3RS_CUDA_DEFINES accepts) names exactly the constants the kernels
+    define under `#ifndef NAME  // tunable` (or test with #ifdef): a name left in the list after its
+    define went would be accepted and change nothing, a define missing from it could not be swept."""
+    rs = (KERNELS.parents[0] / "compile.rs").read_text()
+    start = rs.index("pub const TUNABLE")
+    names = set(re.findall(r'"(\w+)"', rs[start:rs.index("];", start)]))
+    src = "".join(p.read_text() for p in sorted(KERNELS.glob("*.cu*")))
+    assert len(names) >= 10, "the TUNABLE parser found too few names"
+    undefined = sorted(n for n in names if not re.search(rf"#ifn?def {n}\b", src))
+    assert not undefined, f"in compile.rs TUNABLE but defined by no kernel: {undefined}"
+    unlisted = sorted(set(re.findall(r"#ifn?def (\w+)\s*// tunable", src)) - names)
+    assert not unlisted, f"marked tunable in the kernels but not in compile.rs TUNABLE: {unlisted}"

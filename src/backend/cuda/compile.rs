@@ -37,7 +37,6 @@ pub const TUNABLE: &[&str] = &[
     "GV_UNROLL",
     "GV_PAIR_ROWS",
     "GV_MIN_BLOCKS",
-    "GV_LATE",
     "RD_UNROLL",
     "MD_SLOTS",
     "MD_WPO",
