@@ -86,53 +86,6 @@ __global__ void __launch_bounds__(O_WARPS * 32) o_proj(const uint4* w, Stamps* s
     put(out, sum);
 }
 
-void launch_att(bool barrier, Stamps* s, int l, const unsigned* chain, float* sink, cudaStream_t st) {
-    cudaLaunchAttribute attr[2] = {};
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    attr[1].id = cudaLaunchAttributeClusterDimension;
-    attr[1].val.clusterDim.x = 1;
-    attr[1].val.clusterDim.y = 1;
-    attr[1].val.clusterDim.z = ATT_SPLITS;
-    cudaLaunchConfig_t c{};
-    c.gridDim = dim3(ATT_X, 1, ATT_SPLITS);
-    c.blockDim = dim3(128);
-    c.stream = st;
-    c.attrs = attr;
-    c.numAttrs = 2;
-    if (barrier) CHECK(cudaLaunchKernelEx(&c, att<true>, s, l, chain, sink));
-    else CHECK(cudaLaunchKernelEx(&c, att<false>, s, l, chain, sink));
-}
-
-template <int EARLY>
-void launch_o(const uint4* w, Stamps* s, int l, float* out, cudaStream_t st) {
-    cudaLaunchAttribute attr{};
-    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr.val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t c{};
-    c.gridDim = dim3(O_BLOCKS);
-    c.blockDim = dim3(O_WARPS * 32);
-    c.stream = st;
-    c.attrs = &attr;
-    c.numAttrs = 1;
-    CHECK(cudaLaunchKernelEx(&c, o_proj<EARLY>, w, s, l, out));
-}
-
-// The launches `capture` queues on st, captured into a graph and run once.
-template <class F>
-void graph_once(cudaStream_t st, F capture) {
-    cudaGraph_t g;
-    cudaGraphExec_t ge;
-    CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
-    capture();
-    CHECK(cudaStreamEndCapture(st, &g));
-    CHECK(cudaGraphInstantiate(&ge, g, 0));
-    CHECK(cudaGraphLaunch(ge, st));
-    CHECK(cudaStreamSynchronize(st));
-    CHECK(cudaGraphExecDestroy(ge));
-    CHECK(cudaGraphDestroy(g));
-}
-
 double median(std::vector<double> x) {
     std::sort(x.begin(), x.end());
     return x.empty() ? 0.0 : x[x.size() / 2];
@@ -167,12 +120,13 @@ int main() {
     printf("%-34s %9s %14s %16s %18s\n", "variant", "µs/pair", "exit-done p50", "last exit-done", "o wait first/last");
     // LAUNCHES (attention, o) pairs (early < 0: the attention alone), the o stand-ins on fresh matrices.
     auto pairs = [&](bool barrier, int early) {
+        const dim3 att_grid(ATT_X, 1, ATT_SPLITS), o_grid(O_BLOCKS);
         for (int l = 0; l < LAUNCHES; l++) {
-            launch_att(barrier, s, l, chain, out, st);
+            launch_pdl_on(st, barrier ? att<true> : att<false>, att_grid, 0, 128, ATT_SPLITS, s, l, chain, out);
             const uint4* wl = w + (size_t)l * MATRIX_VECS;
-            if (early == 16) launch_o<16>(wl, s, l, out, st);
-            else if (early == 8) launch_o<8>(wl, s, l, out, st);
-            else if (early == 0) launch_o<0>(wl, s, l, out, st);
+            if (early == 16) launch_pdl_on(st, o_proj<16>, o_grid, 0, O_WARPS * 32, 1, wl, s, l, out);
+            else if (early == 8) launch_pdl_on(st, o_proj<8>, o_grid, 0, O_WARPS * 32, 1, wl, s, l, out);
+            else if (early == 0) launch_pdl_on(st, o_proj<0>, o_grid, 0, O_WARPS * 32, 1, wl, s, l, out);
         }
     };
     auto variant = [&](const char* name, bool barrier, int early) {

@@ -129,20 +129,8 @@ template <int MODE>
 float time_pairs(const uint4* w, const unsigned* chain, float* out, int l2, bool o, cudaStream_t st) {
     return graph_us_a_launch(st, LAUNCHES, [&] {
         for (int i = 0; i < LAUNCHES; i++) {
-            cudaLaunchAttribute attr{};
-            attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-            attr.val.programmaticStreamSerializationAllowed = 1;
-            cudaLaunchConfig_t c{};
-            c.gridDim = dim3(64);
-            c.blockDim = dim3(128);
-            c.stream = st;
-            c.attrs = &attr;
-            c.numAttrs = 1;
-            CHECK(cudaLaunchKernelEx(&c, spin, chain, out, l2));
-            if (!o) continue;
-            c.gridDim = dim3(ROWS / WARPS);
-            c.blockDim = dim3(WARPS * 32);
-            CHECK(cudaLaunchKernelEx(&c, rows_pdl<MODE>, w + (size_t)i * MATRIX_VECS, out));
+            launch_pdl_on(st, spin, dim3(64), 0, 128, 1, chain, out, l2);
+            if (o) launch_pdl_on(st, rows_pdl<MODE>, dim3(ROWS / WARPS), 0, WARPS * 32, 1, w + (size_t)i * MATRIX_VECS, out);
         }
     });
 }

@@ -12,6 +12,7 @@
 //
 // The bare phase of sync_cost.cu (phase.cuh) runs first, for a same-call reference. Prints µs a launch.
 #include "phase.cuh"
+#include "timing.cuh"
 
 #include <string>
 #include <vector>
@@ -49,25 +50,10 @@ double time_chain(F launch, int phases = PHASES) {
     return ms * 1e3 / REPS / phases;
 }
 
-// A PDL launch of `kernel` as gpu.rs `launch` makes it (blocks of `block` threads; `cluster` > 1:
-// clusters of that many blocks along z, as `launch_cluster`).
+// A PDL launch of `kernel` on the profile's stream (timing.cuh launch_pdl_on).
 template <class... K, class... A>
 void launch_pdl(void (*kernel)(K...), dim3 grid, size_t smem, int block, int cluster, A... args) {
-    cudaLaunchConfig_t cfg = {};
-    cudaLaunchAttribute attr[2];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    attr[1].id = cudaLaunchAttributeClusterDimension;
-    attr[1].val.clusterDim.x = 1;
-    attr[1].val.clusterDim.y = 1;
-    attr[1].val.clusterDim.z = cluster;
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(block);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = st;
-    cfg.attrs = attr;
-    cfg.numAttrs = cluster > 1 ? 2 : 1;
-    CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
+    launch_pdl_on(st, kernel, grid, smem, block, cluster, args...);
 }
 
 template <class... K, class... A>

@@ -1,5 +1,5 @@
-// timing.cuh: what the standalone profiles early_loads.cu and shared_reads.cu share: CUDA-event timing, and
-// how their kernels use the bytes they load (so that the loads are not optimised away).
+// timing.cuh: what the standalone profiles share: CUDA-event and graph timing, PDL launches as gpu.rs makes
+// them, and how their kernels use the bytes they load (so that the loads are not optimised away).
 #pragma once
 #include <cstdio>
 #include <cstdlib>
@@ -40,18 +40,55 @@ float best_ms(cudaStream_t st, int warmups, int runs, F work) {
     return best;
 }
 
-// µs a launch of the `launches` launches `capture` queues on st, captured into one graph: best of 5
-// replays after a warm-up one.
+// The launches `capture` queues on st, captured into a graph and instantiated.
 template <class F>
-float graph_us_a_launch(cudaStream_t st, int launches, F capture) {
+cudaGraphExec_t instantiate(cudaStream_t st, F capture) {
     cudaGraph_t g;
     cudaGraphExec_t ge;
     CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
     capture();
     CHECK(cudaStreamEndCapture(st, &g));
     CHECK(cudaGraphInstantiate(&ge, g, 0));
+    CHECK(cudaGraphDestroy(g));
+    return ge;
+}
+
+// µs a launch of the `launches` launches `capture` queues on st, captured into one graph: best of 5
+// replays after a warm-up one.
+template <class F>
+float graph_us_a_launch(cudaStream_t st, int launches, F capture) {
+    cudaGraphExec_t ge = instantiate(st, capture);
     const float ms = best_ms(st, 1, 5, [&] { CHECK(cudaGraphLaunch(ge, st)); });
     CHECK(cudaGraphExecDestroy(ge));
-    CHECK(cudaGraphDestroy(g));
     return ms * 1e3f / launches;
+}
+
+// The launches `capture` queues on st, captured into a graph and run once.
+template <class F>
+void graph_once(cudaStream_t st, F capture) {
+    cudaGraphExec_t ge = instantiate(st, capture);
+    CHECK(cudaGraphLaunch(ge, st));
+    CHECK(cudaStreamSynchronize(st));
+    CHECK(cudaGraphExecDestroy(ge));
+}
+
+// A launch of `kernel` on st with programmatic dependent launch, as gpu.rs `launch` makes it (blocks of
+// `block` threads; `cluster` > 1: clusters of that many blocks along z, as `launch_cluster`).
+template <class... K, class... A>
+void launch_pdl_on(cudaStream_t st, void (*kernel)(K...), dim3 grid, size_t smem, int block, int cluster, A... args) {
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[2];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    attr[1].id = cudaLaunchAttributeClusterDimension;
+    attr[1].val.clusterDim.x = 1;
+    attr[1].val.clusterDim.y = 1;
+    attr[1].val.clusterDim.z = cluster;
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(block);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = st;
+    cfg.attrs = attr;
+    cfg.numAttrs = cluster > 1 ? 2 : 1;
+    CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
 }
