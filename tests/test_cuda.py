@@ -77,6 +77,27 @@ def test_kernels_compile_with_tuning_defines(spec, monkeypatch):
     assert len(compile_sm90_or_skip()) == 27
 
 
+def test_decode_attention_keeps_its_state_in_registers():
+    """No decode attention kernel of head dim 128 (every Qwen3 size's) spills, as the shipped bf16
+    build compiles them for the H200. A spill of 4 bytes in Qwen3-30B-A3B's kernel was reloaded after a
+    cluster barrier's L1 invalidate, on the way to the merge: an L2 round trip that waited behind the
+    o projection's early loads, ~0.9 µs a layer (RESULTS.md runs 40.5-40.6). Needs NVRTC only."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benches/profiles/ptxas_report.py"
+    spec = importlib.util.spec_from_file_location("ptxas_report", path)
+    pr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pr)
+    if pr.cuda_home() is None:
+        pytest.skip("NVRTC unavailable")
+    lib, include = pr.nvrtc()
+    log, _ = pr.compile_module(lib, include, "attention", pr.build_options("90a", "bf16", []))
+    kernels = {name: (st, ld) for name, _, st, ld, _, _ in pr.resources(log) if name.startswith("attention_decode") and name.endswith("_d128")}
+    assert len(kernels) == 12, sorted(kernels)  # g1, g2, g4, g8 × plain, _rope, _rope_push
+    assert all(v == (0, 0) for v in kernels.values()), {k: v for k, v in kernels.items() if v != (0, 0)}
+
+
 @pytest.mark.parametrize("spec, names", [
     ("Q_DTYPE=0", "not a tunable kernel constant"),   # the host must agree with it: not settable
     ("GV_UNROLL=0", "not a positive integer"),

@@ -14,11 +14,25 @@ KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "
 MODULES = ["elementwise", "norm", "attention", "attention_prefill", "matmul", "moe", "expert_gemm"]
 
 
+def cuda_home():
+    """$CUDA_HOME, else /usr/local/cuda, else the pip wheels' nvidia/cu13 (nvidia-cuda-nvrtc and
+    nvidia-cuda-runtime, as .ci/run installs them): the first with a libnvrtc; None without one."""
+    import site
+
+    homes = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
+    homes += [os.path.join(d, "nvidia", "cu13") for d in site.getsitepackages() + [site.getusersitepackages()]]
+    return next((h for h in homes if h and glob.glob(os.path.join(h, "lib*", "libnvrtc.so*"))), None)
+
+
 def nvrtc():
-    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    home = cuda_home()
+    if home is None:
+        sys.exit("no libnvrtc (set CUDA_HOME; pip install nvidia-cuda-nvrtc gives one)")
+    # NVRTC opens its builtins library by name: loaded first from the same folder, it needs no
+    # LD_LIBRARY_PATH.
+    for b in sorted(glob.glob(os.path.join(home, "lib*", "libnvrtc-builtins.so*")))[:1]:
+        ctypes.CDLL(b, mode=ctypes.RTLD_GLOBAL)
     libs = sorted(glob.glob(os.path.join(home, "lib*", "libnvrtc.so*")))
-    if not libs:
-        sys.exit(f"no libnvrtc under {home} (set CUDA_HOME; pip install nvidia-cuda-nvrtc gives one)")
     return ctypes.CDLL(libs[0]), os.path.join(home, "include")
 
 
@@ -61,6 +75,18 @@ def kernel_parser():
     return ap
 
 
+def resources(log):
+    """Per kernel of a ptxas log: (name, registers, spill store bytes, spill load bytes, static shared
+    memory bytes, stack bytes). ptxas writes "Compiling entry function 'NAME' for 'sm_90'", then "N bytes
+    stack frame, N bytes spill stores, N bytes spill loads" and "Used N registers, ... N bytes smem ..."."""
+    out = []
+    for m in re.finditer(r"Compiling entry function '(\w+)'.*?(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
+                         r".*?Used (\d+) registers(?:, used \d+ barriers)?(?:, \d+ bytes cumulative stack size)?(?:, (\d+) bytes smem)?", log, re.S):
+        name, stack, st, ld, regs, smem = m.groups()
+        out.append((name, int(regs), int(st), int(ld), int(smem or 0), int(stack)))
+    return out
+
+
 def main():
     a = kernel_parser().parse_args()
     lib, include = nvrtc()
@@ -68,13 +94,9 @@ def main():
     print(f"{'kernel':44} {'regs':>5} {'spill st/ld B':>14} {'static smem':>11} {'stack':>6}")
     for module in MODULES:
         log, _ = compile_module(lib, include, module, options)
-        # ptxas: "Compiling entry function 'NAME' for 'sm_90'", then "N bytes stack frame, N bytes spill
-        # stores, N bytes spill loads" and "Used N registers, ... N bytes smem ...".
-        for m in re.finditer(r"Compiling entry function '(\w+)'.*?(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
-                             r".*?Used (\d+) registers(?:, used \d+ barriers)?(?:, \d+ bytes cumulative stack size)?(?:, (\d+) bytes smem)?", log, re.S):
-            name, stack, st, ld, regs, smem = m.groups()
+        for name, regs, st, ld, smem, stack in resources(log):
             if a.match in name:
-                print(f"{name[:44]:44} {regs:>5} {st + '/' + ld:>14} {smem or '0':>11} {stack:>6}")
+                print(f"{name[:44]:44} {regs:>5} {f'{st}/{ld}':>14} {smem:>11} {stack:>6}")
 
 
 if __name__ == "__main__":

@@ -102,14 +102,21 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attention(act_t* ou
 #ifndef AD_WARPS  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define AD_WARPS 4
 #endif
-// Least blocks an SM the decode kernels are compiled for (__launch_bounds__; unset: ptxas's own choice,
-// 128 registers for attention_decode_rope_g2_d128). Fewer registers let a block start beside the
-// q/k/v product ahead of it (62 registers × 256 threads, 4 blocks: the whole register file) and leave
-// room for the o projection's blocks behind it (RESULTS.md session 16's leads).
+// Least blocks an SM the decode kernels are compiled for (__launch_bounds__). Fewer registers let a
+// block start beside the q/k/v product ahead of it (62 registers × 256 threads, 4 blocks: the whole
+// register file) and leave room for the o projection's blocks behind it (RESULTS.md session 16's
+// leads). Unset: 2 for the pushed exchange's kernels (XCH 2), ptxas's own choice for the others. Left to
+// ptxas, attention_decode_rope_push_g2_d128 (Qwen3-30B-A3B's) took 128 registers and spilled 4 bytes,
+// reloaded after a cluster barrier's L1 invalidate on the way to the merge: an L2 round trip that
+// waited behind the o projection's early loads on the SM (~0.9 µs a layer). At 2: 143 registers, no
+// spill, 30B-A3B decode 1.012× (RESULTS.md runs 40.5, 40.6). 2 would cost 0.6B's
+// attention_decode_rope_g2_d128 (128 registers, no spill; 139 at 2) 0.7 %.
 #ifdef AD_MIN_BLOCKS  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
-#define AD_BOUNDS(NW) __launch_bounds__((NW) * 32, AD_MIN_BLOCKS)
+#define AD_BOUNDS(NW, XCH) __launch_bounds__((NW) * 32, AD_MIN_BLOCKS)
 #else
-#define AD_BOUNDS(NW) __launch_bounds__((NW) * 32)
+#define AD_BOUNDS(NW, XCH) AD_BOUNDS_##XCH(NW)
+#define AD_BOUNDS_1(NW) __launch_bounds__((NW) * 32)
+#define AD_BOUNDS_2(NW) __launch_bounds__((NW) * 32, 2)
 #endif
 #define AD_MAX_CLUSTER 16  // most splits merged in a cluster (mod.rs MAX_ATTN_CLUSTER)
 // Profiling only: 1 drops the release/acquire ordering of the barrier before the splits' merge, so the
@@ -436,14 +443,14 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
 // attention_decode_rope_push_g<G>_d<HD>: the same with the pushed exchange (XCH 2).
 #define AD_NW(G) ((G) == 8 ? 4 : AD_WARPS)  // warps a block of the G-heads kernels
 #define AD_ROPE_KERNEL(NAME, G, HD, XCH) \
-    extern "C" __global__ void AD_BOUNDS(AD_NW(G)) NAME(act_t* out, float* part_ml, float* part_acc, const act_t* q, \
+    extern "C" __global__ void AD_BOUNDS(AD_NW(G), XCH) NAME(act_t* out, float* part_ml, float* part_acc, const act_t* q, \
         act_t* kc, act_t* vc, const unsigned* row_ctx, const unsigned* row_table, const unsigned* tables, int nh, int nkv, \
         int block_size, int kv_dim, float scale, const act_t* k, const act_t* v, const act_t* q_norm, const act_t* k_norm, \
         const float* rope, const unsigned* positions, float eps) { \
         TIMELINE(#NAME); attention_decode_impl<G, HD / 32, true, AD_NW(G), XCH>(out, part_ml, part_acc, q, kc, vc, row_ctx, \
             row_table, tables, nh, nkv, block_size, kv_dim, scale, RopeIn{k, v, q_norm, k_norm, rope, positions, eps}); }
 #define AD_KERNEL(G, HD) \
-    extern "C" __global__ void AD_BOUNDS(AD_NW(G)) attention_decode_g##G##_d##HD(act_t* out, float* part_ml, \
+    extern "C" __global__ void AD_BOUNDS(AD_NW(G), 1) attention_decode_g##G##_d##HD(act_t* out, float* part_ml, \
         float* part_acc, const act_t* q, act_t* kc, act_t* vc, const unsigned* row_ctx, const unsigned* row_table, \
         const unsigned* tables, int nh, int nkv, int block_size, int kv_dim, float scale) { \
         TIMELINE("attention_decode_g" #G "_d" #HD); attention_decode_impl<G, HD / 32, false, AD_NW(G), 1>(out, part_ml, part_acc, q, kc, vc, row_ctx, row_table, tables, nh, nkv, \
