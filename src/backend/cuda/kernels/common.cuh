@@ -316,12 +316,23 @@ __device__ __forceinline__ uint2 ld_early(const uint2* p) {
 // 16-byte accesses: VEC elements of act_t as one uint4.
 #define VEC (16 / (int)sizeof(act_t))
 
-// A vector V (uint4: VEC elements; uint2: half as many) of act_t as f32, and back.
+// A vector V (uint4: VEC elements; uint2: half as many) of act_t as f32, and back. In bf16 a word's two
+// elements are its low half shifted up and its high half masked (a bf16 is the top half of its f32):
+// one instruction each, where to_f of the high half is an extract and a shift (PRMT, IMAD.U32).
 template <class V>
 __device__ __forceinline__ void unpack_vec(const V& v, float* f) {
+#if Q_DTYPE == 1
+    const unsigned* w = reinterpret_cast<const unsigned*>(&v);
+#pragma unroll
+    for (int j = 0; j < (int)(sizeof(V) / 4); j++) {
+        f[2 * j] = __uint_as_float(w[j] << 16);
+        f[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+    }
+#else
     const act_t* e = reinterpret_cast<const act_t*>(&v);
 #pragma unroll
     for (int j = 0; j < (int)(sizeof(V) / sizeof(act_t)); j++) f[j] = to_f(e[j]);
+#endif
 }
 
 template <class V = uint4>

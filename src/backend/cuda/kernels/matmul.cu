@@ -35,13 +35,14 @@ __device__ __forceinline__ uint4 ld_weight(const uint4* p) { return ld_early(p);
 
 // Sum over the VEC products of a 16-byte weight vector and a 16-byte x vector, in two chains.
 __device__ __forceinline__ float dot_vec(const uint4& w, const uint4& x) {
-    const act_t* we = reinterpret_cast<const act_t*>(&w);
-    const act_t* xe = reinterpret_cast<const act_t*>(&x);
+    float wf[VEC], xf[VEC];
+    unpack_vec(w, wf);
+    unpack_vec(x, xf);
     float s0 = 0.f, s1 = 0.f;
 #pragma unroll
     for (int j = 0; j < VEC; j += 2) {
-        s0 += to_f(we[j]) * to_f(xe[j]);
-        s1 += to_f(we[j + 1]) * to_f(xe[j + 1]);
+        s0 += wf[j] * xf[j];
+        s1 += wf[j + 1] * xf[j + 1];
     }
     return s0 + s1;
 }
@@ -69,6 +70,21 @@ __device__ __forceinline__ uint4 norm_vec(uint4 xv, uint4 w, float inv) {
     return xv;
 }
 
+// step(u, i) for each vector i = i0 + 32 u (u < GV_UNROLL) of a lane's batch in the row (i < kv). Where
+// the warp's whole batch lies in the row (every batch but a row's last partial one) the calls come
+// without a bounds branch each.
+template <class F>
+__device__ __forceinline__ void batch_vectors(int i0, int kv, F step) {
+    if ((i0 & ~31) + 32 * GV_UNROLL <= kv) {
+#pragma unroll
+        for (int u = 0; u < GV_UNROLL; u++) step(u, i0 + u * 32);
+    } else {
+#pragma unroll
+        for (int u = 0; u < GV_UNROLL; u++)
+            if (i0 + u * 32 < kv) step(u, i0 + u * 32);
+    }
+}
+
 // Lane partial sums acc[t] += x row t · weight row (t < T <= TMAX; K = kv * VEC; x rows kv apart).
 // wv: with `loaded`, the row's first batch, already issued (load_batch); else scratch.
 template <int TMAX, bool XS>
@@ -76,30 +92,24 @@ __device__ __forceinline__ void row_dot(float* acc, const act_t* wrow, const act
     const uint4* xr = reinterpret_cast<const uint4*>(x);
     for (int i0 = threadIdx.x & 31; i0 < kv; i0 += 32 * GV_UNROLL, loaded = false) {
         if (!loaded) load_batch(wv, wrow, i0, kv);
+        batch_vectors(i0, kv, [&](int u, int i) {
+            float wf[VEC];
+            unpack_vec(wv[u], wf);
 #pragma unroll
-        for (int u = 0; u < GV_UNROLL; u++) {
-            int i = i0 + u * 32;
-            if (i < kv) {
-                const act_t* we = reinterpret_cast<const act_t*>(&wv[u]);
-                float wf[VEC];
+            for (int t = 0; t < TMAX; t++) {
+                if (t < T) {
+                    float xf[VEC];
+                    unpack_vec(ld_x<XS>(xr + (size_t)t * kv + i), xf);
+                    float s0 = 0.f, s1 = 0.f;  // two chains: half the FMA latency
 #pragma unroll
-                for (int j = 0; j < VEC; j++) wf[j] = to_f(we[j]);
-#pragma unroll
-                for (int t = 0; t < TMAX; t++) {
-                    if (t < T) {
-                        const uint4 xv = ld_x<XS>(xr + (size_t)t * kv + i);
-                        const act_t* xe = reinterpret_cast<const act_t*>(&xv);
-                        float s0 = 0.f, s1 = 0.f;  // two chains: half the FMA latency
-#pragma unroll
-                        for (int j = 0; j < VEC; j += 2) {
-                            s0 += wf[j] * to_f(xe[j]);
-                            s1 += wf[j + 1] * to_f(xe[j + 1]);
-                        }
-                        acc[t] += s0 + s1;
+                    for (int j = 0; j < VEC; j += 2) {
+                        s0 += wf[j] * xf[j];
+                        s1 += wf[j + 1] * xf[j + 1];
                     }
+                    acc[t] += s0 + s1;
                 }
             }
-        }
+        });
     }
 }
 
@@ -126,20 +136,16 @@ __device__ __forceinline__ void row_dot_pair(float* a, float* b, const act_t* ar
             load_batch(av, arow, i0, kv);
             load_batch(bv, brow, i0, kv);
         }
+        batch_vectors(i0, kv, [&](int u, int i) {
 #pragma unroll
-        for (int u = 0; u < GV_UNROLL; u++) {
-            int i = i0 + u * 32;
-            if (i < kv) {
-#pragma unroll
-                for (int t = 0; t < TMAX; t++) {
-                    if (t < T) {
-                        const uint4 xv = ld_x<XS>(xr + (size_t)t * kv + i);
-                        a[t] += dot_vec(av[u], xv);
-                        b[t] += dot_vec(bv[u], xv);
-                    }
+            for (int t = 0; t < TMAX; t++) {
+                if (t < T) {
+                    const uint4 xv = ld_x<XS>(xr + (size_t)t * kv + i);
+                    a[t] += dot_vec(av[u], xv);
+                    b[t] += dot_vec(bv[u], xv);
                 }
             }
-        }
+        });
     }
 }
 
