@@ -1,0 +1,176 @@
+// lds_behind_loads.cu: does a shared-memory load wait behind an SM's burst of global loads, and does it
+// when the same bytes come by TMA bulk copies instead? RESULTS.md run 41.2: in the Qwen3-30B-A3B decode
+// the merging attention blocks' shared loads of the pushed states took 1.3 µs, and the few MUFU after
+// them 0.7, while the o projection behind them (PDL) had its ~128 KB an SM of early weight loads in
+// flight. If bulk copies (issued by the SM's TMA unit into shared memory, not through the LSU) leave
+// shared loads alone, o could take its early weights that way.
+//
+//   nvcc -O3 -arch=sm_90a -o /tmp/lds_behind_loads benches/profiles/lds_behind_loads.cu && /tmp/lds_behind_loads
+//
+// One block an SM, 16 warps. Warps 1..15 take 120 KB (an o block pair's early bytes) of a fresh part of
+// a 1 GB buffer (no L2 hits), by mode: none; LDG (16 ld.global.L1::no_allocate.v4 a thread, as common.cuh
+// ld_early, summed after); BULK (8 cp.async.bulk copies of 15 KB into shared memory, one mbarrier). Warp 0's
+// lane 0 probes every 0.4 µs from 0.2 µs after the block's start: one dependent shared load (LDS), one
+// MUFU (ex2) and one L2-resident global load, each timed with clock64. Per mode and probe time: the
+// median over the SMs of each probe's ns, and when the block's loads were all in (median, max).
+#include "timing.cuh"
+
+#include <algorithm>
+#include <vector>
+
+constexpr int WARPS = 16, LOADERS = (WARPS - 1) * 32, VECS = 16, PROBES = 12, LAUNCHES = 6;
+constexpr int BLOCK_BYTES = LOADERS * VECS * 16;  // 122,880
+constexpr int PIECES = 8, PIECE = BLOCK_BYTES / PIECES;
+constexpr size_t BUF = 1ull << 30;
+
+struct Out {
+    unsigned long long at[PROBES];      // probe start, ns after the block's start
+    unsigned lds[PROBES], mufu[PROBES], l2[PROBES];  // clock64 cycles
+    unsigned long long loads_in;        // ns after the block's start
+    unsigned long long cycles, ns;      // the prober's span, to convert
+};
+
+__device__ __forceinline__ unsigned long long now() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)::"memory");
+    return t;
+}
+__device__ __forceinline__ unsigned smem(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+
+template <int MODE>  // 0 none, 1 LDG, 2 bulk
+__global__ void __launch_bounds__(WARPS * 32, 1) burst(Out* out, const uint4* buf, const unsigned* l2line, float* sink) {
+    extern __shared__ __align__(128) unsigned char dyn[];
+    __shared__ __align__(8) unsigned long long bar;
+    __shared__ unsigned probe_word[32];
+    __shared__ unsigned long long t_start, t_in;
+    Out& o = out[blockIdx.x];
+    const uint4* mine = buf + (size_t)blockIdx.x * (BLOCK_BYTES / 16);
+    if (threadIdx.x == 0) {
+        asm volatile("mbarrier.init.shared.b64 [%0], 1;" ::"r"(smem(&bar)));
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        t_in = 0;
+    }
+    if (threadIdx.x < 32) probe_word[threadIdx.x] = threadIdx.x;
+    __syncthreads();
+    if (threadIdx.x == 0) t_start = now();
+    __syncthreads();
+    const int warp = threadIdx.x >> 5;
+    if (warp > 0) {
+        float s = 0.f;
+        if (MODE == 1) {
+            uint4 v[VECS];
+            const int t = threadIdx.x - 32;
+#pragma unroll
+            for (int i = 0; i < VECS; i++)
+                asm volatile("ld.global.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                             : "=r"(v[i].x), "=r"(v[i].y), "=r"(v[i].z), "=r"(v[i].w) : "l"(mine + i * LOADERS + t));
+#pragma unroll
+            for (int i = 0; i < VECS; i++) s += __uint_as_float((v[i].x ^ v[i].y ^ v[i].z ^ v[i].w) & 0x3f800000u);
+        } else if (MODE == 2) {
+            if (threadIdx.x == 32) {
+                asm volatile("mbarrier.arrive.expect_tx.shared.b64 _, [%0], %1;" ::"r"(smem(&bar)), "r"(BLOCK_BYTES) : "memory");
+                for (int p = 0; p < PIECES; p++)
+                    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                                 ::"r"(smem(dyn + p * PIECE)), "l"(reinterpret_cast<const char*>(mine) + p * PIECE), "r"(PIECE), "r"(smem(&bar)) : "memory");
+            }
+            unsigned done = 0;
+            while (!done)
+                asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared.b64 p, [%1], 0; selp.u32 %0, 1, 0, p; }"
+                             : "=r"(done) : "r"(smem(&bar)) : "memory");
+            const uint4 w = reinterpret_cast<const uint4*>(dyn)[threadIdx.x - 32];
+            s = __uint_as_float((w.x ^ w.y ^ w.z ^ w.w) & 0x3f800000u);
+        }
+        const unsigned long long t = now();
+        atomicMax(&t_in, t);
+        if (s == 12345.f) sink[0] = s;
+    } else if (threadIdx.x == 0) {
+        const unsigned long long t0 = t_start, c0 = clock64();
+        unsigned idx = 0;
+        float f = 0.5f;
+        // Each probe: a clock read, the operation, a predicate on its result (so the wait for it comes
+        // before), the second clock read; one asm statement, in that order.
+        for (int p = 0; p < PROBES; p++) {
+            const unsigned long long at = t0 + 200 + 400ull * p;
+            while (now() < at) {}
+            o.at[p] = now() - t0;
+            unsigned long long a, b, c, d;
+            asm volatile("{ .reg .u32 v; .reg .pred q; mov.u64 %0, %%clock64; ld.volatile.shared.u32 v, [%3];"
+                         " setp.eq.u32 q, v, 12345; @q trap; mov.u64 %1, %%clock64; mov.u32 %2, v; }"
+                         : "=l"(a), "=l"(b), "=r"(idx) : "r"(smem((const void*)&probe_word[idx & 31])) : "memory");
+            asm volatile("{ .reg .pred q; ex2.approx.f32 %1, %1; setp.eq.f32 q, %1, 0f46403800; @q trap;"
+                         " mov.u64 %0, %%clock64; }" : "=l"(c), "+f"(f) :: "memory");
+            asm volatile("{ .reg .u32 v; .reg .pred q; ld.global.cg.u32 v, [%1]; setp.eq.u32 q, v, 12345; @q trap;"
+                         " mov.u64 %0, %%clock64; }" : "=l"(d) : "l"(l2line + (idx & 31)) : "memory");
+            o.lds[p] = (unsigned)(b - a);
+            o.mufu[p] = (unsigned)(c - b);
+            o.l2[p] = (unsigned)(d - c);
+        }
+        o.cycles = clock64() - c0;
+        o.ns = now() - t0;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) o.loads_in = t_in ? t_in - t_start : 0;
+}
+
+int main() {
+    int sms;
+    CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    uint4* buf;
+    unsigned* line;
+    float* sink;
+    Out* out;
+    CHECK(cudaMalloc(&buf, BUF));
+    CHECK(cudaMemset(buf, 1, BUF));
+    CHECK(cudaMalloc(&line, 4096));
+    CHECK(cudaMemset(line, 0, 4096));
+    CHECK(cudaMalloc(&sink, 64));
+    CHECK(cudaMalloc(&out, sizeof(Out) * sms));
+    const size_t smem_bytes = BLOCK_BYTES;
+    CHECK(cudaFuncSetAttribute(burst<0>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_bytes));
+    CHECK(cudaFuncSetAttribute(burst<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_bytes));
+    CHECK(cudaFuncSetAttribute(burst<2>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_bytes));
+    const size_t per_launch = (size_t)sms * BLOCK_BYTES;
+    printf("%d SMs, %d bytes a block (%.1f MB a launch); probes every 0.4 us from 0.2 us; ns, median over SMs of the median launch\n",
+           sms, BLOCK_BYTES, per_launch / 1e6);
+    const char* names[3] = {"none", "LDG", "bulk"};
+    std::vector<Out> h(sms);
+    size_t off = 0;
+    for (int mode = 0; mode < 3; mode++) {
+        std::vector<std::vector<double>> lds(PROBES), mufu(PROBES), l2(PROBES), at(PROBES);
+        std::vector<double> in;
+        for (int l = 0; l < LAUNCHES + 1; l++) {
+            if ((off + per_launch) * 1 > BUF) off = 0;
+            const uint4* b = buf + off / 16;
+            off += per_launch;
+            if (mode == 0) burst<0><<<sms, WARPS * 32, smem_bytes>>>(out, b, line, sink);
+            if (mode == 1) burst<1><<<sms, WARPS * 32, smem_bytes>>>(out, b, line, sink);
+            if (mode == 2) burst<2><<<sms, WARPS * 32, smem_bytes>>>(out, b, line, sink);
+            CHECK(cudaGetLastError());
+            CHECK(cudaDeviceSynchronize());
+            if (l == 0) continue;  // warm-up
+            CHECK(cudaMemcpy(h.data(), out, sizeof(Out) * sms, cudaMemcpyDeviceToHost));
+            for (auto& o : h) {
+                const double ns_per_cycle = (double)o.ns / (double)o.cycles;
+                for (int p = 0; p < PROBES; p++) {
+                    at[p].push_back(o.at[p]);
+                    lds[p].push_back(o.lds[p] * ns_per_cycle);
+                    mufu[p].push_back(o.mufu[p] * ns_per_cycle);
+                    l2[p].push_back(o.l2[p] * ns_per_cycle);
+                }
+                in.push_back(o.loads_in);
+            }
+        }
+        auto med = [](std::vector<double> v) { std::sort(v.begin(), v.end()); return v.empty() ? 0.0 : v[v.size() / 2]; };
+        auto mx = [](const std::vector<double>& v) { return v.empty() ? 0.0 : *std::max_element(v.begin(), v.end()); };
+        printf("\n%s: loads all in at %.0f ns (median block), %.0f (last)\n   at ns:", names[mode], med(in), mx(in));
+        for (int p = 0; p < PROBES; p++) printf(" %6.0f", med(at[p]));
+        printf("\n   LDS  :");
+        for (int p = 0; p < PROBES; p++) printf(" %6.0f", med(lds[p]));
+        printf("\n   MUFU :");
+        for (int p = 0; p < PROBES; p++) printf(" %6.0f", med(mufu[p]));
+        printf("\n   L2 ld:");
+        for (int p = 0; p < PROBES; p++) printf(" %6.0f", med(l2[p]));
+        printf("\n");
+    }
+    return 0;
+}
