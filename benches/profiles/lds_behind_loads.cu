@@ -10,15 +10,19 @@
 // One block an SM, 16 warps. Warps 1..15 take 120 KB (an o block pair's early bytes) of a fresh part of
 // a 1 GB buffer (no L2 hits), by mode: none; LDG (16 ld.global.L1::no_allocate.v4 a thread, as common.cuh
 // ld_early, summed after); BULK (8 cp.async.bulk copies of 15 KB into shared memory, one mbarrier). Warp 0's
-// lane 0 probes every 0.4 µs from 0.2 µs after the block's start: one dependent shared load (LDS), one
-// MUFU (ex2) and one L2-resident global load, each timed with clock64. Per mode and probe time: the
-// median over the SMs of each probe's ns, and when the block's loads were all in (median, max).
+// lane 0 probes every 0.25 µs from 0.2 µs after the block's start: one dependent shared load (LDS) and one
+// MUFU (ex2), each timed with clock64; in launches of their own, an L2-resident global load instead (one
+// stuck behind the burst holds back the probes after it), and, in others, the decode attention's wait for
+// its pushes on an mbarrier already complete (try_wait.acquire.cluster: SYNCS.PHASECHK then CCTL.IVALL,
+// the L1 invalidate of a cluster-scope acquire) followed by an LDS. Per mode and probe time: the median over the
+// SMs of each probe's ns, and when the block's loads were all in (median, max). (The L2 row's probes
+// start late where the one before was stuck: its "at" is not the row above's.)
 #include "timing.cuh"
 
 #include <algorithm>
 #include <vector>
 
-constexpr int WARPS = 16, LOADERS = (WARPS - 1) * 32, VECS = 16, PROBES = 12, LAUNCHES = 6;
+constexpr int WARPS = 16, LOADERS = (WARPS - 1) * 32, VECS = 16, PROBES = 20, LAUNCHES = 6;
 constexpr int BLOCK_BYTES = LOADERS * VECS * 16;  // 122,880
 constexpr int PIECES = 8, PIECE = BLOCK_BYTES / PIECES;
 constexpr size_t BUF = 1ull << 30;
@@ -38,16 +42,18 @@ __device__ __forceinline__ unsigned long long now() {
 __device__ __forceinline__ unsigned smem(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 
 template <int MODE>  // 0 none, 1 LDG, 2 bulk
-__global__ void __launch_bounds__(WARPS * 32, 1) burst(Out* out, const uint4* buf, const unsigned* l2line, float* sink) {
+__global__ void __launch_bounds__(WARPS * 32, 1) burst(Out* out, const uint4* buf, const unsigned* l2line, float* sink, int l2probe) {
     extern __shared__ __align__(128) unsigned char dyn[];
-    __shared__ __align__(8) unsigned long long bar;
+    __shared__ __align__(8) unsigned long long bar, done_bar;
     __shared__ unsigned probe_word[32];
     __shared__ unsigned long long t_start, t_in;
     Out& o = out[blockIdx.x];
     const uint4* mine = buf + (size_t)blockIdx.x * (BLOCK_BYTES / 16);
     if (threadIdx.x == 0) {
         asm volatile("mbarrier.init.shared.b64 [%0], 1;" ::"r"(smem(&bar)));
+        asm volatile("mbarrier.init.shared.b64 [%0], 1;" ::"r"(smem(&done_bar)));
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        asm volatile("mbarrier.arrive.shared.b64 _, [%0];" ::"r"(smem(&done_bar)) : "memory");  // phase 0 complete
         t_in = 0;
     }
     if (threadIdx.x < 32) probe_word[threadIdx.x] = threadIdx.x;
@@ -90,7 +96,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) burst(Out* out, const uint4* bu
         // Each probe: a clock read, the operation, a predicate on its result (so the wait for it comes
         // before), the second clock read; one asm statement, in that order.
         for (int p = 0; p < PROBES; p++) {
-            const unsigned long long at = t0 + 200 + 400ull * p;
+            const unsigned long long at = t0 + 200 + 250ull * p;
             while (now() < at) {}
             o.at[p] = now() - t0;
             unsigned long long a, b, c, d;
@@ -99,8 +105,14 @@ __global__ void __launch_bounds__(WARPS * 32, 1) burst(Out* out, const uint4* bu
                          : "=l"(a), "=l"(b), "=r"(idx) : "r"(smem((const void*)&probe_word[idx & 31])) : "memory");
             asm volatile("{ .reg .pred q; ex2.approx.f32 %1, %1; setp.eq.f32 q, %1, 0f46403800; @q trap;"
                          " mov.u64 %0, %%clock64; }" : "=l"(c), "+f"(f) :: "memory");
-            asm volatile("{ .reg .u32 v; .reg .pred q; ld.global.cg.u32 v, [%1]; setp.eq.u32 q, v, 12345; @q trap;"
-                         " mov.u64 %0, %%clock64; }" : "=l"(d) : "l"(l2line + (idx & 31)) : "memory");
+            d = c;
+            if (l2probe == 2)  // the decode attention's wait for its pushes (SASS: SYNCS.PHASECHK, CCTL.IVALL), then an LDS
+                asm volatile("{ .reg .u32 v; .reg .pred q; waitp: mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 q, [%1], 0;"
+                             " @!q bra waitp; ld.volatile.shared.u32 v, [%2]; setp.eq.u32 q, v, 12345; @q trap;"
+                             " mov.u64 %0, %%clock64; }" : "=l"(d) : "r"(smem(&done_bar)), "r"(smem((const void*)&probe_word[0])) : "memory");
+            else if (l2probe)  // its own launches: a load stuck behind the burst holds the probes after it
+                asm volatile("{ .reg .u32 v; .reg .pred q; ld.global.cg.u32 v, [%1]; setp.eq.u32 q, v, 12345; @q trap;"
+                             " mov.u64 %0, %%clock64; }" : "=l"(d) : "l"(l2line + (idx & 31)) : "memory");
             o.lds[p] = (unsigned)(b - a);
             o.mufu[p] = (unsigned)(c - b);
             o.l2[p] = (unsigned)(d - c);
@@ -130,7 +142,7 @@ int main() {
     CHECK(cudaFuncSetAttribute(burst<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_bytes));
     CHECK(cudaFuncSetAttribute(burst<2>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_bytes));
     const size_t per_launch = (size_t)sms * BLOCK_BYTES;
-    printf("%d SMs, %d bytes a block (%.1f MB a launch); probes every 0.4 us from 0.2 us; ns, median over SMs of the median launch\n",
+    printf("%d SMs, %d bytes a block (%.1f MB a launch); probes every 0.25 us from 0.2 us; ns, median over SMs of the median launch\n",
            sms, BLOCK_BYTES, per_launch / 1e6);
     const char* names[3] = {"none", "LDG", "bulk"};
     std::vector<Out> h(sms);
@@ -138,24 +150,29 @@ int main() {
     for (int mode = 0; mode < 3; mode++) {
         std::vector<std::vector<double>> lds(PROBES), mufu(PROBES), l2(PROBES), at(PROBES);
         std::vector<double> in;
-        for (int l = 0; l < LAUNCHES + 1; l++) {
+        std::vector<std::vector<double>> ivall(PROBES);
+        for (int l = 0; l < 3 * (LAUNCHES + 1); l++) {
+            const int l2probe = l / (LAUNCHES + 1);
             if ((off + per_launch) * 1 > BUF) off = 0;
             const uint4* b = buf + off / 16;
             off += per_launch;
-            if (mode == 0) burst<0><<<sms, WARPS * 32, smem_bytes>>>(out, b, line, sink);
-            if (mode == 1) burst<1><<<sms, WARPS * 32, smem_bytes>>>(out, b, line, sink);
-            if (mode == 2) burst<2><<<sms, WARPS * 32, smem_bytes>>>(out, b, line, sink);
+            if (mode == 0) burst<0><<<sms, WARPS * 32, smem_bytes>>>(out, b, line, sink, l2probe);
+            if (mode == 1) burst<1><<<sms, WARPS * 32, smem_bytes>>>(out, b, line, sink, l2probe);
+            if (mode == 2) burst<2><<<sms, WARPS * 32, smem_bytes>>>(out, b, line, sink, l2probe);
             CHECK(cudaGetLastError());
             CHECK(cudaDeviceSynchronize());
-            if (l == 0) continue;  // warm-up
+            if (l % (LAUNCHES + 1) == 0) continue;  // warm-ups
             CHECK(cudaMemcpy(h.data(), out, sizeof(Out) * sms, cudaMemcpyDeviceToHost));
             for (auto& o : h) {
                 const double ns_per_cycle = (double)o.ns / (double)o.cycles;
                 for (int p = 0; p < PROBES; p++) {
+                    if (l2probe) {
+                        (l2probe == 1 ? l2 : ivall)[p].push_back(o.l2[p] * ns_per_cycle);
+                        continue;
+                    }
                     at[p].push_back(o.at[p]);
                     lds[p].push_back(o.lds[p] * ns_per_cycle);
                     mufu[p].push_back(o.mufu[p] * ns_per_cycle);
-                    l2[p].push_back(o.l2[p] * ns_per_cycle);
                 }
                 in.push_back(o.loads_in);
             }
@@ -170,6 +187,8 @@ int main() {
         for (int p = 0; p < PROBES; p++) printf(" %6.0f", med(mufu[p]));
         printf("\n   L2 ld:");
         for (int p = 0; p < PROBES; p++) printf(" %6.0f", med(l2[p]));
+        printf("\n   acq+LDS:");
+        for (int p = 0; p < PROBES; p++) printf(" %6.0f", med(ivall[p]));
         printf("\n");
     }
     return 0;
