@@ -5,7 +5,10 @@
 // flight. If bulk copies (issued by the SM's TMA unit into shared memory, not through the LSU) leave
 // shared loads alone, o could take its early weights that way.
 //
-//   nvcc -O3 -arch=sm_90a -o /tmp/lds_behind_loads benches/profiles/lds_behind_loads.cu && /tmp/lds_behind_loads
+//   nvcc -O3 -arch=sm_90a -o /tmp/lds_behind_loads benches/profiles/lds_behind_loads.cu && /tmp/lds_behind_loads [KB PIECES]
+//
+// KB PIECES: the bulk mode's bytes a block (default 120, at most 220) in that many copies (default 8):
+// e.g. 196 8 for run 30.5's down-projection copies, whose slowness is not understood.
 //
 // One block an SM, 16 warps. Warps 1..15 take 120 KB (an o block pair's early bytes) of a fresh part of
 // a 1 GB buffer (no L2 hits), by mode: none; LDG (16 ld.global.L1::no_allocate.v4 a thread, as common.cuh
@@ -24,7 +27,6 @@
 
 constexpr int WARPS = 16, LOADERS = (WARPS - 1) * 32, VECS = 16, PROBES = 20, LAUNCHES = 6;
 constexpr int BLOCK_BYTES = LOADERS * VECS * 16;  // 122,880
-constexpr int PIECES = 8, PIECE = BLOCK_BYTES / PIECES;
 constexpr size_t BUF = 1ull << 30;
 
 struct Out {
@@ -42,13 +44,13 @@ __device__ __forceinline__ unsigned long long now() {
 __device__ __forceinline__ unsigned smem(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 
 template <int MODE>  // 0 none, 1 LDG, 2 bulk
-__global__ void __launch_bounds__(WARPS * 32, 1) burst(Out* out, const uint4* buf, const unsigned* l2line, float* sink, int l2probe) {
+__global__ void __launch_bounds__(WARPS * 32, 1) burst(Out* out, const uint4* buf, const unsigned* l2line, float* sink, int l2probe, int bulk_bytes, int pieces) {
     extern __shared__ __align__(128) unsigned char dyn[];
     __shared__ __align__(8) unsigned long long bar, done_bar;
     __shared__ unsigned probe_word[32];
     __shared__ unsigned long long t_start, t_in;
     Out& o = out[blockIdx.x];
-    const uint4* mine = buf + (size_t)blockIdx.x * (BLOCK_BYTES / 16);
+    const uint4* mine = buf + (size_t)blockIdx.x * ((MODE == 2 ? bulk_bytes : BLOCK_BYTES) / 16);
     if (threadIdx.x == 0) {
         asm volatile("mbarrier.init.shared.b64 [%0], 1;" ::"r"(smem(&bar)));
         asm volatile("mbarrier.init.shared.b64 [%0], 1;" ::"r"(smem(&done_bar)));
@@ -74,10 +76,11 @@ __global__ void __launch_bounds__(WARPS * 32, 1) burst(Out* out, const uint4* bu
             for (int i = 0; i < VECS; i++) s += __uint_as_float((v[i].x ^ v[i].y ^ v[i].z ^ v[i].w) & 0x3f800000u);
         } else if (MODE == 2) {
             if (threadIdx.x == 32) {
-                asm volatile("mbarrier.arrive.expect_tx.shared.b64 _, [%0], %1;" ::"r"(smem(&bar)), "r"(BLOCK_BYTES) : "memory");
-                for (int p = 0; p < PIECES; p++)
+                asm volatile("mbarrier.arrive.expect_tx.shared.b64 _, [%0], %1;" ::"r"(smem(&bar)), "r"(bulk_bytes) : "memory");
+                const int piece = bulk_bytes / pieces;
+                for (int p = 0; p < pieces; p++)
                     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                                 ::"r"(smem(dyn + p * PIECE)), "l"(reinterpret_cast<const char*>(mine) + p * PIECE), "r"(PIECE), "r"(smem(&bar)) : "memory");
+                                 ::"r"(smem(dyn + p * piece)), "l"(reinterpret_cast<const char*>(mine) + p * piece), "r"(piece), "r"(smem(&bar)) : "memory");
             }
             unsigned done = 0;
             while (!done)
@@ -124,7 +127,12 @@ __global__ void __launch_bounds__(WARPS * 32, 1) burst(Out* out, const uint4* bu
     if (threadIdx.x == 0) o.loads_in = t_in ? t_in - t_start : 0;
 }
 
-int main() {
+int main(int argc, char** argv) {
+    const int bulk_bytes = (argc > 1 ? atoi(argv[1]) : 120) * 1024, pieces = argc > 2 ? atoi(argv[2]) : 8;
+    if (bulk_bytes <= 0 || bulk_bytes > 220 * 1024 || pieces <= 0 || bulk_bytes % (16 * pieces)) {
+        printf("KB in 1..220, KB * 1024 a multiple of 16 * PIECES\n");
+        return 1;
+    }
     int sms;
     CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
     uint4* buf;
@@ -137,13 +145,13 @@ int main() {
     CHECK(cudaMemset(line, 0, 4096));
     CHECK(cudaMalloc(&sink, 64));
     CHECK(cudaMalloc(&out, sizeof(Out) * sms));
-    const size_t smem_bytes = BLOCK_BYTES;
+    const size_t smem_bytes = std::max(BLOCK_BYTES, bulk_bytes);
     CHECK(cudaFuncSetAttribute(burst<0>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_bytes));
     CHECK(cudaFuncSetAttribute(burst<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_bytes));
     CHECK(cudaFuncSetAttribute(burst<2>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_bytes));
-    const size_t per_launch = (size_t)sms * BLOCK_BYTES;
-    printf("%d SMs, %d bytes a block (%.1f MB a launch); probes every 0.25 us from 0.2 us; ns, median over SMs of the median launch\n",
-           sms, BLOCK_BYTES, per_launch / 1e6);
+    const size_t per_launch = (size_t)sms * smem_bytes;
+    printf("%d SMs; a block loads %d bytes (bulk: %d in %d copies); probes every 0.25 us from 0.2 us; ns, median over SMs of the median launch\n",
+           sms, BLOCK_BYTES, bulk_bytes, pieces);
     const char* names[3] = {"none", "LDG", "bulk"};
     std::vector<Out> h(sms);
     size_t off = 0;
@@ -156,9 +164,9 @@ int main() {
             if ((off + per_launch) * 1 > BUF) off = 0;
             const uint4* b = buf + off / 16;
             off += per_launch;
-            if (mode == 0) burst<0><<<sms, WARPS * 32, smem_bytes>>>(out, b, line, sink, l2probe);
-            if (mode == 1) burst<1><<<sms, WARPS * 32, smem_bytes>>>(out, b, line, sink, l2probe);
-            if (mode == 2) burst<2><<<sms, WARPS * 32, smem_bytes>>>(out, b, line, sink, l2probe);
+            if (mode == 0) burst<0><<<sms, WARPS * 32, smem_bytes>>>(out, b, line, sink, l2probe, bulk_bytes, pieces);
+            if (mode == 1) burst<1><<<sms, WARPS * 32, smem_bytes>>>(out, b, line, sink, l2probe, bulk_bytes, pieces);
+            if (mode == 2) burst<2><<<sms, WARPS * 32, smem_bytes>>>(out, b, line, sink, l2probe, bulk_bytes, pieces);
             CHECK(cudaGetLastError());
             CHECK(cudaDeviceSynchronize());
             if (l % (LAUNCHES + 1) == 0) continue;  // warm-ups
