@@ -17,7 +17,9 @@
 // MUFU (ex2), each timed with clock64; in launches of their own, an L2-resident global load instead (one
 // stuck behind the burst holds back the probes after it), and, in others, the decode attention's wait for
 // its pushes on an mbarrier already complete (try_wait.acquire.cluster: SYNCS.PHASECHK then CCTL.IVALL,
-// the L1 invalidate of a cluster-scope acquire) followed by an LDS. Per mode and probe time: the median over the
+// the L1 invalidate of a cluster-scope acquire) followed by an LDS; and in others, once at 0.2 µs, 8 KB of
+// straight-line FFMA the SM has not run before, then the same again (instruction fetches behind the burst?;
+// the 8 copies of that code come around again after 8 launches: 7 a kind, so each launch's is new). Per mode and probe time: the median over the
 // SMs of each probe's ns, and when the block's loads were all in (median, max). (The L2 row's probes
 // start late where the one before was stuck: its "at" is not the row above's.)
 #include "timing.cuh"
@@ -31,7 +33,7 @@ constexpr size_t BUF = 1ull << 30;
 
 struct Out {
     unsigned long long at[PROBES];      // probe start, ns after the block's start
-    unsigned lds[PROBES], mufu[PROBES], l2[PROBES];  // clock64 cycles
+    unsigned lds[PROBES], mufu[PROBES], l2[PROBES], cold[2];  // clock64 cycles
     unsigned long long loads_in;        // ns after the block's start
     unsigned long long cycles, ns;      // the prober's span, to convert
 };
@@ -43,8 +45,22 @@ __device__ __forceinline__ unsigned long long now() {
 }
 __device__ __forceinline__ unsigned smem(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 
+// 8 KB of straight-line FFMA (copy B of eight, so that each launch runs code no launch ran before),
+// timed once and then again (the second time from the instruction caches).
+template <int B>
+__device__ __forceinline__ void cold_code(Out& o, float x, float* sink) {
+#pragma unroll 1
+    for (int rep = 0; rep < 2; rep++) {
+        const long long c0 = clock64();
+#pragma unroll
+        for (int j = 0; j < 512; j++) asm volatile("fma.rn.f32 %0, %0, %1, %1;" : "+f"(x) : "f"(1.0001f + B));
+        if (x == 12345.f) sink[3] = x;
+        o.cold[rep] = (unsigned)(clock64() - c0);
+    }
+}
+
 template <int MODE>  // 0 none, 1 LDG, 2 bulk
-__global__ void __launch_bounds__(WARPS * 32, 1) burst(Out* out, const uint4* buf, const unsigned* l2line, float* sink, int l2probe, int bulk_bytes, int pieces) {
+__global__ void __launch_bounds__(WARPS * 32, 1) burst(Out* out, const uint4* buf, const unsigned* l2line, float* sink, int l2probe, int bulk_bytes, int pieces, int launch) {
     extern __shared__ __align__(128) unsigned char dyn[];
     __shared__ __align__(8) unsigned long long bar, done_bar;
     __shared__ unsigned probe_word[32];
@@ -109,7 +125,20 @@ __global__ void __launch_bounds__(WARPS * 32, 1) burst(Out* out, const uint4* bu
             asm volatile("{ .reg .pred q; ex2.approx.f32 %1, %1; setp.eq.f32 q, %1, 0f46403800; @q trap;"
                          " mov.u64 %0, %%clock64; }" : "=l"(c), "+f"(f) :: "memory");
             d = c;
-            if (l2probe == 2)  // the decode attention's wait for its pushes (SASS: SYNCS.PHASECHK, CCTL.IVALL), then an LDS
+            if (l2probe == 3) {  // code this SM has not run (a copy of its own each launch), then again
+                if (p == 0) {
+                    switch (launch & 7) {
+                        case 0: cold_code<0>(o, f, sink); break;
+                        case 1: cold_code<1>(o, f, sink); break;
+                        case 2: cold_code<2>(o, f, sink); break;
+                        case 3: cold_code<3>(o, f, sink); break;
+                        case 4: cold_code<4>(o, f, sink); break;
+                        case 5: cold_code<5>(o, f, sink); break;
+                        case 6: cold_code<6>(o, f, sink); break;
+                        default: cold_code<7>(o, f, sink); break;
+                    }
+                }
+            } else if (l2probe == 2)  // the decode attention's wait for its pushes (SASS: SYNCS.PHASECHK, CCTL.IVALL), then an LDS
                 asm volatile("{ .reg .u32 v; .reg .pred q; waitp: mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 q, [%1], 0;"
                              " @!q bra waitp; ld.volatile.shared.u32 v, [%2]; setp.eq.u32 q, v, 12345; @q trap;"
                              " mov.u64 %0, %%clock64; }" : "=l"(d) : "r"(smem(&done_bar)), "r"(smem((const void*)&probe_word[0])) : "memory");
@@ -159,20 +188,26 @@ int main(int argc, char** argv) {
         std::vector<std::vector<double>> lds(PROBES), mufu(PROBES), l2(PROBES), at(PROBES);
         std::vector<double> in;
         std::vector<std::vector<double>> ivall(PROBES);
-        for (int l = 0; l < 3 * (LAUNCHES + 1); l++) {
+        std::vector<double> cold0, cold1;
+        for (int l = 0; l < 4 * (LAUNCHES + 1); l++) {
             const int l2probe = l / (LAUNCHES + 1);
             if ((off + per_launch) * 1 > BUF) off = 0;
             const uint4* b = buf + off / 16;
             off += per_launch;
-            if (mode == 0) burst<0><<<sms, WARPS * 32, smem_bytes>>>(out, b, line, sink, l2probe, bulk_bytes, pieces);
-            if (mode == 1) burst<1><<<sms, WARPS * 32, smem_bytes>>>(out, b, line, sink, l2probe, bulk_bytes, pieces);
-            if (mode == 2) burst<2><<<sms, WARPS * 32, smem_bytes>>>(out, b, line, sink, l2probe, bulk_bytes, pieces);
+            if (mode == 0) burst<0><<<sms, WARPS * 32, smem_bytes>>>(out, b, line, sink, l2probe, bulk_bytes, pieces, l);
+            if (mode == 1) burst<1><<<sms, WARPS * 32, smem_bytes>>>(out, b, line, sink, l2probe, bulk_bytes, pieces, l);
+            if (mode == 2) burst<2><<<sms, WARPS * 32, smem_bytes>>>(out, b, line, sink, l2probe, bulk_bytes, pieces, l);
             CHECK(cudaGetLastError());
             CHECK(cudaDeviceSynchronize());
             if (l % (LAUNCHES + 1) == 0) continue;  // warm-ups
             CHECK(cudaMemcpy(h.data(), out, sizeof(Out) * sms, cudaMemcpyDeviceToHost));
             for (auto& o : h) {
                 const double ns_per_cycle = (double)o.ns / (double)o.cycles;
+                if (l2probe == 3) {
+                    cold0.push_back(o.cold[0] * ns_per_cycle);
+                    cold1.push_back(o.cold[1] * ns_per_cycle);
+                    continue;
+                }
                 for (int p = 0; p < PROBES; p++) {
                     if (l2probe) {
                         (l2probe == 1 ? l2 : ivall)[p].push_back(o.l2[p] * ns_per_cycle);
@@ -197,6 +232,7 @@ int main(int argc, char** argv) {
         for (int p = 0; p < PROBES; p++) printf(" %6.0f", med(l2[p]));
         printf("\n   acq+LDS:");
         for (int p = 0; p < PROBES; p++) printf(" %6.0f", med(ivall[p]));
+        printf("\n   8 KB of code not run before, at 0.2 us: %.0f ns; the same code again: %.0f ns", med(cold0), med(cold1));
         printf("\n");
     }
     return 0;

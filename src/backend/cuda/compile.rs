@@ -45,6 +45,7 @@ pub const TUNABLE: &[&str] = &[
     "AD_WARPS",
     "AD_BARRIER_RELAXED",
     "AD_STORES",
+    "AD_MERGE_STEP",
     "LD_NC",
     "ARGMAX_UNROLL",
     "EG_MAX_STAGES",

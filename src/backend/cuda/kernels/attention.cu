@@ -155,6 +155,17 @@ struct RopeIn {
     float eps;
 };
 
+// The cluster merge of the splits' states: AD_MERGE_STEP (1, 2, 4, 8) states a step of two rolled loops
+// over the splits there are (max, then the sums: merge_states' sums in its order), instead of one step
+// unrolled over AD_MAX_CLUSTER (16) states predicated on r < splits (~6 KB of SASS, sixteen expf, in the
+// push kernel). Run 41.4: what waits behind the o projection's early loads on an SM is whatever goes to
+// memory, and code an SM has not run lately comes from memory too (instruction fetches): the merge is
+// the only code the merging blocks run after their mbarrier, and it took them 2 µs on Qwen3-30B-A3B
+// (run 41.2). A step below the splits serialises its loads (XCH 1 reads them from the other blocks).
+#ifndef AD_MERGE_STEP  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
+#define AD_MERGE_STEP AD_MAX_CLUSTER
+#endif
+
 // Online-softmax states s < N (running max m[s], sum of exponentials l[s], accumulator element a[s])
 // merged: mx = the max over the states that saw a key (l > 0: the others contribute nothing), total =
 // Σ l·e^(m − mx), returned Σ a·e^(m − mx). The decode attention's merge of its warps and its cluster
@@ -413,6 +424,46 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
     if (AD_STORES == 2) append();
     for (int i = s * CH + threadIdx.x, k = 0; i < G * HD; i += splits * CH, k++) {
         int g = i / HD, d = i % HD;
+#if AD_MERGE_STEP < AD_MAX_CLUSTER
+        // Split r's state (r < splits): from this block's shared memory (XCH 2) or from block r's.
+        auto state = [&](int r, float& m, float& l) {
+            if (XCH == 2) {
+                const float2 ml = rx_ml[r][g];
+                m = ml.x;
+                l = ml.y;
+            } else {
+                m = *cluster_ptr(&cm[g], r);
+                l = *cluster_ptr(&cl[g], r);
+            }
+        };
+        float mx = -INFINITY, total = 0.f, a = 0.f;
+#pragma unroll 1
+        for (int r0 = 0; r0 < splits; r0 += AD_MERGE_STEP) {
+#pragma unroll
+            for (int j = 0; j < AD_MERGE_STEP; j++) {
+                float m = 0.f, l = 0.f;
+                if (r0 + j < splits) state(r0 + j, m, l);
+                if (l > 0.f) mx = fmaxf(mx, m);
+            }
+        }
+#pragma unroll 1
+        for (int r0 = 0; r0 < splits; r0 += AD_MERGE_STEP) {  // merge_states' sums, in its order
+#pragma unroll
+            for (int j = 0; j < AD_MERGE_STEP; j++) {
+                const int r = r0 + j;
+                float m = 0.f, l = 0.f, acc = 0.f;
+                if (r < splits) {
+                    state(r, m, l);
+                    acc = XCH == 2 ? rx_a[(r * mine + k) * CH + threadIdx.x] : *cluster_ptr(&wacc[0][g][d], r);
+                }
+                if (l > 0.f) {
+                    const float f = expf(m - mx);
+                    total += l * f;
+                    a += acc * f;
+                }
+            }
+        }
+#else
         float mr[AD_MAX_CLUSTER], lr[AD_MAX_CLUSTER], ar[AD_MAX_CLUSTER];
 #pragma unroll
         for (int r = 0; r < AD_MAX_CLUSTER; r++) {
@@ -430,6 +481,7 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
         }
         float mx, total;
         const float a = merge_states(mr, lr, ar, mx, total);  // splits past `splits`: l = 0, left out
+#endif
         out[((size_t)t * nh + h0 + g) * HD + d] = from_f(a / total);
     }
     // No block leaves while the others still read its shared memory. With AD_STORES 2 without a
