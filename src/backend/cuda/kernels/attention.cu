@@ -162,6 +162,9 @@ struct RopeIn {
 // memory, and code an SM has not run lately comes from memory too (instruction fetches): the merge is
 // the only code the merging blocks run after their mbarrier, and it took them 2 µs on Qwen3-30B-A3B
 // (run 41.2). A step below the splits serialises its loads (XCH 1 reads them from the other blocks).
+#ifndef AD_SLOT_SHIFT  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs); attention_decode_impl's slot_of
+#define AD_SLOT_SHIFT 1
+#endif
 #ifndef AD_MERGE_STEP  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define AD_MERGE_STEP AD_MAX_CLUSTER
 #endif
@@ -216,8 +219,15 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
     const unsigned* table = tables + row_table[t];
     size_t kv_off = (size_t)kvh * HD + lane * ND;
     const int last = ctx - 1;
-    // Key j's cache slot (page table lookup).
-    auto slot_of = [&](int j) { return (size_t)table[j / block_size] * block_size + (j % block_size); };
+    // Key j's cache slot (page table lookup). AD_SLOT_SHIFT 2: with a shift and a mask, for a block_size
+    // that is a power of two (the engine's 16, the tests' 4 and 16; a sweep's switch until the host
+    // requires it), instead of an integer division and remainder by a runtime divisor (~500 of the push
+    // kernel's 3,224 instructions, an I2F / MUFU.RCP sequence a key in the key loop).
+    const int bs_shift = 31 - __clz(block_size);
+    auto slot_of = [&](int j) {
+        if (AD_SLOT_SHIFT == 2) return (size_t)table[j >> bs_shift] * block_size + (j & (block_size - 1));
+        return (size_t)table[j / block_size] * block_size + (j % block_size);
+    };
     // A warp's keys come in batches of AD_KB, software-pipelined: while a batch is computed, the next
     // batch's K / V loads are in flight (kept as loaded, `kr` / `vr`, converted when their turn comes)
     // and the page-table lookups of the batch after it (`at`). A long split is then paced by its loads,
