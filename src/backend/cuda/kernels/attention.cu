@@ -162,11 +162,12 @@ struct RopeIn {
 // memory, and code an SM has not run lately comes from memory too (instruction fetches): the merge is
 // the only code the merging blocks run after their mbarrier, and it took them 2 µs on Qwen3-30B-A3B
 // (run 41.2). A step below the splits serialises its loads (XCH 1 reads them from the other blocks).
-#ifndef AD_SLOT_SHIFT  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs); attention_decode_impl's slot_of
-#define AD_SLOT_SHIFT 1
-#endif
 #ifndef AD_MERGE_STEP  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
 #define AD_MERGE_STEP AD_MAX_CLUSTER
+#endif
+// The decode attention's page-table lookup: 1 by division, 2 by shift and mask (slot_of, below).
+#ifndef AD_SLOT_SHIFT  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
+#define AD_SLOT_SHIFT 1
 #endif
 
 // Online-softmax states s < N (running max m[s], sum of exponentials l[s], accumulator element a[s])
