@@ -191,7 +191,7 @@ int main(int argc, char** argv) {
         std::vector<double> cold0, cold1;
         for (int l = 0; l < 4 * (LAUNCHES + 1); l++) {
             const int l2probe = l / (LAUNCHES + 1);
-            if ((off + per_launch) * 1 > BUF) off = 0;
+            if (off + per_launch > BUF) off = 0;
             const uint4* b = buf + off / 16;
             off += per_launch;
             if (mode == 0) burst<0><<<sms, WARPS * 32, smem_bytes>>>(out, b, line, sink, l2probe, bulk_bytes, pieces, l);

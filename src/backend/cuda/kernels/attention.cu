@@ -437,14 +437,16 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
         int g = i / HD, d = i % HD;
 #if AD_MERGE_STEP < AD_MAX_CLUSTER
         // Split r's state (r < splits): from this block's shared memory (XCH 2) or from block r's.
-        auto state = [&](int r, float& m, float& l) {
+        auto state = [&](int r, float& m, float& l, float& acc) {
             if (XCH == 2) {
                 const float2 ml = rx_ml[r][g];
                 m = ml.x;
                 l = ml.y;
+                acc = rx_a[(r * mine + k) * CH + threadIdx.x];
             } else {
                 m = *cluster_ptr(&cm[g], r);
                 l = *cluster_ptr(&cl[g], r);
+                acc = *cluster_ptr(&wacc[0][g][d], r);
             }
         };
         float mx = -INFINITY, total = 0.f, a = 0.f;
@@ -452,8 +454,8 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
         for (int r0 = 0; r0 < splits; r0 += AD_MERGE_STEP) {
 #pragma unroll
             for (int j = 0; j < AD_MERGE_STEP; j++) {
-                float m = 0.f, l = 0.f;
-                if (r0 + j < splits) state(r0 + j, m, l);
+                float m = 0.f, l = 0.f, acc;
+                if (r0 + j < splits) state(r0 + j, m, l, acc);  // (acc unused: its load left out)
                 if (l > 0.f) mx = fmaxf(mx, m);
             }
         }
@@ -461,12 +463,8 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
         for (int r0 = 0; r0 < splits; r0 += AD_MERGE_STEP) {  // merge_states' sums, in its order
 #pragma unroll
             for (int j = 0; j < AD_MERGE_STEP; j++) {
-                const int r = r0 + j;
                 float m = 0.f, l = 0.f, acc = 0.f;
-                if (r < splits) {
-                    state(r, m, l);
-                    acc = XCH == 2 ? rx_a[(r * mine + k) * CH + threadIdx.x] : *cluster_ptr(&wacc[0][g][d], r);
-                }
+                if (r0 + j < splits) state(r0 + j, m, l, acc);
                 if (l > 0.f) {
                     const float f = expf(m - mx);
                     total += l * f;

@@ -33,11 +33,8 @@ __device__ __forceinline__ uint4 ld_x(const uint4* p) { return XS ? *p : __ldg(p
 // not through the read-only path, so that the loads issued before the wait are served (common.cuh ld_early).
 __device__ __forceinline__ uint4 ld_weight(const uint4* p) { return ld_early(p); }
 
-// Sum over the VEC products of a 16-byte weight vector and a 16-byte x vector, in two chains.
-__device__ __forceinline__ float dot_vec(const uint4& w, const uint4& x) {
-    float wf[VEC], xf[VEC];
-    unpack_vec(w, wf);
-    unpack_vec(x, xf);
+// Sum over the VEC products of two unpacked vectors, in two chains (half the FMA latency).
+__device__ __forceinline__ float dot_f(const float (&wf)[VEC], const float (&xf)[VEC]) {
     float s0 = 0.f, s1 = 0.f;
 #pragma unroll
     for (int j = 0; j < VEC; j += 2) {
@@ -45,6 +42,14 @@ __device__ __forceinline__ float dot_vec(const uint4& w, const uint4& x) {
         s1 += wf[j + 1] * xf[j + 1];
     }
     return s0 + s1;
+}
+
+// Sum over the VEC products of a 16-byte weight vector and a 16-byte x vector.
+__device__ __forceinline__ float dot_vec(const uint4& w, const uint4& x) {
+    float wf[VEC], xf[VEC];
+    unpack_vec(w, wf);
+    unpack_vec(x, xf);
+    return dot_f(wf, xf);
 }
 
 // A lane's batch of a weight row: its GV_UNROLL 16-byte loads from vector i0 on (zeros past kv).
@@ -100,13 +105,7 @@ __device__ __forceinline__ void row_dot(float* acc, const act_t* wrow, const act
                 if (t < T) {
                     float xf[VEC];
                     unpack_vec(ld_x<XS>(xr + (size_t)t * kv + i), xf);
-                    float s0 = 0.f, s1 = 0.f;  // two chains: half the FMA latency
-#pragma unroll
-                    for (int j = 0; j < VEC; j += 2) {
-                        s0 += wf[j] * xf[j];
-                        s1 += wf[j + 1] * xf[j + 1];
-                    }
-                    acc[t] += s0 + s1;
+                    acc[t] += dot_f(wf, xf);
                 }
             }
         });
