@@ -1226,6 +1226,11 @@ fn out_of_memory_is_an_error_and_the_backend_stays_usable() {
         Err(e) => panic!("expected OutOfMemory, got {e}"),
         Ok(_) => panic!("a 1 TiB allocation succeeded?"),
     }
+    match g.alloc_kv(8, 12, 64) {
+        Err(Error::InvalidArgument(m)) => assert!(m.contains("block_size 12"), "{m}"),
+        Err(e) => panic!("expected InvalidArgument for block_size 12, got {e}"),
+        Ok(_) => panic!("block_size 12 accepted"),
+    }
     let c = CpuBackend::new(DType::BF16);
     let x: Vec<f32> = (0..7 * 64).map(|i| (i as f32 * 0.37).sin()).collect();
     let w = tensor(&vec![1.0; 64], &[64]);

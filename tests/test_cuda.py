@@ -68,8 +68,8 @@ def test_kernels_compile_for_sm90():
     assert len(done) == 27 and "attention/bfloat16" in done and "matmul_narrow/bfloat16" in done and "expert_gemm/float16" in done, done
 
 
-@pytest.mark.parametrize("spec", ["GV_UNROLL=4,AD_KB=2,AD_MIN_BLOCKS=5,AD_BARRIER_RELAXED=2,AD_MERGE_STEP=4", "MD_SLOTS=4 MD_WPO=1 RD_UNROLL=6 BLOCK_TIMELINE=1",
-                                  "GV_PAIR_ROWS=1 GV_MIN_BLOCKS=4 AD_STORES=1 AD_SLOT_SHIFT=2"])
+@pytest.mark.parametrize("spec", ["GV_UNROLL=4,AD_KB=2,AD_MIN_BLOCKS=5,AD_BARRIER_RELAXED=2,AD_MERGE_STEP=1", "MD_SLOTS=4 MD_WPO=1 RD_UNROLL=6 BLOCK_TIMELINE=1",
+                                  "GV_PAIR_ROWS=1 GV_MIN_BLOCKS=4 AD_STORES=1 AD_MERGE_STEP=16"])
 def test_kernels_compile_with_tuning_defines(spec, monkeypatch):
     """QWEN3RS_CUDA_DEFINES sets tunable kernel constants at compile time (BLOCK_TIMELINE: the
     profiling build of common.cuh's Timeline)."""

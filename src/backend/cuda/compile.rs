@@ -46,7 +46,6 @@ pub const TUNABLE: &[&str] = &[
     "AD_BARRIER_RELAXED",
     "AD_STORES",
     "AD_MERGE_STEP",
-    "AD_SLOT_SHIFT",
     "LD_NC",
     "ARGMAX_UNROLL",
     "EG_MAX_STAGES",

@@ -1819,6 +1819,8 @@ impl Backend for CudaBackend {
     }
 
     fn alloc_kv(&self, n_blocks: usize, block_size: usize, kv_dim: usize) -> Result<CudaKv> {
+        // The decode attention finds a key's slot by shift and mask (attention.cu, slot_of).
+        ensure!(block_size.is_power_of_two(), InvalidArgument, "KV cache block_size {block_size} is not a power of two");
         let bytes = n_blocks
             .checked_mul(block_size)
             .and_then(|n| n.checked_mul(kv_dim))

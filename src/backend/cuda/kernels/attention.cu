@@ -155,19 +155,14 @@ struct RopeIn {
     float eps;
 };
 
-// The cluster merge of the splits' states: AD_MERGE_STEP (1, 2, 4, 8) states a step of two rolled loops
-// over the splits there are (max, then the sums: merge_states' sums in its order), instead of one step
-// unrolled over AD_MAX_CLUSTER (16) states predicated on r < splits (~6 KB of SASS, sixteen expf, in the
-// push kernel). Run 41.4: what waits behind the o projection's early loads on an SM is whatever goes to
-// memory, and code an SM has not run lately comes from memory too (instruction fetches): the merge is
-// the only code the merging blocks run after their mbarrier, and it took them 2 µs on Qwen3-30B-A3B
-// (run 41.2). A step below the splits serialises its loads (XCH 1 reads them from the other blocks).
+// The cluster merge of the splits' states: AD_MERGE_STEP (1, 2, 4, 8, 16) states a step of two rolled
+// loops over the splits there are (max, then the sums: merge_states' sums in its order). Unrolled over
+// AD_MAX_CLUSTER (16) states predicated on r < splits instead, the merge was ~6 KB of SASS with sixteen
+// expf, the only code the merging blocks run after their mbarrier: 2 µs of them on Qwen3-30B-A3B (run
+// 41.2); a step of 4 made 30B-A3B 1.008 and 0.6B 1.009 faster (run 42.1). A step of 1 serialises the
+// loads (XCH 1 reads them from the other blocks): 0.6B 0.957.
 #ifndef AD_MERGE_STEP  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
-#define AD_MERGE_STEP AD_MAX_CLUSTER
-#endif
-// The decode attention's page-table lookup: 1 by division, 2 by shift and mask (slot_of, below).
-#ifndef AD_SLOT_SHIFT  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs)
-#define AD_SLOT_SHIFT 1
+#define AD_MERGE_STEP 4
 #endif
 
 // Online-softmax states s < N (running max m[s], sum of exponentials l[s], accumulator element a[s])
@@ -220,15 +215,11 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
     const unsigned* table = tables + row_table[t];
     size_t kv_off = (size_t)kvh * HD + lane * ND;
     const int last = ctx - 1;
-    // Key j's cache slot (page table lookup). AD_SLOT_SHIFT 2: with a shift and a mask, for a block_size
-    // that is a power of two (the engine's 16, the tests' 4 and 16; a sweep's switch until the host
-    // requires it), instead of an integer division and remainder by a runtime divisor (~500 of the push
-    // kernel's 3,224 instructions, an I2F / MUFU.RCP sequence a key in the key loop).
+    // Key j's cache slot (page table lookup), by shift and mask: block_size is a power of two (alloc_kv
+    // requires it). By division and remainder by the runtime divisor it was ~500 of the push kernel's
+    // 3,224 instructions (an I2F / MUFU.RCP sequence a key in the key loop); run 42.1: 0.6B 1.011 more.
     const int bs_shift = 31 - __clz(block_size);
-    auto slot_of = [&](int j) {
-        if (AD_SLOT_SHIFT == 2) return (size_t)table[j >> bs_shift] * block_size + (j & (block_size - 1));
-        return (size_t)table[j / block_size] * block_size + (j % block_size);
-    };
+    auto slot_of = [&](int j) { return (size_t)table[j >> bs_shift] * block_size + (j & (block_size - 1)); };
     // A warp's keys come in batches of AD_KB, software-pipelined: while a batch is computed, the next
     // batch's K / V loads are in flight (kept as loaded, `kr` / `vr`, converted when their turn comes)
     // and the page-table lookups of the batch after it (`at`). A long split is then paced by its loads,
@@ -435,7 +426,6 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
     if (AD_STORES == 2) append();
     for (int i = s * CH + threadIdx.x, k = 0; i < G * HD; i += splits * CH, k++) {
         int g = i / HD, d = i % HD;
-#if AD_MERGE_STEP < AD_MAX_CLUSTER
         // Split r's state (r < splits): from this block's shared memory (XCH 2) or from block r's.
         auto state = [&](int r, float& m, float& l, float& acc) {
             if (XCH == 2) {
@@ -472,25 +462,6 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
                 }
             }
         }
-#else
-        float mr[AD_MAX_CLUSTER], lr[AD_MAX_CLUSTER], ar[AD_MAX_CLUSTER];
-#pragma unroll
-        for (int r = 0; r < AD_MAX_CLUSTER; r++) {
-            bool in = r < splits;
-            if (XCH == 2) {
-                const float2 ml = in ? rx_ml[r][g] : float2{0.f, 0.f};
-                mr[r] = ml.x;
-                lr[r] = ml.y;
-                ar[r] = in ? rx_a[(r * mine + k) * CH + threadIdx.x] : 0.f;
-            } else {
-                mr[r] = in ? *cluster_ptr(&cm[g], r) : 0.f;
-                lr[r] = in ? *cluster_ptr(&cl[g], r) : 0.f;
-                ar[r] = in ? *cluster_ptr(&wacc[0][g][d], r) : 0.f;
-            }
-        }
-        float mx, total;
-        const float a = merge_states(mr, lr, ar, mx, total);  // splits past `splits`: l = 0, left out
-#endif
         out[((size_t)t * nh + h0 + g) * HD + d] = from_f(a / total);
     }
     // No block leaves while the others still read its shared memory. With AD_STORES 2 without a
