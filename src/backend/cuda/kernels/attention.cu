@@ -167,8 +167,8 @@ struct RopeIn {
 
 // Online-softmax states s < N (running max m[s], sum of exponentials l[s], accumulator element a[s])
 // merged: mx = the max over the states that saw a key (l > 0: the others contribute nothing), total =
-// Σ l·e^(m − mx), returned Σ a·e^(m − mx). The decode attention's merge of its warps and its cluster
-// merge of the splits; attention_combine does the same sums with a warp across the splits.
+// Σ l·e^(m − mx), returned Σ a·e^(m − mx). The decode attention's merge of its warps; its cluster merge
+// of the splits (rolled, AD_MERGE_STEP) and attention_combine (a warp across the splits) do the same sums.
 template <int N>
 __device__ __forceinline__ float merge_states(const float (&m)[N], const float (&l)[N], const float (&a)[N], float& mx, float& total) {
     mx = -INFINITY;
