@@ -62,7 +62,8 @@ __device__ __forceinline__ void cold_code(Out& o, float x, float* sink) {
 template <int MODE>  // 0 none, 1 LDG, 2 bulk
 __global__ void __launch_bounds__(WARPS * 32, 1) burst(Out* out, const uint4* buf, const unsigned* l2line, float* sink, int l2probe, int bulk_bytes, int pieces, int launch) {
     extern __shared__ __align__(128) unsigned char dyn[];
-    __shared__ __align__(8) unsigned long long bar, done_bar;
+    __shared__ __align__(8) unsigned long long bar, done_bar, x_bar;
+    __shared__ __align__(128) unsigned char x_buf[4096];
     __shared__ unsigned probe_word[32];
     __shared__ unsigned long long t_start, t_in;
     Out& o = out[blockIdx.x];
@@ -70,6 +71,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) burst(Out* out, const uint4* bu
     if (threadIdx.x == 0) {
         asm volatile("mbarrier.init.shared.b64 [%0], 1;" ::"r"(smem(&bar)));
         asm volatile("mbarrier.init.shared.b64 [%0], 1;" ::"r"(smem(&done_bar)));
+        asm volatile("mbarrier.init.shared.b64 [%0], 1;" ::"r"(smem(&x_bar)));
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
         asm volatile("mbarrier.arrive.shared.b64 _, [%0];" ::"r"(smem(&done_bar)) : "memory");  // phase 0 complete
         t_in = 0;
@@ -142,6 +144,15 @@ __global__ void __launch_bounds__(WARPS * 32, 1) burst(Out* out, const uint4* bu
                 asm volatile("{ .reg .u32 v; .reg .pred q; waitp: mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 q, [%1], 0;"
                              " @!q bra waitp; ld.volatile.shared.u32 v, [%2]; setp.eq.u32 q, v, 12345; @q trap;"
                              " mov.u64 %0, %%clock64; }" : "=l"(d) : "r"(smem(&done_bar)), "r"(smem((const void*)&probe_word[0])) : "memory");
+            else if (l2probe == 4)  // 4 KB of L2-resident activations by one bulk copy, then an LDS of them
+                asm volatile("{ .reg .u32 v; .reg .pred q; mbarrier.arrive.expect_tx.shared.b64 _, [%1], 4096;"
+                             " cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%2], [%3], 4096, [%1];"
+                             " waitx: mbarrier.try_wait.parity.shared.b64 q, [%1], %4; @!q bra waitx;"
+                             " ld.volatile.shared.u32 v, [%2]; setp.eq.u32 q, v, 12345; @q trap; mov.u64 %0, %%clock64; }"
+                             : "=l"(d) : "r"(smem(&x_bar)), "r"(smem(x_buf)), "l"(l2line), "r"(p & 1) : "memory");
+            else if (l2probe == 5)  // an L2-resident load through the non-coherent (texture) path
+                asm volatile("{ .reg .u32 v; .reg .pred q; ld.global.nc.u32 v, [%1]; setp.eq.u32 q, v, 12345; @q trap;"
+                             " mov.u64 %0, %%clock64; }" : "=l"(d) : "l"(l2line + 64 + (idx & 31)) : "memory");
             else if (l2probe)  // its own launches: a load stuck behind the burst holds the probes after it
                 asm volatile("{ .reg .u32 v; .reg .pred q; ld.global.cg.u32 v, [%1]; setp.eq.u32 q, v, 12345; @q trap;"
                              " mov.u64 %0, %%clock64; }" : "=l"(d) : "l"(l2line + (idx & 31)) : "memory");
@@ -188,8 +199,9 @@ int main(int argc, char** argv) {
         std::vector<std::vector<double>> lds(PROBES), mufu(PROBES), l2(PROBES), at(PROBES);
         std::vector<double> in;
         std::vector<std::vector<double>> ivall(PROBES);
+        std::vector<std::vector<double>> bulkx(PROBES), ncld(PROBES);
         std::vector<double> cold0, cold1;
-        for (int l = 0; l < 4 * (LAUNCHES + 1); l++) {
+        for (int l = 0; l < 6 * (LAUNCHES + 1); l++) {
             const int l2probe = l / (LAUNCHES + 1);
             if (off + per_launch > BUF) off = 0;
             const uint4* b = buf + off / 16;
@@ -210,7 +222,7 @@ int main(int argc, char** argv) {
                 }
                 for (int p = 0; p < PROBES; p++) {
                     if (l2probe) {
-                        (l2probe == 1 ? l2 : ivall)[p].push_back(o.l2[p] * ns_per_cycle);
+                        (l2probe == 1 ? l2 : l2probe == 2 ? ivall : l2probe == 4 ? bulkx : ncld)[p].push_back(o.l2[p] * ns_per_cycle);
                         continue;
                     }
                     at[p].push_back(o.at[p]);
@@ -232,6 +244,10 @@ int main(int argc, char** argv) {
         for (int p = 0; p < PROBES; p++) printf(" %6.0f", med(l2[p]));
         printf("\n   acq+LDS:");
         for (int p = 0; p < PROBES; p++) printf(" %6.0f", med(ivall[p]));
+        printf("\n   bulk 4K:");
+        for (int p = 0; p < PROBES; p++) printf(" %6.0f", med(bulkx[p]));
+        printf("\n   nc ld:");
+        for (int p = 0; p < PROBES; p++) printf(" %6.0f", med(ncld[p]));
         printf("\n   8 KB of code not run before, at 0.2 us: %.0f ns; the same code again: %.0f ns", med(cold0), med(cold1));
         printf("\n");
     }
