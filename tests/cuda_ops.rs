@@ -454,8 +454,17 @@ fn qk_norm_rope() {
         let c = CpuBackend::new(dtype);
         let (bar, _) = bars(dtype);
         let mut r = Rng(4);
-        // Head dims 64 and 128: a warp a head (qk_norm_rope_d*); 96: a block a head.
-        for (hd, nh, nkv, t) in [(128usize, 4usize, 2usize, 1usize), (128, 8, 2, 7), (64, 3, 1, 9), (128, 9, 3, 40), (96, 2, 1, 3)] {
+        // Head dims 64 and 128: a warp a head, 4 a block (qk_norm_rope_d*: 5 + 1 and 6 + 1 heads leave
+        // a block part-filled); 96: a block a head.
+        for (hd, nh, nkv, t) in [
+            (128usize, 4usize, 2usize, 1usize),
+            (128, 8, 2, 7),
+            (64, 3, 1, 9),
+            (128, 9, 3, 40),
+            (128, 5, 1, 3),
+            (128, 6, 1, 5),
+            (96, 2, 1, 3),
+        ] {
             let s = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
             let rope = rope_table(300, hd);
             let qn = tensor(&r.uniform(hd, 0.5).iter().map(|v| 1.0 + v).collect::<Vec<_>>(), &[hd]);
@@ -584,7 +593,8 @@ fn qk_norm_rope_fused_with_cache_append() {
         let Some(g) = gpu(dtype) else { return };
         let c = CpuBackend::new(dtype);
         let (_, bar) = bars(dtype);
-        for (hd, nh, nkv) in [(128usize, 8usize, 2usize), (64, 3, 1)] {
+        // 3 + 1 and 6 + 1 heads: a block of qk_norm_rope_d*'s with q and k heads, one part-filled.
+        for (hd, nh, nkv) in [(128usize, 8usize, 2usize), (64, 3, 1), (128, 3, 1), (128, 6, 1)] {
             let s = AttnShape { n_heads: nh, n_kv_heads: nkv, head_dim: hd };
             let (gv, cv) = (run_qk_append(&g, s, &mut Rng(41)), run_qk_append(&c, s, &mut Rng(41)));
             check(&format!("qk_norm_rope_append + attention hd={hd} nh={nh} nkv={nkv}"), dtype, &gv, &cv, bar);
