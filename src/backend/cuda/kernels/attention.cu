@@ -1,6 +1,6 @@
 // attention.cu: the paged KV cache (append) and causal grouped-query attention over it, for
 // prefill and decode alike. The cache is [n_blocks, block_size, kv_dim] per layer for K and for V;
-// `slots[t]` is row t's flat cache slot (block * block_size + pos % block_size).
+// `slots[t]` is row t's flat cache slot (block * block_size + pos % block_size; common.cuh cache_slot).
 
 // grid (ceil(kv_dim/256), T).
 extern "C" __global__ void kv_append(act_t* kc, act_t* vc, const act_t* k, const act_t* v,
@@ -43,7 +43,7 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32) attention(act_t* ou
 #pragma unroll
     for (int i = 0; i < MAX_HD_PER_LANE; i++) acc[i] = 0.f;
     for (int j = warp; j < ctx; j += ATT_WARPS) {
-        size_t slot = (size_t)table[j / block_size] * block_size + (j % block_size);
+        size_t slot = cache_slot(table, j, block_size);
         const act_t* kj = kc + slot * kv_dim + kv_off;
         const act_t* vj = vc + slot * kv_dim + kv_off;
         float dot = 0.f;
@@ -215,11 +215,6 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
     const unsigned* table = tables + row_table[t];
     size_t kv_off = (size_t)kvh * HD + lane * ND;
     const int last = ctx - 1;
-    // Key j's cache slot (page table lookup), by shift and mask: block_size is a power of two (alloc_kv
-    // requires it). By division and remainder by the runtime divisor it was ~500 of the push kernel's
-    // 3,224 instructions (an I2F / MUFU.RCP sequence a key in the key loop); run 42.1: 0.6B 1.011 more.
-    const int bs_shift = 31 - __clz(block_size);
-    auto slot_of = [&](int j) { return (size_t)table[j >> bs_shift] * block_size + (j & (block_size - 1)); };
     // A warp's keys come in batches of AD_KB, software-pipelined: while a batch is computed, the next
     // batch's K / V loads are in flight (kept as loaded, `kr` / `vr`, converted when their turn comes)
     // and the page-table lookups of the batch after it (`at`). A long split is then paced by its loads,
@@ -230,7 +225,7 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
 #pragma unroll
         for (int b = 0; b < AD_KB; b++) {
             int j = j0 + b;
-            at[b] = j < hi && !(ROPE && j == last) ? (long long)(slot_of(j) * kv_dim + kv_off) : -1;
+            at[b] = j < hi && !(ROPE && j == last) ? (long long)(cache_slot(table, j, block_size) * kv_dim + kv_off) : -1;
         }
     };
     RawND<ND> kr[AD_KB], vr[AD_KB];
@@ -299,7 +294,7 @@ __device__ __forceinline__ void attention_decode_impl(act_t* out, float* part_ml
     // The append of the step's key and value (AD_STORES).
     auto append = [&]() {
         if (ROPE && last >= lo && last < hi && warp == 0 && blockIdx.x % chunks == 0) {
-            size_t at = slot_of(last) * kv_dim + kv_off;
+            size_t at = cache_slot(table, last, block_size) * kv_dim + kv_off;
             store_nd<ND>(kc + at, k_new);
             store_nd<ND>(vc + at, v_new);
         }
@@ -580,7 +575,7 @@ __device__ __forceinline__ void attention_tiled_impl(act_t* out, const act_t* q,
             int j = i / hd, d = i % hd, key = k0 + j;
             act_t kv = from_f(0.f), vv = from_f(0.f);
             if (key < ctx_last) {
-                size_t slot = (size_t)table[key / block_size] * block_size + (key % block_size);
+                size_t slot = cache_slot(table, key, block_size);
                 kv = kc[slot * kv_dim + kv_off + d];
                 vv = vc[slot * kv_dim + kv_off + d];
             }

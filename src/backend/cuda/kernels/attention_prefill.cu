@@ -3,9 +3,10 @@
 // (attention.cu). Same inputs and semantics as `attention_tiled_*`: block (h, tile) takes the up to
 // FP_BQ consecutive rows of one sequence of tiles[2*tile] (first row), tiles[2*tile+1] (rows) for
 // query head h over KV head h / (nh/nkv); row t sees keys [0, row_ctx[t]) of its sequence, whose block
-// table starts at tables[row_table[t]]; key j lives at cache slot table[j / bs] * bs + j % bs of the
-// paged cache [n_blocks, bs, kv_dim]. Scores and the softmax are f32; P is rounded to act_t for the
-// P·V product (f32 accumulation), the output is rounded to act_t once at the end.
+// table starts at tables[row_table[t]]; key j lives at cache slot table[j / bs] * bs + j % bs
+// (common.cuh cache_slot) of the paged cache [n_blocks, bs, kv_dim]. Scores and the softmax are f32; P
+// is rounded to act_t for the P·V product (f32 accumulation), the output is rounded to act_t once at
+// the end.
 //
 // Structure (FA2): 4 warps, warp w owns query rows 16w..16w+15 of the tile. Q is staged through
 // shared memory into registers (mma A fragments) once. K and V tiles of FP_BK = 64 keys stream
@@ -179,7 +180,7 @@ __device__ __forceinline__ void attention_prefill_impl(act_t* out, const act_t* 
     auto find_slots = [&](int k0) {
         if (tid < FP_BK) {
             int key = k0 + tid;
-            slots[(k0 / FP_BK) & 1][tid] = key < ctx_last ? table[key / block_size] * block_size + key % block_size : ~0u;
+            slots[(k0 / FP_BK) & 1][tid] = key < ctx_last ? (unsigned)cache_slot(table, key, block_size) : ~0u;
         }
     };
     // Keys of tile `kt` of `cache` -> dst (keys past the context: zeros, so that P·V never meets an
@@ -383,7 +384,7 @@ __device__ __forceinline__ void fw_attention(act_t* out, const act_t* q, const a
     auto find_slots = [&](int kt) {
         if (tid < FP_BK) {
             int key = kt * FP_BK + tid;
-            slots[kt & 1][tid] = key < ctx_last ? table[key / block_size] * block_size + key % block_size : ~0u;
+            slots[kt & 1][tid] = key < ctx_last ? (unsigned)cache_slot(table, key, block_size) : ~0u;
         }
     };
     auto load_kv = [&](int kt) {

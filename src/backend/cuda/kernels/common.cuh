@@ -398,6 +398,14 @@ __device__ __forceinline__ void store_nd(act_t* p, const float* f) {
     }
 }
 
+// Key j's slot in a paged KV cache [n_blocks, block_size, kv_dim] whose sequence's block table is
+// `table`: table[j / block_size] * block_size + j % block_size, by shift and mask (block_size is a
+// power of two: mod.rs alloc_kv requires it; the division by a runtime divisor was ~500 of the decode
+// attention's 3,224 instructions, RESULTS.md run 42.1).
+__device__ __forceinline__ size_t cache_slot(const unsigned* table, int j, int block_size) {
+    return (size_t)table[j >> (31 - __clz(block_size))] * block_size + (j & (block_size - 1));
+}
+
 // What norm_rope_head needs of a lane besides the head itself: its ND norm weights and the cos / sin
 // of its ND elements from the RoPE table row cs (cos | sin). All weights or host metadata: the decode
 // attention loads them before grid_dependency().
