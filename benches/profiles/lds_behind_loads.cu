@@ -19,7 +19,9 @@
 // its pushes on an mbarrier already complete (try_wait.acquire.cluster: SYNCS.PHASECHK then CCTL.IVALL,
 // the L1 invalidate of a cluster-scope acquire) followed by an LDS; and in others, once at 0.2 µs, 8 KB of
 // straight-line FFMA the SM has not run before, then the same again (instruction fetches behind the burst?;
-// the 8 copies of that code come around again after 8 launches: 7 a kind, so each launch's is new). Per mode and probe time: the median over the
+// the 8 copies of that code come around again after 8 launches: 7 a kind, so each launch's is new); and in
+// others 4 KB of L2-resident data by one bulk copy into shared memory, or an L2-resident load through the
+// non-coherent path (RESULTS.md run 42.5). Per mode and probe time: the median over the
 // SMs of each probe's ns, and when the block's loads were all in (median, max). (The L2 row's probes
 // start late where the one before was stuck: its "at" is not the row above's.)
 #include "timing.cuh"
@@ -196,11 +198,8 @@ int main(int argc, char** argv) {
     std::vector<Out> h(sms);
     size_t off = 0;
     for (int mode = 0; mode < 3; mode++) {
-        std::vector<std::vector<double>> lds(PROBES), mufu(PROBES), l2(PROBES), at(PROBES);
-        std::vector<double> in;
-        std::vector<std::vector<double>> ivall(PROBES);
-        std::vector<std::vector<double>> bulkx(PROBES), ncld(PROBES);
-        std::vector<double> cold0, cold1;
+        std::vector<std::vector<double>> lds(PROBES), mufu(PROBES), l2(PROBES), at(PROBES), ivall(PROBES), bulkx(PROBES), ncld(PROBES);
+        std::vector<double> in, cold0, cold1;
         for (int l = 0; l < 6 * (LAUNCHES + 1); l++) {
             const int l2probe = l / (LAUNCHES + 1);
             if (off + per_launch > BUF) off = 0;
@@ -234,20 +233,19 @@ int main(int argc, char** argv) {
         }
         auto med = [](std::vector<double> v) { std::sort(v.begin(), v.end()); return v.empty() ? 0.0 : v[v.size() / 2]; };
         auto mx = [](const std::vector<double>& v) { return v.empty() ? 0.0 : *std::max_element(v.begin(), v.end()); };
-        printf("\n%s: loads all in at %.0f ns (median block), %.0f (last)\n   at ns:", names[mode], med(in), mx(in));
-        for (int p = 0; p < PROBES; p++) printf(" %6.0f", med(at[p]));
-        printf("\n   LDS  :");
-        for (int p = 0; p < PROBES; p++) printf(" %6.0f", med(lds[p]));
-        printf("\n   MUFU :");
-        for (int p = 0; p < PROBES; p++) printf(" %6.0f", med(mufu[p]));
-        printf("\n   L2 ld:");
-        for (int p = 0; p < PROBES; p++) printf(" %6.0f", med(l2[p]));
-        printf("\n   acq+LDS:");
-        for (int p = 0; p < PROBES; p++) printf(" %6.0f", med(ivall[p]));
-        printf("\n   bulk 4K:");
-        for (int p = 0; p < PROBES; p++) printf(" %6.0f", med(bulkx[p]));
-        printf("\n   nc ld:");
-        for (int p = 0; p < PROBES; p++) printf(" %6.0f", med(ncld[p]));
+        // One row: the median of each probe's values.
+        auto row = [&](const char* label, const std::vector<std::vector<double>>& probes) {
+            printf("\n   %s", label);
+            for (int p = 0; p < PROBES; p++) printf(" %6.0f", med(probes[p]));
+        };
+        printf("\n%s: loads all in at %.0f ns (median block), %.0f (last)", names[mode], med(in), mx(in));
+        row("at ns:", at);
+        row("LDS  :", lds);
+        row("MUFU :", mufu);
+        row("L2 ld:", l2);
+        row("acq+LDS:", ivall);
+        row("bulk 4K:", bulkx);
+        row("nc ld:", ncld);
         printf("\n   8 KB of code not run before, at 0.2 us: %.0f ns; the same code again: %.0f ns", med(cold0), med(cold1));
         printf("\n");
     }
