@@ -135,14 +135,7 @@ fn run_block_input<B: Backend>(
             be.download(&out).unwrap()
         }
         Fed::Moe(moe) => {
-            let copy = MoeHost {
-                router: moe.router.clone(),
-                experts: moe.experts.clone(),
-                first_expert: moe.first_expert,
-                top_k: moe.top_k,
-                norm_topk_prob: moe.norm_topk_prob,
-            };
-            let m = be.upload_moe(copy).unwrap();
+            let m = be.upload_moe(copy_moe(moe)).unwrap();
             let mut out = be.alloc(t, k).unwrap();
             be.norm_moe(&mut x_out, &mut h, &input, &mut out, &m).unwrap();
             be.download(&out).unwrap()
@@ -199,16 +192,19 @@ fn random_experts(r: &mut Rng, n: usize, h: usize, inter: usize) -> Vec<[HostTen
     (0..n).map(|_| [matrix(inter, h), matrix(inter, h), matrix(h, inter)]).collect()
 }
 
-fn run_moe<B: Backend>(be: &B, x: &[f32], t: usize, moe: &MoeHost) -> Vec<f32> {
-    let h = moe.router.shape[1];
-    let copy = MoeHost {
+fn copy_moe(moe: &MoeHost) -> MoeHost {
+    MoeHost {
         router: moe.router.clone(),
         experts: moe.experts.clone(),
         first_expert: moe.first_expert,
         top_k: moe.top_k,
         norm_topk_prob: moe.norm_topk_prob,
-    };
-    let m = be.upload_moe(copy).unwrap();
+    }
+}
+
+fn run_moe<B: Backend>(be: &B, x: &[f32], t: usize, moe: &MoeHost) -> Vec<f32> {
+    let h = moe.router.shape[1];
+    let m = be.upload_moe(copy_moe(moe)).unwrap();
     let xb = be.upload_buf(t, h, x).unwrap();
     let mut out = be.alloc(t, h).unwrap();
     be.moe(&mut out, &xb, &m).unwrap();
@@ -954,6 +950,85 @@ fn moe_routing_and_experts() {
             .unwrap_err()
             .to_string();
         assert!(err.contains("1..=1024 experts, got 1025"), "{err}");
+    }
+}
+
+/// `matmul_norm_moe` `repeat` times on the same inputs: a (T × K) through o_proj into the residual x
+/// (T × H), normed with w, then the MoE block. Returns x_out, the MoE output and delta, which starts as
+/// 7.0 everywhere (the GPU leaves it so where it takes the router into the o projection).
+fn run_o_moe<B: Backend>(be: &B, a: &[f32], x: &[f32], o: &HostTensor, w: &HostTensor, moe: &MoeHost, repeat: usize) -> [Vec<f32>; 3] {
+    let (h, k) = (o.shape[0], o.shape[1]);
+    let t = x.len() / h;
+    let (ab, xb) = (be.upload_buf(t, k, a).unwrap(), be.upload_buf(t, h, x).unwrap());
+    let (ow, nw, m) = (be.upload(o.clone()).unwrap(), be.upload(w.clone()).unwrap(), be.upload_moe(copy_moe(moe)).unwrap());
+    let mut delta = be.upload_buf(t, h, &vec![7.0; t * h]).unwrap();
+    let (mut x_out, mut hb, mut out) = (be.alloc(t, h).unwrap(), be.alloc(t, h).unwrap(), be.alloc(t, h).unwrap());
+    for _ in 0..repeat {
+        be.matmul_norm_moe(&mut delta, &ab, &ow, &mut x_out, &mut hb, (&xb, &nw, 1e-6), &mut out, &m).unwrap();
+    }
+    [&x_out, &out, &delta].map(|b| be.download(b).unwrap())
+}
+
+#[test]
+fn moe_router_in_the_o_projection() {
+    // Decode of one row with the router folded into the o projection (gemv_router, the gate/up kernel
+    // routing from its fixed-point sums), three times in a row (the sums must be cleared after each
+    // layer: sums left over would sharpen the softmax and change the outputs), against the CPU's o
+    // projection, add, norm, router and experts. Where it applies the GPU leaves delta as it was;
+    // elsewhere (T = 2, H not a multiple of 8, more than 256 experts) the products run apart.
+    // Bars: f32 as for any MoE block (the folding, the fixed point and the scaling are exact math, so
+    // only the summation order differs). In bf16 / f16 the folded router sums the normed input before
+    // it is rounded to the dtype, the CPU after: each logit moves by ~2^-9 · |router row| · sqrt(H)
+    // (with these random routers 0.05 at H = 8,192), the softmax weights with it: 1.1e-2 measured
+    // there (run 43.2), so 2e-2 for the folded cases; a wrong expert moves the output by ~1e-1 or more.
+    for dtype in DTYPES {
+        let Some(g) = gpu(dtype) else { return };
+        let c = CpuBackend::new(dtype);
+        let (_, bar) = bars(dtype);
+        let folded_bar = if dtype == DType::F32 { bar } else { 2e-2 };
+        let mut r = Rng(29);
+        let mut cases = vec![];
+        // (experts, k, H, K of o, intermediate, renormalised top-k, T, router, where the router folds in)
+        #[derive(Clone, Copy, PartialEq)]
+        enum Router {
+            Random,
+            Tied,
+            Zero,
+        }
+        for (e, k, h, ko, inter, norm, t, router, folds) in [
+            (128usize, 8usize, 256usize, 512usize, 64usize, true, 1usize, Router::Random, true),
+            // Qwen3-30B-A3B's H and o width, 60 experts (not a multiple of 32), raw top-k weights.
+            (60, 5, 2048, 4096, 96, false, 1, Router::Random, true),
+            // H = 8,192: 1,024 groups of 8 rows, more than the grid's blocks (several rounds a block).
+            (16, 4, 8192, 256, 32, false, 1, Router::Random, true),
+            // Experts 2j, 2j + 1 with the same router row: equal sums, so each tie goes to the lower id.
+            (16, 3, 128, 128, 32, true, 1, Router::Tied, true),
+            (128, 8, 64, 64, 32, true, 1, Router::Zero, true),
+            (128, 8, 256, 512, 64, true, 2, Router::Random, false),
+            (8, 2, 100, 64, 48, true, 1, Router::Random, false),
+            (300, 4, 64, 64, 32, true, 1, Router::Random, false),
+        ] {
+            let rows = match router {
+                Router::Random => r.uniform(e * h, 0.5),
+                Router::Tied => r.uniform(e / 2 * h, 0.5).chunks(h).flat_map(|row| [row, row]).flatten().copied().collect(),
+                Router::Zero => vec![0.0; e * h],
+            };
+            let experts = random_experts(&mut r, e, h, inter);
+            let moe = MoeHost { router: tensor(&rows, &[e, h]), experts, first_expert: 0, top_k: k, norm_topk_prob: norm };
+            let o = tensor(&r.uniform(h * ko, (3.0 / ko as f32).sqrt()), &[h, ko]);
+            let w = tensor(&r.uniform(h, 1.0).iter().map(|v| 1.0 + 0.1 * v).collect::<Vec<_>>(), &[h]);
+            cases.push((moe, o, w, t, folds, format!("o + moe E={e} k={k} H={h} K={ko} T={t}")));
+        }
+        for (moe, o, w, t, folds, label) in &cases {
+            let (h, ko) = (o.shape[0], o.shape[1]);
+            let (a, x) = (r.uniform(t * ko, 1.0), r.uniform(t * h, 2.0));
+            let [gx, go, gd] = run_o_moe(&g, &a, &x, o, w, moe, 3);
+            let [cx, co, _] = run_o_moe(&c, &a, &x, o, w, moe, 1);
+            check(&format!("{label}: x_out"), dtype, &gx, &cx, bar);
+            check(label, dtype, &go, &co, if *folds { folded_bar } else { bar });
+            let untouched = gd.iter().all(|&v| v == 7.0);
+            assert_eq!(untouched, *folds, "{label} {}: the router folded into o: {untouched}, expected {folds}", dtype.name());
+        }
     }
 }
 

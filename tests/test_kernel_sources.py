@@ -61,7 +61,7 @@ def test_late_waits_leave_the_activations_alone():
 
 # What a function may do before its wait (grid_dependency()): prefetch or load weights (the decode
 # products' first batch of weight loads, load_batch of a weight parameter, and their norm weight,
-# load_norm_weight), declare, and compute indices from the launch shape. No other memory read.
+# load_norm_weight, the router's columns), declare, and compute indices from the launch shape. No other memory read.
 BEFORE_WAIT = [
     r"(if \([^\[]*\) )?prefetch_lines\(.*",
     r"auto \w+ = \[&\].*",  # a lambda (its body is not checked: those here compute addresses)
@@ -71,6 +71,8 @@ BEFORE_WAIT = [
     r"uint4 \w+\[GV_UNROLL\](, \w+\[GV_UNROLL\])*",
     r"(if \(early\) )?load_batch\(\w+, (w|gate|up|router) \+ .*",
     r"const NormW \w+ = load_norm_weight\(nw, \w+\)",
+    r"RawND<\d+> \w+",
+    r"(if \([^\[]*\) )?\w+ = load_raw<\d+>\(router \+ .*",  # the router's weights (gemv_router_rows)
     r"if \(early\)",
     r'TIMELINE\("\w+"\)',  # profiling builds only: a block's own record (common.cuh Timeline)
 ]

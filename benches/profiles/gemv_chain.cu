@@ -325,12 +325,12 @@ static void moe_30b(int sms) {
     };
     auto experts_up = [&](int l) {
         const float* route = random_routing ? random_logits + (size_t)(l % ALONE) * E : probs;
-        launch_pdl(moe_gemv_swiglu_xs, g_up, H * 2, act, (const act_t*)xn, gate_w(l), up_w(l), ids, weights, route, E, 1, 0, E,
-            TOPK, TOPK, I, H);
+        launch_pdl(moe_gemv_swiglu_xs, g_up, H * 2, act, (const act_t*)xn, gate_w(l), up_w(l), ids, weights, route,
+            (const unsigned long long*)nullptr, (const act_t*)nullptr, 0.f, E, 1, 0, E, TOPK, TOPK, I, H);
     };
     auto experts_down = [&](int l) {
         launch_pdl(moe_down_combine_xs, g_down, TOPK * I * 2, moe_out, (const act_t*)act, down_w(l), (const int*)ids, (const float*)weights,
-            1, TOPK, H, I);
+            1, TOPK, H, I, (unsigned long long*)nullptr, 0);
     };
     printf("%d SMs; Qwen3-30B-A3B decode layer, bf16, T = 1; %d launches a graph, PDL, %d weight layers; us a launch\n", sms, ALONE, LW);
     printf("%-44s %6s %8s %9s\n", "kernel", "grid", "MB", "us");
@@ -350,7 +350,7 @@ static void moe_30b(int sms) {
     // has neither the routing nor an expert's rows per warp.
     auto unrouted = [&](int l) {
         launch_pdl(moe_gemv_swiglu_xs, g_up, H * 2, act, (const act_t*)xn, gate_w(l), up_w(l), ids, weights, (const float*)nullptr,
-            E, 1, 0, E, TOPK, TOPK, I, H);
+            (const unsigned long long*)nullptr, (const act_t*)nullptr, 0.f, E, 1, 0, E, TOPK, TOPK, I, H);
     };
     row("  gate/up without its routing", g_up, up_mb, time_chain(unrouted, ALONE));
     const int g_dense = persistent_grid(gemv_swiglu_t1_xs, H * 2, TOPK * I / 8, sms);

@@ -246,6 +246,25 @@ pub trait Backend: Send + Sync + Sized + 'static {
         self.add_rms_norm(x_out, h, input)?;
         self.moe(out, h, moe)
     }
+    /// The attention's output projection and the MoE block behind it: delta = a · o_projᵀ
+    /// (`matmul`), then `norm_moe` of the block input (x, delta, norm, eps). A GPU folds the router
+    /// into the projection (the norm is linear in x + delta up to one scale) and may leave delta
+    /// unwritten: x_out holds x + delta.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_norm_moe(
+        &self,
+        delta: &mut Self::Buf,
+        a: &Self::Buf,
+        o_proj: &Self::Weight,
+        x_out: &mut Self::Buf,
+        h: &mut Self::Buf,
+        (x, norm, eps): (&Self::Buf, &Self::Weight, f32),
+        out: &mut Self::Buf,
+        moe: &Self::Moe,
+    ) -> Result<()> {
+        self.matmul(delta, a, o_proj)?;
+        self.norm_moe(x_out, h, &BlockInput { x, delta: Some(delta), norm, eps }, out, moe)
+    }
     /// out [T, N] = x [T, K] · w [N, K]ᵀ.
     fn matmul(&self, out: &mut Self::Buf, x: &Self::Buf, w: &Self::Weight) -> Result<()>;
     /// outs[i] [T, N_i] = x [T, K] · ws[i]ᵀ for weights sharing one input (the q, k, v

@@ -257,16 +257,19 @@ impl<B: Backend> Model<B> {
                 batch,
                 shape,
             )?;
-            be.matmul(&mut s.attn_out, &s.attn, &layer.o_proj)?;
             // 4. x += attention; h = post-attention norm(x); 5. feed-forward: SwiGLU MLP or routed
             //    experts → ffn_out.
-            let input = BlockInput { x: &s.x, delta: Some(&s.attn_out), norm: &layer.post_norm, eps };
             match &layer.ffn {
                 Ffn::Dense { gate, up, down } => {
+                    be.matmul(&mut s.attn_out, &s.attn, &layer.o_proj)?;
+                    let input = BlockInput { x: &s.x, delta: Some(&s.attn_out), norm: &layer.post_norm, eps };
                     be.norm_matmul_swiglu(&mut s.x_next, &mut s.h, &input, &mut s.act, &mut s.gate, &mut s.up, gate, up)?;
                     be.matmul(&mut s.ffn_out, &s.act, down)?;
                 }
-                Ffn::Moe(moe) => be.norm_moe(&mut s.x_next, &mut s.h, &input, &mut s.ffn_out, moe)?,
+                Ffn::Moe(moe) => {
+                    let input = (&s.x, &layer.post_norm, eps);
+                    be.matmul_norm_moe(&mut s.attn_out, &s.attn, &layer.o_proj, &mut s.x_next, &mut s.h, input, &mut s.ffn_out, moe)?
+                }
             }
             std::mem::swap(&mut s.x, &mut s.x_next);
         }

@@ -50,6 +50,7 @@ pub const TUNABLE: &[&str] = &[
     "ARGMAX_UNROLL",
     "EG_MAX_STAGES",
     "EG_MMA_SERIAL",
+    "OR_STRIDE",
     "BLOCK_TIMELINE",
 ];
 

@@ -151,6 +151,7 @@ const GEMV3: [&str; 4] = ["gemv3_t1", "gemv3_t1_xs", "gemv3_t8", "gemv3_t8_xs"];
 const GEMV_SWIGLU: [&str; 4] = ["gemv_swiglu_t1", "gemv_swiglu_t1_xs", "gemv_swiglu_t8", "gemv_swiglu_t8_xs"];
 const MOE_GEMV_SWIGLU: [&str; 2] = ["moe_gemv_swiglu", "moe_gemv_swiglu_xs"];
 const MOE_DOWN_COMBINE: [&str; 2] = ["moe_down_combine", "moe_down_combine_xs"];
+const GEMV_ROUTER: [&str; 2] = ["gemv_router", "gemv_router_xs"];
 /// Warps of `moe_down_combine` per output element (MD_WPO in matmul.cu; a sweep's other MD_WPO only
 /// moves the grid's size off its fit, the kernel loops over whatever it is given).
 const MOE_DOWN_WARPS: usize = 2;
@@ -161,6 +162,9 @@ const MOE_TILE_ROWS: usize = 16;
 /// SM); `QWEN3RS_CUDA_EXPERT_TILE=256` takes the second (one block an SM: 0.933 the speed, run 24.2).
 const EXPERT_TILES: [(usize, &str, u32); 2] = [(128, "expert_gemm_128", 112 * 1024), (256, "expert_gemm_256", 227 * 1024)];
 const MAX_TOP_K: usize = 32;
+/// int64 words from one expert's router sum to the next in `CudaMoe::route_acc` (a 128-byte line each:
+/// the most OR_STRIDE in matmul.cu may be).
+const ROUTE_ACC_STRIDE: usize = 16;
 /// Most experts the decode expert kernel routes over itself (ROUTE_MAX_E in matmul.cu).
 const ROUTE_MAX_E: usize = 256;
 const MAX_HEAD_DIM: usize = 256;
@@ -250,6 +254,10 @@ pub struct CudaMoe {
     hidden: usize,
     top_k: usize,
     norm_topk_prob: bool,
+    /// The router's sums for one decode row, n_experts int64 in units of 2^-32, ROUTE_ACC_STRIDE apart,
+    /// which the o projection adds up when it takes the router in (`gemv_router` in matmul.cu); zero
+    /// between layers.
+    route_acc: DevMem,
 }
 
 /// Kinds of metadata buffer (index into `CudaBackend::meta`).
@@ -486,6 +494,9 @@ pub struct CudaBackend {
     /// MoE decode routing inside the gate/up expert kernel (no moe_route launch);
     /// `QWEN3RS_CUDA_FUSED_ROUTE=0` launches moe_route first.
     fused_route: bool,
+    /// MoE decode of one row with the router folded into the o projection (`gemv_router`; no
+    /// router_logits launch); `QWEN3RS_CUDA_ROUTER_IN_O=0` keeps the router kernel.
+    router_in_o: bool,
     /// Warps (logits) per block of the decode router (8; `QWEN3RS_CUDA_ROUTER_WARPS`, 1..=32: fewer
     /// spread its 128 logits over more SMs).
     router_warps: usize,
@@ -725,6 +736,7 @@ impl CudaBackend {
             fused: !env_off("QWEN3RS_CUDA_FUSED"),
             rope_attn: !env_off("QWEN3RS_CUDA_ROPE_ATTN"),
             fused_route: !env_off("QWEN3RS_CUDA_FUSED_ROUTE"),
+            router_in_o: !env_off("QWEN3RS_CUDA_ROUTER_IN_O"),
             router_warps: env_count("QWEN3RS_CUDA_ROUTER_WARPS").unwrap_or(8).min(32),
             split_kv: !env_off("QWEN3RS_CUDA_SPLITKV"),
             split_keys: env_count("QWEN3RS_CUDA_SPLIT_KEYS").unwrap_or(8),
@@ -1313,8 +1325,10 @@ impl CudaBackend {
     }
 
     /// The MoE layer (`Backend::moe`); with `norm` (decode only, `moe_decode_fits`) x is the block's
-    /// input before its residual add and norm, which the router and gate/up kernels fuse.
-    fn moe_impl(&self, out: &mut CudaBuf, x: &CudaBuf, moe: &CudaMoe, norm: FusedNorm) -> Result<()> {
+    /// input before its residual add and norm, which the router and gate/up kernels fuse. `in_o`: the
+    /// o projection took the router in (`router_in_o`): x is the residual after the add (norm.delta and
+    /// norm.x_out unused) and moe.route_acc holds the router's sums.
+    fn moe_impl(&self, out: &mut CudaBuf, x: &CudaBuf, moe: &CudaMoe, norm: FusedNorm, in_o: bool) -> Result<()> {
         ensure!(norm.w == 0 || self.moe_decode_fits(x, moe), InvalidArgument, "moe: a fused norm needs the decode path");
         let (t, h, e, k, inter) = (x.rows, x.cols, moe.n_experts, moe.top_k, moe.inter);
         check_shape("moe", (out.rows, out.cols), (t, h))?;
@@ -1342,7 +1356,7 @@ impl CudaBackend {
             (Scratch::Up, gate_up),
             (Scratch::Act, p * inter * es),
             (Scratch::Y, p * h * es),
-            (Scratch::MoeIn, if norm.w != 0 { t * h * es } else { 0 }),
+            (Scratch::MoeIn, if norm.w != 0 && !in_o { t * h * es } else { 0 }),
         ])?;
         let (xp, rp, (ei, hi, ii, ki, ti, pi)) =
             (x.mem.ptr, moe.router.mem.ptr, (e as i32, h as i32, inter as i32, k as i32, t as i32, p as i32));
@@ -1351,7 +1365,9 @@ impl CudaBackend {
         // (One launch for logits and routing, a block per row, took 19.8 µs a layer against 12.7
         // for two on Qwen3-30B-A3B decode: one SM computing 128 logits; RESULTS.md run 14.)
         // With a fused norm the router stores the residual (norm.x_out), norms x for itself and, in
-        // decode, stores the normed rows for the experts.
+        // decode, stores the normed rows for the experts. With `in_o` there are no logits: the o
+        // projection added up the router's sums (matmul_norm_moe; +1.8 % on Qwen3-30B-A3B decode
+        // against the router kernel, RESULTS.md run 43.4).
         let FusedNorm { delta, x_out, w: nw, eps } = norm;
         // Choices of experts other ranks hold (expert parallelism) come out as id -1, weight 0.
         let (renorm, e0, held) = (moe.norm_topk_prob as i32, moe.first_expert as i32, moe.held as i32);
@@ -1359,8 +1375,10 @@ impl CudaBackend {
         // 276 against 279 tok/s on Qwen3-30B-A3B decode: no gain; RESULTS.md run 15.)
         // With a fused norm (decode only, checked above) the router also stores the normed rows, and
         // the experts read them.
-        let x_normed = if nw != 0 { x_normed } else { 0 };
-        if t > GEMV_MAX_ROWS && nw == 0 {
+        let x_normed = if nw != 0 && !in_o { x_normed } else { 0 };
+        if in_o {
+            // The logits are in moe.route_acc (the gate/up kernel scales them).
+        } else if t > GEMV_MAX_ROWS && nw == 0 {
             // Prefill: a GEMM (router_logits, a warp per logit, took 233 µs a layer for 2,048 rows of
             // Qwen3-30B-A3B: RESULTS.md run 16.1).
             self.gpu.gemm_to(probs, true, xp, rp, t, e, h)?;
@@ -1377,7 +1395,7 @@ impl CudaBackend {
             )?;
         }
         // Decode: the gate/up kernel routes for itself (every block, from the logits), one launch less.
-        let self_routed = decode && self.fused_route && e <= ROUTE_MAX_E;
+        let self_routed = in_o || (decode && self.fused_route && e <= ROUTE_MAX_E);
         if !self_routed {
             // moe_route's shared memory: 4 rows of E probabilities and k choices, within the 48 KB
             // default for the at most 1,024 experts check_moe admits.
@@ -1398,18 +1416,24 @@ impl CudaBackend {
             let (gp, upp, dp) = (moe.gate.ptr, moe.up.ptr, moe.down.ptr);
             let (module, name, grid, smem) = self.gemv_plan(&MOE_GEMV_SWIGLU, 1, h, t * h, p * inter)?;
             let xin = if x_normed != 0 { x_normed } else { xp };
-            let logits = if self_routed { probs } else { 0u64 };
+            // The router's sums and the norm the gate/up kernel applies itself (in_o), or its logits.
+            let (logits, acc, acc_nw) = match (in_o, self_routed) {
+                (true, _) => (0u64, moe.route_acc.ptr, nw),
+                (false, true) => (probs, 0, 0),
+                (false, false) => (0, 0, 0),
+            };
+            ensure!(!in_o || smem > 0, Device, "moe: the router's sums need x in shared memory");
             self.gpu.launch(
                 module,
                 name,
                 grid,
                 256,
                 smem,
-                args![act, xin, gp, upp, ids, weights, logits, ei, renorm, e0, held, ki, pi, ii, hi],
+                args![act, xin, gp, upp, ids, weights, logits, acc, acc_nw, eps, ei, renorm, e0, held, ki, pi, ii, hi],
             )?;
             let (module, name, grid, smem) = self.gemv_plan(&MOE_DOWN_COMBINE, 1, inter, p * inter, t * h * MOE_DOWN_WARPS)?;
             let o = out.mem.ptr;
-            return self.gpu.launch(module, name, grid, 256, smem, args![o, act, dp, ids, weights, ti, ki, hi, ii]);
+            return self.gpu.launch(module, name, grid, 256, smem, args![o, act, dp, ids, weights, ti, ki, hi, ii, acc, ei]);
         }
         if on_wgmma {
             return self.moe_expert_gemm(out, x, moe, [ids, weights, sorted, pair_pos, tile_e, tile_row0, tile_rows, act, y]);
@@ -1573,6 +1597,23 @@ impl CudaBackend {
     fn moe_decode_fits(&self, x: &CudaBuf, moe: &CudaMoe) -> bool {
         self.fused_gemv(x.rows, x.cols) && moe.inter.is_multiple_of(self.vec())
     }
+
+    /// Whether the o projection a · o_projᵀ (one row, into the residual x) can take in `moe`'s
+    /// router (`matmul_norm_moe`, gemv_router in matmul.cu: 8 adjacent rows a block, a thread an
+    /// expert, the gate/up kernel routing from the sums); the block input's norm fits as well
+    /// (`fused_norm`, checked by the caller).
+    fn router_in_o_fits(&self, a: &CudaBuf, o_proj: &CudaWeight, x: &CudaBuf, moe: &CudaMoe) -> bool {
+        self.router_in_o
+            && self.fused_route
+            && x.rows == 1
+            && x.cols.is_multiple_of(8)
+            && moe.n_experts <= 256  // a thread an expert in blocks of 256
+            && self.moe_decode_fits(x, moe)
+            && self.fused_gemv(a.rows, a.cols)
+            && o_proj.dtype == self.gpu.dtype
+            && o_proj.shape == [x.cols, a.cols]
+            && moe.router.dtype == self.gpu.dtype
+    }
 }
 
 impl Backend for CudaBackend {
@@ -1626,6 +1667,7 @@ impl Backend for CudaBackend {
             hidden: h,
             top_k: moe.top_k,
             norm_topk_prob: moe.norm_topk_prob,
+            route_acc: self.gpu.alloc_zeroed(e * ROUTE_ACC_STRIDE * 8)?,
         })
     }
 
@@ -1675,6 +1717,7 @@ impl Backend for CudaBackend {
             hidden: h,
             top_k: moe.top_k,
             norm_topk_prob: moe.norm_topk_prob,
+            route_acc: self.gpu.alloc_zeroed(e * ROUTE_ACC_STRIDE * 8)?,
         })
     }
 
@@ -1917,12 +1960,37 @@ impl Backend for CudaBackend {
 
     fn norm_moe(&self, x_out: &mut CudaBuf, h: &mut CudaBuf, input: &BlockInput<Self>, out: &mut CudaBuf, moe: &CudaMoe) -> Result<()> {
         match self.fused_norm(x_out, input)? {
-            Some(norm) if self.moe_decode_fits(input.x, moe) => self.moe_impl(out, input.x, moe, norm),
+            Some(norm) if self.moe_decode_fits(input.x, moe) => self.moe_impl(out, input.x, moe, norm, false),
             _ => {
                 self.add_rms_norm(x_out, h, input)?;
                 self.moe(out, h, moe)
             }
         }
+    }
+
+    fn matmul_norm_moe(
+        &self,
+        delta: &mut CudaBuf,
+        a: &CudaBuf,
+        o_proj: &CudaWeight,
+        x_out: &mut CudaBuf,
+        h: &mut CudaBuf,
+        (x, norm, eps): (&CudaBuf, &CudaWeight, f32),
+        out: &mut CudaBuf,
+        moe: &CudaMoe,
+    ) -> Result<()> {
+        let fused = self.fused_norm(x_out, &BlockInput { x, delta: Some(delta), norm, eps })?;
+        let Some(fused) = fused.filter(|_| self.router_in_o_fits(a, o_proj, x, moe)) else {
+            self.matmul(delta, a, o_proj)?;
+            return self.norm_moe(x_out, h, &BlockInput { x, delta: Some(delta), norm, eps }, out, moe);
+        };
+        let (n, k) = (x.cols, a.cols);
+        let (module, name, grid, smem) = self.gemv_plan(&GEMV_ROUTER, 1, k, k, n)?;
+        let (xo, ap, wp, xp, nw, rp, acc) =
+            (x_out.mem.ptr, a.mem.ptr, o_proj.mem.ptr, x.mem.ptr, fused.w, moe.router.mem.ptr, moe.route_acc.ptr);
+        let (ni, ki, ei) = (n as i32, k as i32, moe.n_experts as i32);
+        self.gpu.launch(module, name, grid, 256, smem, args![xo, ap, wp, ni, ki, xp, nw, rp, ei, acc])?;
+        self.moe_impl(out, x_out, moe, FusedNorm { delta: 0, x_out: 0, ..fused }, true)
     }
 
     fn matmul(&self, out: &mut CudaBuf, x: &CudaBuf, w: &CudaWeight) -> Result<()> {
@@ -2148,7 +2216,7 @@ impl Backend for CudaBackend {
     }
 
     fn moe(&self, out: &mut CudaBuf, x: &CudaBuf, moe: &CudaMoe) -> Result<()> {
-        self.moe_impl(out, x, moe, FusedNorm::NONE)
+        self.moe_impl(out, x, moe, FusedNorm::NONE, false)
     }
 
     fn gather_rows(&self, out: &mut CudaBuf, x: &CudaBuf, rows: &[u32]) -> Result<()> {

@@ -452,7 +452,7 @@ __device__ __forceinline__ float silu(float x) { return x / (1.f + expf(-x)); }
 
 // MoE routing of `rows` rows by the whole block (moe_route, and the decode expert kernels that route
 // for themselves); every thread of the block calls it, and the block has at least `rows` warps.
-// logits [rows, E] f32 (global memory); p (shared, rows of `stride` floats, 16-byte aligned) gets each
+// logits [rows, E] f32 (global or shared memory); p (shared, rows of `stride` floats, 16-byte aligned) gets each
 // row's softmax; sel (shared, [rows, k]) the choices in rank order. ids/weights [rows, k] out: the k
 // most probable experts of the row sorted by expert id, and their (renormalised) probabilities
 // (weights null: not stored); where ids2 is not null the same go to ids2/weights2 too. Ties go to the
@@ -466,15 +466,20 @@ __device__ __forceinline__ float silu(float x) { return x / (1.f + expf(-x)); }
 //    the Qwen3-30B-A3B decode gate/up kernel than no routing at all (RESULTS.md run 22.1).
 // 3. warp r, lane s < k: choice s of row r: the total of the chosen probabilities (summed in rank
 //    order, largest first, as the host sums them) and where the choice goes in expert-id order.
-// Visible to the block after its next barrier.
+// side_job: work of the caller's that every thread does between steps 1 and 2 (the rows' warps after
+// their softmax), before the barrier there. Visible to the block after its next barrier.
 #define MAX_TOP_K 32
 #define ROUTE_MAX_E 256
 // Profiling hook (benches/profiles/route_cost.cu defines it): thread 0's clock at route_rows' steps.
 #ifndef RR_MARK
 #define RR_MARK(i)
 #endif
+struct NoSideJob {
+    __device__ void operator()() const {}
+};
+template <class F = NoSideJob>
 __device__ __forceinline__ void route_rows(const float* logits, int rows, float* p, int stride, int* sel, int* ids, float* weights,
-    int* ids2, float* weights2, int E, int k, int norm, int e0, int held) {
+    int* ids2, float* weights2, int E, int k, int norm, int e0, int held, F side_job = F()) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     RR_MARK(0);
     if (warp < rows) {
@@ -490,6 +495,7 @@ __device__ __forceinline__ void route_rows(const float* logits, int rows, float*
         if (lane < k) sel[warp * k + lane] = -1;
         RR_MARK(1);  // (after warp_sum: the logits' loads are in)
     }
+    side_job();  // every thread, the rows' warps after their softmax
     __syncthreads();
     const bool vec = E % 4 == 0 && stride % 4 == 0;
     for (int i = threadIdx.x; i < rows * E; i += blockDim.x) {

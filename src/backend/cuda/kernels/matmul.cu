@@ -221,6 +221,26 @@ __device__ __forceinline__ float sum_sq(const uint4& a) {
     return sq;
 }
 
+// The second half of a fused input norm (stage_input): the thread's columns c (threadIdx.x, +
+// blockDim.x, ...) of the T rows staged in shared memory times their norm weight and inv[t].
+template <int TMAX>
+__device__ __forceinline__ void scale_columns(int T, int kv, const float* inv, const act_t* nw, const NormW& nwr) {
+    extern __shared__ uint4 x_shared[];
+    auto scale_column = [&](int c, uint4 w) {
+#pragma unroll
+        for (int t = 0; t < TMAX; t++) {
+            if (t < T) x_shared[t * kv + c] = norm_vec(x_shared[t * kv + c], w, inv[t]);
+        }
+    };
+    const uint4* nwv = reinterpret_cast<const uint4*>(nw);
+#pragma unroll
+    for (int r = 0; r < NW_REGS; r++) {
+        const int c = threadIdx.x + r * blockDim.x;
+        if (c < kv) scale_column(c, nwr.v[r]);
+    }
+    for (int c = threadIdx.x + NW_REGS * blockDim.x; c < kv; c += blockDim.x) scale_column(c, __ldg(nwv + c));
+}
+
 // The rows of x a product reads: T rows of K, staged in shared memory (XS) or read from global memory.
 // With a norm (nw non-null; XS only) the block's input norm is fused in front of the product: the rows
 // are rms_norm(round(x + delta)) * nw rounded exactly as add_rms_norm (norm.cu) rounds them (delta may
@@ -259,20 +279,8 @@ __device__ __forceinline__ const act_t* stage_input(const act_t* x, int T, int K
     float inv[TMAX];
 #pragma unroll
     for (int t = 0; t < TMAX; t++) inv[t] = t < T ? 1.f / sqrtf(block_sum(ss[t]) / (float)K + eps) : 0.f;
-    // block_sum's barriers also publish x_shared. Column c of every row times its weight w.
-    auto scale_column = [&](int c, uint4 w) {
-#pragma unroll
-        for (int t = 0; t < TMAX; t++) {
-            if (t < T) x_shared[t * kv + c] = norm_vec(x_shared[t * kv + c], w, inv[t]);
-        }
-    };
-    const uint4* nwv = reinterpret_cast<const uint4*>(nw);
-#pragma unroll
-    for (int r = 0; r < NW_REGS; r++) {
-        const int c = threadIdx.x + r * blockDim.x;
-        if (c < kv) scale_column(c, nwr.v[r]);
-    }
-    for (int c = threadIdx.x + NW_REGS * blockDim.x; c < kv; c += blockDim.x) scale_column(c, __ldg(nwv + c));
+    // block_sum's barriers also publish x_shared.
+    scale_columns<TMAX>(T, kv, inv, nw, nwr);
     __syncthreads();
     TL_MARK(0, 0.f);
     return reinterpret_cast<const act_t*>(x_shared);
@@ -464,6 +472,72 @@ extern "C" __global__ void router_logits(float* logits, const act_t* x, const ac
     if (lane == 0) logits[(size_t)t * E + e] = s;
 }
 
+// The MoE block's o projection with its router folded in (decode, one row; N % 8 == 0, E <= 256):
+// x_out [N] = round(x + round(a · wᵀ)), the residual after the attention's add (what stage_input makes
+// of x and the product, bit for bit), and acc[e] += Σ_n router[e, n] · nw[n] · x_out[n] over the block's
+// rows n, in fixed point (units of 2^-32 in an int64: integer sums are the same bits in any order, so
+// the result does not depend on which block adds first). The post-attention RMSNorm is linear in
+// x_out up to the scale 1 / rms(x_out), so logit e is acc[e] · 2^-32 / rms(x_out): the gate/up expert
+// kernel takes it from there (moe_gemv_swiglu_rows) and no router kernel runs. acc is zero on entry
+// (moe_down_combine_rows clears it once the gate/up kernel has read it). Rows as in gemv_rows (the
+// warps of block b take rows 8b .. 8b + 7, then 8 (b + grid) ..), so in each round a block's threads
+// e < E read 8 adjacent columns of router row e (the first round's before the wait: a weight).
+// A block's share of a sum must stay under 2^31 in magnitude (the int64's range; real hidden states
+// and routers are orders of magnitude below it). 256 threads; grid as for gemv (gemv_plan).
+#define OR_UNIT 4294967296.f  // 2^32: acc counts units of 2^-32
+// acc's sums lie OR_STRIDE int64 apart (16: a 128-byte line each; the host allocates for 16). In one
+// line the 256 blocks' 32,768 adds queue at the few L2 slices holding them.
+#ifndef OR_STRIDE  // tunable: QWEN3RS_CUDA_DEFINES (compile.rs), 1..=16
+#define OR_STRIDE 16
+#endif
+#if OR_STRIDE > 16
+#error "OR_STRIDE: at most 16 (CudaMoe::route_acc holds 16 words an expert)"
+#endif
+template <bool XS>
+__device__ __forceinline__ void gemv_router_rows(act_t* x_out, const act_t* a, const act_t* w, int N, int K, const act_t* x,
+    const act_t* nw, const act_t* router, int E, unsigned long long* acc) {
+    __shared__ float xw[2][8];  // by round parity, warp j: x_out[n] · nw[n] of the round's row n = base + j
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, e = threadIdx.x;
+    const int n0 = warp_id_global();
+    uint4 wv[GV_UNROLL];
+    const bool early = n0 < N;
+    if (early) load_batch(wv, w + (size_t)n0 * K, lane, K / VEC);
+    RawND<8> cols;  // router[e, base .. base + 7]
+    if (e < E && early) cols = load_raw<8>(router + (size_t)e * N + 8 * blockIdx.x);
+    grid_dependency();
+    const act_t* xs = stage_input<1, XS>(a, 1, K);
+    float part = 0.f;  // thread e's sum
+    int parity = 0;
+    for (int base = 8 * blockIdx.x; base < N; base += 8 * gridDim.x, parity ^= 1) {  // block-uniform
+        const int n = base + warp;
+        if (base != 8 * blockIdx.x && e < E) cols = load_raw<8>(router + (size_t)e * N + base);
+        const float xn = to_f(x[n]), wn = to_f(nw[n]);  // in flight through the row
+        float acc_n[1] = {0.f};
+        row_dot<1, XS>(acc_n, w + (size_t)n * K, xs, 1, K / VEC, wv, early && base == 8 * blockIdx.x);
+        const act_t h = from_f(xn + rnd(warp_sum(acc_n[0])));
+        TL_MARK(1, to_f(h));
+        if (lane == 0) {
+            x_out[n] = h;
+            xw[parity][warp] = to_f(h) * wn;
+        }
+        __syncthreads();
+        if (e < E) {
+            float c[8];
+            unpack_raw(cols, c);
+#pragma unroll
+            for (int j = 0; j < 8; j++) part += c[j] * xw[parity][j];
+        }
+    }
+    if (e < E) atomicAdd(acc + e * OR_STRIDE, (unsigned long long)__float2ll_rn(part * OR_UNIT));
+}
+
+extern "C" __global__ void GV_BOUNDS gemv_router(act_t* x_out, const act_t* a, const act_t* w, int N, int K, const act_t* x,
+    const act_t* nw, const act_t* router, int E, unsigned long long* acc) {
+    TIMELINE("gemv_router"); gemv_router_rows<false>(x_out, a, w, N, K, x, nw, router, E, acc); }
+extern "C" __global__ void GV_BOUNDS gemv_router_xs(act_t* x_out, const act_t* a, const act_t* w, int N, int K, const act_t* x,
+    const act_t* nw, const act_t* router, int E, unsigned long long* acc) {
+    TIMELINE("gemv_router_xs"); gemv_router_rows<true>(x_out, a, w, N, K, x, nw, router, E, acc); }
+
 #define GG_TM 16
 #define GG_TN 64
 #define GG_TK 32
@@ -522,36 +596,11 @@ extern "C" __global__ void __launch_bounds__(256) grouped_gemm(act_t* out, const
 // sync, no sorting). Pair p = t*k + s (moe_route's order); ids [P] local expert ids, -1 for other ranks'
 // experts (expert parallelism), skipped. Weights are [E, N, K].
 
-// The experts' first half for decode: act [P, N] = swiglu(x[p / k] · gate[e]ᵀ, x[p / k] · up[e]ᵀ)
-// rounded as grouped_gemm, grouped_gemm, swiglu. x is [T, K] with T = P / k: the rows router_logits
-// normed (its x_normed). (A norm of its own here, never used since the router stores the normed rows,
-// was 2,900 instructions ahead of the streaming loop; the decode without them measured 1.004 and 0.996
-// of with: no speed change, RESULTS.md runs 38.8 and 39.1.)
-// Routing: with `logits` (router_logits' [T, E] f32, E <= ROUTE_MAX_E) every block routes the T rows
-// itself (route_rows, into shared memory: no moe_route launch) and block 0 also stores ids / weights
-// [P] for moe_down_combine; without, ids come from moe_route.
+// moe_gemv_swiglu_rows' products: the warps' (pair, row) in turn, x's rows staged as xs.
 template <bool XS>
-__device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x, const act_t* gate, const act_t* up,
-    int* ids, float* weights, const float* logits, int E, int norm_topk, int e0, int held,
-    int k, int P, int N, int K) {
-    __shared__ __align__(16) float route_p[GEMV_MAX_ROWS][ROUTE_MAX_E];
-    __shared__ int route_sel[GEMV_MAX_ROWS * MAX_TOP_K], route_ids[GEMV_MAX_ROWS * MAX_TOP_K];
-    grid_dependency();
+__device__ __forceinline__ void moe_gemv_swiglu_loop(act_t* act, const act_t* xs, const act_t* gate, const act_t* up,
+    const int* chosen, int k, int P, int N, int K) {
     const int lane = threadIdx.x & 31;
-    const int* chosen = ids;
-    if (logits) {
-        // x's rows into L1 while the block routes (stage_input reads them next).
-        const int x_bytes = P / k * K * (int)sizeof(act_t);
-        for (int off = threadIdx.x * 128; off < x_bytes; off += blockDim.x * 128)
-            asm volatile("prefetch.global.L1 [%0];" :: "l"(reinterpret_cast<const char*>(x) + off));
-        const bool store = blockIdx.x == 0;
-        route_rows(logits, P / k, &route_p[0][0], ROUTE_MAX_E, route_sel, route_ids, nullptr, store ? ids : nullptr,
-            store ? weights : nullptr, E, k, norm_topk, e0, held);
-        chosen = route_ids;  // stage_input's barrier below makes it visible to every warp
-        TL_MARK(1, 0.f);
-    }
-    const act_t* xs = stage_input<GEMV_MAX_ROWS, XS>(x, P / k, K);
-    if (!XS && logits) __syncthreads();  // (stage_input without staging has no barrier)
     for (int r = warp_id_global(); r < P * N; r += warps_global()) {
         int p = r / N, n = r % N;
         if (chosen[p] < 0) continue;  // another rank's expert (expert parallelism)
@@ -563,6 +612,62 @@ __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x,
         float gs = warp_sum(g[0]), us = warp_sum(u[0]);
         if (lane == 0) act[(size_t)p * N + n] = from_f(rnd(silu(rnd(gs))) * rnd(us));
     }
+}
+
+// The experts' first half for decode: act [P, N] = swiglu(x[p / k] · gate[e]ᵀ, x[p / k] · up[e]ᵀ)
+// rounded as grouped_gemm, grouped_gemm, swiglu. x is [T, K] with T = P / k: the rows router_logits
+// normed (its x_normed), or with `acc` below the row before its norm.
+// Routing: with `logits` (router_logits' [T, E] f32, E <= ROUTE_MAX_E) every block routes the T rows
+// itself (route_rows, into shared memory: no moe_route launch) and block 0 also stores ids / weights
+// [P] for moe_down_combine; without, ids come from moe_route. With `acc` instead (one row, XS, E <= 256:
+// gemv_router_rows' sums) x is the residual after the attention's add, which every block norms with
+// nw itself (nw null without acc), and logit e is acc[e] · 2^-32 / rms(x).
+template <bool XS>
+__device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x, const act_t* gate, const act_t* up,
+    int* ids, float* weights, const float* logits, const unsigned long long* acc, const act_t* nw, float eps, int E,
+    int norm_topk, int e0, int held, int k, int P, int N, int K) {
+    __shared__ __align__(16) float route_p[GEMV_MAX_ROWS][ROUTE_MAX_E];
+    __shared__ int route_sel[GEMV_MAX_ROWS * MAX_TOP_K], route_ids[GEMV_MAX_ROWS * MAX_TOP_K];
+    const NormW nwr = load_norm_weight(nw, K);  // (nw null unless acc)
+    grid_dependency();
+    const int* chosen = ids;
+    const bool store = blockIdx.x == 0;
+    if (XS && acc) {  // (the host passes acc to the _xs kernel only)
+        // stage_input's norm in two halves: the sum of squares before the routing, the scaling while
+        // warp 0 takes the softmax (route_rows' side job), off the routing's path.
+        extern __shared__ uint4 x_shared[];
+        const long long sum = threadIdx.x < E ? (long long)acc[threadIdx.x * OR_STRIDE] : 0;
+        const int kv = K / VEC;
+        float ss = 0.f;
+        for (int c = threadIdx.x; c < kv; c += blockDim.x) {
+            const uint4 v = __ldg(reinterpret_cast<const uint4*>(x) + c);
+            x_shared[c] = v;
+            ss += sum_sq(v);
+        }
+        const float inv = 1.f / sqrtf(block_sum(ss) / (float)K + eps);  // its barriers publish x_shared
+        float* lg = &route_p[1][0];  // row 0 holds route_rows' probabilities
+        if (threadIdx.x < E) lg[threadIdx.x] = (float)((double)sum * 0x1p-32) * inv;
+        __syncthreads();
+        route_rows(lg, 1, &route_p[0][0], ROUTE_MAX_E, route_sel, route_ids, nullptr, store ? ids : nullptr,
+            store ? weights : nullptr, E, k, norm_topk, e0, held, [&] { scale_columns<1>(1, kv, &inv, nw, nwr); });
+        __syncthreads();  // route_ids and x_shared to every warp
+        TL_MARK(1, 0.f);
+        moe_gemv_swiglu_loop<XS>(act, reinterpret_cast<const act_t*>(x_shared), gate, up, route_ids, k, P, N, K);
+        return;
+    }
+    if (logits) {
+        // x's rows into L1 while the block routes (stage_input reads them next).
+        const int x_bytes = P / k * K * (int)sizeof(act_t);
+        for (int off = threadIdx.x * 128; off < x_bytes; off += blockDim.x * 128)
+            asm volatile("prefetch.global.L1 [%0];" :: "l"(reinterpret_cast<const char*>(x) + off));
+        route_rows(logits, P / k, &route_p[0][0], ROUTE_MAX_E, route_sel, route_ids, nullptr, store ? ids : nullptr,
+            store ? weights : nullptr, E, k, norm_topk, e0, held);
+        chosen = route_ids;  // stage_input's barrier below makes it visible to every warp
+        TL_MARK(1, 0.f);
+    }
+    const act_t* xs = stage_input<GEMV_MAX_ROWS, XS>(x, P / k, K);
+    if (!XS && logits) __syncthreads();  // (stage_input without staging has no barrier)
+    moe_gemv_swiglu_loop<XS>(act, xs, gate, up, chosen, k, P, N, K);
 }
 
 // The experts' second half and the weighted combine for decode: out [T, N], out[t, n] = Σ_s round(weight[t,s]
@@ -583,11 +688,16 @@ __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x,
 #define MD_SLOTS 2
 #endif
 #define MD_OUTS (256 / 32 / MD_WPO)
+// acc_clear (non-null): gemv_router_rows' sums of E experts (OR_STRIDE apart), which the gate/up
+// kernel ahead has read, cleared for the next layer's.
 template <bool XS>
 __device__ __forceinline__ void moe_down_combine_rows(act_t* out, const act_t* act, const act_t* w, const int* ids,
-    const float* weights, int T, int k, int N, int K) {
+    const float* weights, int T, int k, int N, int K, unsigned long long* acc_clear, int E) {
     __shared__ float ys[2][MD_OUTS][MAX_TOP_K];  // by pass parity: one barrier a pass keeps reads and writes apart
     grid_dependency();  // the expert ids come from the kernels ahead: nothing to prefetch
+    if (acc_clear && blockIdx.x == 0) {
+        for (int i = threadIdx.x; i < E; i += blockDim.x) acc_clear[i * OR_STRIDE] = 0ull;
+    }
     const act_t* xs = stage_input<1, XS>(act, T * k, K);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, j = warp % MD_WPO, mine = warp / MD_WPO;
     int pass = 0;
@@ -634,12 +744,15 @@ __device__ __forceinline__ void moe_down_combine_rows(act_t* out, const act_t* a
 
 #define MOE_GEMV_FAMILY(SUF, XS)                                                                                 \
     extern "C" __global__ void GV_BOUNDS moe_down_combine##SUF(act_t* out, const act_t* act,           \
-        const act_t* w, const int* ids, const float* weights, int T, int k, int N, int K) {                        \
-        TIMELINE("moe_down_combine" #SUF); moe_down_combine_rows<XS>(out, act, w, ids, weights, T, k, N, K); }                                         \
+        const act_t* w, const int* ids, const float* weights, int T, int k, int N, int K,                          \
+        unsigned long long* acc_clear, int E) {                                                                      \
+        TIMELINE("moe_down_combine" #SUF); moe_down_combine_rows<XS>(out, act, w, ids, weights, T, k, N, K, acc_clear, E); } \
     extern "C" __global__ void GV_BOUNDS moe_gemv_swiglu##SUF(act_t* act, const act_t* x,             \
-        const act_t* gate, const act_t* up, int* ids, float* weights, const float* logits, int E, int norm_topk,     \
+        const act_t* gate, const act_t* up, int* ids, float* weights, const float* logits,                        \
+        const unsigned long long* acc, const act_t* nw, float eps, int E, int norm_topk,                            \
         int e0, int held, int k, int P, int N, int K) {                                                               \
-        TIMELINE("moe_gemv_swiglu" #SUF); moe_gemv_swiglu_rows<XS>(act, x, gate, up, ids, weights, logits, E, norm_topk, e0, held, k, P, N, K); }
+        TIMELINE("moe_gemv_swiglu" #SUF);                                                                             \
+        moe_gemv_swiglu_rows<XS>(act, x, gate, up, ids, weights, logits, acc, nw, eps, E, norm_topk, e0, held, k, P, N, K); }
 
 MOE_GEMV_FAMILY(, false)
 MOE_GEMV_FAMILY(_xs, true)
