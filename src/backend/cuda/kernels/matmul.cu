@@ -221,6 +221,33 @@ __device__ __forceinline__ float sum_sq(const uint4& a) {
     return sq;
 }
 
+// The first half of a fused input norm (stage_input): the T rows round(x + delta) into shared memory
+// (block 0 also stores them to x_out, unless null) and inv[t] = 1 / rms of row t. A thread takes columns
+// c = threadIdx.x, + blockDim.x, ... of every row. Visible to the block on return (block_sum's barriers).
+template <int TMAX>
+__device__ __forceinline__ void stage_unscaled(const act_t* x, int T, int K, const act_t* delta, act_t* x_out, float eps,
+    float (&inv)[TMAX]) {
+    extern __shared__ uint4 x_shared[];
+    const int kv = K / VEC;
+    float ss[TMAX];
+#pragma unroll
+    for (int t = 0; t < TMAX; t++) ss[t] = 0.f;
+    for (int c = threadIdx.x; c < kv; c += blockDim.x) {
+#pragma unroll
+        for (int t = 0; t < TMAX; t++) {
+            if (t < T) {
+                const int i = t * kv + c;
+                const uint4 a = residual_vec(x, delta, i);
+                if (x_out && blockIdx.x == 0) reinterpret_cast<uint4*>(x_out)[i] = a;
+                x_shared[i] = a;
+                ss[t] += sum_sq(a);
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < TMAX; t++) inv[t] = t < T ? 1.f / sqrtf(block_sum(ss[t]) / (float)K + eps) : 0.f;
+}
+
 // The second half of a fused input norm (stage_input): the thread's columns c (threadIdx.x, +
 // blockDim.x, ...) of the T rows staged in shared memory times their norm weight and inv[t].
 template <int TMAX>
@@ -260,26 +287,8 @@ __device__ __forceinline__ const act_t* stage_input(const act_t* x, int T, int K
         TL_MARK(0, 0.f);
         return reinterpret_cast<const act_t*>(x_shared);
     }
-    // A thread takes columns c = threadIdx.x, + blockDim.x, ... of every row.
-    float ss[TMAX];
-#pragma unroll
-    for (int t = 0; t < TMAX; t++) ss[t] = 0.f;
-    for (int c = threadIdx.x; c < kv; c += blockDim.x) {
-#pragma unroll
-        for (int t = 0; t < TMAX; t++) {
-            if (t < T) {
-                const int i = t * kv + c;
-                const uint4 a = residual_vec(x, delta, i);
-                if (x_out && blockIdx.x == 0) reinterpret_cast<uint4*>(x_out)[i] = a;
-                x_shared[i] = a;
-                ss[t] += sum_sq(a);
-            }
-        }
-    }
     float inv[TMAX];
-#pragma unroll
-    for (int t = 0; t < TMAX; t++) inv[t] = t < T ? 1.f / sqrtf(block_sum(ss[t]) / (float)K + eps) : 0.f;
-    // block_sum's barriers also publish x_shared.
+    stage_unscaled<TMAX>(x, T, K, delta, x_out, eps, inv);
     scale_columns<TMAX>(T, kv, inv, nw, nwr);
     __syncthreads();
     TL_MARK(0, 0.f);
@@ -637,19 +646,13 @@ __device__ __forceinline__ void moe_gemv_swiglu_rows(act_t* act, const act_t* x,
         // warp 0 takes the softmax (route_rows' side job), off the routing's path.
         extern __shared__ uint4 x_shared[];
         const long long sum = threadIdx.x < E ? (long long)acc[threadIdx.x * OR_STRIDE] : 0;
-        const int kv = K / VEC;
-        float ss = 0.f;
-        for (int c = threadIdx.x; c < kv; c += blockDim.x) {
-            const uint4 v = __ldg(reinterpret_cast<const uint4*>(x) + c);
-            x_shared[c] = v;
-            ss += sum_sq(v);
-        }
-        const float inv = 1.f / sqrtf(block_sum(ss) / (float)K + eps);  // its barriers publish x_shared
+        float inv[1];
+        stage_unscaled<1>(x, 1, K, nullptr, nullptr, eps, inv);
         float* lg = &route_p[1][0];  // row 0 holds route_rows' probabilities
-        if (threadIdx.x < E) lg[threadIdx.x] = (float)((double)sum * 0x1p-32) * inv;
+        if (threadIdx.x < E) lg[threadIdx.x] = (float)((double)sum * 0x1p-32) * inv[0];
         __syncthreads();
         route_rows(lg, 1, &route_p[0][0], ROUTE_MAX_E, route_sel, route_ids, nullptr, store ? ids : nullptr,
-            store ? weights : nullptr, E, k, norm_topk, e0, held, [&] { scale_columns<1>(1, kv, &inv, nw, nwr); });
+            store ? weights : nullptr, E, k, norm_topk, e0, held, [&] { scale_columns<1>(1, K / VEC, inv, nw, nwr); });
         __syncthreads();  // route_ids and x_shared to every warp
         TL_MARK(1, 0.f);
         moe_gemv_swiglu_loop<XS>(act, reinterpret_cast<const act_t*>(x_shared), gate, up, route_ids, k, P, N, K);
